@@ -1,0 +1,371 @@
+//! RabbitMQ side of the operator: broker URIs kept secret, one shared connection
+//! per distinct broker, and queue probes by passive declare.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lapin::options::QueueDeclareOptions;
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::FieldTable;
+use lapin::uri::AMQPUri;
+use lapin::{Channel, Connection, ConnectionProperties, ErrorKind};
+use tokio::sync::Mutex;
+
+/// A broker URI holding credentials. Its `Debug` and `Display` never show them.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct BrokerUri {
+    raw: String,
+    redacted: String,
+}
+
+/// Why a broker URI was refused. The message never contains the URI itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidUri(pub String);
+
+impl BrokerUri {
+    /// Checks an `amqp://` or `amqps://` URI.
+    pub fn parse(raw: &str) -> Result<Self, InvalidUri> {
+        let raw = raw.trim();
+        let url = url::Url::parse(raw)
+            .map_err(|e| InvalidUri(format!("not a URL ({e})")))?;
+        let scheme = url.scheme();
+        if scheme != "amqp" && scheme != "amqps" {
+            return Err(InvalidUri(format!(
+                "scheme {scheme:?} is not amqp or amqps"
+            )));
+        }
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| InvalidUri("the URI has no host".into()))?;
+        raw.parse::<AMQPUri>()
+            .map_err(|_| InvalidUri("the URI is not a valid AMQP URI".into()))?;
+        let port = url
+            .port()
+            .map(|p| format!(":{p}"))
+            .unwrap_or_default();
+        let redacted = format!("{scheme}://{host}{port}{}", url.path());
+        Ok(Self {
+            raw: raw.to_string(),
+            redacted,
+        })
+    }
+
+    /// The URI with credentials and query removed: safe to log.
+    pub fn redacted(&self) -> &str {
+        &self.redacted
+    }
+
+    /// The full URI, credentials included: for the AMQP client only.
+    pub fn expose(&self) -> &str {
+        &self.raw
+    }
+
+    /// The URI as lapin wants it. The host is taken from the URL parser because
+    /// lapin's own parser only keeps domain names (an IP address would be lost).
+    pub fn amqp_uri(&self) -> AMQPUri {
+        let url = url::Url::parse(&self.raw).expect("checked in parse");
+        let mut uri: AMQPUri = self.raw.parse().expect("checked in parse");
+        if let Some(host) = url.host_str() {
+            uri.authority.host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        }
+        uri
+    }
+}
+
+impl fmt::Debug for BrokerUri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BrokerUri({})", self.redacted)
+    }
+}
+
+impl fmt::Display for BrokerUri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted)
+    }
+}
+
+/// The answer of one queue probe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// Ready messages and consumers, from a passive declare.
+    Depth {
+        /// Ready (not delivered) messages.
+        ready: u64,
+        /// Consumers on the queue.
+        consumers: u64,
+    },
+    /// The broker answered 404 NOT_FOUND.
+    QueueNotFound,
+    /// No answer.
+    Unreachable {
+        /// PascalCase category: ConnectionFailed, AuthenticationFailed, Timeout,
+        /// AccessRefused, ProtocolError.
+        reason: &'static str,
+        /// Credential-free detail.
+        message: String,
+    },
+}
+
+impl Probe {
+    /// Metric label / reason of a failed probe.
+    pub fn failure_reason(&self) -> Option<&'static str> {
+        match self {
+            Probe::Depth { .. } => None,
+            Probe::QueueNotFound => Some("QueueNotFound"),
+            Probe::Unreachable { reason, .. } => Some(reason),
+        }
+    }
+}
+
+/// Timeouts and backoff of broker connections.
+#[derive(Clone, Debug)]
+pub struct BrokerSettings {
+    /// Connect (TCP, TLS and AMQP handshake) timeout.
+    pub connect_timeout: Duration,
+    /// Timeout of one probe on an open connection.
+    pub probe_timeout: Duration,
+    /// First reconnect delay after a failure; doubles up to `max_backoff`.
+    pub min_backoff: Duration,
+    /// Longest reconnect delay.
+    pub max_backoff: Duration,
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            probe_timeout: Duration::from_secs(5),
+            min_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+struct Open {
+    connection: Connection,
+    channel: Option<Channel>,
+}
+
+#[derive(Default)]
+struct ConnState {
+    open: Option<Open>,
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: Option<(&'static str, String)>,
+}
+
+/// One connection per distinct broker URI, shared by every pool that uses it.
+#[derive(Clone, Default)]
+pub struct Brokers {
+    settings: BrokerSettings,
+    conns: Arc<std::sync::Mutex<HashMap<BrokerUri, Arc<Mutex<ConnState>>>>>,
+}
+
+impl Brokers {
+    /// A connection pool with these settings.
+    pub fn new(settings: BrokerSettings) -> Self {
+        Self {
+            settings,
+            conns: Default::default(),
+        }
+    }
+
+    /// How many broker connections are held (open or retrying).
+    pub fn connections(&self) -> usize {
+        self.conns.lock().expect("lock").len()
+    }
+
+    fn entry(&self, uri: &BrokerUri) -> Arc<Mutex<ConnState>> {
+        self.conns
+            .lock()
+            .expect("lock")
+            .entry(uri.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// Opens (or reuses) the connection to `uri` and returns a channel on it.
+    async fn channel(&self, state: &mut ConnState, uri: &BrokerUri) -> Result<Channel, Probe> {
+        if let Some(open) = &state.open
+            && !open.connection.status().connected()
+        {
+            state.open = None;
+        }
+        if state.open.is_none() {
+            if let (Some(at), Some((reason, message))) = (state.retry_at, &state.last_error)
+                && Instant::now() < at
+            {
+                // Still backing off: report the last failure as it was.
+                return Err(Probe::Unreachable {
+                    reason,
+                    message: message.clone(),
+                });
+            }
+            let connect = Connection::connect_uri(uri.amqp_uri(), ConnectionProperties::default());
+            let connection = match tokio::time::timeout(self.settings.connect_timeout, connect).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return Err(self.fail(state, uri, classify(&e))),
+                Err(_) => {
+                    return Err(self.fail(
+                        state,
+                        uri,
+                        ("Timeout", format!("no answer within {:?}", self.settings.connect_timeout)),
+                    ));
+                }
+            };
+            tracing::info!(broker = %uri, "connected to broker");
+            state.open = Some(Open {
+                connection,
+                channel: None,
+            });
+            state.failures = 0;
+            state.retry_at = None;
+            state.last_error = None;
+        }
+        let open = state.open.as_mut().expect("just opened");
+        if let Some(ch) = &open.channel
+            && ch.status().connected()
+        {
+            return Ok(ch.clone());
+        }
+        match open.connection.create_channel().await {
+            Ok(ch) => {
+                open.channel = Some(ch.clone());
+                Ok(ch)
+            }
+            Err(e) => {
+                state.open = None;
+                Err(self.fail(state, uri, classify(&e)))
+            }
+        }
+    }
+
+    fn fail(&self, state: &mut ConnState, uri: &BrokerUri, (reason, message): (&'static str, String)) -> Probe {
+        state.failures = state.failures.saturating_add(1);
+        let backoff = self
+            .settings
+            .min_backoff
+            .saturating_mul(1 << state.failures.min(16).saturating_sub(1))
+            .min(self.settings.max_backoff);
+        state.retry_at = Some(Instant::now() + backoff);
+        state.last_error = Some((reason, message.clone()));
+        tracing::warn!(broker = %uri, reason, error = %message, ?backoff, "broker connection failed");
+        Probe::Unreachable { reason, message }
+    }
+
+    /// Reads the depth of `queue` with a passive declare.
+    pub async fn probe(&self, uri: &BrokerUri, queue: &str) -> Probe {
+        let entry = self.entry(uri);
+        let mut state = entry.lock().await;
+        let channel = match self.channel(&mut state, uri).await {
+            Ok(ch) => ch,
+            Err(p) => return p,
+        };
+        let declare = channel.queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        );
+        match tokio::time::timeout(self.settings.probe_timeout, declare).await {
+            Ok(Ok(q)) => Probe::Depth {
+                ready: q.message_count() as u64,
+                consumers: q.consumer_count() as u64,
+            },
+            Ok(Err(e)) => {
+                if let Some(open) = state.open.as_mut() {
+                    open.channel = None;
+                }
+                match e.kind() {
+                    ErrorKind::ProtocolError(amqp)
+                        if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)) =>
+                    {
+                        Probe::QueueNotFound
+                    }
+                    ErrorKind::ProtocolError(amqp)
+                        if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)) =>
+                    {
+                        Probe::Unreachable {
+                            reason: "AccessRefused",
+                            message: format!("access to queue {queue:?} refused"),
+                        }
+                    }
+                    _ => {
+                        state.open = None;
+                        self.fail(&mut state, uri, classify(&e))
+                    }
+                }
+            }
+            Err(_) => {
+                state.open = None;
+                self.fail(
+                    &mut state,
+                    uri,
+                    ("Timeout", format!("no answer within {:?}", self.settings.probe_timeout)),
+                )
+            }
+        }
+    }
+
+    /// Drops the connection to `uri` if no pool uses it any longer.
+    pub fn forget(&self, uri: &BrokerUri) {
+        self.conns.lock().expect("lock").remove(uri);
+    }
+}
+
+/// Maps a lapin error to a reason and a credential-free message.
+fn classify(e: &lapin::Error) -> (&'static str, String) {
+    match e.kind() {
+        ErrorKind::IOError(io) => ("ConnectionFailed", format!("connection failed: {io}")),
+        ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => {
+                ("AuthenticationFailed", "the broker refused the credentials or vhost".into())
+            }
+            _ => ("ProtocolError", format!("the broker closed the connection: {}", amqp.get_message())),
+        },
+        ErrorKind::AuthProviderError(_) => {
+            ("AuthenticationFailed", "the broker refused the credentials".into())
+        }
+        ErrorKind::MissingHeartbeatError => ("Timeout", "the broker stopped sending heartbeats".into()),
+        ErrorKind::InvalidConnectionState(_) | ErrorKind::InvalidChannelState(..) => {
+            ("ConnectionFailed", "the connection was closed".into())
+        }
+        _ => ("ConnectionFailed", "the connection failed".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_debug_and_display_hide_credentials() {
+        let uri = BrokerUri::parse("amqp://alice:s3cret@rabbit.example:5673/ci?heartbeat=10").unwrap();
+        let shown = format!("{uri:?} {uri}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(!shown.contains("alice"), "{shown}");
+        assert_eq!(uri.redacted(), "amqp://rabbit.example:5673/ci");
+    }
+
+    #[test]
+    fn uri_keeps_ip_hosts() {
+        let uri = BrokerUri::parse("amqp://guest:guest@10.1.2.3:5672/%2f").unwrap();
+        assert_eq!(uri.amqp_uri().authority.host, "10.1.2.3");
+        let v6 = BrokerUri::parse("amqps://u:p@[::1]:5671/").unwrap();
+        assert_eq!(v6.amqp_uri().authority.host, "::1");
+    }
+
+    #[test]
+    fn bad_uris_are_refused_without_echoing_them() {
+        for raw in ["http://u:pw@host/", "not a uri pw", "amqp://", "amqp://u:pw@/vhost"] {
+            let err = BrokerUri::parse(raw).unwrap_err();
+            assert!(!err.0.contains("pw"), "{raw} -> {err}");
+        }
+    }
+}

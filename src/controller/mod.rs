@@ -1,0 +1,420 @@
+//! The imperative shell: watches pools and their pods, observes the world, asks the
+//! core for a plan, applies it and writes status.
+//!
+//! observe (Secret, probe cache, pods) → `core::plan` → apply (pods, events) → status.
+
+mod probes;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{Instrument, info, instrument, warn};
+
+use crate::broker::{BrokerUri, Brokers};
+use crate::core::{self, ConfigProblem, Observed, Plan};
+use crate::crd::{FIELD_MANAGER, TestRunnerPool};
+use crate::metrics::{Metrics, PoolLabels};
+use crate::pods::{self, PodSettings};
+
+pub use probes::{ProbeKey, Probes};
+
+/// Reconcile failures. Messages read "failed to ..."; [`Error::category`] gives the
+/// static label used for metrics and event reasons.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading the connection Secret failed (other than NotFound).
+    #[error("failed to read Secret {name:?}: {source}")]
+    ReadSecret {
+        /// Secret name.
+        name: String,
+        /// Cause.
+        source: kube::Error,
+    },
+    /// Listing the pool's pods failed.
+    #[error("failed to list worker pods: {0}")]
+    ListPods(#[source] kube::Error),
+    /// Creating a worker pod failed.
+    #[error("failed to create worker pod {name:?}: {source}")]
+    CreatePod {
+        /// Pod name.
+        name: String,
+        /// Cause.
+        source: kube::Error,
+    },
+    /// Deleting a worker pod failed.
+    #[error("failed to delete worker pod {name:?}: {source}")]
+    DeletePod {
+        /// Pod name.
+        name: String,
+        /// Cause.
+        source: kube::Error,
+    },
+    /// Writing the status failed.
+    #[error("failed to write pool status: {0}")]
+    WriteStatus(#[source] kube::Error),
+    /// The object could not be read as a TestRunnerPool.
+    #[error("failed to read the pool: {0}")]
+    InvalidObject(String),
+}
+
+impl Error {
+    /// Static category: metric label and event reason.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::ReadSecret { .. } => "ReadSecretFailed",
+            Error::ListPods(_) => "ListPodsFailed",
+            Error::CreatePod { .. } => "CreatePodFailed",
+            Error::DeletePod { .. } => "DeletePodFailed",
+            Error::WriteStatus(_) => "WriteStatusFailed",
+            Error::InvalidObject(_) => "InvalidObject",
+        }
+    }
+}
+
+/// Operator settings from the command line.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Pod builder settings.
+    pub pods: PodSettings,
+    /// Namespaces to watch; empty means all.
+    pub namespaces: Vec<String>,
+    /// Name reported on events (`reportingController`).
+    pub controller_name: String,
+    /// Instance reported on events (`reportingInstance`), usually the pod name.
+    pub instance: Option<String>,
+}
+
+/// Shared state of the reconciler.
+pub struct Context {
+    /// Kubernetes client.
+    pub client: Client,
+    /// Broker connections.
+    pub brokers: Brokers,
+    /// Probe tasks, one per pool.
+    pub probes: Probes,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Event recorder.
+    pub recorder: Recorder,
+    /// Settings.
+    pub settings: Settings,
+    failures: Mutex<HashMap<ObjectRef<Guarded>, u32>>,
+}
+
+type Guarded = DeserializeGuard<TestRunnerPool>;
+
+impl Context {
+    /// A context over `client`.
+    pub fn new(client: Client, metrics: Arc<Metrics>, settings: Settings, probes: Probes) -> Self {
+        let reporter = Reporter {
+            controller: settings.controller_name.clone(),
+            instance: settings.instance.clone(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            brokers: probes.brokers().clone(),
+            probes,
+            metrics,
+            settings,
+            failures: Mutex::default(),
+        }
+    }
+}
+
+/// Reads the broker URI from the pool's Secret, or says what is wrong with it.
+async fn broker_uri(pool: &TestRunnerPool, ctx: &Context) -> Result<Result<BrokerUri, ConfigProblem>, Error> {
+    let ns = pool.namespace().unwrap_or_default();
+    let r = &pool.spec.queue.connection_secret_ref;
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let secret = match secrets.get_opt(&r.name).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return Ok(Err(ConfigProblem::SecretNotFound { name: r.name.clone() })),
+        Err(source) => {
+            return Err(Error::ReadSecret {
+                name: r.name.clone(),
+                source,
+            });
+        }
+    };
+    let Some(bytes) = secret.data.as_ref().and_then(|d| d.get(&r.key)) else {
+        return Ok(Err(ConfigProblem::SecretKeyMissing {
+            name: r.name.clone(),
+            key: r.key.clone(),
+        }));
+    };
+    let Ok(text) = std::str::from_utf8(&bytes.0) else {
+        return Ok(Err(ConfigProblem::InvalidUri {
+            detail: "the Secret value is not UTF-8 text".into(),
+        }));
+    };
+    Ok(BrokerUri::parse(text).map_err(|e| ConfigProblem::InvalidUri { detail: e.0 }))
+}
+
+/// One reconcile of one pool.
+#[instrument(skip(guarded, ctx), fields(namespace, pool))]
+pub async fn reconcile(guarded: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let pool = match &guarded.0 {
+        Ok(pool) => pool,
+        Err(invalid) => {
+            warn!(error = %invalid.error, "pool does not deserialize; waiting for a change");
+            return Err(Error::InvalidObject(invalid.error.clone()));
+        }
+    };
+    let ns = pool.namespace().unwrap_or_default();
+    let name = pool.name_any();
+    tracing::Span::current().record("namespace", ns.as_str()).record("pool", name.as_str());
+
+    // Observe.
+    let uri = broker_uri(pool, &ctx).await?;
+    let config_problem = uri.as_ref().err().cloned();
+    let poll_interval = core::settings(&pool.spec)
+        .map(|s| s.poll_interval)
+        .unwrap_or(Duration::from_secs(2));
+    let key = ObjectRef::from_obj(&*guarded);
+    let broker = match &uri {
+        Ok(uri) => ctx.probes.ensure(
+            &key,
+            ProbeKey {
+                uri: uri.clone(),
+                queue: pool.spec.queue.name.clone(),
+                interval: poll_interval,
+            },
+        ),
+        Err(_) => {
+            ctx.probes.stop(&key);
+            core::BrokerView::NotProbed
+        }
+    };
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let pod_list = pods_api
+        .list(&ListParams::default().labels(&pods::selector(&name)))
+        .await
+        .map_err(Error::ListPods)?;
+    let uid = pool.uid();
+    let pods: Vec<_> = pod_list
+        .items
+        .iter()
+        .filter(|p| p.owner_references().iter().any(|o| Some(&o.uid) == uid.as_ref()))
+        .map(pods::view)
+        .collect();
+    let observed = Observed {
+        pods,
+        broker,
+        config_problem,
+    };
+
+    // Decide.
+    let plan = core::plan(pool, &observed, Timestamp::now());
+
+    // Apply.
+    apply(pool, &plan, &pods_api, &ctx).await?;
+    write_status(pool, &plan, &ctx).await?;
+    record_metrics(pool, &plan, &ctx.metrics);
+
+    ctx.failures.lock().expect("lock").remove(&key);
+    ctx.metrics.reconciled(started.elapsed());
+    Ok(Action::requeue(plan.requeue_after))
+}
+
+async fn apply(pool: &TestRunnerPool, plan: &Plan, pods_api: &Api<Pod>, ctx: &Context) -> Result<(), Error> {
+    let name = pool.name_any();
+    for _ in 0..plan.create {
+        let pod_name = pods::pod_name(&name);
+        let pod = pods::build_pod(pool, &pod_name, &plan.revision, &ctx.settings.pods);
+        pods_api
+            .patch(&pod_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&pod))
+            .await
+            .map_err(|source| Error::CreatePod {
+                name: pod_name.clone(),
+                source,
+            })?;
+        info!(pod = %pod_name, revision = %plan.revision, "created worker pod");
+    }
+    for pod_name in &plan.delete {
+        match pods_api.delete(pod_name, &DeleteParams::default()).await {
+            Ok(_) => info!(pod = %pod_name, "deleting worker pod; it drains the ticket in hand"),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(source) => {
+                return Err(Error::DeletePod {
+                    name: pod_name.clone(),
+                    source,
+                });
+            }
+        }
+    }
+    let reference = pool.object_ref(&());
+    for ev in &plan.events {
+        let event = Event {
+            type_: if ev.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: ev.reason.into(),
+            note: Some(truncate(&ev.note, 1024)),
+            action: ev.action.into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+            warn!(reason = ev.reason, error = %e, "failed to publish event");
+        }
+    }
+    Ok(())
+}
+
+async fn write_status(pool: &TestRunnerPool, plan: &Plan, ctx: &Context) -> Result<(), Error> {
+    if !core::status_changed(pool.status.as_ref(), &plan.status) {
+        return Ok(());
+    }
+    let api: Api<TestRunnerPool> = Api::namespaced(ctx.client.clone(), &pool.namespace().unwrap_or_default());
+    let body = json!({
+        "apiVersion": TestRunnerPool::api_version(&()),
+        "kind": TestRunnerPool::kind(&()),
+        "status": plan.status,
+    });
+    api.patch_status(
+        &pool.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(Error::WriteStatus)?;
+    Ok(())
+}
+
+fn record_metrics(pool: &TestRunnerPool, plan: &Plan, metrics: &Metrics) {
+    let labels = PoolLabels {
+        namespace: pool.namespace().unwrap_or_default(),
+        pool: pool.name_any(),
+    };
+    if let Some(q) = &plan.status.queue {
+        metrics.queue_ready.get_or_create(&labels).set(q.ready);
+        metrics.queue_consumers.get_or_create(&labels).set(q.consumers);
+    }
+    if let Some(w) = &plan.status.workers {
+        metrics.workers_desired.get_or_create(&labels).set(w.desired as i64);
+        metrics.workers_current.get_or_create(&labels).set(w.current as i64);
+        metrics.workers_ready.get_or_create(&labels).set(w.ready as i64);
+    }
+    let unreachable = plan
+        .status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == core::CONDITION_BROKER_REACHABLE && c.status == "False");
+    metrics.broker_unreachable.get_or_create(&labels).set(unreachable as i64);
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary.
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max.saturating_sub(3);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+/// Backoff of failed reconciles: 1s doubling up to 5 minutes.
+pub fn failure_backoff(failures: u32) -> Duration {
+    Duration::from_secs(1 << failures.min(9)).min(Duration::from_secs(300))
+}
+
+/// What happens after a failed reconcile: an invalid object waits for a change; other
+/// failures are retried with backoff and reported as a Warning event.
+pub fn error_policy(guarded: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_failed(error.category());
+    let Ok(pool) = &guarded.0 else {
+        return Action::await_change();
+    };
+    let key = ObjectRef::from_obj(&*guarded);
+    let failures = {
+        let mut map = ctx.failures.lock().expect("lock");
+        let n = map.entry(key).or_insert(0);
+        *n += 1;
+        *n
+    };
+    let backoff = failure_backoff(failures - 1);
+    warn!(pool = %pool.name_any(), category = error.category(), error = %error, ?backoff, "reconcile failed");
+    let mut chain = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !chain.contains(&text) {
+            chain.push_str(": ");
+            chain.push_str(&text);
+        }
+        source = s.source();
+    }
+    let event = Event {
+        type_: EventType::Warning,
+        reason: error.category().into(),
+        note: Some(truncate(&chain, 1024)),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    let reference = pool.object_ref(&());
+    let ctx2 = ctx.clone();
+    tokio::spawn(async move {
+        if let Err(e) = ctx2.recorder.publish(&event, &reference).await {
+            warn!(error = %e, "failed to publish event");
+        }
+    });
+    Action::requeue(backoff)
+}
+
+/// Runs the controller until a shutdown signal; `ready` turns true once it runs.
+pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) {
+    let namespaces: Vec<Option<String>> = if settings.namespaces.is_empty() {
+        vec![None]
+    } else {
+        settings.namespaces.iter().cloned().map(Some).collect()
+    };
+    let brokers = Brokers::default();
+    let mut runs = Vec::new();
+    for ns in namespaces {
+        let (pools, pods): (Api<Guarded>, Api<Pod>) = match &ns {
+            Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
+            None => (Api::all(client.clone()), Api::all(client.clone())),
+        };
+        let pod_config = watcher::Config::default().labels(&format!(
+            "app.kubernetes.io/managed-by={}",
+            crate::crd::MANAGED_BY
+        ));
+        let controller = Controller::new(pools, watcher::Config::default());
+        let store = controller.store();
+        let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded();
+        let probes = Probes::new(brokers.clone(), metrics.clone(), store, trigger_tx);
+        let ctx = Arc::new(Context::new(client.clone(), metrics.clone(), settings.clone(), probes));
+        let fut = controller
+            .owns(pods, pod_config)
+            .reconcile_on(trigger_rx)
+            .shutdown_on_signal()
+            .run(reconcile, error_policy, ctx)
+            .for_each(|res| async move {
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, "reconcile did not complete");
+                }
+            })
+            .instrument(tracing::info_span!("controller", namespace = ns.as_deref().unwrap_or("*")));
+        runs.push(fut);
+    }
+    ready.store(true, Ordering::Relaxed);
+    futures::future::join_all(runs).await;
+}

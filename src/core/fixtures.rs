@@ -1,0 +1,57 @@
+//! Test fixtures for the core: pools and observations from YAML and builders.
+
+use jiff::Timestamp;
+
+use super::{BrokerView, Observed, PodState, PodView};
+use crate::crd::TestRunnerPool;
+
+/// A minimal valid pool.
+pub fn pool() -> TestRunnerPool {
+    pool_yaml(
+        r#"
+apiVersion: testrunner.dev/v1alpha1
+kind: TestRunnerPool
+metadata: {name: unit, namespace: ci, uid: 0b4d0c6e-0000-4000-8000-000000000001, generation: 1}
+spec:
+  image: registry.example/test-runner:1
+  command: ["/run-tests"]
+  queue:
+    name: tickets.unit
+    connectionSecretRef: {name: rabbitmq}
+  scaling: {minWorkers: 0, maxWorkers: 5, scaleDownDelay: 2m}
+"#,
+    )
+}
+
+/// A pool from YAML.
+pub fn pool_yaml(yaml: &str) -> TestRunnerPool {
+    serde_saphyr::from_str(yaml).expect("fixture pool parses")
+}
+
+/// A time `secs` seconds after an arbitrary epoch.
+pub fn t(secs: i64) -> Timestamp {
+    Timestamp::from_second(1_800_000_000 + secs).unwrap()
+}
+
+/// A pod of `revision` in `state`, created at `t(created)`.
+pub fn pod(name: &str, revision: &str, state: PodState, created: i64) -> PodView {
+    PodView {
+        name: name.into(),
+        revision: revision.into(),
+        state,
+        created: t(created),
+    }
+}
+
+/// An observation with a queue depth.
+pub fn depth(ready: u64, consumers: u64, pods: Vec<PodView>) -> Observed {
+    Observed {
+        pods,
+        broker: BrokerView::Depth {
+            ready,
+            consumers,
+            at: t(0),
+        },
+        config_problem: None,
+    }
+}

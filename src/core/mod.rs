@@ -1,0 +1,348 @@
+//! The pure decision core: given a pool, what the shell observed and the time,
+//! compute the plan. No clock reads, no network, no Kubernetes calls in here.
+//!
+//! The shell (see `controller`) gathers an [`Observed`], calls [`plan`], applies the
+//! [`Plan`]'s actions and writes its status.
+
+mod conditions;
+mod scaling;
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+
+use crate::crd::{TestRunnerPool, TestRunnerPoolSpec, TestRunnerPoolStatus};
+
+pub use conditions::{CONDITION_BROKER_REACHABLE, CONDITION_DEGRADED, CONDITION_READY};
+pub use scaling::{ScalingInput, desired_workers};
+
+/// What the shell saw of the world for one pool.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observed {
+    /// The pool's worker pods (owned by it), terminating ones included.
+    pub pods: Vec<PodView>,
+    /// The last queue probe for this pool.
+    pub broker: BrokerView,
+    /// A problem with the spec that the API server could not catch (missing Secret,
+    /// malformed URI, ...), found while dereferencing it.
+    pub config_problem: Option<ConfigProblem>,
+}
+
+/// One worker pod, as far as decisions need it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodView {
+    /// Pod name.
+    pub name: String,
+    /// Value of the revision label.
+    pub revision: String,
+    /// Lifecycle state.
+    pub state: PodState,
+    /// Creation time.
+    pub created: Timestamp,
+}
+
+/// Lifecycle of a worker pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PodState {
+    /// Not yet running (unscheduled, pulling the image, init containers).
+    Pending,
+    /// Running but not ready (starting, or restarting after a crash).
+    Starting,
+    /// Running and ready.
+    Ready,
+    /// Being deleted: draining the ticket in hand.
+    Terminating,
+    /// Finished (Succeeded or Failed phase, for example evicted); it will not run again.
+    Finished,
+}
+
+/// The last queue probe, as the shell's broker client reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BrokerView {
+    /// No probe has completed yet.
+    NotProbed,
+    /// The queue answered.
+    Depth {
+        /// Ready messages.
+        ready: u64,
+        /// Consumers.
+        consumers: u64,
+        /// When it was read.
+        at: Timestamp,
+    },
+    /// The broker answered but the queue does not exist.
+    QueueNotFound {
+        /// When it was read.
+        at: Timestamp,
+    },
+    /// The broker could not be reached (connection refused, authentication, TLS, ...).
+    Unreachable {
+        /// PascalCase cause: ConnectionFailed, AuthenticationFailed, Timeout, ...
+        reason: String,
+        /// Human readable, credential-free detail.
+        message: String,
+        /// Since when the broker has been unreachable.
+        since: Timestamp,
+    },
+}
+
+/// A spec problem only the operator can see.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConfigProblem {
+    /// The connection Secret does not exist.
+    SecretNotFound {
+        /// Secret name.
+        name: String,
+    },
+    /// The Secret exists but lacks the key.
+    SecretKeyMissing {
+        /// Secret name.
+        name: String,
+        /// Key.
+        key: String,
+    },
+    /// The URI in the Secret is not a usable AMQP URI.
+    InvalidUri {
+        /// What is wrong, without the URI itself.
+        detail: String,
+    },
+    /// Some other field the schema cannot check (for example a duration out of range).
+    InvalidField {
+        /// JSON path of the field.
+        field: String,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+impl ConfigProblem {
+    /// PascalCase reason for conditions and events.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ConfigProblem::SecretNotFound { .. } => "SecretNotFound",
+            ConfigProblem::SecretKeyMissing { .. } => "SecretKeyMissing",
+            ConfigProblem::InvalidUri { .. } => "InvalidBrokerUri",
+            ConfigProblem::InvalidField { .. } => "InvalidSpec",
+        }
+    }
+
+    /// Human readable message.
+    pub fn message(&self) -> String {
+        match self {
+            ConfigProblem::SecretNotFound { name } => {
+                format!("Secret {name:?} referenced by spec.queue.connectionSecretRef does not exist")
+            }
+            ConfigProblem::SecretKeyMissing { name, key } => {
+                format!("Secret {name:?} has no key {key:?} (spec.queue.connectionSecretRef.key)")
+            }
+            ConfigProblem::InvalidUri { detail } => {
+                format!("the broker URI in spec.queue.connectionSecretRef is invalid: {detail}")
+            }
+            ConfigProblem::InvalidField { field, detail } => format!("{field}: {detail}"),
+        }
+    }
+}
+
+/// An event the shell must publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedEvent {
+    /// Warning or Normal.
+    pub warning: bool,
+    /// PascalCase reason.
+    pub reason: &'static str,
+    /// PascalCase action.
+    pub action: &'static str,
+    /// Human readable note (at most 1 kB once published).
+    pub note: String,
+}
+
+/// Everything the shell must do for one pool after one reconcile.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// The revision new worker pods get.
+    pub revision: String,
+    /// How many new worker pods to create (of `revision`).
+    pub create: u32,
+    /// Worker pods to delete gracefully (they drain the ticket in hand).
+    pub delete: Vec<String>,
+    /// The status to write (the shell skips the write when only timestamps differ).
+    pub status: TestRunnerPoolStatus,
+    /// Events to publish.
+    pub events: Vec<PlannedEvent>,
+    /// When to reconcile again at the latest.
+    pub requeue_after: Duration,
+}
+
+/// Settings parsed out of the spec, with their defaults and bounds applied.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    /// Queue probe interval.
+    pub poll_interval: Duration,
+    /// Scale-down delay.
+    pub scale_down_delay: Duration,
+}
+
+/// The smallest poll interval the operator accepts.
+pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How often a pool is reconciled when nothing happens.
+pub const RESYNC: Duration = Duration::from_secs(300);
+/// How soon a pool with a spec problem is looked at again.
+pub const CONFIG_RETRY: Duration = Duration::from_secs(15);
+
+/// Parses the spec's durations. The schema checks their syntax; this checks the rest.
+pub fn settings(spec: &TestRunnerPoolSpec) -> Result<Settings, ConfigProblem> {
+    let parse = |field: &str, value: &str| {
+        humantime::parse_duration(value).map_err(|e| ConfigProblem::InvalidField {
+            field: field.into(),
+            detail: format!("{value:?} is not a duration: {e}"),
+        })
+    };
+    let poll_interval = parse("spec.scaling.pollInterval", &spec.scaling.poll_interval)?;
+    if poll_interval < MIN_POLL_INTERVAL {
+        return Err(ConfigProblem::InvalidField {
+            field: "spec.scaling.pollInterval".into(),
+            detail: format!(
+                "{:?} is below the minimum of 100ms",
+                spec.scaling.poll_interval
+            ),
+        });
+    }
+    let scale_down_delay = parse("spec.scaling.scaleDownDelay", &spec.scaling.scale_down_delay)?;
+    Ok(Settings {
+        poll_interval,
+        scale_down_delay,
+    })
+}
+
+/// The revision of a spec: a short, stable hash of what goes into a worker pod
+/// (image, command, worker mode, template).
+pub fn revision(spec: &TestRunnerPoolSpec) -> String {
+    use sha2::{Digest, Sha256};
+    let material = serde_json::json!({
+        "image": spec.image,
+        "command": spec.command,
+        "worker": spec.worker,
+        "template": spec.template,
+    });
+    let digest = Sha256::digest(material.to_string().as_bytes());
+    digest[..5].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Computes the plan for one pool.
+pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan {
+    let spec = &pool.spec;
+    let old_status = pool.status.clone().unwrap_or_default();
+    let revision = revision(spec);
+
+    let settings = settings(spec);
+    let config_problem = observed
+        .config_problem
+        .clone()
+        .or_else(|| settings.as_ref().err().cloned())
+        .or_else(|| command_problem(spec));
+    let scale_down_delay = settings
+        .as_ref()
+        .map(|s| s.scale_down_delay)
+        .unwrap_or(Duration::from_secs(120));
+
+    let decision = scaling::decide(&ScalingInput {
+        spec,
+        pods: &observed.pods,
+        broker: &observed.broker,
+        config_ok: config_problem.is_none(),
+        revision: &revision,
+        surplus_since: old_status
+            .workers
+            .as_ref()
+            .and_then(|w| w.surplus_since.as_ref())
+            .map(|t| t.0),
+        scale_down_delay,
+        now,
+    });
+
+    let status = conditions::status(conditions::StatusInput {
+        pool,
+        old: &old_status,
+        observed,
+        config_problem: config_problem.as_ref(),
+        decision: &decision,
+        now,
+    });
+    let mut events = conditions::transition_events(&old_status, &status, config_problem.as_ref());
+    if decision.create > 0 {
+        events.push(PlannedEvent {
+            warning: false,
+            reason: "ScaledUp",
+            action: "Scale",
+            note: format!(
+                "Scaling up from {} to {} workers ({} tickets ready)",
+                decision.current,
+                decision.current + decision.create as i32,
+                decision.queue_ready
+            ),
+        });
+    }
+    if decision.scaled_down > 0 {
+        events.push(PlannedEvent {
+            warning: false,
+            reason: "ScaledDown",
+            action: "Scale",
+            note: format!(
+                "Scaling down from {} to {} workers; removed workers finish the ticket in hand",
+                decision.current,
+                decision.current - decision.scaled_down as i32
+            ),
+        });
+    }
+
+    let mut requeue_after = RESYNC;
+    if let Some(wait) = decision.scale_down_wait {
+        requeue_after = requeue_after.min(wait);
+    }
+    if config_problem.is_some() || matches!(observed.broker, BrokerView::Unreachable { .. }) {
+        requeue_after = requeue_after.min(CONFIG_RETRY);
+    }
+
+    Plan {
+        revision,
+        create: decision.create,
+        delete: decision.delete,
+        status,
+        events,
+        requeue_after,
+    }
+}
+
+fn command_problem(spec: &TestRunnerPoolSpec) -> Option<ConfigProblem> {
+    use crate::crd::WorkerMode;
+    (spec.worker.mode == WorkerMode::Wrapped && spec.command.is_empty()).then(|| {
+        ConfigProblem::InvalidField {
+            field: "spec.command".into(),
+            detail: "Wrapped mode needs the test command to run for each ticket".into(),
+        }
+    })
+}
+
+/// True when two statuses differ in more than their timestamps (probe time,
+/// condition transition times): only then is a status write worth it.
+pub fn status_changed(old: Option<&TestRunnerPoolStatus>, new: &TestRunnerPoolStatus) -> bool {
+    fn strip(s: &TestRunnerPoolStatus) -> TestRunnerPoolStatus {
+        let mut s = s.clone();
+        if let Some(q) = s.queue.as_mut() {
+            q.last_probe_time = None;
+        }
+        for c in &mut s.conditions {
+            c.last_transition_time = None;
+        }
+        s
+    }
+    match old {
+        None => true,
+        Some(old) => strip(old) != strip(new),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod fixtures;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,398 @@
+//! The `TestRunnerPool` custom resource: spec, status and the constants shared
+//! by the controller, the worker pods and the generated CRD.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, EnvFromSource, EnvVar, LocalObjectReference, PodSecurityContext,
+    ResourceRequirements, SecurityContext, Toleration, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::CustomResource;
+use kube::core::crd::CustomResourceExt;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of the custom resource.
+pub const GROUP: &str = "testrunner.dev";
+/// API version of the custom resource.
+pub const VERSION: &str = "v1alpha1";
+/// The one field manager the operator writes with (server-side apply and status).
+pub const FIELD_MANAGER: &str = "testrunner-operator";
+/// Label: the pool a worker pod belongs to.
+pub const LABEL_POOL: &str = "testrunner.dev/pool";
+/// Label: the revision (hash of image, command and template) a worker pod runs.
+pub const LABEL_REVISION: &str = "testrunner.dev/revision";
+/// Label: `app.kubernetes.io/name` value of worker pods.
+pub const APP_NAME: &str = "testrunner-worker";
+/// Label: `app.kubernetes.io/managed-by` value of worker pods.
+pub const MANAGED_BY: &str = "testrunner-operator";
+
+/// Desired state of a pool: the worker image and command, the ticket queue, and how
+/// to scale.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "testrunner.dev",
+    version = "v1alpha1",
+    kind = "TestRunnerPool",
+    plural = "testrunnerpools",
+    singular = "testrunnerpool",
+    shortname = "trp",
+    category = "testrunner",
+    namespaced,
+    status = "TestRunnerPoolStatus",
+    derive = "PartialEq",
+    doc = "A pool of CI test workers fed by one RabbitMQ ticket queue. The operator creates worker pods for the pool, scales them to the depth of the queue and reports what it sees in status.",
+    printcolumn = r#"{"name":"Image","type":"string","jsonPath":".spec.image","description":"Worker image"}"#,
+    printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".status.workers.desired","description":"Workers the operator wants"}"#,
+    printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.workers.ready","description":"Workers ready to take tickets"}"#,
+    printcolumn = r#"{"name":"Queue","type":"integer","jsonPath":".status.queue.ready","description":"Tickets ready in the queue"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase","description":"Pool phase"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TestRunnerPoolSpec {
+    /// Container image of the test runner. Changing it creates a new revision of the
+    /// worker pods.
+    #[schemars(length(min = 1, max = 1024))]
+    pub image: String,
+
+    /// The test command run for each ticket; the ticket body arrives on its standard
+    /// input. In Wrapped mode it is required. In Native mode it replaces the image's
+    /// entrypoint when set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+
+    /// How worker pods consume tickets: Wrapped (default) puts the operator's worker
+    /// wrapper in front of `command`; Native runs an image that speaks AMQP itself and
+    /// follows the ticket contract.
+    #[serde(default)]
+    pub worker: WorkerSpec,
+
+    /// Overrides merged into every worker pod: resources, env, volumes, scheduling,
+    /// service account, grace period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<PodTemplateOverrides>,
+
+    /// The RabbitMQ queue the tickets come from.
+    pub queue: QueueSpec,
+
+    /// How many workers to run for the queue depth.
+    #[serde(default)]
+    pub scaling: ScalingSpec,
+
+    /// When true the operator stops creating and deleting worker pods; it keeps
+    /// probing the queue and reporting status. Default false.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// How worker pods consume tickets.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerSpec {
+    /// Wrapped (default): an init container copies the operator's worker wrapper into
+    /// the pod and the worker container runs `worker -- <command>`. Native: the image
+    /// consumes the queue itself and follows the ticket contract.
+    #[serde(default)]
+    pub mode: WorkerMode,
+}
+
+/// Worker mode.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum WorkerMode {
+    /// The operator's wrapper consumes tickets and runs `command` for each.
+    #[default]
+    Wrapped,
+    /// The image consumes tickets itself.
+    Native,
+}
+
+/// The ticket queue of a pool.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueSpec {
+    /// Name of the RabbitMQ queue holding the tickets. The operator only inspects it
+    /// (passive declare); the queue must exist.
+    #[schemars(length(min = 1, max = 255))]
+    pub name: String,
+
+    /// Secret key holding the broker URI (`amqp://` or `amqps://`, with credentials).
+    /// The URI is never logged nor written to status, events or metrics.
+    pub connection_secret_ref: SecretKeyRef,
+
+    /// Queue that receives quarantined (poison) tickets. Default `<name>.quarantine`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub quarantine_queue: Option<String>,
+}
+
+impl QueueSpec {
+    /// The quarantine queue name, defaulted from the work queue.
+    pub fn quarantine_queue_name(&self) -> String {
+        self.quarantine_queue
+            .clone()
+            .unwrap_or_else(|| format!("{}.quarantine", self.name))
+    }
+}
+
+/// A key of a Secret in the pool's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret, in the pool's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key inside the Secret. Default `uri`.
+    #[serde(default = "default_secret_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_secret_key() -> String {
+    "uri".into()
+}
+
+/// Regular expression every duration field must match: one or more
+/// `<number><unit>` groups with units ms, s, m or h (for example `2s`, `5m`, `1h30m`).
+pub const DURATION_PATTERN: &str = r"^([0-9]{1,6}(ms|s|m|h))+$";
+
+/// Scaling of the worker pods to the queue depth.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "self.minWorkers <= self.maxWorkers",
+    "message": "minWorkers must be less than or equal to maxWorkers",
+    "fieldPath": ".minWorkers",
+    "reason": "FieldValueInvalid"
+}]))]
+pub struct ScalingSpec {
+    /// Workers kept running even when the queue is empty. Default 0 (scale to zero).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1000))]
+    pub min_workers: i32,
+
+    /// Upper bound on worker pods. Default 10.
+    #[serde(default = "default_max_workers")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub max_workers: i32,
+
+    /// Tickets (ready plus in flight) per worker: desired workers =
+    /// ceil(tickets / ticketsPerWorker), clamped to [minWorkers, maxWorkers]. Default 1.
+    #[serde(default = "default_tickets_per_worker")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub tickets_per_worker: i32,
+
+    /// How often the queue depth is probed, as a duration (`500ms`, `2s`, `1m`).
+    /// Default `2s`; at least 100ms.
+    #[serde(default = "default_poll_interval")]
+    #[schemars(regex(pattern = r"^([0-9]{1,6}(ms|s|m|h))+$"), length(max = 32))]
+    pub poll_interval: String,
+
+    /// How long the pool must have more workers than it needs before it scales down,
+    /// as a duration (`30s`, `2m`). Default `2m`.
+    #[serde(default = "default_scale_down_delay")]
+    #[schemars(regex(pattern = r"^([0-9]{1,6}(ms|s|m|h))+$"), length(max = 32))]
+    pub scale_down_delay: String,
+}
+
+fn default_max_workers() -> i32 {
+    10
+}
+fn default_tickets_per_worker() -> i32 {
+    1
+}
+fn default_poll_interval() -> String {
+    "2s".into()
+}
+fn default_scale_down_delay() -> String {
+    "2m".into()
+}
+
+impl Default for ScalingSpec {
+    fn default() -> Self {
+        Self {
+            min_workers: 0,
+            max_workers: default_max_workers(),
+            tickets_per_worker: default_tickets_per_worker(),
+            poll_interval: default_poll_interval(),
+            scale_down_delay: default_scale_down_delay(),
+        }
+    }
+}
+
+/// Overrides merged into every worker pod.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodTemplateOverrides {
+    /// Extra labels on worker pods. The operator's own labels win on conflict.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Extra annotations on worker pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Compute resources of the worker container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Extra environment variables of the worker container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// Extra environment sources (ConfigMaps, Secrets) of the worker container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_from: Vec<EnvFromSource>,
+    /// Extra volumes of the worker pod.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<Volume>,
+    /// Extra volume mounts of the worker container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_mounts: Vec<VolumeMount>,
+    /// Node selector of the worker pod.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations of the worker pod.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Affinity rules of the worker pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Service account the worker pod runs as. Default: the namespace's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    /// Pull secrets for the worker image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+    /// Image pull policy of the worker container (Always, IfNotPresent, Never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^(Always|IfNotPresent|Never)$"))]
+    pub image_pull_policy: Option<String>,
+    /// Priority class of the worker pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// Seconds a deleted worker has to finish the ticket in hand before it is killed.
+    /// Set it above your longest test run: a scale-down waits for the ticket. Default 600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub termination_grace_period_seconds: Option<i64>,
+    /// Pod security context. Default: runAsNonRoot, seccomp RuntimeDefault.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<PodSecurityContext>,
+    /// Security context of the worker container. Default: no privilege escalation,
+    /// all capabilities dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_security_context: Option<SecurityContext>,
+}
+
+/// Observed state of a pool, written by the operator.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TestRunnerPoolStatus {
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Summary: Idle, Running, Scaling, Degraded or Paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// Conditions: Ready, BrokerReachable, Degraded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The last queue probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueStatus>,
+    /// Worker pod counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<WorkersStatus>,
+}
+
+/// Pool phase.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    /// No tickets and no workers.
+    Idle,
+    /// Workers match what the queue needs.
+    Running,
+    /// Workers are being added or removed.
+    Scaling,
+    /// Something stops the pool from working as asked; see the Degraded condition.
+    Degraded,
+    /// `spec.paused` is true.
+    Paused,
+}
+
+impl Phase {
+    /// The name shown by `kubectl get`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Idle => "Idle",
+            Phase::Running => "Running",
+            Phase::Scaling => "Scaling",
+            Phase::Degraded => "Degraded",
+            Phase::Paused => "Paused",
+        }
+    }
+}
+
+/// A status condition, in the shape of `metav1.Condition`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Condition type: Ready, BrokerReachable or Degraded.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// True, False or Unknown.
+    pub status: String,
+    /// PascalCase reason of the last transition.
+    pub reason: String,
+    /// Human readable detail.
+    #[serde(default)]
+    pub message: String,
+    /// When the status last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<Time>,
+    /// The spec generation the condition was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// The last queue probe.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueStatus {
+    /// Tickets ready for delivery (not counting tickets held by workers).
+    #[serde(default)]
+    pub ready: i64,
+    /// Consumers attached to the queue.
+    #[serde(default)]
+    pub consumers: i64,
+    /// When the numbers were last read from the broker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_probe_time: Option<Time>,
+}
+
+/// Worker pod counts.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkersStatus {
+    /// Workers the operator wants for the current queue depth.
+    #[serde(default)]
+    pub desired: i32,
+    /// Worker pods that exist and are not terminating (including Pending ones).
+    #[serde(default)]
+    pub current: i32,
+    /// Worker pods that are ready.
+    #[serde(default)]
+    pub ready: i32,
+    /// Since when the pool has had more workers than it needs; scale-down happens
+    /// `scaling.scaleDownDelay` after this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub surplus_since: Option<Time>,
+}
+
+/// The CRD as YAML, exactly as `crds/testrunnerpools.testrunner.dev.yaml` holds it.
+pub fn crd_yaml() -> String {
+    let crd = TestRunnerPool::crd();
+    let body = serde_saphyr::to_string(&crd).expect("the CRD serializes to YAML");
+    format!(
+        "# Generated by `testrunner-operator crd`; do not edit.\n---\n{}",
+        body
+    )
+}

@@ -1,0 +1,83 @@
+//! Leader election on a `coordination.k8s.io` Lease (kube-lease-manager), so that
+//! several replicas of the operator are safe: only the holder reconciles.
+//!
+//! Failover: a standby takes the Lease once it has gone unrenewed for its duration
+//! (default 15 s); the holder renews it `grace` seconds (5 s) before it expires. A
+//! replica that loses the Lease exits, and Kubernetes restarts it as a standby.
+
+use std::future::Future;
+
+use kube::Client;
+use kube_lease_manager::LeaseManagerBuilder;
+
+/// Lease settings.
+#[derive(Clone, Debug)]
+pub struct Election {
+    /// Namespace of the Lease.
+    pub namespace: String,
+    /// Name of the Lease.
+    pub name: String,
+    /// This replica's identity (the pod name).
+    pub identity: String,
+    /// Seconds the Lease stays valid without renewal.
+    pub duration_seconds: u64,
+}
+
+/// Why leading stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The Lease could not be read or written.
+    #[error("failed to manage the leader Lease: {0}")]
+    Lease(#[from] kube_lease_manager::LeaseManagerError),
+    /// Another replica took the Lease.
+    #[error("failed to keep the leader Lease: another replica holds it now")]
+    Lost,
+}
+
+/// A default identity: the host name, else a process-unique name.
+pub fn default_identity() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("testrunner-operator-{}", std::process::id()))
+}
+
+/// Waits for the Lease, then runs `work` while holding it. Returns when `work`
+/// ends (the Lease is released) or with [`Error::Lost`] when the Lease is lost.
+pub async fn run_as_leader<F: Future<Output = ()>>(client: Client, election: Election, work: F) -> Result<(), Error> {
+    let grace = (election.duration_seconds / 3).clamp(1, 5);
+    let manager = LeaseManagerBuilder::new(client, &election.name)
+        .with_namespace(&election.namespace)
+        .with_identity(&election.identity)
+        .with_duration(election.duration_seconds)
+        .with_grace(grace)
+        .with_field_manager(crate::crd::FIELD_MANAGER)
+        .build()
+        .await?;
+    let (mut leading, task) = manager.watch().await;
+    tracing::info!(lease = %election.name, identity = %election.identity, "waiting for the leader Lease");
+    while !*leading.borrow_and_update() {
+        tokio::select! {
+            changed = leading.changed() => {
+                if changed.is_err() {
+                    return Err(task.await.map_err(|_| Error::Lost)?.err().map(Error::Lease).unwrap_or(Error::Lost));
+                }
+            }
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+    tracing::info!(lease = %election.name, "became the leader");
+    let result = tokio::select! {
+        _ = work => Ok(()),
+        _ = async {
+            loop {
+                if leading.changed().await.is_err() || !*leading.borrow_and_update() {
+                    break;
+                }
+            }
+        } => Err(Error::Lost),
+    };
+    drop(leading);
+    let _ = task.await;
+    result
+}

@@ -1,0 +1,150 @@
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use clap::{Parser, Subcommand};
+use testrunner_operator::controller::{self, Settings};
+use testrunner_operator::http::{self, Health};
+use testrunner_operator::metrics::Metrics;
+use testrunner_operator::pods::PodSettings;
+use testrunner_operator::telemetry::{self, LogFormat};
+use testrunner_operator::{crd, leader};
+
+/// Runs CI test workers off a RabbitMQ ticket queue on Kubernetes.
+#[derive(Parser)]
+#[command(name = "testrunner-operator", version, about)]
+struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Pretty, env = "TESTRUNNER_LOG_FORMAT", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the TestRunnerPool CRD as YAML.
+    Crd,
+    /// Run the controller against the cluster of KUBECONFIG or the in-cluster config.
+    Run(RunArgs),
+    /// Copy this binary to PATH (the init container of wrapped-mode worker pods).
+    InstallWorker {
+        /// Where to put the binary.
+        path: std::path::PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "TESTRUNNER_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// The operator's own image: the init container of wrapped-mode worker pods.
+    #[arg(long, env = "TESTRUNNER_OPERATOR_IMAGE", default_value = concat!("testrunner-operator:", env!("CARGO_PKG_VERSION")))]
+    operator_image: String,
+    /// Namespaces to watch, comma separated; all namespaces when empty.
+    #[arg(long, env = "TESTRUNNER_WATCH_NAMESPACES", value_delimiter = ',', default_value = "")]
+    watch_namespaces: Vec<String>,
+    /// Take part in leader election (on a coordination.k8s.io Lease) so replicas are safe.
+    #[arg(long, env = "TESTRUNNER_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Namespace of the leader Lease (defaults to the pod's namespace, else `default`).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, env = "TESTRUNNER_LEASE_NAME", default_value = "testrunner-operator")]
+    lease_name: String,
+    /// Seconds a Lease stays valid without renewal; a standby takes over after it.
+    #[arg(long, env = "TESTRUNNER_LEASE_DURATION", default_value_t = 15)]
+    lease_duration: u64,
+    /// Identity of this replica (events' reportingInstance, Lease holder).
+    #[arg(long, env = "POD_NAME")]
+    instance: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    match cli.command {
+        Command::Crd => {
+            use std::io::Write;
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = std::io::stdout().write_all(crd::crd_yaml().as_bytes());
+            ExitCode::SUCCESS
+        }
+        Command::InstallWorker { path } => match install_worker(&path) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("failed to install the worker binary at {}: {e}", path.display());
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run(args) => runtime().block_on(run(args)),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("failed to start the async runtime")
+}
+
+fn install_worker(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let me = std::env::current_exe()?;
+    std::fs::copy(&me, path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+}
+
+async fn run(args: RunArgs) -> ExitCode {
+    let client = match kube::Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "failed to configure the Kubernetes client");
+            return ExitCode::FAILURE;
+        }
+    };
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let health = Health {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    };
+    let addr = args.metrics_addr;
+    tokio::spawn(async move {
+        if let Err(e) = http::serve(addr, health).await {
+            tracing::error!(error = %e, %addr, "failed to serve HTTP endpoints");
+        }
+    });
+    let instance = args.instance.clone().unwrap_or_else(leader::default_identity);
+    let settings = Settings {
+        pods: PodSettings {
+            operator_image: args.operator_image,
+        },
+        namespaces: args.watch_namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
+        controller_name: "testrunner-operator".into(),
+        instance: Some(instance.clone()),
+    };
+    if args.leader_election {
+        let election = leader::Election {
+            namespace: args.lease_namespace,
+            name: args.lease_name,
+            identity: instance,
+            duration_seconds: args.lease_duration,
+        };
+        // A standby is ready: it serves its probes while it waits for the lease.
+        ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        match leader::run_as_leader(client.clone(), election, controller::run(client, settings, metrics, ready)).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "leader election failed");
+                ExitCode::FAILURE
+            }
+        }
+    } else {
+        controller::run(client, settings, metrics, ready).await;
+        ExitCode::SUCCESS
+    }
+}
