@@ -44,7 +44,12 @@ struct RunArgs {
     #[arg(long, env = "TESTRUNNER_OPERATOR_IMAGE", default_value = concat!("testrunner-operator:", env!("CARGO_PKG_VERSION")))]
     operator_image: String,
     /// Namespaces to watch, comma separated; all namespaces when empty.
-    #[arg(long, env = "TESTRUNNER_WATCH_NAMESPACES", value_delimiter = ',', default_value = "")]
+    #[arg(
+        long,
+        env = "TESTRUNNER_WATCH_NAMESPACES",
+        value_delimiter = ',',
+        default_value = ""
+    )]
     watch_namespaces: Vec<String>,
     /// Take part in leader election (on a coordination.k8s.io Lease) so replicas are safe.
     #[arg(long, env = "TESTRUNNER_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
@@ -53,7 +58,11 @@ struct RunArgs {
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
     /// Name of the leader Lease.
-    #[arg(long, env = "TESTRUNNER_LEASE_NAME", default_value = "testrunner-operator")]
+    #[arg(
+        long,
+        env = "TESTRUNNER_LEASE_NAME",
+        default_value = "testrunner-operator"
+    )]
     lease_name: String,
     /// Seconds a Lease stays valid without renewal; a standby takes over after it.
     #[arg(long, env = "TESTRUNNER_LEASE_DURATION", default_value_t = 15)]
@@ -76,7 +85,10 @@ fn main() -> ExitCode {
         Command::InstallWorker { path } => match install_worker(&path) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("failed to install the worker binary at {}: {e}", path.display());
+                eprintln!(
+                    "failed to install the worker binary at {}: {e}",
+                    path.display()
+                );
                 ExitCode::FAILURE
             }
         },
@@ -118,12 +130,19 @@ async fn run(args: RunArgs) -> ExitCode {
             tracing::error!(error = %e, %addr, "failed to serve HTTP endpoints");
         }
     });
-    let instance = args.instance.clone().unwrap_or_else(leader::default_identity);
+    let instance = args
+        .instance
+        .clone()
+        .unwrap_or_else(leader::default_identity);
     let settings = Settings {
         pods: PodSettings {
             operator_image: args.operator_image,
         },
-        namespaces: args.watch_namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
+        namespaces: args
+            .watch_namespaces
+            .into_iter()
+            .filter(|n| !n.is_empty())
+            .collect(),
         controller_name: "testrunner-operator".into(),
         instance: Some(instance.clone()),
     };
@@ -136,7 +155,13 @@ async fn run(args: RunArgs) -> ExitCode {
         };
         // A standby is ready: it serves its probes while it waits for the lease.
         ready.store(true, std::sync::atomic::Ordering::Relaxed);
-        match leader::run_as_leader(client.clone(), election, controller::run(client, settings, metrics, ready)).await {
+        match leader::run_as_leader(
+            client.clone(),
+            election,
+            controller::run(client, settings, metrics, ready),
+        )
+        .await
+        {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "leader election failed");

@@ -73,7 +73,7 @@ fn clamp(spec: &TestRunnerPoolSpec, n: i32) -> i32 {
 
 /// Order in which surplus pods go: Pending first, then not ready, then outdated
 /// revisions, then the youngest.
-fn removal_order<'p>(pods: &mut Vec<&'p PodView>, revision: &str) {
+fn removal_order(pods: &mut [&PodView], revision: &str) {
     pods.sort_by(|a, b| {
         let rank = |p: &PodView| match p.state {
             PodState::Pending => 0,

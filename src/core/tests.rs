@@ -1,0 +1,490 @@
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::fixtures::{depth, pod, pool, pool_yaml, t};
+use super::*;
+use crate::crd::{Phase, WorkersStatus};
+
+fn rev() -> String {
+    revision(&pool().spec)
+}
+
+fn with_status(mut p: TestRunnerPool, status: TestRunnerPoolStatus) -> TestRunnerPool {
+    p.status = Some(status);
+    p
+}
+
+fn condition<'a>(plan: &'a Plan, type_: &str) -> &'a crate::crd::Condition {
+    plan.status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition"))
+}
+
+#[test]
+fn desired_follows_the_queue_within_bounds() {
+    let p = pool();
+    assert_eq!(desired_workers(&p.spec, 0, 0), 0);
+    assert_eq!(desired_workers(&p.spec, 3, 0), 3);
+    // ready tickets plus the ones the consumers hold
+    assert_eq!(desired_workers(&p.spec, 2, 2), 4);
+    // clamped to maxWorkers (5)
+    assert_eq!(desired_workers(&p.spec, 100, 4), 5);
+    let mut spec = p.spec.clone();
+    spec.scaling.tickets_per_worker = 4;
+    spec.scaling.min_workers = 1;
+    assert_eq!(desired_workers(&spec, 9, 0), 3);
+    assert_eq!(desired_workers(&spec, 0, 0), 1);
+}
+
+#[test]
+fn a_surge_creates_the_missing_workers_with_an_event() {
+    let plan = plan(&pool(), &depth(3, 0, vec![]), t(0));
+    assert_eq!(plan.create, 3);
+    assert!(plan.delete.is_empty());
+    assert_eq!(plan.status.phase, Some(Phase::Scaling));
+    let ev = plan.events.iter().find(|e| e.reason == "ScaledUp").unwrap();
+    assert_eq!(ev.note, "Scaling up from 0 to 3 workers (3 tickets ready)");
+    assert_eq!(plan.revision, rev());
+}
+
+#[test]
+fn pending_pods_count_as_capacity_on_its_way() {
+    let pods = vec![
+        pod("unit-a", &rev(), PodState::Pending, 0),
+        pod("unit-b", &rev(), PodState::Starting, 0),
+    ];
+    let plan = plan(&pool(), &depth(3, 0, pods), t(10));
+    assert_eq!(plan.create, 1);
+    let w = plan.status.workers.unwrap();
+    assert_eq!((w.desired, w.current, w.ready), (3, 2, 0));
+}
+
+#[test]
+fn scale_down_waits_for_its_delay_then_removes_pending_pods_first() {
+    let pods = vec![
+        pod("unit-old", &rev(), PodState::Ready, 0),
+        pod("unit-new", &rev(), PodState::Ready, 50),
+        pod("unit-pend", &rev(), PodState::Pending, 60),
+    ];
+    let first = plan(&pool(), &depth(0, 0, pods.clone()), t(100));
+    assert_eq!(first.create, 0);
+    assert!(first.delete.is_empty(), "no scale-down before the delay");
+    let since = first.status.workers.as_ref().unwrap().surplus_since.clone();
+    assert_eq!(since.as_ref().map(|s| s.0), Some(t(100)));
+    assert_eq!(first.requeue_after, Duration::from_secs(120));
+
+    let p = with_status(pool(), first.status.clone());
+    let early = plan(&p, &depth(0, 0, pods.clone()), t(219));
+    assert!(early.delete.is_empty());
+    assert_eq!(early.requeue_after, Duration::from_secs(1));
+
+    let due = plan(&p, &depth(0, 0, pods), t(220));
+    assert_eq!(due.delete, vec!["unit-pend", "unit-new", "unit-old"]);
+    assert!(due.events.iter().any(|e| e.reason == "ScaledDown"));
+    assert_eq!(due.status.workers.unwrap().surplus_since, None);
+}
+
+#[test]
+fn the_surplus_timer_resets_when_tickets_come_back() {
+    let pods = vec![pod("unit-a", &rev(), PodState::Ready, 0)];
+    let first = plan(&pool(), &depth(0, 0, pods.clone()), t(0));
+    assert!(
+        first
+            .status
+            .workers
+            .as_ref()
+            .unwrap()
+            .surplus_since
+            .is_some()
+    );
+    let p = with_status(pool(), first.status);
+    let busy = plan(&p, &depth(1, 1, pods.clone()), t(60));
+    assert_eq!(busy.status.workers.as_ref().unwrap().surplus_since, None);
+    let p = with_status(pool(), busy.status);
+    let again = plan(&p, &depth(0, 0, pods), t(200));
+    assert!(again.delete.is_empty(), "the delay starts over");
+}
+
+#[test]
+fn an_unreachable_broker_holds_the_current_workers() {
+    let pods = vec![
+        pod("unit-a", &rev(), PodState::Ready, 0),
+        pod("unit-b", &rev(), PodState::Ready, 0),
+    ];
+    let observed = Observed {
+        pods,
+        broker: BrokerView::Unreachable {
+            reason: "ConnectionFailed".into(),
+            message: "connection failed: Connection refused".into(),
+            since: t(0),
+        },
+        config_problem: None,
+    };
+    let plan = plan(&pool(), &observed, t(1000));
+    assert_eq!((plan.create, plan.delete.len()), (0, 0));
+    assert_eq!(plan.status.workers.as_ref().unwrap().desired, 2);
+    assert_eq!(plan.status.phase, Some(Phase::Degraded));
+    let c = condition(&plan, CONDITION_BROKER_REACHABLE);
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "ConnectionFailed")
+    );
+    assert!(
+        plan.events
+            .iter()
+            .any(|e| e.reason == "BrokerUnreachable" && e.warning)
+    );
+    assert_eq!(plan.requeue_after, CONFIG_RETRY);
+
+    // Recovery: the event says so, once.
+    let recovered = super::plan(
+        &with_status(pool(), plan.status.clone()),
+        &depth(2, 2, vec![]),
+        t(1010),
+    );
+    assert!(
+        recovered
+            .events
+            .iter()
+            .any(|e| e.reason == "BrokerRecovered")
+    );
+    assert!(
+        !recovered
+            .events
+            .iter()
+            .any(|e| e.reason == "BrokerUnreachable")
+    );
+    let still = super::plan(&with_status(pool(), plan.status), &observed, t(1020));
+    assert!(
+        !still.events.iter().any(|e| e.reason == "BrokerUnreachable"),
+        "no repeated event while the outage lasts"
+    );
+}
+
+#[test]
+fn paused_pools_neither_create_nor_delete() {
+    let mut p = pool();
+    p.spec.paused = true;
+    let plan = plan(
+        &p,
+        &depth(4, 0, vec![pod("x", "old", PodState::Finished, 0)]),
+        t(0),
+    );
+    assert_eq!(plan.create, 0);
+    assert_eq!(plan.delete, vec!["x"], "finished pods are still cleaned up");
+    assert_eq!(plan.status.phase, Some(Phase::Paused));
+    assert_eq!(condition(&plan, CONDITION_READY).reason, "Paused");
+}
+
+#[test]
+fn spec_problems_are_reported_once_and_stop_scaling() {
+    let mut observed = depth(4, 0, vec![]);
+    observed.config_problem = Some(ConfigProblem::SecretNotFound {
+        name: "rabbitmq".into(),
+    });
+    let first = plan(&pool(), &observed, t(0));
+    assert_eq!(first.create, 0);
+    let c = condition(&first, CONDITION_DEGRADED);
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("True", "SecretNotFound")
+    );
+    assert!(c.message.contains("\"rabbitmq\""));
+    assert_eq!(
+        first
+            .events
+            .iter()
+            .filter(|e| e.reason == "InvalidSpec")
+            .count(),
+        1
+    );
+    let second = plan(&with_status(pool(), first.status), &observed, t(5));
+    assert!(second.events.iter().all(|e| e.reason != "InvalidSpec"));
+}
+
+#[test]
+fn wrapped_mode_without_a_command_is_a_spec_problem() {
+    let mut p = pool();
+    p.spec.command.clear();
+    let plan = plan(&p, &depth(1, 0, vec![]), t(0));
+    assert_eq!(plan.create, 0);
+    assert!(
+        condition(&plan, CONDITION_DEGRADED)
+            .message
+            .contains("spec.command")
+    );
+}
+
+#[test]
+fn durations_below_the_minimum_are_reported() {
+    let mut p = pool();
+    p.spec.scaling.poll_interval = "10ms".into();
+    let err = settings(&p.spec).unwrap_err();
+    assert_eq!(err.reason(), "InvalidSpec");
+    assert!(err.message().contains("spec.scaling.pollInterval"));
+    p.spec.scaling.poll_interval = "1m30s".into();
+    assert_eq!(
+        settings(&p.spec).unwrap().poll_interval,
+        Duration::from_secs(90)
+    );
+}
+
+#[test]
+fn a_missing_queue_holds_workers_and_warns() {
+    let observed = Observed {
+        pods: vec![pod("unit-a", &rev(), PodState::Ready, 0)],
+        broker: BrokerView::QueueNotFound { at: t(0) },
+        config_problem: None,
+    };
+    let plan = plan(&pool(), &observed, t(0));
+    assert_eq!((plan.create, plan.delete.len()), (0, 0));
+    assert_eq!(condition(&plan, CONDITION_DEGRADED).reason, "QueueNotFound");
+    assert!(plan.events.iter().any(|e| e.reason == "QueueNotFound"));
+}
+
+#[test]
+fn steady_state_is_ready_and_writes_no_status() {
+    let pods = vec![
+        pod("unit-a", &rev(), PodState::Ready, 0),
+        pod("unit-b", &rev(), PodState::Ready, 0),
+    ];
+    let mut p = pool();
+    p.spec.scaling.min_workers = 2;
+    let first = plan(&p, &depth(0, 2, pods.clone()), t(0));
+    assert_eq!(first.status.phase, Some(Phase::Running));
+    assert_eq!(condition(&first, CONDITION_READY).status, "True");
+    assert!(status_changed(None, &first.status));
+    let p = with_status(p, first.status.clone());
+    // A later probe with the same numbers: only timestamps differ.
+    let mut observed = depth(0, 2, pods);
+    observed.broker = BrokerView::Depth {
+        ready: 0,
+        consumers: 2,
+        at: t(30),
+    };
+    let second = plan(&p, &observed, t(30));
+    assert!(!status_changed(Some(&first.status), &second.status));
+    assert_eq!(
+        condition(&second, CONDITION_READY).last_transition_time,
+        condition(&first, CONDITION_READY).last_transition_time,
+        "lastTransitionTime only moves on a transition"
+    );
+}
+
+#[test]
+fn a_new_revision_replaces_pods_one_at_a_time() {
+    let old = "0000000000";
+    let new = rev();
+    let pods = vec![
+        pod("unit-a", old, PodState::Ready, 0),
+        pod("unit-b", old, PodState::Ready, 0),
+    ];
+    // Two tickets in flight, none waiting beyond them: the pool is at size.
+    let mut p = pool();
+    p.spec.scaling.min_workers = 2;
+    let step1 = plan(&p, &depth(0, 2, pods.clone()), t(0));
+    assert_eq!((step1.create, step1.delete.len()), (1, 0));
+    // While it starts: wait.
+    let mut pods2 = pods.clone();
+    pods2.push(pod("unit-c", &new, PodState::Starting, 1));
+    let step2 = plan(&p, &depth(0, 2, pods2.clone()), t(1));
+    assert_eq!((step2.create, step2.delete.len()), (0, 0));
+    // Once ready: one outdated pod drains.
+    pods2[2].state = PodState::Ready;
+    let step3 = plan(&p, &depth(0, 2, pods2), t(2));
+    assert_eq!(step3.create, 0);
+    assert_eq!(step3.delete.len(), 1);
+    assert!(step3.delete[0] == "unit-a" || step3.delete[0] == "unit-b");
+}
+
+#[test]
+fn revision_is_stable_and_tracks_what_goes_into_pods() {
+    let a = pool();
+    assert_eq!(revision(&a.spec), revision(&pool().spec));
+    let mut b = pool();
+    b.spec.image = "registry.example/test-runner:2".into();
+    assert_ne!(revision(&a.spec), revision(&b.spec));
+    let mut c = pool();
+    c.spec.scaling.max_workers = 9;
+    assert_eq!(
+        revision(&a.spec),
+        revision(&c.spec),
+        "scaling is not a revision"
+    );
+}
+
+#[test]
+fn yaml_fixture_gets_spec_defaults() {
+    let p = pool_yaml(
+        r#"
+apiVersion: testrunner.dev/v1alpha1
+kind: TestRunnerPool
+metadata: {name: x, namespace: ci}
+spec:
+  image: i
+  command: [c]
+  queue: {name: q, connectionSecretRef: {name: s}}
+"#,
+    );
+    assert_eq!(p.spec.queue.connection_secret_ref.key, "uri");
+    assert_eq!(p.spec.scaling.max_workers, 10);
+    assert_eq!(p.spec.queue.quarantine_queue_name(), "q.quarantine");
+}
+
+// ---- properties ----
+
+fn arb_state() -> impl Strategy<Value = PodState> {
+    prop_oneof![
+        Just(PodState::Pending),
+        Just(PodState::Starting),
+        Just(PodState::Ready),
+        Just(PodState::Terminating),
+        Just(PodState::Finished),
+    ]
+}
+
+fn arb_broker() -> impl Strategy<Value = BrokerView> {
+    prop_oneof![
+        4 => (0u64..200, 0u64..30).prop_map(|(ready, consumers)| BrokerView::Depth { ready, consumers, at: t(0) }),
+        1 => Just(BrokerView::NotProbed),
+        1 => Just(BrokerView::QueueNotFound { at: t(0) }),
+        1 => Just(BrokerView::Unreachable { reason: "ConnectionFailed".into(), message: "down".into(), since: t(0) }),
+    ]
+}
+
+prop_compose! {
+    fn arb_case()(
+        min in 0i32..6,
+        extra in 0i32..10,
+        per in 1i32..4,
+        states in proptest::collection::vec((arb_state(), any::<bool>()), 0..20),
+        broker in arb_broker(),
+        surplus_age in proptest::option::of(0i64..400),
+        paused in any::<bool>(),
+    ) -> (TestRunnerPool, Observed, Option<i64>) {
+        let mut p = pool();
+        p.spec.scaling.min_workers = min;
+        p.spec.scaling.max_workers = min + extra;
+        p.spec.scaling.tickets_per_worker = per;
+        p.spec.paused = paused;
+        let r = rev();
+        let pods = states.iter().enumerate().map(|(i, (s, fresh))| {
+            pod(&format!("unit-{i}"), if *fresh { &r } else { "0000000000" }, *s, i as i64)
+        }).collect();
+        (p, Observed { pods, broker, config_problem: None }, surplus_age)
+    }
+}
+
+fn live(o: &Observed) -> i32 {
+    o.pods
+        .iter()
+        .filter(|p| !matches!(p.state, PodState::Terminating | PodState::Finished))
+        .count() as i32
+}
+
+proptest! {
+    #[test]
+    fn never_above_max_nor_below_min((p, observed, surplus_age) in arb_case()) {
+        let now = t(1000);
+        let pool = with_status(p.clone(), TestRunnerPoolStatus {
+            workers: Some(WorkersStatus {
+                surplus_since: surplus_age.map(|a| k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t(1000 - a))),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let plan = plan(&pool, &observed, now);
+        let w = plan.status.workers.clone().unwrap();
+        prop_assert!(w.desired >= p.spec.scaling.min_workers && w.desired <= p.spec.scaling.max_workers);
+        let live_before = live(&observed);
+        let scaled_down = plan.delete.iter().filter(|n| {
+            observed.pods.iter().any(|p| &p.name == *n && !matches!(p.state, PodState::Terminating | PodState::Finished))
+        }).count() as i32;
+        let after = live_before + plan.create as i32 - scaled_down;
+        // Creating never goes past max plus the one-pod surge of a revision change.
+        if plan.create > 0 {
+            prop_assert!(after <= p.spec.scaling.max_workers.max(live_before) + 1);
+        }
+        // Deleting never goes below what is wanted, nor below min.
+        if scaled_down > 0 {
+            prop_assert!(after >= w.desired.min(live_before));
+            prop_assert!(after >= p.spec.scaling.min_workers.min(live_before));
+        }
+        // Paused pools and pools without numbers never scale.
+        if p.spec.paused {
+            prop_assert_eq!(plan.create, 0);
+            prop_assert_eq!(scaled_down, 0);
+        }
+        if !matches!(observed.broker, BrokerView::Depth { .. }) {
+            let outdated = observed.pods.iter().any(|p| p.revision != rev() && !matches!(p.state, PodState::Terminating | PodState::Finished));
+            if live_before >= p.spec.scaling.min_workers && !outdated {
+                prop_assert_eq!(plan.create, 0, "no scale-up without numbers beyond min");
+            }
+            prop_assert!(after >= live_before.min(p.spec.scaling.max_workers), "an outage never scales down");
+        }
+        // Every deletion names a pod of the pool; terminating pods are never deleted again.
+        for name in &plan.delete {
+            let pod = observed.pods.iter().find(|p| &p.name == name);
+            prop_assert!(pod.is_some());
+            prop_assert!(pod.unwrap().state != PodState::Terminating);
+        }
+    }
+
+    #[test]
+    fn scale_down_waits_for_the_delay(
+        (p, observed, _) in arb_case(),
+        age in 0i64..119,
+    ) {
+        // Single revision, queue numbers known: a scale-down happens only after the delay.
+        let r = rev();
+        let mut observed = observed;
+        for pod in &mut observed.pods { pod.revision = r.clone(); }
+        let pool = with_status(p, TestRunnerPoolStatus {
+            workers: Some(WorkersStatus {
+                surplus_since: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t(1000 - age))),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let plan = plan(&pool, &observed, t(1000));
+        let live_deleted = plan.delete.iter().filter(|n| {
+            observed.pods.iter().any(|p| &p.name == *n && !matches!(p.state, PodState::Terminating | PodState::Finished))
+        }).count();
+        prop_assert_eq!(live_deleted, 0);
+    }
+
+    #[test]
+    fn while_tickets_wait_busy_consumers_are_not_removed(
+        ready in 1u64..50,
+        busy in 0usize..8,
+        idle_pending in 0usize..5,
+        max in 1i32..20,
+    ) {
+        // With prefetch 1 and tickets ready, each consumer holds a ticket. With one
+        // ticket per worker, desired covers every consumer, so only pods that are not
+        // consuming (Pending ones here) can be surplus.
+        let mut p = pool();
+        p.spec.scaling.max_workers = max.max(busy as i32);
+        let r = rev();
+        let mut pods: Vec<PodView> = (0..busy).map(|i| pod(&format!("busy-{i}"), &r, PodState::Ready, 0)).collect();
+        pods.extend((0..idle_pending).map(|i| pod(&format!("pend-{i}"), &r, PodState::Pending, 1)));
+        let observed = depth(ready, busy as u64, pods);
+        let pool = with_status(p, TestRunnerPoolStatus {
+            workers: Some(WorkersStatus { surplus_since: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t(0))), ..Default::default() }),
+            ..Default::default()
+        });
+        let plan = plan(&pool, &observed, t(10_000));
+        prop_assert!(plan.delete.iter().all(|n| n.starts_with("pend-")), "{:?}", plan.delete);
+    }
+
+    #[test]
+    fn never_zero_workers_while_tickets_wait(ready in 1u64..100, consumers in 0u64..10, max in 1i32..30) {
+        let mut p = pool();
+        p.spec.scaling.max_workers = max;
+        let plan = plan(&p, &depth(ready, consumers, vec![]), t(0));
+        prop_assert!(plan.create >= 1);
+    }
+}

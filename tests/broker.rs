@@ -1,0 +1,272 @@
+//! Queue probes against the real RabbitMQ on 127.0.0.1:5672.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use testrunner_operator::broker::{BrokerSettings, BrokerUri, Brokers, Probe};
+use tokio::net::{TcpListener, TcpStream};
+
+const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+fn queue_name(test: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "test.broker.{test}.{}.{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+async fn connect() -> Connection {
+    Connection::connect(BROKER, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ answers on 127.0.0.1:5672 (start it with `rabbitmq-server -detached`)")
+}
+
+/// Waits until `check` holds, or fails after `deadline`.
+async fn eventually<F, Fut>(what: &str, deadline: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn depth_is_published_minus_consumed() {
+    let conn = connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let queue = queue_name("depth");
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for i in 0..10 {
+        ch.basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            format!("ticket {i}").as_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    let brokers = Brokers::default();
+    let uri = BrokerUri::parse(BROKER).unwrap();
+    assert_eq!(
+        brokers.probe(&uri, &queue).await,
+        Probe::Depth {
+            ready: 10,
+            consumers: 0
+        }
+    );
+
+    // Take 3 and ack them: 7 left.
+    for _ in 0..3 {
+        let msg = ch
+            .basic_get(queue.as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .expect("a ticket");
+        msg.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    // Hold one unacked: a passive declare counts ready messages only.
+    let held = ch
+        .basic_get(queue.as_str().into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+        .expect("a ticket");
+    assert_eq!(
+        brokers.probe(&uri, &queue).await,
+        Probe::Depth {
+            ready: 6,
+            consumers: 0
+        }
+    );
+    held.ack(BasicAckOptions::default()).await.unwrap();
+
+    // A second pool on the same broker shares the connection.
+    let other = queue_name("depth-other");
+    ch.queue_declare(
+        other.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        brokers.probe(&uri, &other).await,
+        Probe::Depth {
+            ready: 0,
+            consumers: 0
+        }
+    );
+    assert_eq!(brokers.connections(), 1);
+
+    for q in [&queue, &other] {
+        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_missing_queue_is_reported_and_the_connection_stays_usable() {
+    let brokers = Brokers::default();
+    let uri = BrokerUri::parse(BROKER).unwrap();
+    let missing = queue_name("missing");
+    assert_eq!(brokers.probe(&uri, &missing).await, Probe::QueueNotFound);
+    // The 404 closed the channel only; the next probe opens a new one.
+    let conn = connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        missing.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        brokers.probe(&uri, &missing).await,
+        Probe::Depth {
+            ready: 0,
+            consumers: 0
+        }
+    );
+    ch.queue_delete(missing.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn wrong_credentials_are_reported_without_the_password() {
+    let brokers = Brokers::new(BrokerSettings {
+        min_backoff: Duration::from_millis(10),
+        ..Default::default()
+    });
+    let uri = BrokerUri::parse("amqp://guest:not-the-password@127.0.0.1:5672/%2f").unwrap();
+    match brokers.probe(&uri, "any").await {
+        Probe::Unreachable { reason, message } => {
+            assert!(!message.contains("not-the-password"), "{message}");
+            assert!(
+                ["AuthenticationFailed", "ConnectionFailed", "ProtocolError"].contains(&reason),
+                "{reason}: {message}"
+            );
+        }
+        other => panic!("expected Unreachable, got {other:?}"),
+    }
+}
+
+/// A TCP forwarder to the real broker that a test can cut and restore.
+struct Proxy {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(port: u16) -> Proxy {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    break;
+                };
+                conns.spawn(async move {
+                    let mut outbound = TcpStream::connect("127.0.0.1:5672").await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                });
+            }
+        });
+        Proxy { port, task }
+    }
+
+    /// Cuts every connection (the JoinSet drops them) and stops listening.
+    fn cut(self) -> u16 {
+        self.task.abort();
+        self.port
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_is_reported_and_the_probe_recovers() {
+    let conn = connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let queue = queue_name("outage");
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+
+    let proxy = Proxy::start(0).await;
+    let uri =
+        BrokerUri::parse(&format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port)).unwrap();
+    let brokers = Brokers::new(BrokerSettings {
+        connect_timeout: Duration::from_secs(2),
+        probe_timeout: Duration::from_secs(2),
+        min_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(200),
+    });
+    assert_eq!(
+        brokers.probe(&uri, &queue).await,
+        Probe::Depth {
+            ready: 0,
+            consumers: 0
+        }
+    );
+
+    // The broker goes away: probes say so (and never hang).
+    let port = proxy.cut();
+    eventually(
+        "the outage to be reported",
+        Duration::from_secs(10),
+        || async { matches!(brokers.probe(&uri, &queue).await, Probe::Unreachable { .. }) },
+    )
+    .await;
+
+    // It comes back on the same address: the probe reconnects by itself.
+    let _proxy = Proxy::start(port).await;
+    eventually("the probe to recover", Duration::from_secs(10), || async {
+        brokers.probe(&uri, &queue).await
+            == Probe::Depth {
+                ready: 0,
+                consumers: 0,
+            }
+    })
+    .await;
+    ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+}
