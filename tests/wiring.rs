@@ -323,3 +323,46 @@ async fn api_errors_fail_the_reconcile_with_a_category() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_malformed_pool_is_reported_once_and_waits_for_a_change() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use kube::core::error_boundary::InvalidObject;
+
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(Client::new(service, "default"));
+    let guarded = Arc::new(DeserializeGuard::<TestRunnerPool>(Err(InvalidObject {
+        error: "spec.scaling.maxWorkers: invalid type: string \"many\", expected i32".into(),
+        metadata: ObjectMeta {
+            name: Some("broken".into()),
+            namespace: Some("ci".into()),
+            uid: Some("99999999-2222-3333-4444-555555555555".into()),
+            ..Default::default()
+        },
+    })));
+    let error = controller::reconcile(guarded.clone(), ctx.clone())
+        .await
+        .expect_err("a malformed pool cannot be reconciled");
+    assert_eq!(error.category(), "InvalidObject");
+    let action = controller::error_policy(guarded, &error, ctx);
+    assert_eq!(action, Action::await_change());
+
+    let (m, uri, body, send) = next(&mut handle).await;
+    assert_eq!(
+        (m, uri.as_str()),
+        (Method::POST, "/apis/events.k8s.io/v1/namespaces/ci/events?")
+    );
+    assert_eq!(
+        (body["type"].as_str(), body["reason"].as_str()),
+        (Some("Warning"), Some("InvalidSpec"))
+    );
+    assert_eq!(body["regarding"]["name"], "broken");
+    assert!(
+        body["note"]
+            .as_str()
+            .unwrap()
+            .contains("spec.scaling.maxWorkers"),
+        "{body}"
+    );
+    respond(send, 201, body);
+}

@@ -378,20 +378,50 @@ pub fn failure_backoff(failures: u32) -> Duration {
 /// failures are retried with backoff and reported as a Warning event.
 pub fn error_policy(guarded: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_failed(error.category());
-    let Ok(pool) = &guarded.0 else {
-        return Action::await_change();
+    let reference = guarded.object_ref(&());
+    let (reason, action) = match &guarded.0 {
+        // A malformed object cannot be fixed by retrying: say so once, wait for a change.
+        Err(_) => ("InvalidSpec", Action::await_change()),
+        Ok(_) => {
+            let key = ObjectRef::from_obj(&*guarded);
+            let failures = {
+                let mut map = ctx.failures.lock().expect("lock");
+                let n = map.entry(key).or_insert(0);
+                *n += 1;
+                *n
+            };
+            (
+                error.category(),
+                Action::requeue(failure_backoff(failures - 1)),
+            )
+        }
     };
-    let key = ObjectRef::from_obj(&*guarded);
-    let failures = {
-        let mut map = ctx.failures.lock().expect("lock");
-        let n = map.entry(key).or_insert(0);
-        *n += 1;
-        *n
+    warn!(
+        pool = %guarded.name_any(),
+        category = error.category(),
+        error = %error,
+        ?action,
+        "reconcile failed"
+    );
+    let event = Event {
+        type_: EventType::Warning,
+        reason: reason.into(),
+        note: Some(truncate(&cause_chain(error), 1024)),
+        action: "Reconcile".into(),
+        secondary: None,
     };
-    let backoff = failure_backoff(failures - 1);
-    warn!(pool = %pool.name_any(), category = error.category(), error = %error, ?backoff, "reconcile failed");
+    tokio::spawn(async move {
+        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+            warn!(error = %e, "failed to publish event");
+        }
+    });
+    action
+}
+
+/// The error and its sources, each once, joined by ": ".
+fn cause_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut chain = error.to_string();
-    let mut source = std::error::Error::source(error);
+    let mut source = error.source();
     while let Some(s) = source {
         let text = s.to_string();
         if !chain.contains(&text) {
@@ -400,21 +430,7 @@ pub fn error_policy(guarded: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> 
         }
         source = s.source();
     }
-    let event = Event {
-        type_: EventType::Warning,
-        reason: error.category().into(),
-        note: Some(truncate(&chain, 1024)),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    let reference = pool.object_ref(&());
-    let ctx2 = ctx.clone();
-    tokio::spawn(async move {
-        if let Err(e) = ctx2.recorder.publish(&event, &reference).await {
-            warn!(error = %e, "failed to publish event");
-        }
-    });
-    Action::requeue(backoff)
+    chain
 }
 
 /// Runs the controller until a shutdown signal; `ready` turns true once it runs.
