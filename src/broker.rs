@@ -329,7 +329,19 @@ impl Brokers {
 
     /// Drops the connection to `uri` if no pool uses it any longer.
     pub fn forget(&self, uri: &BrokerUri) {
-        self.conns.lock().expect("lock").remove(uri);
+        let Some(entry) = self.conns.lock().expect("lock").remove(uri) else {
+            return;
+        };
+        let uri = uri.clone();
+        tokio::spawn(async move {
+            if let Some(open) = entry.lock().await.open.take() {
+                let _ = open
+                    .connection
+                    .close(200, "no pool uses this broker any longer".into())
+                    .await;
+                tracing::info!(broker = %uri, "closed unused broker connection");
+            }
+        });
     }
 }
 

@@ -270,3 +270,35 @@ async fn an_unreachable_broker_is_reported_and_the_probe_recovers() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn forgetting_a_broker_closes_its_connection() {
+    let brokers = Brokers::default();
+    let uri = BrokerUri::parse(BROKER).unwrap();
+    let queue = queue_name("forget");
+    let conn = connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        brokers.probe(&uri, &queue).await,
+        Probe::Depth { .. }
+    ));
+    assert_eq!(brokers.connections(), 1);
+    brokers.forget(&uri);
+    assert_eq!(brokers.connections(), 0);
+    // A later probe opens a fresh connection.
+    assert!(matches!(
+        brokers.probe(&uri, &queue).await,
+        Probe::Depth { .. }
+    ));
+    assert_eq!(brokers.connections(), 1);
+    ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+}

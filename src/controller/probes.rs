@@ -83,6 +83,9 @@ impl Probes {
                 carried = task.latest.borrow().clone();
             }
             task.handle.abort();
+            let old_uri = task.key.uri.clone();
+            tasks.remove(pool);
+            self.release_if_unused(&tasks, &old_uri);
         }
         let (tx, rx) = watch::channel(carried.clone());
         let handle =
@@ -100,8 +103,18 @@ impl Probes {
 
     /// Stops probing for `pool`.
     pub fn stop(&self, pool: &ObjectRef<Guarded>) {
-        if let Some(task) = self.0.tasks.lock().expect("lock").remove(pool) {
+        let mut tasks = self.0.tasks.lock().expect("lock");
+        if let Some(task) = tasks.remove(pool) {
             task.handle.abort();
+            self.release_if_unused(&tasks, &task.key.uri);
+        }
+    }
+
+    /// Closes the connection to `uri` once no pool probes it (a rotated password or
+    /// a deleted pool must not leave connections behind).
+    fn release_if_unused(&self, tasks: &HashMap<ObjectRef<Guarded>, Task>, uri: &BrokerUri) {
+        if !tasks.values().any(|t| &t.key.uri == uri) {
+            self.0.brokers.forget(uri);
         }
     }
 
@@ -136,7 +149,9 @@ async fn probe_loop(
         if inner.store.get(&pool).is_none() {
             // The pool is gone: its series and task go with it.
             inner.metrics.forget_pool(&labels);
-            inner.tasks.lock().expect("lock").remove(&pool);
+            let mut tasks = inner.tasks.lock().expect("lock");
+            tasks.remove(&pool);
+            probes.release_if_unused(&tasks, &key.uri);
             return;
         }
         let started = Instant::now();
