@@ -5,6 +5,7 @@
 //! [`Plan`]'s actions and writes its status.
 
 mod conditions;
+pub mod crash;
 mod scaling;
 
 use std::time::Duration;

@@ -1,0 +1,280 @@
+//! Crash records: what a worker container's termination says about the ticket it
+//! held. Pure parsing of pod status; nothing here talks to the API.
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
+
+use crate::crd::LABEL_REVISION;
+use crate::pods::WORKER_CONTAINER;
+
+/// Exit codes of the worker wrapper that are not ticket crashes: the broker was
+/// unavailable (69), the command could not start (71), the broker connection was
+/// lost (75), the configuration is invalid (78).
+pub const ENVIRONMENT_EXIT_CODES: [i32; 4] = [69, 71, 75, 78];
+
+/// What the worker said it was doing when it stopped (its termination message).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InHand {
+    /// A ticket: its id and delivery number.
+    Ticket {
+        /// Ticket id (AMQP message_id, or a hash of the body).
+        id: String,
+        /// Delivery number (1 for the first delivery).
+        delivery: u64,
+    },
+    /// Still starting: the crash came before the consume loop (environment).
+    Starting,
+    /// Between tickets.
+    Idle,
+    /// The wrapper reported an environment failure (broker, command, config).
+    Environment(String),
+    /// Nothing recognisable (no wrapper, a native worker, or a garbled message).
+    Unknown,
+}
+
+/// Reads a termination message: the last line the wrapper wrote wins. Accepts any
+/// bytes (log tails under FallbackToLogsOnError, truncation, garbage).
+pub fn parse_termination_message(message: &[u8]) -> InHand {
+    let text = String::from_utf8_lossy(message);
+    for line in text.lines().rev() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line == "starting" {
+            return InHand::Starting;
+        }
+        if line == "idle" {
+            return InHand::Idle;
+        }
+        if let Some(rest) = line.strip_prefix("ticket=") {
+            let mut parts = rest.split_whitespace();
+            let id = parts.next().unwrap_or_default();
+            let delivery = parts
+                .find_map(|p| p.strip_prefix("delivery="))
+                .and_then(|d| d.parse().ok())
+                .unwrap_or(1);
+            if !id.is_empty() && id.len() <= 256 {
+                return InHand::Ticket {
+                    id: id.to_string(),
+                    delivery,
+                };
+            }
+            continue;
+        }
+        for prefix in [
+            "broker-unavailable:",
+            "command-error:",
+            "broker-lost:",
+            "config-error:",
+        ] {
+            if line.starts_with(prefix) {
+                let cut: String = line.chars().take(300).collect();
+                return InHand::Environment(cut);
+            }
+        }
+    }
+    InHand::Unknown
+}
+
+/// One container termination of a worker pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CrashRecord {
+    /// Identity: pod uid, restart count and finish time (each termination once).
+    pub id: String,
+    /// Pod name.
+    pub pod: String,
+    /// Revision label of the pod.
+    pub revision: String,
+    /// Image of the worker container.
+    pub image: String,
+    /// What the worker held.
+    pub in_hand: InHand,
+    /// Exit code.
+    pub exit_code: i32,
+    /// Signal, when killed by one.
+    pub signal: Option<i32>,
+    /// Kubernetes' reason: Error, OOMKilled, Completed, ...
+    pub reason: String,
+    /// When the container finished.
+    pub at: Timestamp,
+}
+
+impl CrashRecord {
+    /// True when the termination counts against the ticket in hand (a crash, not a
+    /// clean exit nor an environment failure the wrapper reported).
+    pub fn is_ticket_crash(&self) -> bool {
+        matches!(self.in_hand, InHand::Ticket { .. })
+            && self.exit_code != 0
+            && !ENVIRONMENT_EXIT_CODES.contains(&self.exit_code)
+    }
+
+    /// The ticket in hand, if any.
+    pub fn ticket(&self) -> Option<&str> {
+        match &self.in_hand {
+            InHand::Ticket { id, .. } => Some(id),
+            _ => None,
+        }
+    }
+}
+
+fn record(
+    pod: &Pod,
+    restarts: i32,
+    image: &str,
+    t: &ContainerStateTerminated,
+) -> Option<CrashRecord> {
+    let uid = pod.metadata.uid.as_deref()?;
+    let at = t.finished_at.as_ref().map(|f| f.0)?;
+    Some(CrashRecord {
+        id: format!("{uid}/{restarts}/{}", at.as_second()),
+        pod: pod.metadata.name.clone().unwrap_or_default(),
+        revision: pod
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_REVISION))
+            .cloned()
+            .unwrap_or_default(),
+        image: image.to_string(),
+        in_hand: parse_termination_message(t.message.as_deref().unwrap_or_default().as_bytes()),
+        exit_code: t.exit_code,
+        signal: t.signal,
+        reason: t.reason.clone().unwrap_or_default(),
+        at,
+    })
+}
+
+/// The terminations a worker pod's status shows: the last one (`lastState`) and,
+/// while the container is down, the current one (`state`). Clean exits (code 0)
+/// are left out.
+pub fn crash_records(pod: &Pod) -> Vec<CrashRecord> {
+    let Some(statuses) = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+    else {
+        return Vec::new();
+    };
+    let Some(cs) = statuses.iter().find(|c| c.name == WORKER_CONTAINER) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    // lastState belongs to the run before the current restart count.
+    if let Some(t) = cs.last_state.as_ref().and_then(|s| s.terminated.as_ref()) {
+        out.extend(record(pod, cs.restart_count - 1, &cs.image, t));
+    }
+    if let Some(t) = cs.state.as_ref().and_then(|s| s.terminated.as_ref()) {
+        out.extend(record(pod, cs.restart_count, &cs.image, t));
+    }
+    out.retain(|r| r.exit_code != 0);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    #[test]
+    fn reads_the_wrapper_lines() {
+        assert_eq!(
+            parse_termination_message(b"ticket=t-42 delivery=3\n"),
+            InHand::Ticket {
+                id: "t-42".into(),
+                delivery: 3
+            }
+        );
+        assert_eq!(parse_termination_message(b"starting\n"), InHand::Starting);
+        assert_eq!(parse_termination_message(b"idle"), InHand::Idle);
+        assert!(matches!(
+            parse_termination_message(b"command-error: /run-tests: not found\n"),
+            InHand::Environment(m) if m.contains("not found")
+        ));
+        assert_eq!(parse_termination_message(b""), InHand::Unknown);
+    }
+
+    #[test]
+    fn the_last_wrapper_line_of_a_log_tail_wins() {
+        let tail =
+            b"ticket=a delivery=1\nsome test output\nticket=b delivery=2\npanic: boom\n\xff\xfe";
+        assert_eq!(
+            parse_termination_message(tail),
+            InHand::Ticket {
+                id: "b".into(),
+                delivery: 2
+            }
+        );
+    }
+
+    #[test]
+    fn crash_records_come_from_last_state_with_identity() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "unit-abcde", "uid": "u-1", "labels": {"testrunner.dev/revision": "r1"}},
+            "status": {"containerStatuses": [{
+                "name": "worker", "image": "runner:2", "imageID": "", "ready": false, "restartCount": 3,
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled",
+                    "finishedAt": "2026-11-28T03:00:00Z", "message": "ticket=t-9 delivery=4\n"}}
+            }]}
+        }))
+        .unwrap();
+        let records = crash_records(&pod);
+        assert_eq!(records.len(), 1);
+        let r = &records[0];
+        assert_eq!(
+            r.id,
+            format!(
+                "u-1/2/{}",
+                "2026-11-28T03:00:00Z"
+                    .parse::<Timestamp>()
+                    .unwrap()
+                    .as_second()
+            )
+        );
+        assert_eq!(
+            (r.pod.as_str(), r.revision.as_str(), r.image.as_str()),
+            ("unit-abcde", "r1", "runner:2")
+        );
+        assert_eq!(r.reason, "OOMKilled");
+        assert_eq!(r.ticket(), Some("t-9"));
+        assert!(r.is_ticket_crash());
+    }
+
+    #[test]
+    fn environment_exits_are_not_ticket_crashes() {
+        let mut r = CrashRecord {
+            id: "x".into(),
+            pod: "p".into(),
+            revision: "r".into(),
+            image: "i".into(),
+            in_hand: InHand::Ticket {
+                id: "t".into(),
+                delivery: 1,
+            },
+            exit_code: 75,
+            signal: None,
+            reason: "Error".into(),
+            at: Timestamp::UNIX_EPOCH,
+        };
+        assert!(!r.is_ticket_crash());
+        r.exit_code = 2;
+        assert!(r.is_ticket_crash());
+        r.in_hand = InHand::Starting;
+        assert!(!r.is_ticket_crash());
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_parse_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = parse_termination_message(&bytes);
+        }
+
+        #[test]
+        fn a_ticket_line_survives_any_prefix(prefix in "[^\n]{0,200}\n", id in "[a-zA-Z0-9._-]{1,64}", n in 1u64..1000) {
+            let text = format!("{prefix}ticket={id} delivery={n}\n");
+            prop_assert_eq!(parse_termination_message(text.as_bytes()), InHand::Ticket { id, delivery: n });
+        }
+    }
+}
