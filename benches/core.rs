@@ -1,0 +1,99 @@
+//! Cost of one pure decision (`core::plan`) as the pool grows.
+//!
+//! Run with `cargo bench --bench core`. Method and figures: docs/benchmarks.md.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use testrunner_operator::core::{self, BrokerView, Observed, PodState, PodView};
+use testrunner_operator::crd::{TestRunnerPool, TestRunnerPoolStatus, WorkersStatus};
+
+fn pool(max: i32) -> TestRunnerPool {
+    let mut pool: TestRunnerPool = serde_json::from_value(serde_json::json!({
+        "apiVersion": "testrunner.dev/v1alpha1",
+        "kind": "TestRunnerPool",
+        "metadata": {"name": "bench", "namespace": "ci", "generation": 1},
+        "spec": {
+            "image": "registry.example/test-runner:1",
+            "command": ["/run-tests"],
+            "queue": {"name": "tickets", "connectionSecretRef": {"name": "rabbitmq"}},
+        }
+    }))
+    .unwrap();
+    pool.spec.scaling.max_workers = max;
+    pool
+}
+
+fn observed(pods: usize, revision: &str, now: Timestamp) -> Observed {
+    Observed {
+        pods: (0..pods)
+            .map(|i| PodView {
+                name: format!("bench-{i:05}"),
+                revision: revision.to_string(),
+                state: match i % 10 {
+                    0 => PodState::Pending,
+                    1 => PodState::Starting,
+                    _ => PodState::Ready,
+                },
+                created: now,
+            })
+            .collect(),
+        broker: BrokerView::Depth {
+            ready: pods as u64 / 2,
+            consumers: pods as u64,
+            at: now,
+        },
+        config_problem: None,
+    }
+}
+
+/// Median time per call over `rounds` rounds of `iters` calls.
+fn measure(mut f: impl FnMut(), iters: u32, rounds: usize) -> Duration {
+    let mut samples: Vec<Duration> = (0..rounds)
+        .map(|_| {
+            let start = Instant::now();
+            for _ in 0..iters {
+                f();
+            }
+            start.elapsed() / iters
+        })
+        .collect();
+    samples.sort();
+    samples[rounds / 2]
+}
+
+fn main() {
+    let now = Timestamp::now();
+    println!("{:>8} {:>14} {:>14}", "pods", "plan (median)", "scale-down");
+    for pods in [0usize, 10, 100, 1000, 5000] {
+        let p = pool(pods as i32 + 10);
+        let rev = core::revision(&p.spec);
+        let obs = observed(pods, &rev, now);
+        let steady = measure(
+            || {
+                black_box(core::plan(black_box(&p), black_box(&obs), now));
+            },
+            200,
+            21,
+        );
+        // Scale-down from `pods` to zero: sorts every pod.
+        let empty = Observed {
+            broker: BrokerView::Depth {
+                ready: 0,
+                consumers: 0,
+                at: now,
+            },
+            ..obs.clone()
+        };
+        let down = measure(
+            || {
+                black_box(core::plan(black_box(&p), black_box(&empty), now));
+            },
+            200,
+            21,
+        );
+        println!("{pods:>8} {:>14?} {:>14?}", steady, down);
+    }
+}
