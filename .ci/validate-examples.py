@@ -26,7 +26,7 @@ CEL_LE = re.compile(r"^self\.(\w+)\s*<=\s*self\.(\w+)$")
 
 
 def load_crd():
-    crd = yaml.safe_load(CRD.read_text())
+    crd = yaml.load(CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
     versions = {v["name"]: v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"]}
     return group, kind, versions
