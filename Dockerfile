@@ -1,0 +1,30 @@
+# syntax=docker/dockerfile:1
+# testrunner-operator: one image, one binary. The same binary runs the operator
+# (`testrunner-operator run`) and, copied into wrapped-mode worker pods by their init
+# container (`testrunner-operator install-worker`), the worker wrapper.
+#
+#   docker build -t registry.example/ci/testrunner-operator:0.1.0 .
+#
+# Build stage: the Rust toolchain on Debian 12; the cache mounts keep the crate registry
+# and the target directory between builds (BuildKit).
+ARG RUST_VERSION=1.95
+FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin testrunner-operator \
+ && install -D -m 0755 target/release/testrunner-operator /out/testrunner-operator
+
+# Runtime stage: distroless with glibc and CA certificates, no shell, no package manager,
+# running as the unprivileged "nonroot" user (65532), as the Helm chart expects.
+FROM gcr.io/distroless/cc-debian12:nonroot
+LABEL org.opencontainers.image.title="testrunner-operator" \
+      org.opencontainers.image.description="Kubernetes operator that runs CI test workers off a RabbitMQ ticket queue" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=build /out/testrunner-operator /usr/local/bin/testrunner-operator
+USER 65532:65532
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/testrunner-operator"]
+CMD ["run"]
