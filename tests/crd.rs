@@ -185,6 +185,28 @@ fn bad_pools_are_refused_naming_the_field() {
 }
 
 #[test]
+fn example_pools_are_valid() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).expect("deploy/examples exists") {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let docs: Vec<Value> = serde_saphyr::from_multiple(&text)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        for doc in docs.into_iter().filter(|d| d["kind"] == "TestRunnerPool") {
+            assert_eq!(validate(&doc), Vec::<String>::new(), "{}", path.display());
+            // ...and the operator reads it.
+            serde_json::from_value::<TestRunnerPool>(doc).unwrap();
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "expected the minimal and full examples, found {seen}");
+}
+
+#[test]
 fn min_above_max_is_refused_by_the_cel_rule() {
     let mut pool = minimal();
     pool["spec"]["scaling"]["minWorkers"] = json!(5);
