@@ -857,6 +857,8 @@ impl Worker {
             .map(|r| r.map_err(|e| describe(&e)))
         {
             tracing::warn!("cannot cancel the consumer: {e}");
+        } else {
+            tracing::info!("consumer cancelled: no new tickets");
         }
     }
 
