@@ -34,8 +34,9 @@ use crate::broker::BrokerUri;
 /// queue does not exist, before the worker took any ticket. An environment
 /// failure, not a ticket crash.
 pub const EXIT_BROKER_UNAVAILABLE: u8 = 69;
-/// Exit code: the command could not be started (not found, not executable). The
-/// ticket is given back to the queue. An environment failure, not a ticket crash.
+/// Exit code: the command could not be started (not found, not executable). It is
+/// checked before any ticket is taken; a ticket in hand when starting fails is given
+/// back to the queue. An environment failure, not a ticket crash.
 pub const EXIT_COMMAND_NOT_STARTED: u8 = 71;
 /// Exit code: the broker connection (or the consumer) was lost after the worker
 /// started consuming. The broker has already requeued any ticket in hand; the
@@ -86,7 +87,8 @@ Exit codes:
            SIGTERM/SIGINT was forwarded to the command (ticket left unacked)
   2        invalid command line
   69       broker unreachable, credentials refused or queue missing at start
-  71       the command could not be started (ticket given back)
+  71       the command could not be started (checked before taking tickets;
+           a ticket in hand is given back)
   75       broker connection lost (the broker requeues the ticket in hand)
   78       invalid configuration";
 
@@ -438,6 +440,40 @@ pub fn ticket_env(id: &str, delivery: u64, headers: Option<&FieldTable>) -> Vec<
     env
 }
 
+/// Checks that `program` can be started before any ticket is taken, so that a
+/// missing command charges no ticket with a delivery. A name without `/` is
+/// looked up in `path` (the `PATH` value); with no `PATH` the check is left to
+/// the start of the command itself.
+pub fn check_command(
+    program: &std::ffi::OsStr,
+    path: Option<&std::ffi::OsStr>,
+) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = program.to_string_lossy();
+    let runnable = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.is_empty() {
+        return Err("the command is empty".into());
+    }
+    if program.as_encoded_bytes().contains(&b'/') {
+        let p = std::path::Path::new(program);
+        return match std::fs::metadata(p) {
+            Err(e) => Err(format!("cannot start command {shown}: {e}")),
+            Ok(_) if !runnable(p) => Err(format!(
+                "cannot start command {shown}: not an executable file"
+            )),
+            Ok(_) => Ok(()),
+        };
+    }
+    let Some(path) = path else { return Ok(()) };
+    if std::env::split_paths(path).any(|dir| runnable(&dir.join(program))) {
+        Ok(())
+    } else {
+        Err(format!("cannot start command {shown}: not found in PATH"))
+    }
+}
+
 // ---------------------------------------------------------------------------
 // I/O
 // ---------------------------------------------------------------------------
@@ -555,6 +591,11 @@ async fn run_code(args: WorkerArgs) -> u8 {
         Ok(c) => c,
         Err(e) => return config_error(&mut log, e),
     };
+    if let Err(why) = check_command(&args.command[0], std::env::var_os("PATH").as_deref()) {
+        tracing::error!("{why}");
+        log.write(&LogLine::CommandError(why));
+        return EXIT_COMMAND_NOT_STARTED;
+    }
     let mut signals = match Signals::new() {
         Ok(s) => s,
         Err(e) => return config_error(&mut log, format!("cannot handle signals: {e}")),
@@ -767,6 +808,7 @@ impl Worker {
             }
         };
         let elapsed = started.elapsed();
+        reap_orphans();
         let exit = match status {
             Ok(s) => Exit::from_status(s),
             Err(e) => {
@@ -867,6 +909,21 @@ impl Worker {
         self.cancel().await;
         let close = self.connection.close(200, "worker stopping".into());
         let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
+    }
+}
+
+/// As PID 1 of a container the worker inherits the orphans of the commands it
+/// runs; reap those that have exited. Called only when no command of its own is
+/// running, so it never takes the status of a child it waits for.
+fn reap_orphans() {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    if std::process::id() != 1 {
+        return;
+    }
+    while let Ok(status) = waitpid(nix::unistd::Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+        if status == WaitStatus::StillAlive {
+            break;
+        }
     }
 }
 
@@ -990,6 +1047,33 @@ mod tests {
             .unwrap();
         assert_eq!(Exit::from_status(status), Exit::Signal(9));
         assert_eq!(Exit::Signal(9).status_code(), 137);
+    }
+
+    #[test]
+    fn commands_are_checked_before_taking_tickets() {
+        use std::ffi::OsStr;
+        let path = Some(OsStr::new("/nonexistent-dir:/bin:/usr/bin"));
+        assert_eq!(check_command(OsStr::new("sh"), path), Ok(()));
+        assert_eq!(check_command(OsStr::new("/bin/sh"), None), Ok(()));
+        assert_eq!(
+            check_command(OsStr::new("anything"), None),
+            Ok(()),
+            "no PATH: left to spawn"
+        );
+        let err = check_command(OsStr::new("no-such-test-runner"), path).unwrap_err();
+        assert!(
+            err.contains("no-such-test-runner") && err.contains("not found"),
+            "{err}"
+        );
+        let err = check_command(OsStr::new("/nonexistent/run-tests"), path).unwrap_err();
+        assert!(err.contains("/nonexistent/run-tests"), "{err}");
+        let plain = std::env::temp_dir().join(format!("trw-plain-{}", std::process::id()));
+        std::fs::write(&plain, "not a program").unwrap();
+        let err = check_command(plain.as_os_str(), path).unwrap_err();
+        std::fs::remove_file(&plain).unwrap();
+        assert!(err.contains("not an executable"), "{err}");
+        assert!(check_command(OsStr::new("/"), path).is_err(), "a directory");
+        assert!(check_command(OsStr::new(""), path).is_err());
     }
 
     #[test]

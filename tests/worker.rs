@@ -650,7 +650,7 @@ fi
 }
 
 #[tokio::test]
-async fn a_missing_command_is_an_environment_failure_and_the_ticket_stays() {
+async fn a_missing_command_is_an_environment_failure_and_takes_no_ticket() {
     let mut f = Fixture::new("missing").await;
     let q = f.quorum_queue().await;
     f.ticket(&q, "m0", "").await;
@@ -671,14 +671,51 @@ async fn a_missing_command_is_an_environment_failure_and_the_ticket_stays() {
         "{}",
         w.stderr()
     );
-    assert_eq!(f.settled(&q).await, 1, "m0 given back, not acked");
+    // Checked before consuming: the ticket was never handed out.
+    assert_eq!(f.settled(&q).await, 1);
     let m0 =
         f.ch.basic_get(q.as_str().into(), BasicGetOptions::default())
             .await
             .unwrap()
-            .expect("m0 back");
+            .expect("m0 still queued");
     assert_eq!(m0.properties.message_id().as_ref().unwrap().as_str(), "m0");
+    assert!(!m0.redelivered, "no delivery charged to m0");
     m0.ack(BasicAckOptions::default()).await.unwrap();
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_command_that_cannot_start_gives_its_ticket_back() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut f = Fixture::new("noexec").await;
+    let q = f.quorum_queue().await;
+    f.ticket(&q, "n0", "").await;
+    // Executable bits, but not a program the kernel can run.
+    let broken = f.dir.join("broken-runner");
+    std::fs::write(&broken, [0u8, 1, 2, 3]).unwrap();
+    std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut w = f.worker(&q, &[], &[broken.to_str().unwrap()]);
+    assert_eq!(
+        w.exit_code().await,
+        i32::from(EXIT_COMMAND_NOT_STARTED),
+        "{}",
+        w.stderr()
+    );
+    let log = f.termination_log();
+    assert!(
+        log.starts_with("command-error: cannot start command "),
+        "{log}"
+    );
+    assert!(log.contains("broken-runner"), "{log}");
+    assert_eq!(f.settled(&q).await, 1, "n0 given back, not acked");
+    let n0 =
+        f.ch.basic_get(q.as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .expect("n0 back");
+    assert_eq!(n0.properties.message_id().as_ref().unwrap().as_str(), "n0");
+    assert!(n0.redelivered);
+    n0.ack(BasicAckOptions::default()).await.unwrap();
     f.cleanup().await;
 }
 
