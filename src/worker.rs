@@ -540,12 +540,6 @@ fn describe(e: &lapin::Error) -> String {
     }
 }
 
-/// Why the worker stops.
-enum Stop {
-    /// With this exit code.
-    Exit(u8),
-}
-
 struct Worker {
     args: WorkerArgs,
     codes: FailureCodes,
@@ -636,8 +630,7 @@ async fn run_code(args: WorkerArgs) -> u8 {
         consumer_tag,
         cancelled: false,
     };
-    let Stop::Exit(code) = worker.consume().await;
-    code
+    worker.consume().await
 }
 
 async fn connect(
@@ -679,8 +672,9 @@ impl Worker {
         self.connection.status().connected() && self.channel.status().connected()
     }
 
-    /// The consume loop: waits for tickets, signals, the idle deadline.
-    async fn consume(&mut self) -> Stop {
+    /// The consume loop: waits for tickets, signals, the idle deadline. Returns the
+    /// exit code.
+    async fn consume(&mut self) -> u8 {
         let mut health = tokio::time::interval(HEALTH_TICK);
         let mut idle_until = self.args.idle_exit.map(|d| Instant::now() + d);
         loop {
@@ -698,30 +692,30 @@ impl Worker {
                         }
                         idle_until = self.args.idle_exit.map(|d| Instant::now() + d);
                     }
-                    Some(Err(e)) => return self.broker_lost(describe(&e)).await,
-                    None => return self.broker_lost("the broker cancelled the consumer".into()).await,
+                    Some(Err(e)) => return self.broker_lost(describe(&e)),
+                    None => return self.broker_lost("the broker cancelled the consumer".into()),
                 },
                 sig = self.signals.recv() => {
                     tracing::info!(signal = %sig, "stopping: no ticket in hand");
                     self.close().await;
-                    return Stop::Exit(0);
+                    return 0;
                 }
                 _ = idle_deadline => {
                     tracing::info!("no ticket for the --idle-exit period: stopping");
                     self.close().await;
-                    return Stop::Exit(0);
+                    return 0;
                 }
                 _ = health.tick() => {
                     if !self.healthy() {
-                        return self.broker_lost("the connection was closed".into()).await;
+                        return self.broker_lost("the connection was closed".into());
                     }
                 }
             }
         }
     }
 
-    /// Handles one delivery. `None`: go on consuming.
-    async fn ticket(&mut self, mut delivery: lapin::message::Delivery) -> Option<Stop> {
+    /// Handles one delivery. `None`: go on consuming; else the exit code.
+    async fn ticket(&mut self, mut delivery: lapin::message::Delivery) -> Option<u8> {
         let headers = delivery.properties.headers().clone();
         let id = ticket_id(
             delivery
@@ -762,7 +756,7 @@ impl Worker {
                 });
                 let _ = tokio::time::timeout(BROKER_TIMEOUT, nack).await;
                 self.close().await;
-                return Some(Stop::Exit(EXIT_COMMAND_NOT_STARTED));
+                return Some(EXIT_COMMAND_NOT_STARTED);
             }
         };
         let pgid = child.id().and_then(|p| i32::try_from(p).ok());
@@ -820,7 +814,7 @@ impl Worker {
         if let Some(sig) = forwarded {
             tracing::warn!(ticket = %id, ?exit, "command stopped by a forwarded signal; ticket left unacked");
             self.close().await;
-            return Some(Stop::Exit(128 + sig as u8));
+            return Some(128 + sig as u8);
         }
         match verdict(exit, &self.codes) {
             Verdict::Ack => {
@@ -829,14 +823,12 @@ impl Worker {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => {
                         return Some(
-                            self.broker_lost(format!("cannot ack ticket {id}: {}", describe(&e)))
-                                .await,
+                            self.broker_lost(format!("cannot ack ticket {id}: {}", describe(&e))),
                         );
                     }
                     Err(_) => {
                         return Some(
-                            self.broker_lost(format!("cannot ack ticket {id}: no answer"))
-                                .await,
+                            self.broker_lost(format!("cannot ack ticket {id}: no answer")),
                         );
                     }
                 }
@@ -844,14 +836,14 @@ impl Worker {
                 tracing::info!(ticket = %id, delivery = number, ?exit, ?elapsed, "ticket done and acked");
                 if self.cancelled {
                     self.close().await;
-                    return Some(Stop::Exit(0));
+                    return Some(0);
                 }
                 None
             }
             Verdict::Crash(code) => {
                 tracing::error!(ticket = %id, delivery = number, ?exit, ?elapsed, "command crashed; ticket left unacked");
                 self.close().await;
-                Some(Stop::Exit(code))
+                Some(code)
             }
         }
     }
@@ -863,7 +855,7 @@ impl Worker {
         pgid: Option<i32>,
         id: &str,
         why: String,
-    ) -> Stop {
+    ) -> u8 {
         tracing::error!(ticket = %id, "broker connection lost ({why}); stopping the command, the broker requeues the ticket");
         self.log.write(&LogLine::BrokerLost(why));
         signal_group(pgid, nix::sys::signal::Signal::SIGTERM);
@@ -874,13 +866,13 @@ impl Worker {
             signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
             let _ = child.wait().await;
         }
-        Stop::Exit(EXIT_BROKER_LOST)
+        EXIT_BROKER_LOST
     }
 
-    async fn broker_lost(&mut self, why: String) -> Stop {
+    fn broker_lost(&mut self, why: String) -> u8 {
         tracing::error!("broker connection lost: {why}");
         self.log.write(&LogLine::BrokerLost(why));
-        Stop::Exit(EXIT_BROKER_LOST)
+        EXIT_BROKER_LOST
     }
 
     /// Stops taking tickets.
