@@ -769,3 +769,42 @@ async fn startup_failures_have_their_own_exit_codes_and_hide_credentials() {
     assert_eq!(f.depth(&q).await, (0, 0));
     f.cleanup().await;
 }
+
+#[tokio::test]
+async fn starting_is_written_before_the_consume_loop_is_up() {
+    let f = Fixture::new("starting").await;
+    // A listener that accepts the TCP connection but never speaks AMQP: the worker
+    // stays in its handshake.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let uri = format!("amqp://guest:guest@{}/%2f", silent.local_addr().unwrap());
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let stderr = f.dir.join(format!("stderr-{n}"));
+    let child = Command::new(BIN)
+        .args(["worker", "--queue", "never", "--", "/bin/true"])
+        .env("TESTRUNNER_AMQP_URI", &uri)
+        .env("TESTRUNNER_TERMINATION_LOG", f.dir.join("termination-log"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut w = Worker { child, stderr };
+    silent.set_nonblocking(true).unwrap();
+    let mut held = Vec::new();
+    eventually("the worker connects", || {
+        if let Ok((conn, _)) = silent.accept() {
+            held.push(conn);
+        }
+        let connected = !held.is_empty();
+        async move { connected }
+    })
+    .await;
+    eventually("starting written", || async {
+        f.termination_log() == "starting\n"
+    })
+    .await;
+    w.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(w.exit_code().await, 0, "{}", w.stderr());
+    assert_eq!(f.termination_log(), "starting\n");
+    f.cleanup().await;
+}
