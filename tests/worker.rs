@@ -174,7 +174,7 @@ impl Fixture {
         std::fs::read_to_string(self.dir.join("termination-log")).unwrap_or_default()
     }
 
-    /// Starts the worker on `queue` with `sh -c script` as the command.
+    /// Starts `worker EXTRA -- COMMAND` on `queue`.
     fn worker(&self, queue: &str, extra: &[&str], command: &[&str]) -> Worker {
         let mut args = extra.to_vec();
         args.push("--");
@@ -208,6 +208,7 @@ impl Fixture {
         Worker { child, stderr }
     }
 
+    /// Starts the worker on `queue` with `sh -c SCRIPT` as the command.
     fn script_worker(&self, queue: &str, extra: &[&str], script: &str) -> Worker {
         self.worker(queue, extra, &["/bin/sh", "-c", script])
     }
@@ -806,5 +807,60 @@ async fn starting_is_written_before_the_consume_loop_is_up() {
     w.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(w.exit_code().await, 0, "{}", w.stderr());
     assert_eq!(f.termination_log(), "starting\n");
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_command_killed_by_a_signal_exits_128_plus_the_signal() {
+    let mut f = Fixture::new("killed").await;
+    let q = f.quorum_queue().await;
+    f.ticket(&q, "k0", "").await;
+    let script = r#"echo "$TICKET_ID $TICKET_DELIVERY" >> "$T_DIR/ran"; kill -KILL $$"#;
+    let mut w = f.script_worker(&q, &[], script);
+    assert_eq!(w.exit_code().await, 128 + 9, "{}", w.stderr());
+    assert_eq!(f.termination_log(), "ticket=k0 delivery=1\n");
+    assert_eq!(f.lines("ran"), ["k0 1"]);
+    assert_eq!(f.settled(&q).await, 1, "k0 not acked");
+    let k0 =
+        f.ch.basic_get(q.as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .expect("k0 back");
+    assert!(k0.redelivered);
+    k0.ack(BasicAckOptions::default()).await.unwrap();
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_cut_connection_while_idle_exits_with_the_broker_lost_code() {
+    let mut f = Fixture::new("cutidle").await;
+    let q = f.quorum_queue().await;
+    let mut w = f.script_worker(&q, &[], "exit 0");
+    eventually("consuming", || async {
+        f.termination_log() == "idle\n" && f.depth(&q).await.1 == 1
+    })
+    .await;
+    let pid = w.pid();
+    let name = tokio::task::spawn_blocking(move || connection_of(pid))
+        .await
+        .unwrap()
+        .expect("the worker's connection is listed");
+    let closed = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "close_connection", &name, "test: cut while idle"])
+        .status()
+        .unwrap();
+    assert!(closed.success());
+    assert_eq!(
+        w.exit_code().await,
+        i32::from(EXIT_BROKER_LOST),
+        "{}",
+        w.stderr()
+    );
+    assert!(
+        f.termination_log().starts_with("broker-lost: "),
+        "{}",
+        f.termination_log()
+    );
+    assert_eq!(f.settled(&q).await, 0);
     f.cleanup().await;
 }
