@@ -14,3 +14,4 @@ pub mod leader;
 pub mod metrics;
 pub mod pods;
 pub mod telemetry;
+pub mod worker;

@@ -9,7 +9,7 @@ use testrunner_operator::http::{self, Health};
 use testrunner_operator::metrics::Metrics;
 use testrunner_operator::pods::PodSettings;
 use testrunner_operator::telemetry::{self, LogFormat};
-use testrunner_operator::{crd, leader};
+use testrunner_operator::{crd, leader, worker};
 
 /// Runs CI test workers off a RabbitMQ ticket queue on Kubernetes.
 #[derive(Parser)]
@@ -33,6 +33,8 @@ enum Command {
         /// Where to put the binary.
         path: std::path::PathBuf,
     },
+    /// Run COMMAND for each ticket of the queue, one at a time (wrapped-mode worker pods).
+    Worker(worker::WorkerArgs),
 }
 
 #[derive(clap::Args)]
@@ -93,6 +95,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => runtime().block_on(run(args)),
+        Command::Worker(args) => runtime().block_on(worker::run(args)),
     }
 }
 

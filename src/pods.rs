@@ -252,3 +252,229 @@ pub fn pod_name(pool: &str) -> String {
     let prefix: String = pool.chars().take(63 - 6).collect();
     format!("{prefix}-{suffix}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::fixtures::{pool, pool_yaml};
+
+    const OPERATOR_IMAGE: &str = "registry.example/testrunner-operator:0.1.0";
+
+    fn settings() -> PodSettings {
+        PodSettings {
+            operator_image: OPERATOR_IMAGE.into(),
+        }
+    }
+
+    fn env_value<'a>(c: &'a Container, name: &str) -> Option<&'a EnvVar> {
+        c.env.as_ref()?.iter().find(|e| e.name == name)
+    }
+
+    fn worker_args() -> clap::Command {
+        use clap::Args;
+        crate::worker::WorkerArgs::augment_args(clap::Command::new("worker"))
+    }
+
+    #[test]
+    fn wrapped_pod_installs_the_wrapper_and_runs_the_command_behind_it() {
+        let p = pool_yaml(
+            r#"
+apiVersion: testrunner.dev/v1alpha1
+kind: TestRunnerPool
+metadata: {name: unit, namespace: ci, uid: 0b4d0c6e-0000-4000-8000-000000000001, generation: 1}
+spec:
+  image: registry.example/test-runner:1
+  command: ["/run-tests", "--fast", "-x"]
+  queue:
+    name: tickets.unit
+    connectionSecretRef: {name: rabbitmq, key: uri}
+"#,
+        );
+        let pod = build_pod(&p, "unit-b2c4d", "rev1", &settings());
+        let spec = pod.spec.as_ref().unwrap();
+
+        let volumes = spec.volumes.as_ref().unwrap();
+        let bin = volumes.iter().find(|v| v.name == "testrunner-bin").unwrap();
+        assert!(bin.empty_dir.is_some(), "the wrapper lives in an emptyDir");
+
+        let init = spec.init_containers.as_ref().unwrap();
+        assert_eq!(init.len(), 1);
+        assert_eq!(init[0].name, INSTALL_CONTAINER);
+        assert_eq!(init[0].image.as_deref(), Some(OPERATOR_IMAGE));
+        assert_eq!(
+            init[0].command.as_deref().unwrap(),
+            ["testrunner-operator", "install-worker", WRAPPER_PATH]
+        );
+        let init_mount = &init[0].volume_mounts.as_ref().unwrap()[0];
+        assert_eq!(
+            (init_mount.name.as_str(), init_mount.mount_path.as_str()),
+            ("testrunner-bin", WRAPPER_DIR)
+        );
+        assert_ne!(
+            init_mount.read_only,
+            Some(true),
+            "the init container writes the binary"
+        );
+        assert!(WRAPPER_PATH.starts_with(&format!("{WRAPPER_DIR}/")));
+
+        assert_eq!(spec.containers.len(), 1);
+        let worker = &spec.containers[0];
+        assert_eq!(worker.name, WORKER_CONTAINER);
+        assert_eq!(
+            worker.image.as_deref(),
+            Some("registry.example/test-runner:1")
+        );
+        assert_eq!(worker.command.as_deref().unwrap(), [WRAPPER_PATH]);
+        assert_eq!(
+            worker.args.as_deref().unwrap(),
+            ["worker", "--", "/run-tests", "--fast", "-x"]
+        );
+        let mount = worker
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "testrunner-bin")
+            .unwrap();
+        assert_eq!(mount.mount_path, WRAPPER_DIR);
+        assert_eq!(mount.read_only, Some(true));
+        assert_eq!(
+            worker.termination_message_path.as_deref(),
+            Some("/dev/termination-log")
+        );
+
+        assert_eq!(
+            env_value(worker, "TESTRUNNER_QUEUE")
+                .unwrap()
+                .value
+                .as_deref(),
+            Some("tickets.unit")
+        );
+        let uri = env_value(worker, "TESTRUNNER_AMQP_URI").unwrap();
+        assert_eq!(uri.value, None, "the URI never appears in the pod spec");
+        let secret = uri
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (secret.name.as_str(), secret.key.as_str()),
+            ("rabbitmq", "uri")
+        );
+
+        // Every flag the wrapper requires is given through the pod's environment.
+        let cmd = worker_args();
+        for arg in cmd.get_arguments().filter(|a| a.is_required_set()) {
+            if let Some(var) = arg.get_env() {
+                let var = var.to_str().unwrap();
+                assert!(
+                    env_value(worker, var).is_some(),
+                    "{var} missing from the pod env"
+                );
+            }
+        }
+        // And the wrapper's CLI reads the user's command, dashes included, after `--`.
+        let mut argv = vec![
+            "worker".to_string(),
+            "--amqp-uri=amqp://h/".into(),
+            "--queue=q".into(),
+        ];
+        argv.extend(worker.args.as_ref().unwrap()[1..].iter().cloned());
+        let matches = cmd.try_get_matches_from(argv).unwrap();
+        let command: Vec<String> = matches
+            .get_many::<std::ffi::OsString>("command")
+            .unwrap()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(command, p.spec.command);
+
+        let meta = &pod.metadata;
+        assert_eq!(meta.labels.as_ref().unwrap()[LABEL_REVISION], "rev1");
+        assert_eq!(meta.labels.as_ref().unwrap()[LABEL_POOL], "unit");
+        let owner = &meta.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.controller),
+            ("TestRunnerPool", Some(true))
+        );
+    }
+
+    #[test]
+    fn wrapped_is_the_default_mode() {
+        let pod = build_pod(&pool(), "unit-b2c4d", "rev1", &settings());
+        let spec = pod.spec.unwrap();
+        assert!(spec.init_containers.is_some());
+        assert_eq!(
+            spec.containers[0].args.as_deref().unwrap(),
+            ["worker", "--", "/run-tests"]
+        );
+    }
+
+    fn native_pool(command: &str) -> TestRunnerPool {
+        pool_yaml(&format!(
+            r#"
+apiVersion: testrunner.dev/v1alpha1
+kind: TestRunnerPool
+metadata: {{name: unit, namespace: ci, uid: 0b4d0c6e-0000-4000-8000-000000000001, generation: 1}}
+spec:
+  image: registry.example/amqp-runner:1
+  {command}
+  worker: {{mode: Native}}
+  queue:
+    name: tickets.unit
+    connectionSecretRef: {{name: rabbitmq}}
+"#
+        ))
+    }
+
+    #[test]
+    fn native_pod_runs_the_image_without_the_wrapper() {
+        for (command, expected) in [
+            (
+                "command: [\"/consume\", \"--once\"]",
+                Some(vec!["/consume", "--once"]),
+            ),
+            ("", None),
+        ] {
+            let pod = build_pod(&native_pool(command), "unit-b2c4d", "rev1", &settings());
+            let spec = pod.spec.as_ref().unwrap();
+            assert!(
+                spec.init_containers.is_none(),
+                "no init container in Native mode"
+            );
+            assert!(
+                spec.volumes
+                    .iter()
+                    .flatten()
+                    .all(|v| v.name != "testrunner-bin")
+            );
+            let worker = &spec.containers[0];
+            assert!(worker.volume_mounts.is_none());
+            assert_eq!(
+                worker.command,
+                expected.map(|c| c.into_iter().map(String::from).collect::<Vec<_>>()),
+                "the image's entrypoint unless a command is set"
+            );
+            assert_eq!(worker.args, None);
+            assert_eq!(
+                worker.image.as_deref(),
+                Some("registry.example/amqp-runner:1")
+            );
+            // A native worker gets the same connection settings and termination log.
+            assert_eq!(
+                env_value(worker, "TESTRUNNER_QUEUE")
+                    .unwrap()
+                    .value
+                    .as_deref(),
+                Some("tickets.unit")
+            );
+            let uri = env_value(worker, "TESTRUNNER_AMQP_URI").unwrap();
+            assert!(uri.value.is_none() && uri.value_from.is_some());
+            assert_eq!(
+                worker.termination_message_path.as_deref(),
+                Some("/dev/termination-log")
+            );
+        }
+    }
+}

@@ -1,0 +1,1175 @@
+//! The worker wrapper: `testrunner-operator worker -- COMMAND [ARGS...]`.
+//!
+//! It consumes one ticket at a time from a RabbitMQ queue (prefetch 1, manual
+//! acks), runs COMMAND for it with the body on stdin, acks when the command
+//! passes or fails a test, and exits without acking when the command crashes,
+//! so that the ticket is redelivered and Kubernetes restarts the container.
+//! Before each step it overwrites the termination log with what it holds, so a
+//! crashed container tells the operator which ticket was in hand.
+//!
+//! The decisions (ticket id, delivery number, ack or crash, termination-log
+//! lines, header exposure) are plain functions; [`run`] is the thin I/O loop.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::{ExitCode, ExitStatus, Stdio};
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties, Consumer, ErrorKind};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::time::Instant;
+
+use crate::broker::BrokerUri;
+
+/// Exit code: the broker could not be reached, refused the credentials, or the
+/// queue does not exist, before the worker took any ticket. An environment
+/// failure, not a ticket crash.
+pub const EXIT_BROKER_UNAVAILABLE: u8 = 69;
+/// Exit code: the command could not be started (not found, not executable). It is
+/// checked before any ticket is taken; a ticket in hand when starting fails is given
+/// back to the queue. An environment failure, not a ticket crash.
+pub const EXIT_COMMAND_NOT_STARTED: u8 = 71;
+/// Exit code: the broker connection (or the consumer) was lost after the worker
+/// started consuming. The broker has already requeued any ticket in hand; the
+/// command, if one was running, was stopped. Not a ticket crash.
+pub const EXIT_BROKER_LOST: u8 = 75;
+/// Exit code: invalid configuration (malformed URI, empty queue name, bad list of
+/// test-failure codes).
+pub const EXIT_CONFIG: u8 = 78;
+
+/// The environment variable holding the broker URI. It is removed from the
+/// command's environment.
+pub const ENV_AMQP_URI: &str = "TESTRUNNER_AMQP_URI";
+/// Prefix of the per-header environment variables given to the command.
+pub const HEADER_ENV_PREFIX: &str = "TICKET_HEADER_";
+/// Longest value of one `TICKET_HEADER_*` variable, in bytes; longer ones are cut.
+pub const MAX_HEADER_ENV_BYTES: usize = 32 * 1024;
+/// Longest `TICKET_HEADERS` JSON, in bytes; a longer one is replaced by `{}` and
+/// `TICKET_HEADERS_TRUNCATED=1` is set.
+pub const MAX_HEADERS_JSON_BYTES: usize = 64 * 1024;
+
+/// How long a stopped command gets between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long a connect or a setup step may take.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the connection's health is checked while idle or while a command runs.
+const HEALTH_TICK: Duration = Duration::from_millis(250);
+
+const EXIT_CODES_HELP: &str = "\
+Termination log (overwritten at each step, read by the operator after a crash):
+  starting                     before the consume loop is up
+  idle                         consuming, no ticket in hand (after each ack)
+  ticket=<id> delivery=<n>     written before the command starts
+  broker-unavailable: <why>    could not start consuming (exit 69)
+  command-error: <why>         the command could not be started (exit 71)
+  broker-lost: <why>           connection or consumer lost (exit 75)
+  config-error: <why>          invalid configuration (exit 78)
+
+The command gets the ticket body on stdin and the environment variables
+TICKET_ID, TICKET_DELIVERY (1 for a first delivery), TICKET_HEADERS (all headers
+as a JSON object) and TICKET_HEADER_<NAME> for each header (name upper-cased,
+characters other than A-Z and 0-9 replaced by '_'). TESTRUNNER_AMQP_URI is removed.
+
+Exit codes:
+  0        stopped cleanly (SIGTERM or --idle-exit), no ticket in hand
+  N        the command crashed with exit code N (not 0, not a test-failure code);
+           the ticket is left unacked and will be redelivered
+  128+S    the command died of signal S (ticket left unacked), or a second
+           SIGTERM/SIGINT was forwarded to the command (ticket left unacked)
+  2        invalid command line
+  69       broker unreachable, credentials refused or queue missing at start
+  71       the command could not be started (checked before taking tickets;
+           a ticket in hand is given back)
+  75       broker connection lost (the broker requeues the ticket in hand)
+  78       invalid configuration";
+
+/// Runs COMMAND for each ticket of a RabbitMQ queue, one at a time.
+#[derive(clap::Args, Debug)]
+#[command(after_help = EXIT_CODES_HELP)]
+pub struct WorkerArgs {
+    /// amqp:// or amqps:// URI of the broker. Never logged.
+    #[arg(long, env = ENV_AMQP_URI, hide_env_values = true)]
+    pub amqp_uri: String,
+    /// Queue to consume tickets from. It must exist.
+    #[arg(long, env = "TESTRUNNER_QUEUE")]
+    pub queue: String,
+    /// File overwritten with the worker's state before each step.
+    #[arg(
+        long,
+        env = "TESTRUNNER_TERMINATION_LOG",
+        default_value = "/dev/termination-log"
+    )]
+    pub termination_log: PathBuf,
+    /// Comma-separated exit codes that mean "tests failed": the ticket is acked
+    /// like a pass. Empty for none.
+    #[arg(long, env = "TESTRUNNER_TEST_FAILURE_CODES", default_value = "1")]
+    pub test_failure_codes: String,
+    /// Exit 0 after this long without a ticket (for example `30s`, `5m`).
+    #[arg(long, env = "TESTRUNNER_IDLE_EXIT", value_parser = humantime::parse_duration)]
+    pub idle_exit: Option<Duration>,
+    /// The command run for each ticket, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+// ---------------------------------------------------------------------------
+// Pure parts
+// ---------------------------------------------------------------------------
+
+/// The ticket id: the AMQP `message_id` when it is set, else `sha256:` and the
+/// first 16 hex digits of the SHA-256 of the body.
+///
+/// Bytes of the message id outside printable ASCII (and `%`) are percent-encoded,
+/// so the id is always one word on one line.
+pub fn ticket_id(message_id: Option<&str>, body: &[u8]) -> String {
+    match message_id {
+        Some(id) if !id.is_empty() => {
+            let mut out = String::with_capacity(id.len());
+            for b in id.bytes() {
+                if (0x21..=0x7e).contains(&b) && b != b'%' {
+                    out.push(b as char);
+                } else {
+                    out.push_str(&format!("%{b:02X}"));
+                }
+            }
+            out
+        }
+        _ => {
+            let digest = Sha256::digest(body);
+            let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+            format!("sha256:{hex}")
+        }
+    }
+}
+
+/// The 1-based delivery number of a ticket: `x-delivery-count + 1` when the
+/// header is there (quorum queues), else 2 when the `redelivered` flag is set
+/// (at least the second delivery), else 1.
+pub fn delivery_number(headers: Option<&FieldTable>, redelivered: bool) -> u64 {
+    let count = headers
+        .and_then(|h| h.inner().get("x-delivery-count"))
+        .and_then(as_count);
+    match count {
+        Some(c) => c.saturating_add(1),
+        None if redelivered => 2,
+        None => 1,
+    }
+}
+
+fn as_count(v: &AMQPValue) -> Option<u64> {
+    let n: i128 = match v {
+        AMQPValue::ShortShortInt(n) => (*n).into(),
+        AMQPValue::ShortShortUInt(n) => (*n).into(),
+        AMQPValue::ShortInt(n) => (*n).into(),
+        AMQPValue::ShortUInt(n) => (*n).into(),
+        AMQPValue::LongInt(n) => (*n).into(),
+        AMQPValue::LongUInt(n) => (*n).into(),
+        AMQPValue::LongLongInt(n) => (*n).into(),
+        AMQPValue::Timestamp(n) => (*n).into(),
+        _ => return None,
+    };
+    u64::try_from(n).ok()
+}
+
+/// How the command ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// It exited with this code.
+    Code(i32),
+    /// It was killed by this signal.
+    Signal(i32),
+}
+
+impl Exit {
+    /// Reads a process exit status.
+    pub fn from_status(status: ExitStatus) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (Some(code), _) => Exit::Code(code),
+            (None, Some(sig)) => Exit::Signal(sig),
+            // Neither: cannot happen for a finished process; treat as a crash.
+            (None, None) => Exit::Code(255),
+        }
+    }
+
+    /// The shell-style status: the exit code, or 128 + the signal number.
+    pub fn status_code(self) -> u8 {
+        match self {
+            Exit::Code(c) => u8::try_from(c).unwrap_or(255),
+            Exit::Signal(s) => u8::try_from(128 + s.clamp(0, 127)).unwrap_or(255),
+        }
+    }
+}
+
+/// Exit codes of the command that mean "the tests ran and some failed".
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FailureCodes(BTreeSet<u8>);
+
+impl FailureCodes {
+    /// Parses `1`, `1,2,5`, or an empty string (none). Codes are 1 to 255.
+    pub fn parse(list: &str) -> Result<Self, String> {
+        let mut codes = BTreeSet::new();
+        for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let code: u8 = part
+                .parse()
+                .map_err(|_| format!("test-failure code {part:?} is not a number from 1 to 255"))?;
+            if code == 0 {
+                return Err("test-failure code 0 is a pass already".into());
+            }
+            codes.insert(code);
+        }
+        Ok(Self(codes))
+    }
+
+    /// Whether `code` is listed.
+    pub fn contains(&self, code: i32) -> bool {
+        u8::try_from(code).is_ok_and(|c| self.0.contains(&c))
+    }
+}
+
+/// What to do with a ticket once its command has ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The command passed or reported failing tests: ack the ticket.
+    Ack,
+    /// The command crashed: leave the ticket unacked and exit with this status.
+    Crash(u8),
+}
+
+/// Exit 0 or a listed test-failure code: ack. Anything else, signals included:
+/// crash, with the shell-style status.
+pub fn verdict(exit: Exit, failure_codes: &FailureCodes) -> Verdict {
+    match exit {
+        Exit::Code(0) => Verdict::Ack,
+        Exit::Code(c) if failure_codes.contains(c) => Verdict::Ack,
+        other => Verdict::Crash(other.status_code()),
+    }
+}
+
+/// One state of the worker, as written to the termination log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogLine {
+    /// Before the consume loop is up.
+    Starting,
+    /// Consuming, nothing in hand.
+    Idle,
+    /// A ticket in hand, before its command starts.
+    Ticket {
+        /// Ticket id.
+        id: String,
+        /// 1-based delivery number.
+        delivery: u64,
+    },
+    /// Could not start consuming.
+    BrokerUnavailable(String),
+    /// The command could not be started.
+    CommandError(String),
+    /// The connection or the consumer was lost.
+    BrokerLost(String),
+    /// Invalid configuration.
+    ConfigError(String),
+}
+
+/// Longest reason text written to the termination log.
+const MAX_REASON_CHARS: usize = 512;
+
+fn one_line(reason: &str) -> String {
+    let flat: String = reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(MAX_REASON_CHARS)
+        .collect();
+    flat.trim().to_string()
+}
+
+/// The termination-log text of a state: one line, newline-terminated.
+pub fn log_line(line: &LogLine) -> String {
+    let text = match line {
+        LogLine::Starting => "starting".to_string(),
+        LogLine::Idle => "idle".to_string(),
+        LogLine::Ticket { id, delivery } => format!("ticket={id} delivery={delivery}"),
+        LogLine::BrokerUnavailable(why) => format!("broker-unavailable: {}", one_line(why)),
+        LogLine::CommandError(why) => format!("command-error: {}", one_line(why)),
+        LogLine::BrokerLost(why) => format!("broker-lost: {}", one_line(why)),
+        LogLine::ConfigError(why) => format!("config-error: {}", one_line(why)),
+    };
+    text + "\n"
+}
+
+/// The environment variable name of header `name`: `TICKET_HEADER_` and the name
+/// upper-cased, every character other than ASCII letters and digits made `_`.
+pub fn header_env_name(name: &str) -> String {
+    let mut out = String::from(HEADER_ENV_PREFIX);
+    out.extend(name.chars().map(|c| {
+        if c.is_ascii_alphanumeric() {
+            c.to_ascii_uppercase()
+        } else {
+            '_'
+        }
+    }));
+    out
+}
+
+/// A header value as environment-variable text: strings as they are (invalid
+/// UTF-8 replaced by U+FFFD), numbers in decimal, booleans `true`/`false`,
+/// timestamps as Unix seconds, decimals as `123.45`, byte arrays in hex, `void`
+/// as empty, arrays and tables as JSON.
+pub fn render_value(value: &AMQPValue) -> String {
+    let text = match value {
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Float(f) => f.to_string(),
+        AMQPValue::Double(f) => f.to_string(),
+        AMQPValue::DecimalValue(d) => decimal_text(d.scale, d.value),
+        AMQPValue::ShortString(s) => s.as_str().to_string(),
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::Timestamp(t) => t.to_string(),
+        AMQPValue::ByteArray(b) => hex(b.as_slice()),
+        AMQPValue::Void => String::new(),
+        AMQPValue::FieldArray(_) | AMQPValue::FieldTable(_) => value_json(value).to_string(),
+    };
+    // Environment strings cannot hold NUL bytes.
+    let text = text.replace('\0', "\u{FFFD}");
+    truncate(text, MAX_HEADER_ENV_BYTES)
+}
+
+fn decimal_text(scale: u8, value: u32) -> String {
+    let digits = value.to_string();
+    let scale = usize::from(scale);
+    if scale == 0 {
+        return digits;
+    }
+    let padded = format!("{digits:0>width$}", width = scale + 1);
+    let (int, frac) = padded.split_at(padded.len() - scale);
+    format!("{int}.{frac}")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+/// A header value as JSON: like [`render_value`], but numbers, booleans,
+/// arrays and tables keep their JSON types; `void` and non-finite floats are null.
+pub fn value_json(value: &AMQPValue) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        AMQPValue::Boolean(b) => Value::Bool(*b),
+        AMQPValue::ShortShortInt(n) => (*n).into(),
+        AMQPValue::ShortShortUInt(n) => (*n).into(),
+        AMQPValue::ShortInt(n) => (*n).into(),
+        AMQPValue::ShortUInt(n) => (*n).into(),
+        AMQPValue::LongInt(n) => (*n).into(),
+        AMQPValue::LongUInt(n) => (*n).into(),
+        AMQPValue::LongLongInt(n) => (*n).into(),
+        AMQPValue::Timestamp(n) => (*n).into(),
+        AMQPValue::Float(f) => {
+            serde_json::Number::from_f64(f64::from(*f)).map_or(Value::Null, Value::Number)
+        }
+        AMQPValue::Double(f) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
+        AMQPValue::DecimalValue(d) => Value::String(decimal_text(d.scale, d.value)),
+        AMQPValue::ShortString(s) => Value::String(s.as_str().to_string()),
+        AMQPValue::LongString(s) => {
+            Value::String(String::from_utf8_lossy(s.as_bytes()).into_owned())
+        }
+        AMQPValue::ByteArray(b) => Value::String(hex(b.as_slice())),
+        AMQPValue::Void => Value::Null,
+        AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(value_json).collect()),
+        AMQPValue::FieldTable(t) => table_json(t),
+    }
+}
+
+fn table_json(table: &FieldTable) -> serde_json::Value {
+    serde_json::Value::Object(
+        table
+            .inner()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), value_json(v)))
+            .collect(),
+    )
+}
+
+/// The ticket's environment for the command (besides the inherited one).
+pub fn ticket_env(id: &str, delivery: u64, headers: Option<&FieldTable>) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("TICKET_ID".to_string(), id.to_string()),
+        ("TICKET_DELIVERY".to_string(), delivery.to_string()),
+    ];
+    let empty = FieldTable::default();
+    let headers = headers.unwrap_or(&empty);
+    let json = table_json(headers).to_string();
+    if json.len() <= MAX_HEADERS_JSON_BYTES {
+        env.push(("TICKET_HEADERS".into(), json));
+    } else {
+        env.push(("TICKET_HEADERS".into(), "{}".into()));
+        env.push(("TICKET_HEADERS_TRUNCATED".into(), "1".into()));
+    }
+    let mut seen = BTreeSet::new();
+    for (name, value) in headers.inner() {
+        let var = header_env_name(name.as_str());
+        // Two headers that map to the same name: the first in byte order wins.
+        if seen.insert(var.clone()) {
+            env.push((var, render_value(value)));
+        }
+    }
+    env
+}
+
+/// Checks that `program` can be started before any ticket is taken, so that a
+/// missing command charges no ticket with a delivery. A name without `/` is
+/// looked up in `path` (the `PATH` value); with no `PATH` the check is left to
+/// the start of the command itself.
+pub fn check_command(
+    program: &std::ffi::OsStr,
+    path: Option<&std::ffi::OsStr>,
+) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = program.to_string_lossy();
+    let runnable = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.is_empty() {
+        return Err("the command is empty".into());
+    }
+    if program.as_encoded_bytes().contains(&b'/') {
+        let p = std::path::Path::new(program);
+        return match std::fs::metadata(p) {
+            Err(e) => Err(format!("cannot start command {shown}: {e}")),
+            Ok(_) if !runnable(p) => Err(format!(
+                "cannot start command {shown}: not an executable file"
+            )),
+            Ok(_) => Ok(()),
+        };
+    }
+    let Some(path) = path else { return Ok(()) };
+    if std::env::split_paths(path).any(|dir| runnable(&dir.join(program))) {
+        Ok(())
+    } else {
+        Err(format!("cannot start command {shown}: not found in PATH"))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// I/O
+// ---------------------------------------------------------------------------
+
+/// Overwrites the termination log; a failure to write is reported once and
+/// does not stop the worker.
+struct TerminationLog {
+    path: PathBuf,
+    warned: bool,
+}
+
+impl TerminationLog {
+    fn write(&mut self, line: &LogLine) {
+        if let Err(e) = std::fs::write(&self.path, log_line(line))
+            && !self.warned
+        {
+            self.warned = true;
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot write the termination log");
+        }
+    }
+}
+
+/// SIGTERM and SIGINT, received as one stream.
+struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn recv(&mut self) -> nix::sys::signal::Signal {
+        use nix::sys::signal::Signal as S;
+        tokio::select! {
+            _ = self.term.recv() => S::SIGTERM,
+            _ = self.int.recv() => S::SIGINT,
+        }
+    }
+}
+
+/// A credential-free description of a lapin error.
+fn describe(e: &lapin::Error) -> String {
+    match e.kind() {
+        ErrorKind::IOError(io) => format!("connection failed: {io}"),
+        ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => {
+                format!("access refused: {}", amqp.get_message())
+            }
+            _ => format!(
+                "the broker closed the channel or connection: {}",
+                amqp.get_message()
+            ),
+        },
+        ErrorKind::AuthProviderError(_) => "the broker refused the credentials".into(),
+        ErrorKind::MissingHeartbeatError => "the broker stopped sending heartbeats".into(),
+        ErrorKind::InvalidConnectionState(_) => "the connection is closed".into(),
+        ErrorKind::InvalidChannelState(..) => "the channel is closed".into(),
+        _ => "the connection failed".into(),
+    }
+}
+
+struct Worker {
+    args: WorkerArgs,
+    codes: FailureCodes,
+    log: TerminationLog,
+    signals: Signals,
+    connection: Connection,
+    channel: Channel,
+    consumer: Consumer,
+    consumer_tag: String,
+    cancelled: bool,
+}
+
+/// Runs the worker; the returned code is the process exit status.
+pub async fn run(args: WorkerArgs) -> ExitCode {
+    ExitCode::from(run_code(args).await)
+}
+
+async fn run_code(args: WorkerArgs) -> u8 {
+    let mut log = TerminationLog {
+        path: args.termination_log.clone(),
+        warned: false,
+    };
+    log.write(&LogLine::Starting);
+
+    let config_error = |log: &mut TerminationLog, why: String| {
+        tracing::error!("{why}");
+        log.write(&LogLine::ConfigError(why));
+        EXIT_CONFIG
+    };
+    let uri = match BrokerUri::parse(&args.amqp_uri) {
+        Ok(u) => u,
+        Err(e) => {
+            return config_error(
+                &mut log,
+                format!("invalid --amqp-uri / {ENV_AMQP_URI}: {e}"),
+            );
+        }
+    };
+    if args.queue.trim().is_empty() {
+        return config_error(&mut log, "--queue / TESTRUNNER_QUEUE is empty".into());
+    }
+    let codes = match FailureCodes::parse(&args.test_failure_codes) {
+        Ok(c) => c,
+        Err(e) => return config_error(&mut log, e),
+    };
+    if let Err(why) = check_command(&args.command[0], std::env::var_os("PATH").as_deref()) {
+        tracing::error!("{why}");
+        log.write(&LogLine::CommandError(why));
+        return EXIT_COMMAND_NOT_STARTED;
+    }
+    let mut signals = match Signals::new() {
+        Ok(s) => s,
+        Err(e) => return config_error(&mut log, format!("cannot handle signals: {e}")),
+    };
+
+    let setup = tokio::select! {
+        r = tokio::time::timeout(BROKER_TIMEOUT, connect(&uri, &args.queue)) => r,
+        sig = signals.recv() => {
+            tracing::info!(signal = %sig, "stopping before the first ticket");
+            return 0;
+        }
+    };
+    let (connection, channel, consumer, consumer_tag) = match setup {
+        Ok(Ok(parts)) => parts,
+        Ok(Err(why)) => {
+            tracing::error!(broker = %uri, queue = %args.queue, "cannot start consuming: {why}");
+            log.write(&LogLine::BrokerUnavailable(why));
+            return EXIT_BROKER_UNAVAILABLE;
+        }
+        Err(_) => {
+            let why = format!("no answer from the broker within {BROKER_TIMEOUT:?}");
+            tracing::error!(broker = %uri, queue = %args.queue, "cannot start consuming: {why}");
+            log.write(&LogLine::BrokerUnavailable(why));
+            return EXIT_BROKER_UNAVAILABLE;
+        }
+    };
+    tracing::info!(broker = %uri, queue = %args.queue, "consuming, one ticket at a time");
+    log.write(&LogLine::Idle);
+
+    let mut worker = Worker {
+        args,
+        codes,
+        log,
+        signals,
+        connection,
+        channel,
+        consumer,
+        consumer_tag,
+        cancelled: false,
+    };
+    worker.consume().await
+}
+
+async fn connect(
+    uri: &BrokerUri,
+    queue: &str,
+) -> Result<(Connection, Channel, Consumer, String), String> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let pid = std::process::id();
+    let props = ConnectionProperties::default()
+        .with_connection_name(format!("testrunner-worker {host} pid={pid}").into());
+    let connection = Connection::connect_uri(uri.amqp_uri(), props)
+        .await
+        .map_err(|e| describe(&e))?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| describe(&e))?;
+    channel
+        .basic_qos(1, BasicQosOptions::default())
+        .await
+        .map_err(|e| describe(&e))?;
+    let tag = format!("testrunner-worker-{host}-{pid}");
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| describe(&e))?;
+    Ok((connection, channel, consumer, tag))
+}
+
+impl Worker {
+    fn healthy(&self) -> bool {
+        self.connection.status().connected() && self.channel.status().connected()
+    }
+
+    /// The consume loop: waits for tickets, signals, the idle deadline. Returns the
+    /// exit code.
+    async fn consume(&mut self) -> u8 {
+        let mut health = tokio::time::interval(HEALTH_TICK);
+        let mut idle_until = self.args.idle_exit.map(|d| Instant::now() + d);
+        loop {
+            let idle_deadline = async {
+                match idle_until {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                next = self.consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        if let Some(stop) = self.ticket(delivery).await {
+                            return stop;
+                        }
+                        idle_until = self.args.idle_exit.map(|d| Instant::now() + d);
+                    }
+                    Some(Err(e)) => return self.broker_lost(describe(&e)),
+                    None => return self.broker_lost("the broker cancelled the consumer".into()),
+                },
+                sig = self.signals.recv() => {
+                    tracing::info!(signal = %sig, "stopping: no ticket in hand");
+                    self.close().await;
+                    return 0;
+                }
+                _ = idle_deadline => {
+                    tracing::info!("no ticket for the --idle-exit period: stopping");
+                    self.close().await;
+                    return 0;
+                }
+                _ = health.tick() => {
+                    if !self.healthy() {
+                        return self.broker_lost("the connection was closed".into());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one delivery. `None`: go on consuming; else the exit code.
+    async fn ticket(&mut self, mut delivery: lapin::message::Delivery) -> Option<u8> {
+        let headers = delivery.properties.headers().clone();
+        let id = ticket_id(
+            delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.as_str()),
+            &delivery.data,
+        );
+        let number = delivery_number(headers.as_ref(), delivery.redelivered);
+        let body = std::mem::take(&mut delivery.data);
+        self.log.write(&LogLine::Ticket {
+            id: id.clone(),
+            delivery: number,
+        });
+        tracing::info!(ticket = %id, delivery = number, bytes = body.len(), "ticket received");
+
+        let program = &self.args.command[0];
+        let mut command = tokio::process::Command::new(program);
+        command
+            .args(&self.args.command[1..])
+            .env_remove(ENV_AMQP_URI)
+            .envs(ticket_env(&id, number, headers.as_ref()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            // Its own process group, so that stopping it reaches its children too.
+            .process_group(0);
+        let mut child = match command.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let why = format!("cannot start command {}: {e}", program.to_string_lossy());
+                tracing::error!(ticket = %id, "{why}; giving the ticket back");
+                self.log.write(&LogLine::CommandError(why));
+                let nack = delivery.nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                });
+                let _ = tokio::time::timeout(BROKER_TIMEOUT, nack).await;
+                self.close().await;
+                return Some(EXIT_COMMAND_NOT_STARTED);
+            }
+        };
+        let pgid = child.id().and_then(|p| i32::try_from(p).ok());
+        if let Some(mut stdin) = child.stdin.take() {
+            // The command may exit without reading it all: a broken pipe is fine.
+            tokio::spawn(async move {
+                let _ = stdin.write_all(&body).await;
+                let _ = stdin.shutdown().await;
+            });
+        }
+
+        let started = Instant::now();
+        let mut health = tokio::time::interval(HEALTH_TICK);
+        let mut forwarded = None;
+        let status = loop {
+            tokio::select! {
+                status = child.wait() => break status,
+                sig = self.signals.recv() => {
+                    if self.cancelled {
+                        tracing::warn!(ticket = %id, signal = %sig, "second stop signal: forwarding it to the command; the ticket stays unacked");
+                        signal_group(pgid, sig);
+                        forwarded = Some(sig);
+                    } else {
+                        tracing::info!(ticket = %id, signal = %sig, "stopping after this ticket");
+                        self.cancel().await;
+                    }
+                }
+                next = self.consumer.next(), if !self.cancelled => match next {
+                    Some(Ok(extra)) => {
+                        // Cannot happen with prefetch 1; give it back untouched.
+                        let _ = extra.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+                    }
+                    Some(Err(e)) => return Some(self.stop_command(child, pgid, &id, describe(&e)).await),
+                    None => {
+                        return Some(self.stop_command(child, pgid, &id, "the broker cancelled the consumer".into()).await);
+                    }
+                },
+                _ = health.tick() => {
+                    if !self.healthy() {
+                        return Some(self.stop_command(child, pgid, &id, "the connection was closed".into()).await);
+                    }
+                }
+            }
+        };
+        let elapsed = started.elapsed();
+        reap_orphans();
+        let exit = match status {
+            Ok(s) => Exit::from_status(s),
+            Err(e) => {
+                tracing::error!(ticket = %id, error = %e, "cannot wait for the command");
+                Exit::Code(255)
+            }
+        };
+
+        if let Some(sig) = forwarded {
+            tracing::warn!(ticket = %id, ?exit, "command stopped by a forwarded signal; ticket left unacked");
+            self.close().await;
+            return Some(128 + sig as u8);
+        }
+        match verdict(exit, &self.codes) {
+            Verdict::Ack => {
+                let ack = delivery.ack(BasicAckOptions::default());
+                match tokio::time::timeout(BROKER_TIMEOUT, ack).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        return Some(
+                            self.broker_lost(format!("cannot ack ticket {id}: {}", describe(&e))),
+                        );
+                    }
+                    Err(_) => {
+                        return Some(
+                            self.broker_lost(format!("cannot ack ticket {id}: no answer")),
+                        );
+                    }
+                }
+                self.log.write(&LogLine::Idle);
+                tracing::info!(ticket = %id, delivery = number, ?exit, ?elapsed, "ticket done and acked");
+                if self.cancelled {
+                    self.close().await;
+                    return Some(0);
+                }
+                None
+            }
+            Verdict::Crash(code) => {
+                tracing::error!(ticket = %id, delivery = number, ?exit, ?elapsed, "command crashed; ticket left unacked");
+                self.close().await;
+                Some(code)
+            }
+        }
+    }
+
+    /// The connection is gone mid-ticket: stop the command, exit [`EXIT_BROKER_LOST`].
+    async fn stop_command(
+        &mut self,
+        mut child: tokio::process::Child,
+        pgid: Option<i32>,
+        id: &str,
+        why: String,
+    ) -> u8 {
+        tracing::error!(ticket = %id, "broker connection lost ({why}); stopping the command, the broker requeues the ticket");
+        self.log.write(&LogLine::BrokerLost(why));
+        signal_group(pgid, nix::sys::signal::Signal::SIGTERM);
+        if tokio::time::timeout(STOP_GRACE, child.wait())
+            .await
+            .is_err()
+        {
+            signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait().await;
+        }
+        EXIT_BROKER_LOST
+    }
+
+    fn broker_lost(&mut self, why: String) -> u8 {
+        tracing::error!("broker connection lost: {why}");
+        self.log.write(&LogLine::BrokerLost(why));
+        EXIT_BROKER_LOST
+    }
+
+    /// Stops taking tickets.
+    async fn cancel(&mut self) {
+        if self.cancelled {
+            return;
+        }
+        self.cancelled = true;
+        let cancel = self.channel.basic_cancel(
+            self.consumer_tag.as_str().into(),
+            BasicCancelOptions::default(),
+        );
+        if let Ok(Err(e)) | Err(e) = tokio::time::timeout(BROKER_TIMEOUT, cancel)
+            .await
+            .map_err(|_| "no answer".to_string())
+            .map(|r| r.map_err(|e| describe(&e)))
+        {
+            tracing::warn!("cannot cancel the consumer: {e}");
+        } else {
+            tracing::info!("consumer cancelled: no new tickets");
+        }
+    }
+
+    /// Closes the connection; anything unacked goes back to the queue.
+    async fn close(&mut self) {
+        self.cancel().await;
+        let close = self.connection.close(200, "worker stopping".into());
+        let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
+    }
+}
+
+/// As PID 1 of a container the worker inherits the orphans of the commands it
+/// runs; reap those that have exited. Called only when no command of its own is
+/// running, so it never takes the status of a child it waits for.
+fn reap_orphans() {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    if std::process::id() != 1 {
+        return;
+    }
+    while let Ok(status) = waitpid(nix::unistd::Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+        if status == WaitStatus::StillAlive {
+            break;
+        }
+    }
+}
+
+/// Sends `sig` to the process group `pgid`; a group already gone is fine.
+fn signal_group(pgid: Option<i32>, sig: nix::sys::signal::Signal) {
+    if let Some(pgid) = pgid.filter(|p| *p > 1) {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), sig);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::{ByteArray, DecimalValue, FieldArray, LongString, ShortString};
+
+    fn table(pairs: Vec<(&str, AMQPValue)>) -> FieldTable {
+        let mut t = FieldTable::default();
+        for (k, v) in pairs {
+            t.insert(ShortString::from(k), v);
+        }
+        t
+    }
+
+    #[test]
+    fn ticket_id_is_the_message_id_when_set() {
+        assert_eq!(ticket_id(Some("t-42"), b"body"), "t-42");
+    }
+
+    #[test]
+    fn ticket_id_falls_back_to_a_stable_body_hash() {
+        let a = ticket_id(None, b"hello");
+        assert_eq!(a, ticket_id(None, b"hello"));
+        assert_eq!(
+            a,
+            ticket_id(Some(""), b"hello"),
+            "an empty message_id counts as absent"
+        );
+        // sha256("hello") = 2cf24dba5fb0a30e...
+        assert_eq!(a, "sha256:2cf24dba5fb0a30e");
+        assert_ne!(a, ticket_id(None, b"hello!"));
+        assert_eq!(ticket_id(None, b""), "sha256:e3b0c44298fc1c14");
+        assert_eq!(
+            ticket_id(None, &[0xff, 0x00, 0xfe]).len(),
+            "sha256:".len() + 16
+        );
+    }
+
+    #[test]
+    fn ticket_id_escapes_spaces_newlines_and_percent() {
+        assert_eq!(ticket_id(Some("a b\nc%d"), b""), "a%20b%0Ac%25d");
+        assert_eq!(ticket_id(Some("é"), b""), "%C3%A9");
+        let id = ticket_id(Some("x y"), b"");
+        assert!(!id.contains(char::is_whitespace));
+    }
+
+    #[test]
+    fn delivery_number_from_header_or_flag() {
+        assert_eq!(delivery_number(None, false), 1);
+        assert_eq!(delivery_number(None, true), 2);
+        let h = table(vec![("x-delivery-count", AMQPValue::LongLongInt(3))]);
+        assert_eq!(delivery_number(Some(&h), true), 4);
+        let h = table(vec![("x-delivery-count", AMQPValue::LongInt(0))]);
+        assert_eq!(delivery_number(Some(&h), false), 1);
+        let h = table(vec![("x-delivery-count", AMQPValue::ShortUInt(1))]);
+        assert_eq!(delivery_number(Some(&h), false), 2);
+    }
+
+    #[test]
+    fn delivery_number_ignores_odd_count_headers() {
+        let h = table(vec![(
+            "x-delivery-count",
+            AMQPValue::LongString("7".into()),
+        )]);
+        assert_eq!(delivery_number(Some(&h), true), 2);
+        let h = table(vec![("x-delivery-count", AMQPValue::LongLongInt(-5))]);
+        assert_eq!(delivery_number(Some(&h), false), 1);
+        let h = table(vec![("x-delivery-count", AMQPValue::LongLongInt(i64::MAX))]);
+        assert_eq!(delivery_number(Some(&h), false), i64::MAX as u64 + 1);
+        let h = table(vec![("other", AMQPValue::LongLongInt(9))]);
+        assert_eq!(delivery_number(Some(&h), false), 1);
+    }
+
+    #[test]
+    fn pass_and_test_failures_are_acked_everything_else_crashes() {
+        let codes = FailureCodes::parse("1").unwrap();
+        assert_eq!(verdict(Exit::Code(0), &codes), Verdict::Ack);
+        assert_eq!(verdict(Exit::Code(1), &codes), Verdict::Ack);
+        assert_eq!(verdict(Exit::Code(2), &codes), Verdict::Crash(2));
+        assert_eq!(verdict(Exit::Code(139), &codes), Verdict::Crash(139));
+        assert_eq!(verdict(Exit::Signal(9), &codes), Verdict::Crash(137));
+        assert_eq!(verdict(Exit::Signal(11), &codes), Verdict::Crash(139));
+        let none = FailureCodes::parse("").unwrap();
+        assert_eq!(verdict(Exit::Code(1), &none), Verdict::Crash(1));
+        let many = FailureCodes::parse(" 1, 5 ,42").unwrap();
+        assert_eq!(verdict(Exit::Code(5), &many), Verdict::Ack);
+        assert_eq!(verdict(Exit::Code(42), &many), Verdict::Ack);
+        assert_eq!(verdict(Exit::Code(4), &many), Verdict::Crash(4));
+    }
+
+    #[test]
+    fn failure_code_lists_are_checked() {
+        assert!(FailureCodes::parse("0").is_err());
+        assert!(FailureCodes::parse("256").is_err());
+        assert!(FailureCodes::parse("one").is_err());
+        assert!(FailureCodes::parse("-1").is_err());
+        assert_eq!(FailureCodes::parse(",,"), Ok(FailureCodes::default()));
+        assert!(!FailureCodes::parse("1").unwrap().contains(-1));
+        assert!(!FailureCodes::parse("1").unwrap().contains(257));
+    }
+
+    #[test]
+    fn exit_status_of_real_processes() {
+        let status = std::process::Command::new("sh")
+            .args(["-c", "exit 3"])
+            .status()
+            .unwrap();
+        assert_eq!(Exit::from_status(status), Exit::Code(3));
+        let status = std::process::Command::new("sh")
+            .args(["-c", "kill -9 $$"])
+            .status()
+            .unwrap();
+        assert_eq!(Exit::from_status(status), Exit::Signal(9));
+        assert_eq!(Exit::Signal(9).status_code(), 137);
+    }
+
+    #[test]
+    fn commands_are_checked_before_taking_tickets() {
+        use std::ffi::OsStr;
+        let path = Some(OsStr::new("/nonexistent-dir:/bin:/usr/bin"));
+        assert_eq!(check_command(OsStr::new("sh"), path), Ok(()));
+        assert_eq!(check_command(OsStr::new("/bin/sh"), None), Ok(()));
+        assert_eq!(
+            check_command(OsStr::new("anything"), None),
+            Ok(()),
+            "no PATH: left to spawn"
+        );
+        let err = check_command(OsStr::new("no-such-test-runner"), path).unwrap_err();
+        assert!(
+            err.contains("no-such-test-runner") && err.contains("not found"),
+            "{err}"
+        );
+        let err = check_command(OsStr::new("/nonexistent/run-tests"), path).unwrap_err();
+        assert!(err.contains("/nonexistent/run-tests"), "{err}");
+        let plain = std::env::temp_dir().join(format!("trw-plain-{}", std::process::id()));
+        std::fs::write(&plain, "not a program").unwrap();
+        let err = check_command(plain.as_os_str(), path).unwrap_err();
+        std::fs::remove_file(&plain).unwrap();
+        assert!(err.contains("not an executable"), "{err}");
+        assert!(check_command(OsStr::new("/"), path).is_err(), "a directory");
+        assert!(check_command(OsStr::new(""), path).is_err());
+    }
+
+    #[test]
+    fn termination_log_lines() {
+        assert_eq!(log_line(&LogLine::Starting), "starting\n");
+        assert_eq!(log_line(&LogLine::Idle), "idle\n");
+        let t = LogLine::Ticket {
+            id: "t-1".into(),
+            delivery: 3,
+        };
+        assert_eq!(log_line(&t), "ticket=t-1 delivery=3\n");
+        let lost = log_line(&LogLine::BrokerLost("closed\nby\tadmin".into()));
+        assert_eq!(lost, "broker-lost: closed by admin\n");
+        let long = log_line(&LogLine::CommandError("x".repeat(10_000)));
+        assert!(long.len() < 600, "{}", long.len());
+        assert_eq!(long.lines().count(), 1);
+    }
+
+    #[test]
+    fn header_names_become_env_names() {
+        assert_eq!(
+            header_env_name("x-delivery-count"),
+            "TICKET_HEADER_X_DELIVERY_COUNT"
+        );
+        assert_eq!(header_env_name("suite"), "TICKET_HEADER_SUITE");
+        assert_eq!(header_env_name("wëird name!"), "TICKET_HEADER_W_IRD_NAME_");
+        assert_eq!(header_env_name(""), "TICKET_HEADER_");
+    }
+
+    #[test]
+    fn header_values_are_rendered_as_text() {
+        assert_eq!(render_value(&AMQPValue::Boolean(true)), "true");
+        assert_eq!(render_value(&AMQPValue::LongLongInt(-7)), "-7");
+        assert_eq!(render_value(&AMQPValue::Double(1.5)), "1.5");
+        assert_eq!(
+            render_value(&AMQPValue::Timestamp(1_700_000_000)),
+            "1700000000"
+        );
+        let dec = |scale, value| AMQPValue::DecimalValue(DecimalValue { scale, value });
+        assert_eq!(render_value(&dec(2, 12345)), "123.45");
+        assert_eq!(render_value(&dec(3, 5)), "0.005");
+        assert_eq!(render_value(&dec(0, 5)), "5");
+        assert_eq!(
+            render_value(&AMQPValue::ByteArray(ByteArray::from(vec![0u8, 0xab]))),
+            "00ab"
+        );
+        assert_eq!(render_value(&AMQPValue::Void), "");
+        let bytes = AMQPValue::LongString(LongString::from(vec![b'a', 0, 0xff, b'b']));
+        assert_eq!(render_value(&bytes), "a\u{FFFD}\u{FFFD}b");
+        let arr = AMQPValue::FieldArray(FieldArray::from(vec![
+            AMQPValue::LongInt(1),
+            AMQPValue::Void,
+        ]));
+        assert_eq!(render_value(&arr), "[1,null]");
+        let nested = AMQPValue::FieldTable(table(vec![("k", AMQPValue::LongString("v".into()))]));
+        assert_eq!(render_value(&nested), r#"{"k":"v"}"#);
+        assert_eq!(render_value(&AMQPValue::Float(f32::NAN)), "NaN");
+        assert_eq!(
+            value_json(&AMQPValue::Float(f32::NAN)),
+            serde_json::Value::Null
+        );
+    }
+
+    #[test]
+    fn huge_header_values_are_cut() {
+        let big = AMQPValue::LongString("é".repeat(MAX_HEADER_ENV_BYTES).into());
+        let text = render_value(&big);
+        assert!(text.len() <= MAX_HEADER_ENV_BYTES);
+        assert!(text.len() > MAX_HEADER_ENV_BYTES - 4);
+        let h = table(vec![("a", big.clone()), ("b", big.clone()), ("c", big)]);
+        let env = ticket_env("t", 1, Some(&h));
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("TICKET_HEADERS"), Some("{}"));
+        assert_eq!(get("TICKET_HEADERS_TRUNCATED"), Some("1"));
+    }
+
+    #[test]
+    fn ticket_env_exposes_id_delivery_and_headers() {
+        let h = table(vec![
+            ("suite", AMQPValue::LongString("unit".into())),
+            ("retries", AMQPValue::LongLongInt(3)),
+            ("Suite", AMQPValue::LongString("shadowed".into())),
+        ]);
+        let env = ticket_env("t-9", 2, Some(&h));
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("TICKET_ID"), Some("t-9"));
+        assert_eq!(get("TICKET_DELIVERY"), Some("2"));
+        assert_eq!(get("TICKET_HEADER_RETRIES"), Some("3"));
+        // "Suite" sorts before "suite": the first in byte order wins the shared name.
+        assert_eq!(get("TICKET_HEADER_SUITE"), Some("shadowed"));
+        assert_eq!(
+            env.iter()
+                .filter(|(n, _)| n == "TICKET_HEADER_SUITE")
+                .count(),
+            1
+        );
+        let json: serde_json::Value = serde_json::from_str(get("TICKET_HEADERS").unwrap()).unwrap();
+        assert_eq!(json["suite"], "unit");
+        assert_eq!(json["Suite"], "shadowed");
+        assert_eq!(json["retries"], 3);
+        for (name, value) in &env {
+            assert!(!name.contains('\0') && !value.contains('\0'));
+        }
+        let bare = ticket_env("t", 1, None);
+        assert_eq!(bare.len(), 3);
+    }
+}

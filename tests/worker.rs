@@ -1,0 +1,866 @@
+//! The worker wrapper against the real RabbitMQ on 127.0.0.1:5672, running the
+//! real binary with small shell scripts as the command.
+//!
+//! Every test uses its own queues (named after the test, the process id and a
+//! counter; they also expire on their own if a failed test leaves them behind),
+//! counts tickets in and out through files the command writes, and waits on
+//! conditions with deadlines.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{
+    AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString, ShortString,
+};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use testrunner_operator::broker::BrokerUri;
+use testrunner_operator::worker::{
+    EXIT_BROKER_LOST, EXIT_BROKER_UNAVAILABLE, EXIT_COMMAND_NOT_STARTED, EXIT_CONFIG, ticket_id,
+};
+use tokio::process::{Child, Command};
+use tokio::time::{Instant, sleep, timeout};
+
+const URI: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const BIN: &str = env!("CARGO_BIN_EXE_testrunner-operator");
+/// Generous: the machine is shared with other builds.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn unique(test: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    format!("trw-{test}-{}-{n}", std::process::id())
+}
+
+/// Polls `cond` every 50 ms until it holds; panics after [`DEADLINE`].
+async fn eventually<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let end = Instant::now() + DEADLINE;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(Instant::now() < end, "timed out waiting for: {what}");
+        sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One test's broker connection, scratch directory and queues.
+struct Fixture {
+    name: String,
+    dir: PathBuf,
+    _conn: Connection,
+    ch: Channel,
+    queues: Vec<String>,
+}
+
+impl Fixture {
+    async fn new(test: &str) -> Self {
+        let name = unique(test);
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let uri = BrokerUri::parse(URI).unwrap();
+        let conn = Connection::connect_uri(uri.amqp_uri(), ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ must run on 127.0.0.1:5672 (bash .ci/ensure-rabbitmq)");
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        Self {
+            name,
+            dir,
+            _conn: conn,
+            ch,
+            queues: Vec::new(),
+        }
+    }
+
+    /// A new durable quorum queue (it has `x-delivery-count`), removed after 10
+    /// unused minutes should the test fail before deleting it.
+    async fn quorum_queue(&mut self) -> String {
+        let queue = format!("{}.q{}", self.name, self.queues.len());
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        args.insert("x-expires".into(), AMQPValue::LongInt(600_000));
+        self.ch
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await
+            .unwrap();
+        self.queues.push(queue.clone());
+        queue
+    }
+
+    /// Publishes with a publisher confirm: once this returns, the ticket is in.
+    async fn publish(&self, queue: &str, body: &[u8], props: BasicProperties) {
+        let confirm = self
+            .ch
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack(), "publish not confirmed: {confirm:?}");
+    }
+
+    async fn ticket(&self, queue: &str, id: &str, body: &str) {
+        let props = BasicProperties::default().with_message_id(id.into());
+        self.publish(queue, body.as_bytes(), props).await;
+    }
+
+    /// (ready messages, consumers) of `queue`.
+    async fn depth(&self, queue: &str) -> (u32, u32) {
+        let q = self
+            .ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        (q.message_count(), q.consumer_count())
+    }
+
+    /// Waits until no worker consumes `queue` (so whatever it held is back) and
+    /// returns the number of ready tickets.
+    async fn settled(&self, queue: &str) -> u32 {
+        eventually("no consumer left", || async {
+            self.depth(queue).await.1 == 0
+        })
+        .await;
+        self.depth(queue).await.0
+    }
+
+    /// The command's record of what it ran: one line per run.
+    fn lines(&self, file: &str) -> Vec<String> {
+        match std::fs::read_to_string(self.dir.join(file)) {
+            Ok(text) => text.lines().map(str::to_string).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn termination_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("termination-log")).unwrap_or_default()
+    }
+
+    /// Starts `worker EXTRA -- COMMAND` on `queue`.
+    fn worker(&self, queue: &str, extra: &[&str], command: &[&str]) -> Worker {
+        let mut args = extra.to_vec();
+        args.push("--");
+        args.extend(command);
+        self.worker_env(queue, &[], &args)
+    }
+
+    /// Starts `worker ARGS` on `queue` with extra environment variables.
+    fn worker_env(&self, queue: &str, env: &[(&str, &str)], args: &[&str]) -> Worker {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let stderr = self.dir.join(format!("stderr-{n}"));
+        let child = Command::new(BIN)
+            .arg("worker")
+            .args(args)
+            .env("TESTRUNNER_AMQP_URI", URI)
+            .env("TESTRUNNER_QUEUE", queue)
+            .env(
+                "TESTRUNNER_TERMINATION_LOG",
+                self.dir.join("termination-log"),
+            )
+            .env("T_DIR", &self.dir)
+            .env_remove("TESTRUNNER_TEST_FAILURE_CODES")
+            .env_remove("TESTRUNNER_IDLE_EXIT")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        Worker { child, stderr }
+    }
+
+    /// Starts the worker on `queue` with `sh -c SCRIPT` as the command.
+    fn script_worker(&self, queue: &str, extra: &[&str], script: &str) -> Worker {
+        self.worker(queue, extra, &["/bin/sh", "-c", script])
+    }
+
+    async fn cleanup(self) {
+        for q in &self.queues {
+            self.ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .unwrap();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct Worker {
+    child: Child,
+    stderr: PathBuf,
+}
+
+impl Worker {
+    /// Waits for the worker to exit and returns its exit code.
+    async fn exit_code(&mut self) -> i32 {
+        let status = timeout(DEADLINE, self.child.wait())
+            .await
+            .expect("the worker did not exit in time")
+            .unwrap();
+        let stderr = self.stderr();
+        assert!(
+            !stderr.contains("guest:guest") && !stderr.contains(URI),
+            "credentials in the worker's log:\n{stderr}"
+        );
+        status
+            .code()
+            .unwrap_or_else(|| panic!("worker killed by a signal: {status:?}\n{stderr}"))
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = self.child.id().expect("worker still running") as i32;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id().expect("worker still running")
+    }
+}
+
+/// How many times each line occurs.
+fn counts(lines: &[String]) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for l in lines {
+        *out.entry(l.clone()).or_default() += 1;
+    }
+    out
+}
+
+fn exists(dir: &Path, file: &str) -> bool {
+    dir.join(file).exists()
+}
+
+/// Records "<id> <delivery>" in `ran`, crashes (exit 3) on the first delivery of
+/// a ticket whose body is `crash`, records the id in `done` otherwise.
+const CRASH_ON_FIRST_DELIVERY: &str = r#"
+body=$(cat)
+echo "$TICKET_ID $TICKET_DELIVERY" >> "$T_DIR/ran"
+if [ "$body" = crash ] && [ "$TICKET_DELIVERY" = 1 ]; then exit 3; fi
+echo "$TICKET_ID" >> "$T_DIR/done"
+"#;
+
+#[tokio::test]
+async fn a_crashing_ticket_is_redelivered_and_named_the_others_are_acked_once() {
+    let mut f = Fixture::new("crash").await;
+    let q = f.quorum_queue().await;
+    for i in 0..5 {
+        let body = if i == 2 { "crash" } else { "ok" };
+        f.ticket(&q, &format!("t{i}"), body).await;
+    }
+
+    let mut first = f.script_worker(&q, &[], CRASH_ON_FIRST_DELIVERY);
+    assert_eq!(first.exit_code().await, 3, "{}", first.stderr());
+    assert_eq!(f.termination_log(), "ticket=t2 delivery=1\n");
+    assert_eq!(f.lines("ran"), ["t0 1", "t1 1", "t2 1"]);
+    // Prefetch 1: only t2 was held by the crashed worker; t3 and t4 are untouched.
+    assert_eq!(f.settled(&q).await, 3);
+
+    // The restarted container.
+    let mut second = f.script_worker(&q, &["--idle-exit", "1s"], CRASH_ON_FIRST_DELIVERY);
+    assert_eq!(second.exit_code().await, 0, "{}", second.stderr());
+    assert_eq!(f.termination_log(), "idle\n");
+
+    let ran = counts(&f.lines("ran"));
+    let expected: BTreeMap<String, usize> = ["t0 1", "t1 1", "t2 1", "t2 2", "t3 1", "t4 1"]
+        .iter()
+        .map(|s| (s.to_string(), 1))
+        .collect();
+    assert_eq!(
+        ran, expected,
+        "t2 came back with a higher delivery count, nothing else did"
+    );
+    let done = counts(&f.lines("done"));
+    assert_eq!(done.len(), 5, "{done:?}");
+    assert!(
+        done.values().all(|n| *n == 1),
+        "each ticket completed once: {done:?}"
+    );
+    assert_eq!(f.settled(&q).await, 0, "every ticket acked");
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_test_failure_exit_1_is_acked_and_not_redelivered() {
+    let mut f = Fixture::new("fail").await;
+    let q = f.quorum_queue().await;
+    f.ticket(&q, "pass", "0").await;
+    f.ticket(&q, "fail", "1").await;
+    let script = r#"code=$(cat); echo "$TICKET_ID $TICKET_DELIVERY" >> "$T_DIR/ran"; exit "$code""#;
+    let mut w = f.script_worker(&q, &["--idle-exit", "1s"], script);
+    assert_eq!(w.exit_code().await, 0, "{}", w.stderr());
+    assert_eq!(f.lines("ran"), ["pass 1", "fail 1"]);
+    assert_eq!(f.termination_log(), "idle\n");
+    assert_eq!(f.settled(&q).await, 0);
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn listed_test_failure_codes_from_env_are_acked_others_crash() {
+    let mut f = Fixture::new("codes").await;
+    let q = f.quorum_queue().await;
+    f.ticket(&q, "c1", "1").await;
+    f.ticket(&q, "c5", "5").await;
+    f.ticket(&q, "c4", "4").await;
+    let script = r#"code=$(cat); echo "$TICKET_ID $TICKET_DELIVERY" >> "$T_DIR/ran"; exit "$code""#;
+    // Through the environment, as the operator passes it.
+    let mut w = f.worker_env(
+        &q,
+        &[("TESTRUNNER_TEST_FAILURE_CODES", "1,5")],
+        &["--", "/bin/sh", "-c", script],
+    );
+    assert_eq!(w.exit_code().await, 4, "{}", w.stderr());
+    assert_eq!(f.termination_log(), "ticket=c4 delivery=1\n");
+    assert_eq!(counts(&f.lines("ran")).get("c4 1"), Some(&1));
+    assert_eq!(f.settled(&q).await, 1, "only c4 is back");
+    let back =
+        f.ch.basic_get(q.as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .expect("c4 is back in the queue");
+    assert_eq!(
+        back.properties.message_id().as_ref().unwrap().as_str(),
+        "c4"
+    );
+    back.ack(BasicAckOptions::default()).await.unwrap();
+    let ran = counts(&f.lines("ran"));
+    assert_eq!(ran.len(), 3, "{ran:?}");
+    assert!(ran.values().all(|n| *n == 1), "{ran:?}");
+    f.cleanup().await;
+}
+
+/// Records start and end of each ticket; waits for the file `go` in between.
+const WAIT_FOR_GO: &str = r#"
+echo "$TICKET_ID start" >> "$T_DIR/ran"
+while [ ! -e "$T_DIR/go" ]; do sleep 0.05; done
+echo "$TICKET_ID end" >> "$T_DIR/ran"
+"#;
+
+#[tokio::test]
+async fn sigterm_lets_the_running_ticket_finish_and_acks_it() {
+    let mut f = Fixture::new("sigterm").await;
+    let q = f.quorum_queue().await;
+    f.ticket(&q, "s0", "").await;
+    f.ticket(&q, "s1", "").await;
+    let mut w = f.script_worker(&q, &[], WAIT_FOR_GO);
+    eventually("s0 started", || async { f.lines("ran") == ["s0 start"] }).await;
+
+    w.signal(nix::sys::signal::Signal::SIGTERM);
+    // The worker stops taking tickets (basic.cancel) while the command still runs.
+    // (A quorum queue keeps counting a cancelled consumer until its ticket is acked,
+    // so the worker's own log says when the cancel is done.)
+    eventually("consumer cancelled", || async {
+        w.stderr().contains("consumer cancelled")
+    })
+    .await;
+    assert_eq!(f.lines("ran"), ["s0 start"]);
+    assert_eq!(f.termination_log(), "ticket=s0 delivery=1\n");
+
+    std::fs::write(f.dir.join("go"), "").unwrap();
+    assert_eq!(w.exit_code().await, 0, "{}", w.stderr());
+    assert_eq!(f.lines("ran"), ["s0 start", "s0 end"]);
+    assert_eq!(f.termination_log(), "idle\n");
+
+    // s0 acked; s1 never delivered: it is first-hand.
+    assert_eq!(f.settled(&q).await, 1);
+    let s1 =
+        f.ch.basic_get(q.as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .expect("s1 still queued");
+    assert_eq!(s1.properties.message_id().as_ref().unwrap().as_str(), "s1");
+    assert!(
+        !s1.redelivered,
+        "s1 was never handed to the stopping worker"
+    );
+    s1.ack(BasicAckOptions::default()).await.unwrap();
+    assert_eq!(f.depth(&q).await.0, 0);
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_second_sigterm_is_forwarded_and_the_ticket_stays_unacked() {
+    let mut f = Fixture::new("sigterm2").await;
+    let q = f.quorum_queue().await;
+    f.ticket(&q, "u0", "").await;
+    let script = r#"
+trap 'echo "$TICKET_ID term" >> "$T_DIR/ran"; exit 0' TERM
+echo "$TICKET_ID start" >> "$T_DIR/ran"
+while true; do sleep 0.05; done
+"#;
+    let mut w = f.script_worker(&q, &[], script);
+    eventually("u0 started", || async { f.lines("ran") == ["u0 start"] }).await;
+    w.signal(nix::sys::signal::Signal::SIGTERM);
+    eventually("consumer cancelled", || async {
+        w.stderr().contains("consumer cancelled")
+    })
+    .await;
+    w.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(w.exit_code().await, 128 + 15, "{}", w.stderr());
+    assert_eq!(f.lines("ran"), ["u0 start", "u0 term"]);
+    assert_eq!(f.termination_log(), "ticket=u0 delivery=1\n");
+
+    assert_eq!(f.settled(&q).await, 1, "u0 released, not acked");
+    let u0 =
+        f.ch.basic_get(q.as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .expect("u0 back in the queue");
+    assert_eq!(u0.properties.message_id().as_ref().unwrap().as_str(), "u0");
+    assert!(u0.redelivered);
+    u0.ack(BasicAckOptions::default()).await.unwrap();
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn sigterm_while_idle_exits_0() {
+    let mut f = Fixture::new("idle").await;
+    let q = f.quorum_queue().await;
+    let mut w = f.script_worker(&q, &[], "exit 0");
+    eventually("consuming", || async {
+        f.termination_log() == "idle\n" && f.depth(&q).await.1 == 1
+    })
+    .await;
+    w.signal(nix::sys::signal::Signal::SIGINT);
+    assert_eq!(w.exit_code().await, 0, "{}", w.stderr());
+    assert_eq!(f.settled(&q).await, 0);
+    f.cleanup().await;
+}
+
+/// The broker-side id of the connection whose client-provided name ends with
+/// `pid=<pid>`, as `rabbitmqctl list_connections` shows it.
+fn connection_of(pid: u32) -> Option<String> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_connections",
+            "--no-table-headers",
+            "pid",
+            "client_properties",
+        ])
+        .output()
+        .expect("rabbitmqctl runs");
+    let needle = format!("pid={pid}\"");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.contains(&needle))
+        .and_then(|l| l.split('\t').next())
+        .map(str::to_string)
+}
+
+#[tokio::test]
+async fn a_cut_connection_stops_the_command_and_the_ticket_comes_back() {
+    let mut f = Fixture::new("cut").await;
+    let q = f.quorum_queue().await;
+    f.ticket(&q, "c0", "").await;
+    let script = r#"
+echo $$ > "$T_DIR/cmd.pid"
+echo "$TICKET_ID $TICKET_DELIVERY start" >> "$T_DIR/ran"
+if [ "$TICKET_DELIVERY" = 1 ]; then while true; do sleep 0.05; done; fi
+echo "$TICKET_ID $TICKET_DELIVERY end" >> "$T_DIR/ran"
+"#;
+    let mut w = f.script_worker(&q, &[], script);
+    eventually("c0 started", || async { f.lines("ran") == ["c0 1 start"] }).await;
+    let pid = w.pid();
+    let name = tokio::task::spawn_blocking(move || connection_of(pid))
+        .await
+        .unwrap()
+        .expect("the worker's connection is listed");
+    let closed = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "close_connection", &name, "test: cut mid-ticket"])
+        .status()
+        .unwrap();
+    assert!(closed.success());
+
+    assert_eq!(
+        w.exit_code().await,
+        i32::from(EXIT_BROKER_LOST),
+        "{}",
+        w.stderr()
+    );
+    assert!(
+        f.termination_log().starts_with("broker-lost: "),
+        "{}",
+        f.termination_log()
+    );
+    // The command was stopped, not left running.
+    let cmd: i32 = std::fs::read_to_string(f.dir.join("cmd.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(cmd), None).is_err(),
+        "the command is still running"
+    );
+    assert_eq!(f.lines("ran"), ["c0 1 start"]);
+
+    // Nothing lost: the next worker gets it again.
+    assert_eq!(f.settled(&q).await, 1);
+    let mut next = f.script_worker(&q, &["--idle-exit", "1s"], script);
+    assert_eq!(next.exit_code().await, 0, "{}", next.stderr());
+    assert_eq!(f.lines("ran"), ["c0 1 start", "c0 2 start", "c0 2 end"]);
+    assert_eq!(f.settled(&q).await, 0);
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn malformed_messages_do_not_crash_the_worker() {
+    let mut f = Fixture::new("malformed").await;
+    let q = f.quorum_queue().await;
+
+    // 1. Empty body, no properties at all.
+    f.publish(&q, b"", BasicProperties::default()).await;
+    // 2. Several MiB of non-UTF-8 bytes, NULs included.
+    let big: Vec<u8> = (0..5 * 1024 * 1024u32)
+        .map(|i| (i * 7 % 256) as u8)
+        .collect();
+    f.publish(
+        &q,
+        &big,
+        BasicProperties::default().with_message_id("big".into()),
+    )
+    .await;
+    // 3. A message id with a space and a newline, and headers of every odd type.
+    let mut nested = FieldTable::default();
+    nested.insert("k".into(), AMQPValue::LongString("v".into()));
+    let mut headers = FieldTable::default();
+    for (k, v) in [
+        ("retries", AMQPValue::LongLongInt(3)),
+        ("flag", AMQPValue::Boolean(true)),
+        ("ratio", AMQPValue::Double(0.25)),
+        (
+            "price",
+            AMQPValue::DecimalValue(DecimalValue {
+                scale: 2,
+                value: 1999,
+            }),
+        ),
+        ("at", AMQPValue::Timestamp(1_700_000_000)),
+        ("nested", AMQPValue::FieldTable(nested)),
+        (
+            "list",
+            AMQPValue::FieldArray(FieldArray::from(vec![
+                AMQPValue::LongInt(1),
+                AMQPValue::LongString("two".into()),
+            ])),
+        ),
+        ("raw", AMQPValue::ByteArray(ByteArray::from(vec![0u8, 255]))),
+        ("nothing", AMQPValue::Void),
+        (
+            "binary",
+            AMQPValue::LongString(LongString::from(vec![b'a', 0, 0xff, b'b'])),
+        ),
+        ("wëird name!", AMQPValue::LongString("value".into())),
+    ] {
+        headers.insert(ShortString::from(k), v);
+    }
+    f.publish(
+        &q,
+        &[0xff, 0xfe, 0x00, b'a'],
+        BasicProperties::default()
+            .with_message_id("odd id\nx".into())
+            .with_headers(headers),
+    )
+    .await;
+    // 4. An empty message id: the body hash stands in.
+    f.publish(
+        &q,
+        b"empty id",
+        BasicProperties::default().with_message_id("".into()),
+    )
+    .await;
+
+    let script = r#"
+n=$(wc -c | tr -d ' ')
+echo "$TICKET_ID $TICKET_DELIVERY $n" >> "$T_DIR/ran"
+if [ "$TICKET_ID" = "odd%20id%0Ax" ]; then
+  printf '%s' "$TICKET_HEADERS" > "$T_DIR/headers.json"
+  printf '%s|%s|%s|%s|%s' "$TICKET_HEADER_RETRIES" "$TICKET_HEADER_W_IRD_NAME_" \
+    "$TICKET_HEADER_PRICE" "$TICKET_HEADER_FLAG" "$TICKET_HEADER_RAW" > "$T_DIR/header-env"
+fi
+"#;
+    let mut w = f.script_worker(&q, &["--idle-exit", "2s"], script);
+    assert_eq!(w.exit_code().await, 0, "{}", w.stderr());
+
+    let expected = [
+        format!("{} 1 0", ticket_id(None, b"")),
+        format!("big 1 {}", big.len()),
+        "odd%20id%0Ax 1 4".to_string(),
+        format!("{} 1 8", ticket_id(None, b"empty id")),
+    ];
+    assert_eq!(f.lines("ran"), expected);
+    assert_eq!(
+        std::fs::read_to_string(f.dir.join("header-env")).unwrap(),
+        "3|value|19.99|true|00ff"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.dir.join("headers.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["retries"], 3);
+    assert_eq!(json["nested"]["k"], "v");
+    assert_eq!(json["list"][1], "two");
+    assert_eq!(json["nothing"], serde_json::Value::Null);
+    assert_eq!(json["binary"], "a\u{0}\u{FFFD}b");
+    assert_eq!(json["wëird name!"], "value");
+    assert_eq!(f.termination_log(), "idle\n");
+    assert_eq!(f.settled(&q).await, 0, "all four acked");
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_missing_command_is_an_environment_failure_and_takes_no_ticket() {
+    let mut f = Fixture::new("missing").await;
+    let q = f.quorum_queue().await;
+    f.ticket(&q, "m0", "").await;
+    let mut w = f.worker(&q, &[], &["/nonexistent/run-tests", "--all"]);
+    assert_eq!(
+        w.exit_code().await,
+        i32::from(EXIT_COMMAND_NOT_STARTED),
+        "{}",
+        w.stderr()
+    );
+    let log = f.termination_log();
+    assert!(
+        log.starts_with("command-error: cannot start command /nonexistent/run-tests"),
+        "{log}"
+    );
+    assert!(
+        w.stderr().contains("/nonexistent/run-tests"),
+        "{}",
+        w.stderr()
+    );
+    // Checked before consuming: the ticket was never handed out.
+    assert_eq!(f.settled(&q).await, 1);
+    let m0 =
+        f.ch.basic_get(q.as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .expect("m0 still queued");
+    assert_eq!(m0.properties.message_id().as_ref().unwrap().as_str(), "m0");
+    assert!(!m0.redelivered, "no delivery charged to m0");
+    m0.ack(BasicAckOptions::default()).await.unwrap();
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_command_that_cannot_start_gives_its_ticket_back() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut f = Fixture::new("noexec").await;
+    let q = f.quorum_queue().await;
+    f.ticket(&q, "n0", "").await;
+    // Executable bits, but not a program the kernel can run.
+    let broken = f.dir.join("broken-runner");
+    std::fs::write(&broken, [0u8, 1, 2, 3]).unwrap();
+    std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut w = f.worker(&q, &[], &[broken.to_str().unwrap()]);
+    assert_eq!(
+        w.exit_code().await,
+        i32::from(EXIT_COMMAND_NOT_STARTED),
+        "{}",
+        w.stderr()
+    );
+    let log = f.termination_log();
+    assert!(
+        log.starts_with("command-error: cannot start command "),
+        "{log}"
+    );
+    assert!(log.contains("broken-runner"), "{log}");
+    assert_eq!(f.settled(&q).await, 1, "n0 given back, not acked");
+    let n0 =
+        f.ch.basic_get(q.as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .expect("n0 back");
+    assert_eq!(n0.properties.message_id().as_ref().unwrap().as_str(), "n0");
+    assert!(n0.redelivered);
+    n0.ack(BasicAckOptions::default()).await.unwrap();
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn startup_failures_have_their_own_exit_codes_and_hide_credentials() {
+    let mut f = Fixture::new("startup").await;
+    let q = f.quorum_queue().await;
+    let run = |uri: &str, queue: &str, extra: &[&str]| {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.arg("worker")
+            .args(extra)
+            .args(["--", "/bin/true"])
+            .env("TESTRUNNER_AMQP_URI", uri)
+            .env("TESTRUNNER_QUEUE", queue)
+            .env("TESTRUNNER_TERMINATION_LOG", f.dir.join("termination-log"))
+            .env_remove("TESTRUNNER_TEST_FAILURE_CODES")
+            .stdin(Stdio::null());
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        (out.status.code(), text, f.termination_log())
+    };
+
+    // Nothing listens on port 1.
+    let (code, out, log) = run("amqp://guest:s3cret@127.0.0.1:1/%2f", &q, &[]);
+    assert_eq!(code, Some(i32::from(EXIT_BROKER_UNAVAILABLE)), "{out}");
+    assert!(log.starts_with("broker-unavailable: "), "{log}");
+    assert!(
+        !out.contains("s3cret") && !log.contains("s3cret"),
+        "{out}{log}"
+    );
+
+    let missing = format!("{q}.missing");
+    let (code, out, log) = run(URI, &missing, &[]);
+    assert_eq!(code, Some(i32::from(EXIT_BROKER_UNAVAILABLE)), "{out}");
+    assert!(log.contains("NOT_FOUND"), "{log}");
+
+    let (code, out, log) = run("http://guest:s3cret@127.0.0.1/", &q, &[]);
+    assert_eq!(code, Some(i32::from(EXIT_CONFIG)), "{out}");
+    assert!(log.starts_with("config-error: "), "{log}");
+    assert!(
+        !out.contains("s3cret") && !log.contains("s3cret"),
+        "{out}{log}"
+    );
+
+    let (code, out, log) = run(URI, &q, &["--test-failure-codes", "one"]);
+    assert_eq!(code, Some(i32::from(EXIT_CONFIG)), "{out}");
+    assert!(log.starts_with("config-error: "), "{log}");
+
+    assert!(!exists(&f.dir, "ran"));
+    assert_eq!(f.depth(&q).await, (0, 0));
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn starting_is_written_before_the_consume_loop_is_up() {
+    let f = Fixture::new("starting").await;
+    // A listener that accepts the TCP connection but never speaks AMQP: the worker
+    // stays in its handshake.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let uri = format!("amqp://guest:guest@{}/%2f", silent.local_addr().unwrap());
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let stderr = f.dir.join(format!("stderr-{n}"));
+    let child = Command::new(BIN)
+        .args(["worker", "--queue", "never", "--", "/bin/true"])
+        .env("TESTRUNNER_AMQP_URI", &uri)
+        .env("TESTRUNNER_TERMINATION_LOG", f.dir.join("termination-log"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut w = Worker { child, stderr };
+    silent.set_nonblocking(true).unwrap();
+    let mut held = Vec::new();
+    eventually("the worker connects", || {
+        if let Ok((conn, _)) = silent.accept() {
+            held.push(conn);
+        }
+        let connected = !held.is_empty();
+        async move { connected }
+    })
+    .await;
+    eventually("starting written", || async {
+        f.termination_log() == "starting\n"
+    })
+    .await;
+    w.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(w.exit_code().await, 0, "{}", w.stderr());
+    assert_eq!(f.termination_log(), "starting\n");
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_command_killed_by_a_signal_exits_128_plus_the_signal() {
+    let mut f = Fixture::new("killed").await;
+    let q = f.quorum_queue().await;
+    f.ticket(&q, "k0", "").await;
+    let script = r#"echo "$TICKET_ID $TICKET_DELIVERY" >> "$T_DIR/ran"; kill -KILL $$"#;
+    let mut w = f.script_worker(&q, &[], script);
+    assert_eq!(w.exit_code().await, 128 + 9, "{}", w.stderr());
+    assert_eq!(f.termination_log(), "ticket=k0 delivery=1\n");
+    assert_eq!(f.lines("ran"), ["k0 1"]);
+    assert_eq!(f.settled(&q).await, 1, "k0 not acked");
+    let k0 =
+        f.ch.basic_get(q.as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .expect("k0 back");
+    assert!(k0.redelivered);
+    k0.ack(BasicAckOptions::default()).await.unwrap();
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_cut_connection_while_idle_exits_with_the_broker_lost_code() {
+    let mut f = Fixture::new("cutidle").await;
+    let q = f.quorum_queue().await;
+    let mut w = f.script_worker(&q, &[], "exit 0");
+    eventually("consuming", || async {
+        f.termination_log() == "idle\n" && f.depth(&q).await.1 == 1
+    })
+    .await;
+    let pid = w.pid();
+    let name = tokio::task::spawn_blocking(move || connection_of(pid))
+        .await
+        .unwrap()
+        .expect("the worker's connection is listed");
+    let closed = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "close_connection", &name, "test: cut while idle"])
+        .status()
+        .unwrap();
+    assert!(closed.success());
+    assert_eq!(
+        w.exit_code().await,
+        i32::from(EXIT_BROKER_LOST),
+        "{}",
+        w.stderr()
+    );
+    assert!(
+        f.termination_log().starts_with("broker-lost: "),
+        "{}",
+        f.termination_log()
+    );
+    assert_eq!(f.settled(&q).await, 0);
+    f.cleanup().await;
+}
