@@ -78,7 +78,7 @@ fn main() {
             200,
             21,
         );
-        // Scale-down from `pods` to zero: sorts every pod.
+        // Scale-down from `pods` to zero, the delay long past: orders every pod.
         let empty = Observed {
             broker: BrokerView::Depth {
                 ready: 0,
@@ -87,9 +87,18 @@ fn main() {
             },
             ..obs.clone()
         };
+        let mut waited = p.clone();
+        waited.status = Some(TestRunnerPoolStatus {
+            workers: Some(WorkersStatus {
+                surplus_since: Some(Time(now - jiff::SignedDuration::from_hours(1))),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        assert_eq!(core::plan(&waited, &empty, now).delete.len(), pods);
         let down = measure(
             || {
-                black_box(core::plan(black_box(&p), black_box(&empty), now));
+                black_box(core::plan(black_box(&waited), black_box(&empty), now));
             },
             200,
             21,

@@ -203,7 +203,10 @@ fn example_pools_are_valid() {
             seen += 1;
         }
     }
-    assert!(seen >= 2, "expected the minimal and full examples, found {seen}");
+    assert!(
+        seen >= 2,
+        "expected the minimal and full examples, found {seen}"
+    );
 }
 
 #[test]
