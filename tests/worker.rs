@@ -469,6 +469,35 @@ async fn sigterm_while_idle_exits_0() {
     f.cleanup().await;
 }
 
+/// Closes the worker's broker connection from the broker's side.
+async fn cut_connection(w: &Worker, why: &str) {
+    let pid = w.pid();
+    let name = tokio::task::spawn_blocking(move || connection_of(pid))
+        .await
+        .unwrap()
+        .expect("the worker's connection is listed");
+    let closed = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "close_connection", &name, why])
+        .status()
+        .unwrap();
+    assert!(closed.success());
+}
+
+/// The worker exited with the broker-lost code and said so in its termination log.
+async fn assert_broker_lost(f: &Fixture, w: &mut Worker) {
+    assert_eq!(
+        w.exit_code().await,
+        i32::from(EXIT_BROKER_LOST),
+        "{}",
+        w.stderr()
+    );
+    assert!(
+        f.termination_log().starts_with("broker-lost: "),
+        "{}",
+        f.termination_log()
+    );
+}
+
 /// The broker-side id of the connection whose client-provided name ends with
 /// `pid=<pid>`, as `rabbitmqctl list_connections` shows it.
 fn connection_of(pid: u32) -> Option<String> {
@@ -503,28 +532,9 @@ echo "$TICKET_ID $TICKET_DELIVERY end" >> "$T_DIR/ran"
 "#;
     let mut w = f.script_worker(&q, &[], script);
     eventually("c0 started", || async { f.lines("ran") == ["c0 1 start"] }).await;
-    let pid = w.pid();
-    let name = tokio::task::spawn_blocking(move || connection_of(pid))
-        .await
-        .unwrap()
-        .expect("the worker's connection is listed");
-    let closed = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "close_connection", &name, "test: cut mid-ticket"])
-        .status()
-        .unwrap();
-    assert!(closed.success());
+    cut_connection(&w, "test: cut mid-ticket").await;
 
-    assert_eq!(
-        w.exit_code().await,
-        i32::from(EXIT_BROKER_LOST),
-        "{}",
-        w.stderr()
-    );
-    assert!(
-        f.termination_log().starts_with("broker-lost: "),
-        "{}",
-        f.termination_log()
-    );
+    assert_broker_lost(&f, &mut w).await;
     // The command was stopped, not left running.
     let cmd: i32 = std::fs::read_to_string(f.dir.join("cmd.pid"))
         .unwrap()
@@ -840,27 +850,8 @@ async fn a_cut_connection_while_idle_exits_with_the_broker_lost_code() {
         f.termination_log() == "idle\n" && f.depth(&q).await.1 == 1
     })
     .await;
-    let pid = w.pid();
-    let name = tokio::task::spawn_blocking(move || connection_of(pid))
-        .await
-        .unwrap()
-        .expect("the worker's connection is listed");
-    let closed = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "close_connection", &name, "test: cut while idle"])
-        .status()
-        .unwrap();
-    assert!(closed.success());
-    assert_eq!(
-        w.exit_code().await,
-        i32::from(EXIT_BROKER_LOST),
-        "{}",
-        w.stderr()
-    );
-    assert!(
-        f.termination_log().starts_with("broker-lost: "),
-        "{}",
-        f.termination_log()
-    );
+    cut_connection(&w, "test: cut while idle").await;
+    assert_broker_lost(&f, &mut w).await;
     assert_eq!(f.settled(&q).await, 0);
     f.cleanup().await;
 }
