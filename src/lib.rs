@@ -13,4 +13,5 @@ pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod pods;
+pub mod sim;
 pub mod telemetry;

@@ -33,6 +33,48 @@ enum Command {
         /// Where to put the binary.
         path: std::path::PathBuf,
     },
+    /// Run a simulated cluster (API server, kubelet running local processes, and this
+    /// operator) for development and tests. Never a product runtime.
+    Simulate(SimulateArgs),
+    /// Publish test tickets (persistent, with message_id) to a RabbitMQ queue.
+    Publish(PublishArgs),
+}
+
+#[derive(clap::Args)]
+struct SimulateArgs {
+    /// Address of the simulated API server (plain HTTP).
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    listen: SocketAddr,
+    /// Where to write the kubeconfig for kubectl.
+    #[arg(long, default_value = "simulated.kubeconfig")]
+    kubeconfig: std::path::PathBuf,
+    /// Broker URI stored in Secret default/rabbitmq (key uri); never printed.
+    #[arg(
+        long,
+        env = "TESTRUNNER_AMQP_URI",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
+    amqp_uri: String,
+    /// Divides the kubelet's durations (CrashLoopBackOff, grace periods); 10 runs ten times faster.
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+}
+
+#[derive(clap::Args)]
+struct PublishArgs {
+    /// Broker URI (amqp:// or amqps://).
+    #[arg(long, env = "TESTRUNNER_AMQP_URI", hide_env_values = true)]
+    amqp_uri: String,
+    /// Queue to publish to (through the default exchange).
+    #[arg(long)]
+    queue: String,
+    /// Number of tickets.
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    /// Declare the queue as a durable quorum queue first.
+    #[arg(long)]
+    declare_quorum: bool,
 }
 
 #[derive(clap::Args)]
@@ -44,7 +86,12 @@ struct RunArgs {
     #[arg(long, env = "TESTRUNNER_OPERATOR_IMAGE", default_value = concat!("testrunner-operator:", env!("CARGO_PKG_VERSION")))]
     operator_image: String,
     /// Namespaces to watch, comma separated; all namespaces when empty.
-    #[arg(long, env = "TESTRUNNER_WATCH_NAMESPACES", value_delimiter = ',', default_value = "")]
+    #[arg(
+        long,
+        env = "TESTRUNNER_WATCH_NAMESPACES",
+        value_delimiter = ',',
+        default_value = ""
+    )]
     watch_namespaces: Vec<String>,
     /// Take part in leader election (on a coordination.k8s.io Lease) so replicas are safe.
     #[arg(long, env = "TESTRUNNER_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
@@ -53,7 +100,11 @@ struct RunArgs {
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
     /// Name of the leader Lease.
-    #[arg(long, env = "TESTRUNNER_LEASE_NAME", default_value = "testrunner-operator")]
+    #[arg(
+        long,
+        env = "TESTRUNNER_LEASE_NAME",
+        default_value = "testrunner-operator"
+    )]
     lease_name: String,
     /// Seconds a Lease stays valid without renewal; a standby takes over after it.
     #[arg(long, env = "TESTRUNNER_LEASE_DURATION", default_value_t = 15)]
@@ -76,11 +127,52 @@ fn main() -> ExitCode {
         Command::InstallWorker { path } => match install_worker(&path) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("failed to install the worker binary at {}: {e}", path.display());
+                eprintln!(
+                    "failed to install the worker binary at {}: {e}",
+                    path.display()
+                );
                 ExitCode::FAILURE
             }
         },
         Command::Run(args) => runtime().block_on(run(args)),
+        Command::Simulate(args) => {
+            let opts = testrunner_operator::sim::SimulateOptions {
+                listen: args.listen,
+                kubeconfig: args.kubeconfig,
+                amqp_uri: args.amqp_uri,
+                time_scale: args.time_scale,
+            };
+            match runtime().block_on(testrunner_operator::sim::simulate(opts)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Publish(args) => {
+            let published = runtime().block_on(testrunner_operator::sim::publish::publish(
+                &args.amqp_uri,
+                &args.queue,
+                args.count,
+                args.declare_quorum,
+            ));
+            match published {
+                Ok(ids) => {
+                    println!(
+                        "published {} ticket(s) to {}: {}",
+                        ids.len(),
+                        args.queue,
+                        ids.join(" ")
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 
@@ -118,12 +210,19 @@ async fn run(args: RunArgs) -> ExitCode {
             tracing::error!(error = %e, %addr, "failed to serve HTTP endpoints");
         }
     });
-    let instance = args.instance.clone().unwrap_or_else(leader::default_identity);
+    let instance = args
+        .instance
+        .clone()
+        .unwrap_or_else(leader::default_identity);
     let settings = Settings {
         pods: PodSettings {
             operator_image: args.operator_image,
         },
-        namespaces: args.watch_namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
+        namespaces: args
+            .watch_namespaces
+            .into_iter()
+            .filter(|n| !n.is_empty())
+            .collect(),
         controller_name: "testrunner-operator".into(),
         instance: Some(instance.clone()),
     };
@@ -136,7 +235,13 @@ async fn run(args: RunArgs) -> ExitCode {
         };
         // A standby is ready: it serves its probes while it waits for the lease.
         ready.store(true, std::sync::atomic::Ordering::Relaxed);
-        match leader::run_as_leader(client.clone(), election, controller::run(client, settings, metrics, ready)).await {
+        match leader::run_as_leader(
+            client.clone(),
+            election,
+            controller::run(client, settings, metrics, ready),
+        )
+        .await
+        {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "leader election failed");
