@@ -85,7 +85,8 @@ impl Probes {
             task.handle.abort();
         }
         let (tx, rx) = watch::channel(carried.clone());
-        let handle = tokio::spawn(probe_loop(self.clone(), pool.clone(), key.clone(), tx)).abort_handle();
+        let handle =
+            tokio::spawn(probe_loop(self.clone(), pool.clone(), key.clone(), tx)).abort_handle();
         tasks.insert(
             pool.clone(),
             Task {
@@ -115,7 +116,12 @@ impl Probes {
     }
 }
 
-async fn probe_loop(probes: Probes, pool: ObjectRef<Guarded>, key: ProbeKey, tx: watch::Sender<BrokerView>) {
+async fn probe_loop(
+    probes: Probes,
+    pool: ObjectRef<Guarded>,
+    key: ProbeKey,
+    tx: watch::Sender<BrokerView>,
+) {
     let inner = &probes.0;
     let labels = PoolLabels {
         namespace: pool.namespace.clone().unwrap_or_default(),
@@ -135,7 +141,10 @@ async fn probe_loop(probes: Probes, pool: ObjectRef<Guarded>, key: ProbeKey, tx:
         }
         let started = Instant::now();
         let probe = inner.brokers.probe(&key.uri, &key.queue).await;
-        inner.metrics.probe_duration.observe(started.elapsed().as_secs_f64());
+        inner
+            .metrics
+            .probe_duration
+            .observe(started.elapsed().as_secs_f64());
         if let Some(reason) = probe.failure_reason() {
             inner
                 .metrics

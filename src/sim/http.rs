@@ -579,6 +579,19 @@ fn watch(
     let rv = query.get("resourceVersion").map(String::as_str);
     let (first, rx, start_rv) = match server.cluster.watch(&kind, rv, send_initial) {
         Ok(w) => w,
+        // As a real API server does, an expired version is an ERROR event in a
+        // successful watch response: watch clients then list again.
+        Err(e) if e.code == 410 => {
+            let mut line = serde_json::to_vec(&json!({"type": "ERROR", "object": e.status()}))
+                .unwrap_or_default();
+            line.push(b'\n');
+            let mut r = Response::new(Body::from(line));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            return r;
+        }
         Err(e) => return error(e),
     };
     let timeout = query

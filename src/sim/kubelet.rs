@@ -478,6 +478,7 @@ async fn run_once(
         .append(true)
         .open(&log_path)
         .map_err(|e| format!("failed to open the container log: {e}"))?;
+    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
     let log2 = log.try_clone().map_err(|e| e.to_string())?;
     let mut cmd = tokio::process::Command::new(&argv[0]);
     cmd.args(&argv[1..])
@@ -560,7 +561,7 @@ async fn run_once(
         && exit.code != 0
         && c["terminationMessagePolicy"].as_str() == Some("FallbackToLogsOnError")
     {
-        message = log_tail(&log_path, 80, 2048);
+        message = log_tail(&log_path, log_start, 80, 2048);
     }
     message.truncate(4096.min(message.len()));
     Ok((exit, message))
@@ -582,8 +583,11 @@ fn signal_group(pid: i32, sig: i32) {
     }
 }
 
-fn log_tail(path: &Path, lines: usize, bytes: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+/// The last `lines` lines (at most `bytes` bytes) written to the log after `from`.
+fn log_tail(path: &Path, from: u64, lines: usize, bytes: usize) -> String {
+    let raw = std::fs::read(path).unwrap_or_default();
+    let start = (from as usize).min(raw.len());
+    let text = String::from_utf8_lossy(&raw[start..]).into_owned();
     let all: Vec<&str> = text.lines().collect();
     let mut tail = all[all.len().saturating_sub(lines)..].join("\n");
     if tail.len() > bytes {

@@ -251,10 +251,16 @@ pub fn apply(
     let sub = w.scope.subresource().map(str::to_string);
     let mine = |e: &Entry| e.manager == w.manager && e.operation == "Apply" && e.subresource == sub;
 
+    // An empty map in the configuration merges into the live map: it neither replaces
+    // nor conflicts with what others own inside it.
+    let merge_only = |p: &Path| {
+        get(applied, p).is_some_and(|v| v.as_object().is_some_and(Map::is_empty))
+            && get(live, p).is_none_or(Value::is_object)
+    };
     let mut conflicts = Vec::new();
     for p in &new_paths {
         let wanted = get(applied, p);
-        if get(live, p) == wanted {
+        if get(live, p) == wanted || merge_only(p) {
             continue;
         }
         for e in entries.iter().filter(|e| !mine(e)) {
@@ -274,7 +280,7 @@ pub fn apply(
             e.fields.retain(|q| {
                 !new_paths
                     .iter()
-                    .any(|p| overlaps(p, q) && get(live, p) != get(applied, p))
+                    .any(|p| !merge_only(p) && overlaps(p, q) && get(live, p) != get(applied, p))
             });
         }
     }
@@ -290,12 +296,17 @@ pub fn apply(
             .iter()
             .filter(|e| !mine(e))
             .any(|e| e.fields.iter().any(|q| overlaps(gone, q)));
-        let replaced = new_paths.iter().any(|p| overlaps(p, gone));
+        let replaced = new_paths
+            .iter()
+            .any(|p| !merge_only(p) && overlaps(p, gone));
         if !owned_elsewhere && !replaced {
             remove(&mut out, gone);
         }
     }
     for p in &new_paths {
+        if merge_only(p) && get(&out, p).is_some() {
+            continue;
+        }
         if let Some(v) = get(applied, p) {
             set(&mut out, p, v.clone());
         }
