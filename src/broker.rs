@@ -29,7 +29,8 @@ impl BrokerUri {
     /// Checks an `amqp://` or `amqps://` URI.
     pub fn parse(raw: &str) -> Result<Self, InvalidUri> {
         let raw = raw.trim();
-        let url = url::Url::parse(raw).map_err(|e| InvalidUri(format!("not a URL ({e})")))?;
+        let url = url::Url::parse(raw)
+            .map_err(|e| InvalidUri(format!("not a URL ({e})")))?;
         let scheme = url.scheme();
         if scheme != "amqp" && scheme != "amqps" {
             return Err(InvalidUri(format!(
@@ -42,7 +43,10 @@ impl BrokerUri {
             .ok_or_else(|| InvalidUri("the URI has no host".into()))?;
         raw.parse::<AMQPUri>()
             .map_err(|_| InvalidUri("the URI is not a valid AMQP URI".into()))?;
-        let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+        let port = url
+            .port()
+            .map(|p| format!(":{p}"))
+            .unwrap_or_default();
         let redacted = format!("{scheme}://{host}{port}{}", url.path());
         Ok(Self {
             raw: raw.to_string(),
@@ -66,10 +70,7 @@ impl BrokerUri {
         let url = url::Url::parse(&self.raw).expect("checked in parse");
         let mut uri: AMQPUri = self.raw.parse().expect("checked in parse");
         if let Some(host) = url.host_str() {
-            uri.authority.host = host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string();
+            uri.authority.host = host.trim_start_matches('[').trim_end_matches(']').to_string();
         }
         uri
     }
@@ -205,21 +206,17 @@ impl Brokers {
                 });
             }
             let connect = Connection::connect_uri(uri.amqp_uri(), ConnectionProperties::default());
-            let connection =
-                match tokio::time::timeout(self.settings.connect_timeout, connect).await {
-                    Ok(Ok(c)) => c,
-                    Ok(Err(e)) => return Err(self.fail(state, uri, classify(&e))),
-                    Err(_) => {
-                        return Err(self.fail(
-                            state,
-                            uri,
-                            (
-                                "Timeout",
-                                format!("no answer within {:?}", self.settings.connect_timeout),
-                            ),
-                        ));
-                    }
-                };
+            let connection = match tokio::time::timeout(self.settings.connect_timeout, connect).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return Err(self.fail(state, uri, classify(&e))),
+                Err(_) => {
+                    return Err(self.fail(
+                        state,
+                        uri,
+                        ("Timeout", format!("no answer within {:?}", self.settings.connect_timeout)),
+                    ));
+                }
+            };
             tracing::info!(broker = %uri, "connected to broker");
             state.open = Some(Open {
                 connection,
@@ -247,12 +244,7 @@ impl Brokers {
         }
     }
 
-    fn fail(
-        &self,
-        state: &mut ConnState,
-        uri: &BrokerUri,
-        (reason, message): (&'static str, String),
-    ) -> Probe {
+    fn fail(&self, state: &mut ConnState, uri: &BrokerUri, (reason, message): (&'static str, String)) -> Probe {
         state.failures = state.failures.saturating_add(1);
         let backoff = self
             .settings
@@ -297,10 +289,7 @@ impl Brokers {
                         Probe::QueueNotFound
                     }
                     ErrorKind::ProtocolError(amqp)
-                        if matches!(
-                            amqp.kind(),
-                            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
-                        ) =>
+                        if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)) =>
                     {
                         Probe::Unreachable {
                             reason: "AccessRefused",
@@ -318,10 +307,7 @@ impl Brokers {
                 self.fail(
                     &mut state,
                     uri,
-                    (
-                        "Timeout",
-                        format!("no answer within {:?}", self.settings.probe_timeout),
-                    ),
+                    ("Timeout", format!("no answer within {:?}", self.settings.probe_timeout)),
                 )
             }
         }
@@ -338,22 +324,15 @@ fn classify(e: &lapin::Error) -> (&'static str, String) {
     match e.kind() {
         ErrorKind::IOError(io) => ("ConnectionFailed", format!("connection failed: {io}")),
         ErrorKind::ProtocolError(amqp) => match amqp.kind() {
-            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => (
-                "AuthenticationFailed",
-                "the broker refused the credentials or vhost".into(),
-            ),
-            _ => (
-                "ProtocolError",
-                format!("the broker closed the connection: {}", amqp.get_message()),
-            ),
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => {
+                ("AuthenticationFailed", "the broker refused the credentials or vhost".into())
+            }
+            _ => ("ProtocolError", format!("the broker closed the connection: {}", amqp.get_message())),
         },
-        ErrorKind::AuthProviderError(_) => (
-            "AuthenticationFailed",
-            "the broker refused the credentials".into(),
-        ),
-        ErrorKind::MissingHeartbeatError => {
-            ("Timeout", "the broker stopped sending heartbeats".into())
+        ErrorKind::AuthProviderError(_) => {
+            ("AuthenticationFailed", "the broker refused the credentials".into())
         }
+        ErrorKind::MissingHeartbeatError => ("Timeout", "the broker stopped sending heartbeats".into()),
         ErrorKind::InvalidConnectionState(_) | ErrorKind::InvalidChannelState(..) => {
             ("ConnectionFailed", "the connection was closed".into())
         }
@@ -367,8 +346,7 @@ mod tests {
 
     #[test]
     fn uri_debug_and_display_hide_credentials() {
-        let uri =
-            BrokerUri::parse("amqp://alice:s3cret@rabbit.example:5673/ci?heartbeat=10").unwrap();
+        let uri = BrokerUri::parse("amqp://alice:s3cret@rabbit.example:5673/ci?heartbeat=10").unwrap();
         let shown = format!("{uri:?} {uri}");
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(!shown.contains("alice"), "{shown}");
@@ -385,12 +363,7 @@ mod tests {
 
     #[test]
     fn bad_uris_are_refused_without_echoing_them() {
-        for raw in [
-            "http://u:pw@host/",
-            "not a uri pw",
-            "amqp://",
-            "amqp://u:pw@/vhost",
-        ] {
+        for raw in ["http://u:pw@host/", "not a uri pw", "amqp://", "amqp://u:pw@/vhost"] {
             let err = BrokerUri::parse(raw).unwrap_err();
             assert!(!err.0.contains("pw"), "{raw} -> {err}");
         }

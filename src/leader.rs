@@ -44,11 +44,7 @@ pub fn default_identity() -> String {
 
 /// Waits for the Lease, then runs `work` while holding it. Returns when `work`
 /// ends (the Lease is released) or with [`Error::Lost`] when the Lease is lost.
-pub async fn run_as_leader<F: Future<Output = ()>>(
-    client: Client,
-    election: Election,
-    work: F,
-) -> Result<(), Error> {
+pub async fn run_as_leader<F: Future<Output = ()>>(client: Client, election: Election, work: F) -> Result<(), Error> {
     let grace = (election.duration_seconds / 3).clamp(1, 5);
     let manager = LeaseManagerBuilder::new(client, &election.name)
         .with_namespace(&election.namespace)

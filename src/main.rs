@@ -53,10 +53,12 @@ struct SimulateArgs {
         long,
         env = "TESTRUNNER_AMQP_URI",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
+        hide_env_values = true,
+        hide_default_value = true
     )]
     amqp_uri: String,
-    /// Divides the kubelet's durations (CrashLoopBackOff, grace periods); 10 runs ten times faster.
+    /// Divides the kubelet's durations (CrashLoopBackOff, grace periods); 10 runs ten
+    /// times faster.
     #[arg(long, default_value_t = 1.0)]
     time_scale: f64,
 }
@@ -86,12 +88,7 @@ struct RunArgs {
     #[arg(long, env = "TESTRUNNER_OPERATOR_IMAGE", default_value = concat!("testrunner-operator:", env!("CARGO_PKG_VERSION")))]
     operator_image: String,
     /// Namespaces to watch, comma separated; all namespaces when empty.
-    #[arg(
-        long,
-        env = "TESTRUNNER_WATCH_NAMESPACES",
-        value_delimiter = ',',
-        default_value = ""
-    )]
+    #[arg(long, env = "TESTRUNNER_WATCH_NAMESPACES", value_delimiter = ',', default_value = "")]
     watch_namespaces: Vec<String>,
     /// Take part in leader election (on a coordination.k8s.io Lease) so replicas are safe.
     #[arg(long, env = "TESTRUNNER_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
@@ -100,11 +97,7 @@ struct RunArgs {
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
     /// Name of the leader Lease.
-    #[arg(
-        long,
-        env = "TESTRUNNER_LEASE_NAME",
-        default_value = "testrunner-operator"
-    )]
+    #[arg(long, env = "TESTRUNNER_LEASE_NAME", default_value = "testrunner-operator")]
     lease_name: String,
     /// Seconds a Lease stays valid without renewal; a standby takes over after it.
     #[arg(long, env = "TESTRUNNER_LEASE_DURATION", default_value_t = 15)]
@@ -127,52 +120,13 @@ fn main() -> ExitCode {
         Command::InstallWorker { path } => match install_worker(&path) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!(
-                    "failed to install the worker binary at {}: {e}",
-                    path.display()
-                );
+                eprintln!("failed to install the worker binary at {}: {e}", path.display());
                 ExitCode::FAILURE
             }
         },
         Command::Run(args) => runtime().block_on(run(args)),
-        Command::Simulate(args) => {
-            let opts = testrunner_operator::sim::SimulateOptions {
-                listen: args.listen,
-                kubeconfig: args.kubeconfig,
-                amqp_uri: args.amqp_uri,
-                time_scale: args.time_scale,
-            };
-            match runtime().block_on(testrunner_operator::sim::simulate(opts)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("{e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::Publish(args) => {
-            let published = runtime().block_on(testrunner_operator::sim::publish::publish(
-                &args.amqp_uri,
-                &args.queue,
-                args.count,
-                args.declare_quorum,
-            ));
-            match published {
-                Ok(ids) => {
-                    println!(
-                        "published {} ticket(s) to {}: {}",
-                        ids.len(),
-                        args.queue,
-                        ids.join(" ")
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("{e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Simulate(args) => simulate(args),
+        Command::Publish(args) => publish(args),
     }
 }
 
@@ -181,6 +135,46 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("failed to start the async runtime")
+}
+
+fn simulate(args: SimulateArgs) -> ExitCode {
+    let opts = testrunner_operator::sim::SimulateOptions {
+        listen: args.listen,
+        kubeconfig: args.kubeconfig,
+        amqp_uri: args.amqp_uri,
+        time_scale: args.time_scale,
+    };
+    match runtime().block_on(testrunner_operator::sim::simulate(opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn publish(args: PublishArgs) -> ExitCode {
+    let published = runtime().block_on(testrunner_operator::sim::publish::publish(
+        &args.amqp_uri,
+        &args.queue,
+        args.count,
+        args.declare_quorum,
+    ));
+    match published {
+        Ok(ids) => {
+            println!(
+                "published {} ticket(s) to {}: {}",
+                ids.len(),
+                args.queue,
+                ids.join(" ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn install_worker(path: &std::path::Path) -> std::io::Result<()> {
@@ -210,19 +204,12 @@ async fn run(args: RunArgs) -> ExitCode {
             tracing::error!(error = %e, %addr, "failed to serve HTTP endpoints");
         }
     });
-    let instance = args
-        .instance
-        .clone()
-        .unwrap_or_else(leader::default_identity);
+    let instance = args.instance.clone().unwrap_or_else(leader::default_identity);
     let settings = Settings {
         pods: PodSettings {
             operator_image: args.operator_image,
         },
-        namespaces: args
-            .watch_namespaces
-            .into_iter()
-            .filter(|n| !n.is_empty())
-            .collect(),
+        namespaces: args.watch_namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
         controller_name: "testrunner-operator".into(),
         instance: Some(instance.clone()),
     };
@@ -235,13 +222,7 @@ async fn run(args: RunArgs) -> ExitCode {
         };
         // A standby is ready: it serves its probes while it waits for the lease.
         ready.store(true, std::sync::atomic::Ordering::Relaxed);
-        match leader::run_as_leader(
-            client.clone(),
-            election,
-            controller::run(client, settings, metrics, ready),
-        )
-        .await
-        {
+        match leader::run_as_leader(client.clone(), election, controller::run(client, settings, metrics, ready)).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "leader election failed");

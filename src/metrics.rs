@@ -82,31 +82,11 @@ impl Default for Metrics {
             probe_failures: Family::default(),
             registry: Registry::default(),
         };
-        registry.register(
-            "queue_ready_tickets",
-            "Tickets ready in the pool's queue",
-            m.queue_ready.clone(),
-        );
-        registry.register(
-            "queue_consumers",
-            "Consumers on the pool's queue",
-            m.queue_consumers.clone(),
-        );
-        registry.register(
-            "workers_desired",
-            "Worker pods the operator wants",
-            m.workers_desired.clone(),
-        );
-        registry.register(
-            "workers_current",
-            "Worker pods that exist (not terminating)",
-            m.workers_current.clone(),
-        );
-        registry.register(
-            "workers_ready",
-            "Worker pods that are ready",
-            m.workers_ready.clone(),
-        );
+        registry.register("queue_ready_tickets", "Tickets ready in the pool's queue", m.queue_ready.clone());
+        registry.register("queue_consumers", "Consumers on the pool's queue", m.queue_consumers.clone());
+        registry.register("workers_desired", "Worker pods the operator wants", m.workers_desired.clone());
+        registry.register("workers_current", "Worker pods that exist (not terminating)", m.workers_current.clone());
+        registry.register("workers_ready", "Worker pods that are ready", m.workers_ready.clone());
         registry.register(
             "broker_unreachable",
             "1 while the pool's broker cannot be reached",

@@ -10,7 +10,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
 use crate::core::{PodState, PodView};
-use crate::crd::{APP_NAME, LABEL_POOL, LABEL_REVISION, MANAGED_BY, TestRunnerPool, WorkerMode};
+use crate::crd::{
+    APP_NAME, LABEL_POOL, LABEL_REVISION, MANAGED_BY, TestRunnerPool, WorkerMode,
+};
 
 /// Name of the worker container.
 pub const WORKER_CONTAINER: &str = "worker";
@@ -34,10 +36,7 @@ pub struct PodSettings {
 pub fn selector_labels(pool_name: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".to_string(), APP_NAME.to_string()),
-        (
-            "app.kubernetes.io/managed-by".to_string(),
-            MANAGED_BY.to_string(),
-        ),
+        ("app.kubernetes.io/managed-by".to_string(), MANAGED_BY.to_string()),
         (LABEL_POOL.to_string(), pool_name.to_string()),
     ])
 }
@@ -70,10 +69,7 @@ pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &P
     let mut env_vars = vec![
         env("TESTRUNNER_POOL", &pool.name_any()),
         env("TESTRUNNER_QUEUE", &spec.queue.name),
-        env(
-            "TESTRUNNER_QUARANTINE_QUEUE",
-            &spec.queue.quarantine_queue_name(),
-        ),
+        env("TESTRUNNER_QUARANTINE_QUEUE", &spec.queue.quarantine_queue_name()),
         env("TESTRUNNER_IMAGE", &spec.image),
         env("TESTRUNNER_REVISION", revision),
         EnvVar {
@@ -91,18 +87,14 @@ pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &P
     ];
     env_vars.extend(overrides.env.iter().cloned());
 
-    let container_security =
-        overrides
-            .container_security_context
-            .clone()
-            .unwrap_or(SecurityContext {
-                allow_privilege_escalation: Some(false),
-                capabilities: Some(Capabilities {
-                    drop: Some(vec!["ALL".into()]),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            });
+    let container_security = overrides.container_security_context.clone().unwrap_or(SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
 
     let mut volumes = overrides.volumes.clone();
     let mut mounts = overrides.volume_mounts.clone();
@@ -161,17 +153,14 @@ pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &P
         ..Default::default()
     };
 
-    let pod_security = overrides
-        .security_context
-        .clone()
-        .unwrap_or(PodSecurityContext {
-            run_as_non_root: Some(true),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".into(),
-                ..Default::default()
-            }),
+    let pod_security = overrides.security_context.clone().unwrap_or(PodSecurityContext {
+        run_as_non_root: Some(true),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
             ..Default::default()
-        });
+        }),
+        ..Default::default()
+    });
 
     Pod {
         metadata: ObjectMeta {
@@ -192,8 +181,7 @@ pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &P
                     .termination_grace_period_seconds
                     .unwrap_or(DEFAULT_GRACE_SECONDS),
             ),
-            node_selector: (!overrides.node_selector.is_empty())
-                .then(|| overrides.node_selector.clone()),
+            node_selector: (!overrides.node_selector.is_empty()).then(|| overrides.node_selector.clone()),
             tolerations: (!overrides.tolerations.is_empty()).then(|| overrides.tolerations.clone()),
             affinity: overrides.affinity.clone(),
             service_account_name: overrides.service_account_name.clone(),

@@ -665,6 +665,7 @@ async fn the_operator_runs_against_the_simulation_and_gc_removes_its_workers() {
         "127.0.0.1:0".parse().unwrap(),
         "amqp://guest:guest@127.0.0.1:1/%2f",
         50.0,
+        env!("CARGO_BIN_EXE_testrunner-operator").into(),
     )
     .await
     .unwrap();

@@ -136,20 +136,13 @@ impl Context {
 }
 
 /// Reads the broker URI from the pool's Secret, or says what is wrong with it.
-async fn broker_uri(
-    pool: &TestRunnerPool,
-    ctx: &Context,
-) -> Result<Result<BrokerUri, ConfigProblem>, Error> {
+async fn broker_uri(pool: &TestRunnerPool, ctx: &Context) -> Result<Result<BrokerUri, ConfigProblem>, Error> {
     let ns = pool.namespace().unwrap_or_default();
     let r = &pool.spec.queue.connection_secret_ref;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let secret = match secrets.get_opt(&r.name).await {
         Ok(Some(s)) => s,
-        Ok(None) => {
-            return Ok(Err(ConfigProblem::SecretNotFound {
-                name: r.name.clone(),
-            }));
-        }
+        Ok(None) => return Ok(Err(ConfigProblem::SecretNotFound { name: r.name.clone() })),
         Err(source) => {
             return Err(Error::ReadSecret {
                 name: r.name.clone(),
@@ -184,9 +177,7 @@ pub async fn reconcile(guarded: Arc<Guarded>, ctx: Arc<Context>) -> Result<Actio
     };
     let ns = pool.namespace().unwrap_or_default();
     let name = pool.name_any();
-    tracing::Span::current()
-        .record("namespace", ns.as_str())
-        .record("pool", name.as_str());
+    tracing::Span::current().record("namespace", ns.as_str()).record("pool", name.as_str());
 
     // Observe.
     let uri = broker_uri(pool, &ctx).await?;
@@ -218,11 +209,7 @@ pub async fn reconcile(guarded: Arc<Guarded>, ctx: Arc<Context>) -> Result<Actio
     let pods: Vec<_> = pod_list
         .items
         .iter()
-        .filter(|p| {
-            p.owner_references()
-                .iter()
-                .any(|o| Some(&o.uid) == uid.as_ref())
-        })
+        .filter(|p| p.owner_references().iter().any(|o| Some(&o.uid) == uid.as_ref()))
         .map(pods::view)
         .collect();
     let observed = Observed {
@@ -244,22 +231,13 @@ pub async fn reconcile(guarded: Arc<Guarded>, ctx: Arc<Context>) -> Result<Actio
     Ok(Action::requeue(plan.requeue_after))
 }
 
-async fn apply(
-    pool: &TestRunnerPool,
-    plan: &Plan,
-    pods_api: &Api<Pod>,
-    ctx: &Context,
-) -> Result<(), Error> {
+async fn apply(pool: &TestRunnerPool, plan: &Plan, pods_api: &Api<Pod>, ctx: &Context) -> Result<(), Error> {
     let name = pool.name_any();
     for _ in 0..plan.create {
         let pod_name = pods::pod_name(&name);
         let pod = pods::build_pod(pool, &pod_name, &plan.revision, &ctx.settings.pods);
         pods_api
-            .patch(
-                &pod_name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&pod),
-            )
+            .patch(&pod_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&pod))
             .await
             .map_err(|source| Error::CreatePod {
                 name: pod_name.clone(),
@@ -303,8 +281,7 @@ async fn write_status(pool: &TestRunnerPool, plan: &Plan, ctx: &Context) -> Resu
     if !core::status_changed(pool.status.as_ref(), &plan.status) {
         return Ok(());
     }
-    let api: Api<TestRunnerPool> =
-        Api::namespaced(ctx.client.clone(), &pool.namespace().unwrap_or_default());
+    let api: Api<TestRunnerPool> = Api::namespaced(ctx.client.clone(), &pool.namespace().unwrap_or_default());
     let body = json!({
         "apiVersion": TestRunnerPool::api_version(&()),
         "kind": TestRunnerPool::kind(&()),
@@ -327,34 +304,19 @@ fn record_metrics(pool: &TestRunnerPool, plan: &Plan, metrics: &Metrics) {
     };
     if let Some(q) = &plan.status.queue {
         metrics.queue_ready.get_or_create(&labels).set(q.ready);
-        metrics
-            .queue_consumers
-            .get_or_create(&labels)
-            .set(q.consumers);
+        metrics.queue_consumers.get_or_create(&labels).set(q.consumers);
     }
     if let Some(w) = &plan.status.workers {
-        metrics
-            .workers_desired
-            .get_or_create(&labels)
-            .set(w.desired as i64);
-        metrics
-            .workers_current
-            .get_or_create(&labels)
-            .set(w.current as i64);
-        metrics
-            .workers_ready
-            .get_or_create(&labels)
-            .set(w.ready as i64);
+        metrics.workers_desired.get_or_create(&labels).set(w.desired as i64);
+        metrics.workers_current.get_or_create(&labels).set(w.current as i64);
+        metrics.workers_ready.get_or_create(&labels).set(w.ready as i64);
     }
     let unreachable = plan
         .status
         .conditions
         .iter()
         .any(|c| c.type_ == core::CONDITION_BROKER_REACHABLE && c.status == "False");
-    metrics
-        .broker_unreachable
-        .get_or_create(&labels)
-        .set(unreachable as i64);
+    metrics.broker_unreachable.get_or_create(&labels).set(unreachable as i64);
 }
 
 /// Cuts `s` to at most `max` bytes on a character boundary.
@@ -418,12 +380,7 @@ pub fn error_policy(guarded: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> 
 }
 
 /// Runs the controller until a shutdown signal; `ready` turns true once it runs.
-pub async fn run(
-    client: Client,
-    settings: Settings,
-    metrics: Arc<Metrics>,
-    ready: Arc<AtomicBool>,
-) {
+pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) {
     let namespaces: Vec<Option<String>> = if settings.namespaces.is_empty() {
         vec![None]
     } else {
@@ -433,10 +390,7 @@ pub async fn run(
     let mut runs = Vec::new();
     for ns in namespaces {
         let (pools, pods): (Api<Guarded>, Api<Pod>) = match &ns {
-            Some(ns) => (
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-            ),
+            Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
             None => (Api::all(client.clone()), Api::all(client.clone())),
         };
         let pod_config = watcher::Config::default().labels(&format!(
@@ -447,12 +401,7 @@ pub async fn run(
         let store = controller.store();
         let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded();
         let probes = Probes::new(brokers.clone(), metrics.clone(), store, trigger_tx);
-        let ctx = Arc::new(Context::new(
-            client.clone(),
-            metrics.clone(),
-            settings.clone(),
-            probes,
-        ));
+        let ctx = Arc::new(Context::new(client.clone(), metrics.clone(), settings.clone(), probes));
         let fut = controller
             .owns(pods, pod_config)
             .reconcile_on(trigger_rx)
@@ -463,10 +412,7 @@ pub async fn run(
                     tracing::debug!(error = %e, "reconcile did not complete");
                 }
             })
-            .instrument(tracing::info_span!(
-                "controller",
-                namespace = ns.as_deref().unwrap_or("*")
-            ));
+            .instrument(tracing::info_span!("controller", namespace = ns.as_deref().unwrap_or("*")));
         runs.push(fut);
     }
     ready.store(true, Ordering::Relaxed);

@@ -85,8 +85,7 @@ impl Probes {
             task.handle.abort();
         }
         let (tx, rx) = watch::channel(carried.clone());
-        let handle =
-            tokio::spawn(probe_loop(self.clone(), pool.clone(), key.clone(), tx)).abort_handle();
+        let handle = tokio::spawn(probe_loop(self.clone(), pool.clone(), key.clone(), tx)).abort_handle();
         tasks.insert(
             pool.clone(),
             Task {
@@ -116,12 +115,7 @@ impl Probes {
     }
 }
 
-async fn probe_loop(
-    probes: Probes,
-    pool: ObjectRef<Guarded>,
-    key: ProbeKey,
-    tx: watch::Sender<BrokerView>,
-) {
+async fn probe_loop(probes: Probes, pool: ObjectRef<Guarded>, key: ProbeKey, tx: watch::Sender<BrokerView>) {
     let inner = &probes.0;
     let labels = PoolLabels {
         namespace: pool.namespace.clone().unwrap_or_default(),
@@ -141,10 +135,7 @@ async fn probe_loop(
         }
         let started = Instant::now();
         let probe = inner.brokers.probe(&key.uri, &key.queue).await;
-        inner
-            .metrics
-            .probe_duration
-            .observe(started.elapsed().as_secs_f64());
+        inner.metrics.probe_duration.observe(started.elapsed().as_secs_f64());
         if let Some(reason) = probe.failure_reason() {
             inner
                 .metrics

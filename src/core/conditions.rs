@@ -80,12 +80,7 @@ pub(super) fn status(input: StatusInput<'_>) -> TestRunnerPoolStatus {
     };
 
     let degraded = if let Some(problem) = config_problem {
-        cond(
-            CONDITION_DEGRADED,
-            true,
-            problem.reason(),
-            problem.message(),
-        )
+        cond(CONDITION_DEGRADED, true, problem.reason(), problem.message())
     } else if let BrokerView::Unreachable { message, .. } = &observed.broker {
         cond(
             CONDITION_DEGRADED,
@@ -119,12 +114,7 @@ pub(super) fn status(input: StatusInput<'_>) -> TestRunnerPoolStatus {
             "spec.paused is true: workers are neither created nor deleted".into(),
         )
     } else if is_degraded {
-        cond(
-            CONDITION_READY,
-            false,
-            &degraded.reason,
-            degraded.message.clone(),
-        )
+        cond(CONDITION_READY, false, &degraded.reason, degraded.message.clone())
     } else if decision.ready >= decision.desired && decision.current == decision.desired {
         cond(
             CONDITION_READY,
@@ -248,8 +238,7 @@ pub(super) fn transition_events(
         }
     }
     let queue_missing = |s: &TestRunnerPoolStatus| {
-        find(s, CONDITION_DEGRADED)
-            .is_some_and(|c| c.status == "True" && c.reason == "QueueNotFound")
+        find(s, CONDITION_DEGRADED).is_some_and(|c| c.status == "True" && c.reason == "QueueNotFound")
     };
     if queue_missing(new) && !queue_missing(old) {
         let note = find(new, CONDITION_DEGRADED)

@@ -130,9 +130,7 @@ impl ConfigProblem {
     pub fn message(&self) -> String {
         match self {
             ConfigProblem::SecretNotFound { name } => {
-                format!(
-                    "Secret {name:?} referenced by spec.queue.connectionSecretRef does not exist"
-                )
+                format!("Secret {name:?} referenced by spec.queue.connectionSecretRef does not exist")
             }
             ConfigProblem::SecretKeyMissing { name, key } => {
                 format!("Secret {name:?} has no key {key:?} (spec.queue.connectionSecretRef.key)")
@@ -209,10 +207,7 @@ pub fn settings(spec: &TestRunnerPoolSpec) -> Result<Settings, ConfigProblem> {
             ),
         });
     }
-    let scale_down_delay = parse(
-        "spec.scaling.scaleDownDelay",
-        &spec.scaling.scale_down_delay,
-    )?;
+    let scale_down_delay = parse("spec.scaling.scaleDownDelay", &spec.scaling.scale_down_delay)?;
     Ok(Settings {
         poll_interval,
         scale_down_delay,

@@ -259,10 +259,13 @@ pub struct Simulation {
 
 impl Simulation {
     /// Starts the API server and the kubelet, installs the CRD and the broker Secret.
+    /// `exe` is the binary `testrunner-operator` commands in pods run: this binary for
+    /// `simulate`; tests pass `CARGO_BIN_EXE_testrunner-operator`.
     pub async fn start(
         listen: SocketAddr,
         amqp_uri: &str,
         time_scale: f64,
+        exe: std::path::PathBuf,
     ) -> std::io::Result<Self> {
         let api = start_api(listen, ServerConfig::default()).await?;
         install_crd(&api.cluster).map_err(|e| std::io::Error::other(e.message))?;
@@ -279,7 +282,7 @@ impl Simulation {
             kubelet::Config {
                 time_scale,
                 root: root.clone(),
-                exe: std::env::current_exe()?,
+                exe,
                 node_name: "simulated-node".into(),
             },
         );
@@ -323,7 +326,8 @@ async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, String> {
 
 /// `testrunner-operator simulate`: runs until Ctrl-C or SIGTERM.
 pub async fn simulate(opts: SimulateOptions) -> Result<(), String> {
-    let sim = Simulation::start(opts.listen, &opts.amqp_uri, opts.time_scale)
+    let exe = std::env::current_exe().map_err(|e| format!("failed to find this binary: {e}"))?;
+    let sim = Simulation::start(opts.listen, &opts.amqp_uri, opts.time_scale, exe)
         .await
         .map_err(|e| {
             format!(
