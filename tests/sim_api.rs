@@ -725,3 +725,174 @@ async fn the_operator_runs_against_the_simulation_and_gc_removes_its_workers() {
     operator.abort();
     sim.shutdown().await;
 }
+
+fn pod_status(p: &Pod) -> Value {
+    serde_json::to_value(p.status.clone().unwrap_or_default()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubelet_runs_init_then_main_containers_with_env_restarts_and_termination_messages() {
+    // Time scale 100: CrashLoopBackOff waits 0.1 s, 0.2 s, 0.4 s, ...
+    let sim = sim::Simulation::start(
+        "127.0.0.1:0".parse().unwrap(),
+        "amqp://user:secret@broker.example/%2f",
+        100.0,
+        env!("CARGO_BIN_EXE_testrunner-operator").into(),
+    )
+    .await
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(sim.api.client(), "default");
+    let mount = json!([{"name": "shared", "mountPath": "/opt/shared"}]);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "crasher"},
+        "spec": {
+            "volumes": [{"name": "shared", "emptyDir": {}}],
+            "initContainers": [{"name": "init", "image": "tools:1", "volumeMounts": mount,
+                "command": ["sh", "-c", "echo hello > /opt/shared/greeting"]}],
+            "containers": [{"name": "main", "image": "runner:broken", "volumeMounts": mount,
+                "env": [{"name": "URI", "valueFrom": {"secretKeyRef": {"name": "rabbitmq", "key": "uri"}}}],
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "command": ["sh", "-c", "printf '%s|%s|%s' \"$(cat /opt/shared/greeting)\" \"$URI\" \"$TESTRUNNER_IMAGE\" > \"$TESTRUNNER_TERMINATION_LOG\"; exit 3"]}],
+        }
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let status = eventually(30, "two restarts", || {
+        let pods = pods.clone();
+        async move {
+            let p = pods.get("crasher").await.ok()?;
+            let s = pod_status(&p);
+            (s["containerStatuses"][0]["restartCount"].as_i64()? >= 2).then_some(s)
+        }
+    })
+    .await;
+    let init = &status["initContainerStatuses"][0]["state"]["terminated"];
+    assert_eq!(
+        (init["exitCode"].as_i64(), init["reason"].as_str()),
+        (Some(0), Some("Completed"))
+    );
+    let last = &status["containerStatuses"][0]["lastState"]["terminated"];
+    assert_eq!(last["exitCode"], 3);
+    assert_eq!(last["reason"], "Error");
+    assert_eq!(
+        last["message"],
+        "hello|amqp://user:secret@broker.example/%2f|runner:broken"
+    );
+    assert!(last["finishedAt"].is_string());
+    assert_eq!(status["phase"], "Running");
+
+    // A crash with an empty termination message falls back to the log's tail.
+    let logs: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "logger"},
+        "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": "x",
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+            "command": ["sh", "-c", "echo first line; echo last words >&2; exit 7"]}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &logs).await.unwrap();
+    let status = eventually(30, "the logger to fail", || {
+        let pods = pods.clone();
+        async move {
+            let s = pod_status(&pods.get("logger").await.ok()?);
+            (s["phase"] == "Failed").then_some(s)
+        }
+    })
+    .await;
+    let term = &status["containerStatuses"][0]["state"]["terminated"];
+    assert_eq!(term["exitCode"], 7);
+    assert_eq!(term["message"], "first line\nlast words");
+    sim.shutdown().await;
+}
+
+fn process_alive(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // A zombie is dead; it only waits for a parent to reap it.
+        Ok(stat) => !stat
+            .split(") ")
+            .nth(1)
+            .is_some_and(|rest| rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_pod_sends_sigterm_waits_the_grace_period_then_kills() {
+    // Time scale 100: a grace period of 100 s lasts one second.
+    let sim = sim::Simulation::start(
+        "127.0.0.1:0".parse().unwrap(),
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+        100.0,
+        env!("CARGO_BIN_EXE_testrunner-operator").into(),
+    )
+    .await
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!("sim-grace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = format!(
+        "echo $$ > {d}/pid; trap 'echo term > {d}/term' TERM; while true; do sleep 0.05; done",
+        d = dir.display()
+    );
+    let pods: Api<Pod> = Api::namespaced(sim.api.client(), "default");
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "stubborn"},
+        "spec": {"terminationGracePeriodSeconds": 100,
+            "containers": [{"name": "main", "image": "x", "command": ["sh", "-c", script]}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    eventually(30, "the pod to be Ready", || {
+        let pods = pods.clone();
+        async move {
+            let s = pod_status(&pods.get("stubborn").await.ok()?);
+            let ready = s["conditions"]
+                .as_array()?
+                .iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            ready.then_some(())
+        }
+    })
+    .await;
+    let pid = eventually(10, "the pid file", || {
+        let f = dir.join("pid");
+        async move {
+            std::fs::read_to_string(f)
+                .ok()
+                .filter(|s| !s.trim().is_empty())
+        }
+    })
+    .await;
+    let pid = pid.trim().to_string();
+    assert!(process_alive(&pid));
+
+    let started = std::time::Instant::now();
+    pods.delete("stubborn", &DeleteParams::default())
+        .await
+        .unwrap();
+    let terminating = pods.get("stubborn").await.unwrap();
+    assert!(terminating.metadata.deletion_timestamp.is_some());
+    eventually(10, "SIGTERM to reach the process", || {
+        let f = dir.join("term");
+        async move { f.exists().then_some(()) }
+    })
+    .await;
+    assert!(
+        process_alive(&pid),
+        "the process ignores SIGTERM and lives through the grace period"
+    );
+    eventually(15, "the pod object to go", || {
+        let pods = pods.clone();
+        async move { pods.get_opt("stubborn").await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "the grace period is waited for"
+    );
+    eventually(5, "the process to be killed", || {
+        let pid = pid.clone();
+        async move { (!process_alive(&pid)).then_some(()) }
+    })
+    .await;
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

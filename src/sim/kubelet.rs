@@ -307,17 +307,19 @@ impl PodRun {
         self.publish();
     }
 
-    /// Maps a path in the container to the pod directory when it lies under a mount.
+    /// Maps paths in the container to the pod directory when they lie under a mount:
+    /// a whole argument equal to the mount path, and every `<mount>/` inside an
+    /// argument (so shell scripts can name files in their volumes).
     fn map_path(&self, s: &str) -> String {
+        let mut out = s.to_string();
         for (mount, dir) in &self.mounts {
-            if s == mount {
+            let mount = mount.trim_end_matches('/');
+            if out == mount {
                 return dir.display().to_string();
             }
-            if let Some(rest) = s.strip_prefix(&format!("{}/", mount.trim_end_matches('/'))) {
-                return dir.join(rest).display().to_string();
-            }
+            out = out.replace(&format!("{mount}/"), &format!("{}/", dir.display()));
         }
-        s.to_string()
+        out
     }
 }
 
