@@ -868,7 +868,14 @@ impl Cluster {
                 }
             }
         }
-        if !applied {
+        // A write that sets managedFields itself (kubectl does, when it moves
+        // client-side apply ownership to server-side apply) is taken as given.
+        let explicit_fields = !applied
+            && new["metadata"]["managedFields"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+            && new["metadata"]["managedFields"] != old["metadata"]["managedFields"];
+        if !applied && !explicit_fields {
             new["metadata"]["managedFields"] = old["metadata"]["managedFields"].clone();
             if new["metadata"]["managedFields"].is_null()
                 && let Some(m) = new["metadata"].as_object_mut()
@@ -884,7 +891,7 @@ impl Cluster {
                 .unwrap_or(1);
             new["metadata"]["generation"] = json!(g + 1);
         }
-        if !applied {
+        if !applied && !explicit_fields {
             let api_version = kind.api_version();
             let now = now();
             let manager = opts
