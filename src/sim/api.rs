@@ -140,6 +140,10 @@ pub struct DeleteOpts {
 
 type Key = (String, String, String);
 
+/// The start of a watch: the events to send first, the live subscription, and the
+/// resourceVersion it starts at.
+pub type WatchStart = (Vec<Arc<Change>>, broadcast::Receiver<Arc<Change>>, u64);
+
 struct State {
     rv: u64,
     kinds: Vec<Arc<Kind>>,
@@ -334,7 +338,7 @@ impl Cluster {
         kind: &Kind,
         rv: Option<&str>,
         send_initial: bool,
-    ) -> Result<(Vec<Arc<Change>>, broadcast::Receiver<Arc<Change>>, u64), ApiError> {
+    ) -> Result<WatchStart, ApiError> {
         let st = self.lock();
         let rx = self.tx.subscribe();
         let rv = rv.filter(|r| !r.is_empty());
@@ -551,10 +555,11 @@ impl Cluster {
             )
             .with_details(kind, &name));
         }
-        if kind.status && kind.schema.is_some() {
-            if let Some(m) = obj.as_object_mut() {
-                m.remove("status");
-            }
+        if kind.status
+            && kind.schema.is_some()
+            && let Some(m) = obj.as_object_mut()
+        {
+            m.remove("status");
         }
         let now = now();
         {

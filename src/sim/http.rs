@@ -50,12 +50,16 @@ fn error(e: ApiError) -> Response {
     json_response(e.code, &e.status())
 }
 
-fn not_found_path() -> Response {
-    error(ApiError::new(
+fn path_not_found() -> ApiError {
+    ApiError::new(
         404,
         "NotFound",
         "the server could not find the requested resource",
-    ))
+    )
+}
+
+fn not_found_path() -> Response {
+    error(path_not_found())
 }
 
 fn method_not_allowed(method: &Method) -> Response {
@@ -79,7 +83,7 @@ fn resolve(
     group: &str,
     version: &str,
     rest: &[&str],
-) -> Result<Target, Response> {
+) -> Result<Target, ApiError> {
     let (namespace, rest) = match rest {
         ["namespaces", ns, r, more @ ..]
             if !(more.is_empty() && matches!(*r, "status" | "finalize")) =>
@@ -93,23 +97,23 @@ fn resolve(
         other => (None, other.to_vec()),
     };
     let Some(plural) = rest.first() else {
-        return Err(not_found_path());
+        return Err(path_not_found());
     };
     let Some(kind) = cluster.find_kind(group, version, plural) else {
-        return Err(not_found_path());
+        return Err(path_not_found());
     };
     if rest.len() > 3 || (namespace.is_some() && !kind.namespaced) {
-        return Err(not_found_path());
+        return Err(path_not_found());
     }
     let name = rest.get(1).map(|s| s.to_string());
     let subresource = rest.get(2).map(|s| s.to_string());
     if name.is_some() && kind.namespaced && namespace.is_none() {
-        return Err(not_found_path());
+        return Err(path_not_found());
     }
     if let Some(sub) = &subresource
         && !(sub == "status" && kind.status)
     {
-        return Err(not_found_path());
+        return Err(path_not_found());
     }
     Ok(Target {
         kind,
@@ -343,7 +347,7 @@ async fn resource(
     let cluster = &server.cluster;
     let t = match resolve(cluster, group, version, rest) {
         Ok(t) => t,
-        Err(r) => return r,
+        Err(e) => return error(e),
     };
     let kind = t.kind.clone();
     let ns = t.namespace.clone().unwrap_or_default();
