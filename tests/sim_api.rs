@@ -524,6 +524,12 @@ async fn deleting_an_owner_collects_its_dependents_and_pods_terminate_gracefully
         cms.get_opt("dep").await.unwrap().is_none(),
         "the dependent ConfigMap is collected"
     );
+    // A dependent created after its owner is gone is collected as well.
+    let late: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "late", "ownerReferences": owner}}))
+            .unwrap();
+    cms.create(&PostParams::default(), &late).await.unwrap();
+    assert!(cms.get_opt("late").await.unwrap().is_none());
     // No kubelet runs here: the pod waits in Terminating, as on a real cluster whose
     // node is gone.
     let p = pods.get("worker").await.unwrap();
@@ -677,7 +683,7 @@ async fn the_operator_runs_against_the_simulation_and_gc_removes_its_workers() {
             .unwrap();
     pools.create(&PostParams::default(), &body).await.unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let pod = eventually(30, "a worker pod whose init container completed", || {
+    let pod = eventually(60, "a worker pod whose init container completed", || {
         let pods = pods.clone();
         async move {
             let list = pods
@@ -711,7 +717,7 @@ async fn the_operator_runs_against_the_simulation_and_gc_removes_its_workers() {
         .delete("demo", &DeleteParams::default())
         .await
         .unwrap();
-    eventually(30, "the pool's pods to go", || {
+    eventually(60, "the pool's pods to go", || {
         let pods = pods.clone();
         async move {
             let list = pods

@@ -648,6 +648,32 @@ impl Cluster {
             old: None,
         };
         self.record(st, change);
+        // As the garbage collector would: a dependent whose owners are all gone (its
+        // owner was deleted while the request was in flight) is deleted.
+        let owners: Vec<String> = obj
+            .pointer("/metadata/ownerReferences")
+            .and_then(Value::as_array)
+            .map(|refs| {
+                refs.iter()
+                    .filter_map(|r| r["uid"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let orphaned = !owners.is_empty()
+            && !st.objects.values().any(|o| {
+                o.pointer("/metadata/uid")
+                    .and_then(Value::as_str)
+                    .is_some_and(|u| owners.iter().any(|w| w == u))
+            });
+        if orphaned {
+            self.delete_locked(st, &kind.storage, &obj, DeleteOpts::default());
+            if let Some(now) = st
+                .objects
+                .get(&(kind.storage.clone(), ns.to_string(), name.clone()))
+            {
+                obj = now.clone();
+            }
+        }
         Ok(Written {
             object: kind.to_view(obj),
             created: true,
