@@ -297,6 +297,14 @@ impl Simulation {
     }
 }
 
+impl Drop for Simulation {
+    fn drop(&mut self) {
+        // Best effort when `shutdown` was not awaited (a failed test): the processes
+        // die with their handles (kill on drop); their directories go here.
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
 /// Starts the operator in-process against `client` (no leader election).
 pub fn start_operator(client: kube::Client) -> tokio::task::JoinHandle<()> {
     use crate::controller::{self, Settings};
