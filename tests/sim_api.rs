@@ -902,3 +902,38 @@ async fn deleting_a_pod_sends_sigterm_waits_the_grace_period_then_kills() {
     sim.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_election_runs_through_the_lease_api() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use testrunner_operator::leader::{self, Election};
+    let s = server().await;
+    let client = s.client();
+    let election = Election {
+        namespace: "default".into(),
+        name: "testrunner-operator".into(),
+        identity: "replica-a".into(),
+        duration_seconds: 5,
+    };
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+    let leases2 = leases.clone();
+    let work = async move {
+        let lease = eventually(10, "the Lease to name its holder", || {
+            let leases = leases2.clone();
+            async move {
+                let l = leases.get_opt("testrunner-operator").await.ok()??;
+                let holder = l.spec.as_ref()?.holder_identity.clone()?;
+                (holder == "replica-a").then_some(l)
+            }
+        })
+        .await;
+        assert!(lease.spec.unwrap().lease_duration_seconds == Some(5));
+    };
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        leader::run_as_leader(client, election, work),
+    )
+    .await
+    .expect("leading finishes")
+    .expect("the Lease is taken and released");
+}
