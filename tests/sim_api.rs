@@ -610,6 +610,36 @@ async fn bad_requests_get_kubernetes_status_answers() {
     )
     .await;
     assert_eq!(code, 404);
+    let created = raw(
+        &c,
+        "POST",
+        "/api/v1/namespaces/default/configmaps",
+        "application/json",
+        r#"{"metadata":{"name":"x"}}"#,
+    )
+    .await;
+    assert_eq!(created.0, 201);
+    for (ctype, body) in [
+        (
+            "application/json-patch+json",
+            r#"[{"op":"replace","path":"","value":5}]"#,
+        ),
+        ("application/json-patch+json", r#"{"op":"add"}"#),
+        ("application/merge-patch+json", "[1]"),
+        ("application/apply-patch+yaml", "a: [b"),
+        ("application/merge-patch+json", r#"{"metadata": "oops"}"#),
+    ] {
+        let (code, st) = raw(
+            &c,
+            "PATCH",
+            "/api/v1/namespaces/default/configmaps/x",
+            ctype,
+            body,
+        )
+        .await;
+        assert!((400..500).contains(&code), "{ctype} {body}: {code} {st}");
+        assert_eq!(st["kind"], "Status", "{ctype} {body}");
+    }
     let (code, st) = raw(
         &c,
         "PATCH",

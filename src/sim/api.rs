@@ -501,7 +501,8 @@ impl Cluster {
             ));
         }
         Self::check_namespace(st, kind, ns)?;
-        if !obj.get("metadata").is_some_and(Value::is_object) {
+        check_metadata(&obj)?;
+        if obj.get("metadata").is_none() {
             obj["metadata"] = json!({});
         }
         let mut name = obj
@@ -581,6 +582,24 @@ impl Cluster {
                 "selfLink",
             ] {
                 meta.remove(k);
+            }
+        }
+        if kind.kind == "Pod" && kind.group.is_empty() {
+            let containers = obj.pointer("/spec/containers").and_then(Value::as_array);
+            let named = containers.is_some_and(|cs| {
+                !cs.is_empty()
+                    && cs
+                        .iter()
+                        .all(|c| c["name"].as_str().is_some_and(|n| !n.is_empty()))
+            });
+            if !named {
+                return Err(ApiError::new(
+                    422,
+                    "Invalid",
+                    format!(
+                        "Pod \"{name}\" is invalid: spec.containers: Required value: every container needs a name"
+                    ),
+                ));
             }
         }
         match kind.kind.as_str() {
@@ -847,6 +866,13 @@ impl Cluster {
                         })?;
                     }
                 }
+                if !patched.is_object() {
+                    return Err(ApiError::new(
+                        422,
+                        "Invalid",
+                        "the patched object is not a JSON object",
+                    ));
+                }
                 if let Some(rv) = patched
                     .pointer("/metadata/resourceVersion")
                     .and_then(Value::as_str)
@@ -877,7 +903,8 @@ impl Cluster {
         opts: &WriteOpts,
         applied: bool,
     ) -> Result<Written, ApiError> {
-        if !new.get("metadata").is_some_and(Value::is_object) {
+        check_metadata(&new)?;
+        if new.get("metadata").is_none() {
             new["metadata"] = json!({});
         }
         for k in [
@@ -1165,6 +1192,16 @@ impl Cluster {
             let key = (storage.to_string(), new_ns(&new), new_name(&new));
             self.store(st, &kind, key, Some(obj.clone()), new);
         }
+    }
+}
+
+/// `metadata`, when present, must be an object.
+fn check_metadata(obj: &Value) -> Result<(), ApiError> {
+    match obj.get("metadata") {
+        None | Some(Value::Object(_)) => Ok(()),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "the request body could not be decoded: metadata must be an object, not {other}"
+        ))),
     }
 }
 
