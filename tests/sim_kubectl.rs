@@ -16,7 +16,12 @@ const KUBECTL: &str = "/usr/bin/kubectl";
 struct Kubectl {
     home: PathBuf,
     kubeconfig: PathBuf,
-    api: ApiServer,
+    server: Server,
+}
+
+enum Server {
+    Api(ApiServer),
+    Sim(Box<sim::Simulation>),
 }
 
 impl Drop for Kubectl {
@@ -36,19 +41,51 @@ async fn setup(test: &str) -> Option<Kubectl> {
         .await
         .unwrap();
     sim::install_crd(&api.cluster).unwrap();
+    Some(with_home(test, Server::Api(api)))
+}
+
+/// A whole simulation (API server and kubelet) and a kubectl for it.
+async fn setup_sim(test: &str) -> Option<Kubectl> {
+    if !Path::new(KUBECTL).exists() {
+        eprintln!("SKIPPED {test}: {KUBECTL} is not installed; the real-kubectl tests need it");
+        return None;
+    }
+    let s = sim::Simulation::start(
+        "127.0.0.1:0".parse().unwrap(),
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+        100.0,
+        env!("CARGO_BIN_EXE_testrunner-operator").into(),
+    )
+    .await
+    .unwrap();
+    Some(with_home(test, Server::Sim(Box::new(s))))
+}
+
+fn with_home(test: &str, server: Server) -> Kubectl {
+    let url = match &server {
+        Server::Api(a) => a.url(),
+        Server::Sim(s) => s.api.url(),
+    };
     let home = std::env::temp_dir().join(format!("sim-kubectl-{test}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&home);
     std::fs::create_dir_all(&home).unwrap();
     let kubeconfig = home.join("kubeconfig");
-    sim::write_kubeconfig(&kubeconfig, &api.url()).unwrap();
-    Some(Kubectl {
+    sim::write_kubeconfig(&kubeconfig, &url).unwrap();
+    Kubectl {
         home,
         kubeconfig,
-        api,
-    })
+        server,
+    }
 }
 
 impl Kubectl {
+    fn api(&self) -> &ApiServer {
+        match &self.server {
+            Server::Api(a) => a,
+            Server::Sim(s) => &s.api,
+        }
+    }
+
     async fn run_with(&self, args: &[&str], stdin: Option<&str>) -> Output {
         use tokio::io::AsyncWriteExt;
         let mut cmd = tokio::process::Command::new(KUBECTL);
@@ -192,7 +229,7 @@ async fn kubectl_apply_get_describe_annotate_patch_delete() {
 
     // A status as the operator would write it, then the printer columns.
     let pools: Api<testrunner_operator::crd::TestRunnerPool> =
-        Api::namespaced(k.api.client(), "default");
+        Api::namespaced(k.api().client(), "default");
     pools
         .patch_status(
             "unit",
@@ -223,7 +260,7 @@ async fn kubectl_apply_get_describe_annotate_patch_delete() {
 
     // Events written through events.k8s.io/v1 (as kube's Recorder does) in describe.
     let uid = obj["metadata"]["uid"].as_str().unwrap().to_string();
-    let events: Api<NewEvent> = Api::namespaced(k.api.client(), "default");
+    let events: Api<NewEvent> = Api::namespaced(k.api().client(), "default");
     let ev: NewEvent = serde_json::from_value(json!({
         "metadata": {"generateName": "unit."},
         "eventTime": jiff::Timestamp::now().to_string(),
@@ -284,7 +321,7 @@ async fn kubectl_apply_get_describe_annotate_patch_delete() {
     assert_eq!(obj["spec"]["scaling"]["maxWorkers"], 5);
 
     // Pods print their own columns.
-    let pods: Api<Pod> = Api::namespaced(k.api.client(), "default");
+    let pods: Api<Pod> = Api::namespaced(k.api().client(), "default");
     let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "worker-1"},
         "spec": {"containers": [{"name": "w", "image": "runner:2", "command": ["true"]}]}}))
     .unwrap();
@@ -387,11 +424,11 @@ async fn kubectl_get_watch_prints_rows_as_they_change() {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
-    let before = k.api.cluster.watcher_count();
+    let before = k.api().cluster.watcher_count();
     let child = cmd.spawn().unwrap();
     // Change the pool once kubectl watches.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
-    while k.api.cluster.watcher_count() <= before {
+    while k.api().cluster.watcher_count() <= before {
         assert!(
             tokio::time::Instant::now() < deadline,
             "kubectl never started watching"
@@ -399,7 +436,7 @@ async fn kubectl_get_watch_prints_rows_as_they_change() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let pools: Api<testrunner_operator::crd::TestRunnerPool> =
-        Api::namespaced(k.api.client(), "default");
+        Api::namespaced(k.api().client(), "default");
     pools
         .patch(
             "w",
@@ -418,4 +455,42 @@ async fn kubectl_get_watch_prints_rows_as_they_change() {
         stdout.contains("runner:9"),
         "the watch shows the change: {stdout}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_logs_shows_what_the_container_printed() {
+    let Some(k) = setup_sim("logs").await else {
+        return;
+    };
+    let pod = "apiVersion: v1
+kind: Pod
+metadata:
+  name: talker
+spec:
+  containers:
+  - name: main
+    image: x
+    command: [\"sh\", \"-c\", \"echo hello from the pod; echo second line; sleep 30\"]
+";
+    k.ok(&["apply", "-f", "-"], Some(pod)).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let out = k.run_with(&["logs", "talker"], None).await;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && text.contains("second line") {
+            assert_eq!(text, "hello from the pod\nsecond line\n");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no logs: {out:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let tail = k.ok(&["logs", "talker", "--tail=1"], None).await;
+    assert_eq!(tail, "second line\n");
+    let out = k.ok(&["get", "pod", "talker"], None).await;
+    assert!(out.contains("1/1") && out.contains("Running"), "{out}");
+    k.ok(&["delete", "pod", "talker", "--wait=true"], None)
+        .await;
+    if let Server::Sim(s) = &k.server {
+        s.shutdown().await;
+    }
 }

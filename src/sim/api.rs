@@ -157,7 +157,11 @@ struct State {
 pub struct Cluster {
     state: Mutex<State>,
     tx: broadcast::Sender<Arc<Change>>,
+    logs: Mutex<Option<LogLocator>>,
 }
+
+/// Finds the log file of a container: (namespace, pod, pod uid, container).
+pub type LogLocator = Arc<dyn Fn(&str, &str, &str, &str) -> std::path::PathBuf + Send + Sync>;
 
 /// Now, to the second, RFC 3339.
 pub fn now() -> String {
@@ -254,7 +258,25 @@ impl Cluster {
                 compacted: 0,
             }),
             tx,
+            logs: Mutex::new(None),
         })
+    }
+
+    /// Where the kubelet keeps container logs (for `kubectl logs`).
+    pub fn set_log_locator(&self, locator: LogLocator) {
+        *self.logs.lock().unwrap_or_else(|p| p.into_inner()) = Some(locator);
+    }
+
+    /// The log file of `container` of `pod` (stored form), if a kubelet runs.
+    pub fn log_path(&self, pod: &Value, container: &str) -> Option<std::path::PathBuf> {
+        let locator = self.logs.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+        let meta = &pod["metadata"];
+        Some(locator(
+            meta["namespace"].as_str().unwrap_or_default(),
+            meta["name"].as_str().unwrap_or_default(),
+            meta["uid"].as_str().unwrap_or_default(),
+            container,
+        ))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

@@ -110,8 +110,10 @@ fn resolve(
     if name.is_some() && kind.namespaced && namespace.is_none() {
         return Err(path_not_found());
     }
+    let log = kind.group.is_empty() && kind.plural == "pods";
     if let Some(sub) = &subresource
         && !(sub == "status" && kind.status)
+        && !(sub == "log" && log)
     {
         return Err(path_not_found());
     }
@@ -391,6 +393,8 @@ async fn resource(
             }
         }
         (None, _) => method_not_allowed(method),
+        (Some(name), Method::GET) if t.subresource.as_deref() == Some("log") => pod_log(cluster, &kind, &ns, name, query),
+        (Some(_), _) if t.subresource.as_deref() == Some("log") => method_not_allowed(method),
         (Some(name), Method::GET) => match cluster.get(&kind, &ns, name) {
             Ok(obj) if table => json_response(
                 200,
@@ -494,6 +498,55 @@ async fn resource(
         }
         (Some(_), _) => method_not_allowed(method),
     }
+}
+
+/// `kubectl logs`: the container's output so far (`tailLines` honoured; `follow` is not).
+fn pod_log(cluster: &Cluster, kind: &Kind, ns: &str, name: &str, query: &HashMap<String, String>) -> Response {
+    let pod = match cluster.get(kind, ns, name) {
+        Ok(p) => p,
+        Err(e) => return error(e),
+    };
+    let names: Vec<String> = ["initContainers", "containers"]
+        .iter()
+        .flat_map(|f| pod["spec"][f].as_array().cloned().unwrap_or_default())
+        .filter_map(|c| c["name"].as_str().map(String::from))
+        .collect();
+    let container = match query.get("container") {
+        Some(c) if names.contains(c) => c.clone(),
+        Some(c) => {
+            return error(ApiError::bad_request(format!(
+                "container {c} is not valid for pod {name}"
+            )));
+        }
+        None => match pod["spec"]["containers"].as_array().map(Vec::as_slice) {
+            Some([only]) => only["name"].as_str().unwrap_or_default().to_string(),
+            _ => {
+                return error(ApiError::bad_request(format!(
+                    "a container name must be specified for pod {name}, choose one of: {names:?}"
+                )));
+            }
+        },
+    };
+    let text = cluster
+        .log_path(&pod, &container)
+        .and_then(|p| std::fs::read(p).ok())
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let text = match query.get("tailLines").and_then(|n| n.parse::<usize>().ok()) {
+        Some(n) => {
+            let lines: Vec<&str> = text.lines().collect();
+            let mut t = lines[lines.len().saturating_sub(n)..].join("\n");
+            if !t.is_empty() {
+                t.push('\n');
+            }
+            t
+        }
+        None => text,
+    };
+    let mut r = Response::new(Body::from(text));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
 }
 
 struct WatchState {

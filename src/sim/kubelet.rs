@@ -74,6 +74,10 @@ pub struct Kubelet {
 impl Kubelet {
     /// Starts watching pods of `cluster`.
     pub fn start(cluster: Arc<Cluster>, config: Config) -> Self {
+        let root = config.root.clone();
+        cluster.set_log_locator(Arc::new(move |ns, name, uid, container| {
+            pod_dir(&root, ns, name, uid).join(format!("{container}.log"))
+        }));
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(run(cluster, Arc::new(config), stop_rx));
         Self {
@@ -90,6 +94,11 @@ impl Kubelet {
             let _ = t.await;
         }
     }
+}
+
+/// The scratch directory of a pod.
+fn pod_dir(root: &Path, ns: &str, name: &str, uid: &str) -> PathBuf {
+    root.join(format!("{ns}_{name}_{}", &uid[..uid.len().min(8)]))
 }
 
 fn pod_key(pod: &Value) -> (String, String, String) {
@@ -694,9 +703,7 @@ async fn run_pod(
     mut stop: watch::Receiver<Stop>,
 ) {
     let (ns, name, uid) = pod_key(&pod);
-    let dir = config
-        .root
-        .join(format!("{ns}_{name}_{}", &uid[..uid.len().min(8)]));
+    let dir = pod_dir(&config.root, &ns, &name, &uid);
     let spec = &pod["spec"];
     let empty_dirs: Vec<String> = spec["volumes"]
         .as_array()
