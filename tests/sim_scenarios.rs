@@ -134,3 +134,113 @@ async fn a_queue_surge_scales_the_pool_up_and_deleting_the_pool_removes_its_pods
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
 }
+
+fn process_alive(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .split(") ")
+            .nth(1)
+            .is_some_and(|rest| rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulate_command_serves_kubectl_clients_and_ctrl_c_leaves_no_process_behind() {
+    let dir = std::env::temp_dir().join(format!("sim-command-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let kubeconfig = dir.join("kubeconfig");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_testrunner-operator"))
+        .args([
+            "simulate",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--time-scale",
+            "100",
+        ])
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let client = loop {
+        if let Ok(kc) = kube::config::Kubeconfig::read_from(&kubeconfig)
+            && let Ok(config) = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await
+            && let Ok(client) = kube::Client::try_from(config)
+            && client.apiserver_version().await.is_ok()
+        {
+            break client;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "simulate did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let script = format!(
+        "echo $$ > {d}/pid; trap '' TERM; while true; do sleep 0.05; done",
+        d = dir.display()
+    );
+    let pods: Api<Pod> = Api::namespaced(client, "default");
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "stubborn"},
+        "spec": {"containers": [{"name": "main", "image": "x", "command": ["sh", "-c", script]}]}}))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let pid_file = dir.join("pid");
+    let pid = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .filter(|p| !p.trim().is_empty())
+        {
+            break pid.trim().to_string();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pod's process did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(process_alive(&pid));
+
+    // Ctrl-C.
+    let sim_pid = child.id().expect("simulate runs") as i32;
+    // SAFETY: kill(2) on the child this test started, by its id.
+    unsafe {
+        libc::kill(sim_pid, libc::SIGINT);
+    }
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("simulate stops within 20 s")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let mut out = String::new();
+    use tokio::io::AsyncReadExt;
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .await
+        .unwrap();
+    assert!(
+        out.contains("Simulated cluster at http://127.0.0.1:"),
+        "{out}"
+    );
+    assert!(out.contains("kubectl get trp -w"), "{out}");
+    assert!(
+        !out.contains("guest:guest"),
+        "the broker URI is never printed: {out}"
+    );
+    assert!(!process_alive(&pid), "the pod's process is gone");
+    let _ = std::fs::remove_dir_all(&dir);
+}
