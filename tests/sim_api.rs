@@ -967,3 +967,44 @@ async fn leader_election_runs_through_the_lease_api() {
     .expect("leading finishes")
     .expect("the Lease is taken and released");
 }
+
+#[tokio::test]
+async fn kube_runtime_watcher_with_streaming_lists_gets_initial_events_then_changes() {
+    let s = server().await;
+    let cms: Api<ConfigMap> = Api::namespaced(s.client(), "default");
+    cms.create(&PostParams::default(), &cm("old", json!({})))
+        .await
+        .unwrap();
+    let stream = kube::runtime::watcher(
+        cms.clone(),
+        kube::runtime::watcher::Config::default().streaming_lists(),
+    );
+    let mut events = stream.boxed();
+    let mut initial = Vec::new();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), events.try_next())
+            .await
+            .expect("an event in time")
+            .unwrap()
+            .unwrap();
+        match ev {
+            kube::runtime::watcher::Event::Init => {}
+            kube::runtime::watcher::Event::InitApply(o) => initial.push(o.name_any()),
+            kube::runtime::watcher::Event::InitDone => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(initial, vec!["old"]);
+    cms.create(&PostParams::default(), &cm("new", json!({})))
+        .await
+        .unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(10), events.try_next())
+        .await
+        .expect("an event in time")
+        .unwrap()
+        .unwrap();
+    match ev {
+        kube::runtime::watcher::Event::Apply(o) => assert_eq!(o.name_any(), "new"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
