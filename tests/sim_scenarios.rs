@@ -44,7 +44,8 @@ async fn depth(conn: &lapin::Connection, queue: &str) -> u32 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_queue_surge_scales_the_pool_up_and_deleting_the_pool_removes_its_pods() {
+async fn a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the_pool_removes_its_pods()
+ {
     let Some(conn) = broker().await else {
         eprintln!("SKIPPED: no RabbitMQ answers at the broker URI; this scenario needs one");
         return;
@@ -63,7 +64,7 @@ async fn a_queue_surge_scales_the_pool_up_and_deleting_the_pool_removes_its_pods
     .await
     .unwrap();
     let client = sim.api.client();
-    let operator = sim::start_operator(client.clone());
+    let mut operator = sim::start_operator(client.clone());
 
     let ids = sim::publish::publish(&broker_uri(), &queue, 6, true)
         .await
@@ -100,6 +101,42 @@ async fn a_queue_surge_scales_the_pool_up_and_deleting_the_pool_removes_its_pods
         assert!(
             tokio::time::Instant::now() < deadline,
             "pool did not scale to 4 (pods {n}, desired {desired:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Operator restart mid-run: the new one takes over from what it finds. One worker
+    // is lost while no operator runs; the new operator replaces it and never runs more
+    // than four.
+    operator.abort();
+    let _ = operator.await;
+    let victim = pods.list(&selector).await.unwrap().items[0]
+        .metadata
+        .name
+        .clone()
+        .unwrap();
+    pods.delete(&victim, &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    operator = sim::start_operator(client.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let live: Vec<String> = pods
+            .list(&selector)
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .map(|p| p.metadata.name.unwrap())
+            .collect();
+        assert!(live.len() <= 4, "more workers than maxWorkers: {live:?}");
+        if live.len() == 4 && !live.contains(&victim) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lost worker was not replaced: {live:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
