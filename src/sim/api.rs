@@ -506,7 +506,7 @@ impl Cluster {
         ns: &str,
         body: Value,
         opts: &WriteOpts,
-        applied: Option<(&Value, &str)>,
+        applied: Option<&Value>,
     ) -> Result<Written, ApiError> {
         if !body.is_object() {
             return Err(ApiError::bad_request("the request body must be an object"));
@@ -645,7 +645,7 @@ impl Cluster {
             now: &now,
         };
         match applied {
-            Some((config, _)) => {
+            Some(config) => {
                 obj = ssa::apply(&obj, config, &w, true).unwrap_or(obj);
                 // The applied configuration is already merged; only ownership is new.
             }
@@ -829,7 +829,7 @@ impl Cluster {
                         ns,
                         fresh,
                         &opts,
-                        Some((&config, &manager)),
+                        Some(&config),
                     );
                 };
                 let api_version = kind.api_version();
