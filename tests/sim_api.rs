@@ -1008,3 +1008,48 @@ async fn kube_runtime_watcher_with_streaming_lists_gets_initial_events_then_chan
         other => panic!("unexpected {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_loop_backoff_doubles_and_resets_after_a_long_enough_run() {
+    // Time scale 6000: the backoff starts at 10 s / 6000 and a run of 10 min / 6000 =
+    // 0.1 s resets it.
+    let sim = sim::Simulation::start(
+        "127.0.0.1:0".parse().unwrap(),
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+        6000.0,
+        env!("CARGO_BIN_EXE_testrunner-operator").into(),
+    )
+    .await
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(sim.api.client(), "default");
+    for (name, script) in [("quick", "exit 1"), ("steady", "sleep 0.3; exit 1")] {
+        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": name},
+            "spec": {"containers": [{"name": "main", "image": "x", "command": ["sh", "-c", script]}]}}))
+        .unwrap();
+        pods.create(&PostParams::default(), &pod).await.unwrap();
+    }
+    let waiting = |name: &'static str, restarts: i64| {
+        let pods = pods.clone();
+        async move {
+            let s = pod_status(&pods.get(name).await.ok()?);
+            let c = &s["containerStatuses"][0];
+            if c["restartCount"].as_i64()? < restarts {
+                return None;
+            }
+            c["state"]["waiting"]["message"].as_str().map(String::from)
+        }
+    };
+    let quick = eventually(30, "the quick crasher to back off", || waiting("quick", 5)).await;
+    assert!(
+        ["back-off 160s", "back-off 300s"]
+            .iter()
+            .any(|b| quick.starts_with(b)),
+        "the backoff doubles: {quick}"
+    );
+    let steady = eventually(30, "the steady crasher to restart", || waiting("steady", 3)).await;
+    assert!(
+        steady.starts_with("back-off 10s "),
+        "a long run resets the backoff: {steady}"
+    );
+    sim.shutdown().await;
+}
