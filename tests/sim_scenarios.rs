@@ -74,7 +74,9 @@ async fn a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the
     let pool: TestRunnerPool = serde_json::from_value(json!({
         "apiVersion": "testrunner.dev/v1alpha1", "kind": "TestRunnerPool",
         "metadata": {"name": "surge"},
-        "spec": {"image": "example.org/runner:1", "command": ["sh", "-c", "exit 1"],
+        // Native mode with a command that never takes a ticket: the queue depth alone
+        // drives the pool, and every ticket stays where it is.
+        "spec": {"image": "example.org/runner:1", "worker": {"mode": "Native"}, "command": ["sleep", "3600"],
             "queue": {"name": queue, "connectionSecretRef": {"name": "rabbitmq", "key": "uri"}},
             "scaling": {"minWorkers": 0, "maxWorkers": 4, "pollInterval": "500ms"}},
     }))
@@ -153,8 +155,7 @@ async fn a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Nothing lost: the test command always fails, so no ticket is ever acked; once the
-    // workers are gone every ticket is back in (or still in) the queue.
+    // Nothing lost: no worker took a ticket, and every ticket is still in the queue.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while depth(&conn, &queue).await != 6 {
         assert!(
