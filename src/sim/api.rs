@@ -269,7 +269,11 @@ impl Cluster {
 
     /// The log file of `container` of `pod` (stored form), if a kubelet runs.
     pub fn log_path(&self, pod: &Value, container: &str) -> Option<std::path::PathBuf> {
-        let locator = self.logs.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+        let locator = self
+            .logs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
         let meta = &pod["metadata"];
         Some(locator(
             meta["namespace"].as_str().unwrap_or_default(),
@@ -434,7 +438,12 @@ impl Cluster {
     }
 
     /// Validates a custom resource, fills defaults, prunes unknown fields.
-    fn admit(kind: &Kind, obj: &mut Value, opts: &WriteOpts) -> Result<Vec<String>, ApiError> {
+    fn admit(
+        kind: &Kind,
+        obj: &mut Value,
+        old: Option<&Value>,
+        opts: &WriteOpts,
+    ) -> Result<Vec<String>, ApiError> {
         let Some(schema) = &kind.schema else {
             return Ok(Vec::new());
         };
@@ -457,7 +466,7 @@ impl Cluster {
                 list.join(", ")
             )));
         }
-        let causes = validate::validate(schema, obj);
+        let causes = validate::validate(schema, obj, old);
         if !causes.is_empty() {
             let text: Vec<String> = causes
                 .iter()
@@ -631,7 +640,7 @@ impl Cluster {
             "Namespace" => obj["status"] = json!({"phase": "Active"}),
             _ => {}
         }
-        let warnings = Self::admit(kind, &mut obj, opts)?;
+        let warnings = Self::admit(kind, &mut obj, None, opts)?;
         let api_version = kind.api_version();
         let manager = opts
             .field_manager
@@ -823,14 +832,7 @@ impl Cluster {
                         field_manager: Some(manager.clone()),
                         ..opts.clone()
                     };
-                    return self.create_locked(
-                        &mut st,
-                        kind,
-                        ns,
-                        fresh,
-                        &opts,
-                        Some(&config),
-                    );
+                    return self.create_locked(&mut st, kind, ns, fresh, &opts, Some(&config));
                 };
                 let api_version = kind.api_version();
                 let now = now();
@@ -963,7 +965,7 @@ impl Cluster {
                 m.remove("managedFields");
             }
         }
-        let warnings = Self::admit(kind, &mut new, opts)?;
+        let warnings = Self::admit(kind, &mut new, Some(&old), opts)?;
         if spec_part(&new) != spec_part(&old) {
             let g = old
                 .pointer("/metadata/generation")

@@ -393,7 +393,9 @@ async fn resource(
             }
         }
         (None, _) => method_not_allowed(method),
-        (Some(name), Method::GET) if t.subresource.as_deref() == Some("log") => pod_log(cluster, &kind, &ns, name, query),
+        (Some(name), Method::GET) if t.subresource.as_deref() == Some("log") => {
+            pod_log(cluster, &kind, &ns, name, query)
+        }
         (Some(_), _) if t.subresource.as_deref() == Some("log") => method_not_allowed(method),
         (Some(name), Method::GET) => match cluster.get(&kind, &ns, name) {
             Ok(obj) if table => json_response(
@@ -501,7 +503,13 @@ async fn resource(
 }
 
 /// `kubectl logs`: the container's output so far (`tailLines` honoured; `follow` is not).
-fn pod_log(cluster: &Cluster, kind: &Kind, ns: &str, name: &str, query: &HashMap<String, String>) -> Response {
+fn pod_log(
+    cluster: &Cluster,
+    kind: &Kind,
+    ns: &str,
+    name: &str,
+    query: &HashMap<String, String>,
+) -> Response {
     let pod = match cluster.get(kind, ns, name) {
         Ok(p) => p,
         Err(e) => return error(e),

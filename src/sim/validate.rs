@@ -132,7 +132,7 @@ fn pointer_to_field(pointer: &str) -> String {
 }
 
 /// Checks `obj` (already normalized) against the schema and its CEL rules.
-pub fn validate(schema: &Value, obj: &Value) -> Vec<Cause> {
+pub fn validate(schema: &Value, obj: &Value, old: Option<&Value>) -> Vec<Cause> {
     let mut causes = Vec::new();
     let mut body = obj.clone();
     if let Some(m) = body.as_object_mut() {
@@ -171,7 +171,16 @@ pub fn validate(schema: &Value, obj: &Value) -> Vec<Cause> {
         }),
     }
     if causes.is_empty() {
-        cel_rules(schema, &body, "", &mut causes);
+        let old_body = old.map(|o| {
+            let mut o = o.clone();
+            if let Some(m) = o.as_object_mut() {
+                m.remove("apiVersion");
+                m.remove("kind");
+                m.remove("metadata");
+            }
+            o
+        });
+        cel_rules(schema, &body, old_body.as_ref(), &mut causes);
     }
     causes
 }
@@ -193,134 +202,55 @@ fn strip_extensions(schema: &mut Value) {
     }
 }
 
-fn cel_rules(schema: &Value, v: &Value, path: &str, causes: &mut Vec<Cause>) {
-    if let Some(rules) = schema
+/// The `type` of the schema node holding `rule` ("object" when not given): what a
+/// real API server shows as the invalid value of a failed rule.
+fn rule_node_type(schema: &Value, rule: &str) -> Option<String> {
+    let here = schema
         .get("x-kubernetes-validations")
         .and_then(Value::as_array)
-    {
-        for rule in rules {
-            let Some(text) = rule["rule"].as_str() else {
-                continue;
-            };
-            match cel::eval(text, v) {
-                Some(true) => {}
-                Some(false) => {
-                    let field = match rule["fieldPath"].as_str() {
-                        Some(fp) => join(path, fp.trim_start_matches('.')),
-                        None => path.to_string(),
-                    };
-                    let message = rule["message"]
-                        .as_str()
-                        .map(String::from)
-                        .unwrap_or_else(|| format!("failed rule: {text}"));
-                    let shown = if v.is_object() {
-                        "\"object\"".to_string()
-                    } else {
-                        v.to_string()
-                    };
-                    causes.push(Cause {
-                        field,
-                        message: format!("Invalid value: {shown}: {message}"),
-                        reason: rule["reason"]
-                            .as_str()
-                            .unwrap_or("FieldValueInvalid")
-                            .into(),
-                    });
-                }
-                None => tracing::warn!(
-                    rule = text,
-                    "CEL rule not understood by the simulation; skipped"
-                ),
-            }
+        .is_some_and(|rs| rs.iter().any(|r| r["rule"] == rule));
+    if here {
+        return Some(schema["type"].as_str().unwrap_or("object").to_string());
+    }
+    let children = schema
+        .get("properties")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flat_map(|p| p.values())
+        .chain(schema.get("items"))
+        .chain(schema.get("additionalProperties").filter(|a| a.is_object()));
+    for child in children {
+        if let Some(t) = rule_node_type(child, rule) {
+            return Some(t);
         }
     }
-    match v {
-        Value::Object(m) => {
-            let props = schema.get("properties").and_then(Value::as_object);
-            for (k, child) in m {
-                if let Some(sub) = props.and_then(|p| p.get(k)) {
-                    cel_rules(sub, child, &join(path, k), causes);
-                }
-            }
-        }
-        Value::Array(a) => {
-            if let Some(sub) = schema.get("items") {
-                for (i, child) in a.iter().enumerate() {
-                    cel_rules(sub, child, &format!("{path}[{i}]"), causes);
-                }
-            }
-        }
-        _ => {}
-    }
+    None
 }
 
-/// A small CEL subset: comparisons of `self.<path>` and literals, joined by `&&` / `||`.
-pub mod cel {
-    use serde_json::Value;
-
-    fn operand(s: &str, this: &Value) -> Option<Value> {
-        let s = s.trim();
-        if s == "self" {
-            return Some(this.clone());
-        }
-        if let Some(path) = s.strip_prefix("self.") {
-            let mut cur = this;
-            for seg in path.split('.') {
-                if !seg.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                    return None;
-                }
-                cur = cur.get(seg)?;
-            }
-            return Some(cur.clone());
-        }
-        if let Some(inner) = s
-            .strip_prefix('\'')
-            .and_then(|r| r.strip_suffix('\''))
-            .or_else(|| s.strip_prefix('"').and_then(|r| r.strip_suffix('"')))
-        {
-            return Some(Value::String(inner.into()));
-        }
-        match s {
-            "true" => Some(Value::Bool(true)),
-            "false" => Some(Value::Bool(false)),
-            _ => s.parse::<f64>().ok().map(|n| serde_json::json!(n)),
-        }
+/// Evaluates the schema's `x-kubernetes-validations` rules with the CEL evaluator of
+/// kube (`kube::core::cel`), transition rules (`oldSelf`) against `old` on updates.
+fn cel_rules(schema: &Value, body: &Value, old: Option<&Value>, causes: &mut Vec<Cause>) {
+    thread_local! {
+        static CEL: kube::core::cel::Validator = kube::core::cel::Validator::new();
     }
-
-    fn compare(a: &Value, b: &Value) -> Option<std::cmp::Ordering> {
-        match (a, b) {
-            (Value::Number(x), Value::Number(y)) => x.as_f64()?.partial_cmp(&y.as_f64()?),
-            (Value::String(x), Value::String(y)) => Some(x.cmp(y)),
-            (Value::Bool(x), Value::Bool(y)) => Some(x.cmp(y)),
-            _ => None,
-        }
-    }
-
-    /// Evaluates `rule` with `self` bound to `this`; `None` when the rule is outside the
-    /// subset (or refers to an absent field).
-    pub fn eval(rule: &str, this: &Value) -> Option<bool> {
-        if let Some((l, r)) = rule.split_once("||") {
-            return Some(eval(l, this)? || eval(r, this)?);
-        }
-        if let Some((l, r)) = rule.split_once("&&") {
-            return Some(eval(l, this)? && eval(r, this)?);
-        }
-        for op in ["<=", ">=", "==", "!=", "<", ">"] {
-            if let Some((l, r)) = rule.split_once(op) {
-                let (a, b) = (operand(l, this)?, operand(r, this)?);
-                use std::cmp::Ordering::*;
-                let ord = compare(&a, &b)?;
-                return Some(match op {
-                    "<=" => ord != Greater,
-                    ">=" => ord != Less,
-                    "==" => ord == Equal,
-                    "!=" => ord != Equal,
-                    "<" => ord == Less,
-                    _ => ord == Greater,
-                });
+    let Err(errors) = CEL.with(|v| v.validate(schema, body, old)) else {
+        return;
+    };
+    for e in errors.into_vec() {
+        let shown = match e.kind {
+            kube::core::cel::ErrorKind::ValidationFailure => {
+                format!(
+                    "{:?}",
+                    rule_node_type(schema, &e.rule).unwrap_or_else(|| "object".into())
+                )
             }
-        }
-        None
+            _ => format!("{:?}", e.rule),
+        };
+        causes.push(Cause {
+            field: e.field_path.trim_start_matches('.').to_string(),
+            message: format!("Invalid value: {shown}: {}", e.message),
+            reason: e.reason.unwrap_or_else(|| "FieldValueInvalid".into()),
+        });
     }
 }
 
@@ -352,14 +282,14 @@ mod tests {
         assert_eq!(p["spec"]["scaling"]["maxWorkers"], 10);
         assert_eq!(p["spec"]["scaling"]["pollInterval"], "2s");
         assert_eq!(p["spec"]["queue"]["connectionSecretRef"]["key"], "uri");
-        assert!(validate(&schema(), &p).is_empty());
+        assert!(validate(&schema(), &p, None).is_empty());
     }
 
     #[test]
     fn bounds_and_the_cel_rule_name_the_field() {
         let mut p = pool(json!({"minWorkers": 5, "maxWorkers": 2}));
         normalize(&schema(), &mut p);
-        let causes = validate(&schema(), &p);
+        let causes = validate(&schema(), &p, None);
         assert_eq!(causes.len(), 1, "{causes:?}");
         assert_eq!(causes[0].field, "spec.scaling.minWorkers");
         assert!(
@@ -370,26 +300,34 @@ mod tests {
 
         let mut p = pool(json!({"maxWorkers": 5000}));
         normalize(&schema(), &mut p);
-        let causes = validate(&schema(), &p);
+        let causes = validate(&schema(), &p, None);
         assert_eq!(causes[0].field, "spec.scaling.maxWorkers");
 
         let mut p = pool(json!({}));
         p["spec"].as_object_mut().unwrap().remove("image");
         normalize(&schema(), &mut p);
-        let causes = validate(&schema(), &p);
+        let causes = validate(&schema(), &p, None);
         assert_eq!(causes[0].field, "spec.image");
         assert_eq!(causes[0].reason, "FieldValueRequired");
     }
 
     #[test]
-    fn cel_subset() {
-        let v = json!({"a": 1, "b": 2, "s": "x"});
-        assert_eq!(cel::eval("self.a <= self.b", &v), Some(true));
-        assert_eq!(
-            cel::eval("self.a > self.b || self.s == 'x'", &v),
-            Some(true)
-        );
-        assert_eq!(cel::eval("self.a >= 3", &v), Some(false));
-        assert_eq!(cel::eval("size(self.s) > 0", &v), None);
+    fn cel_rules_use_the_real_evaluator_with_old_self() {
+        let schema = json!({"type": "object", "properties": {"spec": {"type": "object",
+            "properties": {"name": {"type": "string"}, "n": {"type": "integer"}},
+            "x-kubernetes-validations": [
+                {"rule": "self.name.startsWith('a') && size(self.name) < 5", "message": "bad name", "fieldPath": ".name"},
+                {"rule": "self.n >= oldSelf.n", "message": "n cannot shrink"}]}}});
+        let ok = json!({"spec": {"name": "abc", "n": 2}});
+        assert!(validate(&schema, &ok, None).is_empty());
+        let bad = json!({"spec": {"name": "zzz", "n": 2}});
+        let causes = validate(&schema, &bad, None);
+        assert_eq!(causes.len(), 1, "{causes:?}");
+        assert_eq!(causes[0].field, "spec.name");
+        assert_eq!(causes[0].message, "Invalid value: \"object\": bad name");
+        let shrunk = json!({"spec": {"name": "abc", "n": 1}});
+        let causes = validate(&schema, &shrunk, Some(&ok));
+        assert_eq!(causes.len(), 1, "{causes:?}");
+        assert!(causes[0].message.contains("n cannot shrink"));
     }
 }
