@@ -12,6 +12,105 @@ use serde_json::json;
 use testrunner_operator::crd::TestRunnerPool;
 use testrunner_operator::sim;
 
+/// Where a scenario runs: the simulated cluster by default, or the real cluster of
+/// TESTRUNNER_E2E_KUBECONFIG (worker image TESTRUNNER_E2E_IMAGE, in a fresh namespace,
+/// with the operator running in this process against it).
+struct Target {
+    client: kube::Client,
+    namespace: String,
+    image: String,
+    /// Allowance on top of the poll interval for pods to appear.
+    margin: Duration,
+    sim: Option<sim::Simulation>,
+}
+
+impl Target {
+    async fn new() -> Self {
+        let Ok(path) = std::env::var("TESTRUNNER_E2E_KUBECONFIG") else {
+            eprintln!(
+                "real-cluster run skipped: TESTRUNNER_E2E_KUBECONFIG is not set; running on the simulated cluster"
+            );
+            let sim = sim::Simulation::start(
+                "127.0.0.1:0".parse().unwrap(),
+                &broker_uri(),
+                50.0,
+                env!("CARGO_BIN_EXE_testrunner-operator").into(),
+            )
+            .await
+            .unwrap();
+            return Self {
+                client: sim.api.client(),
+                namespace: "default".into(),
+                image: "example.org/runner:1".into(),
+                margin: Duration::from_secs(15),
+                sim: Some(sim),
+            };
+        };
+        let image = std::env::var("TESTRUNNER_E2E_IMAGE").expect(
+            "TESTRUNNER_E2E_IMAGE names the worker image when TESTRUNNER_E2E_KUBECONFIG is set",
+        );
+        let kc =
+            kube::config::Kubeconfig::read_from(&path).expect("TESTRUNNER_E2E_KUBECONFIG reads");
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .expect("TESTRUNNER_E2E_KUBECONFIG loads");
+        let client = kube::Client::try_from(config).unwrap();
+        let namespace = format!(
+            "trp-e2e-{}-{}",
+            std::process::id(),
+            jiff::Timestamp::now().as_millisecond()
+        );
+        let apply = kube::api::PatchParams::apply("testrunner-e2e").force();
+        let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+            Api::all(client.clone());
+        let crd = <TestRunnerPool as kube::CustomResourceExt>::crd();
+        crds.patch(
+            "testrunnerpools.testrunner.dev",
+            &apply,
+            &kube::api::Patch::Apply(&crd),
+        )
+        .await
+        .expect("the CRD applies");
+        let nss: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+        nss.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": namespace}})).unwrap(),
+        )
+        .await
+        .expect("the test namespace is created");
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+            Api::namespaced(client.clone(), &namespace);
+        let uri = std::env::var("TESTRUNNER_E2E_AMQP_URI").unwrap_or_else(|_| broker_uri());
+        secrets
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(
+                    json!({"metadata": {"name": "rabbitmq"}, "stringData": {"uri": uri}}),
+                )
+                .unwrap(),
+            )
+            .await
+            .expect("the broker Secret is created");
+        Self {
+            client,
+            namespace,
+            image,
+            margin: Duration::from_secs(120),
+            sim: None,
+        }
+    }
+
+    async fn finish(self) {
+        match self.sim {
+            Some(sim) => sim.shutdown().await,
+            None => {
+                let nss: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(self.client.clone());
+                let _ = nss.delete(&self.namespace, &DeleteParams::default()).await;
+            }
+        }
+    }
+}
+
 fn broker_uri() -> String {
     std::env::var("TESTRUNNER_AMQP_URI")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
@@ -55,39 +154,35 @@ async fn a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the
         std::process::id(),
         jiff::Timestamp::now().as_millisecond()
     );
-    let sim = sim::Simulation::start(
-        "127.0.0.1:0".parse().unwrap(),
-        &broker_uri(),
-        50.0,
-        env!("CARGO_BIN_EXE_testrunner-operator").into(),
-    )
-    .await
-    .unwrap();
-    let client = sim.api.client();
-    let mut operator = sim::start_operator(client.clone());
+    let target = Target::new().await;
+    let client = target.client.clone();
+    let ns = target.namespace.clone();
+    let mut operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
 
     let ids = sim::publish::publish(&broker_uri(), &queue, 6, true)
         .await
         .unwrap();
     assert_eq!(ids.len(), 6);
-    let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), "default");
+    let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), &ns);
     let pool: TestRunnerPool = serde_json::from_value(json!({
         "apiVersion": "testrunner.dev/v1alpha1", "kind": "TestRunnerPool",
         "metadata": {"name": "surge"},
         // Native mode with a command that never takes a ticket: the queue depth alone
         // drives the pool, and every ticket stays where it is.
-        "spec": {"image": "example.org/runner:1", "worker": {"mode": "Native"}, "command": ["sleep", "3600"],
+        "spec": {"image": target.image, "worker": {"mode": "Native"}, "command": ["sleep", "3600"],
             "queue": {"name": queue, "connectionSecretRef": {"name": "rabbitmq", "key": "uri"}},
-            "scaling": {"minWorkers": 0, "maxWorkers": 4, "pollInterval": "500ms"}},
+            "scaling": {"minWorkers": 0, "maxWorkers": 4, "pollInterval": "500ms"},
+            // `sleep` ignores SIGTERM as PID 1 of a real container: keep deletions short.
+            "template": {"terminationGracePeriodSeconds": 5}},
     }))
     .unwrap();
     let started = tokio::time::Instant::now();
     pools.create(&PostParams::default(), &pool).await.unwrap();
 
     // Six tickets, at most four workers: four pods within the poll interval plus a margin.
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let selector = ListParams::default().labels("testrunner.dev/pool=surge");
-    let deadline = started + Duration::from_millis(500) + Duration::from_secs(15);
+    let deadline = started + Duration::from_millis(500) + target.margin;
     loop {
         let n = pods.list(&selector).await.unwrap().items.len();
         let desired = pools
@@ -120,7 +215,7 @@ async fn a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the
     pods.delete(&victim, &DeleteParams::default().grace_period(0))
         .await
         .unwrap();
-    operator = sim::start_operator(client.clone());
+    operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let live: Vec<String> = pods
@@ -166,7 +261,7 @@ async fn a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the
     }
 
     operator.abort();
-    sim.shutdown().await;
+    target.finish().await;
     let ch = conn.create_channel().await.unwrap();
     let _ = ch
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())

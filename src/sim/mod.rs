@@ -307,13 +307,21 @@ impl Drop for Simulation {
 
 /// Starts the operator in-process against `client` (no leader election).
 pub fn start_operator(client: kube::Client) -> tokio::task::JoinHandle<()> {
+    start_operator_in(client, Vec::new())
+}
+
+/// Starts the operator in-process, watching only `namespaces` (all when empty).
+pub fn start_operator_in(
+    client: kube::Client,
+    namespaces: Vec<String>,
+) -> tokio::task::JoinHandle<()> {
     use crate::controller::{self, Settings};
     use crate::pods::PodSettings;
     let settings = Settings {
         pods: PodSettings {
             operator_image: concat!("testrunner-operator:", env!("CARGO_PKG_VERSION")).into(),
         },
-        namespaces: Vec::new(),
+        namespaces,
         controller_name: "testrunner-operator".into(),
         instance: Some("simulated".into()),
     };
