@@ -453,7 +453,7 @@ struct Exit {
     signaled: bool,
 }
 
-/// Runs one container once. Returns its exit, or None when stopped before start.
+/// Runs one container once: its exit and termination message, or why it could not start.
 async fn run_once(
     run: &PodRun,
     pod: &Value,
