@@ -1053,3 +1053,25 @@ async fn crash_loop_backoff_doubles_and_resets_after_a_long_enough_run() {
     );
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_watch_without_bookmarks_is_released_when_its_client_goes() {
+    let s = server().await;
+    let cluster: Arc<sim::Cluster> = s.cluster.clone();
+    let before = cluster.watcher_count();
+    let cms: Api<ConfigMap> = Api::namespaced(s.client(), "default");
+    let stream = cms
+        .watch(&WatchParams::default().disable_bookmarks(), "0")
+        .await
+        .unwrap()
+        .boxed();
+    eventually(5, "the watch to subscribe", || async {
+        (cluster.watcher_count() > before).then_some(())
+    })
+    .await;
+    drop(stream);
+    eventually(5, "the watch to be released", || async {
+        (cluster.watcher_count() == before).then_some(())
+    })
+    .await;
+}
