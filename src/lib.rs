@@ -13,5 +13,6 @@ pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod pods;
+pub mod sim;
 pub mod telemetry;
 pub mod worker;

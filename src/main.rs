@@ -35,6 +35,50 @@ enum Command {
     },
     /// Run COMMAND for each ticket of the queue, one at a time (wrapped-mode worker pods).
     Worker(worker::WorkerArgs),
+    /// Run a simulated cluster (API server, kubelet running local processes, and this
+    /// operator) for development and tests. Never a product runtime.
+    Simulate(SimulateArgs),
+    /// Publish test tickets (persistent, with message_id) to a RabbitMQ queue.
+    Publish(PublishArgs),
+}
+
+#[derive(clap::Args)]
+struct SimulateArgs {
+    /// Address of the simulated API server (plain HTTP).
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    listen: SocketAddr,
+    /// Where to write the kubeconfig for kubectl.
+    #[arg(long, default_value = "simulated.kubeconfig")]
+    kubeconfig: std::path::PathBuf,
+    /// Broker URI stored in Secret default/rabbitmq (key uri); never printed.
+    #[arg(
+        long,
+        env = "TESTRUNNER_AMQP_URI",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    amqp_uri: String,
+    /// Divides the kubelet's durations (CrashLoopBackOff, grace periods); 10 runs ten
+    /// times faster.
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+}
+
+#[derive(clap::Args)]
+struct PublishArgs {
+    /// Broker URI (amqp:// or amqps://).
+    #[arg(long, env = "TESTRUNNER_AMQP_URI", hide_env_values = true)]
+    amqp_uri: String,
+    /// Queue to publish to (through the default exchange).
+    #[arg(long)]
+    queue: String,
+    /// Number of tickets.
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    /// Declare the queue as a durable quorum queue first.
+    #[arg(long)]
+    declare_quorum: bool,
 }
 
 #[derive(clap::Args)]
@@ -96,6 +140,8 @@ fn main() -> ExitCode {
         },
         Command::Run(args) => runtime().block_on(run(args)),
         Command::Worker(args) => runtime().block_on(worker::run(args)),
+        Command::Simulate(args) => simulate(args),
+        Command::Publish(args) => publish(args),
     }
 }
 
@@ -104,6 +150,46 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("failed to start the async runtime")
+}
+
+fn simulate(args: SimulateArgs) -> ExitCode {
+    let opts = testrunner_operator::sim::SimulateOptions {
+        listen: args.listen,
+        kubeconfig: args.kubeconfig,
+        amqp_uri: args.amqp_uri,
+        time_scale: args.time_scale,
+    };
+    match runtime().block_on(testrunner_operator::sim::simulate(opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn publish(args: PublishArgs) -> ExitCode {
+    let published = runtime().block_on(testrunner_operator::sim::publish::publish(
+        &args.amqp_uri,
+        &args.queue,
+        args.count,
+        args.declare_quorum,
+    ));
+    match published {
+        Ok(ids) => {
+            println!(
+                "published {} ticket(s) to {}: {}",
+                ids.len(),
+                args.queue,
+                ids.join(" ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn install_worker(path: &std::path::Path) -> std::io::Result<()> {

@@ -1,0 +1,1296 @@
+//! The object store of the simulated API server: one resourceVersion counter for all
+//! objects, a bounded history of changes for watches, optimistic concurrency, patches,
+//! server-side apply, validation of custom resources, graceful deletion and garbage
+//! collection of dependents.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+use super::kinds::{self, Kind};
+use super::ssa::{self, Scope};
+use super::validate;
+
+/// A failed request, rendered as a Kubernetes `Status`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApiError {
+    /// HTTP status code.
+    pub code: u16,
+    /// Machine-readable reason (`NotFound`, `Conflict`, `Invalid`, ...).
+    pub reason: &'static str,
+    /// Human-readable message.
+    pub message: String,
+    /// `details` of the Status.
+    pub details: Option<Value>,
+}
+
+impl ApiError {
+    /// A Status without details.
+    pub fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason,
+            message: message.into(),
+            details: None,
+        }
+    }
+
+    fn with_details(mut self, kind: &Kind, name: &str) -> Self {
+        self.details = Some(json!({"name": name, "group": kind.group, "kind": kind.plural}));
+        self
+    }
+
+    /// 404 for a missing object.
+    pub fn not_found(kind: &Kind, name: &str) -> Self {
+        Self::new(
+            404,
+            "NotFound",
+            format!("{} \"{name}\" not found", kind.qualified()),
+        )
+        .with_details(kind, name)
+    }
+
+    /// 400.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, "BadRequest", message)
+    }
+
+    /// The Status object.
+    pub fn status(&self) -> Value {
+        let mut s = json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
+        });
+        if let Some(d) = &self.details {
+            s["details"] = d.clone();
+        }
+        s
+    }
+}
+
+/// One change to the store, as a watch delivers it.
+#[derive(Clone, Debug)]
+pub struct Change {
+    /// The resourceVersion the change produced.
+    pub rv: u64,
+    /// The store the object lives in (`pods`, `events`, ...).
+    pub storage: String,
+    /// Namespace ("" for cluster-scoped objects).
+    pub namespace: String,
+    /// ADDED, MODIFIED or DELETED.
+    pub type_: &'static str,
+    /// The object after the change (for DELETED: its last state), in stored form.
+    pub object: Value,
+    /// The object before the change.
+    pub old: Option<Value>,
+}
+
+/// Options of a write request.
+#[derive(Clone, Debug, Default)]
+pub struct WriteOpts {
+    /// `fieldManager`.
+    pub field_manager: Option<String>,
+    /// `dryRun=All`.
+    pub dry_run: bool,
+    /// `force` (server-side apply).
+    pub force: bool,
+    /// `fieldValidation=Strict`.
+    pub strict: bool,
+}
+
+/// The outcome of a write.
+#[derive(Clone, Debug)]
+pub struct Written {
+    /// The object as stored, in the requested view.
+    pub object: Value,
+    /// Whether it was created.
+    pub created: bool,
+    /// Warnings (unknown fields pruned).
+    pub warnings: Vec<String>,
+}
+
+/// A patch body by content type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PatchType {
+    /// `application/merge-patch+json` (and strategic merge, approximated by it).
+    Merge,
+    /// `application/json-patch+json`.
+    Json,
+    /// `application/apply-patch+yaml`.
+    Apply,
+}
+
+/// Deletion options.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DeleteOpts {
+    /// `gracePeriodSeconds`.
+    pub grace: Option<i64>,
+    /// `propagationPolicy=Orphan`.
+    pub orphan: bool,
+    /// `dryRun=All`.
+    pub dry_run: bool,
+}
+
+type Key = (String, String, String);
+
+/// The start of a watch: the events to send first, the live subscription, and the
+/// resourceVersion it starts at.
+pub type WatchStart = (Vec<Arc<Change>>, broadcast::Receiver<Arc<Change>>, u64);
+
+struct State {
+    rv: u64,
+    kinds: Vec<Arc<Kind>>,
+    objects: BTreeMap<Key, Value>,
+    history: VecDeque<Arc<Change>>,
+    history_limit: usize,
+    compacted: u64,
+}
+
+/// The simulated cluster's API state. Cheap to share behind an `Arc`.
+pub struct Cluster {
+    state: Mutex<State>,
+    tx: broadcast::Sender<Arc<Change>>,
+    logs: Mutex<Option<LogLocator>>,
+}
+
+/// Finds the log file of a container: (namespace, pod, pod uid, container).
+pub type LogLocator = Arc<dyn Fn(&str, &str, &str, &str) -> std::path::PathBuf + Send + Sync>;
+
+/// Now, to the second, RFC 3339.
+pub fn now() -> String {
+    jiff::Timestamp::now()
+        .round(jiff::Unit::Second)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| jiff::Timestamp::now().to_string())
+}
+
+fn random_string(n: usize, alphabet: &[u8]) -> String {
+    use rand::RngExt;
+    let mut rng = rand::rng();
+    (0..n)
+        .map(|_| alphabet[rng.random_range(0..alphabet.len())] as char)
+        .collect()
+}
+
+fn new_uid() -> String {
+    let h = random_string(32, b"0123456789abcdef");
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..]
+    )
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+/// The object without server-maintained bookkeeping, to tell a no-op write.
+fn essence(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("resourceVersion");
+        if let Some(Value::Array(mf)) = meta.get_mut("managedFields") {
+            for e in mf {
+                if let Some(e) = e.as_object_mut() {
+                    e.remove("time");
+                }
+            }
+        }
+    }
+    v
+}
+
+/// Everything but metadata and status: a change there bumps `metadata.generation`.
+fn spec_part(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(m) = v.as_object_mut() {
+        m.remove("metadata");
+        m.remove("status");
+        m.remove("apiVersion");
+        m.remove("kind");
+    }
+    v
+}
+
+/// Parses a request body: JSON, or YAML for server-side apply.
+pub fn parse_body(body: &[u8], yaml: bool) -> Result<Value, ApiError> {
+    let parsed: Result<Value, String> = match serde_json::from_slice(body) {
+        Ok(v) => Ok(v),
+        Err(e) if yaml => {
+            let text = std::str::from_utf8(body)
+                .map_err(|u| ApiError::bad_request(format!("body is not UTF-8: {u}")))?;
+            serde_saphyr::from_str::<Value>(text).map_err(|y| format!("{y} (as JSON: {e})"))
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    parsed.map_err(|e| ApiError::bad_request(format!("the request body could not be decoded: {e}")))
+}
+
+impl Cluster {
+    /// An empty cluster with the built-in kinds; watches can resume from the last
+    /// `history_limit` changes.
+    pub fn new(history_limit: usize) -> Arc<Self> {
+        let (tx, _) = broadcast::channel(4096);
+        Arc::new(Self {
+            state: Mutex::new(State {
+                rv: 1,
+                kinds: kinds::builtins().into_iter().map(Arc::new).collect(),
+                objects: BTreeMap::new(),
+                history: VecDeque::new(),
+                history_limit: history_limit.max(1),
+                compacted: 0,
+            }),
+            tx,
+            logs: Mutex::new(None),
+        })
+    }
+
+    /// Where the kubelet keeps container logs (for `kubectl logs`).
+    pub fn set_log_locator(&self, locator: LogLocator) {
+        *self.logs.lock().unwrap_or_else(|p| p.into_inner()) = Some(locator);
+    }
+
+    /// The log file of `container` of `pod` (stored form), if a kubelet runs.
+    pub fn log_path(&self, pod: &Value, container: &str) -> Option<std::path::PathBuf> {
+        let locator = self
+            .logs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        let meta = &pod["metadata"];
+        Some(locator(
+            meta["namespace"].as_str().unwrap_or_default(),
+            meta["name"].as_str().unwrap_or_default(),
+            meta["uid"].as_str().unwrap_or_default(),
+            container,
+        ))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// All served kinds.
+    pub fn kinds(&self) -> Vec<Arc<Kind>> {
+        self.lock().kinds.clone()
+    }
+
+    /// The kind served at `group/version` under `plural`.
+    pub fn find_kind(&self, group: &str, version: &str, plural: &str) -> Option<Arc<Kind>> {
+        self.lock()
+            .kinds
+            .iter()
+            .find(|k| k.group == group && k.version == version && k.plural == plural)
+            .cloned()
+    }
+
+    /// The current resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.lock().rv
+    }
+
+    /// Drops the watch history, as an etcd compaction does: watches from any earlier
+    /// resourceVersion get 410 Gone.
+    pub fn compact(&self) {
+        let mut st = self.lock();
+        st.history.clear();
+        st.compacted = st.rv;
+    }
+
+    /// Open watch streams (and other subscribers).
+    pub fn watcher_count(&self) -> usize {
+        self.tx.receiver_count()
+    }
+
+    /// A raw subscription to every change.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
+        self.tx.subscribe()
+    }
+
+    /// Reads one object.
+    pub fn get(&self, kind: &Kind, ns: &str, name: &str) -> Result<Value, ApiError> {
+        let st = self.lock();
+        let ns = if kind.namespaced { ns } else { "" };
+        st.objects
+            .get(&(kind.storage.clone(), ns.to_string(), name.to_string()))
+            .map(|o| kind.to_view(o.clone()))
+            .ok_or_else(|| ApiError::not_found(kind, name))
+    }
+
+    /// Objects of a store, in stored form (for the kubelet).
+    pub fn stored(&self, storage: &str) -> Vec<Value> {
+        self.lock()
+            .objects
+            .iter()
+            .filter(|((s, _, _), _)| s == storage)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// Lists objects (`ns` None: all namespaces) with the current resourceVersion.
+    pub fn list(&self, kind: &Kind, ns: Option<&str>) -> (Vec<Value>, u64) {
+        let st = self.lock();
+        let items = st
+            .objects
+            .iter()
+            .filter(|((s, n, _), _)| *s == kind.storage && ns.is_none_or(|ns| ns == n))
+            .map(|(_, v)| kind.to_view(v.clone()))
+            .collect();
+        (items, st.rv)
+    }
+
+    /// Starts a watch: the events to send first (a synthetic ADDED per object when `rv`
+    /// is absent or "0" or when initial events are asked for; otherwise the history
+    /// after `rv`), and the live subscription. Both are unfiltered.
+    pub fn watch(
+        &self,
+        kind: &Kind,
+        rv: Option<&str>,
+        send_initial: bool,
+    ) -> Result<WatchStart, ApiError> {
+        let st = self.lock();
+        let rx = self.tx.subscribe();
+        let rv = rv.filter(|r| !r.is_empty());
+        let from =
+            match rv {
+                None | Some("0") => None,
+                Some(r) => Some(r.parse::<u64>().map_err(|_| {
+                    ApiError::bad_request(format!("invalid resource version {r:?}"))
+                })?),
+            };
+        let mut first = Vec::new();
+        match from {
+            Some(n) if !send_initial => {
+                if n < st.compacted {
+                    return Err(ApiError::new(
+                        410,
+                        "Expired",
+                        format!("too old resource version: {n} ({})", st.compacted),
+                    ));
+                }
+                first.extend(
+                    st.history
+                        .iter()
+                        .filter(|c| c.rv > n && c.storage == kind.storage)
+                        .cloned(),
+                );
+            }
+            _ => {
+                for ((s, ns, _), v) in &st.objects {
+                    if *s == kind.storage {
+                        first.push(Arc::new(Change {
+                            rv: st.rv,
+                            storage: s.clone(),
+                            namespace: ns.clone(),
+                            type_: "ADDED",
+                            object: v.clone(),
+                            old: None,
+                        }));
+                    }
+                }
+            }
+        }
+        Ok((first, rx, st.rv))
+    }
+
+    fn record(&self, st: &mut State, change: Change) {
+        let change = Arc::new(change);
+        st.history.push_back(change.clone());
+        while st.history.len() > st.history_limit {
+            if let Some(c) = st.history.pop_front() {
+                st.compacted = c.rv;
+            }
+        }
+        let _ = self.tx.send(change);
+    }
+
+    fn check_namespace(st: &State, kind: &Kind, ns: &str) -> Result<(), ApiError> {
+        if kind.namespaced
+            && !st
+                .objects
+                .contains_key(&("namespaces".into(), String::new(), ns.into()))
+        {
+            let ns_kind = st
+                .kinds
+                .iter()
+                .find(|k| k.plural == "namespaces")
+                .expect("namespaces kind");
+            return Err(ApiError::not_found(ns_kind, ns));
+        }
+        Ok(())
+    }
+
+    /// Validates a custom resource, fills defaults, prunes unknown fields.
+    fn admit(
+        kind: &Kind,
+        obj: &mut Value,
+        old: Option<&Value>,
+        opts: &WriteOpts,
+    ) -> Result<Vec<String>, ApiError> {
+        let Some(schema) = &kind.schema else {
+            return Ok(Vec::new());
+        };
+        let name = obj
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let unknown = validate::normalize(schema, obj);
+        if opts.strict && !unknown.is_empty() {
+            let list: Vec<String> = unknown
+                .iter()
+                .map(|u| format!("unknown field \"{u}\""))
+                .collect();
+            return Err(ApiError::bad_request(format!(
+                "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
+                kind.kind,
+                kind.version,
+                kind.kind,
+                list.join(", ")
+            )));
+        }
+        let causes = validate::validate(schema, obj, old);
+        if !causes.is_empty() {
+            let text: Vec<String> = causes
+                .iter()
+                .map(|c| format!("{}: {}", c.field, c.message))
+                .collect();
+            let message = if text.len() == 1 {
+                text[0].clone()
+            } else {
+                format!("[{}]", text.join(", "))
+            };
+            let mut err = ApiError::new(
+                422,
+                "Invalid",
+                format!("{} \"{name}\" is invalid: {message}", kind.kind),
+            );
+            err.details = Some(json!({
+                "name": name,
+                "group": kind.group,
+                "kind": kind.kind,
+                "causes": causes.iter().map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field})).collect::<Vec<_>>(),
+            }));
+            return Err(err);
+        }
+        Ok(unknown
+            .into_iter()
+            .map(|u| format!("unknown field \"{u}\""))
+            .collect())
+    }
+
+    /// Creates an object (`body` in the view of `kind`).
+    pub fn create(
+        &self,
+        kind: &Kind,
+        ns: &str,
+        body: Value,
+        opts: &WriteOpts,
+    ) -> Result<Written, ApiError> {
+        let mut st = self.lock();
+        self.create_locked(&mut st, kind, ns, body, opts, None)
+    }
+
+    fn create_locked(
+        &self,
+        st: &mut State,
+        kind: &Kind,
+        ns: &str,
+        body: Value,
+        opts: &WriteOpts,
+        applied: Option<&Value>,
+    ) -> Result<Written, ApiError> {
+        if !body.is_object() {
+            return Err(ApiError::bad_request("the request body must be an object"));
+        }
+        let ns = if kind.namespaced { ns } else { "" };
+        let mut obj = kind.to_storage(body);
+        if let Some(body_ns) = obj.pointer("/metadata/namespace").and_then(Value::as_str)
+            && kind.namespaced
+            && !body_ns.is_empty()
+            && body_ns != ns
+        {
+            return Err(ApiError::bad_request(
+                "the namespace of the provided object does not match the namespace sent on the request",
+            ));
+        }
+        Self::check_namespace(st, kind, ns)?;
+        check_metadata(&obj)?;
+        if obj.get("metadata").is_none() {
+            obj["metadata"] = json!({});
+        }
+        let mut name = obj
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        if name.is_empty() {
+            let Some(prefix) = obj
+                .pointer("/metadata/generateName")
+                .and_then(Value::as_str)
+            else {
+                return Err(ApiError::new(
+                    422,
+                    "Invalid",
+                    format!(
+                        "{} \"\" is invalid: metadata.name: Required value: name or generateName is required",
+                        kind.kind
+                    ),
+                ));
+            };
+            loop {
+                name = format!(
+                    "{prefix}{}",
+                    random_string(5, b"bcdfghjklmnpqrstvwxz2456789")
+                );
+                if !st
+                    .objects
+                    .contains_key(&(kind.storage.clone(), ns.into(), name.clone()))
+                {
+                    break;
+                }
+            }
+        }
+        if !valid_name(&name) {
+            return Err(ApiError::new(
+                422,
+                "Invalid",
+                format!(
+                    "{} \"{name}\" is invalid: metadata.name: Invalid value: \"{name}\": a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character",
+                    kind.kind
+                ),
+            ));
+        }
+        let key = (kind.storage.clone(), ns.to_string(), name.clone());
+        if st.objects.contains_key(&key) {
+            return Err(ApiError::new(
+                409,
+                "AlreadyExists",
+                format!("{} \"{name}\" already exists", kind.qualified()),
+            )
+            .with_details(kind, &name));
+        }
+        if kind.status
+            && kind.schema.is_some()
+            && let Some(m) = obj.as_object_mut()
+        {
+            m.remove("status");
+        }
+        let now = now();
+        {
+            let meta = obj["metadata"].as_object_mut().expect("metadata object");
+            meta.insert("name".into(), json!(name));
+            if kind.namespaced {
+                meta.insert("namespace".into(), json!(ns));
+            } else {
+                meta.remove("namespace");
+            }
+            meta.insert("uid".into(), json!(new_uid()));
+            meta.insert("creationTimestamp".into(), json!(now));
+            meta.insert("generation".into(), json!(1));
+            for k in [
+                "resourceVersion",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "managedFields",
+                "selfLink",
+            ] {
+                meta.remove(k);
+            }
+        }
+        if kind.kind == "Pod" && kind.group.is_empty() {
+            let containers = obj.pointer("/spec/containers").and_then(Value::as_array);
+            let named = containers.is_some_and(|cs| {
+                !cs.is_empty()
+                    && cs
+                        .iter()
+                        .all(|c| c["name"].as_str().is_some_and(|n| !n.is_empty()))
+            });
+            if !named {
+                return Err(ApiError::new(
+                    422,
+                    "Invalid",
+                    format!(
+                        "Pod \"{name}\" is invalid: spec.containers: Required value: every container needs a name"
+                    ),
+                ));
+            }
+        }
+        match kind.kind.as_str() {
+            "Pod" if kind.group.is_empty() => {
+                obj["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"})
+            }
+            "Namespace" => obj["status"] = json!({"phase": "Active"}),
+            _ => {}
+        }
+        let warnings = Self::admit(kind, &mut obj, None, opts)?;
+        let api_version = kind.api_version();
+        let manager = opts
+            .field_manager
+            .clone()
+            .unwrap_or_else(|| "unknown".into());
+        let scope = if kind.status { Scope::Main } else { Scope::All };
+        let w = ssa::Write {
+            manager: &manager,
+            api_version: &api_version,
+            scope,
+            now: &now,
+        };
+        match applied {
+            Some(config) => {
+                obj = ssa::apply(&obj, config, &w, true).unwrap_or(obj);
+                // The applied configuration is already merged; only ownership is new.
+            }
+            None => ssa::record_update(None, &mut obj, &w),
+        }
+        if kind.plural == "customresourcedefinitions" {
+            let defined = kinds::from_crd(&obj).map_err(|e| {
+                ApiError::new(
+                    422,
+                    "Invalid",
+                    format!("CustomResourceDefinition \"{name}\" is invalid: {e}"),
+                )
+            })?;
+            if !opts.dry_run {
+                for k in defined {
+                    st.kinds.retain(|old| {
+                        !(old.group == k.group
+                            && old.version == k.version
+                            && old.plural == k.plural)
+                    });
+                    st.kinds.push(Arc::new(k));
+                }
+            }
+        }
+        if opts.dry_run {
+            return Ok(Written {
+                object: kind.to_view(obj),
+                created: true,
+                warnings,
+            });
+        }
+        st.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        st.objects.insert(key, obj.clone());
+        let change = Change {
+            rv: st.rv,
+            storage: kind.storage.clone(),
+            namespace: ns.into(),
+            type_: "ADDED",
+            object: obj.clone(),
+            old: None,
+        };
+        self.record(st, change);
+        // As the garbage collector would: a dependent whose owners are all gone (its
+        // owner was deleted while the request was in flight) is deleted.
+        let owners: Vec<String> = obj
+            .pointer("/metadata/ownerReferences")
+            .and_then(Value::as_array)
+            .map(|refs| {
+                refs.iter()
+                    .filter_map(|r| r["uid"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let orphaned = !owners.is_empty()
+            && !st.objects.values().any(|o| {
+                o.pointer("/metadata/uid")
+                    .and_then(Value::as_str)
+                    .is_some_and(|u| owners.iter().any(|w| w == u))
+            });
+        if orphaned {
+            self.delete_locked(st, &kind.storage, &obj, DeleteOpts::default());
+            if let Some(now) = st
+                .objects
+                .get(&(kind.storage.clone(), ns.to_string(), name.clone()))
+            {
+                obj = now.clone();
+            }
+        }
+        Ok(Written {
+            object: kind.to_view(obj),
+            created: true,
+            warnings,
+        })
+    }
+
+    /// Replaces an object (`status`: the status subresource).
+    pub fn update(
+        &self,
+        kind: &Kind,
+        ns: &str,
+        name: &str,
+        body: Value,
+        status: bool,
+        opts: &WriteOpts,
+    ) -> Result<Written, ApiError> {
+        let mut st = self.lock();
+        let ns = if kind.namespaced { ns } else { "" };
+        let key = (kind.storage.clone(), ns.to_string(), name.to_string());
+        let Some(old) = st.objects.get(&key).cloned() else {
+            return Err(ApiError::not_found(kind, name));
+        };
+        if !body.is_object() {
+            return Err(ApiError::bad_request("the request body must be an object"));
+        }
+        let body = kind.to_storage(body);
+        if let Some(body_name) = body.pointer("/metadata/name").and_then(Value::as_str)
+            && body_name != name
+        {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({body_name}) does not match the name on the URL ({name})"
+            )));
+        }
+        if let Some(rv) = body
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            && !rv.is_empty()
+            && Some(rv)
+                != old
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str)
+        {
+            return Err(conflict(kind, name));
+        }
+        let scope = scope_of(kind, status);
+        let new = merge_scope(&old, body, scope);
+        self.commit(&mut st, kind, key, old, new, scope, opts, false)
+    }
+
+    /// Patches an object; server-side apply creates it when absent.
+    #[allow(clippy::too_many_arguments)]
+    pub fn patch(
+        &self,
+        kind: &Kind,
+        ns: &str,
+        name: &str,
+        ptype: PatchType,
+        body: Value,
+        status: bool,
+        opts: &WriteOpts,
+    ) -> Result<Written, ApiError> {
+        let mut st = self.lock();
+        let ns = if kind.namespaced { ns } else { "" };
+        let key = (kind.storage.clone(), ns.to_string(), name.to_string());
+        let scope = scope_of(kind, status);
+        let old = st.objects.get(&key).cloned();
+        let manager = opts.field_manager.clone();
+        match ptype {
+            PatchType::Apply => {
+                let Some(manager) = manager else {
+                    return Err(ApiError::bad_request(
+                        "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+                    ));
+                };
+                if !body.is_object() {
+                    return Err(ApiError::bad_request(
+                        "the apply configuration must be an object",
+                    ));
+                }
+                for (field, want) in [
+                    ("apiVersion", kind.api_version()),
+                    ("kind", kind.kind.clone()),
+                ] {
+                    if body.get(field).and_then(Value::as_str) != Some(want.as_str()) {
+                        return Err(ApiError::bad_request(format!(
+                            "invalid object: {field} must be {want:?} for this resource"
+                        )));
+                    }
+                }
+                if let Some(n) = body.pointer("/metadata/name").and_then(Value::as_str)
+                    && n != name
+                {
+                    return Err(ApiError::bad_request(format!(
+                        "the name of the object ({n}) does not match the name on the URL ({name})"
+                    )));
+                }
+                let config = kind.to_storage(body);
+                let Some(old) = old else {
+                    if status {
+                        return Err(ApiError::not_found(kind, name));
+                    }
+                    let mut fresh = config.clone();
+                    fresh["metadata"]["name"] = json!(name);
+                    let opts = WriteOpts {
+                        field_manager: Some(manager.clone()),
+                        ..opts.clone()
+                    };
+                    return self.create_locked(&mut st, kind, ns, fresh, &opts, Some(&config));
+                };
+                let api_version = kind.api_version();
+                let now = now();
+                let w = ssa::Write {
+                    manager: &manager,
+                    api_version: &api_version,
+                    scope,
+                    now: &now,
+                };
+                let new = ssa::apply(&old, &config, &w, opts.force).map_err(|conflicts| {
+                    let fields: Vec<String> = conflicts
+                        .iter()
+                        .map(|c| format!("conflict with \"{}\": {}", c.manager, c.field))
+                        .collect();
+                    let mut e = ApiError::new(
+                        409,
+                        "Conflict",
+                        format!("Apply failed with {} conflict{}: {}", conflicts.len(), if conflicts.len() == 1 { "" } else { "s" }, fields.join("; ")),
+                    );
+                    e.details = Some(json!({
+                        "name": name, "group": kind.group, "kind": kind.plural,
+                        "causes": conflicts.iter().map(|c| json!({"reason": "FieldManagerConflict", "message": format!("conflict with \"{}\"", c.manager), "field": c.field})).collect::<Vec<_>>(),
+                    }));
+                    e
+                })?;
+                self.commit(&mut st, kind, key, old, new, scope, opts, true)
+            }
+            PatchType::Merge | PatchType::Json => {
+                let Some(old) = old else {
+                    return Err(ApiError::not_found(kind, name));
+                };
+                let viewed = kind.to_view(old.clone());
+                let mut patched = viewed;
+                match ptype {
+                    PatchType::Merge => {
+                        if !body.is_object() {
+                            return Err(ApiError::bad_request(
+                                "a merge patch must be a JSON object",
+                            ));
+                        }
+                        json_patch::merge(&mut patched, &body);
+                    }
+                    _ => {
+                        let ops: json_patch::Patch = serde_json::from_value(body).map_err(|e| {
+                            ApiError::bad_request(format!(
+                                "the JSON patch could not be decoded: {e}"
+                            ))
+                        })?;
+                        json_patch::patch(&mut patched, &ops).map_err(|e| {
+                            ApiError::new(
+                                422,
+                                "Invalid",
+                                format!("the JSON patch does not apply: {e}"),
+                            )
+                        })?;
+                    }
+                }
+                if !patched.is_object() {
+                    return Err(ApiError::new(
+                        422,
+                        "Invalid",
+                        "the patched object is not a JSON object",
+                    ));
+                }
+                if let Some(rv) = patched
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str)
+                    && Some(rv)
+                        != old
+                            .pointer("/metadata/resourceVersion")
+                            .and_then(Value::as_str)
+                {
+                    return Err(conflict(kind, name));
+                }
+                let new = merge_scope(&old, kind.to_storage(patched), scope);
+                self.commit(&mut st, kind, key, old, new, scope, opts, false)
+            }
+        }
+    }
+
+    /// Writes `new` over `old` after keeping server-owned metadata, admission, generation
+    /// and field ownership; a write that changes nothing keeps the resourceVersion.
+    #[allow(clippy::too_many_arguments)]
+    fn commit(
+        &self,
+        st: &mut State,
+        kind: &Kind,
+        key: Key,
+        old: Value,
+        mut new: Value,
+        scope: Scope,
+        opts: &WriteOpts,
+        applied: bool,
+    ) -> Result<Written, ApiError> {
+        check_metadata(&new)?;
+        if new.get("metadata").is_none() {
+            new["metadata"] = json!({});
+        }
+        for k in [
+            "name",
+            "namespace",
+            "uid",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "generation",
+            "resourceVersion",
+        ] {
+            match old["metadata"].get(k) {
+                Some(v) => new["metadata"][k] = v.clone(),
+                None => {
+                    if let Some(m) = new["metadata"].as_object_mut() {
+                        m.remove(k);
+                    }
+                }
+            }
+        }
+        // A write that sets managedFields itself (kubectl does, when it moves
+        // client-side apply ownership to server-side apply) is taken as given.
+        let explicit_fields = !applied
+            && new["metadata"]["managedFields"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+            && new["metadata"]["managedFields"] != old["metadata"]["managedFields"];
+        if !applied && !explicit_fields {
+            new["metadata"]["managedFields"] = old["metadata"]["managedFields"].clone();
+            if new["metadata"]["managedFields"].is_null()
+                && let Some(m) = new["metadata"].as_object_mut()
+            {
+                m.remove("managedFields");
+            }
+        }
+        let warnings = Self::admit(kind, &mut new, Some(&old), opts)?;
+        if spec_part(&new) != spec_part(&old) {
+            let g = old
+                .pointer("/metadata/generation")
+                .and_then(Value::as_i64)
+                .unwrap_or(1);
+            new["metadata"]["generation"] = json!(g + 1);
+        }
+        if !applied && !explicit_fields {
+            let api_version = kind.api_version();
+            let now = now();
+            let manager = opts
+                .field_manager
+                .clone()
+                .unwrap_or_else(|| "unknown".into());
+            ssa::record_update(
+                Some(&old),
+                &mut new,
+                &ssa::Write {
+                    manager: &manager,
+                    api_version: &api_version,
+                    scope,
+                    now: &now,
+                },
+            );
+        }
+        if opts.dry_run || essence(&new) == essence(&old) {
+            let object = if opts.dry_run { new } else { old };
+            return Ok(Written {
+                object: kind.to_view(object),
+                created: false,
+                warnings,
+            });
+        }
+        self.store(st, kind, key, Some(old), new.clone());
+        let finished = new.pointer("/metadata/deletionTimestamp").is_some()
+            && new
+                .pointer("/metadata/finalizers")
+                .and_then(Value::as_array)
+                .is_none_or(Vec::is_empty)
+            && kind.plural != "pods";
+        let stored = if finished {
+            self.remove_locked(st, &kind.storage, &new, false);
+            new
+        } else {
+            st.objects
+                .get(&(kind.storage.clone(), new_ns(&new), new_name(&new)))
+                .cloned()
+                .unwrap_or(new)
+        };
+        Ok(Written {
+            object: kind.to_view(stored),
+            created: false,
+            warnings,
+        })
+    }
+
+    fn store(&self, st: &mut State, kind: &Kind, key: Key, old: Option<Value>, mut new: Value) {
+        st.rv += 1;
+        new["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        st.objects.insert(key.clone(), new.clone());
+        let change = Change {
+            rv: st.rv,
+            storage: kind.storage.clone(),
+            namespace: key.1,
+            type_: if old.is_some() { "MODIFIED" } else { "ADDED" },
+            object: new,
+            old,
+        };
+        self.record(st, change);
+    }
+
+    /// Changes a stored object in place, bypassing admission (the kubelet's status
+    /// writes). `f` returns false to leave it untouched.
+    pub fn mutate(
+        &self,
+        storage: &str,
+        ns: &str,
+        name: &str,
+        f: impl FnOnce(&mut Value) -> bool,
+    ) -> Option<Value> {
+        let mut st = self.lock();
+        let key = (storage.to_string(), ns.to_string(), name.to_string());
+        let old = st.objects.get(&key)?.clone();
+        let mut new = old.clone();
+        if !f(&mut new) || new == old {
+            return Some(old);
+        }
+        let kind = st.kinds.iter().find(|k| k.storage == storage)?.clone();
+        self.store(&mut st, &kind, key.clone(), Some(old), new);
+        st.objects.get(&key).cloned()
+    }
+
+    /// Removes an object for good (the kubelet, once a deleted pod has stopped).
+    pub fn remove_now(&self, storage: &str, ns: &str, name: &str) {
+        let mut st = self.lock();
+        if let Some(obj) = st
+            .objects
+            .get(&(storage.to_string(), ns.to_string(), name.to_string()))
+            .cloned()
+        {
+            self.remove_locked(&mut st, storage, &obj, false);
+        }
+    }
+
+    fn remove_locked(&self, st: &mut State, storage: &str, obj: &Value, orphan: bool) {
+        let key = (storage.to_string(), new_ns(obj), new_name(obj));
+        let Some(last) = st.objects.remove(&key) else {
+            return;
+        };
+        st.rv += 1;
+        let mut last_v = last.clone();
+        last_v["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        let change = Change {
+            rv: st.rv,
+            storage: storage.into(),
+            namespace: key.1.clone(),
+            type_: "DELETED",
+            object: last_v,
+            old: Some(last.clone()),
+        };
+        self.record(st, change);
+        if storage == "customresourcedefinitions.apiextensions.k8s.io"
+            && let Ok(defined) = kinds::from_crd(&last)
+        {
+            for k in defined {
+                st.kinds.retain(|old| old.storage != k.storage);
+                let doomed: Vec<Value> = st
+                    .objects
+                    .iter()
+                    .filter(|((s, _, _), _)| *s == k.storage)
+                    .map(|(_, v)| v.clone())
+                    .collect();
+                for d in doomed {
+                    self.remove_locked(st, &k.storage, &d, false);
+                }
+            }
+        }
+        if storage == "namespaces" {
+            let contents: Vec<(String, Value)> = st
+                .objects
+                .iter()
+                .filter(|((_, ns, _), _)| *ns == key.2)
+                .map(|((s, _, _), v)| (s.clone(), v.clone()))
+                .collect();
+            for (s, v) in contents {
+                self.delete_locked(st, &s, &v, DeleteOpts::default());
+            }
+        }
+        // Garbage collection of dependents.
+        let Some(uid) = last
+            .pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .map(String::from)
+        else {
+            return;
+        };
+        let dependents: Vec<(Key, Value)> = st
+            .objects
+            .iter()
+            .filter(|(_, v)| {
+                v.pointer("/metadata/ownerReferences")
+                    .and_then(Value::as_array)
+                    .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid.as_str()))
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (k, v) in dependents {
+            if orphan {
+                let mut new = v.clone();
+                if let Some(refs) = new["metadata"]["ownerReferences"].as_array_mut() {
+                    refs.retain(|r| r["uid"] != uid.as_str());
+                }
+                if let Some(kind) = st.kinds.iter().find(|kd| kd.storage == k.0).cloned() {
+                    self.store(st, &kind, k, Some(v), new);
+                }
+            } else {
+                self.delete_locked(st, &k.0, &v, DeleteOpts::default());
+            }
+        }
+    }
+
+    /// Deletes an object: pods and objects with finalizers get a deletionTimestamp
+    /// first; everything else goes at once, its dependents with it.
+    pub fn delete(
+        &self,
+        kind: &Kind,
+        ns: &str,
+        name: &str,
+        opts: DeleteOpts,
+    ) -> Result<Value, ApiError> {
+        let mut st = self.lock();
+        let ns = if kind.namespaced { ns } else { "" };
+        let key = (kind.storage.clone(), ns.to_string(), name.to_string());
+        let Some(obj) = st.objects.get(&key).cloned() else {
+            return Err(ApiError::not_found(kind, name));
+        };
+        if opts.dry_run {
+            return Ok(kind.to_view(obj));
+        }
+        self.delete_locked(&mut st, &kind.storage, &obj, opts);
+        let after = st.objects.get(&key).cloned().unwrap_or(obj);
+        Ok(kind.to_view(after))
+    }
+
+    fn delete_locked(&self, st: &mut State, storage: &str, obj: &Value, opts: DeleteOpts) {
+        let finalizers = obj
+            .pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .is_some_and(|f| !f.is_empty());
+        let is_pod = storage == "pods";
+        let finished_pod = is_pod
+            && matches!(
+                obj.pointer("/status/phase").and_then(Value::as_str),
+                Some("Succeeded" | "Failed")
+            );
+        let grace = opts.grace.unwrap_or_else(|| {
+            obj.pointer("/spec/terminationGracePeriodSeconds")
+                .and_then(Value::as_i64)
+                .unwrap_or(30)
+        });
+        let graceful = is_pod && grace > 0 && !finished_pod;
+        if !finalizers && !graceful {
+            self.remove_locked(st, storage, obj, opts.orphan);
+            return;
+        }
+        let current_grace = obj
+            .pointer("/metadata/deletionGracePeriodSeconds")
+            .and_then(Value::as_i64);
+        if obj.pointer("/metadata/deletionTimestamp").is_some()
+            && current_grace.is_none_or(|g| g <= grace)
+        {
+            return;
+        }
+        let mut new = obj.clone();
+        let when = jiff::Timestamp::now()
+            .checked_add(jiff::SignedDuration::from_secs(if graceful {
+                grace
+            } else {
+                0
+            }))
+            .unwrap_or_else(|_| jiff::Timestamp::now())
+            .round(jiff::Unit::Second)
+            .map(|t| t.to_string())
+            .unwrap_or_else(|_| now());
+        new["metadata"]["deletionTimestamp"] = json!(when);
+        new["metadata"]["deletionGracePeriodSeconds"] = json!(if graceful { grace } else { 0 });
+        if let Some(kind) = st.kinds.iter().find(|k| k.storage == storage).cloned() {
+            let key = (storage.to_string(), new_ns(&new), new_name(&new));
+            self.store(st, &kind, key, Some(obj.clone()), new);
+        }
+    }
+}
+
+/// `metadata`, when present, must be an object.
+fn check_metadata(obj: &Value) -> Result<(), ApiError> {
+    match obj.get("metadata") {
+        None | Some(Value::Object(_)) => Ok(()),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "the request body could not be decoded: metadata must be an object, not {other}"
+        ))),
+    }
+}
+
+fn new_ns(v: &Value) -> String {
+    v.pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn new_name(v: &Value) -> String {
+    v.pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn conflict(kind: &Kind, name: &str) -> ApiError {
+    ApiError::new(
+        409,
+        "Conflict",
+        format!(
+            "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
+            kind.qualified()
+        ),
+    )
+    .with_details(kind, name)
+}
+
+fn scope_of(kind: &Kind, status: bool) -> Scope {
+    match (kind.status, status) {
+        (true, true) => Scope::Status,
+        (true, false) => Scope::Main,
+        _ => Scope::All,
+    }
+}
+
+/// The new object a write in `scope` produces: the main resource cannot change
+/// `status`; the status subresource changes only `status`.
+fn merge_scope(old: &Value, body: Value, scope: Scope) -> Value {
+    match scope {
+        Scope::All => body,
+        Scope::Main => {
+            let mut new = body;
+            match old.get("status") {
+                Some(s) => new["status"] = s.clone(),
+                None => {
+                    if let Some(m) = new.as_object_mut() {
+                        m.remove("status");
+                    }
+                }
+            }
+            new
+        }
+        Scope::Status => {
+            let mut new = old.clone();
+            match body.get("status") {
+                Some(s) => new["status"] = s.clone(),
+                None => {
+                    if let Some(m) = new.as_object_mut() {
+                        m.remove("status");
+                    }
+                }
+            }
+            new
+        }
+    }
+}

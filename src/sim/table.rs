@@ -1,0 +1,332 @@
+//! `meta.k8s.io/v1` Table responses: what `kubectl get` prints.
+
+use serde_json::{Value, json};
+
+use super::kinds::Kind;
+
+/// Kubernetes' short human duration (`5s`, `3m20s`, `2d4h`).
+pub fn human_duration(secs: i64) -> String {
+    if secs < -1 {
+        return "<invalid>".into();
+    }
+    let s = secs.max(0);
+    if s < 120 {
+        return format!("{s}s");
+    }
+    let m = s / 60;
+    if m < 10 {
+        return if s % 60 == 0 {
+            format!("{m}m")
+        } else {
+            format!("{m}m{}s", s % 60)
+        };
+    }
+    if m < 180 {
+        return format!("{m}m");
+    }
+    let h = m / 60;
+    if h < 8 {
+        return if m % 60 == 0 {
+            format!("{h}h")
+        } else {
+            format!("{h}h{}m", m % 60)
+        };
+    }
+    if h < 48 {
+        return format!("{h}h");
+    }
+    if h < 24 * 8 {
+        return if h % 24 == 0 {
+            format!("{}d", h / 24)
+        } else {
+            format!("{}d{}h", h / 24, h % 24)
+        };
+    }
+    if h < 24 * 365 * 2 {
+        return format!("{}d", h / 24);
+    }
+    if h < 24 * 365 * 8 {
+        return format!("{}y{}d", h / 24 / 365, (h / 24) % 365);
+    }
+    format!("{}y", h / 24 / 365)
+}
+
+/// Seconds since an RFC 3339 time.
+pub fn age_secs(t: &str) -> Option<i64> {
+    let t: jiff::Timestamp = t.parse().ok()?;
+    Some(jiff::Timestamp::now().duration_since(t).as_secs())
+}
+
+fn age(v: Option<&Value>) -> Value {
+    v.and_then(Value::as_str)
+        .and_then(age_secs)
+        .map(|s| json!(human_duration(s)))
+        .unwrap_or(json!("<unknown>"))
+}
+
+/// Evaluates a simple JSONPath (`.status.workers.ready`, `.spec.containers[0].image`).
+pub fn json_path<'a>(obj: &'a Value, path: &str) -> Option<&'a Value> {
+    let mut cur = obj;
+    for seg in path
+        .trim_start_matches('.')
+        .split('.')
+        .filter(|s| !s.is_empty())
+    {
+        let (name, index) = match seg.split_once('[') {
+            Some((n, rest)) => (n, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (seg, None),
+        };
+        if !name.is_empty() {
+            cur = cur.get(name)?;
+        }
+        if let Some(i) = index {
+            cur = cur.get(i)?;
+        }
+    }
+    Some(cur)
+}
+
+fn column(name: &str, type_: &str, format: &str, description: &str, priority: i64) -> Value {
+    json!({"name": name, "type": type_, "format": format, "description": description, "priority": priority})
+}
+
+fn pod_cells(pod: &Value) -> Vec<Value> {
+    let status = &pod["status"];
+    let statuses = status["containerStatuses"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let total = pod
+        .pointer("/spec/containers")
+        .and_then(Value::as_array)
+        .map(Vec::len)
+        .unwrap_or(0);
+    let ready = statuses.iter().filter(|c| c["ready"] == true).count();
+    let mut reason = status["reason"]
+        .as_str()
+        .or(status["phase"].as_str())
+        .unwrap_or("Pending")
+        .to_string();
+    let inits = status["initContainerStatuses"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let init_total = pod
+        .pointer("/spec/initContainers")
+        .and_then(Value::as_array)
+        .map(Vec::len)
+        .unwrap_or(0);
+    let mut initializing = false;
+    for (i, c) in inits.iter().enumerate() {
+        let term = &c["state"]["terminated"];
+        if term.is_object() && term["exitCode"] == 0 {
+            continue;
+        }
+        initializing = true;
+        reason = if term.is_object() {
+            match term["reason"].as_str() {
+                Some(r) => format!("Init:{r}"),
+                None => format!("Init:ExitCode:{}", term["exitCode"]),
+            }
+        } else if let Some(w) = c["state"]["waiting"]["reason"]
+            .as_str()
+            .filter(|r| *r != "PodInitializing")
+        {
+            format!("Init:{w}")
+        } else {
+            format!("Init:{i}/{init_total}")
+        };
+        break;
+    }
+    let mut restarts = 0;
+    let mut last_restart: Option<i64> = None;
+    for c in statuses.iter().rev() {
+        restarts += c["restartCount"].as_i64().unwrap_or(0);
+        if let Some(a) = c
+            .pointer("/lastState/terminated/finishedAt")
+            .and_then(Value::as_str)
+            .and_then(age_secs)
+        {
+            last_restart = Some(last_restart.map_or(a, |l: i64| l.min(a)));
+        }
+        if initializing {
+            continue;
+        }
+        if let Some(w) = c["state"]["waiting"]["reason"].as_str() {
+            reason = w.into();
+        } else if let Some(t) = c["state"]["terminated"]["reason"].as_str() {
+            reason = t.into();
+        }
+    }
+    if pod.pointer("/metadata/deletionTimestamp").is_some() {
+        reason = "Terminating".into();
+    }
+    let restarts = match last_restart {
+        Some(a) if restarts > 0 => format!("{restarts} ({} ago)", human_duration(a)),
+        _ => restarts.to_string(),
+    };
+    vec![
+        json!(format!("{ready}/{total}")),
+        json!(reason),
+        json!(restarts),
+        age(pod.pointer("/metadata/creationTimestamp")),
+    ]
+}
+
+fn event_cells(ev: &Value) -> Vec<Value> {
+    let last = ev["lastTimestamp"]
+        .as_str()
+        .or(ev["eventTime"].as_str())
+        .or(ev
+            .pointer("/metadata/creationTimestamp")
+            .and_then(Value::as_str));
+    let obj = &ev["involvedObject"];
+    vec![
+        age(last.map(|s| json!(s)).as_ref()),
+        ev["type"].clone(),
+        ev["reason"].clone(),
+        json!(format!(
+            "{}/{}",
+            obj["kind"].as_str().unwrap_or_default().to_lowercase(),
+            obj["name"].as_str().unwrap_or_default()
+        )),
+        ev["message"].clone(),
+    ]
+}
+
+/// The Table of `items` (objects in the view of `kind`). `include` is the
+/// `includeObject` parameter: None, Object or PartialObjectMetadata (default).
+pub fn table(kind: &Kind, items: &[Value], resource_version: &str, include: Option<&str>) -> Value {
+    let mut columns = vec![column(
+        "Name",
+        "string",
+        "name",
+        "Name must be unique within a namespace.",
+        0,
+    )];
+    let is_pod = kind.group.is_empty() && kind.kind == "Pod";
+    let is_core_event = kind.group.is_empty() && kind.kind == "Event";
+    if is_pod {
+        columns.push(column(
+            "Ready",
+            "string",
+            "",
+            "The number of containers ready.",
+            0,
+        ));
+        columns.push(column(
+            "Status",
+            "string",
+            "",
+            "The aggregate status of the containers in this pod.",
+            0,
+        ));
+        columns.push(column("Restarts", "string", "", "The number of times the containers in this pod have been restarted and when the last container restarted.", 0));
+        columns.push(column(
+            "Age",
+            "string",
+            "",
+            "CreationTimestamp of the pod.",
+            0,
+        ));
+    } else if is_core_event {
+        columns = vec![
+            column(
+                "Last Seen",
+                "string",
+                "",
+                "When the event was last seen.",
+                0,
+            ),
+            column("Type", "string", "", "Type of the event.", 0),
+            column("Reason", "string", "", "Why the event happened.", 0),
+            column("Object", "string", "", "The object the event is about.", 0),
+            column("Message", "string", "", "What happened.", 0),
+        ];
+    } else if kind.columns.is_empty() {
+        columns.push(column(
+            "Age",
+            "date",
+            "",
+            "CreationTimestamp of the object.",
+            0,
+        ));
+    } else {
+        for c in &kind.columns {
+            let type_ = c["type"].as_str().unwrap_or("string");
+            columns.push(column(
+                c["name"].as_str().unwrap_or_default(),
+                if type_ == "date" { "string" } else { type_ },
+                c["format"].as_str().unwrap_or_default(),
+                c["description"].as_str().unwrap_or_default(),
+                c["priority"].as_i64().unwrap_or(0),
+            ));
+        }
+    }
+    let rows: Vec<Value> = items
+        .iter()
+        .map(|obj| {
+            let mut cells = vec![obj.pointer("/metadata/name").cloned().unwrap_or(json!(""))];
+            if is_pod {
+                cells.extend(pod_cells(obj));
+            } else if is_core_event {
+                cells = event_cells(obj);
+            } else if kind.columns.is_empty() {
+                cells.push(age(obj.pointer("/metadata/creationTimestamp")));
+            } else {
+                for c in &kind.columns {
+                    let v = json_path(obj, c["jsonPath"].as_str().unwrap_or_default());
+                    cells.push(match (c["type"].as_str(), v) {
+                        (Some("date"), v) => age(v),
+                        (_, Some(v)) => v.clone(),
+                        (_, None) => Value::Null,
+                    });
+                }
+            }
+            let mut row = json!({"cells": cells});
+            match include {
+                Some("None") => {}
+                Some("Object") => row["object"] = obj.clone(),
+                _ => {
+                    row["object"] = json!({
+                        "kind": "PartialObjectMetadata",
+                        "apiVersion": "meta.k8s.io/v1",
+                        "metadata": obj["metadata"],
+                    })
+                }
+            }
+            row
+        })
+        .collect();
+    json!({
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": {"resourceVersion": resource_version},
+        "columnDefinitions": columns,
+        "rows": rows,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_kubectl() {
+        assert_eq!(human_duration(5), "5s");
+        assert_eq!(human_duration(200), "3m20s");
+        assert_eq!(human_duration(3600 * 5 + 60), "5h1m");
+        assert_eq!(human_duration(3600 * 24 * 3), "3d");
+    }
+
+    #[test]
+    fn pod_status_column() {
+        let pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "w"}]},
+            "status": {"phase": "Running", "containerStatuses": [{"ready": false, "restartCount": 2,
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}});
+        let cells = pod_cells(&pod);
+        assert_eq!(cells[0], "0/1");
+        assert_eq!(cells[1], "CrashLoopBackOff");
+        assert_eq!(cells[2], "2");
+    }
+}

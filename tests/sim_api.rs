@@ -1,0 +1,1077 @@
+//! The simulated API server at the HTTP level, driven by kube's own client: the
+//! semantics the operator and kubectl rely on.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Event as CoreEvent, Pod};
+use k8s_openapi::api::events::v1::Event as NewEvent;
+use kube::api::{
+    Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
+};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use testrunner_operator::crd::TestRunnerPool;
+use testrunner_operator::sim::{self, ApiServer, ServerConfig};
+
+async fn server() -> ApiServer {
+    server_with(ServerConfig::default()).await
+}
+
+async fn server_with(config: ServerConfig) -> ApiServer {
+    let api = sim::start_api("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .expect("server starts");
+    sim::install_crd(&api.cluster).expect("CRD installs");
+    api
+}
+
+/// Polls `check` until it returns Some, or panics after `secs` seconds.
+async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn cm(name: &str, data: Value) -> ConfigMap {
+    serde_json::from_value(json!({"metadata": {"name": name}, "data": data})).unwrap()
+}
+
+fn pool_json(name: &str, scaling: Value) -> Value {
+    json!({
+        "apiVersion": "testrunner.dev/v1alpha1", "kind": "TestRunnerPool",
+        "metadata": {"name": name},
+        "spec": {"image": "example.org/runner:1", "command": ["true"],
+            "queue": {"name": "tickets", "connectionSecretRef": {"name": "rabbitmq"}}, "scaling": scaling},
+    })
+}
+
+fn api_code(e: kube::Error) -> (u16, String, String) {
+    match e {
+        kube::Error::Api(s) => (s.code, s.reason.clone(), s.message.clone()),
+        other => panic!("expected an API error, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn create_get_list_with_monotonic_versions_and_409_on_stale_update() {
+    let s = server().await;
+    let cms: Api<ConfigMap> = Api::namespaced(s.client(), "default");
+    let a = cms
+        .create(&PostParams::default(), &cm("a", json!({"k": "1"})))
+        .await
+        .unwrap();
+    let rv_a: u64 = a.resource_version().unwrap().parse().unwrap();
+    let generated: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"generateName": "gen-"}})).unwrap();
+    let g = cms
+        .create(&PostParams::default(), &generated)
+        .await
+        .unwrap();
+    assert!(
+        g.name_any().starts_with("gen-") && g.name_any().len() == 9,
+        "{}",
+        g.name_any()
+    );
+    assert!(g.resource_version().unwrap().parse::<u64>().unwrap() > rv_a);
+
+    let (code, reason, _) = api_code(
+        cms.create(&PostParams::default(), &cm("a", json!({})))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((code, reason.as_str()), (409, "AlreadyExists"));
+
+    let got = cms.get("a").await.unwrap();
+    assert_eq!(got.data.unwrap()["k"], "1");
+    let list = cms.list(&ListParams::default()).await.unwrap();
+    assert_eq!(list.items.len(), 2);
+
+    let mut fresh = cms.get("a").await.unwrap();
+    fresh.data = Some([("k".to_string(), "2".to_string())].into());
+    let updated = cms
+        .replace("a", &PostParams::default(), &fresh)
+        .await
+        .unwrap();
+    assert!(updated.resource_version().unwrap().parse::<u64>().unwrap() > rv_a);
+    // `fresh` still carries the old resourceVersion: a stale write.
+    let (code, reason, msg) = api_code(
+        cms.replace("a", &PostParams::default(), &fresh)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((code, reason.as_str()), (409, "Conflict"), "{msg}");
+    assert!(msg.contains("the object has been modified"), "{msg}");
+
+    let (code, _, _) = api_code(cms.get("missing").await.unwrap_err());
+    assert_eq!(code, 404);
+    let other_ns: Api<ConfigMap> = Api::namespaced(s.client(), "nowhere");
+    let (code, _, msg) = api_code(
+        other_ns
+            .create(&PostParams::default(), &cm("x", json!({})))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 404, "{msg}");
+}
+
+#[tokio::test]
+async fn watch_resumes_from_a_version_and_expired_versions_get_410() {
+    let s = server().await;
+    let cms: Api<ConfigMap> = Api::namespaced(s.client(), "default");
+    let a = cms
+        .create(&PostParams::default(), &cm("a", json!({})))
+        .await
+        .unwrap();
+    let rv = a.resource_version().unwrap();
+    cms.patch(
+        "a",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"x": "1"}})),
+    )
+    .await
+    .unwrap();
+    cms.delete("a", &DeleteParams::default()).await.unwrap();
+
+    let mut stream = cms
+        .watch(&WatchParams::default().timeout(5), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        match stream.try_next().await.unwrap().expect("stream open") {
+            WatchEvent::Modified(o) => {
+                seen.push(("MODIFIED", o.data.unwrap_or_default().get("x").cloned()))
+            }
+            WatchEvent::Deleted(_) => seen.push(("DELETED", None)),
+            WatchEvent::Bookmark(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![("MODIFIED", Some("1".to_string())), ("DELETED", None)]
+    );
+    drop(stream);
+
+    s.cluster.compact();
+    let mut stream = cms
+        .watch(&WatchParams::default().timeout(5), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    match stream.try_next().await.unwrap().expect("one event") {
+        WatchEvent::Error(e) => assert_eq!(e.code, 410),
+        other => panic!("expected 410 Gone, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn kube_runtime_watcher_lists_then_watches_with_bookmarks() {
+    let s = server_with(ServerConfig {
+        bookmark_interval: Duration::from_millis(100),
+        ..ServerConfig::default()
+    })
+    .await;
+    let cms: Api<ConfigMap> = Api::namespaced(s.client(), "default");
+    cms.create(&PostParams::default(), &cm("before", json!({})))
+        .await
+        .unwrap();
+    let stream = kube::runtime::watcher(
+        cms.clone(),
+        kube::runtime::watcher::Config::default().labels("app=x"),
+    );
+    let mut objects = kube::runtime::WatchStreamExt::applied_objects(stream).boxed();
+    let mut labelled = cm("after", json!({}));
+    labelled.metadata.labels = Some([("app".to_string(), "x".to_string())].into());
+    cms.create(&PostParams::default(), &labelled).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), objects.try_next())
+        .await
+        .expect("an event in time")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.name_any(), "after");
+}
+
+#[tokio::test]
+async fn label_and_field_selectors() {
+    let s = server().await;
+    let cms: Api<ConfigMap> = Api::namespaced(s.client(), "default");
+    for (name, tier) in [("a", Some("web")), ("b", Some("db")), ("c", None)] {
+        let mut c = cm(name, json!({}));
+        if let Some(t) = tier {
+            c.metadata.labels = Some([("tier".to_string(), t.to_string())].into());
+        }
+        cms.create(&PostParams::default(), &c).await.unwrap();
+    }
+    let names = |sel: &'static str| {
+        let cms = cms.clone();
+        async move {
+            let mut n: Vec<String> = cms
+                .list(&ListParams::default().labels(sel))
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .map(|o| o.name_any())
+                .collect();
+            n.sort();
+            n
+        }
+    };
+    assert_eq!(names("tier=web").await, vec!["a"]);
+    assert_eq!(names("tier!=web").await, vec!["b", "c"]);
+    assert_eq!(names("tier in (web,db)").await, vec!["a", "b"]);
+    assert_eq!(names("tier notin (web)").await, vec!["b", "c"]);
+    assert_eq!(names("tier").await, vec!["a", "b"]);
+    assert_eq!(names("!tier").await, vec!["c"]);
+    let by_name = cms
+        .list(&ListParams::default().fields("metadata.name=b"))
+        .await
+        .unwrap();
+    assert_eq!(by_name.items.len(), 1);
+
+    // Events written through events.k8s.io/v1 read back as core/v1, selected by
+    // involvedObject fields, as kubectl describe asks for them.
+    let new_events: Api<NewEvent> = Api::namespaced(s.client(), "default");
+    let ev: NewEvent = serde_json::from_value(json!({
+        "metadata": {"generateName": "pool."},
+        "eventTime": "2026-01-01T00:00:00.000000Z",
+        "regarding": {"kind": "TestRunnerPool", "name": "p", "namespace": "default", "uid": "u1"},
+        "reason": "ScaledUp", "note": "up to 2", "type": "Normal", "action": "Scale",
+        "reportingController": "testrunner-operator", "reportingInstance": "x",
+    }))
+    .unwrap();
+    let created = new_events
+        .create(&PostParams::default(), &ev)
+        .await
+        .unwrap();
+    new_events
+        .patch(
+            &created.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"series": {"count": 2, "lastObservedTime": "2026-01-01T00:00:01.000000Z"}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let core: Api<CoreEvent> = Api::namespaced(s.client(), "default");
+    let sel = "involvedObject.name=p,involvedObject.namespace=default,involvedObject.kind=TestRunnerPool,involvedObject.uid=u1";
+    let found = core.list(&ListParams::default().fields(sel)).await.unwrap();
+    assert_eq!(found.items.len(), 1);
+    assert_eq!(found.items[0].message.as_deref(), Some("up to 2"));
+    assert_eq!(found.items[0].reason.as_deref(), Some("ScaledUp"));
+    assert_eq!(found.items[0].series.as_ref().unwrap().count, Some(2));
+    let none = core
+        .list(&ListParams::default().fields("involvedObject.name=other"))
+        .await
+        .unwrap();
+    assert!(none.items.is_empty());
+}
+
+#[tokio::test]
+async fn merge_and_json_patches_and_the_status_subresource() {
+    let s = server().await;
+    let pools: Api<TestRunnerPool> = Api::namespaced(s.client(), "default");
+    let body: TestRunnerPool = serde_json::from_value(pool_json("p", json!({}))).unwrap();
+    let created = pools.create(&PostParams::default(), &body).await.unwrap();
+    assert_eq!(created.metadata.generation, Some(1));
+    // Schema defaults are filled in by the server.
+    assert_eq!(created.spec.scaling.max_workers, 10);
+    assert_eq!(created.spec.scaling.poll_interval, "2s");
+
+    let patched = pools
+        .patch(
+            "p",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"paused": true}, "status": {"phase": "Idle"}})),
+        )
+        .await
+        .unwrap();
+    assert!(patched.spec.paused);
+    assert!(
+        patched.status.is_none(),
+        "the main resource cannot write status"
+    );
+    assert_eq!(patched.metadata.generation, Some(2));
+
+    let path = "/apis/testrunner.dev/v1alpha1/namespaces/default/testrunnerpools/p";
+    let ops = r#"[{"op": "replace", "path": "/spec/image", "value": "example.org/runner:2"},
+        {"op": "test", "path": "/spec/paused", "value": true}]"#;
+    let (code, patched) = raw(
+        &s.client(),
+        "PATCH",
+        path,
+        "application/json-patch+json",
+        ops,
+    )
+    .await;
+    assert_eq!(code, 200, "{patched}");
+    assert_eq!(patched["spec"]["image"], "example.org/runner:2");
+    assert_eq!(patched["metadata"]["generation"], 3);
+
+    let st = pools
+        .patch_status(
+            "p",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Idle"}, "spec": {"image": "ignored"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(st.status.unwrap().phase.map(|p| p.as_str()), Some("Idle"));
+    assert_eq!(st.spec.image, "example.org/runner:2");
+    assert_eq!(
+        st.metadata.generation,
+        Some(3),
+        "a status write keeps the generation"
+    );
+
+    let bad = r#"[{"op": "test", "path": "/spec/image", "value": "nope"}]"#;
+    let (code, st) = raw(
+        &s.client(),
+        "PATCH",
+        path,
+        "application/json-patch+json",
+        bad,
+    )
+    .await;
+    assert_eq!((code, st["kind"].as_str()), (422, Some("Status")));
+}
+
+#[tokio::test]
+async fn server_side_apply_merges_owns_fields_and_reports_conflicts() {
+    let s = server().await;
+    let cms: Api<ConfigMap> = Api::namespaced(s.client(), "default");
+    let cfg = |data: Value| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": data});
+    let created = cms
+        .patch(
+            "c",
+            &PatchParams::apply("alice"),
+            &Patch::Apply(cfg(json!({"a": "1", "b": "1"}))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.data.as_ref().unwrap().len(), 2);
+    let mf = created.metadata.managed_fields.as_ref().unwrap();
+    assert_eq!(mf[0].manager.as_deref(), Some("alice"));
+    assert_eq!(mf[0].operation.as_deref(), Some("Apply"));
+
+    cms.patch(
+        "c",
+        &PatchParams::apply("bob"),
+        &Patch::Apply(cfg(json!({"z": "9"}))),
+    )
+    .await
+    .unwrap();
+    let (code, reason, msg) = api_code(
+        cms.patch(
+            "c",
+            &PatchParams::apply("bob"),
+            &Patch::Apply(cfg(json!({"a": "2"}))),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!((code, reason.as_str()), (409, "Conflict"));
+    assert!(msg.contains("alice") && msg.contains(".data.a"), "{msg}");
+
+    let forced = cms
+        .patch(
+            "c",
+            &PatchParams::apply("bob").force(),
+            &Patch::Apply(cfg(json!({"a": "2"}))),
+        )
+        .await
+        .unwrap();
+    let data = forced.data.unwrap();
+    // bob no longer applies z: it goes; alice's b stays; a is bob's now.
+    assert_eq!(data.get("a").map(String::as_str), Some("2"));
+    assert_eq!(data.get("b").map(String::as_str), Some("1"));
+    assert!(!data.contains_key("z"));
+    // alice drops b and keeps nothing else of her own: b goes.
+    let after = cms
+        .patch(
+            "c",
+            &PatchParams::apply("alice"),
+            &Patch::Apply(cfg(json!({}))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(after.data.unwrap().keys().collect::<Vec<_>>(), vec!["a"]);
+
+    // Apply to the status subresource changes only status.
+    let pools: Api<TestRunnerPool> = Api::namespaced(s.client(), "default");
+    pools
+        .patch(
+            "p",
+            &PatchParams::apply("me"),
+            &Patch::Apply(pool_json("p", json!({}))),
+        )
+        .await
+        .unwrap();
+    let st = pools
+        .patch_status(
+            "p",
+            &PatchParams::apply("op").force(),
+            &Patch::Apply(json!({"apiVersion": "testrunner.dev/v1alpha1", "kind": "TestRunnerPool", "status": {"phase": "Running"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        st.status.unwrap().phase.map(|p| p.as_str()),
+        Some("Running")
+    );
+}
+
+#[tokio::test]
+async fn invalid_pools_are_refused_with_422_naming_the_field() {
+    let s = server().await;
+    let client: Client = s.client();
+    let typed: Api<TestRunnerPool> = Api::namespaced(client, "default");
+    let post = |v: Value| {
+        let typed = typed.clone();
+        async move {
+            let obj: TestRunnerPool = serde_json::from_value(v).unwrap();
+            typed.create(&PostParams::default(), &obj).await
+        }
+    };
+    let (code, reason, msg) = api_code(
+        post(pool_json("a", json!({"minWorkers": 5, "maxWorkers": 2})))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((code, reason.as_str()), (422, "Invalid"));
+    assert!(
+        msg.contains("spec.scaling.minWorkers") && msg.contains("less than or equal"),
+        "{msg}"
+    );
+
+    let (code, _, msg) = api_code(
+        post(pool_json("b", json!({"maxWorkers": 5000})))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 422);
+    assert!(msg.contains("spec.scaling.maxWorkers"), "{msg}");
+
+    let (code, _, msg) = api_code(
+        post(pool_json("c", json!({"pollInterval": "soon"})))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 422);
+    assert!(msg.contains("spec.scaling.pollInterval"), "{msg}");
+
+    // An update that breaks the rule is refused too, and leaves the object as it was.
+    post(pool_json("d", json!({"minWorkers": 1, "maxWorkers": 2})))
+        .await
+        .unwrap();
+    let (code, _, msg) = api_code(
+        typed
+            .patch(
+                "d",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"scaling": {"minWorkers": 3}}})),
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 422, "{msg}");
+    assert_eq!(typed.get("d").await.unwrap().spec.scaling.min_workers, 1);
+}
+
+#[tokio::test]
+async fn deleting_an_owner_collects_its_dependents_and_pods_terminate_gracefully() {
+    let s = server().await;
+    let client = s.client();
+    let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), "default");
+    let body: TestRunnerPool = serde_json::from_value(pool_json("owner", json!({}))).unwrap();
+    let pool = pools.create(&PostParams::default(), &body).await.unwrap();
+    let owner = json!([{"apiVersion": "testrunner.dev/v1alpha1", "kind": "TestRunnerPool", "name": "owner",
+        "uid": pool.uid().unwrap(), "controller": true}]);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let dep: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "dep", "ownerReferences": owner}}))
+            .unwrap();
+    cms.create(&PostParams::default(), &dep).await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "worker", "ownerReferences": owner},
+        "spec": {"terminationGracePeriodSeconds": 30, "containers": [{"name": "w", "image": "x", "command": ["true"]}]}}))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+
+    pools
+        .delete("owner", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert!(
+        cms.get_opt("dep").await.unwrap().is_none(),
+        "the dependent ConfigMap is collected"
+    );
+    // A dependent created after its owner is gone is collected as well.
+    let late: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "late", "ownerReferences": owner}}))
+            .unwrap();
+    cms.create(&PostParams::default(), &late).await.unwrap();
+    assert!(cms.get_opt("late").await.unwrap().is_none());
+    // No kubelet runs here: the pod waits in Terminating, as on a real cluster whose
+    // node is gone.
+    let p = pods.get("worker").await.unwrap();
+    assert!(p.metadata.deletion_timestamp.is_some());
+    assert_eq!(p.metadata.deletion_grace_period_seconds, Some(30));
+    pods.delete("worker", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    assert!(pods.get_opt("worker").await.unwrap().is_none());
+}
+
+async fn raw(client: &Client, method: &str, path: &str, ctype: &str, body: &str) -> (u16, Value) {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", ctype)
+        .body(body.as_bytes().to_vec())
+        .unwrap();
+    let resp = client
+        .send(req.map(kube::client::Body::from))
+        .await
+        .unwrap();
+    let code = resp.status().as_u16();
+    use http_body_util::BodyExt;
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn bad_requests_get_kubernetes_status_answers() {
+    let s = server().await;
+    let c = s.client();
+    let (code, st) = raw(
+        &c,
+        "POST",
+        "/api/v1/namespaces/default/configmaps",
+        "application/json",
+        "{not json",
+    )
+    .await;
+    assert_eq!(code, 400);
+    assert_eq!(st["kind"], "Status");
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap()
+            .contains("could not be decoded"),
+        "{st}"
+    );
+
+    let (code, st) = raw(
+        &c,
+        "GET",
+        "/api/v1/namespaces/default/widgets",
+        "application/json",
+        "",
+    )
+    .await;
+    assert_eq!((code, st["reason"].as_str()), (404, Some("NotFound")));
+    let (code, st) = raw(
+        &c,
+        "PUT",
+        "/api/v1/namespaces/default/configmaps",
+        "application/json",
+        "{}",
+    )
+    .await;
+    assert_eq!(
+        (code, st["reason"].as_str()),
+        (405, Some("MethodNotAllowed"))
+    );
+    let (code, _) = raw(
+        &c,
+        "GET",
+        "/api/v1/namespaces/default/configmaps/x/scale",
+        "application/json",
+        "",
+    )
+    .await;
+    assert_eq!(code, 404);
+    let created = raw(
+        &c,
+        "POST",
+        "/api/v1/namespaces/default/configmaps",
+        "application/json",
+        r#"{"metadata":{"name":"x"}}"#,
+    )
+    .await;
+    assert_eq!(created.0, 201);
+    for (ctype, body) in [
+        (
+            "application/json-patch+json",
+            r#"[{"op":"replace","path":"","value":5}]"#,
+        ),
+        ("application/json-patch+json", r#"{"op":"add"}"#),
+        ("application/merge-patch+json", "[1]"),
+        ("application/apply-patch+yaml", "a: [b"),
+        ("application/merge-patch+json", r#"{"metadata": "oops"}"#),
+    ] {
+        let (code, st) = raw(
+            &c,
+            "PATCH",
+            "/api/v1/namespaces/default/configmaps/x",
+            ctype,
+            body,
+        )
+        .await;
+        assert!((400..500).contains(&code), "{ctype} {body}: {code} {st}");
+        assert_eq!(st["kind"], "Status", "{ctype} {body}");
+    }
+    let (code, st) = raw(
+        &c,
+        "PATCH",
+        "/api/v1/namespaces/default/configmaps/x",
+        "text/plain",
+        "{}",
+    )
+    .await;
+    assert_eq!(code, 415, "{st}");
+    let (code, st) = raw(
+        &c,
+        "GET",
+        "/api/v1/namespaces/default/configmaps?labelSelector=a%20b%20c",
+        "application/json",
+        "",
+    )
+    .await;
+    assert_eq!(code, 400, "{st}");
+    let (code, st) = raw(
+        &c,
+        "POST",
+        "/api/v1/namespaces/default/configmaps",
+        "application/json",
+        r#"{"metadata":{"name":"Bad_Name"}}"#,
+    )
+    .await;
+    assert_eq!(code, 422, "{st}");
+}
+
+#[tokio::test]
+async fn a_watch_client_that_goes_away_frees_its_subscription() {
+    let s = server_with(ServerConfig {
+        bookmark_interval: Duration::from_millis(50),
+        ..ServerConfig::default()
+    })
+    .await;
+    let cluster: Arc<sim::Cluster> = s.cluster.clone();
+    let before = cluster.watcher_count();
+    let cms: Api<ConfigMap> = Api::namespaced(s.client(), "default");
+    let stream = cms
+        .watch(&WatchParams::default(), "0")
+        .await
+        .unwrap()
+        .boxed();
+    eventually(5, "the watch to subscribe", || async {
+        (cluster.watcher_count() > before).then_some(())
+    })
+    .await;
+    drop(stream);
+    eventually(5, "the watch to be released", || async {
+        (cluster.watcher_count() == before).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_runs_against_the_simulation_and_gc_removes_its_workers() {
+    let sim = sim::Simulation::start(
+        "127.0.0.1:0".parse().unwrap(),
+        "amqp://guest:guest@127.0.0.1:1/%2f",
+        50.0,
+        env!("CARGO_BIN_EXE_testrunner-operator").into(),
+    )
+    .await
+    .unwrap();
+    let client = sim.api.client();
+    let operator = sim::start_operator(client.clone());
+    let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), "default");
+    let body: TestRunnerPool =
+        serde_json::from_value(pool_json("demo", json!({"minWorkers": 1, "maxWorkers": 2})))
+            .unwrap();
+    pools.create(&PostParams::default(), &body).await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod = eventually(60, "a worker pod whose init container completed", || {
+        let pods = pods.clone();
+        async move {
+            let list = pods
+                .list(&ListParams::default().labels("testrunner.dev/pool=demo"))
+                .await
+                .ok()?;
+            list.items.into_iter().find(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.init_container_statuses.as_ref())
+                    .is_some_and(|i| {
+                        i.iter().all(|c| {
+                            c.state
+                                .as_ref()
+                                .and_then(|s| s.terminated.as_ref())
+                                .is_some_and(|t| t.exit_code == 0)
+                        })
+                    })
+            })
+        }
+    })
+    .await;
+    assert_eq!(
+        pod.spec.as_ref().unwrap().node_name.as_deref(),
+        Some("simulated-node")
+    );
+    let status = pools.get_status("demo").await.unwrap().status;
+    assert!(status.is_some(), "the operator writes the pool status");
+
+    pools
+        .delete("demo", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(60, "the pool's pods to go", || {
+        let pods = pods.clone();
+        async move {
+            let list = pods
+                .list(&ListParams::default().labels("testrunner.dev/pool=demo"))
+                .await
+                .ok()?;
+            list.items.is_empty().then_some(())
+        }
+    })
+    .await;
+    operator.abort();
+    sim.shutdown().await;
+}
+
+fn pod_status(p: &Pod) -> Value {
+    serde_json::to_value(p.status.clone().unwrap_or_default()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubelet_runs_init_then_main_containers_with_env_restarts_and_termination_messages() {
+    // Time scale 100: CrashLoopBackOff waits 0.1 s, 0.2 s, 0.4 s, ...
+    let sim = sim::Simulation::start(
+        "127.0.0.1:0".parse().unwrap(),
+        "amqp://user:secret@broker.example/%2f",
+        100.0,
+        env!("CARGO_BIN_EXE_testrunner-operator").into(),
+    )
+    .await
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(sim.api.client(), "default");
+    let mount = json!([{"name": "shared", "mountPath": "/opt/shared"}]);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "crasher"},
+        "spec": {
+            "volumes": [{"name": "shared", "emptyDir": {}}],
+            "initContainers": [{"name": "init", "image": "tools:1", "volumeMounts": mount,
+                "command": ["sh", "-c", "echo hello > /opt/shared/greeting"]}],
+            "containers": [{"name": "main", "image": "runner:broken", "volumeMounts": mount,
+                "env": [{"name": "URI", "valueFrom": {"secretKeyRef": {"name": "rabbitmq", "key": "uri"}}}],
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "command": ["sh", "-c", "printf '%s|%s|%s' \"$(cat /opt/shared/greeting)\" \"$URI\" \"$TESTRUNNER_IMAGE\" > \"$TESTRUNNER_TERMINATION_LOG\"; exit 3"]}],
+        }
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let status = eventually(30, "two restarts", || {
+        let pods = pods.clone();
+        async move {
+            let p = pods.get("crasher").await.ok()?;
+            let s = pod_status(&p);
+            (s["containerStatuses"][0]["restartCount"].as_i64()? >= 2).then_some(s)
+        }
+    })
+    .await;
+    let init = &status["initContainerStatuses"][0]["state"]["terminated"];
+    assert_eq!(
+        (init["exitCode"].as_i64(), init["reason"].as_str()),
+        (Some(0), Some("Completed"))
+    );
+    let last = &status["containerStatuses"][0]["lastState"]["terminated"];
+    assert_eq!(last["exitCode"], 3);
+    assert_eq!(last["reason"], "Error");
+    assert_eq!(
+        last["message"],
+        "hello|amqp://user:secret@broker.example/%2f|runner:broken"
+    );
+    assert!(last["finishedAt"].is_string());
+    assert_eq!(status["phase"], "Running");
+
+    // A crash with an empty termination message falls back to the log's tail.
+    let logs: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "logger"},
+        "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": "x",
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+            "command": ["sh", "-c", "echo first line; echo last words >&2; exit 7"]}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &logs).await.unwrap();
+    let status = eventually(30, "the logger to fail", || {
+        let pods = pods.clone();
+        async move {
+            let s = pod_status(&pods.get("logger").await.ok()?);
+            (s["phase"] == "Failed").then_some(s)
+        }
+    })
+    .await;
+    let term = &status["containerStatuses"][0]["state"]["terminated"];
+    assert_eq!(term["exitCode"], 7);
+    assert_eq!(term["message"], "first line\nlast words");
+    sim.shutdown().await;
+}
+
+fn process_alive(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // A zombie is dead; it only waits for a parent to reap it.
+        Ok(stat) => !stat
+            .split(") ")
+            .nth(1)
+            .is_some_and(|rest| rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_pod_sends_sigterm_waits_the_grace_period_then_kills() {
+    // Time scale 100: a grace period of 100 s lasts one second.
+    let sim = sim::Simulation::start(
+        "127.0.0.1:0".parse().unwrap(),
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+        100.0,
+        env!("CARGO_BIN_EXE_testrunner-operator").into(),
+    )
+    .await
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!("sim-grace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = format!(
+        "echo $$ > {d}/pid; trap 'echo term > {d}/term' TERM; while true; do sleep 0.05; done",
+        d = dir.display()
+    );
+    let pods: Api<Pod> = Api::namespaced(sim.api.client(), "default");
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "stubborn"},
+        "spec": {"terminationGracePeriodSeconds": 100,
+            "containers": [{"name": "main", "image": "x", "command": ["sh", "-c", script]}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    eventually(30, "the pod to be Ready", || {
+        let pods = pods.clone();
+        async move {
+            let s = pod_status(&pods.get("stubborn").await.ok()?);
+            let ready = s["conditions"]
+                .as_array()?
+                .iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            ready.then_some(())
+        }
+    })
+    .await;
+    let pid = eventually(10, "the pid file", || {
+        let f = dir.join("pid");
+        async move {
+            std::fs::read_to_string(f)
+                .ok()
+                .filter(|s| !s.trim().is_empty())
+        }
+    })
+    .await;
+    let pid = pid.trim().to_string();
+    assert!(process_alive(&pid));
+
+    let started = std::time::Instant::now();
+    pods.delete("stubborn", &DeleteParams::default())
+        .await
+        .unwrap();
+    let terminating = pods.get("stubborn").await.unwrap();
+    assert!(terminating.metadata.deletion_timestamp.is_some());
+    eventually(10, "SIGTERM to reach the process", || {
+        let f = dir.join("term");
+        async move { f.exists().then_some(()) }
+    })
+    .await;
+    assert!(
+        process_alive(&pid),
+        "the process ignores SIGTERM and lives through the grace period"
+    );
+    eventually(15, "the pod object to go", || {
+        let pods = pods.clone();
+        async move { pods.get_opt("stubborn").await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "the grace period is waited for"
+    );
+    eventually(5, "the process to be killed", || {
+        let pid = pid.clone();
+        async move { (!process_alive(&pid)).then_some(()) }
+    })
+    .await;
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_election_runs_through_the_lease_api() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use testrunner_operator::leader::{self, Election};
+    let s = server().await;
+    let client = s.client();
+    let election = Election {
+        namespace: "default".into(),
+        name: "testrunner-operator".into(),
+        identity: "replica-a".into(),
+        duration_seconds: 5,
+    };
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+    let leases2 = leases.clone();
+    let work = async move {
+        let lease = eventually(10, "the Lease to name its holder", || {
+            let leases = leases2.clone();
+            async move {
+                let l = leases.get_opt("testrunner-operator").await.ok()??;
+                let holder = l.spec.as_ref()?.holder_identity.clone()?;
+                (holder == "replica-a").then_some(l)
+            }
+        })
+        .await;
+        assert!(lease.spec.unwrap().lease_duration_seconds == Some(5));
+    };
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        leader::run_as_leader(client, election, work),
+    )
+    .await
+    .expect("leading finishes")
+    .expect("the Lease is taken and released");
+}
+
+#[tokio::test]
+async fn kube_runtime_watcher_with_streaming_lists_gets_initial_events_then_changes() {
+    let s = server().await;
+    let cms: Api<ConfigMap> = Api::namespaced(s.client(), "default");
+    cms.create(&PostParams::default(), &cm("old", json!({})))
+        .await
+        .unwrap();
+    let stream = kube::runtime::watcher(
+        cms.clone(),
+        kube::runtime::watcher::Config::default().streaming_lists(),
+    );
+    let mut events = stream.boxed();
+    let mut initial = Vec::new();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), events.try_next())
+            .await
+            .expect("an event in time")
+            .unwrap()
+            .unwrap();
+        match ev {
+            kube::runtime::watcher::Event::Init => {}
+            kube::runtime::watcher::Event::InitApply(o) => initial.push(o.name_any()),
+            kube::runtime::watcher::Event::InitDone => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(initial, vec!["old"]);
+    cms.create(&PostParams::default(), &cm("new", json!({})))
+        .await
+        .unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(10), events.try_next())
+        .await
+        .expect("an event in time")
+        .unwrap()
+        .unwrap();
+    match ev {
+        kube::runtime::watcher::Event::Apply(o) => assert_eq!(o.name_any(), "new"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_loop_backoff_doubles_and_resets_after_a_long_enough_run() {
+    // Time scale 6000: the backoff starts at 10 s / 6000 and a run of 10 min / 6000 =
+    // 0.1 s resets it.
+    let sim = sim::Simulation::start(
+        "127.0.0.1:0".parse().unwrap(),
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+        6000.0,
+        env!("CARGO_BIN_EXE_testrunner-operator").into(),
+    )
+    .await
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(sim.api.client(), "default");
+    for (name, script) in [("quick", "exit 1"), ("steady", "sleep 0.3; exit 1")] {
+        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": name},
+            "spec": {"containers": [{"name": "main", "image": "x", "command": ["sh", "-c", script]}]}}))
+        .unwrap();
+        pods.create(&PostParams::default(), &pod).await.unwrap();
+    }
+    let waiting = |name: &'static str, restarts: i64| {
+        let pods = pods.clone();
+        async move {
+            let s = pod_status(&pods.get(name).await.ok()?);
+            let c = &s["containerStatuses"][0];
+            if c["restartCount"].as_i64()? < restarts {
+                return None;
+            }
+            c["state"]["waiting"]["message"].as_str().map(String::from)
+        }
+    };
+    let quick = eventually(30, "the quick crasher to back off", || waiting("quick", 5)).await;
+    assert!(
+        ["back-off 160s", "back-off 300s"]
+            .iter()
+            .any(|b| quick.starts_with(b)),
+        "the backoff doubles: {quick}"
+    );
+    let steady = eventually(30, "the steady crasher to restart", || waiting("steady", 3)).await;
+    assert!(
+        steady.starts_with("back-off 10s "),
+        "a long run resets the backoff: {steady}"
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_watch_without_bookmarks_is_released_when_its_client_goes() {
+    let s = server().await;
+    let cluster: Arc<sim::Cluster> = s.cluster.clone();
+    let before = cluster.watcher_count();
+    let cms: Api<ConfigMap> = Api::namespaced(s.client(), "default");
+    let stream = cms
+        .watch(&WatchParams::default().disable_bookmarks(), "0")
+        .await
+        .unwrap()
+        .boxed();
+    eventually(5, "the watch to subscribe", || async {
+        (cluster.watcher_count() > before).then_some(())
+    })
+    .await;
+    drop(stream);
+    eventually(5, "the watch to be released", || async {
+        (cluster.watcher_count() == before).then_some(())
+    })
+    .await;
+}

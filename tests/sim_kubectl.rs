@@ -1,0 +1,496 @@
+//! The real kubectl against the simulated API server. Each test gets its own HOME (so
+//! its own discovery and OpenAPI cache) and its own server on 127.0.0.1:0. Skipped,
+//! with a message, when /usr/bin/kubectl is absent.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event as NewEvent;
+use kube::api::{Api, PostParams};
+use serde_json::{Value, json};
+use testrunner_operator::sim::{self, ApiServer, ServerConfig};
+
+const KUBECTL: &str = "/usr/bin/kubectl";
+
+struct Kubectl {
+    home: PathBuf,
+    kubeconfig: PathBuf,
+    server: Server,
+}
+
+enum Server {
+    Api(ApiServer),
+    Sim(Box<sim::Simulation>),
+}
+
+impl Drop for Kubectl {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.home);
+    }
+}
+
+/// A server with the CRD installed and a kubectl set up for it, or None (with a
+/// printed reason) when kubectl is not installed.
+async fn setup(test: &str) -> Option<Kubectl> {
+    if !Path::new(KUBECTL).exists() {
+        eprintln!("SKIPPED {test}: {KUBECTL} is not installed; the real-kubectl tests need it");
+        return None;
+    }
+    let api = sim::start_api("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
+        .await
+        .unwrap();
+    sim::install_crd(&api.cluster).unwrap();
+    Some(with_home(test, Server::Api(api)))
+}
+
+/// A whole simulation (API server and kubelet) and a kubectl for it.
+async fn setup_sim(test: &str) -> Option<Kubectl> {
+    if !Path::new(KUBECTL).exists() {
+        eprintln!("SKIPPED {test}: {KUBECTL} is not installed; the real-kubectl tests need it");
+        return None;
+    }
+    let s = sim::Simulation::start(
+        "127.0.0.1:0".parse().unwrap(),
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+        100.0,
+        env!("CARGO_BIN_EXE_testrunner-operator").into(),
+    )
+    .await
+    .unwrap();
+    Some(with_home(test, Server::Sim(Box::new(s))))
+}
+
+fn with_home(test: &str, server: Server) -> Kubectl {
+    let url = match &server {
+        Server::Api(a) => a.url(),
+        Server::Sim(s) => s.api.url(),
+    };
+    let home = std::env::temp_dir().join(format!("sim-kubectl-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&home);
+    std::fs::create_dir_all(&home).unwrap();
+    let kubeconfig = home.join("kubeconfig");
+    sim::write_kubeconfig(&kubeconfig, &url).unwrap();
+    Kubectl {
+        home,
+        kubeconfig,
+        server,
+    }
+}
+
+impl Kubectl {
+    fn api(&self) -> &ApiServer {
+        match &self.server {
+            Server::Api(a) => a,
+            Server::Sim(s) => &s.api,
+        }
+    }
+
+    async fn run_with(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        use tokio::io::AsyncWriteExt;
+        let mut cmd = tokio::process::Command::new(KUBECTL);
+        cmd.args(args)
+            .env_clear()
+            .env("HOME", &self.home)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("PATH", "/usr/bin:/bin")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("kubectl starts");
+        let mut input = child.stdin.take().unwrap();
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).await.unwrap();
+        }
+        drop(input);
+        tokio::time::timeout(std::time::Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("kubectl finishes within a minute")
+            .unwrap()
+    }
+
+    /// Runs kubectl and returns stdout, failing the test on a non-zero exit.
+    async fn ok(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.run_with(args, stdin).await;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {stderr}\n{stdout}"
+        );
+        stdout
+    }
+
+    /// Runs kubectl expecting failure; returns stderr.
+    async fn fails(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.run_with(args, stdin).await;
+        assert!(
+            !out.status.success(),
+            "kubectl {args:?} should have failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+fn pool_yaml(name: &str, image: &str, min: i32, max: i32) -> String {
+    format!(
+        "apiVersion: testrunner.dev/v1alpha1
+kind: TestRunnerPool
+metadata:
+  name: {name}
+spec:
+  image: {image}
+  command: [\"sh\", \"-c\", \"cat\"]
+  queue:
+    name: tickets.{name}
+    connectionSecretRef: {{name: rabbitmq, key: uri}}
+  scaling: {{minWorkers: {min}, maxWorkers: {max}}}
+"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_apply_get_describe_annotate_patch_delete() {
+    let Some(k) = setup("flow").await else { return };
+
+    // Client-side apply: create, then change.
+    let out = k
+        .ok(
+            &["apply", "-f", "-"],
+            Some(&pool_yaml("unit", "runner:1", 0, 3)),
+        )
+        .await;
+    assert!(
+        out.contains("testrunnerpool.testrunner.dev/unit created"),
+        "{out}"
+    );
+    let out = k
+        .ok(
+            &["apply", "-f", "-"],
+            Some(&pool_yaml("unit", "runner:2", 0, 3)),
+        )
+        .await;
+    assert!(out.contains("configured"), "{out}");
+    let out = k.ok(&["get", "trp", "unit", "-o", "json"], None).await;
+    let obj: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(obj["spec"]["image"], "runner:2");
+    assert_eq!(
+        obj["spec"]["scaling"]["pollInterval"], "2s",
+        "schema defaults applied"
+    );
+    assert!(
+        obj["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"]
+            .is_string()
+    );
+
+    // Server-side apply. Changing a field client-side apply set conflicts, as on a
+    // real cluster; applying the same values succeeds and kubectl then moves the
+    // ownership to its server-side manager, after which changes go through.
+    let err = k
+        .fails(
+            &["apply", "--server-side", "-f", "-"],
+            Some(&pool_yaml("unit", "runner:2", 1, 3)),
+        )
+        .await;
+    assert!(
+        err.contains("conflict with \"kubectl-client-side-apply\"")
+            && err.contains(".spec.scaling.minWorkers"),
+        "{err}"
+    );
+    let out = k
+        .ok(
+            &["apply", "--server-side", "-f", "-"],
+            Some(&pool_yaml("unit", "runner:2", 0, 3)),
+        )
+        .await;
+    assert!(out.contains("serverside-applied"), "{out}");
+    let out = k
+        .ok(
+            &["apply", "--server-side", "-f", "-"],
+            Some(&pool_yaml("unit", "runner:2", 1, 3)),
+        )
+        .await;
+    assert!(out.contains("serverside-applied"), "{out}");
+    let obj: Value =
+        serde_json::from_str(&k.ok(&["get", "trp", "unit", "-o", "json"], None).await).unwrap();
+    assert_eq!(obj["spec"]["scaling"]["minWorkers"], 1);
+    let out = k
+        .ok(
+            &["apply", "--server-side", "-f", "-"],
+            Some(&pool_yaml("ssa", "runner:1", 0, 2)),
+        )
+        .await;
+    assert!(
+        out.contains("testrunnerpool.testrunner.dev/ssa serverside-applied"),
+        "{out}"
+    );
+
+    // A status as the operator would write it, then the printer columns.
+    let pools: Api<testrunner_operator::crd::TestRunnerPool> =
+        Api::namespaced(k.api().client(), "default");
+    pools
+        .patch_status(
+            "unit",
+            &kube::api::PatchParams::apply("testrunner-operator").force(),
+            &kube::api::Patch::Apply(json!({"apiVersion": "testrunner.dev/v1alpha1", "kind": "TestRunnerPool",
+                "status": {"phase": "Running", "workers": {"desired": 2, "current": 2, "ready": 1}, "queue": {"ready": 7, "consumers": 1}}})),
+        )
+        .await
+        .unwrap();
+    let out = k.ok(&["get", "trp"], None).await;
+    let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        vec!["NAME", "IMAGE", "DESIRED", "READY", "QUEUE", "PHASE", "AGE"],
+        "{out}"
+    );
+    let row: Vec<&str> = out
+        .lines()
+        .find(|l| l.starts_with("unit "))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        &row[..6],
+        &["unit", "runner:2", "2", "1", "7", "Running"],
+        "{out}"
+    );
+
+    // Events written through events.k8s.io/v1 (as kube's Recorder does) in describe.
+    let uid = obj["metadata"]["uid"].as_str().unwrap().to_string();
+    let events: Api<NewEvent> = Api::namespaced(k.api().client(), "default");
+    let ev: NewEvent = serde_json::from_value(json!({
+        "metadata": {"generateName": "unit."},
+        "eventTime": jiff::Timestamp::now().to_string(),
+        "regarding": {"apiVersion": "testrunner.dev/v1alpha1", "kind": "TestRunnerPool", "name": "unit", "namespace": "default", "uid": uid},
+        "reason": "ScaledUp", "note": "Scaling up from 0 to 2 workers", "type": "Normal", "action": "Scale",
+        "reportingController": "testrunner-operator", "reportingInstance": "test",
+    }))
+    .unwrap();
+    events.create(&PostParams::default(), &ev).await.unwrap();
+    let out = k.ok(&["describe", "trp", "unit"], None).await;
+    assert!(out.contains("Name:") && out.contains("unit"), "{out}");
+    assert!(
+        out.contains("ScaledUp") && out.contains("Scaling up from 0 to 2 workers"),
+        "{out}"
+    );
+
+    // Annotate and patch (merge and JSON).
+    let out = k
+        .ok(
+            &["annotate", "trp", "unit", "testrunner.dev/note=hello"],
+            None,
+        )
+        .await;
+    assert!(out.contains("annotated"), "{out}");
+    k.ok(
+        &[
+            "patch",
+            "trp",
+            "unit",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"paused":true}}"#,
+        ],
+        None,
+    )
+    .await;
+    k.ok(
+        &[
+            "patch",
+            "trp",
+            "unit",
+            "--type",
+            "json",
+            "-p",
+            r#"[{"op":"replace","path":"/spec/scaling/maxWorkers","value":5}]"#,
+        ],
+        None,
+    )
+    .await;
+    let obj: Value =
+        serde_json::from_str(&k.ok(&["get", "trp", "unit", "-o", "json"], None).await).unwrap();
+    assert_eq!(
+        obj["metadata"]["annotations"]["testrunner.dev/note"],
+        "hello"
+    );
+    assert_eq!(obj["spec"]["paused"], true);
+    assert_eq!(obj["spec"]["scaling"]["maxWorkers"], 5);
+
+    // Pods print their own columns.
+    let pods: Api<Pod> = Api::namespaced(k.api().client(), "default");
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "worker-1"},
+        "spec": {"containers": [{"name": "w", "image": "runner:2", "command": ["true"]}]}}))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let out = k.ok(&["get", "pods"], None).await;
+    let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        vec!["NAME", "READY", "STATUS", "RESTARTS", "AGE"],
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("worker-1") && l.contains("0/1") && l.contains("Pending")),
+        "{out}"
+    );
+
+    // Delete.
+    let out = k.ok(&["delete", "trp", "unit", "ssa"], None).await;
+    assert!(
+        out.contains("\"unit\" deleted") && out.contains("\"ssa\" deleted"),
+        "{out}"
+    );
+    let out = k.run_with(&["get", "trp"], None).await;
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("No resources found"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_explain_reads_the_pool_schema() {
+    let Some(k) = setup("explain").await else {
+        return;
+    };
+    let out = k.ok(&["explain", "trp.spec"], None).await;
+    assert!(
+        out.contains("KIND:") && out.contains("TestRunnerPool"),
+        "{out}"
+    );
+    for field in ["image", "queue", "scaling", "paused"] {
+        assert!(out.contains(field), "{field} missing from:\n{out}");
+    }
+    let out = k
+        .ok(&["explain", "trp.spec.scaling.maxWorkers"], None)
+        .await;
+    assert!(out.contains("Upper bound on worker pods"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_is_refused_an_invalid_pool_with_the_field_named() {
+    let Some(k) = setup("invalid").await else {
+        return;
+    };
+    let err = k
+        .fails(
+            &["apply", "-f", "-"],
+            Some(&pool_yaml("bad", "runner:1", 5, 2)),
+        )
+        .await;
+    assert!(
+        err.contains("spec.scaling.minWorkers") && err.contains("less than or equal to maxWorkers"),
+        "{err}"
+    );
+    let err = k
+        .fails(
+            &["apply", "--server-side", "-f", "-"],
+            Some(&pool_yaml("bad", "runner:1", 0, 5000)),
+        )
+        .await;
+    assert!(err.contains("spec.scaling.maxWorkers"), "{err}");
+    let typo = pool_yaml("typo", "runner:1", 0, 2).replace("  image:", "  imagee: x\n  image:");
+    let err = k.fails(&["apply", "-f", "-"], Some(&typo)).await;
+    assert!(
+        err.contains("unknown field") && err.contains("spec.imagee"),
+        "{err}"
+    );
+    let out = k.run_with(&["get", "trp"], None).await;
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("No resources found"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_get_watch_prints_rows_as_they_change() {
+    let Some(k) = setup("watch").await else {
+        return;
+    };
+    k.ok(
+        &["apply", "-f", "-"],
+        Some(&pool_yaml("w", "runner:1", 0, 2)),
+    )
+    .await;
+    let mut cmd = tokio::process::Command::new(KUBECTL);
+    cmd.args(["get", "trp", "-w", "--request-timeout=3s"])
+        .env_clear()
+        .env("HOME", &k.home)
+        .env("KUBECONFIG", &k.kubeconfig)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let before = k.api().cluster.watcher_count();
+    let child = cmd.spawn().unwrap();
+    // Change the pool once kubectl watches.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while k.api().cluster.watcher_count() <= before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "kubectl never started watching"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let pools: Api<testrunner_operator::crd::TestRunnerPool> =
+        Api::namespaced(k.api().client(), "default");
+    pools
+        .patch(
+            "w",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"image": "runner:9"}})),
+        )
+        .await
+        .unwrap();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("runner:1"), "{stdout}");
+    assert!(
+        stdout.contains("runner:9"),
+        "the watch shows the change: {stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_logs_shows_what_the_container_printed() {
+    let Some(k) = setup_sim("logs").await else {
+        return;
+    };
+    let pod = "apiVersion: v1
+kind: Pod
+metadata:
+  name: talker
+spec:
+  containers:
+  - name: main
+    image: x
+    command: [\"sh\", \"-c\", \"echo hello from the pod; echo second line; sleep 30\"]
+";
+    k.ok(&["apply", "-f", "-"], Some(pod)).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let out = k.run_with(&["logs", "talker"], None).await;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && text.contains("second line") {
+            assert_eq!(text, "hello from the pod\nsecond line\n");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no logs: {out:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let tail = k.ok(&["logs", "talker", "--tail=1"], None).await;
+    assert_eq!(tail, "second line\n");
+    let out = k.ok(&["get", "pod", "talker"], None).await;
+    assert!(out.contains("1/1") && out.contains("Running"), "{out}");
+    k.ok(&["delete", "pod", "talker", "--wait=true"], None)
+        .await;
+    if let Server::Sim(s) = &k.server {
+        s.shutdown().await;
+    }
+}

@@ -1,0 +1,380 @@
+//! Whole-system scenarios on the simulated cluster: the real operator, the simulated
+//! API server and kubelet, and the real RabbitMQ (skipped, with a message, when no
+//! broker answers on 127.0.0.1:5672 or at TESTRUNNER_AMQP_URI).
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use serde_json::json;
+use testrunner_operator::crd::TestRunnerPool;
+use testrunner_operator::sim;
+
+/// Where a scenario runs: the simulated cluster by default, or the real cluster of
+/// TESTRUNNER_E2E_KUBECONFIG (worker image TESTRUNNER_E2E_IMAGE, in a fresh namespace,
+/// with the operator running in this process against it).
+struct Target {
+    client: kube::Client,
+    namespace: String,
+    image: String,
+    /// Allowance on top of the poll interval for pods to appear.
+    margin: Duration,
+    sim: Option<sim::Simulation>,
+}
+
+impl Target {
+    async fn new() -> Self {
+        let Ok(path) = std::env::var("TESTRUNNER_E2E_KUBECONFIG") else {
+            eprintln!(
+                "real-cluster run skipped: TESTRUNNER_E2E_KUBECONFIG is not set; running on the simulated cluster"
+            );
+            let sim = sim::Simulation::start(
+                "127.0.0.1:0".parse().unwrap(),
+                &broker_uri(),
+                50.0,
+                env!("CARGO_BIN_EXE_testrunner-operator").into(),
+            )
+            .await
+            .unwrap();
+            return Self {
+                client: sim.api.client(),
+                namespace: "default".into(),
+                image: "example.org/runner:1".into(),
+                margin: Duration::from_secs(15),
+                sim: Some(sim),
+            };
+        };
+        let image = std::env::var("TESTRUNNER_E2E_IMAGE").expect(
+            "TESTRUNNER_E2E_IMAGE names the worker image when TESTRUNNER_E2E_KUBECONFIG is set",
+        );
+        let kc =
+            kube::config::Kubeconfig::read_from(&path).expect("TESTRUNNER_E2E_KUBECONFIG reads");
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .expect("TESTRUNNER_E2E_KUBECONFIG loads");
+        let client = kube::Client::try_from(config).unwrap();
+        let namespace = format!(
+            "trp-e2e-{}-{}",
+            std::process::id(),
+            jiff::Timestamp::now().as_millisecond()
+        );
+        let apply = kube::api::PatchParams::apply("testrunner-e2e").force();
+        let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+            Api::all(client.clone());
+        let crd = <TestRunnerPool as kube::CustomResourceExt>::crd();
+        crds.patch(
+            "testrunnerpools.testrunner.dev",
+            &apply,
+            &kube::api::Patch::Apply(&crd),
+        )
+        .await
+        .expect("the CRD applies");
+        let nss: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+        nss.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": namespace}})).unwrap(),
+        )
+        .await
+        .expect("the test namespace is created");
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+            Api::namespaced(client.clone(), &namespace);
+        let uri = std::env::var("TESTRUNNER_E2E_AMQP_URI").unwrap_or_else(|_| broker_uri());
+        secrets
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(
+                    json!({"metadata": {"name": "rabbitmq"}, "stringData": {"uri": uri}}),
+                )
+                .unwrap(),
+            )
+            .await
+            .expect("the broker Secret is created");
+        Self {
+            client,
+            namespace,
+            image,
+            margin: Duration::from_secs(120),
+            sim: None,
+        }
+    }
+
+    async fn finish(self) {
+        match self.sim {
+            Some(sim) => sim.shutdown().await,
+            None => {
+                let nss: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(self.client.clone());
+                let _ = nss.delete(&self.namespace, &DeleteParams::default()).await;
+            }
+        }
+    }
+}
+
+fn broker_uri() -> String {
+    std::env::var("TESTRUNNER_AMQP_URI")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+async fn broker() -> Option<lapin::Connection> {
+    let uri = testrunner_operator::broker::BrokerUri::parse(&broker_uri()).ok()?;
+    let connect =
+        lapin::Connection::connect_uri(uri.amqp_uri(), lapin::ConnectionProperties::default());
+    match tokio::time::timeout(Duration::from_secs(5), connect).await {
+        Ok(Ok(c)) => Some(c),
+        _ => None,
+    }
+}
+
+async fn depth(conn: &lapin::Connection, queue: &str) -> u32 {
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    q.message_count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the_pool_removes_its_pods()
+ {
+    let Some(conn) = broker().await else {
+        eprintln!("SKIPPED: no RabbitMQ answers at the broker URI; this scenario needs one");
+        return;
+    };
+    let queue = format!(
+        "sim-surge-{}-{}",
+        std::process::id(),
+        jiff::Timestamp::now().as_millisecond()
+    );
+    let target = Target::new().await;
+    let client = target.client.clone();
+    let ns = target.namespace.clone();
+    let mut operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
+
+    let ids = sim::publish::publish(&broker_uri(), &queue, 6, true)
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 6);
+    let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), &ns);
+    let pool: TestRunnerPool = serde_json::from_value(json!({
+        "apiVersion": "testrunner.dev/v1alpha1", "kind": "TestRunnerPool",
+        "metadata": {"name": "surge"},
+        // Native mode with a command that never takes a ticket: the queue depth alone
+        // drives the pool, and every ticket stays where it is.
+        "spec": {"image": target.image, "worker": {"mode": "Native"}, "command": ["sleep", "3600"],
+            "queue": {"name": queue, "connectionSecretRef": {"name": "rabbitmq", "key": "uri"}},
+            "scaling": {"minWorkers": 0, "maxWorkers": 4, "pollInterval": "500ms"},
+            // `sleep` ignores SIGTERM as PID 1 of a real container: keep deletions short.
+            "template": {"terminationGracePeriodSeconds": 5}},
+    }))
+    .unwrap();
+    let started = tokio::time::Instant::now();
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+
+    // Six tickets, at most four workers: four pods within the poll interval plus a margin.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let selector = ListParams::default().labels("testrunner.dev/pool=surge");
+    let deadline = started + Duration::from_millis(500) + target.margin;
+    loop {
+        let n = pods.list(&selector).await.unwrap().items.len();
+        let desired = pools
+            .get_status("surge")
+            .await
+            .unwrap()
+            .status
+            .and_then(|s| s.workers)
+            .map(|w| w.desired);
+        if n == 4 && desired == Some(4) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pool did not scale to 4 (pods {n}, desired {desired:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Operator restart mid-run: the new one takes over from what it finds. One worker
+    // is lost while no operator runs; the new operator replaces it and never runs more
+    // than four.
+    operator.abort();
+    let _ = operator.await;
+    let victim = pods.list(&selector).await.unwrap().items[0]
+        .metadata
+        .name
+        .clone()
+        .unwrap();
+    pods.delete(&victim, &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let live: Vec<String> = pods
+            .list(&selector)
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .map(|p| p.metadata.name.unwrap())
+            .collect();
+        assert!(live.len() <= 4, "more workers than maxWorkers: {live:?}");
+        if live.len() == 4 && !live.contains(&victim) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lost worker was not replaced: {live:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    pools
+        .delete("surge", &DeleteParams::default())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !pods.list(&selector).await.unwrap().items.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pool's pods did not go"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Nothing lost: no worker took a ticket, and every ticket is still in the queue.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while depth(&conn, &queue).await != 6 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "tickets went missing"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    operator.abort();
+    target.finish().await;
+    let ch = conn.create_channel().await.unwrap();
+    let _ = ch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+}
+
+fn process_alive(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .split(") ")
+            .nth(1)
+            .is_some_and(|rest| rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulate_command_serves_kubectl_clients_and_ctrl_c_leaves_no_process_behind() {
+    let dir = std::env::temp_dir().join(format!("sim-command-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let kubeconfig = dir.join("kubeconfig");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_testrunner-operator"))
+        .args([
+            "simulate",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--time-scale",
+            "100",
+        ])
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let client = loop {
+        if let Ok(kc) = kube::config::Kubeconfig::read_from(&kubeconfig)
+            && let Ok(config) = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await
+            && let Ok(client) = kube::Client::try_from(config)
+            && client.apiserver_version().await.is_ok()
+        {
+            break client;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "simulate did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let script = format!(
+        "echo $$ > {d}/pid; trap '' TERM; while true; do sleep 0.05; done",
+        d = dir.display()
+    );
+    let pods: Api<Pod> = Api::namespaced(client, "default");
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "stubborn"},
+        "spec": {"containers": [{"name": "main", "image": "x", "command": ["sh", "-c", script]}]}}))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let pid_file = dir.join("pid");
+    let pid = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .filter(|p| !p.trim().is_empty())
+        {
+            break pid.trim().to_string();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pod's process did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(process_alive(&pid));
+
+    // Ctrl-C.
+    let sim_pid = child.id().expect("simulate runs") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sim_pid),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("the simulation gets SIGINT");
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("simulate stops within 20 s")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let mut out = String::new();
+    use tokio::io::AsyncReadExt;
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .await
+        .unwrap();
+    assert!(
+        out.contains("Simulated cluster at http://127.0.0.1:"),
+        "{out}"
+    );
+    assert!(out.contains("kubectl get trp -w"), "{out}");
+    assert!(
+        !out.contains("guest:guest"),
+        "the broker URI is never printed: {out}"
+    );
+    assert!(!process_alive(&pid), "the pod's process is gone");
+    let _ = std::fs::remove_dir_all(&dir);
+}
