@@ -67,8 +67,14 @@ struct SimulateArgs {
 
 #[derive(clap::Args)]
 struct PublishArgs {
-    /// Broker URI (amqp:// or amqps://).
-    #[arg(long, env = "TESTRUNNER_AMQP_URI", hide_env_values = true)]
+    /// Broker URI (amqp:// or amqps://); default: the local broker, guest/guest.
+    #[arg(
+        long,
+        env = "TESTRUNNER_AMQP_URI",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
     amqp_uri: String,
     /// Queue to publish to (through the default exchange).
     #[arg(long)]

@@ -378,3 +378,331 @@ async fn the_simulate_command_serves_kubectl_clients_and_ctrl_c_leaves_no_proces
     assert!(!process_alive(&pid), "the pod's process is gone");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Waits until `check` holds, polling, or fails after `timeout`.
+async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A ticket ledger: the wrapped test command appends `<id> start` and `<id> end`
+/// lines to one file, so a scenario can count tickets in and out.
+struct Ledger {
+    path: std::path::PathBuf,
+}
+
+impl Ledger {
+    fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "trp-ledger-{name}-{}-{}",
+            std::process::id(),
+            jiff::Timestamp::now().as_millisecond()
+        ));
+        let _ = std::fs::remove_file(&path);
+        Self { path }
+    }
+
+    /// The test command: record the start, read the ticket, work, record the end.
+    fn command(&self, work_seconds: f64) -> serde_json::Value {
+        json!([
+            "sh",
+            "-c",
+            format!(
+                "echo \"$TICKET_ID start\" >> {p}; cat >/dev/null; sleep {work_seconds}; echo \"$TICKET_ID end\" >> {p}",
+                p = self.path.display()
+            )
+        ])
+    }
+
+    fn lines(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn count(&self, what: &str) -> std::collections::BTreeMap<String, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        for line in self.lines() {
+            if let Some(id) = line.strip_suffix(&format!(" {what}")) {
+                *counts.entry(id.to_string()).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
+    /// Every published ticket ran to its end exactly once, and nothing else ran.
+    fn assert_each_once(&self, ids: &[String]) {
+        let starts = self.count("start");
+        let ends = self.count("end");
+        let expected: std::collections::BTreeMap<String, usize> =
+            ids.iter().map(|id| (id.clone(), 1)).collect();
+        assert_eq!(ends, expected, "every ticket completes exactly once");
+        assert_eq!(
+            starts, expected,
+            "no ticket started twice or was interrupted"
+        );
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn wrapped_pool(
+    name: &str,
+    image: &str,
+    queue: &str,
+    command: serde_json::Value,
+    scaling: serde_json::Value,
+) -> TestRunnerPool {
+    serde_json::from_value(json!({
+        "apiVersion": "testrunner.dev/v1alpha1", "kind": "TestRunnerPool",
+        "metadata": {"name": name},
+        "spec": {"image": image, "command": command,
+            "queue": {"name": queue, "connectionSecretRef": {"name": "rabbitmq", "key": "uri"}},
+            "scaling": scaling},
+    }))
+    .unwrap()
+}
+
+async fn live_pods(pods: &Api<Pod>, pool: &str) -> usize {
+    pods.list(&ListParams::default().labels(&format!("testrunner.dev/pool={pool}")))
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .count()
+}
+
+async fn all_pods(pods: &Api<Pod>, pool: &str) -> usize {
+    pods.list(&ListParams::default().labels(&format!("testrunner.dev/pool={pool}")))
+        .await
+        .unwrap()
+        .items
+        .len()
+}
+
+fn queue_name(scenario: &str) -> String {
+    format!(
+        "sim-{scenario}-{}-{}",
+        std::process::id(),
+        jiff::Timestamp::now().as_millisecond()
+    )
+}
+
+async fn delete_queue(conn: &lapin::Connection, queue: &str) {
+    let ch = conn.create_channel().await.unwrap();
+    let _ = ch
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tickets_flow_through_wrapped_workers_and_the_pool_drains_back_to_min() {
+    let Some(conn) = broker().await else {
+        eprintln!("SKIPPED: no RabbitMQ answers at the broker URI; this scenario needs one");
+        return;
+    };
+    let target = Target::new().await;
+    if target.sim.is_none() {
+        eprintln!("SKIPPED on a real cluster: the ticket ledger is a local file");
+        return target.finish().await;
+    }
+    let (client, ns) = (target.client.clone(), target.namespace.clone());
+    let operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
+    let queue = queue_name("flow");
+    let ledger = Ledger::new("flow");
+    let ids = sim::publish::publish(&broker_uri(), &queue, 20, true)
+        .await
+        .unwrap();
+
+    let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pool = wrapped_pool(
+        "flow",
+        &target.image,
+        &queue,
+        ledger.command(0.2),
+        json!({"minWorkers": 1, "maxWorkers": 5, "pollInterval": "500ms", "scaleDownDelay": "1s"}),
+    );
+    let created = tokio::time::Instant::now();
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+
+    // Twenty tickets waiting: the pool goes to maxWorkers within the poll interval plus a margin.
+    let mut peak = 0;
+    while peak < 5 {
+        peak = peak.max(live_pods(&pods, "flow").await);
+        assert!(
+            created.elapsed() < Duration::from_millis(500) + target.margin,
+            "scaled to {peak} of 5"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Every ticket runs once, then the pool drains back to minWorkers.
+    eventually(
+        "every ticket to complete",
+        Duration::from_secs(60),
+        || async { ledger.count("end").len() == ids.len() },
+    )
+    .await;
+    eventually(
+        "the pool to drain back to minWorkers",
+        Duration::from_secs(30),
+        || async { all_pods(&pods, "flow").await == 1 },
+    )
+    .await;
+    ledger.assert_each_once(&ids);
+    assert_eq!(depth(&conn, &queue).await, 0, "nothing left in the queue");
+    let status = pools.get_status("flow").await.unwrap().status.unwrap();
+    assert_eq!(status.workers.unwrap().desired, 1);
+
+    operator.abort();
+    target.finish().await;
+    delete_queue(&conn, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_down_lets_busy_workers_finish_their_tickets() {
+    let Some(conn) = broker().await else {
+        eprintln!("SKIPPED: no RabbitMQ answers at the broker URI; this scenario needs one");
+        return;
+    };
+    let target = Target::new().await;
+    if target.sim.is_none() {
+        eprintln!("SKIPPED on a real cluster: the ticket ledger is a local file");
+        return target.finish().await;
+    }
+    let (client, ns) = (target.client.clone(), target.namespace.clone());
+    let operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
+    let queue = queue_name("drain");
+    let ledger = Ledger::new("drain");
+    let ids = sim::publish::publish(&broker_uri(), &queue, 3, true)
+        .await
+        .unwrap();
+    let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    // Long tickets and no scale-down delay: once the three are taken the queue is empty,
+    // so the operator removes the workers while each is in the middle of its ticket.
+    let pool = wrapped_pool(
+        "drain",
+        &target.image,
+        &queue,
+        ledger.command(3.0),
+        json!({"minWorkers": 0, "maxWorkers": 3, "pollInterval": "200ms", "scaleDownDelay": "0s"}),
+    );
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+
+    eventually(
+        "three tickets to start",
+        Duration::from_secs(30),
+        || async { ledger.count("start").len() == 3 },
+    )
+    .await;
+    eventually(
+        "the operator to delete the busy workers",
+        Duration::from_secs(10),
+        || async { live_pods(&pods, "drain").await == 0 },
+    )
+    .await;
+    assert!(
+        ledger.count("end").len() < 3,
+        "the deletions came while tickets ran"
+    );
+
+    // The deleted workers finish what they hold, ack it, and only then go.
+    eventually(
+        "the drained workers to exit",
+        Duration::from_secs(30),
+        || async { all_pods(&pods, "drain").await == 0 },
+    )
+    .await;
+    ledger.assert_each_once(&ids);
+    assert_eq!(depth(&conn, &queue).await, 0);
+
+    operator.abort();
+    target.finish().await;
+    delete_queue(&conn, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_restart_mid_run_loses_nothing_and_runs_nothing_twice() {
+    let Some(conn) = broker().await else {
+        eprintln!("SKIPPED: no RabbitMQ answers at the broker URI; this scenario needs one");
+        return;
+    };
+    let target = Target::new().await;
+    if target.sim.is_none() {
+        eprintln!("SKIPPED on a real cluster: the ticket ledger is a local file");
+        return target.finish().await;
+    }
+    let (client, ns) = (target.client.clone(), target.namespace.clone());
+    let mut operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
+    let queue = queue_name("restart");
+    let ledger = Ledger::new("restart");
+    let ids = sim::publish::publish(&broker_uri(), &queue, 30, true)
+        .await
+        .unwrap();
+    let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pool = wrapped_pool(
+        "restart",
+        &target.image,
+        &queue,
+        ledger.command(0.2),
+        json!({"minWorkers": 0, "maxWorkers": 3, "pollInterval": "300ms", "scaleDownDelay": "1s"}),
+    );
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+
+    eventually(
+        "a few tickets to complete",
+        Duration::from_secs(30),
+        || async { ledger.count("end").len() >= 5 },
+    )
+    .await;
+    // The operator goes away mid-run; the workers keep going meanwhile.
+    operator.abort();
+    let _ = operator.await;
+    let done_before = ledger.count("end").len();
+    eventually(
+        "work to go on without the operator",
+        Duration::from_secs(30),
+        || async { ledger.count("end").len() > done_before },
+    )
+    .await;
+    operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
+
+    eventually(
+        "every ticket to complete",
+        Duration::from_secs(60),
+        || async { ledger.count("end").len() == ids.len() },
+    )
+    .await;
+    eventually(
+        "the pool to scale to zero",
+        Duration::from_secs(30),
+        || async { all_pods(&pods, "restart").await == 0 },
+    )
+    .await;
+    ledger.assert_each_once(&ids);
+    assert_eq!(depth(&conn, &queue).await, 0);
+
+    operator.abort();
+    target.finish().await;
+    delete_queue(&conn, &queue).await;
+}

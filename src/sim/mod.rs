@@ -279,7 +279,7 @@ async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, String> {
 /// `testrunner-operator simulate`: runs until Ctrl-C or SIGTERM.
 pub async fn simulate(opts: SimulateOptions) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("failed to find this binary: {e}"))?;
-    let sim = Simulation::start(opts.listen, &opts.amqp_uri, opts.time_scale, exe)
+    let sim = Simulation::start(opts.listen, &opts.amqp_uri, opts.time_scale, exe.clone())
         .await
         .map_err(|e| {
             format!(
@@ -291,13 +291,16 @@ pub async fn simulate(opts: SimulateOptions) -> Result<(), String> {
         .map_err(|e| format!("failed to write {}: {e}", opts.kubeconfig.display()))?;
     let client = client_from_kubeconfig(&opts.kubeconfig).await?;
     let operator = start_operator(client);
-    let kc = opts.kubeconfig.display();
+    let kubeconfig = std::fs::canonicalize(&opts.kubeconfig).unwrap_or(opts.kubeconfig.clone());
+    let kc = kubeconfig.display();
+    let bin = exe.display();
     println!(
         "Simulated cluster at {url} (API server and kubelet in this process; the operator runs against it).
 Kubeconfig: {kc}   Broker Secret: default/rabbitmq (key uri)   Time scale: {scale}
 
 In a second terminal:
   export KUBECONFIG={kc}
+  {bin} publish --queue tickets.demo --count 10 --declare-quorum
   kubectl apply -f - <<'YAML'
 apiVersion: testrunner.dev/v1alpha1
 kind: TestRunnerPool
@@ -311,8 +314,8 @@ spec:
     connectionSecretRef: {{name: rabbitmq, key: uri}}
   scaling: {{minWorkers: 0, maxWorkers: 5, pollInterval: 1s, scaleDownDelay: 20s}}
 YAML
-  testrunner-operator publish --amqp-uri '<the broker URI>' --queue tickets.demo --count 10 --declare-quorum
   kubectl get trp -w
+  ({bin} publish --queue tickets.demo --count 30 sends more: watch the pool scale up and back down)
   kubectl get pods
   kubectl describe trp demo
 
