@@ -46,6 +46,7 @@ fn observed(pods: usize, revision: &str, now: Timestamp) -> Observed {
             at: now,
         },
         config_problem: None,
+        ..Default::default()
     }
 }
 

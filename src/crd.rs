@@ -81,10 +81,48 @@ pub struct TestRunnerPoolSpec {
     #[serde(default)]
     pub scaling: ScalingSpec,
 
+    /// How crashes are diagnosed: poison tickets, broken environments, stalled queues.
+    #[serde(default)]
+    pub poison: PoisonSpec,
+
     /// When true the operator stops creating and deleting worker pods; it keeps
     /// probing the queue and reporting status. Default false.
     #[serde(default)]
     pub paused: bool,
+}
+
+/// Crash diagnosis settings.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoisonSpec {
+    /// Crashes one ticket must cause, while other tickets complete on the same
+    /// revision, before it is called a poison ticket. Default 3.
+    #[serde(default = "default_crashes_to_quarantine")]
+    #[schemars(range(min = 1, max = 100))]
+    pub crashes_to_quarantine: i32,
+
+    /// How long tickets may wait with no progress (no ticket taken, none finished)
+    /// before the queue is called stalled, as a duration (`10m`). Set it above your
+    /// longest test run. Default `10m`.
+    #[serde(default = "default_stall_timeout")]
+    #[schemars(regex(pattern = r"^([0-9]{1,6}(ms|s|m|h))+$"), length(max = 32))]
+    pub stall_timeout: String,
+}
+
+fn default_crashes_to_quarantine() -> i32 {
+    3
+}
+fn default_stall_timeout() -> String {
+    "10m".into()
+}
+
+impl Default for PoisonSpec {
+    fn default() -> Self {
+        Self {
+            crashes_to_quarantine: default_crashes_to_quarantine(),
+            stall_timeout: default_stall_timeout(),
+        }
+    }
 }
 
 /// How worker pods consume tickets.
@@ -301,6 +339,69 @@ pub struct TestRunnerPoolStatus {
     /// Worker pod counts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<WorkersStatus>,
+    /// The current crash diagnosis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diagnosis: Option<DiagnosisStatus>,
+    /// Recent worker crashes, newest last (at most 20): the evidence of the diagnosis.
+    /// Each container termination is recorded once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub crashes: Vec<CrashStatus>,
+}
+
+/// The crash diagnosis of a pool.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DiagnosisStatus {
+    /// Healthy, PoisonTicket, BrokenEnvironment, OutOfMemory or QueueStalled.
+    pub verdict: String,
+    /// What was seen and what happens now.
+    #[serde(default)]
+    pub message: String,
+    /// The ticket a PoisonTicket verdict names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ticket: Option<String>,
+    /// Since when the verdict holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+    /// Last time the queue made progress (a ticket taken or finished).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_progress_time: Option<Time>,
+}
+
+/// One worker container termination.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CrashStatus {
+    /// Identity: pod uid, restart count and finish time.
+    pub id: String,
+    /// Worker pod.
+    pub pod: String,
+    /// Revision of the pod.
+    #[serde(default)]
+    pub revision: String,
+    /// Image of the worker container.
+    #[serde(default)]
+    pub image: String,
+    /// Ticket in hand, if the worker held one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ticket: Option<String>,
+    /// Delivery number of that ticket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<i64>,
+    /// What the worker said when it stopped holding no ticket: starting, idle, or an
+    /// environment failure it reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// Exit code.
+    pub exit_code: i32,
+    /// Signal, when killed by one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// Kubernetes' reason: Error, OOMKilled, ...
+    #[serde(default)]
+    pub reason: String,
+    /// When the container finished.
+    pub at: Time,
 }
 
 /// Pool phase.

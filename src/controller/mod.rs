@@ -215,7 +215,7 @@ pub async fn reconcile(guarded: Arc<Guarded>, ctx: Arc<Context>) -> Result<Actio
         .await
         .map_err(Error::ListPods)?;
     let uid = pool.uid();
-    let pods: Vec<_> = pod_list
+    let owned: Vec<&Pod> = pod_list
         .items
         .iter()
         .filter(|p| {
@@ -223,10 +223,16 @@ pub async fn reconcile(guarded: Arc<Guarded>, ctx: Arc<Context>) -> Result<Actio
                 .iter()
                 .any(|o| Some(&o.uid) == uid.as_ref())
         })
-        .map(pods::view)
         .collect();
     let observed = Observed {
-        pods,
+        pods: owned.iter().map(|p| pods::view(p)).collect(),
+        crashes: owned
+            .iter()
+            .flat_map(|p| core::crash::crash_records(p))
+            .collect(),
+        // Ticket completions are not reported by workers yet: without them no ticket
+        // is ever blamed, and crash loops are held as a broken environment.
+        completions: core::diagnosis::Completions::default(),
         broker,
         config_problem,
     };

@@ -3,10 +3,12 @@
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use super::diagnosis::verdict;
 use super::scaling::Decision;
 use super::{BrokerView, ConfigProblem, Observed, PlannedEvent};
 use crate::crd::{
-    Condition, Phase, QueueStatus, TestRunnerPool, TestRunnerPoolStatus, WorkersStatus,
+    Condition, CrashStatus, DiagnosisStatus, Phase, QueueStatus, TestRunnerPool,
+    TestRunnerPoolStatus, WorkersStatus,
 };
 
 /// Condition type: the pool serves tickets as asked.
@@ -22,6 +24,7 @@ pub(super) struct StatusInput<'a> {
     pub observed: &'a Observed,
     pub config_problem: Option<&'a ConfigProblem>,
     pub decision: &'a Decision,
+    pub diagnosis: &'a DiagnosisStatus,
     pub now: Timestamp,
 }
 
@@ -48,6 +51,7 @@ pub(super) fn status(input: StatusInput<'_>) -> TestRunnerPoolStatus {
         observed,
         config_problem,
         decision,
+        diagnosis,
         now,
     } = input;
     let generation = pool.metadata.generation;
@@ -105,6 +109,13 @@ pub(super) fn status(input: StatusInput<'_>) -> TestRunnerPoolStatus {
                 "Queue {:?} does not exist; holding {} workers",
                 pool.spec.queue.name, decision.current
             ),
+        )
+    } else if diagnosis.verdict != verdict::HEALTHY {
+        cond(
+            CONDITION_DEGRADED,
+            true,
+            &diagnosis.verdict,
+            diagnosis.message.clone(),
         )
     } else {
         cond(CONDITION_DEGRADED, false, "AsExpected", String::new())
@@ -200,6 +211,8 @@ pub(super) fn status(input: StatusInput<'_>) -> TestRunnerPoolStatus {
             ready: decision.ready,
             surplus_since: decision.surplus_since.map(Time),
         }),
+        diagnosis: Some(diagnosis.clone()),
+        crashes: Vec::new(),
     }
 }
 
@@ -263,4 +276,90 @@ pub(super) fn transition_events(
         });
     }
     events
+}
+
+/// Most WorkerCrashed events published for one reconcile; the rest are summed up.
+pub const MAX_CRASH_EVENTS: usize = 5;
+
+/// A Warning event for each crash seen for the first time: the seed's rule, report
+/// the first crash right away.
+pub(super) fn crash_events(fresh: &[CrashStatus]) -> Vec<PlannedEvent> {
+    let mut events: Vec<PlannedEvent> = fresh
+        .iter()
+        .take(MAX_CRASH_EVENTS)
+        .map(|c| {
+            let exit = match c.signal {
+                Some(sig) => format!("signal {sig}"),
+                None => format!("exit code {}", c.exit_code),
+            };
+            let reason = if c.reason.is_empty() || c.reason == "Error" {
+                String::new()
+            } else {
+                format!(" ({})", c.reason)
+            };
+            let on = match (&c.ticket, &c.state) {
+                (Some(t), _) => format!("on ticket {t} (delivery {})", c.delivery.unwrap_or(1)),
+                (None, Some(s)) if s != "starting" && s != "idle" => {
+                    format!("with no ticket in hand: {s}")
+                }
+                (None, _) => "with no ticket in hand".to_string(),
+            };
+            PlannedEvent {
+                warning: true,
+                reason: "WorkerCrashed",
+                action: "ObserveWorker",
+                note: format!(
+                    "Worker pod {} (image {}) crashed {on}: {exit}{reason}",
+                    c.pod, c.image
+                ),
+            }
+        })
+        .collect();
+    if fresh.len() > MAX_CRASH_EVENTS {
+        events.push(PlannedEvent {
+            warning: true,
+            reason: "WorkerCrashed",
+            action: "ObserveWorker",
+            note: format!(
+                "{} more worker crashes; see status.crashes",
+                fresh.len() - MAX_CRASH_EVENTS
+            ),
+        });
+    }
+    events
+}
+
+/// An event when the diagnosis changes.
+pub(super) fn diagnosis_events(
+    old: Option<&DiagnosisStatus>,
+    new: &DiagnosisStatus,
+) -> Vec<PlannedEvent> {
+    let was = old.map(|d| (d.verdict.as_str(), d.ticket.as_deref()));
+    let is = (new.verdict.as_str(), new.ticket.as_deref());
+    if was == Some(is) || (was.is_none() && new.verdict == verdict::HEALTHY) {
+        return Vec::new();
+    }
+    if new.verdict == verdict::HEALTHY {
+        return vec![PlannedEvent {
+            warning: false,
+            reason: "Recovered",
+            action: "Diagnose",
+            note: format!(
+                "No longer {}: workers are healthy again",
+                old.map(|d| d.verdict.as_str()).unwrap_or_default()
+            ),
+        }];
+    }
+    let reason = match new.verdict.as_str() {
+        verdict::POISON_TICKET => "PoisonTicket",
+        verdict::BROKEN_ENVIRONMENT => "BrokenEnvironment",
+        verdict::OUT_OF_MEMORY => "OutOfMemory",
+        _ => "QueueStalled",
+    };
+    vec![PlannedEvent {
+        warning: true,
+        reason,
+        action: "Diagnose",
+        note: new.message.clone(),
+    }]
 }

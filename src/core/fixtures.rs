@@ -53,5 +53,6 @@ pub fn depth(ready: u64, consumers: u64, pods: Vec<PodView>) -> Observed {
             at: t(0),
         },
         config_problem: None,
+        ..Default::default()
     }
 }

@@ -6,6 +6,7 @@
 
 mod conditions;
 pub mod crash;
+pub mod diagnosis;
 mod scaling;
 
 use std::time::Duration;
@@ -18,7 +19,7 @@ pub use conditions::{CONDITION_BROKER_REACHABLE, CONDITION_DEGRADED, CONDITION_R
 pub use scaling::{ScalingInput, desired_workers};
 
 /// What the shell saw of the world for one pool.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Observed {
     /// The pool's worker pods (owned by it), terminating ones included.
     pub pods: Vec<PodView>,
@@ -27,6 +28,10 @@ pub struct Observed {
     /// A problem with the spec that the API server could not catch (missing Secret,
     /// malformed URI, ...), found while dereferencing it.
     pub config_problem: Option<ConfigProblem>,
+    /// Worker container terminations the pods' status shows.
+    pub crashes: Vec<crash::CrashRecord>,
+    /// Ticket completions the workers reported.
+    pub completions: diagnosis::Completions,
 }
 
 /// One worker pod, as far as decisions need it.
@@ -58,9 +63,10 @@ pub enum PodState {
 }
 
 /// The last queue probe, as the shell's broker client reports it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub enum BrokerView {
     /// No probe has completed yet.
+    #[default]
     NotProbed,
     /// The queue answered.
     Depth {
@@ -183,6 +189,8 @@ pub struct Settings {
     pub poll_interval: Duration,
     /// Scale-down delay.
     pub scale_down_delay: Duration,
+    /// Time without queue progress before the queue is called stalled.
+    pub stall_timeout: Duration,
 }
 
 /// The smallest poll interval the operator accepts.
@@ -214,9 +222,11 @@ pub fn settings(spec: &TestRunnerPoolSpec) -> Result<Settings, ConfigProblem> {
         "spec.scaling.scaleDownDelay",
         &spec.scaling.scale_down_delay,
     )?;
+    let stall_timeout = parse("spec.poison.stallTimeout", &spec.poison.stall_timeout)?;
     Ok(Settings {
         poll_interval,
         scale_down_delay,
+        stall_timeout,
     })
 }
 
@@ -251,6 +261,26 @@ pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan 
         .map(|s| s.scale_down_delay)
         .unwrap_or(Duration::from_secs(120));
 
+    let (crashes, fresh_crashes) = diagnosis::merge_crashes(&old_status.crashes, &observed.crashes);
+    let diagnosis = diagnosis::diagnose(&diagnosis::DiagnosisInput {
+        crashes: &crashes,
+        revision: &revision,
+        completions: &observed.completions,
+        crashes_to_quarantine: spec.poison.crashes_to_quarantine.max(1) as u32,
+        stall_timeout: settings
+            .as_ref()
+            .map(|s| s.stall_timeout)
+            .unwrap_or(Duration::from_secs(600)),
+        queue_ready: match observed.broker {
+            BrokerView::Depth { ready, .. } => Some(ready),
+            _ => None,
+        },
+        previous_ready: old_status.queue.as_ref().map(|q| q.ready),
+        previous: old_status.diagnosis.as_ref(),
+        paused: spec.paused,
+        now,
+    });
+
     let decision = scaling::decide(&ScalingInput {
         spec,
         pods: &observed.pods,
@@ -263,18 +293,28 @@ pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan 
             .and_then(|w| w.surplus_since.as_ref())
             .map(|t| t.0),
         scale_down_delay,
+        // A broken environment keeps a small number of workers: more would only crash.
+        cap: (diagnosis.verdict == diagnosis::verdict::BROKEN_ENVIRONMENT)
+            .then(|| spec.scaling.min_workers.max(1)),
         now,
     });
 
-    let status = conditions::status(conditions::StatusInput {
+    let mut status = conditions::status(conditions::StatusInput {
         pool,
         old: &old_status,
         observed,
         config_problem: config_problem.as_ref(),
         decision: &decision,
+        diagnosis: &diagnosis,
         now,
     });
+    status.crashes = crashes;
     let mut events = conditions::transition_events(&old_status, &status, config_problem.as_ref());
+    events.extend(conditions::crash_events(&fresh_crashes));
+    events.extend(conditions::diagnosis_events(
+        old_status.diagnosis.as_ref(),
+        &diagnosis,
+    ));
     if decision.create > 0 {
         events.push(PlannedEvent {
             warning: false,

@@ -25,6 +25,8 @@ pub struct ScalingInput<'a> {
     pub surplus_since: Option<Timestamp>,
     /// `spec.scaling.scaleDownDelay`, parsed.
     pub scale_down_delay: Duration,
+    /// An upper bound on desired workers below maxWorkers (a broken environment).
+    pub cap: Option<i32>,
     /// The time of this decision.
     pub now: Timestamp,
 }
@@ -112,6 +114,7 @@ pub fn decide(input: &ScalingInput<'_>) -> Decision {
         // Without numbers, hold what runs: never scale to zero on an error.
         _ => (clamp(spec, current), 0),
     };
+    let desired = input.cap.map_or(desired, |cap| desired.min(cap));
 
     let mut decision = Decision {
         desired,

@@ -122,6 +122,7 @@ fn an_unreachable_broker_holds_the_current_workers() {
             since: t(0),
         },
         config_problem: None,
+        ..Default::default()
     };
     let plan = plan(&pool(), &observed, t(1000));
     assert_eq!((plan.create, plan.delete.len()), (0, 0));
@@ -238,6 +239,7 @@ fn a_missing_queue_holds_workers_and_warns() {
         pods: vec![pod("unit-a", &rev(), PodState::Ready, 0)],
         broker: BrokerView::QueueNotFound { at: t(0) },
         config_problem: None,
+        ..Default::default()
     };
     let plan = plan(&pool(), &observed, t(0));
     assert_eq!((plan.create, plan.delete.len()), (0, 0));
@@ -374,7 +376,7 @@ prop_compose! {
         let pods = states.iter().enumerate().map(|(i, (s, fresh))| {
             pod(&format!("unit-{i}"), if *fresh { &r } else { "0000000000" }, *s, i as i64)
         }).collect();
-        (p, Observed { pods, broker, config_problem: None }, surplus_age)
+        (p, Observed { pods, broker, config_problem: None, ..Default::default() }, surplus_age)
     }
 }
 
@@ -487,4 +489,85 @@ proptest! {
         let plan = plan(&p, &depth(ready, consumers, vec![]), t(0));
         prop_assert!(plan.create >= 1);
     }
+}
+
+#[test]
+fn a_crash_is_reported_at_once_and_only_once() {
+    use crate::core::crash::{CrashRecord, InHand};
+    let pods = vec![pod("unit-a", &rev(), PodState::Starting, 0)];
+    let mut observed = depth(3, 0, pods);
+    observed.crashes = vec![CrashRecord {
+        id: "uid-a/0/1800000010".into(),
+        pod: "unit-a".into(),
+        revision: rev(),
+        image: "registry.example/test-runner:1".into(),
+        in_hand: InHand::Ticket {
+            id: "t-7".into(),
+            delivery: 2,
+        },
+        exit_code: 3,
+        signal: None,
+        reason: "Error".into(),
+        at: t(10),
+    }];
+    let first = plan(&pool(), &observed, t(20));
+    let crashed: Vec<_> = first
+        .events
+        .iter()
+        .filter(|e| e.reason == "WorkerCrashed")
+        .collect();
+    assert_eq!(crashed.len(), 1);
+    assert!(crashed[0].warning);
+    assert_eq!(
+        crashed[0].note,
+        "Worker pod unit-a (image registry.example/test-runner:1) crashed on ticket t-7 (delivery 2): exit code 3"
+    );
+    assert_eq!(first.status.crashes.len(), 1);
+    assert_eq!(first.status.crashes[0].ticket.as_deref(), Some("t-7"));
+    // One crash on one ticket is no verdict yet.
+    assert_eq!(first.status.diagnosis.as_ref().unwrap().verdict, "Healthy");
+
+    // The same termination seen again (next reconcile, a re-list, a restart) is not new.
+    let second = plan(&with_status(pool(), first.status.clone()), &observed, t(30));
+    assert!(second.events.iter().all(|e| e.reason != "WorkerCrashed"));
+    assert_eq!(second.status.crashes, first.status.crashes);
+}
+
+#[test]
+fn a_crash_before_the_consume_loop_degrades_the_pool_with_the_diagnosis() {
+    use crate::core::crash::{CrashRecord, InHand};
+    let mut observed = depth(3, 0, vec![pod("unit-a", &rev(), PodState::Starting, 0)]);
+    observed.crashes = vec![CrashRecord {
+        id: "uid-a/0/1800000010".into(),
+        pod: "unit-a".into(),
+        revision: rev(),
+        image: "registry.example/test-runner:1".into(),
+        in_hand: InHand::Starting,
+        exit_code: 1,
+        signal: None,
+        reason: "Error".into(),
+        at: t(10),
+    }];
+    let plan = plan(&pool(), &observed, t(20));
+    assert_eq!(plan.status.phase, Some(Phase::Degraded));
+    let c = condition(&plan, CONDITION_DEGRADED);
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("True", "BrokenEnvironment")
+    );
+    assert!(c.message.contains("tickets are held"), "{}", c.message);
+    assert!(
+        plan.events
+            .iter()
+            .any(|e| e.reason == "BrokenEnvironment" && e.warning)
+    );
+    assert!(
+        plan.events
+            .iter()
+            .any(|e| e.reason == "WorkerCrashed" && e.note.contains("with no ticket in hand"))
+    );
+    // Tickets wait for the environment to get better; one worker stays to find out
+    // (more would only crash), and three waiting tickets add none.
+    assert_eq!(plan.create, 0);
+    assert_eq!(plan.status.workers.as_ref().unwrap().desired, 1);
 }
