@@ -327,6 +327,54 @@ impl Brokers {
         }
     }
 
+    /// Declares `queue` as an outcome queue (short-lived reports: not durable, at most
+    /// 10,000 messages of at most 10 minutes, removed after an hour unused) and
+    /// consumes it without acks.
+    pub async fn consume_outcomes(
+        &self,
+        uri: &BrokerUri,
+        queue: &str,
+    ) -> Result<lapin::Consumer, Probe> {
+        use lapin::options::BasicConsumeOptions;
+        use lapin::types::AMQPValue;
+        let entry = self.entry(uri);
+        let mut state = entry.lock().await;
+        self.channel(&mut state, uri).await?;
+        let open = state.open.as_ref().expect("a channel implies a connection");
+        let setup = async {
+            let channel = open.connection.create_channel().await?;
+            let mut args = FieldTable::default();
+            args.insert("x-expires".into(), AMQPValue::LongInt(3_600_000));
+            args.insert("x-max-length".into(), AMQPValue::LongInt(10_000));
+            args.insert("x-message-ttl".into(), AMQPValue::LongInt(600_000));
+            channel
+                .queue_declare(queue.into(), QueueDeclareOptions::default(), args)
+                .await?;
+            channel
+                .basic_consume(
+                    queue.into(),
+                    "".into(),
+                    BasicConsumeOptions {
+                        no_ack: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+        };
+        match tokio::time::timeout(self.settings.probe_timeout, setup).await {
+            Ok(Ok(consumer)) => Ok(consumer),
+            Ok(Err(e)) => {
+                let (reason, message) = classify(&e);
+                Err(Probe::Unreachable { reason, message })
+            }
+            Err(_) => Err(Probe::Unreachable {
+                reason: "Timeout",
+                message: format!("no answer within {:?}", self.settings.probe_timeout),
+            }),
+        }
+    }
+
     /// Drops the connection to `uri` if no pool uses it any longer.
     pub fn forget(&self, uri: &BrokerUri) {
         let Some(entry) = self.conns.lock().expect("lock").remove(uri) else {

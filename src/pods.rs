@@ -3,8 +3,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, Pod, PodSecurityContext,
-    PodSpec, SeccompProfile, SecretKeySelector, SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, Pod,
+    PodSecurityContext, PodSpec, SeccompProfile, SecretKeySelector, SecurityContext, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
@@ -28,6 +29,16 @@ pub const DEFAULT_GRACE_SECONDS: i64 = 600;
 pub struct PodSettings {
     /// The operator's own image, used by the init container in Wrapped mode.
     pub operator_image: String,
+}
+
+/// The queue workers report completed tickets to: one per pool, declared by the
+/// operator (`testrunner.outcomes.<namespace>.<pool>`).
+pub fn outcomes_queue(pool: &TestRunnerPool) -> String {
+    format!(
+        "testrunner.outcomes.{}.{}",
+        pool.namespace().unwrap_or_default(),
+        pool.name_any()
+    )
 }
 
 /// Labels that select a pool's worker pods.
@@ -76,6 +87,18 @@ pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &P
         ),
         env("TESTRUNNER_IMAGE", &spec.image),
         env("TESTRUNNER_REVISION", revision),
+        env("TESTRUNNER_OUTCOMES_QUEUE", &outcomes_queue(pool)),
+        EnvVar {
+            name: "TESTRUNNER_POD_NAME".into(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.name".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        },
         EnvVar {
             name: "TESTRUNNER_AMQP_URI".into(),
             value: None,

@@ -18,11 +18,12 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Connection, ConnectionProperties, Consumer, ErrorKind};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ErrorKind};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -116,6 +117,17 @@ pub struct WorkerArgs {
     /// Exit 0 after this long without a ticket (for example `30s`, `5m`).
     #[arg(long, env = "TESTRUNNER_IDLE_EXIT", value_parser = humantime::parse_duration)]
     pub idle_exit: Option<Duration>,
+    /// Queue that receives one small JSON report per completed ticket (the operator
+    /// reads it to tell a poison ticket from a broken image). Best effort; none when
+    /// empty.
+    #[arg(long, env = "TESTRUNNER_OUTCOMES_QUEUE", default_value = "")]
+    pub outcomes_queue: String,
+    /// Name of this worker's pod, for the outcome reports.
+    #[arg(long, env = "TESTRUNNER_POD_NAME", default_value = "")]
+    pub pod_name: String,
+    /// Revision of this worker's pod, for the outcome reports.
+    #[arg(long, env = "TESTRUNNER_REVISION", default_value = "")]
+    pub revision: String,
     /// The command run for each ticket, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
@@ -208,6 +220,32 @@ impl Exit {
             Exit::Signal(s) => u8::try_from(128 + s.clamp(0, 127)).unwrap_or(255),
         }
     }
+}
+
+/// The outcome report of a completed (acked) ticket.
+pub fn outcome_report(
+    id: &str,
+    delivery: u64,
+    exit: Exit,
+    pod: &str,
+    revision: &str,
+    elapsed: Duration,
+) -> Vec<u8> {
+    let (outcome, code) = match exit {
+        Exit::Code(0) => ("passed", 0),
+        Exit::Code(c) => ("failed", c),
+        Exit::Signal(s) => ("failed", 128 + s),
+    };
+    serde_json::to_vec(&serde_json::json!({
+        "ticket": id,
+        "delivery": delivery,
+        "outcome": outcome,
+        "exitCode": code,
+        "pod": pod,
+        "revision": revision,
+        "durationMs": elapsed.as_millis() as u64,
+    }))
+    .expect("a JSON object serializes")
 }
 
 /// Exit codes of the command that mean "the tests ran and some failed".
@@ -834,6 +872,7 @@ impl Worker {
                 }
                 self.log.write(&LogLine::Idle);
                 tracing::info!(ticket = %id, delivery = number, ?exit, ?elapsed, "ticket done and acked");
+                self.report_outcome(&id, number, exit, elapsed).await;
                 if self.cancelled {
                     self.close().await;
                     return Some(0);
@@ -893,6 +932,36 @@ impl Worker {
             tracing::warn!("cannot cancel the consumer: {e}");
         } else {
             tracing::info!("consumer cancelled: no new tickets");
+        }
+    }
+
+    /// Publishes the outcome report of an acked ticket, best effort: a report that
+    /// cannot be sent is only logged.
+    async fn report_outcome(&self, id: &str, delivery: u64, exit: Exit, elapsed: Duration) {
+        if self.args.outcomes_queue.is_empty() {
+            return;
+        }
+        let body = outcome_report(
+            id,
+            delivery,
+            exit,
+            &self.args.pod_name,
+            &self.args.revision,
+            elapsed,
+        );
+        let publish = self.channel.basic_publish(
+            "".into(),
+            self.args.outcomes_queue.as_str().into(),
+            BasicPublishOptions::default(),
+            &body,
+            BasicProperties::default().with_content_type("application/json".into()),
+        );
+        match tokio::time::timeout(BROKER_TIMEOUT, publish).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(ticket = %id, error = %describe(&e), "outcome report not sent");
+            }
+            Err(_) => tracing::debug!(ticket = %id, "outcome report not sent: no answer"),
         }
     }
 

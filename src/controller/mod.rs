@@ -202,6 +202,7 @@ pub async fn reconcile(guarded: Arc<Guarded>, ctx: Arc<Context>) -> Result<Actio
                 uri: uri.clone(),
                 queue: pool.spec.queue.name.clone(),
                 interval: poll_interval,
+                outcomes: pods::outcomes_queue(pool),
             },
         ),
         Err(_) => {
@@ -230,9 +231,7 @@ pub async fn reconcile(guarded: Arc<Guarded>, ctx: Arc<Context>) -> Result<Actio
             .iter()
             .flat_map(|p| core::crash::crash_records(p))
             .collect(),
-        // Ticket completions are not reported by workers yet: without them no ticket
-        // is ever blamed, and crash loops are held as a broken environment.
-        completions: core::diagnosis::Completions::default(),
+        completions: ctx.probes.completions(&key),
         broker,
         config_problem,
     };

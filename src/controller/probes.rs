@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use futures::channel::mpsc::UnboundedSender;
 use jiff::Timestamp;
 use kube::core::DeserializeGuard;
@@ -14,6 +15,7 @@ use tokio::task::AbortHandle;
 
 use crate::broker::{BrokerUri, Brokers, Probe};
 use crate::core::BrokerView;
+use crate::core::diagnosis::Completions;
 use crate::crd::TestRunnerPool;
 use crate::metrics::{Metrics, PoolLabels, ProbeFailureLabels};
 
@@ -28,13 +30,21 @@ pub struct ProbeKey {
     pub queue: String,
     /// How often.
     pub interval: Duration,
+    /// The queue the pool's workers report completed tickets to.
+    pub outcomes: String,
 }
 
 struct Task {
     key: ProbeKey,
     latest: watch::Receiver<BrokerView>,
+    completions: Arc<Mutex<Completions>>,
     handle: AbortHandle,
 }
+
+/// Revisions whose completions are remembered per pool.
+const MAX_REVISIONS: usize = 10;
+/// Completions wake a reconcile at most this often.
+const COMPLETION_WAKE: Duration = Duration::from_secs(2);
 
 struct Inner {
     brokers: Brokers,
@@ -75,12 +85,14 @@ impl Probes {
     pub fn ensure(&self, pool: &ObjectRef<Guarded>, key: ProbeKey) -> BrokerView {
         let mut tasks = self.0.tasks.lock().expect("lock");
         let mut carried = BrokerView::NotProbed;
+        let mut completions = Arc::new(Mutex::new(Completions::default()));
         if let Some(task) = tasks.get(pool) {
             if task.key == key && !task.handle.is_finished() {
                 return task.latest.borrow().clone();
             }
             if task.key.uri == key.uri && task.key.queue == key.queue {
                 carried = task.latest.borrow().clone();
+                completions = task.completions.clone();
             }
             task.handle.abort();
             let old_uri = task.key.uri.clone();
@@ -88,17 +100,35 @@ impl Probes {
             self.release_if_unused(&tasks, &old_uri);
         }
         let (tx, rx) = watch::channel(carried.clone());
-        let handle =
-            tokio::spawn(probe_loop(self.clone(), pool.clone(), key.clone(), tx)).abort_handle();
+        let handle = tokio::spawn(probe_loop(
+            self.clone(),
+            pool.clone(),
+            key.clone(),
+            tx,
+            completions.clone(),
+        ))
+        .abort_handle();
         tasks.insert(
             pool.clone(),
             Task {
                 key,
                 latest: rx,
+                completions,
                 handle,
             },
         );
         carried
+    }
+
+    /// The ticket completions `pool`'s workers reported since this operator started.
+    pub fn completions(&self, pool: &ObjectRef<Guarded>) -> Completions {
+        self.0
+            .tasks
+            .lock()
+            .expect("lock")
+            .get(pool)
+            .map(|t| t.completions.lock().expect("lock").clone())
+            .unwrap_or_default()
     }
 
     /// Stops probing for `pool`.
@@ -134,6 +164,7 @@ async fn probe_loop(
     pool: ObjectRef<Guarded>,
     key: ProbeKey,
     tx: watch::Sender<BrokerView>,
+    completions: Arc<Mutex<Completions>>,
 ) {
     let inner = &probes.0;
     let labels = PoolLabels {
@@ -141,6 +172,8 @@ async fn probe_loop(
         pool: pool.name.clone(),
     };
     let mut last: Option<Probe> = None;
+    let mut outcomes: Option<lapin::Consumer> = None;
+    let mut last_wake: Option<Instant> = None;
     let mut unreachable_since: Option<Timestamp> = match &*tx.borrow() {
         BrokerView::Unreachable { since, .. } => Some(*since),
         _ => None,
@@ -195,7 +228,63 @@ async fn probe_loop(
         if last.as_ref() != Some(&probe) {
             let _ = inner.trigger.unbounded_send(pool.clone());
         }
+        if matches!(probe, Probe::Depth { .. }) && outcomes.is_none() {
+            match inner
+                .brokers
+                .consume_outcomes(&key.uri, &key.outcomes)
+                .await
+            {
+                Ok(c) => outcomes = Some(c),
+                Err(p) => {
+                    tracing::debug!(queue = %key.outcomes, ?p, "outcome queue not consumed yet")
+                }
+            }
+        }
         last = Some(probe);
-        tokio::time::sleep(key.interval).await;
+
+        // Wait for the next probe, reading outcome reports meanwhile.
+        let next_probe = tokio::time::sleep(key.interval);
+        tokio::pin!(next_probe);
+        loop {
+            let report = async {
+                match outcomes.as_mut() {
+                    Some(c) => c.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = &mut next_probe => break,
+                report = report => match report {
+                    Some(Ok(delivery)) => {
+                        let revision = serde_json::from_slice::<serde_json::Value>(&delivery.data)
+                            .ok()
+                            .and_then(|v| v["revision"].as_str().map(str::to_string))
+                            .unwrap_or_default();
+                        record_completion(&completions, revision, Timestamp::now());
+                        if last_wake.is_none_or(|w: Instant| w.elapsed() >= COMPLETION_WAKE) {
+                            last_wake = Some(Instant::now());
+                            let _ = inner.trigger.unbounded_send(pool.clone());
+                        }
+                    }
+                    // The consumer ended (connection lost): set it up again later.
+                    _ => outcomes = None,
+                },
+            }
+        }
+    }
+}
+
+/// Remembers a completion on `revision`, keeping the most recent revisions only.
+fn record_completion(completions: &Mutex<Completions>, revision: String, at: Timestamp) {
+    let mut c = completions.lock().expect("lock");
+    c.last_by_revision.insert(revision, at);
+    while c.last_by_revision.len() > MAX_REVISIONS {
+        let oldest = c
+            .last_by_revision
+            .iter()
+            .min_by_key(|(_, at)| **at)
+            .map(|(r, _)| r.clone())
+            .expect("not empty");
+        c.last_by_revision.remove(&oldest);
     }
 }
