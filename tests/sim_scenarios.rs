@@ -706,3 +706,215 @@ async fn an_operator_restart_mid_run_loses_nothing_and_runs_nothing_twice() {
     target.finish().await;
     delete_queue(&conn, &queue).await;
 }
+
+async fn diagnosis(
+    pools: &Api<TestRunnerPool>,
+    name: &str,
+) -> Option<testrunner_operator::crd::DiagnosisStatus> {
+    pools.get_status(name).await.ok()?.status?.diagnosis
+}
+
+async fn event_reasons(client: &kube::Client, ns: &str) -> Vec<String> {
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), ns);
+    events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_ticket_among_good_ones_is_named_and_the_good_ones_complete() {
+    let Some(conn) = broker().await else {
+        eprintln!("SKIPPED: no RabbitMQ answers at the broker URI; this scenario needs one");
+        return;
+    };
+    let target = Target::new().await;
+    if target.sim.is_none() {
+        eprintln!("SKIPPED on a real cluster: the ticket ledger is a local file");
+        return target.finish().await;
+    }
+    let (client, ns) = (target.client.clone(), target.namespace.clone());
+    let operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
+    let queue = queue_name("poison");
+    let ledger = Ledger::new("poison");
+    let ids = sim::publish::publish(&broker_uri(), &queue, 21, true)
+        .await
+        .unwrap();
+    let poison = ids[10].clone();
+    let good: Vec<String> = ids.iter().filter(|id| **id != poison).cloned().collect();
+
+    let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), &ns);
+    // The test command crashes (exit 3) on the poison ticket only.
+    let command = json!([
+        "sh",
+        "-c",
+        format!(
+            "if [ \"$TICKET_ID\" = \"$POISON\" ]; then exit 3; fi; echo \"$TICKET_ID start\" >> {p}; cat >/dev/null; sleep 0.1; echo \"$TICKET_ID end\" >> {p}",
+            p = ledger.path.display()
+        )
+    ]);
+    let mut pool = wrapped_pool(
+        "poison",
+        &target.image,
+        &queue,
+        command,
+        json!({"minWorkers": 0, "maxWorkers": 3, "pollInterval": "300ms", "scaleDownDelay": "30s"}),
+    );
+    pool.spec.template = Some(
+        serde_json::from_value(json!({"env": [{"name": "POISON", "value": poison}]})).unwrap(),
+    );
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+
+    eventually(
+        "the good tickets to complete",
+        Duration::from_secs(60),
+        || async {
+        let s = pools.get_status("poison").await.unwrap().status;
+        eprintln!("DEBUG ends={} status={}", ledger.count("end").len(), serde_json::to_string(&s.map(|s| (s.diagnosis, s.workers, s.queue, s.crashes.len()))).unwrap());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        ledger.count("end").len() == good.len() },
+    )
+    .await;
+    ledger.assert_each_once(&good);
+    eventually(
+        "the poison ticket to be named",
+        Duration::from_secs(60),
+        || async {
+            diagnosis(&pools, "poison")
+                .await
+                .is_some_and(|d| d.verdict == "PoisonTicket")
+        },
+    )
+    .await;
+    let d = diagnosis(&pools, "poison").await.unwrap();
+    assert_eq!(d.ticket.as_deref(), Some(poison.as_str()));
+    assert!(
+        d.message.contains("while other tickets completed"),
+        "{}",
+        d.message
+    );
+    let status = pools.get_status("poison").await.unwrap().status.unwrap();
+    assert!(
+        status
+            .crashes
+            .iter()
+            .all(|c| c.ticket.as_deref() == Some(poison.as_str()))
+    );
+    let degraded = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap();
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "PoisonTicket")
+    );
+    let reasons = event_reasons(&client, &ns).await;
+    assert!(reasons.iter().any(|r| r == "WorkerCrashed"), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r == "PoisonTicket"), "{reasons:?}");
+
+    operator.abort();
+    target.finish().await;
+    delete_queue(&conn, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_image_holds_the_tickets_until_it_is_fixed_then_they_all_complete() {
+    let Some(conn) = broker().await else {
+        eprintln!("SKIPPED: no RabbitMQ answers at the broker URI; this scenario needs one");
+        return;
+    };
+    let target = Target::new().await;
+    if target.sim.is_none() {
+        eprintln!("SKIPPED on a real cluster: the ticket ledger is a local file");
+        return target.finish().await;
+    }
+    let (client, ns) = (target.client.clone(), target.namespace.clone());
+    let operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
+    let queue = queue_name("broken");
+    let ledger = Ledger::new("broken");
+    let ids = sim::publish::publish(&broker_uri(), &queue, 8, true)
+        .await
+        .unwrap();
+    let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    // The image lacks its test runner: the worker dies before it consumes anything.
+    let pool = wrapped_pool(
+        "broken",
+        &target.image,
+        &queue,
+        json!(["/nonexistent/run-tests"]),
+        json!({"minWorkers": 0, "maxWorkers": 4, "pollInterval": "300ms", "scaleDownDelay": "1s"}),
+    );
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+
+    eventually(
+        "a broken environment to be diagnosed",
+        Duration::from_secs(30),
+        || async {
+            diagnosis(&pools, "broken")
+                .await
+                .is_some_and(|d| d.verdict == "BrokenEnvironment")
+        },
+    )
+    .await;
+    let d = diagnosis(&pools, "broken").await.unwrap();
+    assert!(d.message.contains("no ticket in hand"), "{}", d.message);
+    assert_eq!(d.ticket, None);
+    // Tickets are held, not consumed nor thrown away; the pool shrinks to one worker.
+    eventually(
+        "the pool to keep one worker",
+        Duration::from_secs(30),
+        || async { live_pods(&pods, "broken").await == 1 },
+    )
+    .await;
+    assert_eq!(depth(&conn, &queue).await, 8);
+    assert!(ledger.lines().is_empty());
+    let reasons = event_reasons(&client, &ns).await;
+    assert!(
+        reasons.iter().any(|r| r == "BrokenEnvironment"),
+        "{reasons:?}"
+    );
+
+    // The fixed image (here: command) is a new revision; the tickets flow on by themselves.
+    let patch = json!({"spec": {"command": ledger.command(0.1)}});
+    pools
+        .patch(
+            "broken",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "every held ticket to complete",
+        Duration::from_secs(60),
+        || async { ledger.count("end").len() == ids.len() },
+    )
+    .await;
+    ledger.assert_each_once(&ids);
+    eventually(
+        "the diagnosis to clear",
+        Duration::from_secs(30),
+        || async {
+            diagnosis(&pools, "broken")
+                .await
+                .is_some_and(|d| d.verdict == "Healthy")
+        },
+    )
+    .await;
+    assert!(
+        event_reasons(&client, &ns)
+            .await
+            .iter()
+            .any(|r| r == "Recovered")
+    );
+
+    operator.abort();
+    target.finish().await;
+    delete_queue(&conn, &queue).await;
+}

@@ -248,11 +248,38 @@ struct PodRun {
     name: String,
     dir: PathBuf,
     mounts: Vec<(String, PathBuf)>,
+    /// ConfigMap volumes: the ConfigMap's name and the directory its keys go to.
+    config_maps: Vec<(String, PathBuf)>,
     restart_policy: String,
     model: Mutex<PodModel>,
 }
 
 impl PodRun {
+    /// Writes each ConfigMap volume's keys as files (a missing ConfigMap leaves the
+    /// directory empty, as an optional volume does). Done before every container
+    /// start: the simulation's stand-in for the kubelet's periodic refresh.
+    fn project_config_maps(&self) {
+        for (config_map, dir) in &self.config_maps {
+            let _ = std::fs::create_dir_all(dir);
+            let data = self
+                .cluster
+                .stored("configmaps")
+                .into_iter()
+                .find(|o| {
+                    o.pointer("/metadata/namespace").and_then(Value::as_str) == Some(&self.namespace)
+                        && o.pointer("/metadata/name").and_then(Value::as_str) == Some(config_map)
+                })
+                .and_then(|o| o.get("data").cloned());
+            if let Some(Value::Object(data)) = data {
+                for (key, value) in data {
+                    if let Some(text) = value.as_str() {
+                        let _ = std::fs::write(dir.join(&key), text);
+                    }
+                }
+            }
+        }
+    }
+
     fn publish(&self) {
         let status = {
             let m = self.model.lock().unwrap_or_else(|p| p.into_inner());
@@ -470,6 +497,7 @@ async fn run_once(
     stop: &mut watch::Receiver<Stop>,
 ) -> Result<(Exit, String), String> {
     let name = c["name"].as_str().unwrap_or("container");
+    run.project_config_maps();
     let env = environment(run, pod, c)?;
     let mut argv: Vec<String> = c["command"]
         .as_array()
@@ -709,12 +737,19 @@ async fn run_pod(
     let (ns, name, uid) = pod_key(&pod);
     let dir = pod_dir(&config.root, &ns, &name, &uid);
     let spec = &pod["spec"];
-    let empty_dirs: Vec<String> = spec["volumes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|v| v["emptyDir"].is_object())
+    let volumes = spec["volumes"].as_array().cloned().unwrap_or_default();
+    let empty_dirs: Vec<String> = volumes
+        .iter()
+        .filter(|v| v["emptyDir"].is_object() || v["configMap"].is_object())
         .filter_map(|v| v["name"].as_str().map(String::from))
+        .collect();
+    let config_maps: Vec<(String, PathBuf)> = volumes
+        .iter()
+        .filter_map(|v| {
+            let cm = v.pointer("/configMap/name")?.as_str()?;
+            let vol = v["name"].as_str()?;
+            Some((cm.to_string(), dir.join("volumes").join(vol)))
+        })
         .collect();
     let mut mounts = Vec::new();
     for c in spec["initContainers"]
@@ -755,6 +790,7 @@ async fn run_pod(
         name: name.clone(),
         dir: dir.clone(),
         mounts,
+        config_maps,
         restart_policy: spec["restartPolicy"]
             .as_str()
             .unwrap_or("Always")
