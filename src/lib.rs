@@ -5,6 +5,7 @@
 //! (the kube-runtime shell), [`broker`] (RabbitMQ), [`pods`] (worker pod builder),
 //! [`metrics`] and [`http`] (observability), [`telemetry`] (logs).
 
+pub mod alerts;
 pub mod broker;
 pub mod controller;
 pub mod core;
