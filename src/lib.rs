@@ -7,6 +7,7 @@
 
 pub mod alerts;
 pub mod broker;
+pub mod check;
 pub mod controller;
 pub mod core;
 pub mod crd;
