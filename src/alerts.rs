@@ -552,12 +552,22 @@ enum Batch {
     Resolved,
 }
 
+/// One alert in a request: its identity, the version sent, and whether it went as resolved.
+type Item = (AlertKey, u64, bool);
+
+/// A request ready to go.
+struct Request {
+    batch: Batch,
+    items: Vec<Item>,
+    body: Vec<u8>,
+}
+
 struct Attempt {
     pool: PoolRef,
     target: u64,
     batch: Batch,
     /// (alert, version sent, resolved in this request)
-    items: Vec<(AlertKey, u64, bool)>,
+    items: Vec<Item>,
     result: Result<(), SendError>,
 }
 
@@ -677,7 +687,8 @@ impl Task {
                 if target.in_flight || target.retry_at.is_some_and(|at| at > now) {
                     continue;
                 }
-                let Some((batch, items, body)) = target.next_request(now, &self.config) else {
+                let Some(Request { batch, items, body }) = target.next_request(now, &self.config)
+                else {
                     continue;
                 };
                 target.in_flight = true;
@@ -849,11 +860,7 @@ impl Target {
     }
 
     /// The request to send now, if any.
-    fn next_request(
-        &self,
-        now: Instant,
-        config: &AlerterConfig,
-    ) -> Option<(Batch, Vec<(AlertKey, u64, bool)>, Vec<u8>)> {
+    fn next_request(&self, now: Instant, config: &AlerterConfig) -> Option<Request> {
         match self.kind {
             Kind::Alertmanager => {
                 if self.alerts.is_empty() {
@@ -876,7 +883,11 @@ impl Target {
                     .map(|t| wire(&t.alert, t.ends_at))
                     .collect();
                 let body = serde_json::to_vec(&wires).expect("alerts serialize");
-                Some((Batch::All, items, body))
+                Some(Request {
+                    batch: Batch::All,
+                    items,
+                    body,
+                })
             }
             Kind::Webhook => {
                 let firing: Vec<(&AlertKey, &Tracked)> = self
@@ -910,13 +921,13 @@ impl Target {
                         .collect(),
                 };
                 let body = serde_json::to_vec(&body).expect("alerts serialize");
-                Some((batch, items, body))
+                Some(Request { batch, items, body })
             }
         }
     }
 
     /// Records a successful request.
-    fn delivered(&mut self, batch: Batch, items: &[(AlertKey, u64, bool)], now: Instant) {
+    fn delivered(&mut self, batch: Batch, items: &[Item], now: Instant) {
         match batch {
             Batch::All => {
                 self.last_sent = Some(now);
@@ -1059,13 +1070,13 @@ mod tests {
         let now = Instant::now();
         let a = alert(names::WORKER_CRASH, None);
         t.reconcile(std::slice::from_ref(&a), Timestamp::now());
-        let (batch, items, _) = t.next_request(now, &config).unwrap();
+        let Request { batch, items, .. } = t.next_request(now, &config).unwrap();
         assert!(batch == Batch::Firing);
         t.delivered(batch, &items, now);
         t.reconcile(std::slice::from_ref(&a), Timestamp::now());
         assert!(t.next_request(now, &config).is_none(), "no second firing");
         t.reconcile(&[], Timestamp::now());
-        let (batch, items, body) = t.next_request(now, &config).unwrap();
+        let Request { batch, items, body } = t.next_request(now, &config).unwrap();
         assert!(batch == Batch::Resolved);
         let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body["status"], "resolved");

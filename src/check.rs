@@ -177,7 +177,7 @@ pub fn evaluate(pool: &Value, thresholds: Thresholds) -> (State, String) {
         }
     }
     // Worst first; stable, so equal states keep the order above.
-    problems.sort_by(|a, b| b.0.cmp(&a.0));
+    problems.sort_by_key(|p| std::cmp::Reverse(p.0));
     let state = problems.first().map_or(State::Ok, |p| p.0);
 
     let queue_text = match queue_ready {
