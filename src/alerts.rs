@@ -565,6 +565,9 @@ struct Request {
 struct Attempt {
     pool: PoolRef,
     target: u64,
+    /// When the request left: re-sends are timed from here, so they are never further
+    /// apart than the resend interval.
+    started: Instant,
     batch: Batch,
     /// (alert, version sent, resolved in this request)
     items: Vec<Item>,
@@ -702,6 +705,7 @@ impl Task {
                     Attempt {
                         pool,
                         target: id,
+                        started: now,
                         batch,
                         items,
                         result,
@@ -742,7 +746,7 @@ impl Task {
                     alerts = attempt.items.len(),
                     "alerts delivered"
                 );
-                target.delivered(attempt.batch, &attempt.items, now);
+                target.delivered(attempt.batch, &attempt.items, attempt.started);
             }
             Err(error) => {
                 target.failures = target.failures.saturating_add(1);
@@ -927,10 +931,10 @@ impl Target {
     }
 
     /// Records a successful request.
-    fn delivered(&mut self, batch: Batch, items: &[Item], now: Instant) {
+    fn delivered(&mut self, batch: Batch, items: &[Item], started: Instant) {
         match batch {
             Batch::All => {
-                self.last_sent = Some(now);
+                self.last_sent = Some(started);
                 for (key, version, _) in items {
                     let Some(t) = self.alerts.get_mut(key) else {
                         continue;
