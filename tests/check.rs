@@ -293,3 +293,65 @@ fn help_documents_the_rules() {
         assert!(help.contains(needle), "{needle} missing from:\n{help}");
     }
 }
+
+/// A minimal API server that serves one pool with fields the CRD does not have yet, and
+/// refuses another: the check reads the object as plain JSON.
+async fn fake_api() -> std::net::SocketAddr {
+    use axum::http::StatusCode;
+    async fn answer(req: axum::extract::Request) -> (StatusCode, String) {
+        let path = req.uri().path().to_string();
+        match path.as_str() {
+            "/apis/testrunner.dev/v1alpha1/namespaces/ci/testrunnerpools/unit" => (
+                StatusCode::OK,
+                json!({
+                    "apiVersion": "testrunner.dev/v1alpha1", "kind": "TestRunnerPool",
+                    "metadata": {"name": "unit", "namespace": "ci", "generation": 2},
+                    "spec": {},
+                    "status": {
+                        "observedGeneration": 2, "phase": "Running",
+                        "queue": {"ready": 4}, "workers": {"current": 3, "ready": 3},
+                        "quarantine": {"count": 2, "tickets": [{"id": "t-1"}, {"id": "t-2"}]},
+                        "somethingNew": {"a": 1},
+                    },
+                })
+                .to_string(),
+            ),
+            _ => (
+                StatusCode::FORBIDDEN,
+                json!({
+                    "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403,
+                    "reason": "Forbidden",
+                    "message": "testrunnerpools.testrunner.dev \"other\" is forbidden: User \"nagios\" cannot get resource",
+                })
+                .to_string(),
+            ),
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(answer);
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+#[tokio::test]
+async fn status_fields_the_crd_does_not_have_yet_are_read_and_a_refusal_is_unknown() {
+    let addr = fake_api().await;
+    let config = kubeconfig("fake", &format!("http://{addr}"));
+    let run = check(Some(&config), None, &["-n", "ci", "--pool", "unit"]).await;
+    assert_eq!(run.code, 0, "{}", run.stdout);
+    assert_eq!(
+        run.stdout.trim_end(),
+        "TESTRUNNER OK - unit: Running, 3/3 workers ready, 4 tickets ready | 'ready'=4;;;0 'workers'=3;;;0 'ready_workers'=3;;;0 'quarantined'=2;;;0"
+    );
+    let run = check(Some(&config), None, &["-n", "ci", "--pool", "other"]).await;
+    assert_eq!(run.code, 3, "{}", run.stdout);
+    assert!(
+        run.stdout.starts_with(
+            "TESTRUNNER UNKNOWN - failed to read pool ci/other: the API server answered 403 Forbidden:"
+        ),
+        "{}",
+        run.stdout
+    );
+    let _ = std::fs::remove_file(config);
+}
