@@ -216,7 +216,7 @@ fn clean(text: &str, max_chars: usize) -> String {
         .take(max_chars)
         .collect();
     if text.chars().count() > max_chars {
-        out.push('…');
+        out.push_str("...");
     }
     out
 }
