@@ -5,7 +5,9 @@
 //! (the kube-runtime shell), [`broker`] (RabbitMQ), [`pods`] (worker pod builder),
 //! [`metrics`] and [`http`] (observability), [`telemetry`] (logs).
 
+pub mod alerts;
 pub mod broker;
+pub mod check;
 pub mod controller;
 pub mod core;
 pub mod crd;

@@ -40,6 +40,9 @@ enum Command {
     Simulate(SimulateArgs),
     /// Publish test tickets (persistent, with message_id) to a RabbitMQ queue.
     Publish(PublishArgs),
+    /// Nagios-compatible check of one pool: one line, perfdata, exit 0/1/2/3.
+    #[command(after_help = testrunner_operator::check::RULES)]
+    Check(testrunner_operator::check::CheckArgs),
 }
 
 #[derive(clap::Args)]
@@ -148,6 +151,7 @@ fn main() -> ExitCode {
         Command::Worker(args) => runtime().block_on(worker::run(args)),
         Command::Simulate(args) => simulate(args),
         Command::Publish(args) => publish(args),
+        Command::Check(args) => runtime().block_on(testrunner_operator::check::run(args)),
     }
 }
 

@@ -37,6 +37,22 @@ pub struct ProbeFailureLabels {
     pub reason: String,
 }
 
+/// Labels of alerts sent.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlertSentLabels {
+    /// Static receiver kind: `alertmanager` or `webhook`.
+    pub receiver: String,
+    /// `firing` or `resolved`.
+    pub status: String,
+}
+
+/// Labels of alert delivery failures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReceiverLabels {
+    /// Static receiver kind: `alertmanager` or `webhook`. Never a URL.
+    pub receiver: String,
+}
+
 /// Every metric the operator exports.
 pub struct Metrics {
     /// The registry to encode.
@@ -63,6 +79,12 @@ pub struct Metrics {
     pub probe_duration: Histogram,
     /// Probe failures by reason.
     pub probe_failures: Family<ProbeFailureLabels, Counter>,
+    /// Alerts delivered, by receiver kind and status (one per alert in a request).
+    pub alerts_sent: Family<AlertSentLabels, Counter>,
+    /// Failed alert deliveries (requests), by receiver kind.
+    pub alert_send_failures: Family<ReceiverLabels, Counter>,
+    /// Alerts currently active per pool.
+    pub alerts_active: Family<PoolLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -80,6 +102,9 @@ impl Default for Metrics {
             reconcile_errors: Family::default(),
             probe_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             probe_failures: Family::default(),
+            alerts_sent: Family::default(),
+            alert_send_failures: Family::default(),
+            alerts_active: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -133,6 +158,21 @@ impl Default for Metrics {
             "Failed queue probes by reason",
             m.probe_failures.clone(),
         );
+        registry.register(
+            "alerts_sent",
+            "Alerts delivered to a receiver, by receiver kind and status",
+            m.alerts_sent.clone(),
+        );
+        registry.register(
+            "alert_send_failures",
+            "Failed alert deliveries, by receiver kind",
+            m.alert_send_failures.clone(),
+        );
+        registry.register(
+            "alerts_active",
+            "Alerts currently active for the pool",
+            m.alerts_active.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -162,6 +202,7 @@ impl Metrics {
             &self.workers_current,
             &self.workers_ready,
             &self.broker_unreachable,
+            &self.alerts_active,
         ] {
             family.remove(labels);
         }
