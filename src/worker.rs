@@ -122,6 +122,14 @@ pub struct WorkerArgs {
     /// empty.
     #[arg(long, env = "TESTRUNNER_OUTCOMES_QUEUE", default_value = "")]
     pub outcomes_queue: String,
+    /// Queue that quarantined tickets are moved to.
+    #[arg(long, env = "TESTRUNNER_QUARANTINE_QUEUE", default_value = "")]
+    pub quarantine_queue: String,
+    /// File listing ticket ids to quarantine, one per line (the operator's list,
+    /// mounted from a ConfigMap). A listed ticket is moved to the quarantine queue
+    /// instead of being run. Read before every ticket; none when empty or missing.
+    #[arg(long, env = "TESTRUNNER_QUARANTINE_FILE")]
+    pub quarantine_file: Option<PathBuf>,
     /// Name of this worker's pod, for the outcome reports.
     #[arg(long, env = "TESTRUNNER_POD_NAME", default_value = "")]
     pub pod_name: String,
@@ -223,19 +231,17 @@ impl Exit {
 }
 
 /// The outcome report of a completed (acked) ticket.
+/// `outcome` is `passed`, `failed` (the tests ran) or `quarantined` (the ticket was
+/// moved to the quarantine queue).
 pub fn outcome_report(
     id: &str,
     delivery: u64,
-    exit: Exit,
+    outcome: &str,
+    code: i32,
     pod: &str,
     revision: &str,
     elapsed: Duration,
 ) -> Vec<u8> {
-    let (outcome, code) = match exit {
-        Exit::Code(0) => ("passed", 0),
-        Exit::Code(c) => ("failed", c),
-        Exit::Signal(s) => ("failed", 128 + s),
-    };
     serde_json::to_vec(&serde_json::json!({
         "ticket": id,
         "delivery": delivery,
@@ -246,6 +252,17 @@ pub fn outcome_report(
         "durationMs": elapsed.as_millis() as u64,
     }))
     .expect("a JSON object serializes")
+}
+
+/// True when `id` is listed (one id per line) in the quarantine file. A missing or
+/// unreadable file lists nothing.
+pub fn quarantine_listed(file: Option<&std::path::Path>, id: &str) -> bool {
+    let Some(file) = file else {
+        return false;
+    };
+    std::fs::read_to_string(file)
+        .map(|text| text.lines().any(|l| l.trim() == id))
+        .unwrap_or(false)
 }
 
 /// Exit codes of the command that mean "the tests ran and some failed".
@@ -692,6 +709,9 @@ async fn connect(
         .basic_qos(1, BasicQosOptions::default())
         .await
         .map_err(|e| describe(&e))?;
+    // Acks are transactional: moving a ticket to quarantine (publish, then ack) and
+    // its outcome report take effect together, at commit, or not at all.
+    channel.tx_select().await.map_err(|e| describe(&e))?;
     let tag = format!("testrunner-worker-{host}-{pid}");
     let consumer = channel
         .basic_consume(
@@ -764,11 +784,14 @@ impl Worker {
             &delivery.data,
         );
         let number = delivery_number(headers.as_ref(), delivery.redelivered);
-        let body = std::mem::take(&mut delivery.data);
         self.log.write(&LogLine::Ticket {
             id: id.clone(),
             delivery: number,
         });
+        if quarantine_listed(self.args.quarantine_file.as_deref(), &id) {
+            return self.divert(delivery, &id, number).await;
+        }
+        let body = std::mem::take(&mut delivery.data);
         tracing::info!(ticket = %id, delivery = number, bytes = body.len(), "ticket received");
 
         let program = &self.args.command[0];
@@ -793,6 +816,7 @@ impl Worker {
                     ..Default::default()
                 });
                 let _ = tokio::time::timeout(BROKER_TIMEOUT, nack).await;
+                let _ = self.commit().await;
                 self.close().await;
                 return Some(EXIT_COMMAND_NOT_STARTED);
             }
@@ -870,9 +894,12 @@ impl Worker {
                         );
                     }
                 }
+                self.report_outcome(&id, number, exit, elapsed).await;
+                if let Err(why) = self.commit().await {
+                    return Some(self.broker_lost(format!("cannot ack ticket {id}: {why}")));
+                }
                 self.log.write(&LogLine::Idle);
                 tracing::info!(ticket = %id, delivery = number, ?exit, ?elapsed, "ticket done and acked");
-                self.report_outcome(&id, number, exit, elapsed).await;
                 if self.cancelled {
                     self.close().await;
                     return Some(0);
@@ -935,16 +962,130 @@ impl Worker {
         }
     }
 
+    /// Commits the channel's transaction: the pending ack and publishes take effect.
+    async fn commit(&self) -> Result<(), String> {
+        match tokio::time::timeout(BROKER_TIMEOUT, self.channel.tx_commit()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(describe(&e)),
+            Err(_) => Err("no answer".into()),
+        }
+    }
+
+    /// Moves a listed ticket to the quarantine queue: publish a copy (body,
+    /// properties and headers kept, plus where it came from), ack the original, and
+    /// commit both at once. A worker that dies before the commit leaves the ticket
+    /// where it was; after it, only the quarantined copy exists.
+    async fn divert(
+        &mut self,
+        delivery: lapin::message::Delivery,
+        id: &str,
+        number: u64,
+    ) -> Option<u8> {
+        let queue = self.args.quarantine_queue.clone();
+        if queue.is_empty() || !self.queue_exists(&queue).await {
+            tracing::error!(ticket = %id, quarantine = %queue, "ticket listed for quarantine but the quarantine queue is missing; giving it back");
+            let nack = delivery.nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            });
+            let _ = tokio::time::timeout(BROKER_TIMEOUT, nack).await;
+            let _ = self.commit().await;
+            self.log.write(&LogLine::Idle);
+            // Do not spin on it: it comes straight back.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return None;
+        }
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            "x-testrunner-quarantined-from".into(),
+            AMQPValue::LongString(self.args.queue.as_str().into()),
+        );
+        headers.insert(
+            "x-testrunner-quarantined-by".into(),
+            AMQPValue::LongString(self.args.pod_name.as_str().into()),
+        );
+        headers.insert(
+            "x-testrunner-delivery".into(),
+            AMQPValue::LongLongInt(number as i64),
+        );
+        let properties = delivery.properties.clone().with_headers(headers);
+        let moved = async {
+            self.channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &delivery.data,
+                    properties,
+                )
+                .await?;
+            delivery.ack(BasicAckOptions::default()).await
+        };
+        match tokio::time::timeout(BROKER_TIMEOUT, moved).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Some(
+                    self.broker_lost(format!("cannot quarantine ticket {id}: {}", describe(&e))),
+                );
+            }
+            Err(_) => {
+                return Some(self.broker_lost(format!("cannot quarantine ticket {id}: no answer")));
+            }
+        }
+        self.report(id, number, "quarantined", 0, Duration::ZERO)
+            .await;
+        if let Err(why) = self.commit().await {
+            return Some(self.broker_lost(format!("cannot quarantine ticket {id}: {why}")));
+        }
+        self.log.write(&LogLine::Idle);
+        tracing::warn!(ticket = %id, delivery = number, quarantine = %queue, "ticket moved to quarantine");
+        None
+    }
+
+    /// True when `queue` exists (checked on a throwaway channel: a missing queue
+    /// closes the channel it is asked on).
+    async fn queue_exists(&self, queue: &str) -> bool {
+        let check = async {
+            let ch = self.connection.create_channel().await?;
+            let found = ch
+                .queue_declare(
+                    queue.into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            if found.is_ok() {
+                let _ = ch.close(200, "checked".into()).await;
+            }
+            found
+        };
+        matches!(tokio::time::timeout(BROKER_TIMEOUT, check).await, Ok(Ok(_)))
+    }
+
     /// Publishes the outcome report of an acked ticket, best effort: a report that
     /// cannot be sent is only logged.
     async fn report_outcome(&self, id: &str, delivery: u64, exit: Exit, elapsed: Duration) {
+        let (outcome, code) = match exit {
+            Exit::Code(0) => ("passed", 0),
+            Exit::Code(c) => ("failed", c),
+            Exit::Signal(s) => ("failed", 128 + s),
+        };
+        self.report(id, delivery, outcome, code, elapsed).await;
+    }
+
+    /// Publishes one report to the outcome queue, inside the current transaction.
+    async fn report(&self, id: &str, delivery: u64, outcome: &str, code: i32, elapsed: Duration) {
         if self.args.outcomes_queue.is_empty() {
             return;
         }
         let body = outcome_report(
             id,
             delivery,
-            exit,
+            outcome,
+            code,
             &self.args.pod_name,
             &self.args.revision,
             elapsed,

@@ -773,10 +773,21 @@ async fn a_poison_ticket_among_good_ones_is_named_and_the_good_ones_complete() {
         "the good tickets to complete",
         Duration::from_secs(60),
         || async {
-        let s = pools.get_status("poison").await.unwrap().status;
-        eprintln!("DEBUG ends={} status={}", ledger.count("end").len(), serde_json::to_string(&s.map(|s| (s.diagnosis, s.workers, s.queue, s.crashes.len()))).unwrap());
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        ledger.count("end").len() == good.len() },
+            let s = pools.get_status("poison").await.unwrap().status;
+            eprintln!(
+                "DEBUG ends={} status={}",
+                ledger.count("end").len(),
+                serde_json::to_string(&s.map(|s| (
+                    s.diagnosis,
+                    s.workers,
+                    s.queue,
+                    s.crashes.len()
+                )))
+                .unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            ledger.count("end").len() == good.len()
+        },
     )
     .await;
     ledger.assert_each_once(&good);

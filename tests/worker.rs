@@ -855,3 +855,100 @@ async fn a_cut_connection_while_idle_exits_with_the_broker_lost_code() {
     assert_eq!(f.settled(&q).await, 0);
     f.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_listed_ticket_is_moved_to_quarantine_intact_and_not_run() {
+    let mut f = Fixture::new("divert").await;
+    let q = f.quorum_queue().await;
+    let quarantine = f.quorum_queue().await;
+    let outcomes = f.quorum_queue().await;
+    let list = f.dir.join("quarantine-list");
+    std::fs::write(&list, "t-other\nt-poison\n").unwrap();
+    let mut headers = FieldTable::default();
+    headers.insert("x-suite".into(), AMQPValue::LongString("unit".into()));
+    let props = BasicProperties::default()
+        .with_message_id("t-poison".into())
+        .with_content_type("text/plain".into())
+        .with_headers(headers);
+    f.publish(&q, b"poison body", props).await;
+    f.ticket(&q, "t-good", "good body").await;
+
+    let list_s = list.display().to_string();
+    let mut w = f.worker_env(
+        &q,
+        &[
+            ("TESTRUNNER_QUARANTINE_QUEUE", quarantine.as_str()),
+            ("TESTRUNNER_QUARANTINE_FILE", list_s.as_str()),
+            ("TESTRUNNER_OUTCOMES_QUEUE", outcomes.as_str()),
+            ("TESTRUNNER_POD_NAME", "unit-abcde"),
+        ],
+        &[
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo \"$TICKET_ID\" >> \"$T_DIR/ran\"",
+        ],
+    );
+    eventually(
+        "the good ticket to run and the poison one to move",
+        || async {
+            f.lines("ran") == ["t-good"]
+                && f.depth(&quarantine).await.0 == 1
+                && f.depth(&q).await.0 == 0
+        },
+    )
+    .await;
+    w.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(w.exit_code().await, 0, "{}", w.stderr());
+    assert_eq!(f.settled(&q).await, 0, "nothing left in the work queue");
+
+    // The quarantined copy keeps body, properties and headers, and says where it came from.
+    let msg =
+        f.ch.basic_get(quarantine.as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .expect("the quarantined ticket");
+    assert_eq!(msg.data, b"poison body");
+    assert_eq!(
+        msg.properties.message_id().as_ref().map(|s| s.as_str()),
+        Some("t-poison")
+    );
+    assert_eq!(
+        msg.properties.content_type().as_ref().map(|s| s.as_str()),
+        Some("text/plain")
+    );
+    let h = msg.properties.headers().clone().unwrap();
+    let text = |k: &str| match h.inner().get(k) {
+        Some(AMQPValue::LongString(s)) => s.to_string(),
+        other => format!("{other:?}"),
+    };
+    assert_eq!(text("x-suite"), "unit");
+    assert_eq!(text("x-testrunner-quarantined-from"), q);
+    assert_eq!(text("x-testrunner-quarantined-by"), "unit-abcde");
+    msg.ack(BasicAckOptions::default()).await.unwrap();
+    assert_eq!(f.depth(&quarantine).await.0, 0, "exactly one copy");
+
+    // The outcome queue got one report per ticket: one run, one quarantined.
+    let mut outcomes_seen = Vec::new();
+    while let Some(m) =
+        f.ch.basic_get(outcomes.as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+    {
+        let v: serde_json::Value = serde_json::from_slice(&m.data).unwrap();
+        outcomes_seen.push((
+            v["ticket"].as_str().unwrap().to_string(),
+            v["outcome"].as_str().unwrap().to_string(),
+        ));
+        m.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    outcomes_seen.sort();
+    assert_eq!(
+        outcomes_seen,
+        [
+            ("t-good".to_string(), "passed".to_string()),
+            ("t-poison".to_string(), "quarantined".to_string())
+        ]
+    );
+    f.cleanup().await;
+}

@@ -266,7 +266,8 @@ impl PodRun {
                 .stored("configmaps")
                 .into_iter()
                 .find(|o| {
-                    o.pointer("/metadata/namespace").and_then(Value::as_str) == Some(&self.namespace)
+                    o.pointer("/metadata/namespace").and_then(Value::as_str)
+                        == Some(&self.namespace)
                         && o.pointer("/metadata/name").and_then(Value::as_str) == Some(config_map)
                 })
                 .and_then(|o| o.get("data").cloned());
