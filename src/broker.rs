@@ -375,6 +375,129 @@ impl Brokers {
         }
     }
 
+    /// Makes sure `queue` exists: a passive declare, and a durable classic queue
+    /// when it is missing.
+    pub async fn ensure_queue(&self, uri: &BrokerUri, queue: &str) -> Result<(), Probe> {
+        match self.probe(uri, queue).await {
+            Probe::Depth { .. } => Ok(()),
+            Probe::QueueNotFound => {
+                let entry = self.entry(uri);
+                let mut state = entry.lock().await;
+                let channel = self.channel(&mut state, uri).await?;
+                let declare = channel.queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                );
+                match tokio::time::timeout(self.settings.probe_timeout, declare).await {
+                    Ok(Ok(_)) => {
+                        tracing::info!(broker = %uri, queue, "declared the quarantine queue");
+                        Ok(())
+                    }
+                    Ok(Err(e)) => {
+                        let (reason, message) = classify(&e);
+                        Err(Probe::Unreachable { reason, message })
+                    }
+                    Err(_) => Err(Probe::Unreachable {
+                        reason: "Timeout",
+                        message: "no answer to the queue declaration".into(),
+                    }),
+                }
+            }
+            unreachable => Err(unreachable),
+        }
+    }
+
+    /// Moves tickets from `from` back to `to`: every ticket, or only those in
+    /// `only`. Each move is one transaction (publish to `to`, ack in `from`, commit),
+    /// so an operator that dies mid-way leaves every ticket in exactly one of the two
+    /// queues. Headers the quarantine added are removed; everything else is kept.
+    /// Returns the ids moved. A second copy of an id already moved in this call is
+    /// dropped rather than replayed twice.
+    pub async fn replay(
+        &self,
+        uri: &BrokerUri,
+        from: &str,
+        to: &str,
+        only: Option<&[String]>,
+    ) -> Result<Vec<String>, Probe> {
+        use lapin::options::{
+            BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+        };
+        let entry = self.entry(uri);
+        let mut state = entry.lock().await;
+        self.channel(&mut state, uri).await?;
+        let open = state.open.as_ref().expect("a channel implies a connection");
+        let work = async {
+            let ch = open.connection.create_channel().await?;
+            ch.tx_select().await?;
+            let mut moved: Vec<String> = Vec::new();
+            // Tickets not chosen are held (unacked) until the end, so that each is
+            // looked at once, then given back in their order.
+            let mut held = Vec::new();
+            while let Some(msg) = ch
+                .basic_get(from.into(), BasicGetOptions::default())
+                .await?
+            {
+                let id = crate::worker::ticket_id(
+                    msg.properties.message_id().as_ref().map(|s| s.as_str()),
+                    &msg.data,
+                );
+                if !only.is_none_or(|ids| ids.contains(&id)) {
+                    held.push(msg);
+                    continue;
+                }
+                if !moved.contains(&id) {
+                    let mut props = msg.properties.clone();
+                    if let Some(headers) = props.headers().clone() {
+                        let mut kept = FieldTable::default();
+                        for (k, v) in headers.inner() {
+                            if !k.as_str().starts_with("x-testrunner-") {
+                                kept.insert(k.clone(), v.clone());
+                            }
+                        }
+                        props = props.with_headers(kept);
+                    }
+                    ch.basic_publish(
+                        "".into(),
+                        to.into(),
+                        BasicPublishOptions::default(),
+                        &msg.data,
+                        props,
+                    )
+                    .await?;
+                    moved.push(id);
+                }
+                msg.ack(BasicAckOptions::default()).await?;
+                ch.tx_commit().await?;
+            }
+            for msg in held {
+                msg.nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await?;
+            }
+            ch.tx_commit().await?;
+            let _ = ch.close(200, "replayed".into()).await;
+            Ok::<_, lapin::Error>(moved)
+        };
+        match tokio::time::timeout(Duration::from_secs(60), work).await {
+            Ok(Ok(moved)) => Ok(moved),
+            Ok(Err(e)) => {
+                let (reason, message) = classify(&e);
+                Err(Probe::Unreachable { reason, message })
+            }
+            Err(_) => Err(Probe::Unreachable {
+                reason: "Timeout",
+                message: "the replay did not finish within 60s".into(),
+            }),
+        }
+    }
+
     /// Drops the connection to `uri` if no pool uses it any longer.
     pub fn forget(&self, uri: &BrokerUri) {
         let Some(entry) = self.conns.lock().expect("lock").remove(uri) else {

@@ -302,3 +302,202 @@ async fn forgetting_a_broker_closes_its_connection() {
         .await
         .unwrap();
 }
+
+async fn declare(ch: &lapin::Channel, queue: &str) {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+}
+
+async fn publish_ids(ch: &lapin::Channel, queue: &str, ids: &[String]) {
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .ok();
+    for id in ids {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-testrunner-quarantined-from".into(),
+            lapin::types::AMQPValue::LongString("work".into()),
+        );
+        headers.insert(
+            "x-suite".into(),
+            lapin::types::AMQPValue::LongString("unit".into()),
+        );
+        let props = BasicProperties::default()
+            .with_message_id(id.as_str().into())
+            .with_headers(headers);
+        ch.basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            id.as_bytes(),
+            props,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+}
+
+/// Takes every message of `queue`: (ids, raw messages).
+async fn drain(ch: &lapin::Channel, queue: &str) -> Vec<lapin::message::BasicGetMessage> {
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(queue.into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+    {
+        m.ack(BasicAckOptions::default()).await.unwrap();
+        out.push(m);
+    }
+    out
+}
+
+fn id_of(m: &lapin::message::BasicGetMessage) -> String {
+    m.properties.message_id().as_ref().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn replay_moves_exactly_the_chosen_tickets_intact() {
+    let conn = connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let (from, to) = (queue_name("replay-from"), queue_name("replay-to"));
+    declare(&ch, &from).await;
+    declare(&ch, &to).await;
+    let ids: Vec<String> = (0..5).map(|i| format!("t-{i}")).collect();
+    publish_ids(&ch, &from, &ids).await;
+    let brokers = Brokers::default();
+    let uri = BrokerUri::parse(BROKER).unwrap();
+
+    let one = brokers
+        .replay(&uri, &from, &to, Some(&["t-3".to_string()]))
+        .await
+        .unwrap();
+    assert_eq!(one, ["t-3"]);
+    let all = brokers.replay(&uri, &from, &to, None).await.unwrap();
+    assert_eq!(all.len(), 4);
+
+    let ch2 = conn.create_channel().await.unwrap();
+    let moved = drain(&ch2, &to).await;
+    let mut got: Vec<String> = moved.iter().map(id_of).collect();
+    got.sort();
+    assert_eq!(got, ids, "every ticket once");
+    assert!(drain(&ch2, &from).await.is_empty());
+    let h = moved[0].properties.headers().clone().unwrap();
+    assert!(
+        h.inner().contains_key("x-suite"),
+        "application headers kept"
+    );
+    assert!(
+        !h.inner()
+            .keys()
+            .any(|k| k.as_str().starts_with("x-testrunner-")),
+        "quarantine headers removed"
+    );
+    for q in [&from, &to] {
+        ch2.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_replay_cut_off_midway_loses_and_duplicates_nothing() {
+    let conn = connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let (from, to) = (queue_name("cut-from"), queue_name("cut-to"));
+    declare(&ch, &from).await;
+    declare(&ch, &to).await;
+    let ids: Vec<String> = (0..400).map(|i| format!("t-{i:03}")).collect();
+    publish_ids(&ch, &from, &ids).await;
+
+    // The operator's connection dies while it replays: cut the TCP link mid-way.
+    let proxy = Proxy::start(0).await;
+    let uri =
+        BrokerUri::parse(&format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port)).unwrap();
+    let brokers = Brokers::default();
+    let replay = tokio::spawn({
+        let (from, to) = (from.clone(), to.clone());
+        async move { brokers.replay(&uri, &from, &to, None).await }
+    });
+    eventually(
+        "the replay to be under way",
+        Duration::from_secs(10),
+        || async {
+            let ch = conn.create_channel().await.unwrap();
+            let q = ch
+                .queue_declare(
+                    to.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            q.message_count() > 0
+        },
+    )
+    .await;
+    proxy.cut();
+    let result = replay.await.unwrap();
+    assert!(
+        result.is_err() || result.as_ref().unwrap().len() == ids.len(),
+        "{result:?}"
+    );
+
+    // Whatever was not committed went back: every ticket sits in exactly one queue.
+    let ch2 = conn.create_channel().await.unwrap();
+    eventually(
+        "the cut connection's messages to return",
+        Duration::from_secs(10),
+        || async {
+            let a = ch2
+                .queue_declare(
+                    from.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            let b = ch2
+                .queue_declare(
+                    to.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            a.message_count() + b.message_count() == ids.len() as u32 && a.consumer_count() == 0
+        },
+    )
+    .await;
+    let mut all: Vec<String> = drain(&ch2, &from)
+        .await
+        .iter()
+        .chain(drain(&ch2, &to).await.iter())
+        .map(id_of)
+        .collect();
+    all.sort();
+    assert_eq!(all, ids, "nothing lost, nothing twice");
+    for q in [&from, &to] {
+        ch2.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+}
