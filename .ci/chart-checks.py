@@ -102,7 +102,8 @@ def operator_rules(role):
     expect(rules.get(("", "pods")) == {"get", "list", "watch", "create", "patch", "delete"}, "pod verbs")
     expect(rules.get(("events.k8s.io", "events")) == {"create", "patch"}, "event verbs")
     expect(rules.get(("", "secrets")) == {"get"}, "secrets must be get only")
-    expect(len(rules) == 6, f"unexpected rules: {sorted(rules)}")
+    expect(rules.get(("", "configmaps")) == {"get", "create", "patch"}, "configmap verbs (quarantine lists)")
+    expect(len(rules) == 7, f"unexpected rules: {sorted(rules)}")
 
 
 def leader_role(ds, present=True):

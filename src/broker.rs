@@ -452,15 +452,19 @@ impl Brokers {
                 }
                 if !moved.contains(&id) {
                     let mut props = msg.properties.clone();
-                    if let Some(headers) = props.headers().clone() {
-                        let mut kept = FieldTable::default();
-                        for (k, v) in headers.inner() {
-                            if !k.as_str().starts_with("x-testrunner-") {
-                                kept.insert(k.clone(), v.clone());
-                            }
+                    let mut kept = FieldTable::default();
+                    for (k, v) in props.headers().clone().unwrap_or_default().inner() {
+                        if !k.as_str().starts_with("x-testrunner-") {
+                            kept.insert(k.clone(), v.clone());
                         }
-                        props = props.with_headers(kept);
                     }
+                    // Workers whose quarantine list is not yet updated do not divert a
+                    // ticket replayed after it was listed.
+                    kept.insert(
+                        crate::worker::HEADER_REPLAYED_AT.into(),
+                        lapin::types::AMQPValue::LongLongInt(jiff::Timestamp::now().as_second()),
+                    );
+                    props = props.with_headers(kept);
                     ch.basic_publish(
                         "".into(),
                         to.into(),

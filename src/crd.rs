@@ -107,6 +107,15 @@ pub struct PoisonSpec {
     #[serde(default = "default_stall_timeout")]
     #[schemars(regex(pattern = r"^([0-9]{1,6}(ms|s|m|h))+$"), length(max = 32))]
     pub stall_timeout: String,
+
+    /// Return quarantined tickets to the work queue once a new image has completed a
+    /// ticket (the ticket may crash only the old image). Default true.
+    #[serde(default = "default_true")]
+    pub replay_on_image_change: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_crashes_to_quarantine() -> i32 {
@@ -121,6 +130,7 @@ impl Default for PoisonSpec {
         Self {
             crashes_to_quarantine: default_crashes_to_quarantine(),
             stall_timeout: default_stall_timeout(),
+            replay_on_image_change: true,
         }
     }
 }
@@ -342,6 +352,9 @@ pub struct TestRunnerPoolStatus {
     /// The current crash diagnosis.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diagnosis: Option<DiagnosisStatus>,
+    /// Poison tickets moved out of the work queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<QuarantineStatus>,
     /// Recent worker crashes, newest last (at most 20): the evidence of the diagnosis.
     /// Each container termination is recorded once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -367,6 +380,62 @@ pub struct DiagnosisStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_progress_time: Option<Time>,
 }
+
+/// Quarantined tickets.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QuarantineStatus {
+    /// Tickets in quarantine.
+    #[serde(default)]
+    pub count: i32,
+    /// The quarantined tickets, oldest first (at most 50). Workers move each to the
+    /// quarantine queue when they next receive it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tickets: Vec<QuarantinedTicket>,
+    /// Tickets returned from quarantine, newest last (at most 50): crashes they
+    /// caused before their return no longer count against them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replayed: Vec<ReplayedTicket>,
+    /// The last `testrunner.dev/replay-quarantined` annotation value acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_token: Option<String>,
+    /// The last `testrunner.dev/replay-ticket` annotation value acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_ticket_token: Option<String>,
+}
+
+/// A ticket returned from quarantine.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplayedTicket {
+    /// Ticket id.
+    pub id: String,
+    /// When it went back to the work queue.
+    pub at: Time,
+}
+
+/// A quarantined ticket and the evidence against it.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QuarantinedTicket {
+    /// Ticket id.
+    pub id: String,
+    /// Worker crashes it caused.
+    pub crashes: i32,
+    /// Images it crashed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<String>,
+    /// How the last worker it crashed ended.
+    #[serde(default)]
+    pub last_exit: String,
+    /// When it was quarantined.
+    pub at: Time,
+}
+
+/// Annotation: a new value replays every quarantined ticket.
+pub const ANNOTATION_REPLAY_ALL: &str = "testrunner.dev/replay-quarantined";
+/// Annotation: a ticket id to replay from quarantine.
+pub const ANNOTATION_REPLAY_TICKET: &str = "testrunner.dev/replay-ticket";
 
 /// One worker container termination.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]

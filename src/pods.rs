@@ -3,9 +3,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, Pod,
-    PodSecurityContext, PodSpec, SeccompProfile, SecretKeySelector, SecurityContext, Volume,
-    VolumeMount,
+    Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, SeccompProfile, SecretKeySelector,
+    SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
@@ -40,6 +40,16 @@ pub fn outcomes_queue(pool: &TestRunnerPool) -> String {
         pool.name_any()
     )
 }
+
+/// The ConfigMap that lists the pool's quarantined tickets for its workers.
+pub fn quarantine_config_map(pool: &TestRunnerPool) -> String {
+    format!("{}-quarantine", pool.name_any())
+}
+
+/// Where workers find the quarantine list.
+pub const QUARANTINE_DIR: &str = "/etc/testrunner/quarantine";
+/// The key (file) of the quarantine list in its ConfigMap.
+pub const QUARANTINE_KEY: &str = "tickets";
 
 /// Labels that select a pool's worker pods.
 pub fn selector_labels(pool_name: &str) -> BTreeMap<String, String> {
@@ -88,6 +98,10 @@ pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &P
         env("TESTRUNNER_IMAGE", &spec.image),
         env("TESTRUNNER_REVISION", revision),
         env("TESTRUNNER_OUTCOMES_QUEUE", &outcomes_queue(pool)),
+        env(
+            "TESTRUNNER_QUARANTINE_FILE",
+            &format!("{QUARANTINE_DIR}/{QUARANTINE_KEY}"),
+        ),
         EnvVar {
             name: "TESTRUNNER_POD_NAME".into(),
             value: None,
@@ -129,6 +143,22 @@ pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &P
 
     let mut volumes = overrides.volumes.clone();
     let mut mounts = overrides.volume_mounts.clone();
+    // The quarantine list: optional, so pods start before the operator writes it.
+    volumes.push(Volume {
+        name: "testrunner-quarantine".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: quarantine_config_map(pool),
+            optional: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    mounts.push(VolumeMount {
+        name: "testrunner-quarantine".into(),
+        mount_path: QUARANTINE_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
+    });
     let mut init_containers = Vec::new();
     let (command, args) = match spec.worker.mode {
         WorkerMode::Wrapped => {
@@ -473,7 +503,14 @@ spec:
                     .all(|v| v.name != "testrunner-bin")
             );
             let worker = &spec.containers[0];
-            assert!(worker.volume_mounts.is_none());
+            // Only the quarantine list, which native workers may read too.
+            let mounts: Vec<&str> = worker
+                .volume_mounts
+                .iter()
+                .flatten()
+                .map(|m| m.mount_path.as_str())
+                .collect();
+            assert_eq!(mounts, [QUARANTINE_DIR]);
             assert_eq!(
                 worker.command,
                 expected.map(|c| c.into_iter().map(String::from).collect::<Vec<_>>()),

@@ -254,15 +254,45 @@ pub fn outcome_report(
     .expect("a JSON object serializes")
 }
 
-/// True when `id` is listed (one id per line) in the quarantine file. A missing or
+/// The replay time a ticket carries, if it was replayed.
+fn replayed_at(headers: Option<&FieldTable>) -> Option<i64> {
+    match headers?.inner().get(HEADER_REPLAYED_AT)? {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some((*n).into()),
+        AMQPValue::Timestamp(n) => i64::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
+/// Header a replayed ticket carries: when it left quarantine (Unix seconds).
+pub const HEADER_REPLAYED_AT: &str = "x-testrunner-replayed-at";
+
+/// True when the quarantine file lists `id` (lines `<id> [<listed at, Unix
+/// seconds>]`) and the ticket was not replayed after it was listed. A missing or
 /// unreadable file lists nothing.
-pub fn quarantine_listed(file: Option<&std::path::Path>, id: &str) -> bool {
+pub fn quarantine_listed(
+    file: Option<&std::path::Path>,
+    id: &str,
+    replayed_at: Option<i64>,
+) -> bool {
     let Some(file) = file else {
         return false;
     };
-    std::fs::read_to_string(file)
-        .map(|text| text.lines().any(|l| l.trim() == id))
-        .unwrap_or(false)
+    let Ok(text) = std::fs::read_to_string(file) else {
+        return false;
+    };
+    text.lines().any(|line| {
+        let mut parts = line.split_whitespace();
+        if parts.next() != Some(id) {
+            return false;
+        }
+        let listed_at = parts.next().and_then(|t| t.parse::<i64>().ok());
+        match (replayed_at, listed_at) {
+            (Some(replayed), Some(listed)) => listed > replayed,
+            (Some(_), None) => false,
+            (None, _) => true,
+        }
+    })
 }
 
 /// Exit codes of the command that mean "the tests ran and some failed".
@@ -788,7 +818,11 @@ impl Worker {
             id: id.clone(),
             delivery: number,
         });
-        if quarantine_listed(self.args.quarantine_file.as_deref(), &id) {
+        if quarantine_listed(
+            self.args.quarantine_file.as_deref(),
+            &id,
+            replayed_at(headers.as_ref()),
+        ) {
             return self.divert(delivery, &id, number).await;
         }
         let body = std::mem::take(&mut delivery.data);
@@ -1139,6 +1173,33 @@ fn signal_group(pgid: Option<i32>, sig: nix::sys::signal::Signal) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_quarantine_list_skips_tickets_replayed_after_they_were_listed() {
+        let dir = std::env::temp_dir().join(format!("qlist-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("tickets");
+        std::fs::write(&file, "t-1 1000\nt-2\n").unwrap();
+        let f = Some(file.as_path());
+        assert!(quarantine_listed(f, "t-1", None));
+        assert!(
+            quarantine_listed(f, "t-1", Some(999)),
+            "listed again after a replay"
+        );
+        assert!(
+            !quarantine_listed(f, "t-1", Some(1000)),
+            "replayed after it was listed"
+        );
+        assert!(quarantine_listed(f, "t-2", None));
+        assert!(
+            !quarantine_listed(f, "t-2", Some(5)),
+            "no listing time: a replay wins"
+        );
+        assert!(!quarantine_listed(f, "t-3", None));
+        assert!(!quarantine_listed(Some(&dir.join("missing")), "t-1", None));
+        assert!(!quarantine_listed(None, "t-1", None));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
     use lapin::types::{ByteArray, DecimalValue, FieldArray, LongString, ShortString};
 
     fn table(pairs: Vec<(&str, AMQPValue)>) -> FieldTable {

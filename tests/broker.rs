@@ -397,10 +397,15 @@ async fn replay_moves_exactly_the_chosen_tickets_intact() {
         "application headers kept"
     );
     assert!(
-        !h.inner()
+        h.inner()
             .keys()
-            .any(|k| k.as_str().starts_with("x-testrunner-")),
+            .filter(|k| k.as_str().starts_with("x-testrunner-"))
+            .all(|k| k.as_str() == "x-testrunner-replayed-at"),
         "quarantine headers removed"
+    );
+    assert!(
+        h.inner().contains_key("x-testrunner-replayed-at"),
+        "the replay is stamped"
     );
     for q in [&from, &to] {
         ch2.queue_delete(q.as_str().into(), QueueDeleteOptions::default())

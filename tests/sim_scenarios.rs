@@ -727,7 +727,7 @@ async fn event_reasons(client: &kube::Client, ns: &str) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_poison_ticket_among_good_ones_is_named_and_the_good_ones_complete() {
+async fn a_poison_ticket_is_quarantined_the_good_ones_complete_and_a_new_image_gets_it_back() {
     let Some(conn) = broker().await else {
         eprintln!("SKIPPED: no RabbitMQ answers at the broker URI; this scenario needs one");
         return;
@@ -740,97 +740,120 @@ async fn a_poison_ticket_among_good_ones_is_named_and_the_good_ones_complete() {
     let (client, ns) = (target.client.clone(), target.namespace.clone());
     let operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
     let queue = queue_name("poison");
+    let quarantine = format!("{queue}.quarantine");
     let ledger = Ledger::new("poison");
-    let ids = sim::publish::publish(&broker_uri(), &queue, 21, true)
+    let ids = sim::publish::publish(&broker_uri(), &queue, 51, true)
         .await
         .unwrap();
-    let poison = ids[10].clone();
+    let poison = ids[25].clone();
     let good: Vec<String> = ids.iter().filter(|id| **id != poison).cloned().collect();
 
     let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), &ns);
-    // The test command crashes (exit 3) on the poison ticket only.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    // The test command crashes (exit 3) on the poison ticket, but only on image :1.
     let command = json!([
         "sh",
         "-c",
         format!(
-            "if [ \"$TICKET_ID\" = \"$POISON\" ]; then exit 3; fi; echo \"$TICKET_ID start\" >> {p}; cat >/dev/null; sleep 0.1; echo \"$TICKET_ID end\" >> {p}",
+            "case \"$TESTRUNNER_IMAGE\" in *:1) [ \"$TICKET_ID\" = \"$POISON\" ] && exit 3;; esac; echo \"$TICKET_ID start\" >> {p}; cat >/dev/null; sleep 0.05; echo \"$TICKET_ID end\" >> {p}",
             p = ledger.path.display()
         )
     ]);
     let mut pool = wrapped_pool(
         "poison",
-        &target.image,
+        "example.org/runner:1",
         &queue,
         command,
-        json!({"minWorkers": 0, "maxWorkers": 3, "pollInterval": "300ms", "scaleDownDelay": "30s"}),
+        json!({"minWorkers": 0, "maxWorkers": 3, "pollInterval": "300ms", "scaleDownDelay": "2s"}),
     );
     pool.spec.template = Some(
         serde_json::from_value(json!({"env": [{"name": "POISON", "value": poison}]})).unwrap(),
     );
     pools.create(&PostParams::default(), &pool).await.unwrap();
-
+    // The 50 good tickets complete once each; the poison one lands, once, in quarantine.
     eventually(
         "the good tickets to complete",
-        Duration::from_secs(60),
-        || async {
-            let s = pools.get_status("poison").await.unwrap().status;
-            eprintln!(
-                "DEBUG ends={} status={}",
-                ledger.count("end").len(),
-                serde_json::to_string(&s.map(|s| (
-                    s.diagnosis,
-                    s.workers,
-                    s.queue,
-                    s.crashes.len()
-                )))
-                .unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            ledger.count("end").len() == good.len()
-        },
+        Duration::from_secs(90),
+        || async { ledger.count("end").len() == good.len() },
     )
     .await;
     ledger.assert_each_once(&good);
     eventually(
-        "the poison ticket to be named",
+        "the poison ticket to land in quarantine",
         Duration::from_secs(60),
-        || async {
-            diagnosis(&pools, "poison")
-                .await
-                .is_some_and(|d| d.verdict == "PoisonTicket")
-        },
+        || async { depth(&conn, &quarantine).await == 1 },
     )
     .await;
-    let d = diagnosis(&pools, "poison").await.unwrap();
-    assert_eq!(d.ticket.as_deref(), Some(poison.as_str()));
-    assert!(
-        d.message.contains("while other tickets completed"),
-        "{}",
-        d.message
-    );
     let status = pools.get_status("poison").await.unwrap().status.unwrap();
+    let q = status.quarantine.clone().expect("status.quarantine");
+    assert_eq!(q.count, 1);
+    assert_eq!(q.tickets[0].id, poison);
+    assert!(q.tickets[0].crashes >= 3, "{:?}", q.tickets[0]);
     assert!(
         status
             .crashes
             .iter()
             .all(|c| c.ticket.as_deref() == Some(poison.as_str()))
     );
-    let degraded = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Degraded")
-        .unwrap();
-    assert_eq!(
-        (degraded.status.as_str(), degraded.reason.as_str()),
-        ("True", "PoisonTicket")
-    );
     let reasons = event_reasons(&client, &ns).await;
-    assert!(reasons.iter().any(|r| r == "WorkerCrashed"), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r == "PoisonTicket"), "{reasons:?}");
+    for r in ["WorkerCrashed", "PoisonTicket", "PoisonTicketQuarantined"] {
+        assert!(
+            reasons.iter().any(|x| x == r),
+            "no {r} event in {reasons:?}"
+        );
+    }
+    // Capacity is back: nothing left in the work queue, no worker stuck in a crash loop.
+    assert_eq!(depth(&conn, &queue).await, 0);
+    eventually(
+        "the pool to scale back to zero",
+        Duration::from_secs(30),
+        || async { all_pods(&pods, "poison").await == 0 },
+    )
+    .await;
+
+    // A new image that completes tickets gets the quarantined ticket back, and runs it.
+    let more = sim::publish::publish(&broker_uri(), &queue, 3, false)
+        .await
+        .unwrap();
+    let patch = json!({"spec": {"image": "example.org/runner:2"}});
+    pools
+        .patch(
+            "poison",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    let mut everything = ids.clone();
+    everything.extend(more);
+    eventually(
+        "every ticket, the poison one included, to complete",
+        Duration::from_secs(90),
+        || async { ledger.count("end").len() == everything.len() },
+    )
+    .await;
+    ledger.assert_each_once(&everything);
+    assert_eq!(depth(&conn, &quarantine).await, 0);
+    eventually(
+        "the quarantine to be empty in status",
+        Duration::from_secs(10),
+        || async {
+            let status = pools.get_status("poison").await.unwrap().status.unwrap();
+            status.quarantine.map(|q| q.count).unwrap_or(0) == 0
+        },
+    )
+    .await;
+    assert!(
+        event_reasons(&client, &ns)
+            .await
+            .iter()
+            .any(|r| r == "TicketsReplayed")
+    );
 
     operator.abort();
     target.finish().await;
     delete_queue(&conn, &queue).await;
+    delete_queue(&conn, &quarantine).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -81,6 +81,19 @@ async fn next(
     (method, uri, body, send)
 }
 
+/// Answers the reconcile's read of the latest pool.
+async fn serve_pool(handle: &mut Handle) {
+    let (m, uri, _, send) = next(handle).await;
+    assert_eq!(
+        (m, uri.as_str()),
+        (
+            Method::GET,
+            "/apis/testrunner.dev/v1alpha1/namespaces/ci/testrunnerpools/unit"
+        )
+    );
+    respond(send, 200, serde_json::to_value(pool()).unwrap());
+}
+
 fn secret(value: &str) -> Value {
     use base64::Engine;
     json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "rabbitmq", "namespace": "ci"},
@@ -98,6 +111,7 @@ async fn reconcile_creates_owned_pods_publishes_events_and_writes_status() {
     let guarded = Arc::new(DeserializeGuard(Ok(pool())));
     let reconcile = tokio::spawn(controller::reconcile(guarded, ctx));
 
+    serve_pool(&mut handle).await;
     let (m, uri, _, send) = next(&mut handle).await;
     assert_eq!(
         (m, uri.as_str()),
@@ -246,6 +260,7 @@ async fn a_missing_secret_becomes_a_condition_and_a_warning() {
         Arc::new(DeserializeGuard(Ok(pool()))),
         ctx,
     ));
+    serve_pool(&mut handle).await;
 
     let (_, uri, _, send) = next(&mut handle).await;
     assert!(uri.ends_with("/secrets/rabbitmq"));
@@ -308,6 +323,7 @@ async fn api_errors_fail_the_reconcile_with_a_category() {
         Arc::new(DeserializeGuard(Ok(pool()))),
         ctx,
     ));
+    serve_pool(&mut handle).await;
     let (_, _, _, send) = next(&mut handle).await;
     respond(send, 200, secret("amqp://ci:pw@rabbit.example/%2f"));
     let (_, _, _, send) = next(&mut handle).await;

@@ -68,6 +68,15 @@ pub enum Error {
     /// The object could not be read as a TestRunnerPool.
     #[error("failed to read the pool: {0}")]
     InvalidObject(String),
+    /// Reading the pool failed.
+    #[error("failed to read the pool: {0}")]
+    ReadPool(#[source] kube::Error),
+    /// Writing the workers' quarantine list failed.
+    #[error("failed to write the quarantine list: {0}")]
+    WriteQuarantineList(#[source] kube::Error),
+    /// A broker operation (quarantine queue, replay) failed.
+    #[error("{0}")]
+    Broker(String),
 }
 
 impl Error {
@@ -80,6 +89,9 @@ impl Error {
             Error::DeletePod { .. } => "DeletePodFailed",
             Error::WriteStatus(_) => "WriteStatusFailed",
             Error::InvalidObject(_) => "InvalidObject",
+            Error::WriteQuarantineList(_) => "WriteQuarantineListFailed",
+            Error::ReadPool(_) => "ReadPoolFailed",
+            Error::Broker(_) => "BrokerOperationFailed",
         }
     }
 }
@@ -175,15 +187,24 @@ async fn broker_uri(
 #[instrument(skip(guarded, ctx), fields(namespace, pool))]
 pub async fn reconcile(guarded: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
-    let pool = match &guarded.0 {
+    let cached = match &guarded.0 {
         Ok(pool) => pool,
         Err(invalid) => {
             warn!(error = %invalid.error, "pool does not deserialize; waiting for a change");
             return Err(Error::InvalidObject(invalid.error.clone()));
         }
     };
-    let ns = pool.namespace().unwrap_or_default();
-    let name = pool.name_any();
+    let ns = cached.namespace().unwrap_or_default();
+    let name = cached.name_any();
+    // The status is the operator's memory (crash history, quarantine, replay tokens):
+    // decide on the latest one, not on a cache that may not have seen the last write.
+    let pools: Api<TestRunnerPool> = Api::namespaced(ctx.client.clone(), &ns);
+    let fresh = match pools.get_opt(&name).await {
+        Ok(Some(p)) => p,
+        Ok(None) => return Ok(Action::await_change()),
+        Err(source) => return Err(Error::ReadPool(source)),
+    };
+    let pool = &fresh;
     tracing::Span::current()
         .record("namespace", ns.as_str())
         .record("pool", name.as_str());
@@ -240,6 +261,7 @@ pub async fn reconcile(guarded: Arc<Guarded>, ctx: Arc<Context>) -> Result<Actio
     let plan = core::plan(pool, &observed, Timestamp::now());
 
     // Apply.
+    quarantine(pool, &plan, uri.as_ref().ok(), &ctx).await?;
     apply(pool, &plan, &pods_api, &ctx).await?;
     write_status(pool, &plan, &ctx).await?;
     record_metrics(pool, &plan, &ctx.metrics);
@@ -247,6 +269,83 @@ pub async fn reconcile(guarded: Arc<Guarded>, ctx: Arc<Context>) -> Result<Actio
     ctx.failures.lock().expect("lock").remove(&key);
     ctx.metrics.reconciled(started.elapsed());
     Ok(Action::requeue(plan.requeue_after))
+}
+
+/// Keeps the workers' quarantine list and the quarantine queue in step with the plan,
+/// and returns replayed tickets to the work queue. The list is written before the
+/// replay, so that workers stop diverting a ticket before it comes back.
+async fn quarantine(
+    pool: &TestRunnerPool,
+    plan: &Plan,
+    uri: Option<&BrokerUri>,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let had_list = pool
+        .status
+        .as_ref()
+        .and_then(|s| s.quarantine.as_ref())
+        .is_some_and(|q| !q.tickets.is_empty());
+    if plan.quarantine_list.is_empty() && !had_list && plan.replay.is_empty() {
+        return Ok(());
+    }
+    let ns = pool.namespace().unwrap_or_default();
+    let name = pods::quarantine_config_map(pool);
+    let list: String = plan
+        .quarantine_list
+        .iter()
+        .map(|(id, at)| format!("{id} {}\n", at.as_second()))
+        .collect();
+    let config_map = json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": pods::selector_labels(&pool.name_any()),
+            "ownerReferences": [pool.controller_owner_ref(&())],
+        },
+        "data": {pods::QUARANTINE_KEY: list},
+    });
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    cms.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&config_map),
+    )
+    .await
+    .map_err(Error::WriteQuarantineList)?;
+    let Some(uri) = uri else {
+        return Ok(());
+    };
+    let quarantine_queue = pool.spec.queue.quarantine_queue_name();
+    if !plan.quarantine_list.is_empty() {
+        ctx.brokers
+            .ensure_queue(uri, &quarantine_queue)
+            .await
+            .map_err(|p| {
+                Error::Broker(format!(
+                    "failed to declare queue {quarantine_queue:?}: {p:?}"
+                ))
+            })?;
+    }
+    if !plan.replay.is_empty() {
+        let moved = ctx
+            .brokers
+            .replay(
+                uri,
+                &quarantine_queue,
+                &pool.spec.queue.name,
+                Some(&plan.replay),
+            )
+            .await
+            .map_err(|p| Error::Broker(format!("failed to replay quarantined tickets: {p:?}")))?;
+        info!(
+            replayed = moved.len(),
+            asked = plan.replay.len(),
+            "replayed quarantined tickets"
+        );
+    }
+    Ok(())
 }
 
 async fn apply(

@@ -212,6 +212,7 @@ pub(super) fn status(input: StatusInput<'_>) -> TestRunnerPoolStatus {
             surplus_since: decision.surplus_since.map(Time),
         }),
         diagnosis: Some(diagnosis.clone()),
+        quarantine: None,
         crashes: Vec::new(),
     }
 }

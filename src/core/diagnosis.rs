@@ -29,7 +29,8 @@ pub struct Completions {
 }
 
 impl Completions {
-    fn last(&self, revision: &str) -> Option<Timestamp> {
+    /// The last completion on `revision`.
+    pub fn last(&self, revision: &str) -> Option<Timestamp> {
         self.last_by_revision.get(revision).copied()
     }
 
@@ -104,6 +105,10 @@ pub struct DiagnosisInput<'a> {
     pub completions: &'a Completions,
     /// `poison.crashesToQuarantine`.
     pub crashes_to_quarantine: u32,
+    /// Tickets already quarantined: their crashes are explained.
+    pub quarantined: &'a [String],
+    /// Tickets returned from quarantine, and when: earlier crashes no longer count.
+    pub forgiven: &'a [(String, Timestamp)],
     /// `poison.stallTimeout`, parsed.
     pub stall_timeout: Duration,
     /// Ready tickets now, when the broker answered.
@@ -162,6 +167,15 @@ pub fn diagnose(input: &DiagnosisInput<'_>) -> DiagnosisStatus {
         .iter()
         .filter(|c| now.duration_since(c.at.0) <= window)
         .filter(|c| c.exit_code != 0 && c.exit_code != EXIT_BROKER_LOST)
+        .filter(|c| {
+            c.ticket.as_ref().is_none_or(|t| {
+                !input.quarantined.contains(t)
+                    && !input
+                        .forgiven
+                        .iter()
+                        .any(|(id, at)| id == t && c.at.0 <= *at)
+            })
+        })
         .collect();
 
     // Per ticket, across revisions: a ticket that crashes old and new workers alike is
@@ -189,11 +203,13 @@ pub fn diagnose(input: &DiagnosisInput<'_>) -> DiagnosisStatus {
     let pre_loop: Vec<&&&CrashStatus> = env.iter().filter(|c| c.ticket.is_none()).collect();
     let distinct: BTreeSet<&str> = env.iter().filter_map(|c| c.ticket.as_deref()).collect();
     let oom_on_rev = env.iter().any(|c| c.reason == "OOMKilled");
-    let completed_after = |t: Timestamp, revisions: &BTreeSet<&str>| {
+    // Other tickets completing on the revisions a ticket crashed, within the window,
+    // clear the environment and put the blame on the ticket.
+    let completed_within = |revisions: &BTreeSet<&str>| {
         revisions
             .iter()
             .filter_map(|r| input.completions.last(r))
-            .any(|c| c > t)
+            .any(|c| now.duration_since(c) <= window)
     };
     let threshold = input.crashes_to_quarantine.max(1);
     let worst = tickets
@@ -223,9 +239,7 @@ pub fn diagnose(input: &DiagnosisInput<'_>) -> DiagnosisStatus {
             last.image,
             exit_text(last)
         );
-    } else if let Some((id, t)) =
-        worst.filter(|(_, t)| completed_after(t.first.unwrap_or(now), &t.revisions))
-    {
+    } else if let Some((id, t)) = worst.filter(|(_, t)| completed_within(&t.revisions)) {
         out.verdict = verdict::POISON_TICKET.into();
         out.ticket = Some(id.to_string());
         out.message = format!(

@@ -7,6 +7,7 @@
 mod conditions;
 pub mod crash;
 pub mod diagnosis;
+pub mod quarantine;
 mod scaling;
 
 use std::time::Duration;
@@ -178,6 +179,11 @@ pub struct Plan {
     pub status: TestRunnerPoolStatus,
     /// Events to publish.
     pub events: Vec<PlannedEvent>,
+    /// Tickets workers must move to the quarantine queue, with the time each was
+    /// listed (the ConfigMap's list).
+    pub quarantine_list: Vec<(String, Timestamp)>,
+    /// Ticket ids to move from the quarantine queue back to the work queue.
+    pub replay: Vec<String>,
     /// When to reconcile again at the latest.
     pub requeue_after: Duration,
 }
@@ -262,11 +268,23 @@ pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan 
         .unwrap_or(Duration::from_secs(120));
 
     let (crashes, fresh_crashes) = diagnosis::merge_crashes(&old_status.crashes, &observed.crashes);
+    let old_quarantine = old_status.quarantine.clone().unwrap_or_default();
+    let already_quarantined: Vec<String> = old_quarantine
+        .tickets
+        .iter()
+        .map(|t| t.id.clone())
+        .collect();
     let diagnosis = diagnosis::diagnose(&diagnosis::DiagnosisInput {
         crashes: &crashes,
         revision: &revision,
         completions: &observed.completions,
         crashes_to_quarantine: spec.poison.crashes_to_quarantine.max(1) as u32,
+        quarantined: &already_quarantined,
+        forgiven: &old_quarantine
+            .replayed
+            .iter()
+            .map(|r| (r.id.clone(), r.at.0))
+            .collect::<Vec<_>>(),
         stall_timeout: settings
             .as_ref()
             .map(|s| s.stall_timeout)
@@ -308,13 +326,44 @@ pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan 
         diagnosis: &diagnosis,
         now,
     });
+    let quarantine = quarantine::decide(&quarantine::QuarantineInput {
+        old: &old_quarantine,
+        diagnosis: &diagnosis,
+        crashes: &crashes,
+        annotations: pool
+            .metadata
+            .annotations
+            .as_ref()
+            .unwrap_or(&Default::default()),
+        image: &spec.image,
+        replay_on_image_change: spec.poison.replay_on_image_change,
+        completed_on_revision: observed.completions.last(&revision),
+        queue: &spec.queue.quarantine_queue_name(),
+        now,
+    });
+    let quarantine_list: Vec<(String, Timestamp)> = quarantine
+        .status
+        .tickets
+        .iter()
+        .map(|t| (t.id.clone(), t.at.0))
+        .collect();
+    let listed: Vec<String> = quarantine_list.iter().map(|(id, _)| id.clone()).collect();
+    let mut delete = decision.delete.clone();
+    for stuck in quarantine::stuck_pods(&observed.pods, &observed.crashes, &listed) {
+        if !delete.contains(&stuck) {
+            delete.push(stuck);
+        }
+    }
     status.crashes = crashes;
+    status.quarantine =
+        (quarantine.status != Default::default()).then(|| quarantine.status.clone());
     let mut events = conditions::transition_events(&old_status, &status, config_problem.as_ref());
     events.extend(conditions::crash_events(&fresh_crashes));
     events.extend(conditions::diagnosis_events(
         old_status.diagnosis.as_ref(),
         &diagnosis,
     ));
+    events.extend(quarantine.events);
     if decision.create > 0 {
         events.push(PlannedEvent {
             warning: false,
@@ -352,9 +401,11 @@ pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan 
     Plan {
         revision,
         create: decision.create,
-        delete: decision.delete,
+        delete,
         status,
         events,
+        quarantine_list,
+        replay: quarantine.replay,
         requeue_after,
     }
 }

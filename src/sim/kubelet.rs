@@ -348,15 +348,40 @@ impl PodRun {
 
     /// Maps paths in the container to the pod directory when they lie under a mount:
     /// a whole argument equal to the mount path, and every `<mount>/` inside an
-    /// argument (so shell scripts can name files in their volumes).
+    /// argument that starts a path (at the start, or after a space, `=`, `:`, `;`,
+    /// a quote or a parenthesis), so shell scripts can name files in their volumes
+    /// while `/etc/testrunner/...` is not mistaken for `/testrunner/...`. Longer
+    /// mount paths win.
     fn map_path(&self, s: &str) -> String {
-        let mut out = s.to_string();
-        for (mount, dir) in &self.mounts {
-            let mount = mount.trim_end_matches('/');
-            if out == mount {
+        let mut mounts: Vec<&(String, PathBuf)> = self.mounts.iter().collect();
+        mounts.sort_by_key(|(m, _)| std::cmp::Reverse(m.len()));
+        for (mount, dir) in &mounts {
+            if s.trim_end_matches('/') == mount.trim_end_matches('/') {
                 return dir.display().to_string();
             }
-            out = out.replace(&format!("{mount}/"), &format!("{}/", dir.display()));
+        }
+        let mut out = String::with_capacity(s.len());
+        let mut rest = s;
+        'scan: while !rest.is_empty() {
+            let at_boundary = out.chars().last().is_none_or(|c| {
+                matches!(
+                    c,
+                    ' ' | '=' | ':' | ';' | '"' | '\'' | '(' | '`' | '\n' | '\t'
+                )
+            });
+            if at_boundary {
+                for (mount, dir) in &mounts {
+                    let prefix = format!("{}/", mount.trim_end_matches('/'));
+                    if let Some(tail) = rest.strip_prefix(&prefix) {
+                        out.push_str(&format!("{}/", dir.display()));
+                        rest = tail;
+                        continue 'scan;
+                    }
+                }
+            }
+            let c = rest.chars().next().expect("not empty");
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
         }
         out
     }
@@ -811,6 +836,21 @@ async fn run_pod(
         }),
     });
     run.publish();
+    // The kubelet refreshes ConfigMap volumes of running pods now and then; here
+    // twice a second (not time-scaled), for as long as the pod runs.
+    if !run.config_maps.is_empty() {
+        let weak = Arc::downgrade(&run);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(run) => run.project_config_maps(),
+                    None => return,
+                }
+            }
+        });
+    }
 
     let mut ok = true;
     for (i, c) in init_specs.iter().enumerate() {

@@ -111,6 +111,10 @@ No wildcards: every group, resource and verb is named.
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+# Each pool's quarantine list (<pool>-quarantine), mounted into its worker pods.
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "create", "patch"]
 # The broker URI of each pool (spec.queue.connectionSecretRef): read by name, never listed.
 - apiGroups: [""]
   resources: ["secrets"]

@@ -71,6 +71,8 @@ impl Case<'_> {
             revision: self.revision,
             completions: &self.completions,
             crashes_to_quarantine: 3,
+            quarantined: &[],
+            forgiven: &[],
             stall_timeout: Duration::from_secs(600),
             queue_ready: self.ready,
             previous_ready: self.previous_ready,
