@@ -85,10 +85,69 @@ pub struct TestRunnerPoolSpec {
     #[serde(default)]
     pub poison: PoisonSpec,
 
+    /// Where alerts go besides Kubernetes events (always published).
+    #[serde(default)]
+    pub alerts: AlertsSpec,
+
     /// When true the operator stops creating and deleting worker pods; it keeps
     /// probing the queue and reporting status. Default false.
     #[serde(default)]
     pub paused: bool,
+}
+
+/// Alert receivers of a pool.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AlertsSpec {
+    /// Alertmanager base URL (`http://alertmanager.monitoring:9093`): alerts are
+    /// pushed to its v2 API, re-sent while active and resolved when over. None when
+    /// empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://[^\s]+$"), length(max = 2048))]
+    pub alertmanager_url: Option<String>,
+    /// Secret key holding a webhook URL that receives a JSON notification when an
+    /// alert fires and when it resolves. The URL is never logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_secret_ref: Option<SecretKeyRef>,
+    /// Which alerts to send. Default: all of them. FirstCrash reports every worker
+    /// crash at once, as the first sign of a poison ticket or a broken image.
+    #[serde(default = "all_alerts")]
+    pub on: Vec<AlertKind>,
+}
+
+impl Default for AlertsSpec {
+    fn default() -> Self {
+        Self {
+            alertmanager_url: None,
+            webhook_secret_ref: None,
+            on: all_alerts(),
+        }
+    }
+}
+
+fn all_alerts() -> Vec<AlertKind> {
+    vec![
+        AlertKind::FirstCrash,
+        AlertKind::PoisonTicket,
+        AlertKind::BrokenEnvironment,
+        AlertKind::QueueStalled,
+        AlertKind::BrokerUnreachable,
+    ]
+}
+
+/// An alert a pool can send.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum AlertKind {
+    /// TestRunnerWorkerCrash: a worker crashed (active for 15 minutes after the last crash).
+    FirstCrash,
+    /// TestRunnerPoisonTicket: a ticket is in quarantine.
+    PoisonTicket,
+    /// TestRunnerBrokenEnvironment: workers crash whatever the ticket.
+    BrokenEnvironment,
+    /// TestRunnerQueueStalled: tickets wait and nothing moves.
+    QueueStalled,
+    /// TestRunnerBrokerUnreachable: the queue cannot be probed.
+    BrokerUnreachable,
 }
 
 /// Crash diagnosis settings.

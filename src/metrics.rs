@@ -26,6 +26,17 @@ pub struct ErrorLabels {
     pub category: String,
 }
 
+/// Labels of per-pool series with a static reason or verdict.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolReasonLabels {
+    /// Namespace of the pool.
+    pub namespace: String,
+    /// Name of the pool.
+    pub pool: String,
+    /// Static reason (Error, OOMKilled, ...) or verdict (PoisonTicket, ...).
+    pub reason: String,
+}
+
 /// Labels of probe failures.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProbeFailureLabels {
@@ -79,6 +90,14 @@ pub struct Metrics {
     pub probe_duration: Histogram,
     /// Probe failures by reason.
     pub probe_failures: Family<ProbeFailureLabels, Counter>,
+    /// Worker crashes by Kubernetes reason.
+    pub worker_crashes: Family<PoolReasonLabels, Counter>,
+    /// Tickets in quarantine.
+    pub quarantined_tickets: Family<PoolLabels, Gauge>,
+    /// Tickets returned from quarantine.
+    pub replayed_tickets: Family<PoolLabels, Counter>,
+    /// 1 for the pool's current diagnosis verdict (label `reason`).
+    pub verdict: Family<PoolReasonLabels, Gauge>,
     /// Alerts delivered, by receiver kind and status (one per alert in a request).
     pub alerts_sent: Family<AlertSentLabels, Counter>,
     /// Failed alert deliveries (requests), by receiver kind.
@@ -105,6 +124,10 @@ impl Default for Metrics {
             alerts_sent: Family::default(),
             alert_send_failures: Family::default(),
             alerts_active: Family::default(),
+            worker_crashes: Family::default(),
+            quarantined_tickets: Family::default(),
+            replayed_tickets: Family::default(),
+            verdict: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -173,6 +196,26 @@ impl Default for Metrics {
             "Alerts currently active for the pool",
             m.alerts_active.clone(),
         );
+        registry.register(
+            "worker_crashes",
+            "Worker container crashes by reason (Error, OOMKilled, ...)",
+            m.worker_crashes.clone(),
+        );
+        registry.register(
+            "quarantined_tickets",
+            "Tickets of the pool in quarantine",
+            m.quarantined_tickets.clone(),
+        );
+        registry.register(
+            "replayed_tickets",
+            "Tickets returned from quarantine to the work queue",
+            m.replayed_tickets.clone(),
+        );
+        registry.register(
+            "diagnosis_verdict",
+            "1 for the pool's current crash diagnosis (label reason: Healthy, PoisonTicket, BrokenEnvironment, OutOfMemory, QueueStalled)",
+            m.verdict.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -203,8 +246,22 @@ impl Metrics {
             &self.workers_ready,
             &self.broker_unreachable,
             &self.alerts_active,
+            &self.quarantined_tickets,
         ] {
             family.remove(labels);
+        }
+        for reason in [
+            "Healthy",
+            "PoisonTicket",
+            "BrokenEnvironment",
+            "OutOfMemory",
+            "QueueStalled",
+        ] {
+            self.verdict.remove(&PoolReasonLabels {
+                namespace: labels.namespace.clone(),
+                pool: labels.pool.clone(),
+                reason: reason.into(),
+            });
         }
     }
 

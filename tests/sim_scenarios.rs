@@ -707,6 +707,48 @@ async fn an_operator_restart_mid_run_loses_nothing_and_runs_nothing_twice() {
     delete_queue(&conn, &queue).await;
 }
 
+/// A local stand-in for Alertmanager's v2 API that records what it is sent.
+struct Alertmanager {
+    url: String,
+    posted: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Alertmanager {
+    async fn start() -> Self {
+        let posted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = posted.clone();
+        let app = axum::Router::new().route(
+            "/api/v2/alerts",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let sink = sink.clone();
+                async move {
+                    let alerts: serde_json::Value =
+                        serde_json::from_slice(&body).unwrap_or_default();
+                    sink.lock()
+                        .unwrap()
+                        .extend(alerts.as_array().cloned().unwrap_or_default());
+                    "ok"
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { url, posted }
+    }
+
+    fn posted(&self) -> Vec<serde_json::Value> {
+        self.posted.lock().unwrap().clone()
+    }
+
+    fn alert_names(&self) -> Vec<String> {
+        self.posted()
+            .iter()
+            .filter_map(|a| a["labels"]["alertname"].as_str().map(str::to_string))
+            .collect()
+    }
+}
+
 async fn diagnosis(
     pools: &Api<TestRunnerPool>,
     name: &str,
@@ -876,14 +918,16 @@ async fn a_broken_image_holds_the_tickets_until_it_is_fixed_then_they_all_comple
         .unwrap();
     let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let alertmanager = Alertmanager::start().await;
     // The image lacks its test runner: the worker dies before it consumes anything.
-    let pool = wrapped_pool(
+    let mut pool = wrapped_pool(
         "broken",
         &target.image,
         &queue,
         json!(["/nonexistent/run-tests"]),
         json!({"minWorkers": 0, "maxWorkers": 4, "pollInterval": "300ms", "scaleDownDelay": "1s"}),
     );
+    pool.spec.alerts.alertmanager_url = Some(alertmanager.url.clone());
     pools.create(&PostParams::default(), &pool).await.unwrap();
 
     eventually(
@@ -912,6 +956,23 @@ async fn a_broken_image_holds_the_tickets_until_it_is_fixed_then_they_all_comple
     assert!(
         reasons.iter().any(|r| r == "BrokenEnvironment"),
         "{reasons:?}"
+    );
+    // The first crash and the verdict reach Alertmanager, labelled with the pool.
+    eventually(
+        "the alerts to reach Alertmanager",
+        Duration::from_secs(20),
+        || async {
+            let got = alertmanager.alert_names();
+            got.contains(&"TestRunnerWorkerCrash".to_string())
+                && got.contains(&"TestRunnerBrokenEnvironment".to_string())
+        },
+    )
+    .await;
+    assert!(
+        alertmanager
+            .posted()
+            .iter()
+            .all(|a| a["labels"]["pool"] == "broken")
     );
 
     // The fixed image (here: command) is a new revision; the tickets flow on by themselves.

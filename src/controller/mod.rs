@@ -26,7 +26,7 @@ use tracing::{Instrument, info, instrument, warn};
 use crate::broker::{BrokerUri, Brokers};
 use crate::core::{self, ConfigProblem, Observed, Plan};
 use crate::crd::{FIELD_MANAGER, TestRunnerPool};
-use crate::metrics::{Metrics, PoolLabels};
+use crate::metrics::{Metrics, PoolLabels, PoolReasonLabels};
 use crate::pods::{self, PodSettings};
 
 pub use probes::{ProbeKey, Probes};
@@ -121,6 +121,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Event recorder.
     pub recorder: Recorder,
+    /// Alert delivery (Alertmanager, webhook).
+    pub alerter: crate::alerts::Alerter,
     /// Settings.
     pub settings: Settings,
     failures: Mutex<HashMap<ObjectRef<Guarded>, u32>>,
@@ -135,7 +137,10 @@ impl Context {
             controller: settings.controller_name.clone(),
             instance: settings.instance.clone(),
         };
+        let alerter = crate::alerts::Alerter::start(Default::default(), metrics.clone());
+        probes.set_alerter(alerter.clone());
         Self {
+            alerter,
             recorder: Recorder::new(client.clone(), reporter),
             client,
             brokers: probes.brokers().clone(),
@@ -181,6 +186,43 @@ async fn broker_uri(
         }));
     };
     Ok(BrokerUri::parse(text).map_err(|e| ConfigProblem::InvalidUri { detail: e.0 }))
+}
+
+/// The pool's alert receivers. A webhook Secret that cannot be read leaves the
+/// webhook out (with a warning) rather than failing the reconcile.
+async fn alert_receivers(pool: &TestRunnerPool, ctx: &Context) -> crate::alerts::Receivers {
+    let spec = &pool.spec.alerts;
+    let alertmanager_url = spec
+        .alertmanager_url
+        .as_deref()
+        .and_then(|u| url::Url::parse(u).ok());
+    let webhook_url = match &spec.webhook_secret_ref {
+        None => None,
+        Some(r) => {
+            let secrets: Api<Secret> =
+                Api::namespaced(ctx.client.clone(), &pool.namespace().unwrap_or_default());
+            match secrets.get_opt(&r.name).await {
+                Ok(Some(s)) => s
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(&r.key))
+                    .and_then(|b| String::from_utf8(b.0.clone()).ok())
+                    .map(|u| u.trim().to_string()),
+                Ok(None) => {
+                    warn!(secret = %r.name, "alert webhook Secret not found");
+                    None
+                }
+                Err(e) => {
+                    warn!(secret = %r.name, error = %e, "failed to read the alert webhook Secret");
+                    None
+                }
+            }
+        }
+    };
+    crate::alerts::Receivers {
+        alertmanager_url,
+        webhook_url,
+    }
 }
 
 /// One reconcile of one pool.
@@ -264,6 +306,16 @@ pub async fn reconcile(guarded: Arc<Guarded>, ctx: Arc<Context>) -> Result<Actio
     quarantine(pool, &plan, uri.as_ref().ok(), &ctx).await?;
     apply(pool, &plan, &pods_api, &ctx).await?;
     write_status(pool, &plan, &ctx).await?;
+    let receivers = alert_receivers(pool, &ctx).await;
+    let alerts = core::alerting::active_alerts(
+        &ns,
+        &name,
+        &plan.status,
+        &pool.spec.alerts.on,
+        Timestamp::now(),
+    );
+    ctx.alerter
+        .sync((ns.clone(), name.clone()), receivers, alerts);
     record_metrics(pool, &plan, &ctx.metrics);
 
     ctx.failures.lock().expect("lock").remove(&key);
@@ -449,6 +501,50 @@ fn record_metrics(pool: &TestRunnerPool, plan: &Plan, metrics: &Metrics) {
             .workers_ready
             .get_or_create(&labels)
             .set(w.ready as i64);
+    }
+    for c in &plan.new_crashes {
+        metrics
+            .worker_crashes
+            .get_or_create(&PoolReasonLabels {
+                namespace: labels.namespace.clone(),
+                pool: labels.pool.clone(),
+                reason: if c.reason.is_empty() {
+                    "Error".into()
+                } else {
+                    c.reason.clone()
+                },
+            })
+            .inc();
+    }
+    metrics.quarantined_tickets.get_or_create(&labels).set(
+        plan.status
+            .quarantine
+            .as_ref()
+            .map_or(0, |q| q.count as i64),
+    );
+    if !plan.replay.is_empty() {
+        metrics
+            .replayed_tickets
+            .get_or_create(&labels)
+            .inc_by(plan.replay.len() as u64);
+    }
+    if let Some(d) = &plan.status.diagnosis {
+        for v in [
+            "Healthy",
+            "PoisonTicket",
+            "BrokenEnvironment",
+            "OutOfMemory",
+            "QueueStalled",
+        ] {
+            metrics
+                .verdict
+                .get_or_create(&PoolReasonLabels {
+                    namespace: labels.namespace.clone(),
+                    pool: labels.pool.clone(),
+                    reason: v.into(),
+                })
+                .set((d.verdict == v) as i64);
+        }
     }
     let unreachable = plan
         .status

@@ -52,6 +52,7 @@ struct Inner {
     store: Store<Guarded>,
     trigger: UnboundedSender<ObjectRef<Guarded>>,
     tasks: Mutex<HashMap<ObjectRef<Guarded>, Task>>,
+    alerter: std::sync::OnceLock<crate::alerts::Alerter>,
 }
 
 /// The probe tasks of one controller.
@@ -73,7 +74,13 @@ impl Probes {
             store,
             trigger,
             tasks: Mutex::default(),
+            alerter: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// The alerter whose alerts for a pool are resolved when the pool goes.
+    pub fn set_alerter(&self, alerter: crate::alerts::Alerter) {
+        let _ = self.0.alerter.set(alerter);
     }
 
     /// The shared broker connections.
@@ -180,8 +187,11 @@ async fn probe_loop(
     };
     loop {
         if inner.store.get(&pool).is_none() {
-            // The pool is gone: its series and task go with it.
+            // The pool is gone: its series, alerts and task go with it.
             inner.metrics.forget_pool(&labels);
+            if let Some(alerter) = inner.alerter.get() {
+                alerter.forget((labels.namespace.clone(), labels.pool.clone()));
+            }
             let mut tasks = inner.tasks.lock().expect("lock");
             tasks.remove(&pool);
             probes.release_if_unused(&tasks, &key.uri);

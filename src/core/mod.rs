@@ -4,6 +4,7 @@
 //! The shell (see `controller`) gathers an [`Observed`], calls [`plan`], applies the
 //! [`Plan`]'s actions and writes its status.
 
+pub mod alerting;
 mod conditions;
 pub mod crash;
 pub mod diagnosis;
@@ -184,6 +185,8 @@ pub struct Plan {
     pub quarantine_list: Vec<(String, Timestamp)>,
     /// Ticket ids to move from the quarantine queue back to the work queue.
     pub replay: Vec<String>,
+    /// Crashes seen for the first time in this reconcile.
+    pub new_crashes: Vec<crate::crd::CrashStatus>,
     /// When to reconcile again at the latest.
     pub requeue_after: Duration,
 }
@@ -359,6 +362,7 @@ pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan 
         (quarantine.status != Default::default()).then(|| quarantine.status.clone());
     let mut events = conditions::transition_events(&old_status, &status, config_problem.as_ref());
     events.extend(conditions::crash_events(&fresh_crashes));
+    let new_crashes = fresh_crashes;
     events.extend(conditions::diagnosis_events(
         old_status.diagnosis.as_ref(),
         &diagnosis,
@@ -406,6 +410,7 @@ pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan 
         events,
         quarantine_list,
         replay: quarantine.replay,
+        new_crashes,
         requeue_after,
     }
 }

@@ -1,0 +1,223 @@
+//! Which alerts a pool has active, from its status. Pure: the time is an argument.
+
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+
+use super::diagnosis::verdict;
+use crate::alerts::{Alert, Severity, names};
+use crate::crd::{AlertKind, TestRunnerPoolStatus};
+
+/// How long a worker crash keeps TestRunnerWorkerCrash active.
+pub const CRASH_ALERT_FOR: Duration = Duration::from_secs(15 * 60);
+
+/// The alerts active for pool `namespace/name` with `status`, among `enabled`.
+pub fn active_alerts(
+    namespace: &str,
+    name: &str,
+    status: &TestRunnerPoolStatus,
+    enabled: &[AlertKind],
+    now: Timestamp,
+) -> Vec<Alert> {
+    let alert = |kind: &str,
+                 severity,
+                 ticket: Option<String>,
+                 summary: String,
+                 description: String,
+                 since: Timestamp| Alert {
+        name: kind.to_string(),
+        severity,
+        namespace: namespace.to_string(),
+        pool: name.to_string(),
+        ticket,
+        summary,
+        description,
+        starts_at: since,
+    };
+    let on = |k: AlertKind| enabled.contains(&k);
+    let mut out = Vec::new();
+    let diagnosis = status.diagnosis.as_ref();
+    let since = diagnosis
+        .and_then(|d| d.since.as_ref())
+        .map(|t| t.0)
+        .unwrap_or(now);
+
+    if on(AlertKind::FirstCrash)
+        && let Some(last) = status.crashes.last()
+        && now.duration_since(last.at.0)
+            <= SignedDuration::try_from(CRASH_ALERT_FOR).unwrap_or_default()
+    {
+        let first = status
+            .crashes
+            .iter()
+            .find(|c| {
+                now.duration_since(c.at.0)
+                    <= SignedDuration::try_from(CRASH_ALERT_FOR).unwrap_or_default()
+            })
+            .map(|c| c.at.0)
+            .unwrap_or(last.at.0);
+        let on_what = match &last.ticket {
+            Some(t) => format!("on ticket {t}"),
+            None => "with no ticket in hand".into(),
+        };
+        out.push(alert(
+            names::WORKER_CRASH,
+            Severity::Warning,
+            None,
+            format!("A worker of pool {namespace}/{name} crashed"),
+            format!(
+                "Worker pod {} (image {}) crashed {on_what}: exit code {} {}",
+                last.pod, last.image, last.exit_code, last.reason
+            ),
+            first,
+        ));
+    }
+    if on(AlertKind::PoisonTicket) {
+        for t in status.quarantine.iter().flat_map(|q| q.tickets.iter()) {
+            out.push(alert(
+                names::POISON_TICKET,
+                Severity::Warning,
+                Some(t.id.clone()),
+                format!("Poison ticket {} quarantined in pool {namespace}/{name}", t.id),
+                format!("Ticket {} crashed {} workers (images {}; last {}); it was moved to the quarantine queue", t.id, t.crashes, t.images.join(", "), t.last_exit),
+                t.at.0,
+            ));
+        }
+    }
+    if let Some(d) = diagnosis {
+        if on(AlertKind::BrokenEnvironment) && d.verdict == verdict::BROKEN_ENVIRONMENT {
+            out.push(alert(
+                names::BROKEN_ENVIRONMENT,
+                Severity::Critical,
+                None,
+                format!("Workers of pool {namespace}/{name} crash whatever the ticket"),
+                d.message.clone(),
+                since,
+            ));
+        }
+        if on(AlertKind::QueueStalled) && d.verdict == verdict::QUEUE_STALLED {
+            out.push(alert(
+                names::QUEUE_STALLED,
+                Severity::Warning,
+                None,
+                format!("The queue of pool {namespace}/{name} is stalled"),
+                d.message.clone(),
+                since,
+            ));
+        }
+    }
+    if on(AlertKind::BrokerUnreachable)
+        && let Some(c) = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == super::CONDITION_BROKER_REACHABLE && c.status == "False")
+    {
+        out.push(alert(
+            names::BROKER_UNREACHABLE,
+            Severity::Critical,
+            None,
+            format!("The broker of pool {namespace}/{name} is unreachable"),
+            format!("{}: {}", c.reason, c.message),
+            c.last_transition_time.as_ref().map(|t| t.0).unwrap_or(now),
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{
+        Condition, CrashStatus, DiagnosisStatus, QuarantineStatus, QuarantinedTicket,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn t(s: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + s).unwrap()
+    }
+
+    fn all() -> Vec<AlertKind> {
+        crate::crd::AlertsSpec::default().on
+    }
+
+    fn crash(at: i64) -> CrashStatus {
+        CrashStatus {
+            id: format!("c{at}"),
+            pod: "unit-a".into(),
+            revision: "r".into(),
+            image: "runner:1".into(),
+            ticket: Some("t-9".into()),
+            delivery: Some(1),
+            state: None,
+            exit_code: 3,
+            signal: None,
+            reason: "Error".into(),
+            at: Time(t(at)),
+        }
+    }
+
+    #[test]
+    fn the_first_crash_alerts_at_once_and_resolves_after_a_quiet_spell() {
+        let status = TestRunnerPoolStatus {
+            crashes: vec![crash(0)],
+            ..Default::default()
+        };
+        let a = active_alerts("ci", "unit", &status, &all(), t(1));
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].name, names::WORKER_CRASH);
+        assert!(
+            a[0].description.contains("on ticket t-9"),
+            "{}",
+            a[0].description
+        );
+        assert_eq!(a[0].starts_at, t(0));
+        assert!(active_alerts("ci", "unit", &status, &all(), t(15 * 60 + 1)).is_empty());
+        assert!(active_alerts("ci", "unit", &status, &[AlertKind::PoisonTicket], t(1)).is_empty());
+    }
+
+    #[test]
+    fn verdicts_quarantine_and_outages_each_have_their_alert() {
+        let status = TestRunnerPoolStatus {
+            diagnosis: Some(DiagnosisStatus {
+                verdict: verdict::BROKEN_ENVIRONMENT.into(),
+                message: "crashes before taking a ticket".into(),
+                since: Some(Time(t(5))),
+                ..Default::default()
+            }),
+            quarantine: Some(QuarantineStatus {
+                count: 1,
+                tickets: vec![QuarantinedTicket {
+                    id: "t-9".into(),
+                    crashes: 3,
+                    images: vec!["runner:1".into()],
+                    last_exit: "exit code 3".into(),
+                    at: Time(t(2)),
+                }],
+                ..Default::default()
+            }),
+            conditions: vec![Condition {
+                type_: "BrokerReachable".into(),
+                status: "False".into(),
+                reason: "ConnectionFailed".into(),
+                message: "connection refused".into(),
+                last_transition_time: Some(Time(t(7))),
+                observed_generation: None,
+            }],
+            ..Default::default()
+        };
+        let a = active_alerts("ci", "unit", &status, &all(), t(10));
+        let names: Vec<&str> = a.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                names::POISON_TICKET,
+                names::BROKEN_ENVIRONMENT,
+                names::BROKER_UNREACHABLE
+            ]
+        );
+        assert_eq!(a[0].ticket.as_deref(), Some("t-9"));
+        assert_eq!(a[1].severity, Severity::Critical);
+        assert_eq!(a[1].starts_at, t(5));
+        assert_eq!(a[2].starts_at, t(7));
+    }
+}
