@@ -26,7 +26,7 @@ BUILTIN_GROUPS = {
 RELEASE_NAMESPACE = "testrunner-system"
 FULLNAME = "testrunner-operator"
 ALERTS = ["TestRunnerWorkerCrashLooping", "TestRunnerBrokerUnreachable", "TestRunnerQueueStalled",
-          "TestRunnerOperatorDown"]
+          "TestRunnerPoisonTicket", "TestRunnerBrokenEnvironment", "TestRunnerOperatorDown"]
 
 
 def docs(path):
