@@ -87,6 +87,34 @@ impl fmt::Display for BrokerUri {
     }
 }
 
+/// Which tickets a replay moves.
+#[derive(Clone, Copy, Debug)]
+pub enum ReplayFilter<'a> {
+    /// Every ticket.
+    All,
+    /// These ticket ids.
+    Only(&'a [String]),
+    /// Tickets the broker dead-lettered (they carry `x-death`), except these ids: what a
+    /// delivery-limit backstop moved during a broken-environment episode.
+    DeadLettered {
+        /// Ids to leave where they are (the operator's own quarantine list).
+        except: &'a [String],
+    },
+}
+
+impl ReplayFilter<'_> {
+    fn wants(&self, id: &str, headers: Option<&FieldTable>) -> bool {
+        match self {
+            ReplayFilter::All => true,
+            ReplayFilter::Only(ids) => ids.iter().any(|i| i == id),
+            ReplayFilter::DeadLettered { except } => {
+                headers.is_some_and(|h| h.inner().contains_key("x-death"))
+                    && !except.iter().any(|i| i == id)
+            }
+        }
+    }
+}
+
 /// The answer of one queue probe.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Probe {
@@ -424,6 +452,21 @@ impl Brokers {
         to: &str,
         only: Option<&[String]>,
     ) -> Result<Vec<String>, Probe> {
+        let filter = match only {
+            Some(ids) => ReplayFilter::Only(ids),
+            None => ReplayFilter::All,
+        };
+        self.replay_where(uri, from, to, filter).await
+    }
+
+    /// Like [`Brokers::replay`], with the tickets chosen by `filter`.
+    pub async fn replay_where(
+        &self,
+        uri: &BrokerUri,
+        from: &str,
+        to: &str,
+        filter: ReplayFilter<'_>,
+    ) -> Result<Vec<String>, Probe> {
         use lapin::options::{
             BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
         };
@@ -446,7 +489,7 @@ impl Brokers {
                     msg.properties.message_id().as_ref().map(|s| s.as_str()),
                     &msg.data,
                 );
-                if !only.is_none_or(|ids| ids.contains(&id)) {
+                if !filter.wants(&id, msg.properties.headers().as_ref()) {
                     held.push(msg);
                     continue;
                 }

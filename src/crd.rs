@@ -484,6 +484,9 @@ pub struct QuarantinedTicket {
     /// Images it crashed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub images: Vec<String>,
+    /// Worker pods it crashed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pods: Vec<String>,
     /// How the last worker it crashed ended.
     #[serde(default)]
     pub last_exit: String,

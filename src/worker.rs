@@ -264,6 +264,46 @@ fn replayed_at(headers: Option<&FieldTable>) -> Option<i64> {
     }
 }
 
+/// One line of the quarantine list: `<id> <listed at> <evidence>`, the evidence a
+/// URL-encoded query (`crashes`, `pods`, `images`, `last_exit`) that the worker copies
+/// into the quarantined ticket's headers.
+pub fn quarantine_line(t: &crate::crd::QuarantinedTicket) -> String {
+    let evidence = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("crashes", &t.crashes.to_string())
+        .append_pair("pods", &t.pods.join(","))
+        .append_pair("images", &t.images.join(","))
+        .append_pair("last_exit", &t.last_exit)
+        .finish();
+    format!("{} {} {evidence}\n", t.id, t.at.0.as_second())
+}
+
+/// The evidence of `id` on the quarantine list, as header name and value pairs
+/// (`x-testrunner-crashes`, ...).
+pub fn quarantine_evidence(file: Option<&std::path::Path>, id: &str) -> Vec<(String, String)> {
+    let Some(text) = file.and_then(|f| std::fs::read_to_string(f).ok()) else {
+        return Vec::new();
+    };
+    text.lines()
+        .find_map(|line| {
+            let mut parts = line.split_whitespace();
+            (parts.next() == Some(id)).then(|| {
+                let _listed_at = parts.next();
+                parts.next().unwrap_or_default().to_string()
+            })
+        })
+        .map(|query| {
+            url::form_urlencoded::parse(query.as_bytes())
+                .map(|(k, v)| {
+                    (
+                        format!("x-testrunner-{}", k.replace('_', "-")),
+                        v.into_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Header a replayed ticket carries: when it left quarantine (Unix seconds).
 pub const HEADER_REPLAYED_AT: &str = "x-testrunner-replayed-at";
 
@@ -1042,6 +1082,12 @@ impl Worker {
             "x-testrunner-delivery".into(),
             AMQPValue::LongLongInt(number as i64),
         );
+        for (name, value) in quarantine_evidence(self.args.quarantine_file.as_deref(), id) {
+            headers.insert(
+                name.as_str().into(),
+                AMQPValue::LongString(value.as_str().into()),
+            );
+        }
         let properties = delivery.properties.clone().with_headers(headers);
         let moved = async {
             self.channel
@@ -1173,6 +1219,45 @@ fn signal_group(pgid: Option<i32>, sig: nix::sys::signal::Signal) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quarantine_lines_carry_the_evidence_into_headers() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let t = crate::crd::QuarantinedTicket {
+            id: "t-9".into(),
+            crashes: 3,
+            images: vec!["runner:1".into(), "runner:2".into()],
+            pods: vec!["unit-a".into()],
+            last_exit: "exit code 139 (signal 11)".into(),
+            at: Time(jiff::Timestamp::from_second(1000).unwrap()),
+        };
+        let line = quarantine_line(&t);
+        assert!(line.starts_with("t-9 1000 "), "{line}");
+        assert_eq!(line.split_whitespace().count(), 3, "{line}");
+        let dir = std::env::temp_dir().join(format!("qline-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("tickets");
+        std::fs::write(&file, format!("other 5\n{line}")).unwrap();
+        let headers = quarantine_evidence(Some(&file), "t-9");
+        assert_eq!(
+            headers,
+            [
+                ("x-testrunner-crashes".to_string(), "3".to_string()),
+                ("x-testrunner-pods".to_string(), "unit-a".to_string()),
+                (
+                    "x-testrunner-images".to_string(),
+                    "runner:1,runner:2".to_string()
+                ),
+                (
+                    "x-testrunner-last-exit".to_string(),
+                    "exit code 139 (signal 11)".to_string()
+                ),
+            ]
+        );
+        assert!(quarantine_listed(Some(&file), "t-9", Some(999)));
+        assert!(quarantine_evidence(Some(&file), "other").is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn the_quarantine_list_skips_tickets_replayed_after_they_were_listed() {

@@ -506,3 +506,70 @@ async fn a_replay_cut_off_midway_loses_and_duplicates_nothing() {
             .unwrap();
     }
 }
+
+#[tokio::test]
+async fn after_an_outage_only_what_the_broker_dead_lettered_goes_back() {
+    use lapin::types::{AMQPValue, FieldArray};
+    let conn = connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let (from, to) = (queue_name("dlx-from"), queue_name("dlx-to"));
+    declare(&ch, &from).await;
+    declare(&ch, &to).await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .ok();
+    // t-0 and t-1 were dead-lettered by a delivery-limit backstop; t-1 is also on the
+    // operator's own list (a real poison ticket); t-2 was quarantined by the operator.
+    for (id, dead_lettered) in [("t-0", true), ("t-1", true), ("t-2", false)] {
+        let mut headers = FieldTable::default();
+        if dead_lettered {
+            let mut death = FieldTable::default();
+            death.insert(
+                "reason".into(),
+                AMQPValue::LongString("delivery_limit".into()),
+            );
+            headers.insert(
+                "x-death".into(),
+                AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+            );
+        }
+        let props = BasicProperties::default()
+            .with_message_id(id.into())
+            .with_headers(headers);
+        ch.basic_publish(
+            "".into(),
+            from.as_str().into(),
+            BasicPublishOptions::default(),
+            id.as_bytes(),
+            props,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    let brokers = Brokers::default();
+    let uri = BrokerUri::parse(BROKER).unwrap();
+    let listed = vec!["t-1".to_string()];
+    let moved = brokers
+        .replay_where(
+            &uri,
+            &from,
+            &to,
+            testrunner_operator::broker::ReplayFilter::DeadLettered { except: &listed },
+        )
+        .await
+        .unwrap();
+    assert_eq!(moved, ["t-0"]);
+    let ch2 = conn.create_channel().await.unwrap();
+    let back: Vec<String> = drain(&ch2, &to).await.iter().map(id_of).collect();
+    assert_eq!(back, ["t-0"]);
+    let mut kept: Vec<String> = drain(&ch2, &from).await.iter().map(id_of).collect();
+    kept.sort();
+    assert_eq!(kept, ["t-1", "t-2"], "the rest stays, in quarantine");
+    for q in [&from, &to] {
+        ch2.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+}

@@ -863,7 +863,11 @@ async fn a_listed_ticket_is_moved_to_quarantine_intact_and_not_run() {
     let quarantine = f.quorum_queue().await;
     let outcomes = f.quorum_queue().await;
     let list = f.dir.join("quarantine-list");
-    std::fs::write(&list, "t-other\nt-poison\n").unwrap();
+    std::fs::write(
+        &list,
+        "t-other\nt-poison 100 crashes=3&pods=unit-a%2Cunit-b&images=runner%3A1&last_exit=exit+code+3\n",
+    )
+    .unwrap();
     let mut headers = FieldTable::default();
     headers.insert("x-suite".into(), AMQPValue::LongString("unit".into()));
     let props = BasicProperties::default()
@@ -925,6 +929,10 @@ async fn a_listed_ticket_is_moved_to_quarantine_intact_and_not_run() {
     assert_eq!(text("x-suite"), "unit");
     assert_eq!(text("x-testrunner-quarantined-from"), q);
     assert_eq!(text("x-testrunner-quarantined-by"), "unit-abcde");
+    assert_eq!(text("x-testrunner-crashes"), "3");
+    assert_eq!(text("x-testrunner-pods"), "unit-a,unit-b");
+    assert_eq!(text("x-testrunner-images"), "runner:1");
+    assert_eq!(text("x-testrunner-last-exit"), "exit code 3");
     msg.ack(BasicAckOptions::default()).await.unwrap();
     assert_eq!(f.depth(&quarantine).await.0, 0, "exactly one copy");
 

@@ -337,6 +337,50 @@ async fn quarantine(
         .as_ref()
         .and_then(|s| s.quarantine.as_ref())
         .is_some_and(|q| !q.tickets.is_empty());
+    if let Some(uri) = uri
+        && plan.replay_dead_lettered
+    {
+        let quarantine_queue = pool.spec.queue.quarantine_queue_name();
+        if matches!(
+            ctx.brokers.probe(uri, &quarantine_queue).await,
+            crate::broker::Probe::Depth { ready, .. } if ready > 0
+        ) {
+            let listed: Vec<String> = plan.quarantine_list.iter().map(|t| t.id.clone()).collect();
+            let moved = ctx
+                .brokers
+                .replay_where(
+                    uri,
+                    &quarantine_queue,
+                    &pool.spec.queue.name,
+                    crate::broker::ReplayFilter::DeadLettered { except: &listed },
+                )
+                .await
+                .map_err(|p| {
+                    Error::Broker(format!("failed to replay dead-lettered tickets: {p:?}"))
+                })?;
+            if !moved.is_empty() {
+                info!(
+                    replayed = moved.len(),
+                    "returned tickets the broker dead-lettered while the environment was broken"
+                );
+                let event = Event {
+                    type_: EventType::Normal,
+                    reason: "TicketsReplayed".into(),
+                    note: Some(truncate(
+                        &format!(
+                            "The environment recovered: returned {} ticket(s) the broker dead-lettered into {quarantine_queue} meanwhile: {}",
+                            moved.len(),
+                            moved.join(", ")
+                        ),
+                        1024,
+                    )),
+                    action: "Replay".into(),
+                    secondary: None,
+                };
+                let _ = ctx.recorder.publish(&event, &pool.object_ref(&())).await;
+            }
+        }
+    }
     if plan.quarantine_list.is_empty() && !had_list && plan.replay.is_empty() {
         return Ok(());
     }
@@ -345,7 +389,7 @@ async fn quarantine(
     let list: String = plan
         .quarantine_list
         .iter()
-        .map(|(id, at)| format!("{id} {}\n", at.as_second()))
+        .map(crate::worker::quarantine_line)
         .collect();
     let config_map = json!({
         "apiVersion": "v1",

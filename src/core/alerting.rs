@@ -190,6 +190,7 @@ mod tests {
                     id: "t-9".into(),
                     crashes: 3,
                     images: vec!["runner:1".into()],
+                    pods: vec!["unit-a".into()],
                     last_exit: "exit code 3".into(),
                     at: Time(t(2)),
                 }],

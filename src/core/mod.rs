@@ -180,11 +180,14 @@ pub struct Plan {
     pub status: TestRunnerPoolStatus,
     /// Events to publish.
     pub events: Vec<PlannedEvent>,
-    /// Tickets workers must move to the quarantine queue, with the time each was
-    /// listed (the ConfigMap's list).
-    pub quarantine_list: Vec<(String, Timestamp)>,
+    /// Tickets workers must move to the quarantine queue, with their evidence (the
+    /// ConfigMap's list).
+    pub quarantine_list: Vec<crate::crd::QuarantinedTicket>,
     /// Ticket ids to move from the quarantine queue back to the work queue.
     pub replay: Vec<String>,
+    /// The environment recovered from a broken-environment episode: tickets a broker
+    /// backstop dead-lettered into the quarantine queue meanwhile go back.
+    pub replay_dead_lettered: bool,
     /// Crashes seen for the first time in this reconcile.
     pub new_crashes: Vec<crate::crd::CrashStatus>,
     /// When to reconcile again at the latest.
@@ -344,13 +347,8 @@ pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan 
         queue: &spec.queue.quarantine_queue_name(),
         now,
     });
-    let quarantine_list: Vec<(String, Timestamp)> = quarantine
-        .status
-        .tickets
-        .iter()
-        .map(|t| (t.id.clone(), t.at.0))
-        .collect();
-    let listed: Vec<String> = quarantine_list.iter().map(|(id, _)| id.clone()).collect();
+    let quarantine_list = quarantine.status.tickets.clone();
+    let listed: Vec<String> = quarantine_list.iter().map(|t| t.id.clone()).collect();
     let mut delete = decision.delete.clone();
     for stuck in quarantine::stuck_pods(&observed.pods, &observed.crashes, &listed) {
         if !delete.contains(&stuck) {
@@ -410,6 +408,11 @@ pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan 
         events,
         quarantine_list,
         replay: quarantine.replay,
+        replay_dead_lettered: old_status
+            .diagnosis
+            .as_ref()
+            .is_some_and(|d| d.verdict == diagnosis::verdict::BROKEN_ENVIRONMENT)
+            && diagnosis.verdict == diagnosis::verdict::HEALTHY,
         new_crashes,
         requeue_after,
     }

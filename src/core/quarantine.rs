@@ -81,10 +81,14 @@ pub fn decide(input: &QuarantineInput<'_>) -> QuarantineDecision {
         let mut images: Vec<String> = its.iter().map(|c| c.image.clone()).collect();
         images.sort();
         images.dedup();
+        let mut pods: Vec<String> = its.iter().map(|c| c.pod.clone()).collect();
+        pods.sort();
+        pods.dedup();
         status.tickets.push(QuarantinedTicket {
             id: id.to_string(),
             crashes: its.len() as i32,
             images,
+            pods,
             last_exit: its.last().map(|c| exit_text(c)).unwrap_or_default(),
             at: Time(input.now),
         });
@@ -298,6 +302,7 @@ mod tests {
             id: id.into(),
             crashes: 3,
             images: vec![image.into()],
+            pods: vec!["p".into()],
             last_exit: "exit code 3".into(),
             at: Time(t(at)),
         }
