@@ -159,9 +159,7 @@ async fn a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the
     let ns = target.namespace.clone();
     let mut operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
 
-    let ids = sim::publish::publish(&broker_uri(), &queue, 6, true)
-        .await
-        .unwrap();
+    let ids = publish_to_test_queue(&conn, &queue, 6).await;
     assert_eq!(ids.len(), 6);
     let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), &ns);
     let pool: TestRunnerPool = serde_json::from_value(json!({
@@ -505,6 +503,38 @@ fn queue_name(scenario: &str) -> String {
     )
 }
 
+/// Declares a scenario's quorum queue that removes itself after ten unused minutes, so a
+/// failed scenario leaves nothing behind on the broker.
+async fn test_queue(conn: &lapin::Connection, queue: &str) {
+    use lapin::types::AMQPValue;
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args.insert("x-expires".into(), AMQPValue::LongInt(600_000));
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+}
+
+/// Publishes `n` tickets to a fresh self-removing queue (and its quarantine queue).
+async fn publish_to_test_queue(conn: &lapin::Connection, queue: &str, n: u32) -> Vec<String> {
+    test_queue(conn, queue).await;
+    test_queue(conn, &format!("{queue}.quarantine")).await;
+    sim::publish::publish(&broker_uri(), queue, n, false)
+        .await
+        .unwrap()
+}
+
 async fn delete_queue(conn: &lapin::Connection, queue: &str) {
     let ch = conn.create_channel().await.unwrap();
     let _ = ch
@@ -527,9 +557,7 @@ async fn tickets_flow_through_wrapped_workers_and_the_pool_drains_back_to_min() 
     let operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
     let queue = queue_name("flow");
     let ledger = Ledger::new("flow");
-    let ids = sim::publish::publish(&broker_uri(), &queue, 20, true)
-        .await
-        .unwrap();
+    let ids = publish_to_test_queue(&conn, &queue, 20).await;
 
     let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -575,6 +603,7 @@ async fn tickets_flow_through_wrapped_workers_and_the_pool_drains_back_to_min() 
     operator.abort();
     target.finish().await;
     delete_queue(&conn, &queue).await;
+    delete_queue(&conn, &format!("{queue}.quarantine")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -592,9 +621,7 @@ async fn a_scale_down_lets_busy_workers_finish_their_tickets() {
     let operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
     let queue = queue_name("drain");
     let ledger = Ledger::new("drain");
-    let ids = sim::publish::publish(&broker_uri(), &queue, 3, true)
-        .await
-        .unwrap();
+    let ids = publish_to_test_queue(&conn, &queue, 3).await;
     let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     // Long tickets and no scale-down delay: once the three are taken the queue is empty,
@@ -638,6 +665,7 @@ async fn a_scale_down_lets_busy_workers_finish_their_tickets() {
     operator.abort();
     target.finish().await;
     delete_queue(&conn, &queue).await;
+    delete_queue(&conn, &format!("{queue}.quarantine")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -655,9 +683,7 @@ async fn an_operator_restart_mid_run_loses_nothing_and_runs_nothing_twice() {
     let mut operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
     let queue = queue_name("restart");
     let ledger = Ledger::new("restart");
-    let ids = sim::publish::publish(&broker_uri(), &queue, 30, true)
-        .await
-        .unwrap();
+    let ids = publish_to_test_queue(&conn, &queue, 30).await;
     let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let pool = wrapped_pool(
@@ -705,6 +731,7 @@ async fn an_operator_restart_mid_run_loses_nothing_and_runs_nothing_twice() {
     operator.abort();
     target.finish().await;
     delete_queue(&conn, &queue).await;
+    delete_queue(&conn, &format!("{queue}.quarantine")).await;
 }
 
 /// A local stand-in for Alertmanager's v2 API that records what it is sent.
@@ -784,9 +811,7 @@ async fn a_poison_ticket_is_quarantined_the_good_ones_complete_and_a_new_image_g
     let queue = queue_name("poison");
     let quarantine = format!("{queue}.quarantine");
     let ledger = Ledger::new("poison");
-    let ids = sim::publish::publish(&broker_uri(), &queue, 51, true)
-        .await
-        .unwrap();
+    let ids = publish_to_test_queue(&conn, &queue, 51).await;
     let poison = ids[25].clone();
     let good: Vec<String> = ids.iter().filter(|id| **id != poison).cloned().collect();
 
@@ -895,6 +920,7 @@ async fn a_poison_ticket_is_quarantined_the_good_ones_complete_and_a_new_image_g
     operator.abort();
     target.finish().await;
     delete_queue(&conn, &queue).await;
+    delete_queue(&conn, &format!("{queue}.quarantine")).await;
     delete_queue(&conn, &quarantine).await;
 }
 
@@ -913,9 +939,7 @@ async fn a_broken_image_holds_the_tickets_until_it_is_fixed_then_they_all_comple
     let operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
     let queue = queue_name("broken");
     let ledger = Ledger::new("broken");
-    let ids = sim::publish::publish(&broker_uri(), &queue, 8, true)
-        .await
-        .unwrap();
+    let ids = publish_to_test_queue(&conn, &queue, 8).await;
     let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let alertmanager = Alertmanager::start().await;
@@ -1012,4 +1036,5 @@ async fn a_broken_image_holds_the_tickets_until_it_is_fixed_then_they_all_comple
     operator.abort();
     target.finish().await;
     delete_queue(&conn, &queue).await;
+    delete_queue(&conn, &format!("{queue}.quarantine")).await;
 }
