@@ -542,22 +542,78 @@ async fn delete_queue(conn: &lapin::Connection, queue: &str) {
         .await;
 }
 
+/// What every ticket-counting scenario starts with: a broker connection, the simulated
+/// cluster, the operator, a fresh queue with `tickets` tickets, and a ledger.
+struct Scenario {
+    conn: lapin::Connection,
+    target: Target,
+    client: kube::Client,
+    ns: String,
+    operator: tokio::task::JoinHandle<()>,
+    queue: String,
+    ledger: Ledger,
+    ids: Vec<String>,
+}
+
+impl Scenario {
+    /// None (with a message saying why) when the scenario cannot run here.
+    async fn start(name: &str, tickets: u32) -> Option<Scenario> {
+        let Some(conn) = broker().await else {
+            eprintln!("SKIPPED: no RabbitMQ answers at the broker URI; this scenario needs one");
+            return None;
+        };
+        let target = Target::new().await;
+        if target.sim.is_none() {
+            eprintln!("SKIPPED on a real cluster: the ticket ledger is a local file");
+            target.finish().await;
+            return None;
+        }
+        let (client, ns) = (target.client.clone(), target.namespace.clone());
+        let operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
+        let queue = queue_name(name);
+        let ledger = Ledger::new(name);
+        let ids = publish_to_test_queue(&conn, &queue, tickets).await;
+        Some(Scenario {
+            conn,
+            target,
+            client,
+            ns,
+            operator,
+            queue,
+            ledger,
+            ids,
+        })
+    }
+}
+
+/// Stops the operator and the cluster and removes the scenario's queues.
+async fn finish(
+    conn: lapin::Connection,
+    target: Target,
+    operator: tokio::task::JoinHandle<()>,
+    queue: &str,
+) {
+    operator.abort();
+    target.finish().await;
+    delete_queue(&conn, queue).await;
+    delete_queue(&conn, &format!("{queue}.quarantine")).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tickets_flow_through_wrapped_workers_and_the_pool_drains_back_to_min() {
-    let Some(conn) = broker().await else {
-        eprintln!("SKIPPED: no RabbitMQ answers at the broker URI; this scenario needs one");
+    let Some(Scenario {
+        conn,
+        target,
+        client,
+        ns,
+        operator,
+        queue,
+        ledger,
+        ids,
+    }) = Scenario::start("flow", 20).await
+    else {
         return;
     };
-    let target = Target::new().await;
-    if target.sim.is_none() {
-        eprintln!("SKIPPED on a real cluster: the ticket ledger is a local file");
-        return target.finish().await;
-    }
-    let (client, ns) = (target.client.clone(), target.namespace.clone());
-    let operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
-    let queue = queue_name("flow");
-    let ledger = Ledger::new("flow");
-    let ids = publish_to_test_queue(&conn, &queue, 20).await;
 
     let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -600,28 +656,24 @@ async fn tickets_flow_through_wrapped_workers_and_the_pool_drains_back_to_min() 
     let status = pools.get_status("flow").await.unwrap().status.unwrap();
     assert_eq!(status.workers.unwrap().desired, 1);
 
-    operator.abort();
-    target.finish().await;
-    delete_queue(&conn, &queue).await;
-    delete_queue(&conn, &format!("{queue}.quarantine")).await;
+    finish(conn, target, operator, &queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scale_down_lets_busy_workers_finish_their_tickets() {
-    let Some(conn) = broker().await else {
-        eprintln!("SKIPPED: no RabbitMQ answers at the broker URI; this scenario needs one");
+    let Some(Scenario {
+        conn,
+        target,
+        client,
+        ns,
+        operator,
+        queue,
+        ledger,
+        ids,
+    }) = Scenario::start("drain", 3).await
+    else {
         return;
     };
-    let target = Target::new().await;
-    if target.sim.is_none() {
-        eprintln!("SKIPPED on a real cluster: the ticket ledger is a local file");
-        return target.finish().await;
-    }
-    let (client, ns) = (target.client.clone(), target.namespace.clone());
-    let operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
-    let queue = queue_name("drain");
-    let ledger = Ledger::new("drain");
-    let ids = publish_to_test_queue(&conn, &queue, 3).await;
     let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     // Long tickets and no scale-down delay: once the three are taken the queue is empty,
@@ -662,28 +714,24 @@ async fn a_scale_down_lets_busy_workers_finish_their_tickets() {
     ledger.assert_each_once(&ids);
     assert_eq!(depth(&conn, &queue).await, 0);
 
-    operator.abort();
-    target.finish().await;
-    delete_queue(&conn, &queue).await;
-    delete_queue(&conn, &format!("{queue}.quarantine")).await;
+    finish(conn, target, operator, &queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_restart_mid_run_loses_nothing_and_runs_nothing_twice() {
-    let Some(conn) = broker().await else {
-        eprintln!("SKIPPED: no RabbitMQ answers at the broker URI; this scenario needs one");
+    let Some(Scenario {
+        conn,
+        target,
+        client,
+        ns,
+        mut operator,
+        queue,
+        ledger,
+        ids,
+    }) = Scenario::start("restart", 30).await
+    else {
         return;
     };
-    let target = Target::new().await;
-    if target.sim.is_none() {
-        eprintln!("SKIPPED on a real cluster: the ticket ledger is a local file");
-        return target.finish().await;
-    }
-    let (client, ns) = (target.client.clone(), target.namespace.clone());
-    let mut operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
-    let queue = queue_name("restart");
-    let ledger = Ledger::new("restart");
-    let ids = publish_to_test_queue(&conn, &queue, 30).await;
     let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let pool = wrapped_pool(
@@ -728,10 +776,7 @@ async fn an_operator_restart_mid_run_loses_nothing_and_runs_nothing_twice() {
     ledger.assert_each_once(&ids);
     assert_eq!(depth(&conn, &queue).await, 0);
 
-    operator.abort();
-    target.finish().await;
-    delete_queue(&conn, &queue).await;
-    delete_queue(&conn, &format!("{queue}.quarantine")).await;
+    finish(conn, target, operator, &queue).await;
 }
 
 /// A local stand-in for Alertmanager's v2 API that records what it is sent.
@@ -797,21 +842,20 @@ async fn event_reasons(client: &kube::Client, ns: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_ticket_is_quarantined_the_good_ones_complete_and_a_new_image_gets_it_back() {
-    let Some(conn) = broker().await else {
-        eprintln!("SKIPPED: no RabbitMQ answers at the broker URI; this scenario needs one");
+    let Some(Scenario {
+        conn,
+        target,
+        client,
+        ns,
+        operator,
+        queue,
+        ledger,
+        ids,
+    }) = Scenario::start("poison", 51).await
+    else {
         return;
     };
-    let target = Target::new().await;
-    if target.sim.is_none() {
-        eprintln!("SKIPPED on a real cluster: the ticket ledger is a local file");
-        return target.finish().await;
-    }
-    let (client, ns) = (target.client.clone(), target.namespace.clone());
-    let operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
-    let queue = queue_name("poison");
     let quarantine = format!("{queue}.quarantine");
-    let ledger = Ledger::new("poison");
-    let ids = publish_to_test_queue(&conn, &queue, 51).await;
     let poison = ids[25].clone();
     let good: Vec<String> = ids.iter().filter(|id| **id != poison).cloned().collect();
 
@@ -917,29 +961,24 @@ async fn a_poison_ticket_is_quarantined_the_good_ones_complete_and_a_new_image_g
             .any(|r| r == "TicketsReplayed")
     );
 
-    operator.abort();
-    target.finish().await;
-    delete_queue(&conn, &queue).await;
-    delete_queue(&conn, &format!("{queue}.quarantine")).await;
-    delete_queue(&conn, &quarantine).await;
+    finish(conn, target, operator, &queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_image_holds_the_tickets_until_it_is_fixed_then_they_all_complete() {
-    let Some(conn) = broker().await else {
-        eprintln!("SKIPPED: no RabbitMQ answers at the broker URI; this scenario needs one");
+    let Some(Scenario {
+        conn,
+        target,
+        client,
+        ns,
+        operator,
+        queue,
+        ledger,
+        ids,
+    }) = Scenario::start("broken", 8).await
+    else {
         return;
     };
-    let target = Target::new().await;
-    if target.sim.is_none() {
-        eprintln!("SKIPPED on a real cluster: the ticket ledger is a local file");
-        return target.finish().await;
-    }
-    let (client, ns) = (target.client.clone(), target.namespace.clone());
-    let operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
-    let queue = queue_name("broken");
-    let ledger = Ledger::new("broken");
-    let ids = publish_to_test_queue(&conn, &queue, 8).await;
     let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let alertmanager = Alertmanager::start().await;
@@ -1033,8 +1072,5 @@ async fn a_broken_image_holds_the_tickets_until_it_is_fixed_then_they_all_comple
             .any(|r| r == "Recovered")
     );
 
-    operator.abort();
-    target.finish().await;
-    delete_queue(&conn, &queue).await;
-    delete_queue(&conn, &format!("{queue}.quarantine")).await;
+    finish(conn, target, operator, &queue).await;
 }
