@@ -355,6 +355,31 @@ impl Brokers {
         }
     }
 
+    /// A new channel of its own on the shared connection to `uri`; the connection's lock
+    /// is released before the caller uses it, so long operations do not hold up probes.
+    async fn private_channel(&self, uri: &BrokerUri) -> Result<Channel, Probe> {
+        let entry = self.entry(uri);
+        let mut state = entry.lock().await;
+        self.channel(&mut state, uri).await?;
+        let open = state.open.as_ref().expect("a channel implies a connection");
+        match tokio::time::timeout(
+            self.settings.probe_timeout,
+            open.connection.create_channel(),
+        )
+        .await
+        {
+            Ok(Ok(ch)) => Ok(ch),
+            Ok(Err(e)) => {
+                let (reason, message) = classify(&e);
+                Err(Probe::Unreachable { reason, message })
+            }
+            Err(_) => Err(Probe::Unreachable {
+                reason: "Timeout",
+                message: "no answer to opening a channel".into(),
+            }),
+        }
+    }
+
     /// Declares `queue` as an outcome queue (short-lived reports: not durable, at most
     /// 10,000 messages of at most 10 minutes, removed after an hour unused) and
     /// consumes it without acks.
@@ -365,12 +390,8 @@ impl Brokers {
     ) -> Result<lapin::Consumer, Probe> {
         use lapin::options::BasicConsumeOptions;
         use lapin::types::AMQPValue;
-        let entry = self.entry(uri);
-        let mut state = entry.lock().await;
-        self.channel(&mut state, uri).await?;
-        let open = state.open.as_ref().expect("a channel implies a connection");
+        let channel = self.private_channel(uri).await?;
         let setup = async {
-            let channel = open.connection.create_channel().await?;
             let mut args = FieldTable::default();
             args.insert("x-expires".into(), AMQPValue::LongInt(3_600_000));
             args.insert("x-max-length".into(), AMQPValue::LongInt(10_000));
@@ -470,12 +491,8 @@ impl Brokers {
         use lapin::options::{
             BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
         };
-        let entry = self.entry(uri);
-        let mut state = entry.lock().await;
-        self.channel(&mut state, uri).await?;
-        let open = state.open.as_ref().expect("a channel implies a connection");
+        let ch = self.private_channel(uri).await?;
         let work = async {
-            let ch = open.connection.create_channel().await?;
             ch.tx_select().await?;
             let mut moved: Vec<String> = Vec::new();
             // Tickets not chosen are held (unacked) until the end, so that each is
