@@ -304,6 +304,16 @@ pub fn quarantine_evidence(file: Option<&std::path::Path>, id: &str) -> Vec<(Str
         .unwrap_or_default()
 }
 
+/// Waits for the broker's answer to `op` for at most [`BROKER_TIMEOUT`]; the error says
+/// why, without the URI.
+async fn answer<T>(op: impl std::future::Future<Output = lapin::Result<T>>) -> Result<(), String> {
+    match tokio::time::timeout(BROKER_TIMEOUT, op).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(describe(&e)),
+        Err(_) => Err("no answer".into()),
+    }
+}
+
 /// Header a replayed ticket carries: when it left quarantine (Unix seconds).
 pub const HEADER_REPLAYED_AT: &str = "x-testrunner-replayed-at";
 
@@ -954,19 +964,8 @@ impl Worker {
         }
         match verdict(exit, &self.codes) {
             Verdict::Ack => {
-                let ack = delivery.ack(BasicAckOptions::default());
-                match tokio::time::timeout(BROKER_TIMEOUT, ack).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => {
-                        return Some(
-                            self.broker_lost(format!("cannot ack ticket {id}: {}", describe(&e))),
-                        );
-                    }
-                    Err(_) => {
-                        return Some(
-                            self.broker_lost(format!("cannot ack ticket {id}: no answer")),
-                        );
-                    }
+                if let Err(why) = answer(delivery.ack(BasicAckOptions::default())).await {
+                    return Some(self.broker_lost(format!("cannot ack ticket {id}: {why}")));
                 }
                 self.report_outcome(&id, number, exit, elapsed).await;
                 if let Err(why) = self.commit().await {
@@ -1038,11 +1037,7 @@ impl Worker {
 
     /// Commits the channel's transaction: the pending ack and publishes take effect.
     async fn commit(&self) -> Result<(), String> {
-        match tokio::time::timeout(BROKER_TIMEOUT, self.channel.tx_commit()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(describe(&e)),
-            Err(_) => Err("no answer".into()),
-        }
+        answer(self.channel.tx_commit()).await
     }
 
     /// Moves a listed ticket to the quarantine queue: publish a copy (body,
@@ -1101,16 +1096,8 @@ impl Worker {
                 .await?;
             delivery.ack(BasicAckOptions::default()).await
         };
-        match tokio::time::timeout(BROKER_TIMEOUT, moved).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                return Some(
-                    self.broker_lost(format!("cannot quarantine ticket {id}: {}", describe(&e))),
-                );
-            }
-            Err(_) => {
-                return Some(self.broker_lost(format!("cannot quarantine ticket {id}: no answer")));
-            }
+        if let Err(why) = answer(moved).await {
+            return Some(self.broker_lost(format!("cannot quarantine ticket {id}: {why}")));
         }
         self.report(id, number, "quarantined", 0, Duration::ZERO)
             .await;
@@ -1177,12 +1164,8 @@ impl Worker {
             &body,
             BasicProperties::default().with_content_type("application/json".into()),
         );
-        match tokio::time::timeout(BROKER_TIMEOUT, publish).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                tracing::debug!(ticket = %id, error = %describe(&e), "outcome report not sent");
-            }
-            Err(_) => tracing::debug!(ticket = %id, "outcome report not sent: no answer"),
+        if let Err(why) = answer(publish).await {
+            tracing::debug!(ticket = %id, error = %why, "outcome report not sent");
         }
     }
 
