@@ -303,6 +303,27 @@ async fn forgetting_a_broker_closes_its_connection() {
         .unwrap();
 }
 
+/// A connection, a channel and two fresh durable queues: (from, to).
+async fn queue_pair(test: &str) -> (Connection, lapin::Channel, String, String) {
+    let conn = connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let (from, to) = (
+        queue_name(&format!("{test}-from")),
+        queue_name(&format!("{test}-to")),
+    );
+    declare(&ch, &from).await;
+    declare(&ch, &to).await;
+    (conn, ch, from, to)
+}
+
+async fn delete_queues(ch: &lapin::Channel, queues: &[&String]) {
+    for q in queues {
+        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+}
+
 async fn declare(ch: &lapin::Channel, queue: &str) {
     ch.queue_declare(
         queue.into(),
@@ -367,11 +388,7 @@ fn id_of(m: &lapin::message::BasicGetMessage) -> String {
 
 #[tokio::test]
 async fn replay_moves_exactly_the_chosen_tickets_intact() {
-    let conn = connect().await;
-    let ch = conn.create_channel().await.unwrap();
-    let (from, to) = (queue_name("replay-from"), queue_name("replay-to"));
-    declare(&ch, &from).await;
-    declare(&ch, &to).await;
+    let (conn, ch, from, to) = queue_pair("replay").await;
     let ids: Vec<String> = (0..5).map(|i| format!("t-{i}")).collect();
     publish_ids(&ch, &from, &ids).await;
     let brokers = Brokers::default();
@@ -407,20 +424,12 @@ async fn replay_moves_exactly_the_chosen_tickets_intact() {
         h.inner().contains_key("x-testrunner-replayed-at"),
         "the replay is stamped"
     );
-    for q in [&from, &to] {
-        ch2.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await
-            .unwrap();
-    }
+    delete_queues(&ch2, &[&from, &to]).await;
 }
 
 #[tokio::test]
 async fn a_replay_cut_off_midway_loses_and_duplicates_nothing() {
-    let conn = connect().await;
-    let ch = conn.create_channel().await.unwrap();
-    let (from, to) = (queue_name("cut-from"), queue_name("cut-to"));
-    declare(&ch, &from).await;
-    declare(&ch, &to).await;
+    let (conn, ch, from, to) = queue_pair("cut").await;
     let ids: Vec<String> = (0..400).map(|i| format!("t-{i:03}")).collect();
     publish_ids(&ch, &from, &ids).await;
 
@@ -500,21 +509,13 @@ async fn a_replay_cut_off_midway_loses_and_duplicates_nothing() {
         .collect();
     all.sort();
     assert_eq!(all, ids, "nothing lost, nothing twice");
-    for q in [&from, &to] {
-        ch2.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await
-            .unwrap();
-    }
+    delete_queues(&ch2, &[&from, &to]).await;
 }
 
 #[tokio::test]
 async fn after_an_outage_only_what_the_broker_dead_lettered_goes_back() {
     use lapin::types::{AMQPValue, FieldArray};
-    let conn = connect().await;
-    let ch = conn.create_channel().await.unwrap();
-    let (from, to) = (queue_name("dlx-from"), queue_name("dlx-to"));
-    declare(&ch, &from).await;
-    declare(&ch, &to).await;
+    let (conn, ch, from, to) = queue_pair("dlx").await;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .ok();
@@ -567,9 +568,5 @@ async fn after_an_outage_only_what_the_broker_dead_lettered_goes_back() {
     let mut kept: Vec<String> = drain(&ch2, &from).await.iter().map(id_of).collect();
     kept.sort();
     assert_eq!(kept, ["t-1", "t-2"], "the rest stays, in quarantine");
-    for q in [&from, &to] {
-        ch2.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await
-            .unwrap();
-    }
+    delete_queues(&ch2, &[&from, &to]).await;
 }
