@@ -162,6 +162,20 @@ impl Fixture {
         self.depth(queue).await.0
     }
 
+    /// Takes the next ticket of `queue`, which must be `id` delivered again (given back,
+    /// not acked), and acks it.
+    async fn take_redelivered(&self, queue: &str, id: &str) {
+        let msg = self
+            .ch
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{id} back in the queue"));
+        assert_eq!(msg.properties.message_id().as_ref().unwrap().as_str(), id);
+        assert!(msg.redelivered, "{id} was delivered before");
+        msg.ack(BasicAckOptions::default()).await.unwrap();
+    }
+
     /// The command's record of what it ran: one line per run.
     fn lines(&self, file: &str) -> Vec<String> {
         match std::fs::read_to_string(self.dir.join(file)) {
@@ -443,14 +457,7 @@ while true; do sleep 0.05; done
     assert_eq!(f.termination_log(), "ticket=u0 delivery=1\n");
 
     assert_eq!(f.settled(&q).await, 1, "u0 released, not acked");
-    let u0 =
-        f.ch.basic_get(q.as_str().into(), BasicGetOptions::default())
-            .await
-            .unwrap()
-            .expect("u0 back in the queue");
-    assert_eq!(u0.properties.message_id().as_ref().unwrap().as_str(), "u0");
-    assert!(u0.redelivered);
-    u0.ack(BasicAckOptions::default()).await.unwrap();
+    f.take_redelivered(&q, "u0").await;
     f.cleanup().await;
 }
 
@@ -719,14 +726,7 @@ async fn a_command_that_cannot_start_gives_its_ticket_back() {
     );
     assert!(log.contains("broken-runner"), "{log}");
     assert_eq!(f.settled(&q).await, 1, "n0 given back, not acked");
-    let n0 =
-        f.ch.basic_get(q.as_str().into(), BasicGetOptions::default())
-            .await
-            .unwrap()
-            .expect("n0 back");
-    assert_eq!(n0.properties.message_id().as_ref().unwrap().as_str(), "n0");
-    assert!(n0.redelivered);
-    n0.ack(BasicAckOptions::default()).await.unwrap();
+    f.take_redelivered(&q, "n0").await;
     f.cleanup().await;
 }
 
