@@ -48,12 +48,13 @@ pub const MANAGED_BY: &str = "testrunner-operator";
     printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.workers.ready","description":"Workers ready to take tickets"}"#,
     printcolumn = r#"{"name":"Queue","type":"integer","jsonPath":".status.queue.ready","description":"Tickets ready in the queue"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase","description":"Pool phase"}"#,
+    printcolumn = r#"{"name":"Rollout","type":"string","jsonPath":".status.rollout.phase","description":"Phase of the latest rollout: Progressing, Paused, Promoted or RolledBack"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TestRunnerPoolSpec {
-    /// Container image of the test runner. Changing it creates a new revision of the
-    /// worker pods.
+    /// Container image of the test runner. Changing it (or command, worker or template)
+    /// makes a new revision, rolled out behind a canary (see `rollout`).
     #[schemars(length(min = 1, max = 1024))]
     pub image: String,
 
@@ -81,6 +82,11 @@ pub struct TestRunnerPoolSpec {
     #[serde(default)]
     pub scaling: ScalingSpec,
 
+    /// How a new revision (image, command, worker or template) is rolled out: a
+    /// canary judged by ticket outcomes, promotion, automatic rollback.
+    #[serde(default)]
+    pub rollout: RolloutSpec,
+
     /// How crashes are diagnosed: poison tickets, broken environments, stalled queues.
     #[serde(default)]
     pub poison: PoisonSpec,
@@ -89,8 +95,9 @@ pub struct TestRunnerPoolSpec {
     #[serde(default)]
     pub alerts: AlertsSpec,
 
-    /// When true the operator stops creating and deleting worker pods; it keeps
-    /// probing the queue and reporting status. Default false.
+    /// When true the operator stops creating and deleting worker pods and a rollout
+    /// in progress stops where it is; it keeps probing the queue and reporting status.
+    /// Default false.
     #[serde(default)]
     pub paused: bool,
 }
@@ -132,6 +139,7 @@ fn all_alerts() -> Vec<AlertKind> {
         AlertKind::BrokenEnvironment,
         AlertKind::QueueStalled,
         AlertKind::BrokerUnreachable,
+        AlertKind::RolloutFailed,
     ]
 }
 
@@ -148,6 +156,128 @@ pub enum AlertKind {
     QueueStalled,
     /// TestRunnerBrokerUnreachable: the queue cannot be probed.
     BrokerUnreachable,
+    /// TestRunnerRolloutFailed: a new revision failed its canary.
+    RolloutFailed,
+}
+
+/// How a new revision is rolled out.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// Canary pods of a new revision run next to the stable ones until it is promoted.
+    /// 0 skips the canary: the new revision is promoted at once and replaces the pods
+    /// progressively. Default 1.
+    #[serde(default = "default_canary_workers")]
+    #[schemars(range(min = 0, max = 100))]
+    pub canary_workers: i32,
+
+    /// Tickets the canaries must complete (distinct tickets, passed or failed tests)
+    /// without a crash before the new revision is promoted. Default 3.
+    #[serde(default = "default_promote_after_tickets")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub promote_after_tickets: i32,
+
+    /// Least time the canaries run before promotion, as a duration. Default `0s`.
+    #[serde(default = "default_zero")]
+    #[schemars(regex(pattern = r"^([0-9]{1,6}(ms|s|m|h))+$"), length(max = 32))]
+    pub min_canary_time: String,
+
+    /// With no ticket waiting, canaries cannot be judged by tickets: they are promoted
+    /// once they have run this long without a crash. Set it above `progressDeadline`
+    /// to never promote without ticket evidence. Default `5m`.
+    #[serde(default = "default_idle_promote_after")]
+    #[schemars(regex(pattern = r"^([0-9]{1,6}(ms|s|m|h))+$"), length(max = 32))]
+    pub idle_promote_after: String,
+
+    /// A canary not promoted this long after it started fails the rollout. Default `10m`.
+    #[serde(default = "default_progress_deadline")]
+    #[schemars(regex(pattern = r"^([0-9]{1,6}(ms|s|m|h))+$"), length(max = 32))]
+    pub progress_deadline: String,
+
+    /// Return to the stable revision when the canary fails: it crashed before its
+    /// consume loop, crashed on two distinct tickets, or missed `progressDeadline`.
+    /// When false a failed canary stays and waits for `testrunner.dev/abort` or
+    /// `testrunner.dev/promote`. Default true.
+    #[serde(default = "default_true")]
+    pub auto_rollback: bool,
+}
+
+fn default_canary_workers() -> i32 {
+    1
+}
+fn default_promote_after_tickets() -> i32 {
+    3
+}
+fn default_zero() -> String {
+    "0s".into()
+}
+fn default_idle_promote_after() -> String {
+    "5m".into()
+}
+fn default_progress_deadline() -> String {
+    "10m".into()
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self {
+            canary_workers: default_canary_workers(),
+            promote_after_tickets: default_promote_after_tickets(),
+            min_canary_time: default_zero(),
+            idle_promote_after: default_idle_promote_after(),
+            progress_deadline: default_progress_deadline(),
+            auto_rollback: true,
+        }
+    }
+}
+
+/// What a worker pod is built from: one revision of a pool.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
+    /// Container image.
+    pub image: String,
+    /// Test command.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Worker mode.
+    #[serde(default)]
+    pub worker: WorkerSpec,
+    /// Pod template overrides (as in spec.template).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "preserved_object")]
+    pub template: Option<PodTemplateOverrides>,
+}
+
+fn preserved_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "nullable": true,
+        "x-kubernetes-preserve-unknown-fields": true
+    })
+}
+
+impl TestRunnerPoolSpec {
+    /// The revision-defining part of the spec.
+    pub fn workload(&self) -> Workload {
+        Workload {
+            image: self.image.clone(),
+            command: self.command.clone(),
+            worker: self.worker.clone(),
+            template: self.template.clone(),
+        }
+    }
+
+    /// The spec with its revision-defining part replaced by `workload`.
+    pub fn with_workload(&self, workload: &Workload) -> TestRunnerPoolSpec {
+        TestRunnerPoolSpec {
+            image: workload.image.clone(),
+            command: workload.command.clone(),
+            worker: workload.worker.clone(),
+            template: workload.template.clone(),
+            ..self.clone()
+        }
+    }
 }
 
 /// Crash diagnosis settings.
@@ -399,7 +529,7 @@ pub struct TestRunnerPoolStatus {
     /// Summary: Idle, Running, Scaling, Degraded or Paused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
-    /// Conditions: Ready, BrokerReachable, Degraded.
+    /// Conditions: Ready, BrokerReachable, Degraded, RolloutComplete.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The last queue probe.
@@ -418,7 +548,99 @@ pub struct TestRunnerPoolStatus {
     /// Each container termination is recorded once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub crashes: Vec<CrashStatus>,
+    /// The stable revision, the latest rollout and the revision history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
 }
+
+/// Phase of the latest rollout.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RolloutPhase {
+    /// Canaries of the new revision run next to the stable pods.
+    Progressing,
+    /// `spec.paused` stopped the rollout where it is.
+    Paused,
+    /// The spec's revision is the stable one; its pods replace older ones.
+    Promoted,
+    /// The new revision failed or was aborted; the stable revision serves.
+    RolledBack,
+}
+
+/// The stable revision, the latest rollout and the revision history.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// Progressing, Paused, Promoted or RolledBack.
+    pub phase: RolloutPhase,
+    /// Why the rollout is in its phase: FirstRevision, CanaryPassed, IdlePromoted,
+    /// NoCanary, StableBroken, PromotedByAnnotation, Reverted, CanaryCrashedBeforeConsuming,
+    /// CanaryCrashedOnTickets, ProgressDeadlineExceeded, AbortedByAnnotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// What happens, in words.
+    #[serde(default)]
+    pub message: String,
+    /// The revision that serves tickets.
+    pub stable_revision: String,
+    /// Its image.
+    pub stable_image: String,
+    /// The revision the spec asks for.
+    pub target_revision: String,
+    /// Its image.
+    pub target_image: String,
+    /// When the rollout to the target revision started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// When its first canary pod ran: the progress deadline and the canary times count
+    /// from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_since: Option<Time>,
+    /// Distinct tickets the canaries completed.
+    #[serde(default)]
+    pub canary_tickets_ok: i32,
+    /// Canary crashes (on tickets or before taking one).
+    #[serde(default)]
+    pub canary_crashes: i32,
+    /// Tickets the canaries completed (at most `promoteAfterTickets`), kept so that a
+    /// restarted operator goes on counting.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub canary_tickets: Vec<String>,
+    /// What stable pods are built from.
+    pub stable: Workload,
+    /// Ended rollouts, newest last (at most 10).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<RevisionRecord>,
+    /// The last `testrunner.dev/promote` annotation value acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promote_token: Option<String>,
+    /// The last `testrunner.dev/abort` annotation value acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort_token: Option<String>,
+}
+
+/// How a rollout ended.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionRecord {
+    /// Revision.
+    pub revision: String,
+    /// Its image.
+    pub image: String,
+    /// Promoted, RolledBack or Superseded.
+    pub result: String,
+    /// Why, as in `reason`.
+    #[serde(default)]
+    pub reason: String,
+    /// When.
+    pub at: Time,
+}
+
+/// Annotation: a new value promotes the rollout in progress at once, skipping its
+/// gates (or a rolled-back revision, retrying it without a canary).
+pub const ANNOTATION_PROMOTE: &str = "testrunner.dev/promote";
+/// Annotation: a new value aborts the rollout in progress and returns to the stable
+/// revision.
+pub const ANNOTATION_ABORT: &str = "testrunner.dev/abort";
 
 /// The crash diagnosis of a pool.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -98,6 +98,10 @@ pub struct Metrics {
     pub replayed_tickets: Family<PoolLabels, Counter>,
     /// 1 for the pool's current diagnosis verdict (label `reason`).
     pub verdict: Family<PoolReasonLabels, Gauge>,
+    /// 1 while the pool's latest rollout failed.
+    pub rollout_failed: Family<PoolLabels, Gauge>,
+    /// 1 for the phase of the pool's latest rollout (label `reason`).
+    pub rollout_phase: Family<PoolReasonLabels, Gauge>,
     /// Alerts delivered, by receiver kind and status (one per alert in a request).
     pub alerts_sent: Family<AlertSentLabels, Counter>,
     /// Failed alert deliveries (requests), by receiver kind.
@@ -128,6 +132,8 @@ impl Default for Metrics {
             quarantined_tickets: Family::default(),
             replayed_tickets: Family::default(),
             verdict: Family::default(),
+            rollout_failed: Family::default(),
+            rollout_phase: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -216,9 +222,22 @@ impl Default for Metrics {
             "1 for the pool's current crash diagnosis (label reason: Healthy, PoisonTicket, BrokenEnvironment, OutOfMemory, QueueStalled)",
             m.verdict.clone(),
         );
+        registry.register(
+            "rollout_failed",
+            "1 while the pool's latest rollout failed its canary and the spec still names that revision",
+            m.rollout_failed.clone(),
+        );
+        registry.register(
+            "rollout_phase",
+            "1 for the phase of the pool's latest rollout (label reason: Progressing, Paused, Promoted, RolledBack)",
+            m.rollout_phase.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
+
+/// The values of `testrunner_rollout_phase`'s reason label.
+pub const ROLLOUT_PHASES: [&str; 4] = ["Progressing", "Paused", "Promoted", "RolledBack"];
 
 impl Metrics {
     /// Records a reconcile.
@@ -247,8 +266,16 @@ impl Metrics {
             &self.broker_unreachable,
             &self.alerts_active,
             &self.quarantined_tickets,
+            &self.rollout_failed,
         ] {
             family.remove(labels);
+        }
+        for phase in ROLLOUT_PHASES {
+            self.rollout_phase.remove(&PoolReasonLabels {
+                namespace: labels.namespace.clone(),
+                pool: labels.pool.clone(),
+                reason: phase.into(),
+            });
         }
         for reason in [
             "Healthy",

@@ -79,7 +79,12 @@ fn crd_names_and_columns() {
         .iter()
         .map(|c| c.name.as_str())
         .collect();
-    assert_eq!(cols, ["Image", "Desired", "Ready", "Queue", "Phase", "Age"]);
+    assert_eq!(
+        cols,
+        [
+            "Image", "Desired", "Ready", "Queue", "Phase", "Rollout", "Age"
+        ]
+    );
 }
 
 #[test]

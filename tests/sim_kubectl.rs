@@ -243,7 +243,9 @@ async fn kubectl_apply_get_describe_annotate_patch_delete() {
     let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        vec!["NAME", "IMAGE", "DESIRED", "READY", "QUEUE", "PHASE", "AGE"],
+        vec![
+            "NAME", "IMAGE", "DESIRED", "READY", "QUEUE", "PHASE", "ROLLOUT", "AGE"
+        ],
         "{out}"
     );
     let row: Vec<&str> = out

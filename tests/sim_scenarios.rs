@@ -880,6 +880,8 @@ async fn a_poison_ticket_is_quarantined_the_good_ones_complete_and_a_new_image_g
     pool.spec.template = Some(
         serde_json::from_value(json!({"env": [{"name": "POISON", "value": poison}]})).unwrap(),
     );
+    // This scenario is about quarantine, not canaries: a new image replaces the pods at once.
+    pool.spec.rollout.canary_workers = 0;
     pools.create(&PostParams::default(), &pool).await.unwrap();
     // The 50 good tickets complete once each; the poison one lands, once, in quarantine.
     eventually(

@@ -444,28 +444,42 @@ async fn quarantine(
     Ok(())
 }
 
+async fn create_pod(
+    pool: &TestRunnerPool,
+    batch: &core::PodBatch,
+    pods_api: &Api<Pod>,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let pod_name = pods::pod_name(&pool.name_any());
+    let pod = pods::build_pod(pool, &pod_name, &batch.revision, &ctx.settings.pods);
+    pods_api
+        .patch(
+            &pod_name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&pod),
+        )
+        .await
+        .map_err(|source| Error::CreatePod {
+            name: pod_name.clone(),
+            source,
+        })?;
+    info!(pod = %pod_name, revision = %batch.revision, canary = batch.canary, "created worker pod");
+    Ok(())
+}
+
 async fn apply(
     pool: &TestRunnerPool,
     plan: &Plan,
     pods_api: &Api<Pod>,
     ctx: &Context,
 ) -> Result<(), Error> {
-    let name = pool.name_any();
-    for _ in 0..plan.create {
-        let pod_name = pods::pod_name(&name);
-        let pod = pods::build_pod(pool, &pod_name, &plan.revision, &ctx.settings.pods);
-        pods_api
-            .patch(
-                &pod_name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&pod),
-            )
-            .await
-            .map_err(|source| Error::CreatePod {
-                name: pod_name.clone(),
-                source,
-            })?;
-        info!(pod = %pod_name, revision = %plan.revision, "created worker pod");
+    for batch in &plan.create {
+        // Stable pods are built from the stable revision's snapshot, canaries from the spec.
+        let mut at_revision = pool.clone();
+        at_revision.spec = pool.spec.with_workload(&batch.workload);
+        for _ in 0..batch.count {
+            create_pod(&at_revision, batch, pods_api, ctx).await?;
+        }
     }
     for pod_name in &plan.delete {
         match pods_api.delete(pod_name, &DeleteParams::default()).await {
@@ -588,6 +602,23 @@ fn record_metrics(pool: &TestRunnerPool, plan: &Plan, metrics: &Metrics) {
                     reason: v.into(),
                 })
                 .set((d.verdict == v) as i64);
+        }
+    }
+    if let Some(r) = &plan.status.rollout {
+        metrics
+            .rollout_failed
+            .get_or_create(&labels)
+            .set(core::rollout::failed(r) as i64);
+        let phase = serde_json::to_value(r.phase).unwrap_or_default();
+        for p in crate::metrics::ROLLOUT_PHASES {
+            metrics
+                .rollout_phase
+                .get_or_create(&PoolReasonLabels {
+                    namespace: labels.namespace.clone(),
+                    pool: labels.pool.clone(),
+                    reason: p.into(),
+                })
+                .set((phase == p) as i64);
         }
     }
     let unreachable = plan

@@ -41,8 +41,6 @@ struct Task {
     handle: AbortHandle,
 }
 
-/// Revisions whose completions are remembered per pool.
-const MAX_REVISIONS: usize = 10;
 /// Completions wake a reconcile at most this often.
 const COMPLETION_WAKE: Duration = Duration::from_secs(2);
 
@@ -266,11 +264,13 @@ async fn probe_loop(
                 _ = &mut next_probe => break,
                 report = report => match report {
                     Some(Ok(delivery)) => {
-                        let revision = serde_json::from_slice::<serde_json::Value>(&delivery.data)
-                            .ok()
-                            .and_then(|v| v["revision"].as_str().map(str::to_string))
+                        let report = serde_json::from_slice::<serde_json::Value>(&delivery.data)
                             .unwrap_or_default();
-                        record_completion(&completions, revision, Timestamp::now());
+                        let revision = report["revision"].as_str().unwrap_or_default();
+                        // A ticket moved to quarantine did not run: no evidence for its revision.
+                        let ran = report["outcome"].as_str() != Some("quarantined");
+                        let ticket = report["ticket"].as_str().filter(|_| ran);
+                        completions.lock().expect("lock").record(revision, ticket, Timestamp::now());
                         if last_wake.is_none_or(|w: Instant| w.elapsed() >= COMPLETION_WAKE) {
                             last_wake = Some(Instant::now());
                             let _ = inner.trigger.unbounded_send(pool.clone());
@@ -281,20 +281,5 @@ async fn probe_loop(
                 },
             }
         }
-    }
-}
-
-/// Remembers a completion on `revision`, keeping the most recent revisions only.
-fn record_completion(completions: &Mutex<Completions>, revision: String, at: Timestamp) {
-    let mut c = completions.lock().expect("lock");
-    c.last_by_revision.insert(revision, at);
-    while c.last_by_revision.len() > MAX_REVISIONS {
-        let oldest = c
-            .last_by_revision
-            .iter()
-            .min_by_key(|(_, at)| **at)
-            .map(|(r, _)| r.clone())
-            .expect("not empty");
-        c.last_by_revision.remove(&oldest);
     }
 }

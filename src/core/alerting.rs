@@ -106,6 +106,29 @@ pub fn active_alerts(
             ));
         }
     }
+    if on(AlertKind::RolloutFailed)
+        && let Some(r) = status.rollout.as_ref()
+        && super::rollout::failed(r)
+    {
+        let since = r
+            .history
+            .last()
+            .filter(|h| h.revision == r.target_revision)
+            .map(|h| h.at.0)
+            .or(r.started_at.as_ref().map(|t| t.0))
+            .unwrap_or(now);
+        out.push(alert(
+            names::ROLLOUT_FAILED,
+            Severity::Warning,
+            None,
+            format!(
+                "Revision {} (image {}) of pool {namespace}/{name} failed its canary",
+                r.target_revision, r.target_image
+            ),
+            r.message.clone(),
+            since,
+        ));
+    }
     if on(AlertKind::BrokerUnreachable)
         && let Some(c) = status
             .conditions
@@ -220,5 +243,60 @@ mod tests {
         assert_eq!(a[1].severity, Severity::Critical);
         assert_eq!(a[1].starts_at, t(5));
         assert_eq!(a[2].starts_at, t(7));
+    }
+
+    #[test]
+    fn a_failed_rollout_alerts_until_the_spec_moves_on() {
+        use crate::crd::{RevisionRecord, RolloutPhase, RolloutStatus, Workload};
+        let mut rollout = RolloutStatus {
+            phase: RolloutPhase::RolledBack,
+            reason: Some(crate::core::rollout::reason::CRASHED_ON_TICKETS.into()),
+            message: "canary crashed on 2 tickets".into(),
+            stable_revision: "a".into(),
+            stable_image: "runner:1".into(),
+            target_revision: "b".into(),
+            target_image: "runner:2".into(),
+            started_at: Some(Time(t(1))),
+            canary_since: Some(Time(t(2))),
+            canary_tickets_ok: 0,
+            canary_crashes: 2,
+            canary_tickets: vec![],
+            stable: Workload::default(),
+            history: vec![RevisionRecord {
+                revision: "b".into(),
+                image: "runner:2".into(),
+                result: "RolledBack".into(),
+                reason: "CanaryCrashedOnTickets".into(),
+                at: Time(t(4)),
+            }],
+            promote_token: None,
+            abort_token: None,
+        };
+        let status = |r: &RolloutStatus| TestRunnerPoolStatus {
+            rollout: Some(r.clone()),
+            ..Default::default()
+        };
+        let a = active_alerts("ci", "unit", &status(&rollout), &all(), t(10));
+        assert_eq!(a.len(), 1, "{a:?}");
+        assert_eq!(a[0].name, names::ROLLOUT_FAILED);
+        assert_eq!(a[0].starts_at, t(4));
+        assert!(a[0].summary.contains("runner:2"), "{}", a[0].summary);
+        assert!(
+            active_alerts(
+                "ci",
+                "unit",
+                &status(&rollout),
+                &[AlertKind::FirstCrash],
+                t(10)
+            )
+            .is_empty()
+        );
+        // An aborted rollout is the user's choice, not a failure.
+        rollout.reason = Some(crate::core::rollout::reason::ABORTED.into());
+        assert!(active_alerts("ci", "unit", &status(&rollout), &all(), t(10)).is_empty());
+        // A new revision in progress ends the alert.
+        rollout.reason = Some(crate::core::rollout::reason::CRASHED_ON_TICKETS.into());
+        rollout.phase = RolloutPhase::Promoted;
+        assert!(active_alerts("ci", "unit", &status(&rollout), &all(), t(10)).is_empty());
     }
 }

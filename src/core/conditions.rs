@@ -5,10 +5,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::diagnosis::verdict;
 use super::scaling::Decision;
-use super::{BrokerView, ConfigProblem, Observed, PlannedEvent};
+use super::{BrokerView, ConfigProblem, Observed, PlannedEvent, PodState};
 use crate::crd::{
-    Condition, CrashStatus, DiagnosisStatus, Phase, QueueStatus, TestRunnerPool,
-    TestRunnerPoolStatus, WorkersStatus,
+    Condition, CrashStatus, DiagnosisStatus, Phase, QueueStatus, RolloutPhase, RolloutStatus,
+    TestRunnerPool, TestRunnerPoolStatus, WorkersStatus,
 };
 
 /// Condition type: the pool serves tickets as asked.
@@ -17,6 +17,8 @@ pub const CONDITION_READY: &str = "Ready";
 pub const CONDITION_BROKER_REACHABLE: &str = "BrokerReachable";
 /// Condition type: something stops the pool from working as asked.
 pub const CONDITION_DEGRADED: &str = "Degraded";
+/// Condition type: every worker runs the revision the spec asks for.
+pub const CONDITION_ROLLOUT_COMPLETE: &str = "RolloutComplete";
 
 pub(super) struct StatusInput<'a> {
     pub pool: &'a TestRunnerPool,
@@ -25,6 +27,7 @@ pub(super) struct StatusInput<'a> {
     pub config_problem: Option<&'a ConfigProblem>,
     pub decision: &'a Decision,
     pub diagnosis: &'a DiagnosisStatus,
+    pub rollout: &'a RolloutStatus,
     pub now: Timestamp,
 }
 
@@ -52,6 +55,7 @@ pub(super) fn status(input: StatusInput<'_>) -> TestRunnerPoolStatus {
         config_problem,
         decision,
         diagnosis,
+        rollout,
         now,
     } = input;
     let generation = pool.metadata.generation;
@@ -117,6 +121,13 @@ pub(super) fn status(input: StatusInput<'_>) -> TestRunnerPoolStatus {
             &diagnosis.verdict,
             diagnosis.message.clone(),
         )
+    } else if super::rollout::failed(rollout) {
+        cond(
+            CONDITION_DEGRADED,
+            true,
+            "RolloutFailed",
+            rollout.message.clone(),
+        )
     } else {
         cond(CONDITION_DEGRADED, false, "AsExpected", String::new())
     };
@@ -167,7 +178,50 @@ pub(super) fn status(input: StatusInput<'_>) -> TestRunnerPoolStatus {
         Phase::Running
     };
 
-    let conditions = [ready, broker, degraded]
+    let outdated = observed
+        .pods
+        .iter()
+        .filter(|p| !matches!(p.state, PodState::Terminating | PodState::Finished))
+        .filter(|p| p.revision != rollout.target_revision)
+        .count();
+    let complete = match rollout.phase {
+        RolloutPhase::Promoted if outdated == 0 => cond(
+            CONDITION_ROLLOUT_COMPLETE,
+            true,
+            rollout.reason.as_deref().unwrap_or("Promoted"),
+            format!(
+                "Every worker runs revision {} (image {})",
+                rollout.stable_revision, rollout.stable_image
+            ),
+        ),
+        RolloutPhase::Promoted => cond(
+            CONDITION_ROLLOUT_COMPLETE,
+            false,
+            "Replacing",
+            format!(
+                "{outdated} worker(s) of older revisions left to replace with revision {}",
+                rollout.stable_revision
+            ),
+        ),
+        RolloutPhase::Progressing | RolloutPhase::Paused => cond(
+            CONDITION_ROLLOUT_COMPLETE,
+            false,
+            if rollout.phase == RolloutPhase::Paused {
+                "Paused"
+            } else {
+                "CanaryRunning"
+            },
+            rollout.message.clone(),
+        ),
+        RolloutPhase::RolledBack => cond(
+            CONDITION_ROLLOUT_COMPLETE,
+            false,
+            "RolledBack",
+            rollout.message.clone(),
+        ),
+    };
+
+    let conditions = [ready, broker, degraded, complete]
         .into_iter()
         .map(|c| {
             let previous = old.conditions.iter().find(|o| o.type_ == c.type_);
@@ -214,6 +268,7 @@ pub(super) fn status(input: StatusInput<'_>) -> TestRunnerPoolStatus {
         diagnosis: Some(diagnosis.clone()),
         quarantine: None,
         crashes: Vec::new(),
+        rollout: None,
     }
 }
 

@@ -19,16 +19,64 @@ pub const MAX_CRASHES: usize = 20;
 pub const WINDOW: Duration = Duration::from_secs(3600);
 /// Exit code of a worker whose broker connection was lost: never the image's or the
 /// ticket's fault.
-const EXIT_BROKER_LOST: i32 = 75;
+pub(super) const EXIT_BROKER_LOST: i32 = 75;
 
 /// Ticket completions the workers reported, per revision.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Completions {
     /// Last completion time per revision.
     pub last_by_revision: BTreeMap<String, Timestamp>,
+    /// Recent tickets whose tests ran to the end, per revision, oldest first (at most
+    /// [`TICKETS_KEPT`] each): the canary's evidence.
+    pub tickets_by_revision: BTreeMap<String, Vec<(String, Timestamp)>>,
 }
 
+/// Revisions whose completions are remembered.
+pub const REVISIONS_KEPT: usize = 16;
+/// Completed tickets remembered per revision.
+pub const TICKETS_KEPT: usize = 1000;
+
 impl Completions {
+    /// Records one outcome report: a completion on `revision` at `at`, of `ticket`
+    /// when its tests ran (not when the worker only moved it to quarantine). Only the
+    /// most recent revisions are kept.
+    pub fn record(&mut self, revision: &str, ticket: Option<&str>, at: Timestamp) {
+        self.last_by_revision.insert(revision.to_string(), at);
+        if let Some(ticket) = ticket {
+            let list = self
+                .tickets_by_revision
+                .entry(revision.to_string())
+                .or_default();
+            list.push((ticket.to_string(), at));
+            let excess = list.len().saturating_sub(TICKETS_KEPT);
+            list.drain(..excess);
+        }
+        while self.last_by_revision.len() > REVISIONS_KEPT {
+            let oldest = self
+                .last_by_revision
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .map(|(r, _)| r.clone())
+                .expect("not empty");
+            self.last_by_revision.remove(&oldest);
+            self.tickets_by_revision.remove(&oldest);
+        }
+    }
+
+    /// Tickets completed on `revision` at or after `since`.
+    pub fn tickets_since<'a>(
+        &'a self,
+        revision: &str,
+        since: Timestamp,
+    ) -> impl Iterator<Item = &'a str> + 'a {
+        self.tickets_by_revision
+            .get(revision)
+            .into_iter()
+            .flatten()
+            .filter(move |(_, at)| *at >= since)
+            .map(|(t, _)| t.as_str())
+    }
+
     /// The last completion on `revision`.
     pub fn last(&self, revision: &str) -> Option<Timestamp> {
         self.last_by_revision.get(revision).copied()
@@ -99,7 +147,9 @@ pub fn merge_crashes(
 pub struct DiagnosisInput<'a> {
     /// Crash history, merged.
     pub crashes: &'a [CrashStatus],
-    /// The revision the pool runs now.
+    /// The revision that serves tickets (the stable one). Crashes on other revisions
+    /// (a canary, pods being replaced) count only against tickets that crashed this
+    /// one too: the rest are the rollout's business.
     pub revision: &'a str,
     /// Reported ticket completions.
     pub completions: &'a Completions,
@@ -175,6 +225,18 @@ pub fn diagnose(input: &DiagnosisInput<'_>) -> DiagnosisStatus {
                         .iter()
                         .any(|(id, at)| id == t && c.at.0 <= *at)
             })
+        })
+        .collect();
+    let on_serving: BTreeSet<&str> = recent
+        .iter()
+        .filter(|c| c.revision == input.revision)
+        .filter_map(|c| c.ticket.as_deref())
+        .collect();
+    let recent: Vec<&CrashStatus> = recent
+        .into_iter()
+        .filter(|c| {
+            c.revision == input.revision
+                || c.ticket.as_deref().is_some_and(|t| on_serving.contains(t))
         })
         .collect();
 

@@ -9,6 +9,7 @@ mod conditions;
 pub mod crash;
 pub mod diagnosis;
 pub mod quarantine;
+pub mod rollout;
 mod scaling;
 
 use std::time::Duration;
@@ -17,7 +18,9 @@ use jiff::Timestamp;
 
 use crate::crd::{TestRunnerPool, TestRunnerPoolSpec, TestRunnerPoolStatus};
 
-pub use conditions::{CONDITION_BROKER_REACHABLE, CONDITION_DEGRADED, CONDITION_READY};
+pub use conditions::{
+    CONDITION_BROKER_REACHABLE, CONDITION_DEGRADED, CONDITION_READY, CONDITION_ROLLOUT_COMPLETE,
+};
 pub use scaling::{ScalingInput, desired_workers};
 
 /// What the shell saw of the world for one pool.
@@ -167,13 +170,24 @@ pub struct PlannedEvent {
     pub note: String,
 }
 
+/// Worker pods to create, all of one revision.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodBatch {
+    /// Their revision.
+    pub revision: String,
+    /// What they are built from.
+    pub workload: crate::crd::Workload,
+    /// How many.
+    pub count: u32,
+    /// True for canary pods of a rollout.
+    pub canary: bool,
+}
+
 /// Everything the shell must do for one pool after one reconcile.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
-    /// The revision new worker pods get.
-    pub revision: String,
-    /// How many new worker pods to create (of `revision`).
-    pub create: u32,
+    /// Worker pods to create.
+    pub create: Vec<PodBatch>,
     /// Worker pods to delete gracefully (they drain the ticket in hand).
     pub delete: Vec<String>,
     /// The status to write (the shell skips the write when only timestamps differ).
@@ -194,6 +208,13 @@ pub struct Plan {
     pub requeue_after: Duration,
 }
 
+impl Plan {
+    /// How many pods the plan creates, all revisions together.
+    pub fn created(&self) -> u32 {
+        self.create.iter().map(|b| b.count).sum()
+    }
+}
+
 /// Settings parsed out of the spec, with their defaults and bounds applied.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
@@ -203,6 +224,8 @@ pub struct Settings {
     pub scale_down_delay: Duration,
     /// Time without queue progress before the queue is called stalled.
     pub stall_timeout: Duration,
+    /// The rollout's durations.
+    pub rollout: rollout::RolloutSettings,
 }
 
 /// The smallest poll interval the operator accepts.
@@ -235,22 +258,39 @@ pub fn settings(spec: &TestRunnerPoolSpec) -> Result<Settings, ConfigProblem> {
         &spec.scaling.scale_down_delay,
     )?;
     let stall_timeout = parse("spec.poison.stallTimeout", &spec.poison.stall_timeout)?;
+    let rollout = rollout::RolloutSettings {
+        min_canary_time: parse("spec.rollout.minCanaryTime", &spec.rollout.min_canary_time)?,
+        idle_promote_after: parse(
+            "spec.rollout.idlePromoteAfter",
+            &spec.rollout.idle_promote_after,
+        )?,
+        progress_deadline: parse(
+            "spec.rollout.progressDeadline",
+            &spec.rollout.progress_deadline,
+        )?,
+    };
     Ok(Settings {
         poll_interval,
         scale_down_delay,
         stall_timeout,
+        rollout,
     })
 }
 
 /// The revision of a spec: a short, stable hash of what goes into a worker pod
 /// (image, command, worker mode, template).
 pub fn revision(spec: &TestRunnerPoolSpec) -> String {
+    revision_of(&spec.workload())
+}
+
+/// The revision of a workload (see [`revision`]).
+pub fn revision_of(workload: &crate::crd::Workload) -> String {
     use sha2::{Digest, Sha256};
     let material = serde_json::json!({
-        "image": spec.image,
-        "command": spec.command,
-        "worker": spec.worker,
-        "template": spec.template,
+        "image": workload.image,
+        "command": workload.command,
+        "worker": workload.worker,
+        "template": workload.template,
     });
     let digest = Sha256::digest(material.to_string().as_bytes());
     digest[..5].iter().map(|b| format!("{b:02x}")).collect()
@@ -260,7 +300,7 @@ pub fn revision(spec: &TestRunnerPoolSpec) -> String {
 pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan {
     let spec = &pool.spec;
     let old_status = pool.status.clone().unwrap_or_default();
-    let revision = revision(spec);
+    let annotations = pool.metadata.annotations.clone().unwrap_or_default();
 
     let settings = settings(spec);
     let config_problem = observed
@@ -280,6 +320,31 @@ pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan 
         .iter()
         .map(|t| t.id.clone())
         .collect();
+    let queue_ready = match observed.broker {
+        BrokerView::Depth { ready, .. } => Some(ready),
+        _ => None,
+    };
+    let rollout = rollout::decide(&rollout::RolloutInput {
+        spec,
+        settings: &settings
+            .as_ref()
+            .map(|s| s.rollout.clone())
+            .unwrap_or_default(),
+        previous: old_status.rollout.as_ref(),
+        annotations: &annotations,
+        pods: &observed.pods,
+        crashes: &crashes,
+        quarantined: &already_quarantined,
+        completions: &observed.completions,
+        queue_ready,
+        stable_broken: old_status
+            .diagnosis
+            .as_ref()
+            .is_some_and(|d| d.verdict == diagnosis::verdict::BROKEN_ENVIRONMENT),
+        now,
+    });
+    let stable = &rollout.status;
+    let revision = stable.stable_revision.clone();
     let diagnosis = diagnosis::diagnose(&diagnosis::DiagnosisInput {
         crashes: &crashes,
         revision: &revision,
@@ -295,22 +360,49 @@ pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan 
             .as_ref()
             .map(|s| s.stall_timeout)
             .unwrap_or(Duration::from_secs(600)),
-        queue_ready: match observed.broker {
-            BrokerView::Depth { ready, .. } => Some(ready),
-            _ => None,
-        },
+        queue_ready,
         previous_ready: old_status.queue.as_ref().map(|q| q.ready),
         previous: old_status.diagnosis.as_ref(),
         paused: spec.paused,
         now,
     });
 
+    let quarantine = quarantine::decide(&quarantine::QuarantineInput {
+        old: &old_quarantine,
+        diagnosis: &diagnosis,
+        crashes: &crashes,
+        annotations: &annotations,
+        // Quarantined tickets get another go once a new image is stable and completes
+        // tickets: not while it is a canary.
+        image: &stable.stable_image,
+        replay_on_image_change: spec.poison.replay_on_image_change,
+        completed_on_revision: observed.completions.last(&revision),
+        queue: &spec.queue.quarantine_queue_name(),
+        now,
+    });
+    let quarantine_list = quarantine.status.tickets.clone();
+    let listed: Vec<String> = quarantine_list.iter().map(|t| t.id.clone()).collect();
+    // Pods stuck on a quarantined ticket are deleted; scaling replaces them at once.
+    let stuck = quarantine::stuck_pods(&observed.pods, &observed.crashes, &listed);
+    let pods: Vec<PodView> = observed
+        .pods
+        .iter()
+        .map(|p| {
+            let mut p = p.clone();
+            if stuck.contains(&p.name) {
+                p.state = PodState::Terminating;
+            }
+            p
+        })
+        .collect();
+
     let decision = scaling::decide(&ScalingInput {
         spec,
-        pods: &observed.pods,
+        pods: &pods,
         broker: &observed.broker,
         config_ok: config_problem.is_none(),
         revision: &revision,
+        canary: rollout.canary.as_ref().map(|(r, n)| (r.as_str(), *n)),
         surplus_since: old_status
             .workers
             .as_ref()
@@ -330,29 +422,13 @@ pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan 
         config_problem: config_problem.as_ref(),
         decision: &decision,
         diagnosis: &diagnosis,
+        rollout: &rollout.status,
         now,
     });
-    let quarantine = quarantine::decide(&quarantine::QuarantineInput {
-        old: &old_quarantine,
-        diagnosis: &diagnosis,
-        crashes: &crashes,
-        annotations: pool
-            .metadata
-            .annotations
-            .as_ref()
-            .unwrap_or(&Default::default()),
-        image: &spec.image,
-        replay_on_image_change: spec.poison.replay_on_image_change,
-        completed_on_revision: observed.completions.last(&revision),
-        queue: &spec.queue.quarantine_queue_name(),
-        now,
-    });
-    let quarantine_list = quarantine.status.tickets.clone();
-    let listed: Vec<String> = quarantine_list.iter().map(|t| t.id.clone()).collect();
     let mut delete = decision.delete.clone();
-    for stuck in quarantine::stuck_pods(&observed.pods, &observed.crashes, &listed) {
-        if !delete.contains(&stuck) {
-            delete.push(stuck);
+    for name in stuck {
+        if !delete.contains(&name) {
+            delete.push(name);
         }
     }
     status.crashes = crashes;
@@ -366,6 +442,7 @@ pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan 
         &diagnosis,
     ));
     events.extend(quarantine.events);
+    events.extend(rollout.events.iter().cloned());
     if decision.create > 0 {
         events.push(PlannedEvent {
             warning: false,
@@ -399,20 +476,44 @@ pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan 
     if config_problem.is_some() || matches!(observed.broker, BrokerView::Unreachable { .. }) {
         requeue_after = requeue_after.min(CONFIG_RETRY);
     }
+    if let Some(wake) = rollout.wake_after {
+        requeue_after = requeue_after.min(wake);
+    }
+
+    let mut create = Vec::new();
+    if decision.create > 0 {
+        create.push(PodBatch {
+            revision: revision.clone(),
+            workload: rollout.status.stable.clone(),
+            count: decision.create,
+            canary: false,
+        });
+    }
+    if let (Some((canary_revision, _)), true) = (&rollout.canary, decision.create_canary > 0) {
+        create.push(PodBatch {
+            revision: canary_revision.clone(),
+            workload: spec.workload(),
+            count: decision.create_canary,
+            canary: true,
+        });
+    }
+    status.rollout = Some(rollout.status);
 
     Plan {
-        revision,
-        create: decision.create,
+        create,
         delete,
         status,
         events,
         quarantine_list,
         replay: quarantine.replay,
-        replay_dead_lettered: old_status
-            .diagnosis
-            .as_ref()
-            .is_some_and(|d| d.verdict == diagnosis::verdict::BROKEN_ENVIRONMENT)
-            && diagnosis.verdict == diagnosis::verdict::HEALTHY,
+        // Tickets a broker backstop dead-lettered while workers crashed go back when
+        // the environment recovers or a failed canary is gone.
+        replay_dead_lettered: rollout.rolled_back
+            || old_status
+                .diagnosis
+                .as_ref()
+                .is_some_and(|d| d.verdict == diagnosis::verdict::BROKEN_ENVIRONMENT)
+                && diagnosis.verdict == diagnosis::verdict::HEALTHY,
         new_crashes,
         requeue_after,
     }

@@ -19,8 +19,12 @@ pub struct ScalingInput<'a> {
     pub broker: &'a BrokerView,
     /// False when the spec has a problem: then nothing is created or deleted.
     pub config_ok: bool,
-    /// The revision new pods get.
+    /// The revision that serves tickets (the stable one): new pods get it, and pods of
+    /// other revisions are replaced by it.
     pub revision: &'a str,
+    /// While a canary runs: its revision and how many canary pods it wants, on top of
+    /// the desired workers.
+    pub canary: Option<(&'a str, u32)>,
     /// Since when the pool has had a surplus (from the previous status).
     pub surplus_since: Option<Timestamp>,
     /// `spec.scaling.scaleDownDelay`, parsed.
@@ -34,7 +38,7 @@ pub struct ScalingInput<'a> {
 /// The scaling decision.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Decision {
-    /// Workers wanted.
+    /// Workers wanted: those the queue needs, plus the canaries.
     pub desired: i32,
     /// Live worker pods (not terminating, not finished), Pending ones included.
     pub current: i32,
@@ -42,8 +46,10 @@ pub struct Decision {
     pub ready: i32,
     /// Tickets ready in the queue at the last probe (0 when unknown).
     pub queue_ready: u64,
-    /// Pods to create.
+    /// Pods of the serving revision to create.
     pub create: u32,
+    /// Canary pods to create.
+    pub create_canary: u32,
     /// Pods to delete (finished pods, surplus, replaced revisions).
     pub delete: Vec<String>,
     /// How many of `delete` are a scale-down (not clean-up or replacement).
@@ -91,6 +97,12 @@ fn removal_order(pods: &mut [&PodView], revision: &str) {
 }
 
 /// Decides the pods to create and delete.
+///
+/// Canary pods run on top of the desired workers. The other pods serve the stable
+/// revision; pods of other revisions among them are replaced: surplus ones go at once
+/// (not-ready ones first, ready ones while the ready serving pods cover the desired
+/// count), else one pod of the stable revision is added and one old pod drains once
+/// it is ready.
 pub fn decide(input: &ScalingInput<'_>) -> Decision {
     let spec = input.spec;
     let live: Vec<&PodView> = input
@@ -106,68 +118,103 @@ pub fn decide(input: &ScalingInput<'_>) -> Decision {
         .filter(|p| p.state == PodState::Finished)
         .map(|p| p.name.clone())
         .collect();
+    let is_canary = |p: &PodView| input.canary.is_some_and(|(rev, _)| p.revision == rev);
+    let canaries: Vec<&PodView> = live.iter().copied().filter(|p| is_canary(p)).collect();
+    let main: Vec<&PodView> = live.iter().copied().filter(|p| !is_canary(p)).collect();
+    let main_current = main.len() as i32;
 
-    let (desired, queue_ready) = match input.broker {
+    let (wanted, queue_ready) = match input.broker {
         BrokerView::Depth {
             ready, consumers, ..
         } => (desired_workers(spec, *ready, *consumers), *ready),
         // Without numbers, hold what runs: never scale to zero on an error.
-        _ => (clamp(spec, current), 0),
+        _ => (clamp(spec, main_current), 0),
     };
-    let desired = input.cap.map_or(desired, |cap| desired.min(cap));
+    let wanted = input.cap.map_or(wanted, |cap| wanted.min(cap));
 
     let mut decision = Decision {
-        desired,
+        desired: wanted,
         current,
         ready,
         queue_ready,
         create: 0,
+        create_canary: 0,
         delete: finished,
         scaled_down: 0,
         surplus_since: None,
         scale_down_wait: None,
     };
+    let canary_for = |serving: i32| match input.canary {
+        Some((_, n)) if serving > 0 => n as i32,
+        _ => 0,
+    };
     if spec.paused || !input.config_ok {
+        decision.desired = wanted + canary_for(wanted.max(main_current));
         return decision;
     }
 
-    let fresh: Vec<&PodView> = live
+    let fresh: Vec<&PodView> = main
         .iter()
         .copied()
         .filter(|p| p.revision == input.revision)
         .collect();
-    let outdated = live.len() - fresh.len();
-    let fresh_all_ready = fresh.iter().all(|p| p.state == PodState::Ready);
+    let fresh_ready = fresh.iter().filter(|p| p.state == PodState::Ready).count() as i32;
+    let fresh_all_ready = fresh_ready == fresh.len() as i32;
+    let mut outdated: Vec<&PodView> = main
+        .iter()
+        .copied()
+        .filter(|p| p.revision != input.revision)
+        .collect();
+    removal_order(&mut outdated, input.revision);
+    let outdated_ready = outdated
+        .iter()
+        .filter(|p| p.state == PodState::Ready)
+        .count() as i32;
+    let mut main_after = main_current;
 
-    if current < desired {
-        decision.create = (desired - current) as u32;
-    } else if outdated > 0 && current == desired && fresh_all_ready && desired > 0 {
-        // A changed revision: one extra pod of the new revision...
-        decision.create = 1;
-    } else if outdated > 0 && current == desired + 1 && !fresh.is_empty() {
-        // ...and once it is ready, one outdated pod drains.
-        if fresh_all_ready {
-            let mut order: Vec<&PodView> = live
-                .iter()
-                .copied()
-                .filter(|p| p.revision != input.revision)
-                .collect();
-            removal_order(&mut order, input.revision);
-            decision.delete.push(order[0].name.clone());
+    if main_current < wanted {
+        decision.create = (wanted - main_current) as u32;
+        main_after = wanted;
+    } else if !outdated.is_empty() && main_current > wanted {
+        // Surplus old pods go now: not-ready ones freely, ready ones while the ready
+        // pods left still cover what the queue needs.
+        let surplus = (main_current - wanted) as usize;
+        let spare_ready = (fresh_ready + outdated_ready - wanted).max(0) as usize;
+        let mut ready_taken = 0;
+        let mut gone = 0;
+        for p in &outdated {
+            if gone == surplus {
+                break;
+            }
+            if p.state == PodState::Ready {
+                if ready_taken == spare_ready {
+                    continue;
+                }
+                ready_taken += 1;
+            }
+            decision.delete.push(p.name.clone());
+            gone += 1;
         }
-    } else if current > desired {
+        main_after -= gone as i32;
+    } else if !outdated.is_empty() && main_current == wanted && fresh_all_ready && wanted > 0 {
+        // A replaced revision: one extra pod of the serving revision; once it is
+        // ready, the surplus rule above drains one old pod.
+        decision.create = 1;
+        main_after += 1;
+    } else if main_current > wanted {
         let since = input.surplus_since.unwrap_or(input.now);
         let waited = input.now.duration_since(since);
         let delay = jiff::SignedDuration::try_from(input.scale_down_delay)
             .unwrap_or(jiff::SignedDuration::MAX);
         if waited >= delay {
-            let mut candidates = live.clone();
+            let mut candidates = main.clone();
             removal_order(&mut candidates, input.revision);
-            let surplus = (current - desired) as usize;
+            let surplus = (main_current - wanted) as usize;
             decision
                 .delete
                 .extend(candidates.iter().take(surplus).map(|p| p.name.clone()));
             decision.scaled_down = surplus as u32;
+            main_after -= surplus as i32;
         } else {
             decision.surplus_since = Some(since);
             decision.scale_down_wait = Some(
@@ -178,5 +225,25 @@ pub fn decide(input: &ScalingInput<'_>) -> Decision {
             );
         }
     }
+
+    // Canaries run while the pool has work or workers, within the surge bound:
+    // at most maxWorkers + canaryWorkers + 1 pods (pods left over from an earlier
+    // rollout can take some of that room for a while).
+    let bound = spec.scaling.max_workers.max(0) + 1 + canary_for(1);
+    let canary_wanted = canary_for(wanted.max(main_after)).min((bound - main_after).max(0));
+    let have = canaries.len() as i32;
+    if have < canary_wanted {
+        decision.create_canary = (canary_wanted - have) as u32;
+    } else if have > canary_wanted {
+        let mut order = canaries.clone();
+        removal_order(&mut order, "");
+        decision.delete.extend(
+            order
+                .iter()
+                .take((have - canary_wanted) as usize)
+                .map(|p| p.name.clone()),
+        );
+    }
+    decision.desired = wanted + canary_wanted;
     decision
 }

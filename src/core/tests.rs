@@ -42,12 +42,12 @@ fn desired_follows_the_queue_within_bounds() {
 #[test]
 fn a_surge_creates_the_missing_workers_with_an_event() {
     let plan = plan(&pool(), &depth(3, 0, vec![]), t(0));
-    assert_eq!(plan.create, 3);
+    assert_eq!(plan.created(), 3);
     assert!(plan.delete.is_empty());
     assert_eq!(plan.status.phase, Some(Phase::Scaling));
     let ev = plan.events.iter().find(|e| e.reason == "ScaledUp").unwrap();
     assert_eq!(ev.note, "Scaling up from 0 to 3 workers (3 tickets ready)");
-    assert_eq!(plan.revision, rev());
+    assert_eq!(plan.create[0].revision, rev());
 }
 
 #[test]
@@ -57,7 +57,7 @@ fn pending_pods_count_as_capacity_on_its_way() {
         pod("unit-b", &rev(), PodState::Starting, 0),
     ];
     let plan = plan(&pool(), &depth(3, 0, pods), t(10));
-    assert_eq!(plan.create, 1);
+    assert_eq!(plan.created(), 1);
     let w = plan.status.workers.unwrap();
     assert_eq!((w.desired, w.current, w.ready), (3, 2, 0));
 }
@@ -70,7 +70,7 @@ fn scale_down_waits_for_its_delay_then_removes_pending_pods_first() {
         pod("unit-pend", &rev(), PodState::Pending, 60),
     ];
     let first = plan(&pool(), &depth(0, 0, pods.clone()), t(100));
-    assert_eq!(first.create, 0);
+    assert_eq!(first.created(), 0);
     assert!(first.delete.is_empty(), "no scale-down before the delay");
     let since = first.status.workers.as_ref().unwrap().surplus_since.clone();
     assert_eq!(since.as_ref().map(|s| s.0), Some(t(100)));
@@ -125,7 +125,7 @@ fn an_unreachable_broker_holds_the_current_workers() {
         ..Default::default()
     };
     let plan = plan(&pool(), &observed, t(1000));
-    assert_eq!((plan.create, plan.delete.len()), (0, 0));
+    assert_eq!((plan.created(), plan.delete.len()), (0, 0));
     assert_eq!(plan.status.workers.as_ref().unwrap().desired, 2);
     assert_eq!(plan.status.phase, Some(Phase::Degraded));
     let c = condition(&plan, CONDITION_BROKER_REACHABLE);
@@ -174,7 +174,7 @@ fn paused_pools_neither_create_nor_delete() {
         &depth(4, 0, vec![pod("x", "old", PodState::Finished, 0)]),
         t(0),
     );
-    assert_eq!(plan.create, 0);
+    assert_eq!(plan.created(), 0);
     assert_eq!(plan.delete, vec!["x"], "finished pods are still cleaned up");
     assert_eq!(plan.status.phase, Some(Phase::Paused));
     assert_eq!(condition(&plan, CONDITION_READY).reason, "Paused");
@@ -187,7 +187,7 @@ fn spec_problems_are_reported_once_and_stop_scaling() {
         name: "rabbitmq".into(),
     });
     let first = plan(&pool(), &observed, t(0));
-    assert_eq!(first.create, 0);
+    assert_eq!(first.created(), 0);
     let c = condition(&first, CONDITION_DEGRADED);
     assert_eq!(
         (c.status.as_str(), c.reason.as_str()),
@@ -211,7 +211,7 @@ fn wrapped_mode_without_a_command_is_a_spec_problem() {
     let mut p = pool();
     p.spec.command.clear();
     let plan = plan(&p, &depth(1, 0, vec![]), t(0));
-    assert_eq!(plan.create, 0);
+    assert_eq!(plan.created(), 0);
     assert!(
         condition(&plan, CONDITION_DEGRADED)
             .message
@@ -242,7 +242,7 @@ fn a_missing_queue_holds_workers_and_warns() {
         ..Default::default()
     };
     let plan = plan(&pool(), &observed, t(0));
-    assert_eq!((plan.create, plan.delete.len()), (0, 0));
+    assert_eq!((plan.created(), plan.delete.len()), (0, 0));
     assert_eq!(condition(&plan, CONDITION_DEGRADED).reason, "QueueNotFound");
     assert!(plan.events.iter().any(|e| e.reason == "QueueNotFound"));
 }
@@ -288,16 +288,16 @@ fn a_new_revision_replaces_pods_one_at_a_time() {
     let mut p = pool();
     p.spec.scaling.min_workers = 2;
     let step1 = plan(&p, &depth(0, 2, pods.clone()), t(0));
-    assert_eq!((step1.create, step1.delete.len()), (1, 0));
+    assert_eq!((step1.created(), step1.delete.len()), (1, 0));
     // While it starts: wait.
     let mut pods2 = pods.clone();
     pods2.push(pod("unit-c", &new, PodState::Starting, 1));
     let step2 = plan(&p, &depth(0, 2, pods2.clone()), t(1));
-    assert_eq!((step2.create, step2.delete.len()), (0, 0));
+    assert_eq!((step2.created(), step2.delete.len()), (0, 0));
     // Once ready: one outdated pod drains.
     pods2[2].state = PodState::Ready;
     let step3 = plan(&p, &depth(0, 2, pods2), t(2));
-    assert_eq!(step3.create, 0);
+    assert_eq!(step3.created(), 0);
     assert_eq!(step3.delete.len(), 1);
     assert!(step3.delete[0] == "unit-a" || step3.delete[0] == "unit-b");
 }
@@ -405,9 +405,9 @@ proptest! {
         let scaled_down = plan.delete.iter().filter(|n| {
             observed.pods.iter().any(|p| &p.name == *n && !matches!(p.state, PodState::Terminating | PodState::Finished))
         }).count() as i32;
-        let after = live_before + plan.create as i32 - scaled_down;
+        let after = live_before + plan.created() as i32 - scaled_down;
         // Creating never goes past max plus the one-pod surge of a revision change.
-        if plan.create > 0 {
+        if plan.created() > 0 {
             prop_assert!(after <= p.spec.scaling.max_workers.max(live_before) + 1);
         }
         // Deleting never goes below what is wanted, nor below min.
@@ -417,13 +417,13 @@ proptest! {
         }
         // Paused pools and pools without numbers never scale.
         if p.spec.paused {
-            prop_assert_eq!(plan.create, 0);
+            prop_assert_eq!(plan.created(), 0);
             prop_assert_eq!(scaled_down, 0);
         }
         if !matches!(observed.broker, BrokerView::Depth { .. }) {
             let outdated = observed.pods.iter().any(|p| p.revision != rev() && !matches!(p.state, PodState::Terminating | PodState::Finished));
             if live_before >= p.spec.scaling.min_workers && !outdated {
-                prop_assert_eq!(plan.create, 0, "no scale-up without numbers beyond min");
+                prop_assert_eq!(plan.created(), 0, "no scale-up without numbers beyond min");
             }
             prop_assert!(after >= live_before.min(p.spec.scaling.max_workers), "an outage never scales down");
         }
@@ -487,7 +487,7 @@ proptest! {
         let mut p = pool();
         p.spec.scaling.max_workers = max;
         let plan = plan(&p, &depth(ready, consumers, vec![]), t(0));
-        prop_assert!(plan.create >= 1);
+        prop_assert!(plan.created() >= 1);
     }
 }
 
@@ -568,6 +568,6 @@ fn a_crash_before_the_consume_loop_degrades_the_pool_with_the_diagnosis() {
     );
     // Tickets wait for the environment to get better; one worker stays to find out
     // (more would only crash), and three waiting tickets add none.
-    assert_eq!(plan.create, 0);
+    assert_eq!(plan.created(), 0);
     assert_eq!(plan.status.workers.as_ref().unwrap().desired, 1);
 }

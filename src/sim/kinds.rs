@@ -277,6 +277,6 @@ mod tests {
         assert_eq!(kinds[0].short_names, vec!["trp"]);
         assert!(kinds[0].status);
         assert!(kinds[0].schema.is_some());
-        assert_eq!(kinds[0].columns.len(), 6);
+        assert_eq!(kinds[0].columns.len(), 7);
     }
 }

@@ -36,6 +36,7 @@ fn crash(
 
 fn completions(pairs: &[(&str, i64)]) -> Completions {
     Completions {
+        tickets_by_revision: Default::default(),
         last_by_revision: pairs
             .iter()
             .map(|(r, at)| (r.to_string(), t(*at)))
