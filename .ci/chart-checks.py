@@ -26,7 +26,8 @@ BUILTIN_GROUPS = {
 RELEASE_NAMESPACE = "testrunner-system"
 FULLNAME = "testrunner-operator"
 ALERTS = ["TestRunnerWorkerCrashLooping", "TestRunnerBrokerUnreachable", "TestRunnerQueueStalled",
-          "TestRunnerPoisonTicket", "TestRunnerBrokenEnvironment", "TestRunnerOperatorDown"]
+          "TestRunnerPoisonTicket", "TestRunnerBrokenEnvironment", "TestRunnerRolloutFailed",
+          "TestRunnerOperatorDown"]
 
 
 def docs(path):
@@ -190,6 +191,11 @@ def case_monitoring(ds):
         anchor = a["runbook_url"].split("#", 1)[1]
         expect(anchor in anchors, f"{r['alert']}: docs/runbooks.md has no heading for #{anchor}")
         expect(r["labels"].get("team") == "ci" and r["labels"].get("severity"), f"{r['alert']} labels")
+    rollout = rules[ALERTS.index("TestRunnerRolloutFailed")]
+    expect(rollout["expr"].strip() == "max by (namespace, pool) (testrunner_rollout_failed) == 1",
+           f"TestRunnerRolloutFailed expr: {rollout['expr']}")
+    expect(rollout["for"] == "0m" and rollout["labels"]["severity"] == "warning",
+           "TestRunnerRolloutFailed: for 0m and severity warning by default")
     one(ds, "NetworkPolicy")
     one(ds, "PodDisruptionBudget")
 
