@@ -3,6 +3,7 @@
 //!
 //! observe (Secret, probe cache, pods) → `core::plan` → apply (pods, events) → status.
 
+mod events;
 mod probes;
 
 use std::collections::HashMap;
@@ -16,7 +17,7 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
@@ -119,8 +120,8 @@ pub struct Context {
     pub probes: Probes,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// Event recorder.
-    pub recorder: Recorder,
+    /// Event publisher.
+    pub recorder: events::Events,
     /// Alert delivery (Alertmanager, webhook).
     pub alerter: crate::alerts::Alerter,
     /// Settings.
@@ -141,7 +142,7 @@ impl Context {
         probes.set_alerter(alerter.clone());
         Self {
             alerter,
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: events::Events::new(client.clone(), reporter),
             client,
             brokers: probes.brokers().clone(),
             probes,
