@@ -308,7 +308,8 @@ metadata:
   name: demo
 spec:
   image: example.org/test-runner:1
-  command: [\"sh\", \"-c\", \"cat >/dev/null; sleep 1\"]
+  # images do not run here; this command crashes on any image tagged :broken
+  command: [\"sh\", \"-c\", \"case $TESTRUNNER_IMAGE in *:broken) exit 3;; esac; cat >/dev/null; sleep 1\"]
   queue:
     name: tickets.demo
     connectionSecretRef: {{name: rabbitmq, key: uri}}
@@ -318,6 +319,9 @@ YAML
   ({bin} publish --queue tickets.demo --count 30 sends more: watch the pool scale up and back down)
   kubectl get pods
   kubectl describe trp demo
+  (a rollout: publish 30 more, then set image example.org/test-runner:broken, watch its canary
+   roll back, then example.org/test-runner:2, watch it promoted:
+   kubectl patch trp demo --type merge -p '{{\"spec\":{{\"image\":\"example.org/test-runner:broken\"}}}}')
 
 Ctrl-C stops everything (the API server, the operator and every worker process).",
         url = sim.api.url(),
