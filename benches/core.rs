@@ -67,7 +67,10 @@ fn measure(mut f: impl FnMut(), iters: u32, rounds: usize) -> Duration {
 
 fn main() {
     let now = Timestamp::now();
-    println!("{:>8} {:>14} {:>14}", "pods", "plan (median)", "scale-down");
+    println!(
+        "{:>8} {:>14} {:>14} {:>14}",
+        "pods", "plan (median)", "scale-down", "mid-rollout"
+    );
     for pods in [0usize, 10, 100, 1000, 5000] {
         let p = pool(pods as i32 + 10);
         let rev = core::revision(&p.spec);
@@ -104,6 +107,50 @@ fn main() {
             200,
             21,
         );
-        println!("{pods:>8} {:>14?} {:>14?}", steady, down);
+        // A rollout in progress: the stable pods, one canary, and the canary's evidence
+        // (1,000 completed tickets remembered for its revision, 19 crashes on record).
+        let mut rolling = p.clone();
+        rolling.status = Some(core::plan(&p, &obs, now).status);
+        rolling.spec.image = "registry.example/test-runner:2".into();
+        rolling.spec.rollout.promote_after_tickets = 1000;
+        let canary = core::revision(&rolling.spec);
+        let mut mid = obs.clone();
+        mid.pods.push(PodView {
+            name: "bench-canary".into(),
+            revision: canary.clone(),
+            state: PodState::Ready,
+            created: now,
+        });
+        rolling.status = Some(core::plan(&rolling, &mid, now).status);
+        for i in 0..999 {
+            mid.completions
+                .record(&canary, Some(&format!("ticket-{i}")), now);
+        }
+        let crashes = rolling.status.as_mut().unwrap();
+        crashes.crashes = (0..19)
+            .map(|i| testrunner_operator::crd::CrashStatus {
+                id: format!("crash-{i}"),
+                pod: format!("bench-{i:05}"),
+                revision: rev.clone(),
+                image: "registry.example/test-runner:1".into(),
+                ticket: Some(format!("poison-{}", i % 3)),
+                delivery: Some(1),
+                state: None,
+                exit_code: 1,
+                signal: None,
+                reason: "Error".into(),
+                at: Time(now),
+            })
+            .collect();
+        let r = core::plan(&rolling, &mid, now).status.rollout.unwrap();
+        assert_eq!(r.canary_tickets_ok, 999, "{}", r.message);
+        let rollout = measure(
+            || {
+                black_box(core::plan(black_box(&rolling), black_box(&mid), now));
+            },
+            50,
+            21,
+        );
+        println!("{pods:>8} {:>14?} {:>14?} {:>14?}", steady, down, rollout);
     }
 }

@@ -384,21 +384,11 @@ pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan 
     let listed: Vec<String> = quarantine_list.iter().map(|t| t.id.clone()).collect();
     // Pods stuck on a quarantined ticket are deleted; scaling replaces them at once.
     let stuck = quarantine::stuck_pods(&observed.pods, &observed.crashes, &listed);
-    let pods: Vec<PodView> = observed
-        .pods
-        .iter()
-        .map(|p| {
-            let mut p = p.clone();
-            if stuck.contains(&p.name) {
-                p.state = PodState::Terminating;
-            }
-            p
-        })
-        .collect();
 
     let decision = scaling::decide(&ScalingInput {
         spec,
-        pods: &pods,
+        pods: &observed.pods,
+        leaving: &stuck,
         broker: &observed.broker,
         config_ok: config_problem.is_none(),
         revision: &revision,

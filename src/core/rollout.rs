@@ -459,13 +459,9 @@ fn judge(input: &RolloutInput<'_>, out: &mut Outcome<'_>) {
         out.st.canary_since = Some(Time(now));
     }
 
-    let mut ok: BTreeSet<String> = out.st.canary_tickets.iter().cloned().collect();
-    ok.extend(
-        input
-            .completions
-            .tickets_since(&target, started)
-            .map(str::to_string),
-    );
+    let stored = std::mem::take(&mut out.st.canary_tickets);
+    let mut ok: BTreeSet<&str> = stored.iter().map(String::as_str).collect();
+    ok.extend(input.completions.tickets_since(&target, started));
     let crashes: Vec<&CrashStatus> = input
         .crashes
         .iter()
@@ -490,7 +486,7 @@ fn judge(input: &RolloutInput<'_>, out: &mut Outcome<'_>) {
     let needed = spec.rollout.promote_after_tickets.max(0) as usize;
     out.st.canary_tickets_ok = ok.len().min(i32::MAX as usize) as i32;
     out.st.canary_crashes = crashes.len() as i32;
-    out.st.canary_tickets = ok.iter().take(needed).cloned().collect();
+    out.st.canary_tickets = ok.iter().take(needed).map(|t| t.to_string()).collect();
 
     let ran = out.st.canary_since.as_ref().map(|s| since(s.0, now));
     let failure = if let Some(c) = pre_loop.last() {

@@ -15,6 +15,8 @@ pub struct ScalingInput<'a> {
     pub spec: &'a TestRunnerPoolSpec,
     /// The pool's pods.
     pub pods: &'a [PodView],
+    /// Pods deleted for another reason (stuck on a quarantined ticket): counted as gone.
+    pub leaving: &'a [String],
     /// The last queue probe.
     pub broker: &'a BrokerView,
     /// False when the spec has a problem: then nothing is created or deleted.
@@ -109,6 +111,7 @@ pub fn decide(input: &ScalingInput<'_>) -> Decision {
         .pods
         .iter()
         .filter(|p| !matches!(p.state, PodState::Terminating | PodState::Finished))
+        .filter(|p| !input.leaving.contains(&p.name))
         .collect();
     let current = live.len() as i32;
     let ready = live.iter().filter(|p| p.state == PodState::Ready).count() as i32;
