@@ -2,6 +2,7 @@
 //! API server and kubelet, and the real RabbitMQ (skipped, with a message, when no
 //! broker answers on 127.0.0.1:5672 or at TESTRUNNER_AMQP_URI).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -9,7 +10,9 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use serde_json::json;
-use testrunner_operator::crd::TestRunnerPool;
+use testrunner_operator::crd::{
+    Condition, RolloutPhase, RolloutStatus, TestRunnerPool, TestRunnerPoolStatus,
+};
 use testrunner_operator::sim;
 
 /// Where a scenario runs: the simulated cluster by default, or the real cluster of
@@ -128,18 +131,33 @@ async fn broker() -> Option<lapin::Connection> {
 
 async fn depth(conn: &lapin::Connection, queue: &str) -> u32 {
     let ch = conn.create_channel().await.unwrap();
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    q.message_count()
+    let n = depth_on(&ch, queue).await;
+    let _ = ch.close(200, "done".into()).await;
+    n
+}
+
+async fn depth_on(ch: &lapin::Channel, queue: &str) -> u32 {
+    declare_passive(ch, queue).await.message_count()
+}
+
+async fn consumers(conn: &lapin::Connection, queue: &str) -> u32 {
+    let ch = conn.create_channel().await.unwrap();
+    let n = declare_passive(&ch, queue).await.consumer_count();
+    let _ = ch.close(200, "done".into()).await;
+    n
+}
+
+async fn declare_passive(ch: &lapin::Channel, queue: &str) -> lapin::Queue {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -422,6 +440,19 @@ impl Ledger {
         ])
     }
 
+    /// The test command of [`Ledger::command`], except on images matching the shell
+    /// pattern `image`: there it records `<id> crash` after the start and exits 3.
+    fn command_crashing_on(&self, image: &str, work_seconds: f64) -> serde_json::Value {
+        json!([
+            "sh",
+            "-c",
+            format!(
+                "echo \"$TICKET_ID start\" >> {p}; cat >/dev/null; case \"$TESTRUNNER_IMAGE\" in {image}) echo \"$TICKET_ID crash\" >> {p}; exit 3;; esac; sleep {work_seconds}; echo \"$TICKET_ID end\" >> {p}",
+                p = self.path.display()
+            )
+        ])
+    }
+
     fn lines(&self) -> Vec<String> {
         std::fs::read_to_string(&self.path)
             .unwrap_or_default()
@@ -451,6 +482,26 @@ impl Ledger {
             starts, expected,
             "no ticket started twice or was interrupted"
         );
+    }
+
+    /// Every published ticket ran to its end exactly once, and nothing else ran; a
+    /// ticket started again only after a crash on it (one start more per crash).
+    /// Returns the tickets that crashed.
+    fn assert_each_once_but_crashes(&self, ids: &[String]) -> BTreeSet<String> {
+        let crashes = self.count("crash");
+        let ends = self.count("end");
+        let expected: BTreeMap<String, usize> = ids.iter().map(|id| (id.clone(), 1)).collect();
+        assert_eq!(ends, expected, "every ticket completes exactly once");
+        let starts: BTreeMap<String, usize> = ids
+            .iter()
+            .map(|id| (id.clone(), 1 + crashes.get(id).copied().unwrap_or(0)))
+            .collect();
+        assert_eq!(
+            self.count("start"),
+            starts,
+            "a ticket starts again only after a crash on it"
+        );
+        crashes.into_keys().collect()
     }
 }
 
@@ -533,6 +584,64 @@ async fn publish_to_test_queue(conn: &lapin::Connection, queue: &str, n: u32) ->
     sim::publish::publish(&broker_uri(), queue, n, false)
         .await
         .unwrap()
+}
+
+/// Keeps tickets waiting in a queue until stopped, so that a rollout is judged under
+/// load however fast the machine runs the tickets.
+struct Load {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl Load {
+    /// Publishes to `queue` whenever fewer than `waiting` tickets are ready.
+    async fn start(queue: &str, waiting: u32) -> Load {
+        use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+        let conn = broker().await.expect("the broker answers");
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let queue = queue.to_string();
+        let task = tokio::spawn(async move {
+            let mut ids = Vec::new();
+            while !*stopped.borrow() {
+                for _ in depth_on(&ch, &queue).await..waiting {
+                    let id = format!("{queue}-load-{}", ids.len());
+                    let confirm = ch
+                        .basic_publish(
+                            "".into(),
+                            queue.as_str().into(),
+                            BasicPublishOptions::default(),
+                            id.as_bytes(),
+                            lapin::BasicProperties::default()
+                                .with_message_id(id.as_str().into())
+                                .with_delivery_mode(2),
+                        )
+                        .await
+                        .unwrap()
+                        .await
+                        .unwrap();
+                    assert!(confirm.is_ack(), "the broker took ticket {id}");
+                    ids.push(id);
+                }
+                tokio::select! {
+                    _ = stopped.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+            let _ = conn.close(200, "done".into()).await;
+            ids
+        });
+        Load { stop, task }
+    }
+
+    /// Stops publishing; returns the tickets it published.
+    async fn stop(self) -> Vec<String> {
+        let _ = self.stop.send(true);
+        self.task.await.expect("the load publisher ran")
+    }
 }
 
 async fn delete_queue(conn: &lapin::Connection, queue: &str) {
@@ -813,6 +922,13 @@ impl Alertmanager {
         self.posted.lock().unwrap().clone()
     }
 
+    /// True once `name` was sent resolved (with `endsAt`).
+    fn resolved(&self, name: &str) -> bool {
+        self.posted()
+            .iter()
+            .any(|a| a["labels"]["alertname"] == name && a.get("endsAt").is_some())
+    }
+
     fn alert_names(&self) -> Vec<String> {
         self.posted()
             .iter()
@@ -928,15 +1044,7 @@ async fn a_poison_ticket_is_quarantined_the_good_ones_complete_and_a_new_image_g
     let more = sim::publish::publish(&broker_uri(), &queue, 3, false)
         .await
         .unwrap();
-    let patch = json!({"spec": {"image": "example.org/runner:2"}});
-    pools
-        .patch(
-            "poison",
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(&patch),
-        )
-        .await
-        .unwrap();
+    patch_spec(&pools, "poison", json!({"image": "example.org/runner:2"})).await;
     let mut everything = ids.clone();
     everything.extend(more);
     eventually(
@@ -1041,15 +1149,7 @@ async fn a_broken_image_holds_the_tickets_until_it_is_fixed_then_they_all_comple
     );
 
     // The fixed image (here: command) is a new revision; the tickets flow on by themselves.
-    let patch = json!({"spec": {"command": ledger.command(0.1)}});
-    pools
-        .patch(
-            "broken",
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(&patch),
-        )
-        .await
-        .unwrap();
+    patch_spec(&pools, "broken", json!({"command": ledger.command(0.1)})).await;
     eventually(
         "every held ticket to complete",
         Duration::from_secs(60),
@@ -1075,4 +1175,637 @@ async fn a_broken_image_holds_the_tickets_until_it_is_fixed_then_they_all_comple
     );
 
     finish(conn, target, operator, &queue).await;
+}
+
+// Rollouts: a new revision runs as a canary next to the stable workers, under load, and
+// is promoted or rolled back by what its tickets do.
+
+const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A pool of image `example.org/runner:1` for rollout scenarios: one to three workers,
+/// with `rollout` over the rollout defaults.
+fn rollout_pool(
+    name: &str,
+    queue: &str,
+    command: serde_json::Value,
+    rollout: serde_json::Value,
+) -> TestRunnerPool {
+    let mut pool = wrapped_pool(
+        name,
+        "example.org/runner:1",
+        queue,
+        command,
+        json!({"minWorkers": 1, "maxWorkers": 3, "pollInterval": "300ms", "scaleDownDelay": "1s"}),
+    );
+    pool.spec.rollout = serde_json::from_value(rollout).unwrap();
+    pool
+}
+
+fn apis(s: &Scenario) -> (Api<TestRunnerPool>, Api<Pod>) {
+    (
+        Api::namespaced(s.client.clone(), &s.ns),
+        Api::namespaced(s.client.clone(), &s.ns),
+    )
+}
+
+async fn patch_spec(pools: &Api<TestRunnerPool>, name: &str, spec: serde_json::Value) {
+    pools
+        .patch(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&json!({ "spec": spec })),
+        )
+        .await
+        .unwrap();
+}
+
+async fn status_of(pools: &Api<TestRunnerPool>, name: &str) -> TestRunnerPoolStatus {
+    pools
+        .get_status(name)
+        .await
+        .unwrap()
+        .status
+        .unwrap_or_default()
+}
+
+fn condition<'a>(status: &'a TestRunnerPoolStatus, type_: &str) -> &'a Condition {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition in {:?}", status.conditions))
+}
+
+/// Waits until the pool's `status.rollout` passes `check`, and returns it.
+async fn rollout_when(
+    pools: &Api<TestRunnerPool>,
+    name: &str,
+    what: &str,
+    check: impl Fn(&RolloutStatus) -> bool,
+) -> RolloutStatus {
+    let deadline = tokio::time::Instant::now() + ROLLOUT_TIMEOUT;
+    loop {
+        let rollout = status_of(pools, name).await.rollout;
+        if let Some(r) = rollout.as_ref().filter(|r| check(r)) {
+            return r.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {ROLLOUT_TIMEOUT:?} waiting for {what}; status.rollout: {rollout:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How many of the pool's pods (terminating ones included) run each revision.
+async fn revisions(pods: &Api<Pod>, pool: &str) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for p in pods
+        .list(&ListParams::default().labels(&format!("testrunner.dev/pool={pool}")))
+        .await
+        .unwrap()
+        .items
+    {
+        let revision = p.metadata.labels.unwrap_or_default()["testrunner.dev/revision"].clone();
+        *out.entry(revision).or_insert(0) += 1;
+    }
+    out
+}
+
+/// The pool's live pods of `revision`.
+async fn pods_of(pods: &Api<Pod>, pool: &str, revision: &str) -> Vec<String> {
+    pods.list(&ListParams::default().labels(&format!(
+        "testrunner.dev/pool={pool},testrunner.dev/revision={revision}"
+    )))
+    .await
+    .unwrap()
+    .items
+    .into_iter()
+    .filter(|p| p.metadata.deletion_timestamp.is_none())
+    .filter_map(|p| p.metadata.name)
+    .collect()
+}
+
+/// Waits until exactly `n` pods of the pool exist, all of `revision`.
+async fn pods_become(pods: &Api<Pod>, pool: &str, n: usize, revision: &str) {
+    eventually(
+        &format!("{n} pod(s), all of revision {revision}"),
+        ROLLOUT_TIMEOUT,
+        || async { revisions(pods, pool).await == BTreeMap::from([(revision.to_string(), n)]) },
+    )
+    .await;
+}
+
+/// Creates `pool` and waits until it serves its first revision; from then on, tickets
+/// keep waiting in its queue.
+async fn serve_under_load(
+    s: &Scenario,
+    pools: &Api<TestRunnerPool>,
+    pool: TestRunnerPool,
+) -> (RolloutStatus, Load) {
+    let name = pool.metadata.name.clone().unwrap();
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+    eventually(
+        "the pool to complete its first tickets",
+        ROLLOUT_TIMEOUT,
+        || async { s.ledger.count("end").len() >= 5 },
+    )
+    .await;
+    let first = rollout_when(pools, &name, "the first revision to serve", |r| {
+        r.phase == RolloutPhase::Promoted
+    })
+    .await;
+    assert_eq!(first.reason.as_deref(), Some("FirstRevision"));
+    (first, Load::start(&s.queue, 6).await)
+}
+
+/// Stops the load, then waits for every ticket to complete and the pool to drain back
+/// to its one minimum worker, of `revision`. Returns every ticket published.
+async fn drain(
+    s: &Scenario,
+    pods: &Api<Pod>,
+    pool: &str,
+    load: Load,
+    revision: &str,
+) -> Vec<String> {
+    let mut ids = s.ids.clone();
+    ids.extend(load.stop().await);
+    eventually(
+        "every ticket to complete",
+        Duration::from_secs(90),
+        || async { s.ledger.count("end").len() == ids.len() },
+    )
+    .await;
+    pods_become(pods, pool, 1, revision).await;
+    assert_eq!(
+        depth(&s.conn, &s.queue).await,
+        0,
+        "nothing left in the queue"
+    );
+    ids
+}
+
+/// The last entry of the revision history, as (revision, image, result, reason).
+fn last_record(r: &RolloutStatus) -> (&str, &str, &str, &str) {
+    let h = r.history.last().expect("a revision history");
+    (&h.revision, &h.image, &h.result, &h.reason)
+}
+
+async fn assert_nothing_quarantined(s: &Scenario, pools: &Api<TestRunnerPool>, pool: &str) {
+    let status = status_of(pools, pool).await;
+    assert_eq!(
+        status.quarantine.map_or(0, |q| q.count),
+        0,
+        "no ticket is quarantined"
+    );
+    assert_eq!(depth(&s.conn, &format!("{}.quarantine", s.queue)).await, 0);
+}
+
+async fn assert_events(s: &Scenario, wanted: &[&str]) {
+    let reasons = event_reasons(&s.client, &s.ns).await;
+    for r in wanted {
+        assert!(
+            reasons.iter().any(|x| x == r),
+            "no {r} event in {reasons:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_crashing_on_its_tickets_is_alerted_and_rolled_back_and_a_fixed_image_is_promoted()
+{
+    let Some(s) = Scenario::start("seed", 40).await else {
+        return;
+    };
+    let (pools, pods) = apis(&s);
+    let alertmanager = Alertmanager::start().await;
+    // The test command crashes (exit 3) on every ticket, but only on image :bad.
+    let mut pool = rollout_pool(
+        "seed",
+        &s.queue,
+        s.ledger.command_crashing_on("*:bad", 0.2),
+        json!({}),
+    );
+    pool.spec.alerts.alertmanager_url = Some(alertmanager.url.clone());
+    let (first, load) = serve_under_load(&s, &pools, pool).await;
+    let stable = first.stable_revision.clone();
+
+    patch_spec(&pools, "seed", json!({"image": "example.org/runner:bad"})).await;
+    let failed = rollout_when(&pools, "seed", "the :bad canary to be rolled back", |r| {
+        let bad = r.target_image.ends_with(":bad");
+        assert!(!bad || r.phase != RolloutPhase::Promoted, "{r:#?}");
+        bad && r.phase == RolloutPhase::RolledBack
+    })
+    .await;
+    let bad = failed.target_revision.clone();
+    assert_eq!(
+        failed.reason.as_deref(),
+        Some("CanaryCrashedOnTickets"),
+        "{}",
+        failed.message
+    );
+    assert_eq!(failed.stable_revision, stable);
+    assert_eq!(
+        last_record(&failed),
+        (
+            bad.as_str(),
+            "example.org/runner:bad",
+            "RolledBack",
+            "CanaryCrashedOnTickets"
+        )
+    );
+    // The crashes are the canary's, on tickets; the diagnosis blames neither the
+    // tickets nor the stable workers, so nothing is quarantined.
+    let status = status_of(&pools, "seed").await;
+    let degraded = condition(&status, "Degraded");
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "RolloutFailed")
+    );
+    assert_eq!(status.diagnosis.as_ref().unwrap().verdict, "Healthy");
+    let crashed: BTreeSet<&str> = status
+        .crashes
+        .iter()
+        .map(|c| {
+            assert_eq!(
+                (c.revision.as_str(), c.exit_code),
+                (bad.as_str(), 3),
+                "{c:?}"
+            );
+            c.ticket.as_deref().expect("a crash on a ticket")
+        })
+        .collect();
+    assert!(crashed.len() >= 2, "{:?}", status.crashes);
+    assert_nothing_quarantined(&s, &pools, "seed").await;
+    assert_events(&s, &["RolloutStarted", "WorkerCrashed", "RolloutFailed"]).await;
+    eventually(
+        "the crash and the failed rollout to reach Alertmanager",
+        Duration::from_secs(20),
+        || async {
+            let got = alertmanager.alert_names();
+            got.iter().any(|a| a == "TestRunnerWorkerCrash")
+                && got.iter().any(|a| a == "TestRunnerRolloutFailed")
+        },
+    )
+    .await;
+
+    // The canary is gone; the tickets flow on, on the stable image.
+    pods_become(&pods, "seed", 3, &stable).await;
+    let done = s.ledger.count("end").len();
+    eventually(
+        "tickets to flow on the stable image",
+        ROLLOUT_TIMEOUT,
+        || async { s.ledger.count("end").len() >= done + 5 },
+    )
+    .await;
+
+    // The fixed image passes its canary and replaces every pod.
+    patch_spec(&pools, "seed", json!({"image": "example.org/runner:2"})).await;
+    let promoted = rollout_when(&pools, "seed", "the fixed image to be promoted", |r| {
+        r.target_image.ends_with(":2") && r.phase == RolloutPhase::Promoted
+    })
+    .await;
+    let fixed = promoted.target_revision.clone();
+    assert_eq!(promoted.reason.as_deref(), Some("CanaryPassed"));
+    assert_eq!(promoted.stable_revision, fixed);
+    assert_eq!(
+        last_record(&promoted),
+        (
+            fixed.as_str(),
+            "example.org/runner:2",
+            "Promoted",
+            "CanaryPassed"
+        )
+    );
+    pods_become(&pods, "seed", 3, &fixed).await;
+    let status = status_of(&pools, "seed").await;
+    assert_eq!(condition(&status, "Degraded").status, "False");
+    eventually(
+        "the failed rollout's alert to be resolved",
+        Duration::from_secs(20),
+        || async { alertmanager.resolved("TestRunnerRolloutFailed") },
+    )
+    .await;
+
+    // Every ticket completed once; only the ones the :bad canary crashed on started again.
+    let ids = drain(&s, &pods, "seed", load, &fixed).await;
+    let crashed_in_ledger = s.ledger.assert_each_once_but_crashes(&ids);
+    assert!(
+        crashed.iter().all(|t| crashed_in_ledger.contains(*t)),
+        "crashes in status {crashed:?}, in the ledger {crashed_in_ledger:?}"
+    );
+    assert_nothing_quarantined(&s, &pools, "seed").await;
+
+    finish(s.conn, s.target, s.operator, &s.queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_crashing_before_its_consume_loop_is_rolled_back_and_the_stable_workers_complete_every_ticket()
+ {
+    let Some(s) = Scenario::start("nocmd", 40).await else {
+        return;
+    };
+    let (pools, pods) = apis(&s);
+    let pool = rollout_pool("nocmd", &s.queue, s.ledger.command(0.2), json!({}));
+    let (first, load) = serve_under_load(&s, &pools, pool).await;
+    let stable = first.stable_revision.clone();
+
+    // The new image lacks its test runner: the canary's wrapper exits before consuming.
+    patch_spec(
+        &pools,
+        "nocmd",
+        json!({"image": "example.org/runner:2", "command": ["/nonexistent/run-tests"]}),
+    )
+    .await;
+    // The stable workers stay healthy throughout: the canary's crashes are its own.
+    let healthy = || async {
+        let d = diagnosis(&pools, "nocmd").await.unwrap();
+        assert_eq!(d.verdict, "Healthy", "{}", d.message);
+    };
+    eventually("the canary to be rolled back", ROLLOUT_TIMEOUT, || async {
+        healthy().await;
+        let r = status_of(&pools, "nocmd").await.rollout.unwrap();
+        let new = r.target_image.ends_with(":2");
+        assert!(!new || r.phase != RolloutPhase::Promoted, "{r:#?}");
+        new && r.phase == RolloutPhase::RolledBack
+    })
+    .await;
+    let status = status_of(&pools, "nocmd").await;
+    let failed = status.rollout.clone().unwrap();
+    assert_eq!(
+        failed.reason.as_deref(),
+        Some("CanaryCrashedBeforeConsuming"),
+        "{}",
+        failed.message
+    );
+    assert_eq!(
+        last_record(&failed),
+        (
+            failed.target_revision.as_str(),
+            "example.org/runner:2",
+            "RolledBack",
+            "CanaryCrashedBeforeConsuming"
+        )
+    );
+    assert!(!status.crashes.is_empty());
+    for c in &status.crashes {
+        assert_eq!(c.revision, failed.target_revision, "{c:?}");
+        assert_eq!((c.ticket.as_deref(), c.exit_code), (None, 71), "{c:?}");
+    }
+    let degraded = condition(&status, "Degraded");
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "RolloutFailed")
+    );
+    assert_events(&s, &["RolloutStarted", "WorkerCrashed", "RolloutFailed"]).await;
+
+    // The spec still names the failed revision; the pool serves on the stable one.
+    eventually("the canary to go", ROLLOUT_TIMEOUT, || async {
+        healthy().await;
+        revisions(&pods, "nocmd").await == BTreeMap::from([(stable.clone(), 3)])
+    })
+    .await;
+    let ids = drain(&s, &pods, "nocmd", load, &stable).await;
+    s.ledger.assert_each_once(&ids);
+    healthy().await;
+    assert_nothing_quarantined(&s, &pools, "nocmd").await;
+    assert!(
+        !event_reasons(&s.client, &s.ns)
+            .await
+            .iter()
+            .any(|r| r == "BrokenEnvironment")
+    );
+
+    finish(s.conn, s.target, s.operator, &s.queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_good_upgrade_under_load_is_promoted_and_replaces_every_pod_without_interrupting_a_ticket()
+ {
+    let Some(s) = Scenario::start("upgrade", 40).await else {
+        return;
+    };
+    let (pools, pods) = apis(&s);
+    let pool = rollout_pool("upgrade", &s.queue, s.ledger.command(0.2), json!({}));
+    let (first, load) = serve_under_load(&s, &pools, pool).await;
+
+    patch_spec(&pools, "upgrade", json!({"image": "example.org/runner:2"})).await;
+    let promoted = rollout_when(&pools, "upgrade", ":2 to be promoted", |r| {
+        r.target_image.ends_with(":2") && r.phase == RolloutPhase::Promoted
+    })
+    .await;
+    let new = promoted.target_revision.clone();
+    assert_eq!(promoted.reason.as_deref(), Some("CanaryPassed"));
+    assert!(promoted.canary_tickets_ok >= 3, "{promoted:?}");
+    assert_eq!(promoted.canary_crashes, 0);
+    let history: Vec<_> = promoted
+        .history
+        .iter()
+        .map(|h| (h.revision.as_str(), h.result.as_str(), h.reason.as_str()))
+        .collect();
+    assert_eq!(
+        history,
+        [
+            (first.stable_revision.as_str(), "Promoted", "FirstRevision"),
+            (new.as_str(), "Promoted", "CanaryPassed")
+        ]
+    );
+    pods_become(&pods, "upgrade", 3, &new).await;
+    eventually(
+        "the rollout to be complete in status",
+        Duration::from_secs(10),
+        || async {
+            condition(&status_of(&pools, "upgrade").await, "RolloutComplete").status == "True"
+        },
+    )
+    .await;
+    let status = status_of(&pools, "upgrade").await;
+    assert!(status.crashes.is_empty(), "{:?}", status.crashes);
+    assert_events(&s, &["RolloutStarted", "RolloutPromoted"]).await;
+
+    // Old pods drained their tickets before they went: nothing ran twice.
+    let ids = drain(&s, &pods, "upgrade", load, &new).await;
+    s.ledger.assert_each_once(&ids);
+
+    finish(s.conn, s.target, s.operator, &s.queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_image_supersedes_a_rollout_in_progress_and_is_promoted_in_its_place() {
+    let Some(s) = Scenario::start("supersede", 40).await else {
+        return;
+    };
+    let (pools, pods) = apis(&s);
+    // :2's canary cannot pass its gate in this scenario's time.
+    let pool = rollout_pool(
+        "supersede",
+        &s.queue,
+        s.ledger.command(0.2),
+        json!({"promoteAfterTickets": 100}),
+    );
+    let (first, load) = serve_under_load(&s, &pools, pool).await;
+
+    patch_spec(
+        &pools,
+        "supersede",
+        json!({"image": "example.org/runner:2"}),
+    )
+    .await;
+    let running = rollout_when(
+        &pools,
+        "supersede",
+        ":2's canary to complete a ticket",
+        |r| {
+            r.target_image.ends_with(":2")
+                && r.phase == RolloutPhase::Progressing
+                && r.canary_tickets_ok >= 1
+        },
+    )
+    .await;
+    let superseded = running.target_revision.clone();
+
+    patch_spec(
+        &pools,
+        "supersede",
+        json!({"image": "example.org/runner:3", "rollout": {"promoteAfterTickets": 3}}),
+    )
+    .await;
+    let promoted = rollout_when(&pools, "supersede", ":3 to be promoted", |r| {
+        r.target_image.ends_with(":3") && r.phase == RolloutPhase::Promoted
+    })
+    .await;
+    let new = promoted.target_revision.clone();
+    assert_eq!(promoted.reason.as_deref(), Some("CanaryPassed"));
+    let history: Vec<_> = promoted
+        .history
+        .iter()
+        .map(|h| {
+            (
+                h.revision.as_str(),
+                h.image.as_str(),
+                h.result.as_str(),
+                h.reason.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        history,
+        [
+            (
+                first.stable_revision.as_str(),
+                "example.org/runner:1",
+                "Promoted",
+                "FirstRevision"
+            ),
+            (
+                superseded.as_str(),
+                "example.org/runner:2",
+                "Superseded",
+                "Superseded"
+            ),
+            (
+                new.as_str(),
+                "example.org/runner:3",
+                "Promoted",
+                "CanaryPassed"
+            ),
+        ]
+    );
+    assert_events(&s, &["RolloutSuperseded", "RolloutPromoted"]).await;
+    // No pod of :2 is left (not even a terminating one); every pod runs :3.
+    pods_become(&pods, "supersede", 3, &new).await;
+
+    let ids = drain(&s, &pods, "supersede", load, &new).await;
+    s.ledger.assert_each_once(&ids);
+
+    finish(s.conn, s.target, s.operator, &s.queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_restart_mid_rollout_resumes_the_canary_and_promotes_it() {
+    let Some(mut s) = Scenario::start("resume", 40).await else {
+        return;
+    };
+    let (pools, pods) = apis(&s);
+    let pool = rollout_pool(
+        "resume",
+        &s.queue,
+        s.ledger.command(0.2),
+        json!({"promoteAfterTickets": 10}),
+    );
+    let (_, load) = serve_under_load(&s, &pools, pool).await;
+
+    patch_spec(&pools, "resume", json!({"image": "example.org/runner:2"})).await;
+    let before = rollout_when(
+        &pools,
+        "resume",
+        "the canary to complete two tickets",
+        |r| {
+            r.target_image.ends_with(":2")
+                && r.phase == RolloutPhase::Progressing
+                && r.canary_tickets_ok >= 2
+        },
+    )
+    .await;
+    let canary = pods_of(&pods, "resume", &before.target_revision).await;
+    assert_eq!(canary.len(), 1, "one canary pod: {canary:?}");
+
+    // The operator goes away mid-rollout; the workers, canary included, keep going.
+    s.operator.abort();
+    let _ = (&mut s.operator).await;
+    let done = s.ledger.count("end").len();
+    eventually(
+        "work to go on without the operator",
+        ROLLOUT_TIMEOUT,
+        || async { s.ledger.count("end").len() >= done + 5 },
+    )
+    .await;
+    s.operator = sim::start_operator_in(s.client.clone(), vec![s.ns.clone()]);
+
+    // The new operator goes on with the same rollout, counting on from status.
+    let promoted = rollout_when(&pools, "resume", ":2 to be promoted", |r| {
+        assert_eq!(
+            (&r.target_revision, &r.started_at),
+            (&before.target_revision, &before.started_at),
+            "the same rollout goes on"
+        );
+        assert!(
+            r.canary_tickets_ok >= before.canary_tickets_ok,
+            "the canary count goes on: {} after {}",
+            r.canary_tickets_ok,
+            before.canary_tickets_ok
+        );
+        r.phase == RolloutPhase::Promoted
+    })
+    .await;
+    assert_eq!(promoted.reason.as_deref(), Some("CanaryPassed"));
+    assert!(promoted.canary_tickets_ok >= 10, "{promoted:?}");
+    let started = event_reasons(&s.client, &s.ns)
+        .await
+        .into_iter()
+        .filter(|r| r == "RolloutStarted")
+        .count();
+    assert_eq!(started, 1, "the rollout was not started again");
+    assert!(
+        pods_of(&pods, "resume", &before.target_revision)
+            .await
+            .contains(&canary[0]),
+        "the canary pod was kept, not replaced"
+    );
+    // As after a real restart, only the running operator reads the workers' reports.
+    assert_eq!(
+        consumers(
+            &s.conn,
+            &testrunner_operator::pods::outcomes_queue(&pools.get("resume").await.unwrap())
+        )
+        .await,
+        1,
+        "one reader of the outcome reports"
+    );
+    pods_become(&pods, "resume", 3, &promoted.stable_revision).await;
+
+    let ids = drain(&s, &pods, "resume", load, &promoted.stable_revision).await;
+    s.ledger.assert_each_once(&ids);
+
+    finish(s.conn, s.target, s.operator, &s.queue).await;
 }

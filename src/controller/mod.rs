@@ -723,6 +723,9 @@ pub async fn run(
     };
     let brokers = Brokers::default();
     let mut runs = Vec::new();
+    // Probe tasks are spawned on their own: they end with the controller, also when
+    // its future is dropped (an operator stopped in-process, or a lost Lease).
+    let mut probe_sets = StopProbes(Vec::new());
     for ns in namespaces {
         let (pools, pods): (Api<Guarded>, Api<Pod>) = match &ns {
             Some(ns) => (
@@ -739,6 +742,7 @@ pub async fn run(
         let store = controller.store();
         let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded();
         let probes = Probes::new(brokers.clone(), metrics.clone(), store, trigger_tx);
+        probe_sets.0.push(probes.clone());
         let ctx = Arc::new(Context::new(
             client.clone(),
             metrics.clone(),
@@ -763,4 +767,16 @@ pub async fn run(
     }
     ready.store(true, Ordering::Relaxed);
     futures::future::join_all(runs).await;
+    drop(probe_sets);
+}
+
+/// Stops the probe tasks of a controller when dropped.
+struct StopProbes(Vec<Probes>);
+
+impl Drop for StopProbes {
+    fn drop(&mut self) {
+        for probes in &self.0 {
+            probes.stop_all();
+        }
+    }
 }

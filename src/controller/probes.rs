@@ -145,6 +145,29 @@ impl Probes {
         }
     }
 
+    /// Stops every probe task and closes their broker connections: the controller
+    /// stopped. A task left running would go on reading the workers' outcome reports
+    /// (without acks), so a controller started after it would miss them.
+    pub fn stop_all(&self) {
+        let tasks: Vec<Task> = self
+            .0
+            .tasks
+            .lock()
+            .expect("lock")
+            .drain()
+            .map(|(_, task)| task)
+            .collect();
+        for task in &tasks {
+            task.handle.abort();
+        }
+        // Closing a connection takes a task of its own: not possible once the runtime is gone.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            for task in &tasks {
+                self.0.brokers.forget(&task.key.uri);
+            }
+        }
+    }
+
     /// Closes the connection to `uri` once no pool probes it (a rotated password or
     /// a deleted pool must not leave connections behind).
     fn release_if_unused(&self, tasks: &HashMap<ObjectRef<Guarded>, Task>, uri: &BrokerUri) {
