@@ -780,3 +780,45 @@ impl Drop for StopProbes {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::fixtures::{depth, pool, t};
+    use crate::crd::RolloutPhase;
+
+    #[test]
+    fn rollout_metrics_follow_the_status_and_go_with_the_pool() {
+        let p = pool();
+        let mut plan = core::plan(&p, &depth(0, 0, vec![]), t(0));
+        let metrics = Metrics::default();
+        record_metrics(&p, &plan, &metrics);
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                r#"testrunner_rollout_phase{namespace="ci",pool="unit",reason="Promoted"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"testrunner_rollout_failed{namespace="ci",pool="unit"} 0"#));
+
+        let rollout = plan.status.rollout.as_mut().unwrap();
+        rollout.phase = RolloutPhase::RolledBack;
+        rollout.reason = Some(core::rollout::reason::CRASHED_ON_TICKETS.into());
+        record_metrics(&p, &plan, &metrics);
+        let text = metrics.encode();
+        assert!(text.contains(r#"testrunner_rollout_failed{namespace="ci",pool="unit"} 1"#));
+        assert!(text.contains(
+            r#"testrunner_rollout_phase{namespace="ci",pool="unit",reason="RolledBack"} 1"#
+        ));
+        assert!(text.contains(
+            r#"testrunner_rollout_phase{namespace="ci",pool="unit",reason="Promoted"} 0"#
+        ));
+
+        metrics.forget_pool(&PoolLabels {
+            namespace: "ci".into(),
+            pool: "unit".into(),
+        });
+        assert!(!metrics.encode().contains(r#"pool="unit""#));
+    }
+}

@@ -527,6 +527,29 @@ fn annotations_promote_and_abort_once_per_value() {
 }
 
 #[test]
+fn min_canary_time_holds_a_canary_that_completed_its_tickets() {
+    let mut w = World::serving(2);
+    w.pool.spec.rollout.min_canary_time = "2m".into();
+    let new = w.start_rollout("registry.example/test-runner:2");
+    for t in ["a", "b", "c"] {
+        w.complete(&new, t);
+    }
+    w.tick(1);
+    w.step();
+    assert_eq!(w.rollout().phase, RolloutPhase::Progressing);
+    assert_eq!(w.rollout().canary_tickets_ok, 3);
+    let wake = w.plan().requeue_after;
+    assert!(
+        wake <= std::time::Duration::from_secs(119),
+        "it wakes for the gate: {wake:?}"
+    );
+    w.tick(wake.as_secs() as i64);
+    w.step();
+    assert_eq!(w.rollout().phase, RolloutPhase::Promoted);
+    assert_eq!(w.rollout().reason.as_deref(), Some(reason::CANARY_PASSED));
+}
+
+#[test]
 fn a_paused_rollout_holds_and_its_clock_restarts_on_resume() {
     let mut w = World::serving(2);
     let new = w.set_image("registry.example/test-runner:2");
