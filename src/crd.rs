@@ -573,7 +573,7 @@ pub struct RolloutStatus {
     /// Progressing, Paused, Promoted or RolledBack.
     pub phase: RolloutPhase,
     /// Why the rollout is in its phase: FirstRevision, CanaryPassed, IdlePromoted,
-    /// NoCanary, StableBroken, PromotedByAnnotation, Reverted, CanaryCrashedBeforeConsuming,
+    /// NoCanary, PromotedByAnnotation, Reverted, CanaryCrashedBeforeConsuming,
     /// CanaryCrashedOnTickets, ProgressDeadlineExceeded, AbortedByAnnotation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,

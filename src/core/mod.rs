@@ -337,10 +337,7 @@ pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan 
         quarantined: &already_quarantined,
         completions: &observed.completions,
         queue_ready,
-        stable_broken: old_status
-            .diagnosis
-            .as_ref()
-            .is_some_and(|d| d.verdict == diagnosis::verdict::BROKEN_ENVIRONMENT),
+        broker_unreachable: matches!(observed.broker, BrokerView::Unreachable { .. }),
         now,
     });
     let stable = &rollout.status;

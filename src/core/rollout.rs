@@ -17,6 +17,9 @@ use crate::crd::{
     TestRunnerPoolSpec,
 };
 
+/// Exit code of a worker that could not reach the broker before consuming.
+const EXIT_BROKER_UNAVAILABLE: i32 = 69;
+
 /// Ended rollouts kept in `status.rollout.history`.
 pub const HISTORY: usize = 10;
 
@@ -30,14 +33,14 @@ pub mod reason {
     pub const WAITING_FOR_WORK: &str = "WaitingForWork";
     /// `spec.paused` holds the rollout.
     pub const PAUSED: &str = "Paused";
+    /// The broker cannot be reached: nothing to judge the canary by.
+    pub const BROKER_UNREACHABLE: &str = "BrokerUnreachable";
     /// The canaries completed enough tickets without a crash.
     pub const CANARY_PASSED: &str = "CanaryPassed";
     /// No ticket waited; the canaries ran `idlePromoteAfter` without a crash.
     pub const IDLE_PROMOTED: &str = "IdlePromoted";
     /// `rollout.canaryWorkers` is 0.
     pub const NO_CANARY: &str = "NoCanary";
-    /// The stable revision crashes whatever the ticket: there is nothing to protect.
-    pub const STABLE_BROKEN: &str = "StableBroken";
     /// The `testrunner.dev/promote` annotation.
     pub const PROMOTED_BY_ANNOTATION: &str = "PromotedByAnnotation";
     /// The spec went back to the stable revision.
@@ -95,8 +98,8 @@ pub struct RolloutInput<'a> {
     pub completions: &'a Completions,
     /// Ready tickets, when the broker answered.
     pub queue_ready: Option<u64>,
-    /// The stable revision crashes whatever the ticket (the previous diagnosis).
-    pub stable_broken: bool,
+    /// The last probe could not reach the broker.
+    pub broker_unreachable: bool,
     /// Now.
     pub now: Timestamp,
 }
@@ -397,19 +400,19 @@ pub fn decide(input: &RolloutInput<'_>) -> RolloutDecision {
                 reason::NO_CANARY,
                 "rollout.canaryWorkers is 0, so no canary judges it".into(),
             );
-        } else if input.stable_broken {
-            out.promote(
-                reason::STABLE_BROKEN,
-                format!(
-                    "stable revision {} crashes whatever the ticket, so there is nothing to protect; crash diagnosis protects the new one",
-                    out.st.stable_revision
-                ),
-            );
         } else if spec.paused {
             out.st.reason = Some(reason::PAUSED.into());
             out.st.canary_since = None;
             out.st.message = format!(
                 "spec.paused holds the rollout of revision {}; the canary's times start again when it resumes.",
+                out.st.target_revision
+            );
+        } else if input.broker_unreachable {
+            // No ticket moves: an outage must not fail (or promote) the canary.
+            out.st.reason = Some(reason::BROKER_UNREACHABLE.into());
+            out.st.canary_since = None;
+            out.st.message = format!(
+                "The broker cannot be reached: the canary of revision {} is judged again when it answers, its times starting over.",
                 out.st.target_revision
             );
         } else {
@@ -476,7 +479,17 @@ fn judge(input: &RolloutInput<'_>, out: &mut Outcome<'_>) {
         .filter(|c| c.revision != target)
         .filter_map(|c| c.ticket.as_deref())
         .collect();
-    let pre_loop: Vec<&&CrashStatus> = crashes.iter().filter(|c| c.ticket.is_none()).collect();
+    // A broker the stable workers could not reach either is no fault of the canary's.
+    let broker_trouble_elsewhere = input.crashes.iter().any(|c| {
+        c.revision != target
+            && c.at.0 >= started
+            && matches!(c.exit_code, EXIT_BROKER_UNAVAILABLE | EXIT_BROKER_LOST)
+    });
+    let pre_loop: Vec<&&CrashStatus> = crashes
+        .iter()
+        .filter(|c| c.ticket.is_none())
+        .filter(|c| !(broker_trouble_elsewhere && c.exit_code == EXIT_BROKER_UNAVAILABLE))
+        .collect();
     let canary_only: BTreeSet<&str> = crashes
         .iter()
         .filter_map(|c| c.ticket.as_deref())

@@ -18,6 +18,7 @@ struct World {
     crashes: Vec<CrashRecord>,
     completions: Completions,
     ready: u64,
+    unreachable: bool,
     now: i64,
     made: usize,
     last: Option<Plan>,
@@ -32,6 +33,7 @@ impl World {
             crashes: Vec::new(),
             completions: Completions::default(),
             ready: workers,
+            unreachable: false,
             now: 0,
             made: 0,
             last: None,
@@ -69,10 +71,18 @@ impl World {
         let consumers = 0;
         Observed {
             pods: self.pods.clone(),
-            broker: BrokerView::Depth {
-                ready: self.ready,
-                consumers,
-                at: t(self.now),
+            broker: if self.unreachable {
+                BrokerView::Unreachable {
+                    reason: "ConnectionFailed".into(),
+                    message: "connection refused".into(),
+                    since: t(self.now),
+                }
+            } else {
+                BrokerView::Depth {
+                    ready: self.ready,
+                    consumers,
+                    at: t(self.now),
+                }
             },
             crashes: self.crashes.clone(),
             completions: self.completions.clone(),
@@ -129,6 +139,10 @@ impl World {
     }
 
     fn crash(&mut self, pod: &str, ticket: Option<&str>) {
+        self.crash_with(pod, ticket, 1);
+    }
+
+    fn crash_with(&mut self, pod: &str, ticket: Option<&str>, exit_code: i32) {
         let revision = self
             .pods
             .iter()
@@ -148,7 +162,7 @@ impl World {
                 },
                 None => InHand::Starting,
             },
-            exit_code: 1,
+            exit_code,
             signal: None,
             reason: "Error".into(),
             at: t(self.now),
@@ -550,6 +564,60 @@ fn min_canary_time_holds_a_canary_that_completed_its_tickets() {
 }
 
 #[test]
+fn a_broker_outage_neither_fails_nor_promotes_a_canary() {
+    let mut w = World::serving(2);
+    let new = w.start_rollout("registry.example/test-runner:2");
+    w.tick(300);
+    w.step();
+    // The broker goes away for longer than the progress deadline.
+    w.unreachable = true;
+    for _ in 0..4 {
+        w.tick(300);
+        w.step();
+        let r = w.rollout();
+        assert_eq!(r.phase, RolloutPhase::Progressing, "{}", r.message);
+        assert_eq!(r.reason.as_deref(), Some(reason::BROKER_UNREACHABLE));
+    }
+    // Workers of both revisions fail to reach it as they restart: exit 69.
+    let stable = w.first_of(&revision(&w.pool.spec.with_workload(&w.rollout().stable)));
+    let canary = w.first_of(&new);
+    w.crash_with(&stable, None, 69);
+    w.crash_with(&canary, None, 69);
+    w.tick(1);
+    w.step();
+    // Back: the canary's clock starts over, and the shared outage is not its fault.
+    w.unreachable = false;
+    w.settle();
+    w.tick(1);
+    w.step();
+    let r = w.rollout();
+    assert_eq!(r.phase, RolloutPhase::Progressing, "{}", r.message);
+    w.tick(599);
+    w.step();
+    assert_eq!(w.rollout().phase, RolloutPhase::Progressing);
+    w.tick(1);
+    w.step();
+    assert_eq!(
+        w.rollout().reason.as_deref(),
+        Some(reason::DEADLINE_EXCEEDED)
+    );
+}
+
+#[test]
+fn a_canary_alone_failing_to_reach_the_broker_is_rolled_back() {
+    let mut w = World::serving(2);
+    let new = w.start_rollout("registry.example/test-runner:2");
+    let canary = w.first_of(&new);
+    // Its new template names a broker only it cannot reach.
+    w.crash_with(&canary, None, 69);
+    w.tick(1);
+    w.step();
+    let r = w.rollout();
+    assert_eq!(r.phase, RolloutPhase::RolledBack);
+    assert_eq!(r.reason.as_deref(), Some(reason::CRASHED_BEFORE_CONSUMING));
+}
+
+#[test]
 fn a_paused_rollout_holds_and_its_clock_restarts_on_resume() {
     let mut w = World::serving(2);
     let new = w.set_image("registry.example/test-runner:2");
@@ -643,7 +711,7 @@ fn a_restarted_operator_goes_on_counting_the_canary_tickets_from_status() {
 }
 
 #[test]
-fn a_broken_stable_revision_or_zero_canaries_promote_at_once() {
+fn zero_canaries_promote_at_once_and_a_broken_stable_revision_still_gets_a_canary() {
     let mut w = World::serving(2);
     w.pool.spec.rollout.canary_workers = 0;
     let new = w.start_rollout("registry.example/test-runner:2");
@@ -651,7 +719,8 @@ fn a_broken_stable_revision_or_zero_canaries_promote_at_once() {
     assert_eq!(w.rollout().reason.as_deref(), Some(reason::NO_CANARY));
 
     let mut w = World::serving(2);
-    let stable = w.first_of(&revision(&w.pool.spec));
+    let old = revision(&w.pool.spec);
+    let stable = w.first_of(&old);
     w.crash(&stable, None);
     w.tick(1);
     w.step();
@@ -659,9 +728,17 @@ fn a_broken_stable_revision_or_zero_canaries_promote_at_once() {
         w.plan().status.diagnosis.as_ref().unwrap().verdict,
         verdict::BROKEN_ENVIRONMENT
     );
-    let new = w.start_rollout("registry.example/test-runner:2");
-    assert_eq!(w.rollout().stable_revision, new);
-    assert_eq!(w.rollout().reason.as_deref(), Some(reason::STABLE_BROKEN));
+    let fixed = w.start_rollout("registry.example/test-runner:2");
+    let r = w.rollout();
+    assert_eq!(r.phase, RolloutPhase::Progressing);
+    assert_eq!(w.pods_of(&fixed), 1);
+    for t in ["a", "b", "c"] {
+        w.complete(&fixed, t);
+    }
+    w.tick(1);
+    w.step();
+    assert_eq!(w.rollout().stable_revision, fixed);
+    assert_eq!(w.rollout().reason.as_deref(), Some(reason::CANARY_PASSED));
 }
 
 /// A random thing happening to a pool during rollouts.
