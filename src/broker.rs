@@ -192,6 +192,25 @@ pub struct Brokers {
     conns: Arc<std::sync::Mutex<HashMap<BrokerUri, Arc<Mutex<ConnState>>>>>,
 }
 
+/// How long one broker round trip of a replay may take.
+const REPLAY_STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a replay step failed.
+enum StepError {
+    Broker(lapin::Error),
+    Stalled,
+}
+
+/// One broker round trip of a replay, bounded by [`REPLAY_STEP_TIMEOUT`].
+async fn step<T>(
+    op: impl std::future::Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, StepError> {
+    match tokio::time::timeout(REPLAY_STEP_TIMEOUT, op).await {
+        Ok(result) => result.map_err(StepError::Broker),
+        Err(_) => Err(StepError::Stalled),
+    }
+}
+
 impl Brokers {
     /// A connection pool with these settings.
     pub fn new(settings: BrokerSettings) -> Self {
@@ -492,15 +511,16 @@ impl Brokers {
             BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
         };
         let ch = self.private_channel(uri).await?;
+        // Each broker round trip gets REPLAY_STEP_TIMEOUT: a connection that dies without
+        // a word must not hold the reconcile for long.
         let work = async {
-            ch.tx_select().await?;
+            step(ch.tx_select()).await?;
             let mut moved: Vec<String> = Vec::new();
             // Tickets not chosen are held (unacked) until the end, so that each is
             // looked at once, then given back in their order.
             let mut held = Vec::new();
-            while let Some(msg) = ch
-                .basic_get(from.into(), BasicGetOptions::default())
-                .await?
+            while let Some(msg) =
+                step(ch.basic_get(from.into(), BasicGetOptions::default())).await?
             {
                 let id = crate::worker::ticket_id(
                     msg.properties.message_id().as_ref().map(|s| s.as_str()),
@@ -525,39 +545,42 @@ impl Brokers {
                         lapin::types::AMQPValue::LongLongInt(jiff::Timestamp::now().as_second()),
                     );
                     props = props.with_headers(kept);
-                    ch.basic_publish(
+                    step(ch.basic_publish(
                         "".into(),
                         to.into(),
                         BasicPublishOptions::default(),
                         &msg.data,
                         props,
-                    )
+                    ))
                     .await?;
                     moved.push(id);
                 }
-                msg.ack(BasicAckOptions::default()).await?;
-                ch.tx_commit().await?;
+                step(msg.ack(BasicAckOptions::default())).await?;
+                step(ch.tx_commit()).await?;
             }
             for msg in held {
-                msg.nack(BasicNackOptions {
+                step(msg.nack(BasicNackOptions {
                     requeue: true,
                     ..Default::default()
-                })
+                }))
                 .await?;
             }
-            ch.tx_commit().await?;
+            step(ch.tx_commit()).await?;
             let _ = ch.close(200, "replayed".into()).await;
-            Ok::<_, lapin::Error>(moved)
+            Ok::<_, StepError>(moved)
         };
-        match tokio::time::timeout(Duration::from_secs(60), work).await {
-            Ok(Ok(moved)) => Ok(moved),
-            Ok(Err(e)) => {
+        match work.await {
+            Ok(moved) => Ok(moved),
+            Err(StepError::Broker(e)) => {
                 let (reason, message) = classify(&e);
                 Err(Probe::Unreachable { reason, message })
             }
-            Err(_) => Err(Probe::Unreachable {
+            Err(StepError::Stalled) => Err(Probe::Unreachable {
                 reason: "Timeout",
-                message: "the replay did not finish within 60s".into(),
+                message: format!(
+                    "the broker did not answer a replay step within {}s",
+                    REPLAY_STEP_TIMEOUT.as_secs()
+                ),
             }),
         }
     }
