@@ -362,14 +362,14 @@ async fn quarantine(
             if !moved.is_empty() {
                 info!(
                     replayed = moved.len(),
-                    "returned tickets the broker dead-lettered while the environment was broken"
+                    "returned tickets the broker dead-lettered while workers crashed"
                 );
                 let event = Event {
                     type_: EventType::Normal,
                     reason: "TicketsReplayed".into(),
                     note: Some(truncate(
                         &format!(
-                            "The environment recovered: returned {} ticket(s) the broker dead-lettered into {quarantine_queue} meanwhile: {}",
+                            "Returned {} ticket(s) the broker dead-lettered into {quarantine_queue} while workers crashed (the environment recovered, or a failed canary is gone): {}",
                             moved.len(),
                             moved.join(", ")
                         ),
