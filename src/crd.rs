@@ -172,9 +172,9 @@ pub struct RolloutSpec {
     pub canary_workers: i32,
 
     /// Tickets the canaries must complete (distinct tickets, passed or failed tests)
-    /// without a crash before the new revision is promoted. Default 3.
+    /// without a crash before the new revision is promoted (at most 100). Default 3.
     #[serde(default = "default_promote_after_tickets")]
-    #[schemars(range(min = 0, max = 1000))]
+    #[schemars(range(min = 0, max = 100))]
     pub promote_after_tickets: i32,
 
     /// Least time the canaries run before promotion, as a duration. Default `0s`.
