@@ -161,6 +161,30 @@ pub fn evaluate(pool: &Value, thresholds: Thresholds) -> (State, String) {
     if phase == Some("Paused") {
         problems.push((State::Warning, "paused (spec.paused)".into()));
     }
+    // A rollout in progress is news, not a problem (a failed one is Degraded above).
+    if let Some(rollout) = status.get("rollout")
+        && let Some(p @ ("Progressing" | "Paused")) = rollout.get("phase").and_then(Value::as_str)
+    {
+        let gate = pool
+            .pointer("/spec/rollout/promoteAfterTickets")
+            .and_then(Value::as_i64)
+            .unwrap_or(3);
+        let ok = rollout
+            .get("canaryTicketsOk")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
+        let image = rollout
+            .get("targetImage")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        problems.push((
+            State::Ok,
+            format!(
+                "rollout {p} to {} (canary {ok}/{gate} tickets)",
+                clean(image, 200)
+            ),
+        ));
+    }
     if let Some(generation) = pool.pointer("/metadata/generation").and_then(Value::as_i64) {
         match status.get("observedGeneration").and_then(Value::as_i64) {
             Some(observed) if observed >= generation => {}
@@ -355,6 +379,25 @@ mod tests {
         warn_queue: Some(10),
         crit_queue: Some(20),
     };
+
+    #[test]
+    fn a_rollout_in_progress_is_reported_without_changing_the_state() {
+        let status = with(healthy(), "/quarantine", json!({"count": 0}));
+        let mut status = status;
+        status["rollout"] =
+            json!({"phase": "Progressing", "targetImage": "runner:2", "canaryTicketsOk": 1});
+        let (state, line) = evaluate(&pool(status.clone()), NONE);
+        assert_eq!(state, State::Ok);
+        assert!(
+            line.contains(
+                "12 tickets ready; rollout Progressing to runner:2 (canary 1/3 tickets) |"
+            ),
+            "{line}"
+        );
+        status["rollout"]["phase"] = json!("Promoted");
+        let (_, line) = evaluate(&pool(status), NONE);
+        assert!(!line.contains("rollout"), "{line}");
+    }
 
     #[test]
     fn ok_line_matches_the_documented_format() {
