@@ -430,7 +430,7 @@ pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan 
     ));
     events.extend(quarantine.events);
     events.extend(rollout.events.iter().cloned());
-    if decision.create > 0 {
+    if decision.create > 0 && !decision.replacing {
         events.push(PlannedEvent {
             warning: false,
             reason: "ScaledUp",

@@ -52,6 +52,8 @@ pub struct Decision {
     pub create: u32,
     /// Canary pods to create.
     pub create_canary: u32,
+    /// `create` is the one extra pod that replaces an old one, not a scale-up.
+    pub replacing: bool,
     /// Pods to delete (finished pods, surplus, replaced revisions).
     pub delete: Vec<String>,
     /// How many of `delete` are a scale-down (not clean-up or replacement).
@@ -142,6 +144,7 @@ pub fn decide(input: &ScalingInput<'_>) -> Decision {
         queue_ready,
         create: 0,
         create_canary: 0,
+        replacing: false,
         delete: finished,
         scaled_down: 0,
         surplus_since: None,
@@ -203,6 +206,7 @@ pub fn decide(input: &ScalingInput<'_>) -> Decision {
         // A replaced revision: one extra pod of the serving revision; once it is
         // ready, the surplus rule above drains one old pod.
         decision.create = 1;
+        decision.replacing = true;
         main_after += 1;
     } else if main_current > wanted {
         let since = input.surplus_since.unwrap_or(input.now);

@@ -288,6 +288,10 @@ fn canaries_that_complete_their_tickets_are_promoted_and_replace_the_old_pods() 
         assert!(w.pods.len() <= 4, "{:?}", w.pods);
         let ready = w.pods.iter().filter(|p| p.state == PodState::Ready).count();
         assert!(ready >= 3, "{:?}", w.pods);
+        assert!(
+            !w.events().contains(&"ScaledUp"),
+            "a replacement is no scale-up"
+        );
     }
     assert_eq!((w.pods_of(&old), w.pods_of(&new)), (0, 3));
     assert_eq!(
