@@ -421,7 +421,7 @@ pub fn decide(input: &RolloutInput<'_>) -> RolloutDecision {
     } else if out.st.phase == RolloutPhase::RolledBack && promote_asked {
         out.promote(
             reason::PROMOTED_BY_ANNOTATION,
-            format!("annotation {ANNOTATION_PROMOTE} overrode the failed canary"),
+            format!("annotation {ANNOTATION_PROMOTE} overrode the rollback"),
         );
     }
 
