@@ -177,27 +177,12 @@ pub fn ticket_id(message_id: Option<&str>, body: &[u8]) -> String {
 pub fn delivery_number(headers: Option<&FieldTable>, redelivered: bool) -> u64 {
     let count = headers
         .and_then(|h| h.inner().get("x-delivery-count"))
-        .and_then(as_count);
+        .and_then(|v| value_json(v).as_u64());
     match count {
         Some(c) => c.saturating_add(1),
         None if redelivered => 2,
         None => 1,
     }
-}
-
-fn as_count(v: &AMQPValue) -> Option<u64> {
-    let n: i128 = match v {
-        AMQPValue::ShortShortInt(n) => (*n).into(),
-        AMQPValue::ShortShortUInt(n) => (*n).into(),
-        AMQPValue::ShortInt(n) => (*n).into(),
-        AMQPValue::ShortUInt(n) => (*n).into(),
-        AMQPValue::LongInt(n) => (*n).into(),
-        AMQPValue::LongUInt(n) => (*n).into(),
-        AMQPValue::LongLongInt(n) => (*n).into(),
-        AMQPValue::Timestamp(n) => (*n).into(),
-        _ => return None,
-    };
-    u64::try_from(n).ok()
 }
 
 /// How the command ended.

@@ -1268,29 +1268,20 @@ fn scope_of(kind: &Kind, status: bool) -> Scope {
 fn merge_scope(old: &Value, body: Value, scope: Scope) -> Value {
     match scope {
         Scope::All => body,
-        Scope::Main => {
-            let mut new = body;
-            match old.get("status") {
-                Some(s) => new["status"] = s.clone(),
-                None => {
-                    if let Some(m) = new.as_object_mut() {
-                        m.remove("status");
-                    }
-                }
+        Scope::Main => with_status_of(body, old),
+        Scope::Status => with_status_of(old.clone(), &body),
+    }
+}
+
+/// `object` with the `status` of `source` (none when `source` has none).
+fn with_status_of(mut object: Value, source: &Value) -> Value {
+    match source.get("status") {
+        Some(s) => object["status"] = s.clone(),
+        None => {
+            if let Some(m) = object.as_object_mut() {
+                m.remove("status");
             }
-            new
-        }
-        Scope::Status => {
-            let mut new = old.clone();
-            match body.get("status") {
-                Some(s) => new["status"] = s.clone(),
-                None => {
-                    if let Some(m) = new.as_object_mut() {
-                        m.remove("status");
-                    }
-                }
-            }
-            new
         }
     }
+    object
 }
