@@ -108,8 +108,8 @@ fn main() {
             21,
         );
         // A rollout in progress: the stable pods, one canary, and the canary's evidence
-        // (999 completed tickets remembered for its revision, 99 of them since the
-        // rollout started; 19 crashes on record).
+        // (999 completions reported for its revision, the last 100 remembered, 99 of
+        // them since the rollout started; 19 crashes on record).
         let mut rolling = p.clone();
         rolling.status = Some(core::plan(&p, &obs, now).status);
         rolling.spec.image = "registry.example/test-runner:2".into();

@@ -33,8 +33,10 @@ pub struct Completions {
 
 /// Revisions whose completions are remembered.
 pub const REVISIONS_KEPT: usize = 16;
-/// Completed tickets remembered per revision.
-pub const TICKETS_KEPT: usize = 1000;
+/// Completed tickets remembered per revision: as many as the largest canary gate
+/// (`rollout.promoteAfterTickets` is at most 100). The shell copies them into every
+/// reconcile, so they stay few.
+pub const TICKETS_KEPT: usize = 100;
 
 impl Completions {
     /// Records one outcome report: a completion on `revision` at `at`, of `ticket`

@@ -300,7 +300,12 @@ pub fn revision_of(workload: &crate::crd::Workload) -> String {
 pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan {
     let spec = &pool.spec;
     let old_status = pool.status.clone().unwrap_or_default();
-    let annotations = pool.metadata.annotations.clone().unwrap_or_default();
+    let no_annotations = std::collections::BTreeMap::new();
+    let annotations = pool
+        .metadata
+        .annotations
+        .as_ref()
+        .unwrap_or(&no_annotations);
 
     let settings = settings(spec);
     let config_problem = observed
@@ -331,7 +336,7 @@ pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan 
             .map(|s| s.rollout.clone())
             .unwrap_or_default(),
         previous: old_status.rollout.as_ref(),
-        annotations: &annotations,
+        annotations,
         pods: &observed.pods,
         crashes: &crashes,
         quarantined: &already_quarantined,
@@ -368,7 +373,7 @@ pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan 
         old: &old_quarantine,
         diagnosis: &diagnosis,
         crashes: &crashes,
-        annotations: &annotations,
+        annotations,
         // Quarantined tickets get another go once a new image is stable and completes
         // tickets: not while it is a canary.
         image: &stable.stable_image,
