@@ -155,28 +155,14 @@ mod tests {
     };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-    fn t(s: i64) -> Timestamp {
-        Timestamp::from_second(1_800_000_000 + s).unwrap()
-    }
+    use crate::core::fixtures::t;
 
     fn all() -> Vec<AlertKind> {
         crate::crd::AlertsSpec::default().on
     }
 
     fn crash(at: i64) -> CrashStatus {
-        CrashStatus {
-            id: format!("c{at}"),
-            pod: "unit-a".into(),
-            revision: "r".into(),
-            image: "runner:1".into(),
-            ticket: Some("t-9".into()),
-            delivery: Some(1),
-            state: None,
-            exit_code: 3,
-            signal: None,
-            reason: "Error".into(),
-            at: Time(t(at)),
-        }
+        crate::core::fixtures::ticket_crash("unit-a", "t-9", "runner:1", at)
     }
 
     #[test]

@@ -2,8 +2,10 @@
 
 use jiff::Timestamp;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
 use super::{BrokerView, Observed, PodState, PodView};
-use crate::crd::TestRunnerPool;
+use crate::crd::{CrashStatus, TestRunnerPool};
 
 /// A minimal valid pool.
 pub fn pool() -> TestRunnerPool {
@@ -54,5 +56,22 @@ pub fn depth(ready: u64, consumers: u64, pods: Vec<PodView>) -> Observed {
         },
         config_problem: None,
         ..Default::default()
+    }
+}
+
+/// A recorded crash (exit 3) of worker `pod` on image `image`, holding `ticket`, at `t(at)`.
+pub fn ticket_crash(pod: &str, ticket: &str, image: &str, at: i64) -> CrashStatus {
+    CrashStatus {
+        id: format!("{pod}/{ticket}/{at}"),
+        pod: pod.into(),
+        revision: "r".into(),
+        image: image.into(),
+        ticket: Some(ticket.into()),
+        delivery: Some(1),
+        state: None,
+        exit_code: 3,
+        signal: None,
+        reason: "Error".into(),
+        at: Time(t(at)),
     }
 }

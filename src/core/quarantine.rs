@@ -200,24 +200,10 @@ mod tests {
     use super::*;
     use crate::core::crash::InHand;
 
-    fn t(s: i64) -> Timestamp {
-        Timestamp::from_second(1_800_000_000 + s).unwrap()
-    }
+    use crate::core::fixtures::t;
 
     fn crash(ticket: &str, image: &str, at: i64) -> CrashStatus {
-        CrashStatus {
-            id: format!("{ticket}-{at}"),
-            pod: "p".into(),
-            revision: "r".into(),
-            image: image.into(),
-            ticket: Some(ticket.into()),
-            delivery: Some(1),
-            state: None,
-            exit_code: 3,
-            signal: None,
-            reason: "Error".into(),
-            at: Time(t(at)),
-        }
+        crate::core::fixtures::ticket_crash("p", ticket, image, at)
     }
 
     fn poison(id: &str) -> DiagnosisStatus {
