@@ -115,13 +115,7 @@ async fn depth_is_published_minus_consumed() {
 
     // A second pool on the same broker shares the connection.
     let other = queue_name("depth-other");
-    ch.queue_declare(
-        other.as_str().into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    declare(&ch, &other).await;
     assert_eq!(
         brokers.probe(&uri, &other).await,
         Probe::Depth {
@@ -147,13 +141,7 @@ async fn a_missing_queue_is_reported_and_the_connection_stays_usable() {
     // The 404 closed the channel only; the next probe opens a new one.
     let conn = connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        missing.as_str().into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    declare(&ch, &missing).await;
     assert_eq!(
         brokers.probe(&uri, &missing).await,
         Probe::Depth {
@@ -222,13 +210,7 @@ async fn an_unreachable_broker_is_reported_and_the_probe_recovers() {
     let conn = connect().await;
     let ch = conn.create_channel().await.unwrap();
     let queue = queue_name("outage");
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    declare(&ch, &queue).await;
 
     let proxy = Proxy::start(0).await;
     let uri =
@@ -278,13 +260,7 @@ async fn forgetting_a_broker_closes_its_connection() {
     let queue = queue_name("forget");
     let conn = connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    declare(&ch, &queue).await;
     assert!(matches!(
         brokers.probe(&uri, &queue).await,
         Probe::Depth { .. }
@@ -335,6 +311,22 @@ async fn declare(ch: &lapin::Channel, queue: &str) {
     )
     .await
     .unwrap();
+}
+
+/// Messages ready and consumers of `queue` (a passive declare).
+async fn counts(ch: &lapin::Channel, queue: &str) -> (u32, u32) {
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    (q.message_count(), q.consumer_count())
 }
 
 async fn publish_ids(ch: &lapin::Channel, queue: &str, ids: &[String]) {
@@ -447,18 +439,7 @@ async fn a_replay_cut_off_midway_loses_and_duplicates_nothing() {
         Duration::from_secs(10),
         || async {
             let ch = conn.create_channel().await.unwrap();
-            let q = ch
-                .queue_declare(
-                    to.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap();
-            q.message_count() > 0
+            counts(&ch, &to).await.0 > 0
         },
     )
     .await;
@@ -475,29 +456,9 @@ async fn a_replay_cut_off_midway_loses_and_duplicates_nothing() {
         "the cut connection's messages to return",
         Duration::from_secs(10),
         || async {
-            let a = ch2
-                .queue_declare(
-                    from.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap();
-            let b = ch2
-                .queue_declare(
-                    to.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap();
-            a.message_count() + b.message_count() == ids.len() as u32 && a.consumer_count() == 0
+            let (a, a_consumers) = counts(&ch2, &from).await;
+            let (b, _) = counts(&ch2, &to).await;
+            a + b == ids.len() as u32 && a_consumers == 0
         },
     )
     .await;

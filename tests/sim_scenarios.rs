@@ -724,8 +724,7 @@ async fn tickets_flow_through_wrapped_workers_and_the_pool_drains_back_to_min() 
         return;
     };
 
-    let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), &ns);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let (pools, pods) = apis_in(&client, &ns);
     let pool = wrapped_pool(
         "flow",
         &target.image,
@@ -783,8 +782,7 @@ async fn a_scale_down_lets_busy_workers_finish_their_tickets() {
     else {
         return;
     };
-    let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), &ns);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let (pools, pods) = apis_in(&client, &ns);
     // Long tickets and no scale-down delay: once the three are taken the queue is empty,
     // so the operator removes the workers while each is in the middle of its ticket.
     let pool = wrapped_pool(
@@ -841,8 +839,7 @@ async fn an_operator_restart_mid_run_loses_nothing_and_runs_nothing_twice() {
     else {
         return;
     };
-    let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), &ns);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let (pools, pods) = apis_in(&client, &ns);
     let pool = wrapped_pool(
         "restart",
         &target.image,
@@ -975,8 +972,7 @@ async fn a_poison_ticket_is_quarantined_the_good_ones_complete_and_a_new_image_g
     let poison = ids[25].clone();
     let good: Vec<String> = ids.iter().filter(|id| **id != poison).cloned().collect();
 
-    let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), &ns);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let (pools, pods) = apis_in(&client, &ns);
     // The test command crashes (exit 3) on the poison ticket, but only on image :1.
     let command = json!([
         "sh",
@@ -1089,8 +1085,7 @@ async fn a_broken_image_holds_the_tickets_until_it_is_fixed_then_they_all_comple
     else {
         return;
     };
-    let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), &ns);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let (pools, pods) = apis_in(&client, &ns);
     let alertmanager = Alertmanager::start().await;
     // The image lacks its test runner: the worker dies before it consumes anything.
     let mut pool = wrapped_pool(
@@ -1202,9 +1197,14 @@ fn rollout_pool(
 }
 
 fn apis(s: &Scenario) -> (Api<TestRunnerPool>, Api<Pod>) {
+    apis_in(&s.client, &s.ns)
+}
+
+/// The pool and pod APIs of namespace `ns`.
+fn apis_in(client: &kube::Client, ns: &str) -> (Api<TestRunnerPool>, Api<Pod>) {
     (
-        Api::namespaced(s.client.clone(), &s.ns),
-        Api::namespaced(s.client.clone(), &s.ns),
+        Api::namespaced(client.clone(), ns),
+        Api::namespaced(client.clone(), ns),
     )
 }
 
