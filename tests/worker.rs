@@ -227,6 +227,16 @@ impl Fixture {
         self.worker(queue, extra, &["/bin/sh", "-c", script])
     }
 
+    /// A worker on an empty `queue`, once it consumes and says it is idle.
+    async fn idle_worker(&self, queue: &str) -> Worker {
+        let w = self.script_worker(queue, &[], "exit 0");
+        eventually("consuming", || async {
+            self.termination_log() == "idle\n" && self.depth(queue).await.1 == 1
+        })
+        .await;
+        w
+    }
+
     async fn cleanup(self) {
         for q in &self.queues {
             self.ch
@@ -465,11 +475,7 @@ while true; do sleep 0.05; done
 async fn sigterm_while_idle_exits_0() {
     let mut f = Fixture::new("idle").await;
     let q = f.quorum_queue().await;
-    let mut w = f.script_worker(&q, &[], "exit 0");
-    eventually("consuming", || async {
-        f.termination_log() == "idle\n" && f.depth(&q).await.1 == 1
-    })
-    .await;
+    let mut w = f.idle_worker(&q).await;
     w.signal(nix::sys::signal::Signal::SIGINT);
     assert_eq!(w.exit_code().await, 0, "{}", w.stderr());
     assert_eq!(f.settled(&q).await, 0);
@@ -845,11 +851,7 @@ async fn a_command_killed_by_a_signal_exits_128_plus_the_signal() {
 async fn a_cut_connection_while_idle_exits_with_the_broker_lost_code() {
     let mut f = Fixture::new("cutidle").await;
     let q = f.quorum_queue().await;
-    let mut w = f.script_worker(&q, &[], "exit 0");
-    eventually("consuming", || async {
-        f.termination_log() == "idle\n" && f.depth(&q).await.1 == 1
-    })
-    .await;
+    let mut w = f.idle_worker(&q).await;
     cut_connection(&w, "test: cut while idle").await;
     assert_broker_lost(&f, &mut w).await;
     assert_eq!(f.settled(&q).await, 0);
