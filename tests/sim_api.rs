@@ -676,23 +676,7 @@ async fn a_watch_client_that_goes_away_frees_its_subscription() {
         ..ServerConfig::default()
     })
     .await;
-    let cluster: Arc<sim::Cluster> = s.cluster.clone();
-    let before = cluster.watcher_count();
-    let cms: Api<ConfigMap> = Api::namespaced(s.client(), "default");
-    let stream = cms
-        .watch(&WatchParams::default(), "0")
-        .await
-        .unwrap()
-        .boxed();
-    eventually(5, "the watch to subscribe", || async {
-        (cluster.watcher_count() > before).then_some(())
-    })
-    .await;
-    drop(stream);
-    eventually(5, "the watch to be released", || async {
-        (cluster.watcher_count() == before).then_some(())
-    })
-    .await;
+    watch_then_go(&s, &WatchParams::default()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1057,14 +1041,16 @@ async fn crash_loop_backoff_doubles_and_resets_after_a_long_enough_run() {
 #[tokio::test]
 async fn a_watch_without_bookmarks_is_released_when_its_client_goes() {
     let s = server().await;
+    watch_then_go(&s, &WatchParams::default().disable_bookmarks()).await;
+}
+
+/// Watches ConfigMaps with `params`, then drops the watch: the subscription must come
+/// and go with it.
+async fn watch_then_go(s: &ApiServer, params: &WatchParams) {
     let cluster: Arc<sim::Cluster> = s.cluster.clone();
     let before = cluster.watcher_count();
     let cms: Api<ConfigMap> = Api::namespaced(s.client(), "default");
-    let stream = cms
-        .watch(&WatchParams::default().disable_bookmarks(), "0")
-        .await
-        .unwrap()
-        .boxed();
+    let stream = cms.watch(params, "0").await.unwrap().boxed();
     eventually(5, "the watch to subscribe", || async {
         (cluster.watcher_count() > before).then_some(())
     })
