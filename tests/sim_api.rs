@@ -849,7 +849,8 @@ async fn deleting_a_pod_sends_sigterm_waits_the_grace_period_then_kills() {
     let dir = std::env::temp_dir().join(format!("sim-grace-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let script = format!(
-        "echo $$ > {d}/pid; trap 'echo term > {d}/term' TERM; while true; do sleep 0.05; done",
+        // The pid as the host sees it: the container has a PID namespace of its own.
+        "cut -d' ' -f4 /proc/self/stat > {d}/pid.tmp && mv {d}/pid.tmp {d}/pid; trap 'echo term > {d}/term' TERM; while true; do sleep 0.05; done",
         d = dir.display()
     );
     let pods: Api<Pod> = Api::namespaced(sim.api.client(), "default");

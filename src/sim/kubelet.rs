@@ -5,8 +5,9 @@
 //! CrashLoopBackOff (10 s doubling to 5 min, reset after 10 min of running), every
 //! duration divided by the time scale. Paths under the pod's emptyDir mounts (such as
 //! `/testrunner`) map to a per-pod directory; `testrunner-operator` as a command is
-//! this very binary. Deleting a pod sends SIGTERM to each process group, waits the
-//! grace period, then sends SIGKILL.
+//! this very binary. Each container runs as PID 1 of a PID namespace of its own (see
+//! [`super::isolate`]), so stopping it stops every process it started. Deleting a pod
+//! sends SIGTERM to each container, waits the grace period, then sends SIGKILL.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -80,6 +81,11 @@ impl Kubelet {
         cluster.set_log_locator(Arc::new(move |ns, name, uid, container| {
             pod_dir(&root, ns, name, uid).join(format!("{container}.log"))
         }));
+        if !super::isolate::available() {
+            tracing::warn!(
+                "no PID namespaces here (they need root): containers run as process groups, and processes a container moves out of its group outlive it"
+            );
+        }
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(run(cluster, Arc::new(config), stop_rx));
         Self {
@@ -576,6 +582,9 @@ async fn run_once(
         .stderr(Stdio::from(log2))
         .process_group(0)
         .kill_on_drop(true);
+    if super::isolate::available() {
+        super::isolate::in_pid_namespace(&mut cmd);
+    }
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("failed to start {:?}: {e}", argv[0]))?;
