@@ -1,6 +1,7 @@
 //! The real kubectl against the simulated API server. Each test gets its own HOME (so
-//! its own discovery and OpenAPI cache) and its own server on 127.0.0.1:0. Skipped,
-//! with a message, when /usr/bin/kubectl is absent.
+//! its own discovery and OpenAPI cache) and its own server on 127.0.0.1:0. The kubectl
+//! is the one `bash .ci/install-tools` puts in .tools/ (or TESTRUNNER_KUBECTL); without
+//! it these tests fail and say so.
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -11,7 +12,19 @@ use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 use testrunner_operator::sim::{self, ApiServer, ServerConfig};
 
-const KUBECTL: &str = "/usr/bin/kubectl";
+/// The kubectl the project's scripts install (`bash .ci/install-tools`), or the one
+/// TESTRUNNER_KUBECTL names. A missing kubectl fails the tests that need it.
+fn kubectl() -> PathBuf {
+    let path = std::env::var_os("TESTRUNNER_KUBECTL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/kubectl/kubectl"));
+    assert!(
+        path.exists(),
+        "{} is missing: the real-kubectl tests need it (install it with `bash .ci/install-tools`, or set TESTRUNNER_KUBECTL)",
+        path.display()
+    );
+    path
+}
 
 struct Kubectl {
     home: PathBuf,
@@ -30,26 +43,19 @@ impl Drop for Kubectl {
     }
 }
 
-/// A server with the CRD installed and a kubectl set up for it, or None (with a
-/// printed reason) when kubectl is not installed.
-async fn setup(test: &str) -> Option<Kubectl> {
-    if !Path::new(KUBECTL).exists() {
-        eprintln!("SKIPPED {test}: {KUBECTL} is not installed; the real-kubectl tests need it");
-        return None;
-    }
+/// A server with the CRD installed and a kubectl set up for it.
+async fn setup(test: &str) -> Kubectl {
+    kubectl();
     let api = sim::start_api("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
         .await
         .unwrap();
     sim::install_crd(&api.cluster).unwrap();
-    Some(with_home(test, Server::Api(api)))
+    with_home(test, Server::Api(api))
 }
 
 /// A whole simulation (API server and kubelet) and a kubectl for it.
-async fn setup_sim(test: &str) -> Option<Kubectl> {
-    if !Path::new(KUBECTL).exists() {
-        eprintln!("SKIPPED {test}: {KUBECTL} is not installed; the real-kubectl tests need it");
-        return None;
-    }
+async fn setup_sim(test: &str) -> Kubectl {
+    kubectl();
     let s = sim::Simulation::start(
         "127.0.0.1:0".parse().unwrap(),
         "amqp://guest:guest@127.0.0.1:5672/%2f",
@@ -58,7 +64,7 @@ async fn setup_sim(test: &str) -> Option<Kubectl> {
     )
     .await
     .unwrap();
-    Some(with_home(test, Server::Sim(Box::new(s))))
+    with_home(test, Server::Sim(Box::new(s)))
 }
 
 fn with_home(test: &str, server: Server) -> Kubectl {
@@ -88,7 +94,7 @@ impl Kubectl {
 
     async fn run_with(&self, args: &[&str], stdin: Option<&str>) -> Output {
         use tokio::io::AsyncWriteExt;
-        let mut cmd = tokio::process::Command::new(KUBECTL);
+        let mut cmd = tokio::process::Command::new(kubectl());
         cmd.args(args)
             .env_clear()
             .env("HOME", &self.home)
@@ -153,7 +159,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_apply_get_describe_annotate_patch_delete() {
-    let Some(k) = setup("flow").await else { return };
+    let k = setup("flow").await;
 
     // Client-side apply: create, then change.
     let out = k
@@ -356,9 +362,7 @@ async fn kubectl_apply_get_describe_annotate_patch_delete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_explain_reads_the_pool_schema() {
-    let Some(k) = setup("explain").await else {
-        return;
-    };
+    let k = setup("explain").await;
     let out = k.ok(&["explain", "trp.spec"], None).await;
     assert!(
         out.contains("KIND:") && out.contains("TestRunnerPool"),
@@ -375,9 +379,7 @@ async fn kubectl_explain_reads_the_pool_schema() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_is_refused_an_invalid_pool_with_the_field_named() {
-    let Some(k) = setup("invalid").await else {
-        return;
-    };
+    let k = setup("invalid").await;
     let err = k
         .fails(
             &["apply", "-f", "-"],
@@ -410,15 +412,13 @@ async fn kubectl_is_refused_an_invalid_pool_with_the_field_named() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_get_watch_prints_rows_as_they_change() {
-    let Some(k) = setup("watch").await else {
-        return;
-    };
+    let k = setup("watch").await;
     k.ok(
         &["apply", "-f", "-"],
         Some(&pool_yaml("w", "runner:1", 0, 2)),
     )
     .await;
-    let mut cmd = tokio::process::Command::new(KUBECTL);
+    let mut cmd = tokio::process::Command::new(kubectl());
     cmd.args(["get", "trp", "-w", "--request-timeout=3s"])
         .env_clear()
         .env("HOME", &k.home)
@@ -461,9 +461,7 @@ async fn kubectl_get_watch_prints_rows_as_they_change() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_logs_shows_what_the_container_printed() {
-    let Some(k) = setup_sim("logs").await else {
-        return;
-    };
+    let k = setup_sim("logs").await;
     let pod = "apiVersion: v1
 kind: Pod
 metadata:
