@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use testrunner_operator::core::{self, BrokerView, Observed, PodState, PodView};
+use testrunner_operator::core::{self, Activity, BrokerView, Observed, PodState, PodView};
 use testrunner_operator::crd::{TestRunnerPool, TestRunnerPoolStatus, WorkersStatus};
 
 fn pool(max: i32) -> TestRunnerPool {
@@ -38,6 +38,14 @@ fn observed(pods: usize, revision: &str, now: Timestamp) -> Observed {
                     _ => PodState::Ready,
                 },
                 created: now,
+                // Half the running workers hold a ticket.
+                activity: if i % 2 == 0 {
+                    Activity::Busy {
+                        ticket: format!("t-{i}"),
+                    }
+                } else {
+                    Activity::Idle
+                },
             })
             .collect(),
         broker: BrokerView::Depth {
@@ -121,6 +129,7 @@ fn main() {
             revision: canary.clone(),
             state: PodState::Ready,
             created: now,
+            activity: Activity::Idle,
         });
         rolling.status = Some(core::plan(&rolling, &mid, now).status);
         for i in 0..999 {

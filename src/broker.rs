@@ -443,6 +443,31 @@ impl Brokers {
         }
     }
 
+    /// Deletes `queue` (a pool's outcome queue once the pool is gone). A queue that
+    /// is already gone is fine.
+    pub async fn delete_queue(&self, uri: &BrokerUri, queue: &str) -> Result<(), Probe> {
+        use lapin::options::QueueDeleteOptions;
+        let channel = self.private_channel(uri).await?;
+        let delete = channel.queue_delete(queue.into(), QueueDeleteOptions::default());
+        let result = match tokio::time::timeout(self.settings.probe_timeout, delete).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                let (reason, message) = classify(&e);
+                Err(Probe::Unreachable { reason, message })
+            }
+            Err(_) => Err(Probe::Unreachable {
+                reason: "Timeout",
+                message: "no answer to the queue deletion".into(),
+            }),
+        };
+        let _ = tokio::time::timeout(
+            self.settings.probe_timeout,
+            channel.close(200, "done".into()),
+        )
+        .await;
+        result
+    }
+
     /// Makes sure `queue` exists: a passive declare, and a durable classic queue
     /// when it is missing.
     pub async fn ensure_queue(&self, uri: &BrokerUri, queue: &str) -> Result<(), Probe> {

@@ -826,7 +826,8 @@ pub struct QueueStatus {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkersStatus {
-    /// Workers the operator wants for the current queue depth.
+    /// Workers the operator wants: those the queue needs, and never fewer than the
+    /// busy ones.
     #[serde(default)]
     pub desired: i32,
     /// Worker pods that exist and are not terminating (including Pending ones).
@@ -835,6 +836,10 @@ pub struct WorkersStatus {
     /// Worker pods that are ready.
     #[serde(default)]
     pub ready: i32,
+    /// Worker pods running a ticket, as their workers report it. A busy worker is never
+    /// removed to shrink the pool.
+    #[serde(default)]
+    pub busy: i32,
     /// Since when the pool has had more workers than it needs; scale-down happens
     /// `scaling.scaleDownDelay` after this time.
     #[serde(default, skip_serializing_if = "Option::is_none")]

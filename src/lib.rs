@@ -8,6 +8,7 @@
 pub mod alerts;
 pub mod broker;
 pub mod check;
+pub mod contract;
 pub mod controller;
 pub mod core;
 pub mod crd;

@@ -98,6 +98,11 @@ struct RunArgs {
     /// The operator's own image: the init container of wrapped-mode worker pods.
     #[arg(long, env = "TESTRUNNER_OPERATOR_IMAGE", default_value = concat!("testrunner-operator:", env!("CARGO_PKG_VERSION")))]
     operator_image: String,
+    /// How often wrapped workers repeat their state (idle, or the ticket in hand) on the
+    /// outcome queue. After a restart the operator removes no worker until it has heard
+    /// from it, so this bounds how long scale-down waits then.
+    #[arg(long, env = "TESTRUNNER_WORKER_REPORT_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    worker_report_interval: std::time::Duration,
     /// Namespaces to watch, comma separated; all namespaces when empty.
     #[arg(
         long,
@@ -236,6 +241,7 @@ async fn run(args: RunArgs) -> ExitCode {
     let settings = Settings {
         pods: PodSettings {
             operator_image: args.operator_image,
+            report_interval: args.worker_report_interval,
         },
         namespaces: args
             .watch_namespaces

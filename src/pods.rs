@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
-use crate::core::{PodState, PodView};
+use crate::core::{Activity, PodState, PodView};
 use crate::crd::{APP_NAME, LABEL_POOL, LABEL_REVISION, MANAGED_BY, TestRunnerPool, WorkerMode};
 
 /// Name of the worker container.
@@ -23,12 +23,22 @@ pub const WRAPPER_DIR: &str = "/testrunner";
 pub const WRAPPER_PATH: &str = "/testrunner/testrunner-operator";
 /// Default grace period of worker pods: time to finish the ticket in hand.
 pub const DEFAULT_GRACE_SECONDS: i64 = 600;
+/// Annotation on worker pods whose worker reports its state (idle, or the ticket in
+/// hand) on the outcome queue: the operator removes them only when they are idle.
+pub const ANNOTATION_REPORTS: &str = "testrunner.dev/reports";
+/// Value of [`ANNOTATION_REPORTS`].
+pub const REPORTS_STATE: &str = "state";
+/// How often a wrapped worker repeats its state on the outcome queue, so that an
+/// operator that restarted (or lost its connection) learns it again.
+pub const REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What the pod builder needs besides the pool.
 #[derive(Clone, Debug)]
 pub struct PodSettings {
     /// The operator's own image, used by the init container in Wrapped mode.
     pub operator_image: String,
+    /// How often wrapped workers repeat their state ([`REPORT_INTERVAL`] by default).
+    pub report_interval: std::time::Duration,
 }
 
 /// The queue workers report completed tickets to: one per pool, declared by the
@@ -98,6 +108,10 @@ pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &P
         env("TESTRUNNER_IMAGE", &spec.image),
         env("TESTRUNNER_REVISION", revision),
         env("TESTRUNNER_OUTCOMES_QUEUE", &outcomes_queue(pool)),
+        env(
+            "TESTRUNNER_REPORT_INTERVAL",
+            &format!("{}ms", settings.report_interval.as_millis()),
+        ),
         env(
             "TESTRUNNER_QUARANTINE_FILE",
             &format!("{QUARANTINE_DIR}/{QUARANTINE_KEY}"),
@@ -231,7 +245,13 @@ pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &P
             name: Some(name.into()),
             namespace: pool.namespace(),
             labels: Some(labels),
-            annotations: (!overrides.annotations.is_empty()).then(|| overrides.annotations.clone()),
+            annotations: {
+                let mut annotations = overrides.annotations.clone();
+                if spec.worker.mode == WorkerMode::Wrapped {
+                    annotations.insert(ANNOTATION_REPORTS.into(), REPORTS_STATE.into());
+                }
+                (!annotations.is_empty()).then_some(annotations)
+            },
             owner_references: pool.controller_owner_ref(&()).map(|o| vec![o]),
             ..Default::default()
         },
@@ -291,6 +311,17 @@ pub fn view(pod: &Pod) -> PodView {
             .as_ref()
             .map(|t| t.0)
             .unwrap_or_default(),
+        // What the worker does comes from its reports; until one arrives it may be busy.
+        activity: if pod
+            .annotations()
+            .get(ANNOTATION_REPORTS)
+            .map(String::as_str)
+            == Some(REPORTS_STATE)
+        {
+            Activity::Unknown
+        } else {
+            Activity::Untracked
+        },
     }
 }
 
@@ -316,6 +347,7 @@ mod tests {
     fn settings() -> PodSettings {
         PodSettings {
             operator_image: OPERATOR_IMAGE.into(),
+            report_interval: REPORT_INTERVAL,
         }
     }
 

@@ -30,6 +30,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::time::Instant;
 
 use crate::broker::BrokerUri;
+use crate::contract::{Outcome, Report};
 
 /// Exit code: the broker could not be reached, refused the credentials, or the
 /// queue does not exist, before the worker took any ticket. An environment
@@ -117,9 +118,9 @@ pub struct WorkerArgs {
     /// Exit 0 after this long without a ticket (for example `30s`, `5m`).
     #[arg(long, env = "TESTRUNNER_IDLE_EXIT", value_parser = humantime::parse_duration)]
     pub idle_exit: Option<Duration>,
-    /// Queue that receives one small JSON report per completed ticket (the operator
-    /// reads it to tell a poison ticket from a broken image). Best effort; none when
-    /// empty.
+    /// Queue that receives the worker's reports: its state (idle, or the ticket in
+    /// hand, so that the operator never removes a busy worker) and one outcome per
+    /// completed ticket (to tell a poison ticket from a broken image). None when empty.
     #[arg(long, env = "TESTRUNNER_OUTCOMES_QUEUE", default_value = "")]
     pub outcomes_queue: String,
     /// Queue that quarantined tickets are moved to.
@@ -130,6 +131,10 @@ pub struct WorkerArgs {
     /// instead of being run. Read before every ticket; none when empty or missing.
     #[arg(long, env = "TESTRUNNER_QUARANTINE_FILE")]
     pub quarantine_file: Option<PathBuf>,
+    /// How often the worker repeats its state (idle, or the ticket in hand) on the
+    /// outcome queue, besides reporting every change at once.
+    #[arg(long, env = "TESTRUNNER_REPORT_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub report_interval: Duration,
     /// Name of this worker's pod, for the outcome reports.
     #[arg(long, env = "TESTRUNNER_POD_NAME", default_value = "")]
     pub pod_name: String,
@@ -213,30 +218,6 @@ impl Exit {
             Exit::Signal(s) => u8::try_from(128 + s.clamp(0, 127)).unwrap_or(255),
         }
     }
-}
-
-/// The outcome report of a completed (acked) ticket.
-/// `outcome` is `passed`, `failed` (the tests ran) or `quarantined` (the ticket was
-/// moved to the quarantine queue).
-pub fn outcome_report(
-    id: &str,
-    delivery: u64,
-    outcome: &str,
-    code: i32,
-    pod: &str,
-    revision: &str,
-    elapsed: Duration,
-) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
-        "ticket": id,
-        "delivery": delivery,
-        "outcome": outcome,
-        "exitCode": code,
-        "pod": pod,
-        "revision": revision,
-        "durationMs": elapsed.as_millis() as u64,
-    }))
-    .expect("a JSON object serializes")
 }
 
 /// The replay time a ticket carries, if it was replayed.
@@ -750,6 +731,9 @@ async fn run_code(args: WorkerArgs) -> u8 {
         consumer_tag,
         cancelled: false,
     };
+    if let Err(why) = worker.report_state(None).await {
+        return worker.broker_lost(format!("cannot report the worker's state: {why}"));
+    }
     worker.consume().await
 }
 
@@ -799,6 +783,7 @@ impl Worker {
     /// exit code.
     async fn consume(&mut self) -> u8 {
         let mut health = tokio::time::interval(HEALTH_TICK);
+        let mut heartbeat = self.heartbeat();
         let mut idle_until = self.args.idle_exit.map(|d| Instant::now() + d);
         loop {
             let idle_deadline = async {
@@ -833,8 +818,21 @@ impl Worker {
                         return self.broker_lost("the connection was closed".into());
                     }
                 }
+                _ = heartbeat.tick() => {
+                    if let Err(why) = self.report_state(None).await {
+                        tracing::debug!(error = %why, "state report not sent");
+                    }
+                }
             }
         }
+    }
+
+    /// Ticks every report interval, the first one interval from now.
+    fn heartbeat(&self) -> tokio::time::Interval {
+        let every = self.args.report_interval.max(Duration::from_millis(100));
+        let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
     }
 
     /// Handles one delivery. `None`: go on consuming; else the exit code.
@@ -859,6 +857,11 @@ impl Worker {
             replayed_at(headers.as_ref()),
         ) {
             return self.divert(delivery, &id, number).await;
+        }
+        // The operator learns that this worker is busy before its command starts, so it
+        // never removes it to shrink the pool while the ticket runs.
+        if let Err(why) = self.report_state(Some((&id, number))).await {
+            return Some(self.broker_lost(format!("cannot report ticket {id} as taken: {why}")));
         }
         let body = std::mem::take(&mut delivery.data);
         tracing::info!(ticket = %id, delivery = number, bytes = body.len(), "ticket received");
@@ -901,6 +904,7 @@ impl Worker {
 
         let started = Instant::now();
         let mut health = tokio::time::interval(HEALTH_TICK);
+        let mut heartbeat = self.heartbeat();
         let mut forwarded = None;
         let status = loop {
             tokio::select! {
@@ -928,6 +932,11 @@ impl Worker {
                 _ = health.tick() => {
                     if !self.healthy() {
                         return Some(self.stop_command(child, pgid, &id, "the connection was closed".into()).await);
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if let Err(why) = self.report_state(Some((&id, number))).await {
+                        tracing::debug!(ticket = %id, error = %why, "state report not sent");
                     }
                 }
             }
@@ -1084,7 +1093,7 @@ impl Worker {
         if let Err(why) = answer(moved).await {
             return Some(self.broker_lost(format!("cannot quarantine ticket {id}: {why}")));
         }
-        self.report(id, number, "quarantined", 0, Duration::ZERO)
+        self.report(id, number, Outcome::Quarantined, 0, Duration::ZERO)
             .await;
         if let Err(why) = self.commit().await {
             return Some(self.broker_lost(format!("cannot quarantine ticket {id}: {why}")));
@@ -1117,41 +1126,65 @@ impl Worker {
         matches!(tokio::time::timeout(BROKER_TIMEOUT, check).await, Ok(Ok(_)))
     }
 
-    /// Publishes the outcome report of an acked ticket, best effort: a report that
-    /// cannot be sent is only logged.
+    /// Publishes the outcome report of an acked ticket inside the current
+    /// transaction, best effort: a report that cannot be sent is only logged.
     async fn report_outcome(&self, id: &str, delivery: u64, exit: Exit, elapsed: Duration) {
         let (outcome, code) = match exit {
-            Exit::Code(0) => ("passed", 0),
-            Exit::Code(c) => ("failed", c),
-            Exit::Signal(s) => ("failed", 128 + s),
+            Exit::Code(0) => (Outcome::Passed, 0),
+            Exit::Code(c) => (Outcome::Failed, c),
+            Exit::Signal(s) => (Outcome::Failed, 128 + s),
         };
         self.report(id, delivery, outcome, code, elapsed).await;
     }
 
-    /// Publishes one report to the outcome queue, inside the current transaction.
-    async fn report(&self, id: &str, delivery: u64, outcome: &str, code: i32, elapsed: Duration) {
-        if self.args.outcomes_queue.is_empty() {
-            return;
+    /// Publishes one outcome report inside the current transaction, best effort.
+    async fn report(
+        &self,
+        id: &str,
+        delivery: u64,
+        outcome: Outcome,
+        code: i32,
+        elapsed: Duration,
+    ) {
+        let report = Report {
+            pod: self.args.pod_name.clone(),
+            revision: self.args.revision.clone(),
+            outcome: Some(outcome),
+            ticket: Some(id.into()),
+            delivery: Some(delivery),
+            exit_code: Some(code),
+            duration_ms: Some(elapsed.as_millis() as u64),
+            ..Default::default()
+        };
+        if let Err(why) = self.publish_report(&report).await {
+            tracing::debug!(ticket = %id, error = %why, "outcome report not sent");
         }
-        let body = outcome_report(
-            id,
-            delivery,
-            outcome,
-            code,
-            &self.args.pod_name,
-            &self.args.revision,
-            elapsed,
-        );
-        let publish = self.channel.basic_publish(
+    }
+
+    /// Reports the worker's state (idle, or `ticket` in hand) and commits it, so the
+    /// operator has it before anything else happens. No-op without an outcome queue.
+    async fn report_state(&self, ticket: Option<(&str, u64)>) -> Result<(), String> {
+        if self.args.outcomes_queue.is_empty() {
+            return Ok(());
+        }
+        let report = Report::state(&self.args.pod_name, &self.args.revision, ticket);
+        self.publish_report(&report).await?;
+        self.commit().await
+    }
+
+    /// Publishes `report` to the outcome queue inside the current transaction.
+    async fn publish_report(&self, report: &Report) -> Result<(), String> {
+        if self.args.outcomes_queue.is_empty() {
+            return Ok(());
+        }
+        answer(self.channel.basic_publish(
             "".into(),
             self.args.outcomes_queue.as_str().into(),
             BasicPublishOptions::default(),
-            &body,
+            &report.to_vec(),
             BasicProperties::default().with_content_type("application/json".into()),
-        );
-        if let Err(why) = answer(publish).await {
-            tracing::debug!(ticket = %id, error = %why, "outcome report not sent");
-        }
+        ))
+        .await
     }
 
     /// Closes the connection; anything unacked goes back to the queue.

@@ -44,6 +44,7 @@ fn context(client: Client) -> Arc<Context> {
     let settings = Settings {
         pods: PodSettings {
             operator_image: "registry.example/testrunner-operator:0.1.0".into(),
+            report_interval: testrunner_operator::pods::REPORT_INTERVAL,
         },
         namespaces: vec![],
         controller_name: "testrunner-operator".into(),
@@ -230,7 +231,7 @@ async fn reconcile_creates_owned_pods_publishes_events_and_writes_status() {
     assert_eq!(status["observedGeneration"], 3);
     assert_eq!(
         status["workers"],
-        json!({"desired": 2, "current": 0, "ready": 0})
+        json!({"desired": 2, "current": 0, "ready": 0, "busy": 0})
     );
     assert_eq!(status["phase"], "Scaling");
     let broker = status["conditions"]

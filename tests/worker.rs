@@ -938,20 +938,32 @@ async fn a_listed_ticket_is_moved_to_quarantine_intact_and_not_run() {
     msg.ack(BasicAckOptions::default()).await.unwrap();
     assert_eq!(f.depth(&quarantine).await.0, 0, "exactly one copy");
 
-    // The outcome queue got one report per ticket: one run, one quarantined.
+    // The outcome queue got one outcome per ticket (one run, one quarantined), and state
+    // reports: idle when consuming, busy with the ticket that ran, before it ran; the
+    // quarantined ticket never ran, so the worker never reported it busy.
     let mut outcomes_seen = Vec::new();
+    let mut states_seen = Vec::new();
     while let Some(m) =
         f.ch.basic_get(outcomes.as_str().into(), BasicGetOptions::default())
             .await
             .unwrap()
     {
         let v: serde_json::Value = serde_json::from_slice(&m.data).unwrap();
-        outcomes_seen.push((
-            v["ticket"].as_str().unwrap().to_string(),
-            v["outcome"].as_str().unwrap().to_string(),
-        ));
+        let ticket = v["ticket"].as_str().unwrap_or_default().to_string();
+        match (v["outcome"].as_str(), v["state"].as_str()) {
+            (Some(outcome), None) => outcomes_seen.push((ticket, outcome.to_string())),
+            (None, Some(state)) => states_seen.push((state.to_string(), ticket)),
+            other => panic!("neither an outcome nor a state report: {other:?} in {v}"),
+        }
+        assert_eq!(v["pod"], "unit-abcde");
         m.ack(BasicAckOptions::default()).await.unwrap();
     }
+    assert_eq!(
+        states_seen.first(),
+        Some(&("idle".to_string(), String::new()))
+    );
+    assert!(states_seen.contains(&("busy".to_string(), "t-good".to_string())));
+    assert!(!states_seen.contains(&("busy".to_string(), "t-poison".to_string())));
     outcomes_seen.sort();
     assert_eq!(
         outcomes_seen,

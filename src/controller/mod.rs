@@ -289,8 +289,21 @@ pub async fn reconcile(guarded: Arc<Guarded>, ctx: Arc<Context>) -> Result<Actio
                 .any(|o| Some(&o.uid) == uid.as_ref())
         })
         .collect();
+    let activity = ctx.probes.activity(&key);
     let observed = Observed {
-        pods: owned.iter().map(|p| pods::view(p)).collect(),
+        pods: owned
+            .iter()
+            .map(|p| {
+                let mut view = pods::view(p);
+                // A reporting worker is what its last report says; until then, unknown.
+                if view.activity == core::Activity::Unknown
+                    && let Some(reported) = activity.get(&view.name)
+                {
+                    view.activity = reported.clone();
+                }
+                view
+            })
+            .collect(),
         crashes: owned
             .iter()
             .flat_map(|p| core::crash::crash_records(p))

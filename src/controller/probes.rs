@@ -14,8 +14,9 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
 use crate::broker::{BrokerUri, Brokers, Probe};
-use crate::core::BrokerView;
+use crate::contract::Report;
 use crate::core::diagnosis::Completions;
+use crate::core::{Activity, BrokerView};
 use crate::crd::TestRunnerPool;
 use crate::metrics::{Metrics, PoolLabels, ProbeFailureLabels};
 
@@ -38,7 +39,38 @@ struct Task {
     key: ProbeKey,
     latest: watch::Receiver<BrokerView>,
     completions: Arc<Mutex<Completions>>,
+    activity: Arc<Mutex<Activities>>,
     handle: AbortHandle,
+}
+
+/// What each worker pod last reported holding (`None`: idle), and when, as read by
+/// the current outcome consumer. Emptied when that consumer is set up again: reports
+/// may have been missed meanwhile, so every pod is unknown until it reports again.
+#[derive(Debug, Default)]
+pub struct Activities(HashMap<String, (Option<String>, Instant)>);
+
+impl Activities {
+    fn record(&mut self, pod: &str, holds: Option<&str>) {
+        self.0
+            .insert(pod.to_string(), (holds.map(String::from), Instant::now()));
+    }
+
+    /// Forgets pods that stopped reporting for ten minutes (deleted pods); a pod still
+    /// there is unknown again, never idle.
+    fn prune(&mut self) {
+        let keep = Duration::from_secs(600);
+        self.0.retain(|_, (_, at)| at.elapsed() < keep);
+    }
+
+    /// What `pod` reported, if it did.
+    pub fn of(&self, pod: &str) -> Option<Activity> {
+        self.0.get(pod).map(|(holds, _)| match holds {
+            Some(ticket) => Activity::Busy {
+                ticket: ticket.clone(),
+            },
+            None => Activity::Idle,
+        })
+    }
 }
 
 /// Completions wake a reconcile at most this often.
@@ -91,6 +123,7 @@ impl Probes {
         let mut tasks = self.0.tasks.lock().expect("lock");
         let mut carried = BrokerView::NotProbed;
         let mut completions = Arc::new(Mutex::new(Completions::default()));
+        let activity = Arc::new(Mutex::new(Activities::default()));
         if let Some(task) = tasks.get(pool) {
             if task.key == key && !task.handle.is_finished() {
                 return task.latest.borrow().clone();
@@ -111,6 +144,7 @@ impl Probes {
             key.clone(),
             tx,
             completions.clone(),
+            activity.clone(),
         ))
         .abort_handle();
         tasks.insert(
@@ -119,6 +153,7 @@ impl Probes {
                 key,
                 latest: rx,
                 completions,
+                activity,
                 handle,
             },
         );
@@ -134,6 +169,20 @@ impl Probes {
             .get(pool)
             .map(|t| t.completions.lock().expect("lock").clone())
             .unwrap_or_default()
+    }
+
+    /// What `pod` of `pool` last reported doing, if its report was read.
+    pub fn activity(&self, pool: &ObjectRef<Guarded>) -> HashMap<String, Activity> {
+        let tasks = self.0.tasks.lock().expect("lock");
+        let Some(task) = tasks.get(pool) else {
+            return HashMap::new();
+        };
+        let activities = task.activity.lock().expect("lock");
+        activities
+            .0
+            .keys()
+            .filter_map(|pod| Some((pod.clone(), activities.of(pod)?)))
+            .collect()
     }
 
     /// Stops probing for `pool`.
@@ -193,6 +242,7 @@ async fn probe_loop(
     key: ProbeKey,
     tx: watch::Sender<BrokerView>,
     completions: Arc<Mutex<Completions>>,
+    activity: Arc<Mutex<Activities>>,
 ) {
     let inner = &probes.0;
     let labels = PoolLabels {
@@ -202,13 +252,20 @@ async fn probe_loop(
     let mut last: Option<Probe> = None;
     let mut outcomes: Option<lapin::Consumer> = None;
     let mut last_wake: Option<Instant> = None;
+    // A wake held back by the rate limit goes out with the next probe.
+    let mut wake_pending = false;
     let mut unreachable_since: Option<Timestamp> = match &*tx.borrow() {
         BrokerView::Unreachable { since, .. } => Some(*since),
         _ => None,
     };
     loop {
         if inner.store.get(&pool).is_none() {
-            // The pool is gone: its series, alerts and task go with it.
+            // The pool is gone: its outcome queue, series, alerts and task go with it.
+            drop(outcomes.take());
+            if let Err(why) = inner.brokers.delete_queue(&key.uri, &key.outcomes).await {
+                // It expires by itself an hour after its last use.
+                tracing::debug!(queue = %key.outcomes, ?why, "outcome queue not deleted");
+            }
             inner.metrics.forget_pool(&labels);
             if let Some(alerter) = inner.alerter.get() {
                 alerter.forget((labels.namespace.clone(), labels.pool.clone()));
@@ -256,16 +313,25 @@ async fn probe_loop(
             },
         };
         tx.send_replace(view);
-        if last.as_ref() != Some(&probe) {
+        if last.as_ref() != Some(&probe) || wake_pending {
+            wake_pending = false;
+            last_wake = Some(Instant::now());
             let _ = inner.trigger.unbounded_send(pool.clone());
         }
+        activity.lock().expect("lock").prune();
         if matches!(probe, Probe::Depth { .. }) && outcomes.is_none() {
             match inner
                 .brokers
                 .consume_outcomes(&key.uri, &key.outcomes)
                 .await
             {
-                Ok(c) => outcomes = Some(c),
+                Ok(c) => {
+                    // Reports may have been lost while no consumer read them: every
+                    // worker is unknown again until it reports (at most one report
+                    // interval), so none is taken for idle by mistake.
+                    activity.lock().expect("lock").0.clear();
+                    outcomes = Some(c);
+                }
                 Err(p) => {
                     tracing::debug!(queue = %key.outcomes, ?p, "outcome queue not consumed yet")
                 }
@@ -287,16 +353,27 @@ async fn probe_loop(
                 _ = &mut next_probe => break,
                 report = report => match report {
                     Some(Ok(delivery)) => {
-                        let report = serde_json::from_slice::<serde_json::Value>(&delivery.data)
-                            .unwrap_or_default();
-                        let revision = report["revision"].as_str().unwrap_or_default();
-                        // A ticket moved to quarantine did not run: no evidence for its revision.
-                        let ran = report["outcome"].as_str() != Some("quarantined");
-                        let ticket = report["ticket"].as_str().filter(|_| ran);
-                        completions.lock().expect("lock").record(revision, ticket, Timestamp::now());
-                        if last_wake.is_none_or(|w: Instant| w.elapsed() >= COMPLETION_WAKE) {
-                            last_wake = Some(Instant::now());
-                            let _ = inner.trigger.unbounded_send(pool.clone());
+                        let Some(report) = Report::parse(&delivery.data) else {
+                            continue;
+                        };
+                        let mut changed = false;
+                        if let Some(ticket) = report.completed() {
+                            completions.lock().expect("lock").record(&report.revision, ticket, Timestamp::now());
+                            changed = true;
+                        }
+                        if let Some(holds) = report.holds() && !report.pod.is_empty() {
+                            let mut activity = activity.lock().expect("lock");
+                            let before = activity.of(&report.pod);
+                            activity.record(&report.pod, holds);
+                            changed |= activity.of(&report.pod) != before;
+                        }
+                        if changed {
+                            if last_wake.is_none_or(|w: Instant| w.elapsed() >= COMPLETION_WAKE) {
+                                last_wake = Some(Instant::now());
+                                let _ = inner.trigger.unbounded_send(pool.clone());
+                            } else {
+                                wake_pending = true;
+                            }
                         }
                     }
                     // The consumer ended (connection lost): set it up again later.

@@ -263,6 +263,7 @@ pub(super) fn status(input: StatusInput<'_>) -> TestRunnerPoolStatus {
             desired: decision.desired,
             current: decision.current,
             ready: decision.ready,
+            busy: decision.busy,
             surplus_since: decision.surplus_since.map(Time),
         }),
         diagnosis: Some(diagnosis.clone()),

@@ -165,7 +165,13 @@ pub fn crash_records(pod: &Pod) -> Vec<CrashRecord> {
         out.extend(record(pod, cs.restart_count - 1, &cs.image, t));
     }
     if let Some(t) = cs.state.as_ref().and_then(|s| s.terminated.as_ref()) {
-        out.extend(record(pod, cs.restart_count, &cs.image, t));
+        // A pod being deleted whose worker was stopped by the kubelet (SIGTERM, or
+        // SIGKILL at the end of its grace period) did not crash on its ticket: the
+        // broker gives the ticket back, and it charges the ticket nothing.
+        let stopped = pod.metadata.deletion_timestamp.is_some() && matches!(t.exit_code, 137 | 143);
+        if !stopped {
+            out.extend(record(pod, cs.restart_count, &cs.image, t));
+        }
     }
     out.retain(|r| r.exit_code != 0);
     out
@@ -240,6 +246,43 @@ mod tests {
         assert_eq!(r.reason, "OOMKilled");
         assert_eq!(r.ticket(), Some("t-9"));
         assert!(r.is_ticket_crash());
+    }
+
+    #[test]
+    fn a_worker_stopped_at_the_end_of_its_grace_period_did_not_crash() {
+        let pod = |deleting: bool, exit: i32| -> Pod {
+            let mut p = json!({
+                "metadata": {"name": "unit-abcde", "uid": "u-1"},
+                "status": {"containerStatuses": [{
+                    "name": "worker", "image": "runner:2", "imageID": "", "ready": false,
+                    "restartCount": 0,
+                    "state": {"terminated": {"exitCode": exit, "reason": "Error",
+                        "finishedAt": "2026-11-28T03:00:00Z", "message": "ticket=long-1 delivery=1\n"}}
+                }]}
+            });
+            if deleting {
+                p["metadata"]["deletionTimestamp"] = json!("2026-11-28T02:59:00Z");
+            }
+            serde_json::from_value(p).unwrap()
+        };
+        assert!(
+            crash_records(&pod(true, 137)).is_empty(),
+            "killed after grace"
+        );
+        assert!(
+            crash_records(&pod(true, 143)).is_empty(),
+            "stopped by SIGTERM"
+        );
+        assert_eq!(
+            crash_records(&pod(true, 139)).len(),
+            1,
+            "a crash while draining is a crash"
+        );
+        assert_eq!(
+            crash_records(&pod(false, 137)).len(),
+            1,
+            "killed while not being deleted"
+        );
     }
 
     #[test]

@@ -42,6 +42,7 @@ pub fn pod(name: &str, revision: &str, state: PodState, created: i64) -> PodView
         revision: revision.into(),
         state,
         created: t(created),
+        activity: Default::default(),
     }
 }
 

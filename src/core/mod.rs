@@ -50,6 +50,47 @@ pub struct PodView {
     pub state: PodState,
     /// Creation time.
     pub created: Timestamp,
+    /// What its worker last reported doing.
+    pub activity: Activity,
+}
+
+/// What a worker pod is doing, as its worker last reported it.
+///
+/// Wrapped workers report when they start consuming, when they take a ticket and
+/// when they finish one, and repeat their state every
+/// [`crate::pods::REPORT_INTERVAL`]. A pod whose worker may be busy is never removed
+/// to shrink the pool: only pods known to be idle (or not yet running) are.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Activity {
+    /// The worker does not report (Native mode, or a pod created by an operator
+    /// version without reports): removed like any pod, draining its ticket.
+    #[default]
+    Untracked,
+    /// Reports are expected but none has arrived since the operator started reading
+    /// them (operator restart, broker outage): taken as busy.
+    Unknown,
+    /// Consuming, no ticket in hand.
+    Idle,
+    /// Running this ticket.
+    Busy {
+        /// Ticket id.
+        ticket: String,
+    },
+}
+
+impl PodView {
+    /// True when its worker reported a ticket in hand and it is running.
+    pub fn busy(&self) -> bool {
+        self.state == PodState::Ready && matches!(self.activity, Activity::Busy { .. })
+    }
+
+    /// True when removing it cannot interrupt a ticket: it is not running the consume
+    /// loop yet (Pending, Starting), its worker reported being idle, or its worker does
+    /// not report at all.
+    pub fn removable(&self) -> bool {
+        matches!(self.state, PodState::Pending | PodState::Starting)
+            || matches!(self.activity, Activity::Untracked | Activity::Idle)
+    }
 }
 
 /// Lifecycle of a worker pod.
@@ -404,6 +445,10 @@ pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan 
         // A broken environment keeps a small number of workers: more would only crash.
         cap: (diagnosis.verdict == diagnosis::verdict::BROKEN_ENVIRONMENT)
             .then(|| spec.scaling.min_workers.max(1)),
+        // A rolled-back canary goes at once, busy or not: it drains within its grace period.
+        discard: (rollout.status.phase == crate::crd::RolloutPhase::RolledBack
+            && rollout.status.target_revision != rollout.status.stable_revision)
+            .then_some(rollout.status.target_revision.as_str()),
         now,
     });
 

@@ -368,6 +368,7 @@ mod tests {
             revision: "r".into(),
             state,
             created: t(0),
+            activity: Default::default(),
         };
         let pods = vec![
             pod("looping", PodState::Starting),

@@ -33,6 +33,9 @@ pub struct ScalingInput<'a> {
     pub scale_down_delay: Duration,
     /// An upper bound on desired workers below maxWorkers (a broken environment).
     pub cap: Option<i32>,
+    /// A revision whose pods go even while busy (a canary that was rolled back):
+    /// they drain the ticket in hand within their grace period.
+    pub discard: Option<&'a str>,
     /// The time of this decision.
     pub now: Timestamp,
 }
@@ -46,6 +49,8 @@ pub struct Decision {
     pub current: i32,
     /// Ready worker pods.
     pub ready: i32,
+    /// Worker pods running a ticket, as their workers reported.
+    pub busy: i32,
     /// Tickets ready in the queue at the last probe (0 when unknown).
     pub queue_ready: u64,
     /// Pods of the serving revision to create.
@@ -64,16 +69,17 @@ pub struct Decision {
     pub scale_down_wait: Option<Duration>,
 }
 
-/// desired = clamp(ceil((ready + in_flight) / ticketsPerWorker), min, max).
+/// desired = clamp(max(ceil((ready + in_flight) / ticketsPerWorker), busy), min, max).
 ///
-/// With prefetch 1, every consumer is busy while tickets are ready, so in-flight is
-/// the consumer count then. When no ticket is ready the broker cannot say which
-/// consumers are busy (a passive declare counts ready messages only); in-flight is
-/// taken as 0, and workers removed then drain the ticket in hand before they exit.
-pub fn desired_workers(spec: &TestRunnerPoolSpec, ready: u64, consumers: u64) -> i32 {
-    let in_flight = if ready > 0 { consumers } else { 0 };
+/// In flight are the tickets workers hold: the workers that reported a ticket in hand
+/// (`busy`), or, with prefetch 1, every consumer while tickets wait (a passive
+/// declare counts ready messages only, so the broker cannot tell in-flight tickets
+/// once none is ready). Busy workers are always among the desired ones: a pool never
+/// wants fewer workers than are running tickets.
+pub fn desired_workers(spec: &TestRunnerPoolSpec, ready: u64, consumers: u64, busy: u64) -> i32 {
+    let in_flight = if ready > 0 { consumers.max(busy) } else { busy };
     let per_worker = spec.scaling.tickets_per_worker.max(1) as u64;
-    let wanted = (ready + in_flight).div_ceil(per_worker);
+    let wanted = (ready + in_flight).div_ceil(per_worker).max(busy);
     clamp(spec, wanted.min(i32::MAX as u64) as i32)
 }
 
@@ -117,6 +123,9 @@ pub fn decide(input: &ScalingInput<'_>) -> Decision {
         .collect();
     let current = live.len() as i32;
     let ready = live.iter().filter(|p| p.state == PodState::Ready).count() as i32;
+    let busy = live.iter().filter(|p| p.busy()).count() as i32;
+    // Pods whose removal cannot interrupt a ticket; a discarded revision goes anyway.
+    let removable = |p: &PodView| p.removable() || input.discard == Some(p.revision.as_str());
     let finished: Vec<String> = input
         .pods
         .iter()
@@ -131,7 +140,10 @@ pub fn decide(input: &ScalingInput<'_>) -> Decision {
     let (wanted, queue_ready) = match input.broker {
         BrokerView::Depth {
             ready, consumers, ..
-        } => (desired_workers(spec, *ready, *consumers), *ready),
+        } => (
+            desired_workers(spec, *ready, *consumers, busy as u64),
+            *ready,
+        ),
         // Without numbers, hold what runs: never scale to zero on an error.
         _ => (clamp(spec, main_current), 0),
     };
@@ -141,6 +153,7 @@ pub fn decide(input: &ScalingInput<'_>) -> Decision {
         desired: wanted,
         current,
         ready,
+        busy,
         queue_ready,
         create: 0,
         create_canary: 0,
@@ -192,6 +205,10 @@ pub fn decide(input: &ScalingInput<'_>) -> Decision {
             if gone == surplus {
                 break;
             }
+            if !removable(p) {
+                // Replaced once its ticket is done.
+                continue;
+            }
             if p.state == PodState::Ready {
                 if ready_taken == spare_ready {
                     continue;
@@ -214,14 +231,21 @@ pub fn decide(input: &ScalingInput<'_>) -> Decision {
         let delay = jiff::SignedDuration::try_from(input.scale_down_delay)
             .unwrap_or(jiff::SignedDuration::MAX);
         if waited >= delay {
-            let mut candidates = main.clone();
+            // Only pods that hold no ticket go; busy ones stay until they are done,
+            // and the surplus timer stays set so that they go as soon as they are.
+            let mut candidates: Vec<&PodView> =
+                main.iter().copied().filter(|p| removable(p)).collect();
             removal_order(&mut candidates, input.revision);
             let surplus = (main_current - wanted) as usize;
+            let gone = surplus.min(candidates.len());
             decision
                 .delete
-                .extend(candidates.iter().take(surplus).map(|p| p.name.clone()));
-            decision.scaled_down = surplus as u32;
-            main_after -= surplus as i32;
+                .extend(candidates.iter().take(gone).map(|p| p.name.clone()));
+            decision.scaled_down = gone as u32;
+            main_after -= gone as i32;
+            if gone < surplus {
+                decision.surplus_since = Some(since);
+            }
         } else {
             decision.surplus_since = Some(since);
             decision.scale_down_wait = Some(
@@ -242,7 +266,7 @@ pub fn decide(input: &ScalingInput<'_>) -> Decision {
     if have < canary_wanted {
         decision.create_canary = (canary_wanted - have) as u32;
     } else if have > canary_wanted {
-        let mut order = canaries.clone();
+        let mut order: Vec<&PodView> = canaries.iter().copied().filter(|p| removable(p)).collect();
         removal_order(&mut order, "");
         decision.delete.extend(
             order

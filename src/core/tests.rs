@@ -26,17 +26,17 @@ fn condition<'a>(plan: &'a Plan, type_: &str) -> &'a crate::crd::Condition {
 #[test]
 fn desired_follows_the_queue_within_bounds() {
     let p = pool();
-    assert_eq!(desired_workers(&p.spec, 0, 0), 0);
-    assert_eq!(desired_workers(&p.spec, 3, 0), 3);
+    assert_eq!(desired_workers(&p.spec, 0, 0, 0), 0);
+    assert_eq!(desired_workers(&p.spec, 3, 0, 0), 3);
     // ready tickets plus the ones the consumers hold
-    assert_eq!(desired_workers(&p.spec, 2, 2), 4);
+    assert_eq!(desired_workers(&p.spec, 2, 2, 0), 4);
     // clamped to maxWorkers (5)
-    assert_eq!(desired_workers(&p.spec, 100, 4), 5);
+    assert_eq!(desired_workers(&p.spec, 100, 4, 0), 5);
     let mut spec = p.spec.clone();
     spec.scaling.tickets_per_worker = 4;
     spec.scaling.min_workers = 1;
-    assert_eq!(desired_workers(&spec, 9, 0), 3);
-    assert_eq!(desired_workers(&spec, 0, 0), 1);
+    assert_eq!(desired_workers(&spec, 9, 0, 0), 3);
+    assert_eq!(desired_workers(&spec, 0, 0, 0), 1);
 }
 
 #[test]
@@ -357,12 +357,23 @@ fn arb_broker() -> impl Strategy<Value = BrokerView> {
     ]
 }
 
+fn arb_activity() -> impl Strategy<Value = Activity> {
+    prop_oneof![
+        Just(Activity::Untracked),
+        Just(Activity::Unknown),
+        Just(Activity::Idle),
+        Just(Activity::Busy {
+            ticket: "t-1".into()
+        }),
+    ]
+}
+
 prop_compose! {
     fn arb_case()(
         min in 0i32..6,
         extra in 0i32..10,
         per in 1i32..4,
-        states in proptest::collection::vec((arb_state(), any::<bool>()), 0..20),
+        states in proptest::collection::vec((arb_state(), any::<bool>(), arb_activity()), 0..20),
         broker in arb_broker(),
         surplus_age in proptest::option::of(0i64..400),
         paused in any::<bool>(),
@@ -373,8 +384,9 @@ prop_compose! {
         p.spec.scaling.tickets_per_worker = per;
         p.spec.paused = paused;
         let r = rev();
-        let pods = states.iter().enumerate().map(|(i, (s, fresh))| {
-            pod(&format!("unit-{i}"), if *fresh { &r } else { "0000000000" }, *s, i as i64)
+        let pods = states.iter().enumerate().map(|(i, (s, fresh, activity))| PodView {
+            activity: activity.clone(),
+            ..pod(&format!("unit-{i}"), if *fresh { &r } else { "0000000000" }, *s, i as i64)
         }).collect();
         (p, Observed { pods, broker, config_problem: None, ..Default::default() }, surplus_age)
     }
@@ -427,11 +439,20 @@ proptest! {
             }
             prop_assert!(after >= live_before.min(p.spec.scaling.max_workers), "an outage never scales down");
         }
-        // Every deletion names a pod of the pool; terminating pods are never deleted again.
+        // Every deletion names a pod of the pool; terminating pods are never deleted
+        // again, and a pod whose worker may hold a ticket is never deleted.
         for name in &plan.delete {
             let pod = observed.pods.iter().find(|p| &p.name == name);
             prop_assert!(pod.is_some());
-            prop_assert!(pod.unwrap().state != PodState::Terminating);
+            let pod = pod.unwrap();
+            prop_assert!(pod.state != PodState::Terminating);
+            prop_assert!(pod.removable() || pod.state == PodState::Finished, "deleted {:?}", pod);
+        }
+        // Busy workers are counted in the desired ones (within maxWorkers).
+        let busy = observed.pods.iter().filter(|p| p.busy()).count() as i32;
+        prop_assert_eq!(w.busy, busy);
+        if !p.spec.paused && matches!(observed.broker, BrokerView::Depth { .. }) {
+            prop_assert!(w.desired >= busy.min(p.spec.scaling.max_workers));
         }
     }
 
@@ -570,4 +591,92 @@ fn a_crash_before_the_consume_loop_degrades_the_pool_with_the_diagnosis() {
     // (more would only crash), and three waiting tickets add none.
     assert_eq!(plan.created(), 0);
     assert_eq!(plan.status.workers.as_ref().unwrap().desired, 1);
+}
+
+fn with_activity(mut p: PodView, activity: Activity) -> PodView {
+    p.activity = activity;
+    p
+}
+
+#[test]
+fn a_busy_worker_is_never_removed_to_shrink_the_pool() {
+    let p = pool();
+    let r = rev();
+    let busy = Activity::Busy {
+        ticket: "long-1".into(),
+    };
+    let pods = vec![
+        with_activity(pod("unit-busy", &r, PodState::Ready, 0), busy.clone()),
+        with_activity(pod("unit-idle", &r, PodState::Ready, 1), Activity::Idle),
+        with_activity(
+            pod("unit-unknown", &r, PodState::Ready, 2),
+            Activity::Unknown,
+        ),
+    ];
+    // The queue is empty; the surplus timer ran out long ago.
+    let waited = with_status(
+        p,
+        TestRunnerPoolStatus {
+            workers: Some(WorkersStatus {
+                surplus_since: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t(
+                    -3600,
+                ))),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    let plan = plan(&waited, &depth(0, 3, pods.clone()), t(0));
+    let w = plan.status.workers.clone().unwrap();
+    assert_eq!(w.busy, 1);
+    assert_eq!(w.desired, 1, "the busy worker is desired");
+    assert_eq!(plan.delete, vec!["unit-idle".to_string()]);
+    assert!(
+        w.surplus_since.is_some(),
+        "the surplus the unknown pod holds is still pending"
+    );
+
+    // Once it reports idle, the surplus goes at once.
+    let done: Vec<PodView> = pods
+        .into_iter()
+        .filter(|p| p.name != "unit-idle")
+        .map(|p| with_activity(p, Activity::Idle))
+        .collect();
+    let later = with_status(waited.clone(), plan.status.clone());
+    let plan = super::plan(&later, &depth(0, 2, done), t(5));
+    let mut deleted = plan.delete.clone();
+    deleted.sort();
+    assert_eq!(deleted, vec!["unit-busy", "unit-unknown"]);
+}
+
+#[test]
+fn busy_workers_count_as_desired_with_tickets_per_worker() {
+    let mut p = pool();
+    p.spec.scaling.tickets_per_worker = 4;
+    assert_eq!(desired_workers(&p.spec, 0, 3, 3), 3);
+    assert_eq!(desired_workers(&p.spec, 4, 3, 3), 3);
+    assert_eq!(desired_workers(&p.spec, 12, 3, 1), 4);
+    // maxWorkers (5) still bounds the want; the busy pods above it stay until done.
+    assert_eq!(desired_workers(&p.spec, 0, 7, 7), 5);
+}
+
+#[test]
+fn an_outdated_busy_worker_is_replaced_when_its_ticket_is_done() {
+    let p = pool();
+    let r = rev();
+    let busy = Activity::Busy {
+        ticket: "long-1".into(),
+    };
+    let pods = vec![
+        with_activity(pod("unit-old", "0000000000", PodState::Ready, 0), busy),
+        with_activity(pod("unit-new", &r, PodState::Ready, 1), Activity::Idle),
+    ];
+    let plan = plan(&p, &depth(0, 2, pods.clone()), t(0));
+    assert!(plan.delete.is_empty(), "{:?}", plan.delete);
+    let idle: Vec<PodView> = pods
+        .into_iter()
+        .map(|p| with_activity(p, Activity::Idle))
+        .collect();
+    let plan = super::plan(&p, &depth(0, 2, idle), t(1));
+    assert_eq!(plan.delete, vec!["unit-old".to_string()]);
 }

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod http;
+pub mod isolate;
 pub mod kinds;
 pub mod kubelet;
 pub mod openapi;
@@ -256,6 +257,8 @@ pub fn start_operator_in(
     let settings = Settings {
         pods: PodSettings {
             operator_image: concat!("testrunner-operator:", env!("CARGO_PKG_VERSION")).into(),
+            // A simulation wants to see state changes quickly.
+            report_interval: std::time::Duration::from_secs(2),
         },
         namespaces,
         controller_name: "testrunner-operator".into(),

@@ -101,6 +101,7 @@ impl World {
                     revision: batch.revision.clone(),
                     state: PodState::Pending,
                     created: t(self.now),
+                    activity: Default::default(),
                 });
             }
         }
