@@ -1,6 +1,6 @@
 //! Whole-system scenarios on the simulated cluster: the real operator, the simulated
-//! API server and kubelet, and the real RabbitMQ (skipped, with a message, when no
-//! broker answers on 127.0.0.1:5672 or at TESTRUNNER_AMQP_URI).
+//! API server and kubelet, and the real RabbitMQ (on 127.0.0.1:5672 or at
+//! TESTRUNNER_AMQP_URI; without one they fail and say so).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -119,13 +119,21 @@ fn broker_uri() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
-async fn broker() -> Option<lapin::Connection> {
-    let uri = testrunner_operator::broker::BrokerUri::parse(&broker_uri()).ok()?;
+/// A connection to the test broker; a scenario without one fails and says how to
+/// start it.
+async fn broker() -> lapin::Connection {
+    let uri = testrunner_operator::broker::BrokerUri::parse(&broker_uri())
+        .expect("TESTRUNNER_AMQP_URI is a valid AMQP URI");
     let connect =
         lapin::Connection::connect_uri(uri.amqp_uri(), lapin::ConnectionProperties::default());
     match tokio::time::timeout(Duration::from_secs(5), connect).await {
-        Ok(Ok(c)) => Some(c),
-        _ => None,
+        Ok(Ok(c)) => c,
+        _ => panic!(
+            "no RabbitMQ answers at {}: the scenarios need one (`bash .ci/ensure-rabbitmq` installs and starts it)",
+            testrunner_operator::broker::BrokerUri::parse(&broker_uri())
+                .map(|u| u.redacted().to_string())
+                .unwrap_or_default()
+        ),
     }
 }
 
@@ -163,10 +171,7 @@ async fn declare_passive(ch: &lapin::Channel, queue: &str) -> lapin::Queue {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the_pool_removes_its_pods()
  {
-    let Some(conn) = broker().await else {
-        eprintln!("SKIPPED: no RabbitMQ answers at the broker URI; this scenario needs one");
-        return;
-    };
+    let conn = broker().await;
     let queue = format!(
         "sim-surge-{}-{}",
         std::process::id(),
@@ -336,8 +341,13 @@ async fn the_simulate_command_serves_kubectl_clients_and_ctrl_c_leaves_no_proces
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    // A stubborn PID 1, and a process that leaves its process group and session (as a
+    // test's background server might): stopping the container stops both. Each writes
+    // its pid as the host sees it (the container has a PID namespace of its own).
     let script = format!(
-        "echo $$ > {d}/pid; trap '' TERM; while true; do sleep 0.05; done",
+        "cut -d' ' -f4 /proc/self/stat > {d}/pid.tmp && mv {d}/pid.tmp {d}/pid; \
+         setsid sh -c 'cut -d\" \" -f4 /proc/self/stat > {d}/escaped.tmp && mv {d}/escaped.tmp {d}/escaped; trap \"\" TERM; while true; do sleep 0.05; done' & \
+         trap '' TERM; while true; do sleep 0.05; done",
         d = dir.display()
     );
     let pods: Api<Pod> = Api::namespaced(client, "default");
@@ -345,21 +355,24 @@ async fn the_simulate_command_serves_kubectl_clients_and_ctrl_c_leaves_no_proces
         "spec": {"containers": [{"name": "main", "image": "x", "command": ["sh", "-c", script]}]}}))
     .unwrap();
     pods.create(&PostParams::default(), &pod).await.unwrap();
-    let pid_file = dir.join("pid");
-    let pid = loop {
-        if let Some(pid) = std::fs::read_to_string(&pid_file)
+    let read_pid = |name: &str| {
+        std::fs::read_to_string(dir.join(name))
             .ok()
-            .filter(|p| !p.trim().is_empty())
-        {
-            break pid.trim().to_string();
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+    };
+    let (pid, escaped) = loop {
+        if let (Some(pid), Some(escaped)) = (read_pid("pid"), read_pid("escaped")) {
+            break (pid, escaped);
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the pod's process did not start"
+            "the pod's processes did not start"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(process_alive(&pid));
+    assert!(process_alive(&escaped));
 
     // Ctrl-C.
     let sim_pid = child.id().expect("simulate runs") as i32;
@@ -392,6 +405,10 @@ async fn the_simulate_command_serves_kubectl_clients_and_ctrl_c_leaves_no_proces
         "the broker URI is never printed: {out}"
     );
     assert!(!process_alive(&pid), "the pod's process is gone");
+    assert!(
+        !process_alive(&escaped),
+        "the process that left the container's process group is gone too"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -597,7 +614,7 @@ impl Load {
     /// Publishes to `queue` whenever fewer than `waiting` tickets are ready.
     async fn start(queue: &str, waiting: u32) -> Load {
         use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-        let conn = broker().await.expect("the broker answers");
+        let conn = broker().await;
         let ch = conn.create_channel().await.unwrap();
         ch.confirm_select(ConfirmSelectOptions::default())
             .await
@@ -665,24 +682,23 @@ struct Scenario {
 }
 
 impl Scenario {
-    /// None (with a message saying why) when the scenario cannot run here.
-    async fn start(name: &str, tickets: u32) -> Option<Scenario> {
-        let Some(conn) = broker().await else {
-            eprintln!("SKIPPED: no RabbitMQ answers at the broker URI; this scenario needs one");
-            return None;
-        };
+    /// Starts a scenario; it needs the simulated cluster (its ticket ledger is a local
+    /// file), so on a real cluster it fails and says so.
+    async fn start(name: &str, tickets: u32) -> Scenario {
+        let conn = broker().await;
         let target = Target::new().await;
         if target.sim.is_none() {
-            eprintln!("SKIPPED on a real cluster: the ticket ledger is a local file");
             target.finish().await;
-            return None;
+            panic!(
+                "scenario {name} needs the simulated cluster: its ticket ledger is a local file"
+            );
         }
         let (client, ns) = (target.client.clone(), target.namespace.clone());
         let operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
         let queue = queue_name(name);
         let ledger = Ledger::new(name);
         let ids = publish_to_test_queue(&conn, &queue, tickets).await;
-        Some(Scenario {
+        Scenario {
             conn,
             target,
             client,
@@ -691,7 +707,7 @@ impl Scenario {
             queue,
             ledger,
             ids,
-        })
+        }
     }
 }
 
@@ -710,7 +726,7 @@ async fn finish(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tickets_flow_through_wrapped_workers_and_the_pool_drains_back_to_min() {
-    let Some(Scenario {
+    let Scenario {
         conn,
         target,
         client,
@@ -719,10 +735,7 @@ async fn tickets_flow_through_wrapped_workers_and_the_pool_drains_back_to_min() 
         queue,
         ledger,
         ids,
-    }) = Scenario::start("flow", 20).await
-    else {
-        return;
-    };
+    } = Scenario::start("flow", 20).await;
 
     let (pools, pods) = apis_in(&client, &ns);
     let pool = wrapped_pool(
@@ -767,9 +780,35 @@ async fn tickets_flow_through_wrapped_workers_and_the_pool_drains_back_to_min() 
     finish(conn, target, operator, &queue).await;
 }
 
+/// The pool's worker counts as its status shows them: (desired, current, busy).
+async fn workers(pools: &Api<TestRunnerPool>, pool: &str) -> (i32, i32, i32) {
+    let w = status_of(pools, pool).await.workers.unwrap_or_default();
+    (w.desired, w.current, w.busy)
+}
+
+/// True while the queue exists on the broker.
+async fn queue_exists(conn: &lapin::Connection, queue: &str) -> bool {
+    let ch = conn.create_channel().await.unwrap();
+    let found = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .is_ok();
+    if found {
+        let _ = ch.close(200, "done".into()).await;
+    }
+    found
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_scale_down_lets_busy_workers_finish_their_tickets() {
-    let Some(Scenario {
+async fn a_long_ticket_runs_once_while_the_empty_queue_would_scale_the_pool_to_zero() {
+    let Scenario {
         conn,
         target,
         client,
@@ -778,55 +817,178 @@ async fn a_scale_down_lets_busy_workers_finish_their_tickets() {
         queue,
         ledger,
         ids,
-    }) = Scenario::start("drain", 3).await
-    else {
-        return;
-    };
+    } = Scenario::start("long", 1).await;
     let (pools, pods) = apis_in(&client, &ns);
-    // Long tickets and no scale-down delay: once the three are taken the queue is empty,
-    // so the operator removes the workers while each is in the middle of its ticket.
-    let pool = wrapped_pool(
-        "drain",
+    // One 25 s ticket, a 3 s scale-down delay and an 8 s grace period: once the worker
+    // takes the ticket the queue is empty, yet the busy worker must stay until it is done.
+    let mut pool = wrapped_pool(
+        "long",
         &target.image,
         &queue,
-        ledger.command(3.0),
-        json!({"minWorkers": 0, "maxWorkers": 3, "pollInterval": "200ms", "scaleDownDelay": "0s"}),
+        ledger.command(25.0),
+        json!({"minWorkers": 0, "maxWorkers": 2, "pollInterval": "500ms", "scaleDownDelay": "3s"}),
     );
+    pool.spec.template =
+        Some(serde_json::from_value(json!({"terminationGracePeriodSeconds": 8})).unwrap());
     pools.create(&PostParams::default(), &pool).await.unwrap();
 
-    eventually(
-        "three tickets to start",
-        Duration::from_secs(30),
-        || async { ledger.count("start").len() == 3 },
-    )
+    eventually("the ticket to start", Duration::from_secs(30), || async {
+        ledger.count("start").len() == 1
+    })
     .await;
     eventually(
-        "the operator to delete the busy workers",
+        "the status to show the busy worker in DESIRED",
         Duration::from_secs(10),
-        || async { live_pods(&pods, "drain").await == 0 },
+        || async { workers(&pools, "long").await == (1, 1, 1) },
     )
     .await;
-    assert!(
-        ledger.count("end").len() < 3,
-        "the deletions came while tickets ran"
-    );
-
-    // The deleted workers finish what they hold, ack it, and only then go.
+    // Well past the scale-down delay plus the grace period, the worker still runs it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while tokio::time::Instant::now() < deadline {
+        assert_eq!(live_pods(&pods, "long").await, 1, "the busy worker stays");
+        assert_eq!(ledger.count("start").len(), 1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     eventually(
-        "the drained workers to exit",
+        "the ticket to complete",
         Duration::from_secs(30),
-        || async { all_pods(&pods, "drain").await == 0 },
+        || async { ledger.count("end").len() == 1 },
+    )
+    .await;
+    eventually(
+        "the idle worker to go once done",
+        Duration::from_secs(30),
+        || async { all_pods(&pods, "long").await == 0 },
     )
     .await;
     ledger.assert_each_once(&ids);
     assert_eq!(depth(&conn, &queue).await, 0);
+    assert_eq!(workers(&pools, "long").await, (0, 0, 0));
+
+    // The pool's outcome queue goes with the pool.
+    let outcomes = format!("testrunner.outcomes.{ns}.long");
+    assert!(queue_exists(&conn, &outcomes).await);
+    pools
+        .delete("long", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "the outcome queue to be deleted with the pool",
+        Duration::from_secs(20),
+        || async { !queue_exists(&conn, &outcomes).await },
+    )
+    .await;
+
+    finish(conn, target, operator, &queue).await;
+}
+
+/// Five long tickets among thirty short ones on three workers: each runs once while
+/// the pool scales up and down around the long ones; with `restart`, the operator is
+/// replaced while the long tickets run.
+async fn long_and_short_tickets(name: &str, restart: bool) {
+    let Scenario {
+        conn,
+        target,
+        client,
+        ns,
+        mut operator,
+        queue,
+        ledger,
+        ids: short,
+    } = Scenario::start(name, 30).await;
+    let (pools, pods) = apis_in(&client, &ns);
+    let long: Vec<String> = (0..5).map(|i| format!("{queue}-long-{i}")).collect();
+    {
+        use lapin::options::BasicPublishOptions;
+        let ch = conn.create_channel().await.unwrap();
+        for id in &long {
+            ch.basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                b"long",
+                lapin::BasicProperties::default()
+                    .with_message_id(id.as_str().into())
+                    .with_delivery_mode(2),
+            )
+            .await
+            .unwrap();
+        }
+        let _ = ch.close(200, "done".into()).await;
+    }
+    // Long tickets sleep 8 s, short ones 0.2 s; the grace period is 2 s and the
+    // scale-down delay 1 s, so any busy worker removed to shrink the pool would be
+    // killed mid-ticket.
+    let p = ledger.path.display();
+    let command = json!([
+        "sh",
+        "-c",
+        format!(
+            "echo \"$TICKET_ID start\" >> {p}; body=$(cat); if [ \"$body\" = long ]; then sleep 8; else sleep 0.2; fi; echo \"$TICKET_ID end\" >> {p}"
+        )
+    ]);
+    let mut pool = wrapped_pool(
+        name,
+        &target.image,
+        &queue,
+        command,
+        json!({"minWorkers": 0, "maxWorkers": 3, "pollInterval": "300ms", "scaleDownDelay": "1s"}),
+    );
+    pool.spec.template =
+        Some(serde_json::from_value(json!({"terminationGracePeriodSeconds": 2})).unwrap());
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+
+    eventually(
+        "the short tickets to complete",
+        Duration::from_secs(60),
+        || async { short.iter().all(|id| ledger.count("end").contains_key(id)) },
+    )
+    .await;
+    if restart {
+        eventually("a long ticket to run", Duration::from_secs(60), || async {
+            let started = ledger.count("start");
+            let ended = ledger.count("end");
+            long.iter()
+                .any(|id| started.contains_key(id) && !ended.contains_key(id))
+        })
+        .await;
+        operator.abort();
+        let _ = operator.await;
+        operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
+    }
+    let all: Vec<String> = short.iter().chain(&long).cloned().collect();
+    eventually(
+        "every ticket to complete",
+        Duration::from_secs(90),
+        || async { ledger.count("end").len() == all.len() },
+    )
+    .await;
+    eventually(
+        "the pool to scale to zero",
+        Duration::from_secs(30),
+        || async { all_pods(&pods, name).await == 0 },
+    )
+    .await;
+    ledger.assert_each_once(&all);
+    assert_eq!(depth(&conn, &queue).await, 0);
+    pools.delete(name, &DeleteParams::default()).await.unwrap();
 
     finish(conn, target, operator, &queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_and_short_tickets_each_run_once_while_the_pool_scales_around_them() {
+    long_and_short_tickets("mixed", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_tickets_run_once_across_an_operator_restart() {
+    long_and_short_tickets("mixedrestart", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_restart_mid_run_loses_nothing_and_runs_nothing_twice() {
-    let Some(Scenario {
+    let Scenario {
         conn,
         target,
         client,
@@ -835,10 +997,7 @@ async fn an_operator_restart_mid_run_loses_nothing_and_runs_nothing_twice() {
         queue,
         ledger,
         ids,
-    }) = Scenario::start("restart", 30).await
-    else {
-        return;
-    };
+    } = Scenario::start("restart", 30).await;
     let (pools, pods) = apis_in(&client, &ns);
     let pool = wrapped_pool(
         "restart",
@@ -955,7 +1114,7 @@ async fn event_reasons(client: &kube::Client, ns: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_ticket_is_quarantined_the_good_ones_complete_and_a_new_image_gets_it_back() {
-    let Some(Scenario {
+    let Scenario {
         conn,
         target,
         client,
@@ -964,10 +1123,7 @@ async fn a_poison_ticket_is_quarantined_the_good_ones_complete_and_a_new_image_g
         queue,
         ledger,
         ids,
-    }) = Scenario::start("poison", 51).await
-    else {
-        return;
-    };
+    } = Scenario::start("poison", 51).await;
     let quarantine = format!("{queue}.quarantine");
     let poison = ids[25].clone();
     let good: Vec<String> = ids.iter().filter(|id| **id != poison).cloned().collect();
@@ -1072,7 +1228,7 @@ async fn a_poison_ticket_is_quarantined_the_good_ones_complete_and_a_new_image_g
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_image_holds_the_tickets_until_it_is_fixed_then_they_all_complete() {
-    let Some(Scenario {
+    let Scenario {
         conn,
         target,
         client,
@@ -1081,10 +1237,7 @@ async fn a_broken_image_holds_the_tickets_until_it_is_fixed_then_they_all_comple
         queue,
         ledger,
         ids,
-    }) = Scenario::start("broken", 8).await
-    else {
-        return;
-    };
+    } = Scenario::start("broken", 8).await;
     let (pools, pods) = apis_in(&client, &ns);
     let alertmanager = Alertmanager::start().await;
     // The image lacks its test runner: the worker dies before it consumes anything.
@@ -1374,9 +1527,7 @@ async fn assert_events(s: &Scenario, wanted: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_crashing_on_its_tickets_is_alerted_and_rolled_back_and_a_fixed_image_is_promoted()
 {
-    let Some(s) = Scenario::start("seed", 40).await else {
-        return;
-    };
+    let s = Scenario::start("seed", 40).await;
     let (pools, pods) = apis(&s);
     let alertmanager = Alertmanager::start().await;
     // The test command crashes (exit 3) on every ticket, but only on image :bad.
@@ -1502,9 +1653,7 @@ async fn a_canary_crashing_on_its_tickets_is_alerted_and_rolled_back_and_a_fixed
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_crashing_before_its_consume_loop_is_rolled_back_and_the_stable_workers_complete_every_ticket()
  {
-    let Some(s) = Scenario::start("nocmd", 40).await else {
-        return;
-    };
+    let s = Scenario::start("nocmd", 40).await;
     let (pools, pods) = apis(&s);
     let pool = rollout_pool("nocmd", &s.queue, s.ledger.command(0.2), json!({}));
     let (first, load) = serve_under_load(&s, &pools, pool).await;
@@ -1582,9 +1731,7 @@ async fn a_canary_crashing_before_its_consume_loop_is_rolled_back_and_the_stable
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_good_upgrade_under_load_is_promoted_and_replaces_every_pod_without_interrupting_a_ticket()
  {
-    let Some(s) = Scenario::start("upgrade", 40).await else {
-        return;
-    };
+    let s = Scenario::start("upgrade", 40).await;
     let (pools, pods) = apis(&s);
     let pool = rollout_pool("upgrade", &s.queue, s.ledger.command(0.2), json!({}));
     let (first, load) = serve_under_load(&s, &pools, pool).await;
@@ -1632,9 +1779,7 @@ async fn a_good_upgrade_under_load_is_promoted_and_replaces_every_pod_without_in
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newer_image_supersedes_a_rollout_in_progress_and_is_promoted_in_its_place() {
-    let Some(s) = Scenario::start("supersede", 40).await else {
-        return;
-    };
+    let s = Scenario::start("supersede", 40).await;
     let (pools, pods) = apis(&s);
     // :2's canary cannot pass its gate in this scenario's time.
     let pool = rollout_pool(
@@ -1723,9 +1868,7 @@ async fn a_newer_image_supersedes_a_rollout_in_progress_and_is_promoted_in_its_p
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_restart_mid_rollout_resumes_the_canary_and_promotes_it() {
-    let Some(mut s) = Scenario::start("resume", 40).await else {
-        return;
-    };
+    let mut s = Scenario::start("resume", 40).await;
     let (pools, pods) = apis(&s);
     let pool = rollout_pool(
         "resume",
