@@ -156,6 +156,12 @@ async fn consumers(conn: &lapin::Connection, queue: &str) -> u32 {
 }
 
 async fn declare_passive(ch: &lapin::Channel, queue: &str) -> lapin::Queue {
+    try_declare_passive(ch, queue).await.unwrap()
+}
+
+/// A passive declare: the queue's counts, or the broker's error (a missing queue closes
+/// the channel).
+async fn try_declare_passive(ch: &lapin::Channel, queue: &str) -> lapin::Result<lapin::Queue> {
     ch.queue_declare(
         queue.into(),
         QueueDeclareOptions {
@@ -165,7 +171,6 @@ async fn declare_passive(ch: &lapin::Channel, queue: &str) -> lapin::Queue {
         FieldTable::default(),
     )
     .await
-    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -789,17 +794,7 @@ async fn workers(pools: &Api<TestRunnerPool>, pool: &str) -> (i32, i32, i32) {
 /// True while the queue exists on the broker.
 async fn queue_exists(conn: &lapin::Connection, queue: &str) -> bool {
     let ch = conn.create_channel().await.unwrap();
-    let found = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .is_ok();
+    let found = try_declare_passive(&ch, queue).await.is_ok();
     if found {
         let _ = ch.close(200, "done".into()).await;
     }
