@@ -105,3 +105,133 @@ unsafe fn shim(init: libc::pid_t) -> ! {
         libc::_exit(128 + sig)
     }
 }
+
+/// What a container that runs in an image's root filesystem gets, as a real container
+/// runtime gives it: its own mount namespace, the image's root, `/proc` of its PID
+/// namespace, a few device nodes, the termination log at its path, the kubelet's
+/// `/etc/hosts` and `/etc/resolv.conf`, and the pod's volumes at their `mountPath`.
+#[derive(Clone, Debug, Default)]
+pub struct RootFs {
+    /// The image's root filesystem.
+    pub root: std::path::PathBuf,
+    /// Bind mounts: a host file or directory, and where it appears in the container.
+    pub binds: Vec<(std::path::PathBuf, String)>,
+    /// Working directory inside the container.
+    pub working_dir: String,
+}
+
+/// Device nodes a container gets, bound from the host's.
+const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+/// The prepared system-call arguments of a [`RootFs`] (nothing is allocated between fork
+/// and exec).
+struct Prepared {
+    root: std::ffi::CString,
+    proc_dir: std::ffi::CString,
+    binds: Vec<(std::ffi::CString, std::ffi::CString, bool)>,
+    working_dir: std::ffi::CString,
+}
+
+impl RootFs {
+    /// Creates the mount points in the root filesystem (empty files and directories, as a
+    /// container runtime does) and returns the mounts to make.
+    fn prepare(&self) -> std::io::Result<Prepared> {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &std::path::Path| {
+            CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other)
+        };
+        let inside = |path: &str| self.root.join(path.trim_start_matches('/'));
+        let mut binds = Vec::new();
+        let devices = DEVICES.iter().map(|d| {
+            (
+                std::path::PathBuf::from(format!("/dev/{d}")),
+                format!("/dev/{d}"),
+            )
+        });
+        for (host, at) in devices.chain(self.binds.iter().cloned()) {
+            if !host.exists() {
+                continue;
+            }
+            let target = inside(&at);
+            let dir = host.is_dir();
+            if dir {
+                std::fs::create_dir_all(&target)?;
+            } else {
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                if !target.exists() {
+                    std::fs::write(&target, b"")?;
+                }
+            }
+            binds.push((c(&host)?, c(&target)?, dir));
+        }
+        let proc_dir = inside("/proc");
+        std::fs::create_dir_all(&proc_dir)?;
+        Ok(Prepared {
+            root: c(&self.root)?,
+            proc_dir: c(&proc_dir)?,
+            binds,
+            working_dir: CString::new(self.working_dir.as_bytes())
+                .map_err(std::io::Error::other)?,
+        })
+    }
+}
+
+/// Makes `command` run in `rootfs` (see [`RootFs`]). Call after [`in_pid_namespace`], so
+/// that the container's `/proc` shows its own PID namespace.
+pub fn in_root_fs(command: &mut tokio::process::Command, rootfs: &RootFs) -> std::io::Result<()> {
+    let prepared = rootfs.prepare()?;
+    // SAFETY: enter_root_fs only makes async-signal-safe calls on prepared arguments.
+    unsafe {
+        command.pre_exec(move || enter_root_fs(&prepared));
+    }
+    Ok(())
+}
+
+fn enter_root_fs(p: &Prepared) -> std::io::Result<()> {
+    use std::ptr::null;
+    let check = |r: libc::c_int| {
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    // SAFETY: raw system calls between fork and exec on prepared C strings.
+    unsafe {
+        check(libc::unshare(libc::CLONE_NEWNS))?;
+        // Nothing mounted here propagates back to the host.
+        check(libc::mount(
+            null(),
+            c"/".as_ptr(),
+            null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            null(),
+        ))?;
+        for (host, target, dir) in &p.binds {
+            let flags = libc::MS_BIND | if *dir { libc::MS_REC } else { 0 };
+            check(libc::mount(
+                host.as_ptr(),
+                target.as_ptr(),
+                null(),
+                flags,
+                null(),
+            ))?;
+        }
+        check(libc::mount(
+            c"proc".as_ptr(),
+            p.proc_dir.as_ptr(),
+            c"proc".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            null(),
+        ))?;
+        check(libc::chroot(p.root.as_ptr()))?;
+        check(libc::chdir(c"/".as_ptr()))?;
+        if libc::chdir(p.working_dir.as_ptr()) != 0 {
+            check(libc::chdir(c"/".as_ptr()))?;
+        }
+    }
+    Ok(())
+}

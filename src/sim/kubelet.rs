@@ -36,6 +36,8 @@ pub struct Config {
     pub exe: PathBuf,
     /// Node name written to `spec.nodeName`.
     pub node_name: String,
+    /// Images the node has a root filesystem for: their containers run inside it.
+    pub images: std::collections::BTreeMap<String, PathBuf>,
 }
 
 impl Config {
@@ -254,6 +256,8 @@ struct PodRun {
     name: String,
     dir: PathBuf,
     mounts: Vec<(String, PathBuf)>,
+    /// Each volume's directory on this machine.
+    volume_dirs: Vec<(String, PathBuf)>,
     /// ConfigMap volumes: the ConfigMap's name and the directory its keys go to.
     config_maps: Vec<(String, PathBuf)>,
     restart_policy: String,
@@ -431,7 +435,12 @@ fn secret_or_config_value(
 }
 
 /// The container's environment, Secret and ConfigMap references resolved.
-fn environment(run: &PodRun, pod: &Value, c: &Value) -> Result<Vec<(String, String)>, String> {
+fn environment(
+    run: &PodRun,
+    pod: &Value,
+    c: &Value,
+    map_paths: bool,
+) -> Result<Vec<(String, String)>, String> {
     let cluster = &run.cluster;
     let ns = &run.namespace;
     let mut env = Vec::new();
@@ -468,7 +477,14 @@ fn environment(run: &PodRun, pod: &Value, c: &Value) -> Result<Vec<(String, Stri
     for e in c["env"].as_array().cloned().unwrap_or_default() {
         let name = e["name"].as_str().unwrap_or_default().to_string();
         if let Some(v) = e["value"].as_str() {
-            env.push((name, run.map_path(v)));
+            env.push((
+                name,
+                if map_paths {
+                    run.map_path(v)
+                } else {
+                    v.to_string()
+                },
+            ));
             continue;
         }
         let from = &e["valueFrom"];
@@ -530,21 +546,33 @@ async fn run_once(
 ) -> Result<(Exit, String), String> {
     let name = c["name"].as_str().unwrap_or("container");
     run.project_config_maps();
-    let env = environment(run, pod, c)?;
+    let image = c["image"].as_str().unwrap_or_default();
+    // An image the node has a root filesystem for runs in it, with its volumes mounted
+    // where the pod says; any other runs on the host's filesystem, its volume paths
+    // rewritten to the pod's directory.
+    let image_root = run.config.images.get(image).cloned();
+    let in_image = image_root.is_some();
+    let env = environment(run, pod, c, !in_image)?;
     let mut argv: Vec<String> = c["command"]
         .as_array()
         .into_iter()
         .flatten()
         .chain(c["args"].as_array().into_iter().flatten())
         .filter_map(Value::as_str)
-        .map(|s| run.map_path(s))
+        .map(|s| {
+            if in_image {
+                s.to_string()
+            } else {
+                run.map_path(s)
+            }
+        })
         .collect();
     if argv.is_empty() {
         return Err(format!(
-            "container {name:?} has no command: the simulation cannot run images, only commands"
+            "container {name:?} has no command: the simulation runs commands, not image entrypoints"
         ));
     }
-    if argv[0] == "testrunner-operator" {
+    if argv[0] == "testrunner-operator" && !in_image {
         argv[0] = run.config.exe.display().to_string();
     }
     let term_log = run.dir.join(format!("{name}.termination-log"));
@@ -561,14 +589,26 @@ async fn run_once(
     let mut cmd = tokio::process::Command::new(&argv[0]);
     cmd.args(&argv[1..])
         .env_clear()
-        .env(
+        .env("HOSTNAME", &run.name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2))
+        .process_group(0)
+        .kill_on_drop(true);
+    if in_image {
+        cmd.env("PATH", IMAGE_PATH)
+            .env("HOME", "/")
+            .envs(env)
+            .env("TESTRUNNER_IMAGE", image)
+            .current_dir(&run.dir);
+    } else {
+        cmd.env(
             "PATH",
             std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
         )
-        .env("HOSTNAME", &run.name)
         .env("HOME", &run.dir)
         .envs(env)
-        .env("TESTRUNNER_IMAGE", c["image"].as_str().unwrap_or_default())
+        .env("TESTRUNNER_IMAGE", image)
         .env("TESTRUNNER_TERMINATION_LOG", &term_log)
         .current_dir(
             c["workingDir"]
@@ -576,14 +616,21 @@ async fn run_once(
                 .map(|w| PathBuf::from(run.map_path(w)))
                 .filter(|p| p.is_dir())
                 .unwrap_or_else(|| run.dir.clone()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(log))
-        .stderr(Stdio::from(log2))
-        .process_group(0)
-        .kill_on_drop(true);
-    if super::isolate::available() {
+        );
+    }
+    let isolated = super::isolate::available();
+    if isolated {
         super::isolate::in_pid_namespace(&mut cmd);
+    }
+    if let Some(root) = image_root {
+        if !isolated {
+            return Err(format!(
+                "image {image:?} has a root filesystem, but running in it needs root (namespaces)"
+            ));
+        }
+        let rootfs = image_rootfs(run, pod, c, root, &term_log)?;
+        super::isolate::in_root_fs(&mut cmd, &rootfs)
+            .map_err(|e| format!("failed to prepare the root filesystem of {image:?}: {e}"))?;
     }
     let mut child = cmd
         .spawn()
@@ -646,6 +693,63 @@ async fn run_once(
     }
     message.truncate(4096.min(message.len()));
     Ok((exit, message))
+}
+
+/// PATH of a container that runs in an image: the usual default of container images.
+const IMAGE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What a container running in the image root `root` gets mounted: its volumes at their
+/// `mountPath`, its termination log at its `terminationMessagePath`, and the kubelet's
+/// `/etc/hosts` (localhost, the pod's name, `hostAliases`) and `/etc/resolv.conf`.
+fn image_rootfs(
+    run: &PodRun,
+    pod: &Value,
+    c: &Value,
+    root: PathBuf,
+    term_log: &Path,
+) -> Result<super::isolate::RootFs, String> {
+    let mut binds = Vec::new();
+    for m in c["volumeMounts"].as_array().into_iter().flatten() {
+        let (Some(vol), Some(path)) = (m["name"].as_str(), m["mountPath"].as_str()) else {
+            continue;
+        };
+        if let Some((_, host)) = run.volume_dirs.iter().find(|(name, _)| name == vol) {
+            binds.push((host.clone(), path.to_string()));
+        }
+    }
+    let term_path = c["terminationMessagePath"]
+        .as_str()
+        .unwrap_or("/dev/termination-log");
+    binds.push((term_log.to_path_buf(), term_path.to_string()));
+    let mut hosts = format!(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.0.1\t{}\n",
+        run.name
+    );
+    for alias in pod
+        .pointer("/spec/hostAliases")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let names: Vec<&str> = alias["hostnames"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        if let Some(ip) = alias["ip"].as_str() {
+            hosts.push_str(&format!("{ip}\t{}\n", names.join(" ")));
+        }
+    }
+    let hosts_file = run.dir.join("hosts");
+    std::fs::write(&hosts_file, hosts).map_err(|e| format!("failed to write /etc/hosts: {e}"))?;
+    binds.push((hosts_file, "/etc/hosts".into()));
+    binds.push((PathBuf::from("/etc/resolv.conf"), "/etc/resolv.conf".into()));
+    Ok(super::isolate::RootFs {
+        root,
+        binds,
+        working_dir: c["workingDir"].as_str().unwrap_or("/").to_string(),
+    })
 }
 
 /// Waits for a stop request and returns its grace period (-1: shutting down).
@@ -773,10 +877,19 @@ async fn run_pod(
     let dir = pod_dir(&config.root, &ns, &name, &uid);
     let spec = &pod["spec"];
     let volumes = spec["volumes"].as_array().cloned().unwrap_or_default();
-    let empty_dirs: Vec<String> = volumes
+    // Where each volume lives on this machine: emptyDir and configMap volumes in the
+    // pod's directory, hostPath volumes at their path.
+    let volume_dirs: Vec<(String, PathBuf)> = volumes
         .iter()
-        .filter(|v| v["emptyDir"].is_object() || v["configMap"].is_object())
-        .filter_map(|v| v["name"].as_str().map(String::from))
+        .filter_map(|v| {
+            let name = v["name"].as_str()?;
+            if v["emptyDir"].is_object() || v["configMap"].is_object() {
+                Some((name.to_string(), dir.join("volumes").join(name)))
+            } else {
+                let path = v.pointer("/hostPath/path")?.as_str()?;
+                Some((name.to_string(), PathBuf::from(path)))
+            }
+        })
         .collect();
     let config_maps: Vec<(String, PathBuf)> = volumes
         .iter()
@@ -797,14 +910,14 @@ async fn run_pod(
             let (Some(vol), Some(path)) = (m["name"].as_str(), m["mountPath"].as_str()) else {
                 continue;
             };
-            if empty_dirs.iter().any(|e| e == vol)
+            if let Some((_, host)) = volume_dirs.iter().find(|(name, _)| name == vol)
                 && !mounts.iter().any(|(p, _): &(String, PathBuf)| p == path)
             {
-                mounts.push((path.to_string(), dir.join("volumes").join(vol)));
+                mounts.push((path.to_string(), host.clone()));
             }
         }
     }
-    for (_, d) in &mounts {
+    for (_, d) in &volume_dirs {
         let _ = std::fs::create_dir_all(d);
     }
     let _ = std::fs::create_dir_all(&dir);
@@ -825,6 +938,7 @@ async fn run_pod(
         name: name.clone(),
         dir: dir.clone(),
         mounts,
+        volume_dirs,
         config_maps,
         restart_policy: spec["restartPolicy"]
             .as_str()

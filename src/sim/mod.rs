@@ -182,6 +182,8 @@ pub struct SimulateOptions {
     pub amqp_uri: String,
     /// Durations of the kubelet are divided by this.
     pub time_scale: f64,
+    /// Images whose containers run in a local root filesystem.
+    pub images: std::collections::BTreeMap<String, std::path::PathBuf>,
 }
 
 /// A whole simulated cluster: API server, kubelet, and (optionally) the operator.
@@ -204,6 +206,18 @@ impl Simulation {
         time_scale: f64,
         exe: std::path::PathBuf,
     ) -> std::io::Result<Self> {
+        Self::start_with_images(listen, amqp_uri, time_scale, exe, Default::default()).await
+    }
+
+    /// Like [`Simulation::start`], with root filesystems for some images: containers of
+    /// those images run inside them (see [`kubelet::Config::images`]).
+    pub async fn start_with_images(
+        listen: SocketAddr,
+        amqp_uri: &str,
+        time_scale: f64,
+        exe: std::path::PathBuf,
+        images: std::collections::BTreeMap<String, std::path::PathBuf>,
+    ) -> std::io::Result<Self> {
         let api = start_api(listen, ServerConfig::default()).await?;
         install_crd(&api.cluster).map_err(|e| std::io::Error::other(e.message))?;
         create_secret(&api.cluster, "default", "rabbitmq", "uri", amqp_uri)
@@ -221,6 +235,7 @@ impl Simulation {
                 root: root.clone(),
                 exe,
                 node_name: "simulated-node".into(),
+                images,
             },
         );
         Ok(Self { api, kubelet, root })
@@ -282,14 +297,20 @@ async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, String> {
 /// `testrunner-operator simulate`: runs until Ctrl-C or SIGTERM.
 pub async fn simulate(opts: SimulateOptions) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("failed to find this binary: {e}"))?;
-    let sim = Simulation::start(opts.listen, &opts.amqp_uri, opts.time_scale, exe.clone())
-        .await
-        .map_err(|e| {
-            format!(
-                "failed to start the simulated cluster on {}: {e}",
-                opts.listen
-            )
-        })?;
+    let sim = Simulation::start_with_images(
+        opts.listen,
+        &opts.amqp_uri,
+        opts.time_scale,
+        exe.clone(),
+        opts.images.clone(),
+    )
+    .await
+    .map_err(|e| {
+        format!(
+            "failed to start the simulated cluster on {}: {e}",
+            opts.listen
+        )
+    })?;
     write_kubeconfig(&opts.kubeconfig, &sim.api.url())
         .map_err(|e| format!("failed to write {}: {e}", opts.kubeconfig.display()))?;
     let client = client_from_kubeconfig(&opts.kubeconfig).await?;
