@@ -66,6 +66,23 @@ struct SimulateArgs {
     /// times faster.
     #[arg(long, default_value_t = 1.0)]
     time_scale: f64,
+    /// An image whose containers run inside a local root filesystem, as NAME=DIR
+    /// (repeatable; needs root). Other images run on this machine's filesystem.
+    #[arg(long = "image", value_name = "NAME=DIR", value_parser = parse_image)]
+    images: Vec<(String, std::path::PathBuf)>,
+}
+
+fn parse_image(value: &str) -> Result<(String, std::path::PathBuf), String> {
+    let (name, dir) = value
+        .split_once('=')
+        .ok_or_else(|| format!("{value:?} is not NAME=DIR"))?;
+    let dir = std::path::PathBuf::from(dir);
+    if name.is_empty() || !dir.join("bin").is_dir() {
+        return Err(format!(
+            "{value:?}: DIR must be a root filesystem (with a bin/ directory)"
+        ));
+    }
+    Ok((name.to_string(), dir))
 }
 
 #[derive(clap::Args)]
@@ -173,6 +190,7 @@ fn simulate(args: SimulateArgs) -> ExitCode {
         kubeconfig: args.kubeconfig,
         amqp_uri: args.amqp_uri,
         time_scale: args.time_scale,
+        images: args.images.into_iter().collect(),
     };
     match runtime().block_on(testrunner_operator::sim::simulate(opts)) {
         Ok(()) => ExitCode::SUCCESS,
