@@ -75,6 +75,50 @@ impl BrokerUri {
     }
 }
 
+/// Connects to `uri` (see [`tls_roots`] for `amqps://`).
+pub async fn connect(
+    uri: &BrokerUri,
+    props: lapin::ConnectionProperties,
+) -> lapin::Result<lapin::Connection> {
+    let tls = lapin::tcp::OwnedTLSConfig {
+        cert_chain: tls_roots(uri, || {
+            rustls_native_certs::load_native_certs().certs.is_empty()
+        }),
+        ..Default::default()
+    };
+    lapin::Connection::connect_uri_with_config(
+        uri.amqp_uri(),
+        props,
+        tls,
+        lapin::runtime::default_runtime()?,
+    )
+    .await
+}
+
+/// Extra trust roots for `uri`, as PEM. A broker behind `amqps://` is verified against the
+/// system's CA store (the image's, or `SSL_CERT_FILE` / `SSL_CERT_DIR`); where there is
+/// none (`no_system_store`: scratch, busybox or distroless/static-less images), against the
+/// bundled Mozilla roots of `webpki-root-certs` instead, so a broker with a public
+/// certificate is reachable from any image. A broker with a private CA needs that CA
+/// mounted and named by `SSL_CERT_FILE`.
+pub fn tls_roots(uri: &BrokerUri, no_system_store: impl FnOnce() -> bool) -> Option<String> {
+    use base64::Engine;
+    if !uri.expose().starts_with("amqps:") || !no_system_store() {
+        return None;
+    }
+    let mut pem = String::new();
+    for cert in webpki_root_certs::TLS_SERVER_ROOT_CERTS {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+        pem.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            pem.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+    }
+    Some(pem)
+}
+
 impl fmt::Debug for BrokerUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "BrokerUri({})", self.redacted)
@@ -251,7 +295,7 @@ impl Brokers {
                     message: message.clone(),
                 });
             }
-            let connect = Connection::connect_uri(uri.amqp_uri(), ConnectionProperties::default());
+            let connect = connect(uri, ConnectionProperties::default());
             let connection =
                 match tokio::time::timeout(self.settings.connect_timeout, connect).await {
                     Ok(Ok(c)) => c,
@@ -658,6 +702,26 @@ fn classify(e: &lapin::Error) -> (&'static str, String) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn amqps_falls_back_to_the_bundled_roots_only_without_a_system_store() {
+        use rustls::pki_types::{CertificateDer, pem::PemObject};
+        let tls = BrokerUri::parse("amqps://u:p@broker.example:5671/").unwrap();
+        let plain = BrokerUri::parse("amqp://u:p@broker.example:5672/").unwrap();
+        assert_eq!(
+            tls_roots(&tls, || false),
+            None,
+            "the system's store is used"
+        );
+        assert_eq!(tls_roots(&plain, || true), None, "no TLS, no roots");
+        let pem = tls_roots(&tls, || true).expect("bundled roots");
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .expect("the bundle is valid PEM");
+        assert_eq!(certs.len(), webpki_root_certs::TLS_SERVER_ROOT_CERTS.len());
+        assert!(certs.len() > 100, "{}", certs.len());
+        assert_eq!(&certs[0], &webpki_root_certs::TLS_SERVER_ROOT_CERTS[0]);
+    }
     use super::*;
 
     #[test]

@@ -747,7 +747,7 @@ async fn connect(
     let pid = std::process::id();
     let props = ConnectionProperties::default()
         .with_connection_name(format!("testrunner-worker {host} pid={pid}").into());
-    let connection = Connection::connect_uri(uri.amqp_uri(), props)
+    let connection = crate::broker::connect(uri, props)
         .await
         .map_err(|e| describe(&e))?;
     let channel = connection

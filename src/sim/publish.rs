@@ -3,7 +3,7 @@
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{BasicProperties, ConnectionProperties};
 
 use crate::broker::BrokerUri;
 
@@ -17,7 +17,7 @@ pub async fn publish(
     declare_quorum: bool,
 ) -> Result<Vec<String>, String> {
     let uri = BrokerUri::parse(uri).map_err(|e| format!("invalid broker URI: {}", e.0))?;
-    let conn = Connection::connect_uri(uri.amqp_uri(), ConnectionProperties::default())
+    let conn = crate::broker::connect(&uri, ConnectionProperties::default())
         .await
         .map_err(|e| format!("failed to connect to the broker {uri}: {e}"))?;
     let channel = conn
