@@ -1,7 +1,8 @@
 //! The worker wrapper inside foreign root filesystems on the simulated node. The roots
 //! come from Debian's packages (`bash tests/rootfs.sh`, which `tests/run.sh` runs):
-//! `busybox` holds a static busybox and nothing else; `musl` adds the musl C library.
-//! Neither has glibc, NSS files, a CA store, users or a HOME. The wrapper is this build's
+//! `busybox` holds a static busybox and nothing else; `musl` adds the musl C library;
+//! neither has glibc, NSS files, a CA store, users or a HOME. `debian11` is Debian 11
+//! (glibc 2.31, older than the glibc of the machine that builds the binary). The wrapper is this build's
 //! `testrunner-operator`, copied in by the worker pod's init container as on a cluster.
 
 use std::collections::BTreeMap;
@@ -21,10 +22,9 @@ use testrunner_operator::sim;
 
 const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const IMAGE: &str = "registry.example/minimal-runner:1";
-/// Test-command prefix that fails (exit 42) on a filesystem with Debian's files or glibc:
-/// the commands must run inside the minimal root, never on the host's.
-const NOT_ON_HOST: &str =
-    "[ ! -e /etc/debian_version ] && [ ! -e /lib/x86_64-linux-gnu/libc.so.6 ] || exit 42;";
+/// Test-command prefix that fails (exit 42) outside a root `tests/rootfs.sh` built (it
+/// marks each with `/.testrunner-rootfs`): the commands must never run on the host's root.
+const NOT_ON_HOST: &str = "[ -e /.testrunner-rootfs ] || exit 42;";
 
 /// A root filesystem `tests/rootfs.sh` built; a missing one fails the test and says how to
 /// build it.
@@ -33,10 +33,16 @@ fn rootfs(name: &str) -> PathBuf {
         .join(".tools/rootfs")
         .join(name);
     assert!(
-        dir.join("bin/busybox").exists(),
+        dir.join(".testrunner-rootfs").exists(),
         "{} is missing: build it with `bash tests/rootfs.sh`",
         dir.display()
     );
+    dir
+}
+
+/// A root without glibc and without NSS configuration.
+fn bare_rootfs(name: &str) -> PathBuf {
+    let dir = rootfs(name);
     assert!(
         !dir.join("lib/x86_64-linux-gnu/libc.so.6").exists()
             && !dir.join("etc/nsswitch.conf").exists(),
@@ -177,7 +183,8 @@ fn pool(queue: &str) -> TestRunnerPool {
 /// names, and drains the ticket in hand when the pod is deleted.
 async fn wrapper_runs_in(root: PathBuf) {
     let tag = format!(
-        "{}-{}",
+        "{}-{}-{}",
+        root.file_name().unwrap().to_string_lossy(),
         std::process::id(),
         jiff::Timestamp::now().as_millisecond()
     );
@@ -348,22 +355,30 @@ async fn wrapper_runs_in(root: PathBuf) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wrapper_runs_tickets_in_a_busybox_only_root_filesystem() {
-    wrapper_runs_in(rootfs("busybox")).await;
+    wrapper_runs_in(bare_rootfs("busybox")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wrapper_runs_tickets_in_a_musl_root_filesystem() {
-    wrapper_runs_in(rootfs("musl")).await;
+    let root = bare_rootfs("musl");
+    assert!(root.join("lib/ld-musl-x86_64.so.1").exists());
+    wrapper_runs_in(root).await;
 }
 
-/// The operator's own worker pods on an image with a busybox-only root: the broker by
-/// IP, a ledger on a hostPath volume, and every ticket run once while the pool scales up
-/// and back to zero.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pool_on_a_busybox_image_runs_each_ticket_once() {
-    let root = rootfs("busybox");
+async fn the_wrapper_runs_tickets_in_a_debian_11_root_filesystem_with_an_older_glibc() {
+    let root = rootfs("debian11");
+    assert!(root.join("lib/x86_64-linux-gnu/libc-2.31.so").exists());
+    wrapper_runs_in(root).await;
+}
+
+/// The operator's own worker pods on an image with the root `root`: the broker by IP, a
+/// ledger on a hostPath volume, and every ticket run once while the pool scales up and
+/// back to zero.
+async fn a_pool_runs_each_ticket_once_in(root: PathBuf) {
+    let root_name = root.file_name().unwrap().to_string_lossy().into_owned();
     let tag = format!(
-        "{}-{}",
+        "{root_name}-{}-{}",
         std::process::id(),
         jiff::Timestamp::now().as_millisecond()
     );
@@ -392,7 +407,8 @@ async fn a_pool_on_a_busybox_image_runs_each_ticket_once() {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let pool: TestRunnerPool = serde_json::from_value(json!({
         "apiVersion": "testrunner.dev/v1alpha1", "kind": "TestRunnerPool",
-        "metadata": {"name": "busybox"},
+        // Its own name: the outcome queue is named after the pool.
+        "metadata": {"name": format!("pool-{}", root_name)},
         "spec": {"image": IMAGE,
             "command": ["sh", "-c", format!("{NOT_ON_HOST} echo \"$TICKET_ID start\" >> /ledger/log; cat >/dev/null; sleep 0.2; echo \"$TICKET_ID end\" >> /ledger/log")],
             "queue": {"name": queue, "connectionSecretRef": {"name": "rabbitmq"}},
@@ -443,10 +459,24 @@ async fn a_pool_on_a_busybox_image_runs_each_ticket_once() {
     operator.abort();
     sim.shutdown().await;
     let _ = std::fs::remove_dir_all(&ledger);
-    for q in [queue.clone(), format!("{queue}.quarantine")] {
+    let outcomes = format!(
+        "testrunner.outcomes.default.{}",
+        pool.metadata.name.as_deref().unwrap_or_default()
+    );
+    for q in [queue.clone(), format!("{queue}.quarantine"), outcomes] {
         let _ = ch
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
             .await;
     }
     let _ = conn.close(200, "done".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_on_a_busybox_only_image_runs_each_ticket_once() {
+    a_pool_runs_each_ticket_once_in(bare_rootfs("busybox")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_on_a_musl_image_runs_each_ticket_once() {
+    a_pool_runs_each_ticket_once_in(bare_rootfs("musl")).await;
 }
