@@ -716,7 +716,9 @@ impl Scenario {
     }
 }
 
-/// Stops the operator and the cluster and removes the scenario's queues.
+/// Stops the operator and the cluster and removes the scenario's queues, the outcome
+/// queues of its pools included (the operator deletes those when a pool is deleted;
+/// these pools go with the cluster instead).
 async fn finish(
     conn: lapin::Connection,
     target: Target,
@@ -724,6 +726,24 @@ async fn finish(
     queue: &str,
 ) {
     operator.abort();
+    let pools: Api<TestRunnerPool> = Api::namespaced(target.client.clone(), &target.namespace);
+    let names: Vec<String> = pools
+        .list(&ListParams::default())
+        .await
+        .map(|l| {
+            l.items
+                .into_iter()
+                .filter_map(|p| p.metadata.name)
+                .collect()
+        })
+        .unwrap_or_default();
+    for name in names {
+        delete_queue(
+            &conn,
+            &format!("testrunner.outcomes.{}.{name}", target.namespace),
+        )
+        .await;
+    }
     target.finish().await;
     delete_queue(&conn, queue).await;
     delete_queue(&conn, &format!("{queue}.quarantine")).await;
@@ -858,7 +878,12 @@ async fn a_long_ticket_runs_once_while_the_empty_queue_would_scale_the_pool_to_z
     .await;
     ledger.assert_each_once(&ids);
     assert_eq!(depth(&conn, &queue).await, 0);
-    assert_eq!(workers(&pools, "long").await, (0, 0, 0));
+    eventually(
+        "the status to show no workers",
+        Duration::from_secs(10),
+        || async { workers(&pools, "long").await == (0, 0, 0) },
+    )
+    .await;
 
     // The pool's outcome queue goes with the pool.
     let outcomes = format!("testrunner.outcomes.{ns}.long");
