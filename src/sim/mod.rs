@@ -332,7 +332,7 @@ metadata:
   name: demo
 spec:
   image: example.org/test-runner:1
-  # images do not run here; this command crashes on any image tagged :broken
+  # no image is pulled (see simulate --image); this command crashes on any image tagged :broken
   command: [\"sh\", \"-c\", \"case $TESTRUNNER_IMAGE in *:broken) exit 3;; esac; cat >/dev/null; sleep 1\"]
   queue:
     name: tickets.demo
