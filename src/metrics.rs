@@ -78,6 +78,8 @@ pub struct Metrics {
     pub workers_current: Family<PoolLabels, Gauge>,
     /// Worker pods that are ready.
     pub workers_ready: Family<PoolLabels, Gauge>,
+    /// Worker pods running a ticket.
+    pub workers_busy: Family<PoolLabels, Gauge>,
     /// 1 while the pool's broker is unreachable.
     pub broker_unreachable: Family<PoolLabels, Gauge>,
     /// Reconcile duration.
@@ -119,6 +121,7 @@ impl Default for Metrics {
             workers_desired: Family::default(),
             workers_current: Family::default(),
             workers_ready: Family::default(),
+            workers_busy: Family::default(),
             broker_unreachable: Family::default(),
             reconcile_duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             reconciles: Counter::default(),
@@ -160,6 +163,11 @@ impl Default for Metrics {
             "workers_ready",
             "Worker pods that are ready",
             m.workers_ready.clone(),
+        );
+        registry.register(
+            "workers_busy",
+            "Worker pods running a ticket, as their workers report it",
+            m.workers_busy.clone(),
         );
         registry.register(
             "broker_unreachable",
@@ -263,6 +271,7 @@ impl Metrics {
             &self.workers_desired,
             &self.workers_current,
             &self.workers_ready,
+            &self.workers_busy,
             &self.broker_unreachable,
             &self.alerts_active,
             &self.quarantined_tickets,

@@ -573,6 +573,10 @@ fn record_metrics(pool: &TestRunnerPool, plan: &Plan, metrics: &Metrics) {
             .workers_ready
             .get_or_create(&labels)
             .set(w.ready as i64);
+        metrics
+            .workers_busy
+            .get_or_create(&labels)
+            .set(w.busy as i64);
     }
     for c in &plan.new_crashes {
         metrics
@@ -799,6 +803,31 @@ mod tests {
     use super::*;
     use crate::core::fixtures::{depth, pool, t};
     use crate::crd::RolloutPhase;
+
+    #[test]
+    fn busy_workers_are_a_metric_and_go_with_the_pool() {
+        use crate::core::fixtures::pod;
+        use crate::core::{Activity, PodState};
+        let p = pool();
+        let mut busy = pod("unit-a", &core::revision(&p.spec), PodState::Ready, 0);
+        busy.activity = Activity::Busy {
+            ticket: "t-1".into(),
+        };
+        let plan = core::plan(&p, &depth(0, 1, vec![busy]), t(0));
+        let metrics = Metrics::default();
+        record_metrics(&p, &plan, &metrics);
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"testrunner_workers_busy{namespace="ci",pool="unit"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"testrunner_workers_desired{namespace="ci",pool="unit"} 1"#));
+        metrics.forget_pool(&PoolLabels {
+            namespace: "ci".into(),
+            pool: "unit".into(),
+        });
+        assert!(!metrics.encode().contains("testrunner_workers_busy{"));
+    }
 
     #[test]
     fn rollout_metrics_follow_the_status_and_go_with_the_pool() {
