@@ -78,6 +78,16 @@ async fn channel() -> (Connection, Channel) {
     (conn, ch)
 }
 
+/// Deletes a test's queues and closes its connection.
+async fn remove_queues(conn: Connection, ch: &Channel, queues: &[String]) {
+    for q in queues {
+        let _ = ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = conn.close(200, "done".into()).await;
+}
+
 async fn declare(ch: &Channel, queue: &str, quorum: bool) {
     let mut args = FieldTable::default();
     if quorum {
@@ -345,12 +355,7 @@ async fn wrapper_runs_in(root: PathBuf) {
     assert_eq!(depth(quarantine.clone()).await, 2);
 
     sim.shutdown().await;
-    for q in [&queue, &quarantine, &outcomes] {
-        let _ = ch
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    let _ = conn.close(200, "done".into()).await;
+    remove_queues(conn, &ch, &[queue.clone(), quarantine, outcomes]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -463,12 +468,12 @@ async fn a_pool_runs_each_ticket_once_in(root: PathBuf) {
         "testrunner.outcomes.default.{}",
         pool.metadata.name.as_deref().unwrap_or_default()
     );
-    for q in [queue.clone(), format!("{queue}.quarantine"), outcomes] {
-        let _ = ch
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    let _ = conn.close(200, "done".into()).await;
+    remove_queues(
+        conn,
+        &ch,
+        &[queue.clone(), format!("{queue}.quarantine"), outcomes],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
