@@ -1213,10 +1213,16 @@ async fn a_poison_ticket_is_quarantined_the_good_ones_complete_and_a_new_image_g
     .await;
 
     // A new image that completes tickets gets the quarantined ticket back, and runs it.
+    // The new image is promoted first (no canary), so the pods that take the new tickets
+    // are of the new image whatever the machine's speed.
+    patch_spec(&pools, "poison", json!({"image": "example.org/runner:2"})).await;
+    rollout_when(&pools, "poison", ":2 to be the stable image", |r| {
+        r.stable_image == "example.org/runner:2"
+    })
+    .await;
     let more = sim::publish::publish(&broker_uri(), &queue, 3, false)
         .await
         .unwrap();
-    patch_spec(&pools, "poison", json!({"image": "example.org/runner:2"})).await;
     let mut everything = ids.clone();
     everything.extend(more);
     eventually(
