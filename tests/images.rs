@@ -78,6 +78,20 @@ async fn channel() -> (Connection, Channel) {
     (conn, ch)
 }
 
+/// A simulated cluster (time scale 50) whose broker Secret holds `uri`, on which [`IMAGE`]
+/// runs in the root filesystem `root`.
+async fn simulation(uri: &str, root: PathBuf) -> sim::Simulation {
+    sim::Simulation::start_with_images(
+        "127.0.0.1:0".parse().unwrap(),
+        uri,
+        50.0,
+        env!("CARGO_BIN_EXE_testrunner-operator").into(),
+        BTreeMap::from([(IMAGE.to_string(), root)]),
+    )
+    .await
+    .unwrap()
+}
+
 /// Deletes a test's queues and closes its connection.
 async fn remove_queues(conn: Connection, ch: &Channel, queues: &[String]) {
     for q in queues {
@@ -206,16 +220,8 @@ async fn wrapper_runs_in(root: PathBuf) {
     declare(&ch, &quarantine, true).await;
     declare(&ch, &outcomes, false).await;
 
-    let sim = sim::Simulation::start_with_images(
-        "127.0.0.1:0".parse().unwrap(),
-        // The broker by a name that only the pod's hostAliases resolve.
-        "amqp://guest:guest@rabbitmq.testrunner-sim:5672/%2f",
-        50.0,
-        env!("CARGO_BIN_EXE_testrunner-operator").into(),
-        BTreeMap::from([(IMAGE.to_string(), root)]),
-    )
-    .await
-    .unwrap();
+    // The broker by a name that only the pod's hostAliases resolve.
+    let sim = simulation("amqp://guest:guest@rabbitmq.testrunner-sim:5672/%2f", root).await;
     let client = sim.api.client();
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
@@ -397,15 +403,7 @@ async fn a_pool_runs_each_ticket_once_in(root: PathBuf) {
 
     let ledger = std::env::temp_dir().join(format!("img-ledger-{tag}"));
     std::fs::create_dir_all(&ledger).unwrap();
-    let sim = sim::Simulation::start_with_images(
-        "127.0.0.1:0".parse().unwrap(),
-        BROKER,
-        50.0,
-        env!("CARGO_BIN_EXE_testrunner-operator").into(),
-        BTreeMap::from([(IMAGE.to_string(), root)]),
-    )
-    .await
-    .unwrap();
+    let sim = simulation(BROKER, root).await;
     let client = sim.api.client();
     let operator = sim::start_operator_in(client.clone(), vec!["default".into()]);
     let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), "default");
