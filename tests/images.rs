@@ -222,7 +222,7 @@ async fn wrapper_runs_in(root: PathBuf) {
 
     // The broker by a name that only the pod's hostAliases resolve.
     let sim = simulation("amqp://guest:guest@rabbitmq.testrunner-sim:5672/%2f", root).await;
-    let client = sim.api.client();
+    let client = sim.client();
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
 
@@ -404,7 +404,7 @@ async fn a_pool_runs_each_ticket_once_in(root: PathBuf) {
     let ledger = std::env::temp_dir().join(format!("img-ledger-{tag}"));
     std::fs::create_dir_all(&ledger).unwrap();
     let sim = simulation(BROKER, root).await;
-    let client = sim.api.client();
+    let client = sim.client();
     let operator = sim::start_operator_in(client.clone(), vec!["default".into()]);
     let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), "default");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");

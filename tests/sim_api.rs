@@ -511,10 +511,15 @@ async fn deleting_an_owner_collects_its_dependents_and_pods_terminate_gracefully
             .unwrap();
     cms.create(&PostParams::default(), &dep).await.unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    // Bound to a node that does not run; and one that no node took.
     let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "worker", "ownerReferences": owner},
-        "spec": {"terminationGracePeriodSeconds": 30, "containers": [{"name": "w", "image": "x", "command": ["true"]}]}}))
+        "spec": {"nodeName": "gone", "terminationGracePeriodSeconds": 30, "containers": [{"name": "w", "image": "x", "command": ["true"]}]}}))
     .unwrap();
     pods.create(&PostParams::default(), &pod).await.unwrap();
+    let pending: Pod = serde_json::from_value(json!({"metadata": {"name": "pending", "ownerReferences": owner},
+        "spec": {"terminationGracePeriodSeconds": 30, "containers": [{"name": "w", "image": "x", "command": ["true"]}]}}))
+    .unwrap();
+    pods.create(&PostParams::default(), &pending).await.unwrap();
 
     pools
         .delete("owner", &DeleteParams::default())
@@ -530,8 +535,9 @@ async fn deleting_an_owner_collects_its_dependents_and_pods_terminate_gracefully
             .unwrap();
     cms.create(&PostParams::default(), &late).await.unwrap();
     assert!(cms.get_opt("late").await.unwrap().is_none());
-    // No kubelet runs here: the pod waits in Terminating, as on a real cluster whose
-    // node is gone.
+    // As on a real server: a pod that no node took has nothing to stop and goes at
+    // once; the bound one waits in Terminating for its node, which is gone.
+    assert!(pods.get_opt("pending").await.unwrap().is_none());
     let p = pods.get("worker").await.unwrap();
     assert!(p.metadata.deletion_timestamp.is_some());
     assert_eq!(p.metadata.deletion_grace_period_seconds, Some(30));
@@ -689,7 +695,7 @@ async fn the_operator_runs_against_the_simulation_and_gc_removes_its_workers() {
     )
     .await
     .unwrap();
-    let client = sim.api.client();
+    let client = sim.client();
     let operator = sim::start_operator(client.clone());
     let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), "default");
     let body: TestRunnerPool =
@@ -761,7 +767,7 @@ async fn the_kubelet_runs_init_then_main_containers_with_env_restarts_and_termin
     )
     .await
     .unwrap();
-    let pods: Api<Pod> = Api::namespaced(sim.api.client(), "default");
+    let pods: Api<Pod> = Api::namespaced(sim.client(), "default");
     let mount = json!([{"name": "shared", "mountPath": "/opt/shared"}]);
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": "crasher"},
@@ -853,7 +859,7 @@ async fn deleting_a_pod_sends_sigterm_waits_the_grace_period_then_kills() {
         "cut -d' ' -f4 /proc/self/stat > {d}/pid.tmp && mv {d}/pid.tmp {d}/pid; trap 'echo term > {d}/term' TERM; while true; do sleep 0.05; done",
         d = dir.display()
     );
-    let pods: Api<Pod> = Api::namespaced(sim.api.client(), "default");
+    let pods: Api<Pod> = Api::namespaced(sim.client(), "default");
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": "stubborn"},
         "spec": {"terminationGracePeriodSeconds": 100,
@@ -1006,7 +1012,7 @@ async fn crash_loop_backoff_doubles_and_resets_after_a_long_enough_run() {
     )
     .await
     .unwrap();
-    let pods: Api<Pod> = Api::namespaced(sim.api.client(), "default");
+    let pods: Api<Pod> = Api::namespaced(sim.client(), "default");
     for (name, script) in [("quick", "exit 1"), ("steady", "sleep 0.3; exit 1")] {
         let pod: Pod = serde_json::from_value(json!({"metadata": {"name": name},
             "spec": {"containers": [{"name": "main", "image": "x", "command": ["sh", "-c", script]}]}}))

@@ -70,7 +70,7 @@ async fn setup_sim(test: &str) -> Kubectl {
 fn with_home(test: &str, server: Server) -> Kubectl {
     let url = match &server {
         Server::Api(a) => a.url(),
-        Server::Sim(s) => s.api.url(),
+        Server::Sim(s) => s.url(),
     };
     let home = std::env::temp_dir().join(format!("sim-kubectl-{test}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&home);
@@ -88,7 +88,7 @@ impl Kubectl {
     fn api(&self) -> &ApiServer {
         match &self.server {
             Server::Api(a) => a,
-            Server::Sim(s) => &s.api,
+            Server::Sim(s) => s.embedded().expect("an embedded simulation"),
         }
     }
 

@@ -42,7 +42,7 @@ impl Target {
             .await
             .unwrap();
             return Self {
-                client: sim.api.client(),
+                client: sim.client(),
                 namespace: "default".into(),
                 image: "example.org/runner:1".into(),
                 margin: Duration::from_secs(15),
@@ -409,6 +409,13 @@ async fn the_simulate_command_serves_kubectl_clients_and_ctrl_c_leaves_no_proces
         !out.contains("guest:guest"),
         "the broker URI is never printed: {out}"
     );
+    // The kubelet sent SIGKILL before simulate exited; the kernel tears the processes
+    // down asynchronously, a moment later at most.
+    let gone_by = tokio::time::Instant::now() + Duration::from_secs(5);
+    while (process_alive(&pid) || process_alive(&escaped)) && tokio::time::Instant::now() < gone_by
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(!process_alive(&pid), "the pod's process is gone");
     assert!(
         !process_alive(&escaped),

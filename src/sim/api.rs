@@ -128,7 +128,7 @@ pub enum PatchType {
 }
 
 /// Deletion options.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct DeleteOpts {
     /// `gracePeriodSeconds`.
     pub grace: Option<i64>,
@@ -136,6 +136,8 @@ pub struct DeleteOpts {
     pub orphan: bool,
     /// `dryRun=All`.
     pub dry_run: bool,
+    /// `preconditions.uid`: delete only the object with this uid.
+    pub uid: Option<String>,
 }
 
 type Key = (String, String, String);
@@ -1058,6 +1060,64 @@ impl Cluster {
         st.objects.get(&key).cloned()
     }
 
+    /// `pods/binding`: assigns a pod to a node, once (what a scheduler does).
+    pub fn bind(&self, ns: &str, name: &str, binding: &Value) -> Result<Value, ApiError> {
+        let node = binding
+            .pointer("/target/name")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| ApiError::new(422, "Invalid", "Binding.target.name: Required value"))?
+            .to_string();
+        let mut st = self.lock();
+        let kind = st
+            .kinds
+            .iter()
+            .find(|k| k.storage == "pods")
+            .cloned()
+            .expect("pods are served");
+        let key = ("pods".to_string(), ns.to_string(), name.to_string());
+        let old = st
+            .objects
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(&kind, name))?;
+        if old.pointer("/metadata/deletionTimestamp").is_some() {
+            return Err(ApiError::new(
+                409,
+                "Conflict",
+                format!("Operation cannot be fulfilled on pods/binding \"{name}\": pod {name} is being deleted, cannot be assigned to a host"),
+            )
+            .with_details(&kind, name));
+        }
+        if let Some(current) = old
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+        {
+            return Err(ApiError::new(
+                409,
+                "Conflict",
+                format!("Operation cannot be fulfilled on pods/binding \"{name}\": pod {name} is already assigned to node \"{current}\""),
+            )
+            .with_details(&kind, name));
+        }
+        let mut new = old.clone();
+        new["spec"]["nodeName"] = json!(node);
+        let scheduled =
+            json!({"type": "PodScheduled", "status": "True", "lastTransitionTime": now()});
+        match new["status"]["conditions"].as_array_mut() {
+            Some(conds) => {
+                conds.retain(|c| c["type"] != "PodScheduled");
+                conds.push(scheduled);
+            }
+            None => new["status"]["conditions"] = json!([scheduled]),
+        }
+        self.store(&mut st, &kind, key, Some(old), new);
+        Ok(
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+        )
+    }
+
     /// Removes an object for good (the kubelet, once a deleted pod has stopped).
     pub fn remove_now(&self, storage: &str, ns: &str, name: &str) {
         let mut st = self.lock();
@@ -1162,6 +1222,23 @@ impl Cluster {
         let Some(obj) = st.objects.get(&key).cloned() else {
             return Err(ApiError::not_found(kind, name));
         };
+        if let Some(uid) = &opts.uid
+            && obj.pointer("/metadata/uid").and_then(Value::as_str) != Some(uid.as_str())
+        {
+            let actual = obj
+                .pointer("/metadata/uid")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            return Err(ApiError::new(
+                409,
+                "Conflict",
+                format!(
+                    "Operation cannot be fulfilled on {} \"{name}\": Precondition failed: UID in precondition: {uid}, UID in object meta: {actual}",
+                    kind.qualified()
+                ),
+            )
+            .with_details(kind, name));
+        }
         if opts.dry_run {
             return Ok(kind.to_view(obj));
         }
@@ -1186,7 +1263,13 @@ impl Cluster {
                 .and_then(Value::as_i64)
                 .unwrap_or(30)
         });
-        let graceful = is_pod && grace > 0 && !finished_pod;
+        // As a real server: a pod no node took yet has no process to stop.
+        let unbound_pod = is_pod
+            && obj
+                .pointer("/spec/nodeName")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty);
+        let graceful = is_pod && grace > 0 && !finished_pod && !unbound_pod;
         if !finalizers && !graceful {
             self.remove_locked(st, storage, obj, opts.orphan);
             return;

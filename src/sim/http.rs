@@ -110,10 +110,10 @@ fn resolve(
     if name.is_some() && kind.namespaced && namespace.is_none() {
         return Err(path_not_found());
     }
-    let log = kind.group.is_empty() && kind.plural == "pods";
+    let pod = kind.group.is_empty() && kind.plural == "pods";
     if let Some(sub) = &subresource
         && !(sub == "status" && kind.status)
-        && !(sub == "log" && log)
+        && !(pod && matches!(sub.as_str(), "log" | "binding"))
     {
         return Err(path_not_found());
     }
@@ -397,6 +397,17 @@ async fn resource(
             pod_log(cluster, &kind, &ns, name, query)
         }
         (Some(_), _) if t.subresource.as_deref() == Some("log") => method_not_allowed(method),
+        (Some(name), Method::POST) if t.subresource.as_deref() == Some("binding") => {
+            let binding = match parse_body(&body, false) {
+                Ok(v) => v,
+                Err(e) => return error(e),
+            };
+            match cluster.bind(&ns, name, &binding) {
+                Ok(status) => json_response(201, &status),
+                Err(e) => error(e),
+            }
+        }
+        (Some(_), _) if t.subresource.as_deref() == Some("binding") => method_not_allowed(method),
         (Some(name), Method::GET) => match cluster.get(&kind, &ns, name) {
             Ok(obj) if table => json_response(
                 200,
@@ -477,6 +488,10 @@ async fn resource(
                         opts.dry_run = v["dryRun"]
                             .as_array()
                             .is_some_and(|d| d.iter().any(|x| x == "All"));
+                        opts.uid = v
+                            .pointer("/preconditions/uid")
+                            .and_then(Value::as_str)
+                            .map(String::from);
                     }
                     Err(e) => return error(e),
                 }

@@ -183,6 +183,7 @@ pub fn builtins() -> Vec<Kind> {
     lease.storage = "leases.coordination.k8s.io".into();
     vec![
         Kind::builtin("", "v1", "Namespace", "namespaces", false, &["ns"], true),
+        Kind::builtin("", "v1", "Node", "nodes", false, &["no"], true),
         pod,
         Kind::builtin("", "v1", "Secret", "secrets", true, &[], false),
         Kind::builtin("", "v1", "ConfigMap", "configmaps", true, &["cm"], false),

@@ -78,7 +78,8 @@ impl Drop for ApiServer {
     }
 }
 
-/// Starts the API server on `listen` (port 0 picks one) with the `default` namespace.
+/// Starts the API server on `listen` (port 0 picks one) with the namespaces a real one
+/// starts with (`default`, `kube-system`, `kube-public`, `kube-node-lease`).
 pub async fn start_api(listen: SocketAddr, config: ServerConfig) -> std::io::Result<ApiServer> {
     let cluster = Cluster::new(config.history);
     let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -95,14 +96,17 @@ pub async fn start_api(listen: SocketAddr, config: ServerConfig) -> std::io::Res
     let ns_kind = cluster
         .find_kind("", "v1", "namespaces")
         .expect("namespaces are served");
-    cluster
-        .create(
-            &ns_kind,
-            "",
-            json!({"metadata": {"name": "default"}}),
-            &api::WriteOpts::default(),
-        )
-        .map_err(|e| std::io::Error::other(e.message))?;
+    // The namespaces a real API server creates for itself.
+    for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        cluster
+            .create(
+                &ns_kind,
+                "",
+                json!({"metadata": {"name": ns}}),
+                &api::WriteOpts::default(),
+            )
+            .map_err(|e| std::io::Error::other(e.message))?;
+    }
     Ok(ApiServer {
         addr,
         cluster,
@@ -186,15 +190,26 @@ pub struct SimulateOptions {
     pub images: std::collections::BTreeMap<String, std::path::PathBuf>,
 }
 
-/// A whole simulated cluster: API server, kubelet, and (optionally) the operator.
+/// The API server a simulation runs against.
+pub enum Backend {
+    /// The embedded, in-process API server.
+    Embedded(ApiServer),
+}
+
+/// A whole simulated cluster: API server, the simulated node, and (optionally) the
+/// operator.
 pub struct Simulation {
     /// The API server.
-    pub api: ApiServer,
-    /// The kubelet.
+    pub backend: Backend,
+    /// The simulated node.
     pub kubelet: kubelet::Kubelet,
     /// Root of the pods' directories.
     pub root: std::path::PathBuf,
+    client: kube::Client,
 }
+
+/// Name of the simulated node.
+pub const NODE_NAME: &str = "simulated-node";
 
 impl Simulation {
     /// Starts the API server and the kubelet, installs the CRD and the broker Secret.
@@ -228,23 +243,59 @@ impl Simulation {
             api.addr.port()
         ));
         std::fs::create_dir_all(&root)?;
+        let log_root = root.clone();
+        api.cluster
+            .set_log_locator(Arc::new(move |ns, name, uid, container| {
+                kubelet::log_path(&log_root, ns, name, uid, container)
+            }));
+        let client = api.client();
+        // No scheduler here: the node binds pods itself.
         let kubelet = kubelet::Kubelet::start(
-            api.cluster.clone(),
+            client.clone(),
+            Some(client.clone()),
             kubelet::Config {
                 time_scale,
                 root: root.clone(),
                 exe,
-                node_name: "simulated-node".into(),
+                node_name: NODE_NAME.into(),
                 images,
             },
-        );
-        Ok(Self { api, kubelet, root })
+        )
+        .await
+        .map_err(std::io::Error::other)?;
+        Ok(Self {
+            backend: Backend::Embedded(api),
+            kubelet,
+            root,
+            client,
+        })
+    }
+
+    /// A client of the API server (full rights).
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
+    /// The API server's URL.
+    pub fn url(&self) -> String {
+        match &self.backend {
+            Backend::Embedded(api) => api.url(),
+        }
+    }
+
+    /// The embedded API server, when the simulation runs on it.
+    pub fn embedded(&self) -> Option<&ApiServer> {
+        match &self.backend {
+            Backend::Embedded(api) => Some(api),
+        }
     }
 
     /// Stops every container process and removes the pods' directories.
     pub async fn shutdown(&self) {
         self.kubelet.shutdown().await;
-        self.api.stop();
+        match &self.backend {
+            Backend::Embedded(api) => api.stop(),
+        }
         let _ = std::fs::remove_dir_all(&self.root);
     }
 }
@@ -311,7 +362,7 @@ pub async fn simulate(opts: SimulateOptions) -> Result<(), String> {
             opts.listen
         )
     })?;
-    write_kubeconfig(&opts.kubeconfig, &sim.api.url())
+    write_kubeconfig(&opts.kubeconfig, &sim.url())
         .map_err(|e| format!("failed to write {}: {e}", opts.kubeconfig.display()))?;
     let client = client_from_kubeconfig(&opts.kubeconfig).await?;
     let operator = start_operator(client);
@@ -348,7 +399,7 @@ YAML
    kubectl patch trp demo --type merge -p '{{\"spec\":{{\"image\":\"example.org/test-runner:broken\"}}}}')
 
 Ctrl-C stops everything (the API server, the operator and every worker process).",
-        url = sim.api.url(),
+        url = sim.url(),
         scale = opts.time_scale,
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

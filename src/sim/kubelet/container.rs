@@ -1,0 +1,457 @@
+//! One container on the simulated node: its process (PID 1 of a PID namespace of its
+//! own, in the image's root filesystem when the node has one), its restarts with
+//! CrashLoopBackOff, and its stop on deletion (SIGTERM, the grace period, SIGKILL).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::Stop;
+use super::pod::{ConfigError, PodRun};
+use crate::sim::api::now;
+
+/// First CrashLoopBackOff delay.
+pub const BACKOFF_START: Duration = Duration::from_secs(10);
+/// Longest CrashLoopBackOff delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Running this long resets the backoff.
+pub const BACKOFF_RESET: Duration = Duration::from_secs(600);
+
+/// The next backoff after `current`.
+pub fn next_backoff(current: Duration) -> Duration {
+    (current * 2).min(BACKOFF_MAX)
+}
+
+/// One container's status, as the kubelet tracks it.
+#[derive(Clone, Debug)]
+pub(super) struct ContainerStatus {
+    name: String,
+    image: String,
+    pub restart_count: i64,
+    pub state: Value,
+    pub last_state: Value,
+    pub ready: bool,
+    pub started: bool,
+}
+
+impl ContainerStatus {
+    pub fn new(c: &Value, waiting: &str) -> Self {
+        Self {
+            name: c["name"].as_str().unwrap_or_default().into(),
+            image: c["image"].as_str().unwrap_or_default().into(),
+            restart_count: 0,
+            state: json!({"waiting": {"reason": waiting}}),
+            last_state: json!({}),
+            ready: false,
+            started: false,
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "name": self.name,
+            "image": self.image,
+            "imageID": format!("simulated://{}", self.image),
+            "containerID": format!("simulated://{}", self.name),
+            "restartCount": self.restart_count,
+            "state": self.state,
+            "lastState": self.last_state,
+            "ready": self.ready,
+            "started": self.started,
+        })
+    }
+}
+
+/// How a container process ended.
+struct Exit {
+    code: i32,
+    signaled: bool,
+}
+
+/// Runs one container once: its exit and termination message, or why it could not start.
+/// `env` is the container's environment, already resolved.
+async fn run_once(
+    run: &PodRun,
+    c: &Value,
+    env: Vec<(String, String)>,
+    init: bool,
+    index: usize,
+    stop: &mut watch::Receiver<Stop>,
+) -> Result<(Exit, String), String> {
+    let name = c["name"].as_str().unwrap_or("container");
+    let image = c["image"].as_str().unwrap_or_default();
+    let image_root = run.config.images.get(image).cloned();
+    let in_image = image_root.is_some();
+    let mut argv: Vec<String> = c["command"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(c["args"].as_array().into_iter().flatten())
+        .filter_map(Value::as_str)
+        .map(|s| {
+            if in_image {
+                s.to_string()
+            } else {
+                run.map_path(s)
+            }
+        })
+        .collect();
+    if argv.is_empty() {
+        return Err(format!(
+            "container {name:?} has no command: the simulation runs commands, not image entrypoints"
+        ));
+    }
+    if argv[0] == "testrunner-operator" && !in_image {
+        argv[0] = run.config.exe.display().to_string();
+    }
+    let term_log = run.dir.join(format!("{name}.termination-log"));
+    let log_path = run.dir.join(format!("{name}.log"));
+    std::fs::write(&term_log, b"")
+        .map_err(|e| format!("failed to create the termination log: {e}"))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| format!("failed to open the container log: {e}"))?;
+    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let log2 = log.try_clone().map_err(|e| e.to_string())?;
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .env_clear()
+        .env("HOSTNAME", &run.name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2))
+        .process_group(0)
+        .kill_on_drop(true);
+    if in_image {
+        cmd.env("PATH", IMAGE_PATH)
+            .env("HOME", "/")
+            .envs(env)
+            .env("TESTRUNNER_IMAGE", image)
+            .current_dir(&run.dir);
+    } else {
+        cmd.env(
+            "PATH",
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+        )
+        .env("HOME", &run.dir)
+        .envs(env)
+        .env("TESTRUNNER_IMAGE", image)
+        .env("TESTRUNNER_TERMINATION_LOG", &term_log)
+        .current_dir(
+            c["workingDir"]
+                .as_str()
+                .map(|w| PathBuf::from(run.map_path(w)))
+                .filter(|p| p.is_dir())
+                .unwrap_or_else(|| run.dir.clone()),
+        );
+    }
+    let isolated = crate::sim::isolate::available();
+    if isolated {
+        crate::sim::isolate::in_pid_namespace(&mut cmd);
+    }
+    if let Some(root) = image_root {
+        if !isolated {
+            return Err(format!(
+                "image {image:?} has a root filesystem, but running in it needs root (namespaces)"
+            ));
+        }
+        let rootfs = image_rootfs(run, c, root, &term_log)?;
+        crate::sim::isolate::in_root_fs(&mut cmd, &rootfs)
+            .map_err(|e| format!("failed to prepare the root filesystem of {image:?}: {e}"))?;
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("failed to start {:?}: {e}", argv[0]))?;
+    let pid = child.id().map(|p| p as i32);
+    let started = now();
+    run.with_container(init, index, |s| {
+        s.state = json!({"running": {"startedAt": started}});
+        s.ready = !init;
+        s.started = true;
+    });
+    tracing::info!(pod = %run.name, container = name, pid, "container started");
+    let status = tokio::select! {
+        status = child.wait() => status,
+        grace = stop_requested(stop) => {
+            if let Some(pid) = pid {
+                signal_group(pid, Signal::SIGTERM);
+                let wait = if grace < 0 { Duration::from_secs(2) } else { run.config.scaled(Duration::from_secs(grace as u64)) };
+                match tokio::time::timeout(wait, child.wait()).await {
+                    Ok(s) => {
+                        signal_group(pid, Signal::SIGKILL);
+                        s
+                    }
+                    Err(_) => {
+                        signal_group(pid, Signal::SIGKILL);
+                        child.wait().await
+                    }
+                }
+            } else {
+                child.wait().await
+            }
+        }
+    };
+    // Whatever the container left behind in its group goes with it.
+    if let Some(pid) = pid {
+        signal_group(pid, Signal::SIGKILL);
+    }
+    let status = status.map_err(|e| format!("failed to wait for the container: {e}"))?;
+    use std::os::unix::process::ExitStatusExt;
+    let exit = match (status.code(), status.signal()) {
+        (Some(code), _) => Exit {
+            code,
+            signaled: false,
+        },
+        (None, Some(sig)) => Exit {
+            code: 128 + sig,
+            signaled: true,
+        },
+        _ => Exit {
+            code: 1,
+            signaled: false,
+        },
+    };
+    let mut message = std::fs::read_to_string(&term_log).unwrap_or_default();
+    if message.trim().is_empty()
+        && exit.code != 0
+        && c["terminationMessagePolicy"].as_str() == Some("FallbackToLogsOnError")
+    {
+        message = log_tail(&log_path, log_start, 80, 2048);
+    }
+    message.truncate(4096.min(message.len()));
+    Ok((exit, message))
+}
+
+/// PATH of a container that runs in an image: the usual default of container images.
+const IMAGE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What a container running in the image root `root` gets mounted: its volumes at their
+/// `mountPath`, its termination log at its `terminationMessagePath`, and the kubelet's
+/// `/etc/hosts` (localhost, the pod's name, `hostAliases`) and `/etc/resolv.conf`.
+fn image_rootfs(
+    run: &PodRun,
+    c: &Value,
+    root: PathBuf,
+    term_log: &Path,
+) -> Result<crate::sim::isolate::RootFs, String> {
+    let mut binds = Vec::new();
+    for m in c["volumeMounts"].as_array().into_iter().flatten() {
+        let (Some(vol), Some(path)) = (m["name"].as_str(), m["mountPath"].as_str()) else {
+            continue;
+        };
+        if let Some((_, host)) = run.volume_dirs.iter().find(|(name, _)| name == vol) {
+            binds.push((host.clone(), path.to_string()));
+        }
+    }
+    let term_path = c["terminationMessagePath"]
+        .as_str()
+        .unwrap_or("/dev/termination-log");
+    binds.push((term_log.to_path_buf(), term_path.to_string()));
+    let mut hosts = format!(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.0.1\t{}\n",
+        run.name
+    );
+    for alias in run
+        .pod
+        .pointer("/spec/hostAliases")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let names: Vec<&str> = alias["hostnames"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        if let Some(ip) = alias["ip"].as_str() {
+            hosts.push_str(&format!("{ip}\t{}\n", names.join(" ")));
+        }
+    }
+    let hosts_file = run.dir.join("hosts");
+    std::fs::write(&hosts_file, hosts).map_err(|e| format!("failed to write /etc/hosts: {e}"))?;
+    binds.push((hosts_file, "/etc/hosts".into()));
+    binds.push((PathBuf::from("/etc/resolv.conf"), "/etc/resolv.conf".into()));
+    Ok(crate::sim::isolate::RootFs {
+        root,
+        binds,
+        working_dir: c["workingDir"].as_str().unwrap_or("/").to_string(),
+    })
+}
+
+/// Waits for a stop request and returns its grace period (-1: shutting down).
+async fn stop_requested(stop: &mut watch::Receiver<Stop>) -> i64 {
+    match stop.wait_for(Option::is_some).await {
+        Ok(g) => g.unwrap_or(0),
+        Err(_) => -1,
+    }
+}
+
+/// Signals the process group the kubelet created for a container (`process_group(0)`).
+fn signal_group(pid: i32, sig: Signal) {
+    let _ = killpg(Pid::from_raw(pid), sig);
+}
+
+/// The last `lines` lines (at most `bytes` bytes) written to the log after `from`.
+fn log_tail(path: &Path, from: u64, lines: usize, bytes: usize) -> String {
+    let raw = std::fs::read(path).unwrap_or_default();
+    let start = (from as usize).min(raw.len());
+    let text = String::from_utf8_lossy(&raw[start..]).into_owned();
+    let all: Vec<&str> = text.lines().collect();
+    let mut tail = all[all.len().saturating_sub(lines)..].join("\n");
+    if tail.len() > bytes {
+        let mut cut = tail.len() - bytes;
+        while !tail.is_char_boundary(cut) {
+            cut += 1;
+        }
+        tail = tail[cut..].to_string();
+    }
+    tail
+}
+
+/// The container's volumes and environment, ready to start it. While a Secret or
+/// ConfigMap it needs is missing (or cannot be read) the container waits with reason
+/// `CreateContainerConfigError`, as on a real node, and the node tries again every
+/// (scaled) ten seconds. `None` when the pod stops meanwhile.
+async fn inputs(
+    run: &PodRun,
+    c: &Value,
+    init: bool,
+    index: usize,
+    stop: &mut watch::Receiver<Stop>,
+) -> Option<Vec<(String, String)>> {
+    // An image the node has a root filesystem for runs in it, with its volumes mounted
+    // where the pod says; any other runs on the host's filesystem, its volume paths
+    // rewritten to the pod's directory.
+    let image = c["image"].as_str().unwrap_or_default();
+    let in_image = run.config.images.contains_key(image);
+    loop {
+        run.project_volumes().await;
+        match run.environment(c, !in_image).await {
+            Ok(env) => return Some(env),
+            Err(ConfigError(message)) => {
+                tracing::warn!(pod = %run.name, error = %message, "container cannot start yet");
+                run.with_container(init, index, |s| {
+                    s.state = json!({"waiting": {"reason": "CreateContainerConfigError", "message": message}});
+                    s.ready = false;
+                });
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(run.config.scaled(BACKOFF_START)) => {}
+            _ = stop.wait_for(Option::is_some) => return None,
+        }
+    }
+}
+
+/// Runs one container with restarts until the pod stops (or, for init containers and
+/// restart policies other than Always, until it is done). Returns whether it succeeded.
+pub(super) async fn container_loop(
+    run: Arc<PodRun>,
+    c: Value,
+    init: bool,
+    index: usize,
+    mut stop: watch::Receiver<Stop>,
+) -> bool {
+    let mut backoff = BACKOFF_START;
+    let name = c["name"].as_str().unwrap_or("container").to_string();
+    loop {
+        if stop.borrow().is_some() {
+            return false;
+        }
+        let Some(env) = inputs(&run, &c, init, index, &mut stop).await else {
+            return false;
+        };
+        let began = Instant::now();
+        let outcome = run_once(&run, &c, env, init, index, &mut stop).await;
+        let stopping = stop.borrow().is_some();
+        let (exit, message, reason) = match outcome {
+            Ok((exit, message)) => {
+                let reason = if exit.code == 0 {
+                    "Completed"
+                } else if exit.signaled && exit.code == 137 && !stopping {
+                    "OOMKilled"
+                } else {
+                    "Error"
+                };
+                (exit, message, reason)
+            }
+            Err(e) => {
+                tracing::warn!(pod = %run.name, container = %name, error = %e, "container could not start");
+                (
+                    Exit {
+                        code: 128,
+                        signaled: false,
+                    },
+                    e,
+                    "StartError",
+                )
+            }
+        };
+        if began.elapsed() >= run.config.scaled(BACKOFF_RESET) {
+            backoff = BACKOFF_START;
+        }
+        let finished = now();
+        let terminated = json!({
+            "exitCode": exit.code,
+            "reason": reason,
+            "message": message,
+            "finishedAt": finished,
+            "containerID": format!("simulated://{name}"),
+        });
+        let succeeded = exit.code == 0;
+        let restart = !stopping
+            && match run.restart_policy.as_str() {
+                "Never" => false,
+                "OnFailure" => !succeeded,
+                _ => !(init && succeeded),
+            };
+        tracing::info!(pod = %run.name, container = %name, exit_code = exit.code, reason, restart, "container exited");
+        if !restart {
+            run.with_container(init, index, |s| {
+                s.state = json!({"terminated": terminated});
+                s.ready = false;
+            });
+            return succeeded;
+        }
+        let delay = run.config.scaled(backoff);
+        let shown = backoff;
+        backoff = next_backoff(backoff);
+        run.with_container(init, index, |s| {
+            s.last_state = json!({"terminated": terminated});
+            s.state = json!({"waiting": {"reason": "CrashLoopBackOff",
+                "message": format!("back-off {}s restarting failed container={name} pod={}", shown.as_secs(), run.name)}});
+            s.ready = false;
+            s.restart_count += 1;
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.wait_for(Option::is_some) => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_five_minutes() {
+        let mut b = BACKOFF_START;
+        let mut seen = vec![b.as_secs()];
+        for _ in 0..7 {
+            b = next_backoff(b);
+            seen.push(b.as_secs());
+        }
+        assert_eq!(seen, vec![10, 20, 40, 80, 160, 300, 300, 300]);
+    }
+}

@@ -1,0 +1,283 @@
+//! The simulated node: a kubelet that runs each pod's containers as local processes and
+//! talks to the API server only through a kube client, as a real kubelet does, so the
+//! same node joins the embedded API server and a real control plane.
+//!
+//! It registers a Node (capacity, addresses, Ready) and renews its Lease ([`node`]);
+//! when no scheduler runs it binds pending pods to itself. It watches the pods bound
+//! to it (`spec.nodeName`): a new pod goes Pending, its init containers run to
+//! completion in order, then its containers run; exits become `lastState.terminated`
+//! and restarts follow CrashLoopBackOff (10 s doubling to 5 min, reset after 10 min of
+//! running), every duration divided by the time scale; it writes `pods/status`
+//! ([`pod`]). Paths under the pod's volume mounts (such as `/testrunner`) map to a
+//! per-pod directory; `testrunner-operator` as a command is this very binary. Each
+//! container runs as PID 1 of a PID namespace of its own (see [`super::isolate`]), so
+//! stopping it stops every process it started ([`container`]). Deleting a pod sends
+//! SIGTERM to each container, waits the grace period, then sends SIGKILL, writes the
+//! final status and deletes the pod for good (grace period 0, the pod's uid as
+//! precondition).
+
+pub mod container;
+pub mod node;
+pub mod pod;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
+use kube::runtime::{WatchStreamExt, watcher};
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use container::{BACKOFF_MAX, BACKOFF_RESET, BACKOFF_START, next_backoff};
+
+/// Settings of the kubelet.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Durations (backoff, grace periods) are divided by this factor.
+    pub time_scale: f64,
+    /// Where pod directories go.
+    pub root: PathBuf,
+    /// The binary `testrunner-operator` commands run.
+    pub exe: PathBuf,
+    /// The Node's name.
+    pub node_name: String,
+    /// Images the node has a root filesystem for: their containers run inside it.
+    pub images: std::collections::BTreeMap<String, PathBuf>,
+}
+
+impl Config {
+    fn scaled(&self, d: Duration) -> Duration {
+        if self.time_scale > 0.0 {
+            d.div_f64(self.time_scale)
+        } else {
+            d
+        }
+    }
+}
+
+/// A stop request for a pod: grace period (unscaled seconds); -1 when the node shuts
+/// down (the processes stop, the pod object stays).
+type Stop = Option<i64>;
+
+struct PodTask {
+    stop: watch::Sender<Stop>,
+    task: JoinHandle<()>,
+}
+
+/// A running kubelet.
+pub struct Kubelet {
+    stop: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Kubelet {
+    /// Registers the node through `client` and starts running the pods bound to it.
+    /// With `binder` (a client allowed to bind pods), the node also binds every pod
+    /// that no node has: for an API server without a scheduler.
+    pub async fn start(
+        client: kube::Client,
+        binder: Option<kube::Client>,
+        config: Config,
+    ) -> Result<Self, String> {
+        if !super::isolate::available() {
+            tracing::warn!(
+                "no PID namespaces here (they need root): containers run as process groups, and processes a container moves out of its group outlive it"
+            );
+        }
+        let since = super::api::now();
+        let uid = node::register(&client, &config.node_name, &since).await?;
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = vec![tokio::spawn(node::heartbeat(
+            client.clone(),
+            config.node_name.clone(),
+            uid,
+            since,
+            stop_rx.clone(),
+        ))];
+        if let Some(binder) = binder {
+            tasks.push(tokio::spawn(node::bind_pending(
+                binder,
+                config.node_name.clone(),
+                stop_rx.clone(),
+            )));
+        }
+        tasks.push(tokio::spawn(run(client, Arc::new(config), stop_rx)));
+        Ok(Self {
+            stop,
+            tasks: Mutex::new(tasks),
+        })
+    }
+
+    /// Stops every pod's processes (SIGTERM, then SIGKILL after two seconds) and waits.
+    /// The pod objects stay: the node goes away, not the pods.
+    pub async fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// The scratch directory of a pod.
+fn pod_dir(root: &Path, ns: &str, name: &str, uid: &str) -> PathBuf {
+    root.join(format!("{ns}_{name}_{}", &uid[..uid.len().min(8)]))
+}
+
+/// Where the node writes a container's output (what `kubectl logs` shows).
+pub fn log_path(root: &Path, ns: &str, name: &str, uid: &str, container: &str) -> PathBuf {
+    pod_dir(root, ns, name, uid).join(format!("{container}.log"))
+}
+
+type Key = (String, String, String);
+
+fn pod_key(pod: &Value) -> Key {
+    let m = &pod["metadata"];
+    (
+        m["namespace"].as_str().unwrap_or_default().into(),
+        m["name"].as_str().unwrap_or_default().into(),
+        m["uid"].as_str().unwrap_or_default().into(),
+    )
+}
+
+/// The pods this node runs, and what it does when one changes.
+struct Pods {
+    client: kube::Client,
+    config: Arc<Config>,
+    running: HashMap<Key, PodTask>,
+    /// Pods whose run ended here (uids): never started again.
+    done: HashSet<String>,
+}
+
+impl Pods {
+    fn handle(&mut self, pod: &Value, deleted: bool) {
+        let key = pod_key(pod);
+        let terminating = pod.pointer("/metadata/deletionTimestamp").is_some();
+        if deleted {
+            self.done.remove(&key.2);
+            if let Some(t) = self.running.get(&key) {
+                let _ = t.stop.send(Some(0));
+            }
+            return;
+        }
+        if terminating {
+            let grace = pod
+                .pointer("/metadata/deletionGracePeriodSeconds")
+                .and_then(Value::as_i64)
+                .unwrap_or(30);
+            match self.running.get(&key) {
+                Some(t) => {
+                    let _ = t.stop.send(Some(grace));
+                }
+                // Not running here (finished, or never started): delete it for good.
+                None => {
+                    tokio::spawn(pod::delete_for_good(self.client.clone(), key));
+                }
+            }
+            return;
+        }
+        if self.running.contains_key(&key) || self.done.contains(&key.2) {
+            return;
+        }
+        let finished = matches!(
+            pod.pointer("/status/phase").and_then(Value::as_str),
+            Some("Succeeded" | "Failed")
+        );
+        if finished {
+            return;
+        }
+        let (stop_tx, stop_rx) = watch::channel(None);
+        let task = tokio::spawn(pod::run_pod(
+            self.client.clone(),
+            self.config.clone(),
+            pod.clone(),
+            stop_rx,
+        ));
+        self.running.insert(
+            key,
+            PodTask {
+                stop: stop_tx,
+                task,
+            },
+        );
+    }
+
+    /// After a re-list: pods that went away meanwhile are stopped at once.
+    fn forget_all_but(&mut self, seen: &HashSet<Key>) {
+        for (key, t) in &self.running {
+            if !seen.contains(key) {
+                let _ = t.stop.send(Some(0));
+            }
+        }
+        self.done.retain(|uid| seen.iter().any(|k| &k.2 == uid));
+    }
+
+    fn reap(&mut self) {
+        let done = &mut self.done;
+        self.running.retain(|key, t| {
+            let finished = t.task.is_finished();
+            if finished {
+                done.insert(key.2.clone());
+            }
+            !finished
+        });
+    }
+}
+
+async fn run(client: kube::Client, config: Arc<Config>, mut stop: watch::Receiver<bool>) {
+    let api: Api<Pod> = Api::all(client.clone());
+    let selector = format!("spec.nodeName={}", config.node_name);
+    let mut events = watcher(api, watcher::Config::default().fields(&selector))
+        .default_backoff()
+        .boxed();
+    let mut pods = Pods {
+        client,
+        config,
+        running: HashMap::new(),
+        done: HashSet::new(),
+    };
+    let mut relist: Option<HashSet<Key>> = None;
+    loop {
+        let event = tokio::select! {
+            got = events.next() => match got {
+                Some(Ok(event)) => event,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "watching this node's pods failed; retrying");
+                    continue;
+                }
+                None => break,
+            },
+            _ = stop.changed() => break,
+        };
+        pods.reap();
+        let as_value = |p: &Pod| serde_json::to_value(p).unwrap_or_default();
+        match event {
+            watcher::Event::Init => relist = Some(HashSet::new()),
+            watcher::Event::InitApply(p) => {
+                let v = as_value(&p);
+                if let Some(seen) = relist.as_mut() {
+                    seen.insert(pod_key(&v));
+                }
+                pods.handle(&v, false);
+            }
+            watcher::Event::InitDone => {
+                if let Some(seen) = relist.take() {
+                    pods.forget_all_but(&seen);
+                }
+            }
+            watcher::Event::Apply(p) => pods.handle(&as_value(&p), false),
+            watcher::Event::Delete(p) => pods.handle(&as_value(&p), true),
+        }
+    }
+    for t in pods.running.values() {
+        let _ = t.stop.send(Some(-1));
+    }
+    for (_, t) in pods.running.drain() {
+        let _ = t.task.await;
+    }
+}
