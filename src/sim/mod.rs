@@ -7,6 +7,7 @@
 //! (`kubectl get` columns), [`openapi`] (`kubectl apply`/`explain`), [`kubelet`].
 
 pub mod api;
+pub mod control_plane;
 pub mod http;
 pub mod isolate;
 pub mod kinds;
