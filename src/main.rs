@@ -70,6 +70,12 @@ struct SimulateArgs {
     /// (repeatable; needs root). Other images run on this machine's filesystem.
     #[arg(long = "image", value_name = "NAME=DIR", value_parser = parse_image)]
     images: Vec<(String, std::path::PathBuf)>,
+    /// Run a real control plane from the binaries in DIR instead of the embedded API
+    /// server: etcd and kube-apiserver, plus kube-controller-manager and kube-scheduler
+    /// when DIR has them (`bash tests/control-plane/build.sh` builds all four into
+    /// target/control-plane/bin). --listen does not apply: its ports are picked free.
+    #[arg(long, value_name = "DIR")]
+    control_plane: Option<std::path::PathBuf>,
 }
 
 fn parse_image(value: &str) -> Result<(String, std::path::PathBuf), String> {
@@ -191,6 +197,7 @@ fn simulate(args: SimulateArgs) -> ExitCode {
         amqp_uri: args.amqp_uri,
         time_scale: args.time_scale,
         images: args.images.into_iter().collect(),
+        control_plane: args.control_plane,
     };
     match runtime().block_on(testrunner_operator::sim::simulate(opts)) {
         Ok(()) => ExitCode::SUCCESS,

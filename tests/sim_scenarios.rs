@@ -27,28 +27,64 @@ struct Target {
     sim: Option<sim::Simulation>,
 }
 
+/// Which API server a scenario's simulated cluster uses.
+#[derive(Clone, Copy, Debug)]
+enum On {
+    /// The embedded, in-process API server.
+    Embedded,
+    /// A real control plane (see [`on_both`]).
+    ControlPlane,
+}
+
+/// The real control plane's binaries: TESTRUNNER_CONTROL_PLANE, else
+/// `<target dir>/control-plane/bin`.
+fn control_plane_bin() -> std::path::PathBuf {
+    std::env::var_os("TESTRUNNER_CONTROL_PLANE")
+        .map(Into::into)
+        .unwrap_or_else(|| {
+            std::env::var_os("CARGO_TARGET_DIR")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+                .join("control-plane/bin")
+        })
+}
+
 impl Target {
-    async fn new() -> Self {
+    async fn new(on: On) -> Self {
         let Ok(path) = std::env::var("TESTRUNNER_E2E_KUBECONFIG") else {
-            eprintln!(
-                "real-cluster run skipped: TESTRUNNER_E2E_KUBECONFIG is not set; running on the simulated cluster"
-            );
-            let sim = sim::Simulation::start(
-                "127.0.0.1:0".parse().unwrap(),
-                &broker_uri(),
-                50.0,
-                env!("CARGO_BIN_EXE_testrunner-operator").into(),
-            )
-            .await
-            .unwrap();
+            let exe = env!("CARGO_BIN_EXE_testrunner-operator").into();
+            let sim = match on {
+                On::Embedded => {
+                    sim::Simulation::start("127.0.0.1:0".parse().unwrap(), &broker_uri(), 50.0, exe)
+                        .await
+                        .unwrap()
+                }
+                On::ControlPlane => {
+                    let bin = control_plane_bin();
+                    sim::Simulation::start_on_control_plane(&bin, &broker_uri(), 50.0, exe, Default::default())
+                        .await
+                        .unwrap_or_else(|e| panic!("the real control plane did not start from {}: {e}\n(build it with: bash tests/control-plane/build.sh)", bin.display()))
+                }
+            };
+            // Its own namespace on the control plane: the outcome queues are named after
+            // namespace and pool, and both halves of a scenario share the broker.
+            let namespace = match on {
+                On::Embedded => "default".to_string(),
+                On::ControlPlane => {
+                    let ns = "on-control-plane";
+                    namespace_with_broker_secret(&sim.client(), ns).await;
+                    ns.to_string()
+                }
+            };
             return Self {
                 client: sim.client(),
-                namespace: "default".into(),
+                namespace,
                 image: "example.org/runner:1".into(),
                 margin: Duration::from_secs(15),
                 sim: Some(sim),
             };
         };
+        eprintln!("TESTRUNNER_E2E_KUBECONFIG is set: running on that cluster ({on:?} ignored)");
         let image = std::env::var("TESTRUNNER_E2E_IMAGE").expect(
             "TESTRUNNER_E2E_IMAGE names the worker image when TESTRUNNER_E2E_KUBECONFIG is set",
         );
@@ -114,6 +150,39 @@ impl Target {
     }
 }
 
+/// Creates namespace `ns` with the broker Secret, and waits (up to a minute) for the
+/// controller manager to give it its `default` service account, which pods need.
+async fn namespace_with_broker_secret(client: &kube::Client, ns: &str) {
+    let nss: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    nss.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+    )
+    .await
+    .expect("the namespace is created");
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), ns);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "rabbitmq"}, "stringData": {"uri": broker_uri()}}),
+            )
+            .unwrap(),
+        )
+        .await
+        .expect("the broker Secret is created");
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), ns);
+    eventually(
+        "the default service account",
+        Duration::from_secs(60),
+        || {
+            let sas = sas.clone();
+            async move { sas.get_opt("default").await.ok().flatten().is_some() }
+        },
+    )
+    .await;
+}
+
 fn broker_uri() -> String {
     std::env::var("TESTRUNNER_AMQP_URI")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
@@ -173,16 +242,16 @@ async fn try_declare_passive(ch: &lapin::Channel, queue: &str) -> lapin::Result<
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the_pool_removes_its_pods()
- {
+async fn a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the_pool_removes_its_pods(
+    on: On,
+) {
     let conn = broker().await;
     let queue = format!(
         "sim-surge-{}-{}",
         std::process::id(),
         jiff::Timestamp::now().as_millisecond()
     );
-    let target = Target::new().await;
+    let target = Target::new(on).await;
     let client = target.client.clone();
     let ns = target.namespace.clone();
     let mut operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
@@ -696,9 +765,9 @@ struct Scenario {
 impl Scenario {
     /// Starts a scenario; it needs the simulated cluster (its ticket ledger is a local
     /// file), so on a real cluster it fails and says so.
-    async fn start(name: &str, tickets: u32) -> Scenario {
+    async fn start(on: On, name: &str, tickets: u32) -> Scenario {
         let conn = broker().await;
-        let target = Target::new().await;
+        let target = Target::new(on).await;
         if target.sim.is_none() {
             target.finish().await;
             panic!(
@@ -756,8 +825,7 @@ async fn finish(
     delete_queue(&conn, &format!("{queue}.quarantine")).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tickets_flow_through_wrapped_workers_and_the_pool_drains_back_to_min() {
+async fn tickets_flow_through_wrapped_workers_and_the_pool_drains_back_to_min(on: On) {
     let Scenario {
         conn,
         target,
@@ -767,7 +835,7 @@ async fn tickets_flow_through_wrapped_workers_and_the_pool_drains_back_to_min() 
         queue,
         ledger,
         ids,
-    } = Scenario::start("flow", 20).await;
+    } = Scenario::start(on, "flow", 20).await;
 
     let (pools, pods) = apis_in(&client, &ns);
     let pool = wrapped_pool(
@@ -828,8 +896,7 @@ async fn queue_exists(conn: &lapin::Connection, queue: &str) -> bool {
     found
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_long_ticket_runs_once_while_the_empty_queue_would_scale_the_pool_to_zero() {
+async fn a_long_ticket_runs_once_while_the_empty_queue_would_scale_the_pool_to_zero(on: On) {
     let Scenario {
         conn,
         target,
@@ -839,7 +906,7 @@ async fn a_long_ticket_runs_once_while_the_empty_queue_would_scale_the_pool_to_z
         queue,
         ledger,
         ids,
-    } = Scenario::start("long", 1).await;
+    } = Scenario::start(on, "long", 1).await;
     let (pools, pods) = apis_in(&client, &ns);
     // One 25 s ticket, a 3 s scale-down delay and an 8 s grace period: once the worker
     // takes the ticket the queue is empty, yet the busy worker must stay until it is done.
@@ -912,7 +979,7 @@ async fn a_long_ticket_runs_once_while_the_empty_queue_would_scale_the_pool_to_z
 /// Five long tickets among thirty short ones on three workers: each runs once while
 /// the pool scales up and down around the long ones; with `restart`, the operator is
 /// replaced while the long tickets run.
-async fn long_and_short_tickets(name: &str, restart: bool) {
+async fn long_and_short_tickets(on: On, name: &str, restart: bool) {
     let Scenario {
         conn,
         target,
@@ -922,7 +989,7 @@ async fn long_and_short_tickets(name: &str, restart: bool) {
         queue,
         ledger,
         ids: short,
-    } = Scenario::start(name, 30).await;
+    } = Scenario::start(on, name, 30).await;
     let (pools, pods) = apis_in(&client, &ns);
     let long: Vec<String> = (0..5).map(|i| format!("{queue}-long-{i}")).collect();
     {
@@ -1003,18 +1070,15 @@ async fn long_and_short_tickets(name: &str, restart: bool) {
     finish(conn, target, operator, &queue).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn long_and_short_tickets_each_run_once_while_the_pool_scales_around_them() {
-    long_and_short_tickets("mixed", false).await;
+async fn long_and_short_tickets_each_run_once_while_the_pool_scales_around_them(on: On) {
+    long_and_short_tickets(on, "mixed", false).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn long_tickets_run_once_across_an_operator_restart() {
-    long_and_short_tickets("mixedrestart", true).await;
+async fn long_tickets_run_once_across_an_operator_restart(on: On) {
+    long_and_short_tickets(on, "mixedrestart", true).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_operator_restart_mid_run_loses_nothing_and_runs_nothing_twice() {
+async fn an_operator_restart_mid_run_loses_nothing_and_runs_nothing_twice(on: On) {
     let Scenario {
         conn,
         target,
@@ -1024,7 +1088,7 @@ async fn an_operator_restart_mid_run_loses_nothing_and_runs_nothing_twice() {
         queue,
         ledger,
         ids,
-    } = Scenario::start("restart", 30).await;
+    } = Scenario::start(on, "restart", 30).await;
     let (pools, pods) = apis_in(&client, &ns);
     let pool = wrapped_pool(
         "restart",
@@ -1139,8 +1203,9 @@ async fn event_reasons(client: &kube::Client, ns: &str) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_poison_ticket_is_quarantined_the_good_ones_complete_and_a_new_image_gets_it_back() {
+async fn a_poison_ticket_is_quarantined_the_good_ones_complete_and_a_new_image_gets_it_back(
+    on: On,
+) {
     let Scenario {
         conn,
         target,
@@ -1150,7 +1215,7 @@ async fn a_poison_ticket_is_quarantined_the_good_ones_complete_and_a_new_image_g
         queue,
         ledger,
         ids,
-    } = Scenario::start("poison", 51).await;
+    } = Scenario::start(on, "poison", 51).await;
     let quarantine = format!("{queue}.quarantine");
     let poison = ids[25].clone();
     let good: Vec<String> = ids.iter().filter(|id| **id != poison).cloned().collect();
@@ -1259,8 +1324,7 @@ async fn a_poison_ticket_is_quarantined_the_good_ones_complete_and_a_new_image_g
     finish(conn, target, operator, &queue).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broken_image_holds_the_tickets_until_it_is_fixed_then_they_all_complete() {
+async fn a_broken_image_holds_the_tickets_until_it_is_fixed_then_they_all_complete(on: On) {
     let Scenario {
         conn,
         target,
@@ -1270,7 +1334,7 @@ async fn a_broken_image_holds_the_tickets_until_it_is_fixed_then_they_all_comple
         queue,
         ledger,
         ids,
-    } = Scenario::start("broken", 8).await;
+    } = Scenario::start(on, "broken", 8).await;
     let (pools, pods) = apis_in(&client, &ns);
     let alertmanager = Alertmanager::start().await;
     // The image lacks its test runner: the worker dies before it consumes anything.
@@ -1557,10 +1621,10 @@ async fn assert_events(s: &Scenario, wanted: &[&str]) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_canary_crashing_on_its_tickets_is_alerted_and_rolled_back_and_a_fixed_image_is_promoted()
-{
-    let s = Scenario::start("seed", 40).await;
+async fn a_canary_crashing_on_its_tickets_is_alerted_and_rolled_back_and_a_fixed_image_is_promoted(
+    on: On,
+) {
+    let s = Scenario::start(on, "seed", 40).await;
     let (pools, pods) = apis(&s);
     let alertmanager = Alertmanager::start().await;
     // The test command crashes (exit 3) on every ticket, but only on image :bad.
@@ -1683,10 +1747,10 @@ async fn a_canary_crashing_on_its_tickets_is_alerted_and_rolled_back_and_a_fixed
     finish(s.conn, s.target, s.operator, &s.queue).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_canary_crashing_before_its_consume_loop_is_rolled_back_and_the_stable_workers_complete_every_ticket()
- {
-    let s = Scenario::start("nocmd", 40).await;
+async fn a_canary_crashing_before_its_consume_loop_is_rolled_back_and_the_stable_workers_complete_every_ticket(
+    on: On,
+) {
+    let s = Scenario::start(on, "nocmd", 40).await;
     let (pools, pods) = apis(&s);
     let pool = rollout_pool("nocmd", &s.queue, s.ledger.command(0.2), json!({}));
     let (first, load) = serve_under_load(&s, &pools, pool).await;
@@ -1761,10 +1825,10 @@ async fn a_canary_crashing_before_its_consume_loop_is_rolled_back_and_the_stable
     finish(s.conn, s.target, s.operator, &s.queue).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_good_upgrade_under_load_is_promoted_and_replaces_every_pod_without_interrupting_a_ticket()
- {
-    let s = Scenario::start("upgrade", 40).await;
+async fn a_good_upgrade_under_load_is_promoted_and_replaces_every_pod_without_interrupting_a_ticket(
+    on: On,
+) {
+    let s = Scenario::start(on, "upgrade", 40).await;
     let (pools, pods) = apis(&s);
     let pool = rollout_pool("upgrade", &s.queue, s.ledger.command(0.2), json!({}));
     let (first, load) = serve_under_load(&s, &pools, pool).await;
@@ -1810,9 +1874,8 @@ async fn a_good_upgrade_under_load_is_promoted_and_replaces_every_pod_without_in
     finish(s.conn, s.target, s.operator, &s.queue).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_newer_image_supersedes_a_rollout_in_progress_and_is_promoted_in_its_place() {
-    let s = Scenario::start("supersede", 40).await;
+async fn a_newer_image_supersedes_a_rollout_in_progress_and_is_promoted_in_its_place(on: On) {
+    let s = Scenario::start(on, "supersede", 40).await;
     let (pools, pods) = apis(&s);
     // :2's canary cannot pass its gate in this scenario's time.
     let pool = rollout_pool(
@@ -1899,9 +1962,8 @@ async fn a_newer_image_supersedes_a_rollout_in_progress_and_is_promoted_in_its_p
     finish(s.conn, s.target, s.operator, &s.queue).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_operator_restart_mid_rollout_resumes_the_canary_and_promotes_it() {
-    let mut s = Scenario::start("resume", 40).await;
+async fn an_operator_restart_mid_rollout_resumes_the_canary_and_promotes_it(on: On) {
+    let mut s = Scenario::start(on, "resume", 40).await;
     let (pools, pods) = apis(&s);
     let pool = rollout_pool(
         "resume",
@@ -1985,3 +2047,46 @@ async fn an_operator_restart_mid_rollout_resumes_the_canary_and_promotes_it() {
 
     finish(s.conn, s.target, s.operator, &s.queue).await;
 }
+
+/// Each scenario runs twice: on the embedded API server (`embedded::NAME`), and on a
+/// real control plane (`control_plane::NAME`: etcd, kube-apiserver, the controller
+/// manager and the scheduler from TESTRUNNER_CONTROL_PLANE, by default
+/// `target/control-plane/bin`). The second half is ignored by plain `cargo test`, by
+/// name and with the reason; `bash tests/run.sh` builds the binaries and runs both.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::On::Embedded).await
+                }
+            )*
+        }
+        mod control_plane {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[ignore = "needs the real control plane: bash tests/control-plane/build.sh, then cargo test -- --include-ignored (bash tests/run.sh does both)"]
+                async fn $name() {
+                    super::$name(super::On::ControlPlane).await
+                }
+            )*
+        }
+    };
+}
+
+on_both!(
+    a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the_pool_removes_its_pods,
+    tickets_flow_through_wrapped_workers_and_the_pool_drains_back_to_min,
+    a_long_ticket_runs_once_while_the_empty_queue_would_scale_the_pool_to_zero,
+    long_and_short_tickets_each_run_once_while_the_pool_scales_around_them,
+    long_tickets_run_once_across_an_operator_restart,
+    an_operator_restart_mid_run_loses_nothing_and_runs_nothing_twice,
+    a_poison_ticket_is_quarantined_the_good_ones_complete_and_a_new_image_gets_it_back,
+    a_broken_image_holds_the_tickets_until_it_is_fixed_then_they_all_complete,
+    a_canary_crashing_on_its_tickets_is_alerted_and_rolled_back_and_a_fixed_image_is_promoted,
+    a_canary_crashing_before_its_consume_loop_is_rolled_back_and_the_stable_workers_complete_every_ticket,
+    a_good_upgrade_under_load_is_promoted_and_replaces_every_pod_without_interrupting_a_ticket,
+    a_newer_image_supersedes_a_rollout_in_progress_and_is_promoted_in_its_place,
+    an_operator_restart_mid_rollout_resumes_the_canary_and_promotes_it,
+);

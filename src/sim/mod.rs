@@ -189,12 +189,23 @@ pub struct SimulateOptions {
     pub time_scale: f64,
     /// Images whose containers run in a local root filesystem.
     pub images: std::collections::BTreeMap<String, std::path::PathBuf>,
+    /// Binaries of a real control plane to run instead of the embedded API server.
+    pub control_plane: Option<std::path::PathBuf>,
 }
 
 /// The API server a simulation runs against.
 pub enum Backend {
     /// The embedded, in-process API server.
     Embedded(ApiServer),
+    /// A real control plane (taken out when it stops).
+    ControlPlane {
+        /// The running control plane.
+        plane: std::sync::Mutex<Option<control_plane::ControlPlane>>,
+        /// Its API server's URL.
+        url: String,
+        /// The optional components it lacks, each with what that means.
+        missing: Vec<&'static str>,
+    },
 }
 
 /// A whole simulated cluster: API server, the simulated node, and (optionally) the
@@ -272,6 +283,61 @@ impl Simulation {
         })
     }
 
+    /// Starts a real control plane from the binaries in `bin_dir` (see
+    /// [`control_plane::ControlPlane`]), the simulated node joined to it with a node's
+    /// credentials (`system:node:simulated-node`), the CRD and the broker Secret.
+    /// Without a scheduler in `bin_dir`, the node binds pods itself.
+    pub async fn start_on_control_plane(
+        bin_dir: &Path,
+        amqp_uri: &str,
+        time_scale: f64,
+        exe: std::path::PathBuf,
+        images: std::collections::BTreeMap<String, std::path::PathBuf>,
+    ) -> Result<Self, String> {
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let base = std::env::temp_dir().join(format!("testrunner-cp-{}-{n}", std::process::id()));
+        let plane =
+            control_plane::ControlPlane::start(bin_dir, &base.join("control-plane")).await?;
+        let client = plane.admin_client().await?;
+        apply_crd(&client).await?;
+        broker_secret(&client, "default", amqp_uri).await?;
+        let node = plane
+            .client_as(&format!("system:node:{NODE_NAME}"), &["system:nodes"])
+            .await?;
+        let binder = plane
+            .missing()
+            .contains(&"kube-scheduler")
+            .then(|| client.clone());
+        let root = base.join("pods");
+        std::fs::create_dir_all(&root)
+            .map_err(|e| format!("failed to create {}: {e}", root.display()))?;
+        let kubelet = kubelet::Kubelet::start(
+            node,
+            binder,
+            kubelet::Config {
+                time_scale,
+                root: root.clone(),
+                exe,
+                node_name: NODE_NAME.into(),
+                images,
+            },
+        )
+        .await?;
+        let url = plane.url().to_string();
+        let missing = plane.missing_effects();
+        Ok(Self {
+            backend: Backend::ControlPlane {
+                plane: std::sync::Mutex::new(Some(plane)),
+                url,
+                missing,
+            },
+            kubelet,
+            root: base,
+            client,
+        })
+    }
+
     /// A client of the API server (full rights).
     pub fn client(&self) -> kube::Client {
         self.client.clone()
@@ -281,6 +347,7 @@ impl Simulation {
     pub fn url(&self) -> String {
         match &self.backend {
             Backend::Embedded(api) => api.url(),
+            Backend::ControlPlane { url, .. } => url.clone(),
         }
     }
 
@@ -288,14 +355,35 @@ impl Simulation {
     pub fn embedded(&self) -> Option<&ApiServer> {
         match &self.backend {
             Backend::Embedded(api) => Some(api),
+            Backend::ControlPlane { .. } => None,
         }
     }
 
-    /// Stops every container process and removes the pods' directories.
+    /// Writes a kubeconfig with full rights for this cluster to `path`.
+    pub fn write_kubeconfig(&self, path: &Path) -> Result<(), String> {
+        match &self.backend {
+            Backend::Embedded(api) => write_kubeconfig(path, &api.url())
+                .map_err(|e| format!("failed to write {}: {e}", path.display())),
+            Backend::ControlPlane { plane, .. } => {
+                let plane = plane.lock().unwrap_or_else(|p| p.into_inner());
+                let plane = plane.as_ref().ok_or("the control plane is stopped")?;
+                plane.write_kubeconfig(path, "admin", &["system:masters"])
+            }
+        }
+    }
+
+    /// Stops every container process, then the API server (a control plane's every
+    /// process), and removes the pods' directories.
     pub async fn shutdown(&self) {
         self.kubelet.shutdown().await;
         match &self.backend {
             Backend::Embedded(api) => api.stop(),
+            Backend::ControlPlane { plane, .. } => {
+                let plane = plane.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(plane) = plane {
+                    plane.stop().await;
+                }
+            }
         }
         let _ = std::fs::remove_dir_all(&self.root);
     }
@@ -307,6 +395,51 @@ impl Drop for Simulation {
         // die with their handles (kill on drop); their directories go here.
         let _ = std::fs::remove_dir_all(&self.root);
     }
+}
+
+/// Applies the project's CRD (server-side apply) and waits until it is Established.
+pub async fn apply_crd(client: &kube::Client) -> Result<(), String> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(client.clone());
+    let crd = <crate::crd::TestRunnerPool as kube::CustomResourceExt>::crd();
+    let name = crd.metadata.name.clone().unwrap_or_default();
+    crds.patch(
+        &name,
+        &kube::api::PatchParams::apply("testrunner-simulate").force(),
+        &kube::api::Patch::Apply(&crd),
+    )
+    .await
+    .map_err(|e| format!("failed to apply CRD {name}: {e}"))?;
+    let established = kube::runtime::wait::conditions::is_crd_established();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        kube::runtime::wait::await_condition(crds, &name, established),
+    )
+    .await
+    .map_err(|_| format!("CRD {name} was not Established within a minute"))?
+    .map_err(|e| format!("failed to watch CRD {name}: {e}"))?;
+    Ok(())
+}
+
+/// Creates (or replaces) Secret `rabbitmq` (key `uri`) in `namespace`.
+pub async fn broker_secret(
+    client: &kube::Client,
+    namespace: &str,
+    uri: &str,
+) -> Result<(), String> {
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(client.clone(), namespace);
+    let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "rabbitmq"},
+        "type": "Opaque", "stringData": {"uri": uri}});
+    secrets
+        .patch(
+            "rabbitmq",
+            &kube::api::PatchParams::apply("testrunner-simulate").force(),
+            &kube::api::Patch::Apply(&secret),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("failed to write Secret {namespace}/rabbitmq: {e}"))
 }
 
 /// Starts the operator in-process against `client` (no leader election).
@@ -349,29 +482,63 @@ async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, String> {
 /// `testrunner-operator simulate`: runs until Ctrl-C or SIGTERM.
 pub async fn simulate(opts: SimulateOptions) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("failed to find this binary: {e}"))?;
-    let sim = Simulation::start_with_images(
-        opts.listen,
-        &opts.amqp_uri,
-        opts.time_scale,
-        exe.clone(),
-        opts.images.clone(),
-    )
-    .await
-    .map_err(|e| {
-        format!(
-            "failed to start the simulated cluster on {}: {e}",
-            opts.listen
+    let sim = match &opts.control_plane {
+        None => Simulation::start_with_images(
+            opts.listen,
+            &opts.amqp_uri,
+            opts.time_scale,
+            exe.clone(),
+            opts.images.clone(),
         )
-    })?;
-    write_kubeconfig(&opts.kubeconfig, &sim.url())
-        .map_err(|e| format!("failed to write {}: {e}", opts.kubeconfig.display()))?;
+        .await
+        .map_err(|e| {
+            format!(
+                "failed to start the simulated cluster on {}: {e}",
+                opts.listen
+            )
+        })?,
+        Some(dir) => {
+            println!("Starting a real control plane from {} ...", dir.display());
+            Simulation::start_on_control_plane(
+                dir,
+                &opts.amqp_uri,
+                opts.time_scale,
+                exe.clone(),
+                opts.images.clone(),
+            )
+            .await
+            .map_err(|e| {
+                format!(
+                    "failed to start the control plane from {}: {e}",
+                    dir.display()
+                )
+            })?
+        }
+    };
+    sim.write_kubeconfig(&opts.kubeconfig)?;
     let client = client_from_kubeconfig(&opts.kubeconfig).await?;
     let operator = start_operator(client);
     let kubeconfig = std::fs::canonicalize(&opts.kubeconfig).unwrap_or(opts.kubeconfig.clone());
     let kc = kubeconfig.display();
     let bin = exe.display();
+    let what = match &sim.backend {
+        Backend::Embedded(_) => {
+            "API server and kubelet in this process; the operator runs against it".to_string()
+        }
+        Backend::ControlPlane { missing, .. } => {
+            let mut what = "a real control plane: etcd, kube-apiserver".to_string();
+            if missing.is_empty() {
+                what.push_str(", kube-controller-manager, kube-scheduler");
+            }
+            what.push_str("; the simulated node and the operator in this process");
+            for m in missing {
+                what.push_str(&format!("\n  {m}"));
+            }
+            what
+        }
+    };
     println!(
-        "Simulated cluster at {url} (API server and kubelet in this process; the operator runs against it).
+        "Simulated cluster at {url} ({what}).
 Kubeconfig: {kc}   Broker Secret: default/rabbitmq (key uri)   Time scale: {scale}
 
 In a second terminal:

@@ -2,7 +2,9 @@
 # Builds a real Kubernetes control plane for the tests from published Go modules:
 #   kube-apiserver, kube-controller-manager, kube-scheduler  (module k8s.io/kubernetes)
 #   etcd                                                     (module go.etcd.io/etcd/server/v3)
-# into target/control-plane/bin/ at the repository root, whatever the current directory.
+# into target/control-plane/bin/ at the repository root, whatever the current directory
+# (into $CARGO_TARGET_DIR/control-plane/bin/ when CARGO_TARGET_DIR is set, as Cargo's own
+# output goes there then).
 #
 # Usage:
 #   bash tests/control-plane/build.sh                 default versions (below), from the
@@ -34,7 +36,9 @@ KUBE_CMDS=(kube-apiserver kube-controller-manager kube-scheduler)
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
-OUT=$ROOT/target/control-plane
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+[[ $TARGET_DIR == /* ]] || TARGET_DIR=$PWD/$TARGET_DIR
+OUT=$TARGET_DIR/control-plane
 BIN=$OUT/bin
 STAMP=$BIN/.stamp
 GO=${GO:-go}
