@@ -494,3 +494,92 @@ spec:
         s.shutdown().await;
     }
 }
+
+fn unbase64(text: &str) -> String {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .unwrap_or_else(|e| panic!("{text:?} is not base64: {e}"));
+    String::from_utf8(bytes).unwrap()
+}
+
+/// A Secret written with `stringData` (client-side apply, server-side apply, patch) is
+/// stored and read back with `data` only, as on a real API server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_apply_of_a_secret_with_string_data_reads_back_as_data() {
+    let k = setup("string-data").await;
+    let manifest = |uri: &str| {
+        format!(
+            "apiVersion: v1
+kind: Secret
+metadata:
+  name: rabbitmq
+type: Opaque
+stringData:
+  uri: \"{uri}\"
+"
+        )
+    };
+    let data_uri = async || {
+        let text = k
+            .ok(
+                &["get", "secret", "rabbitmq", "-o", "jsonpath={.data.uri}"],
+                None,
+            )
+            .await;
+        let obj: Value = serde_json::from_str(
+            &k.ok(&["get", "secret", "rabbitmq", "-o", "json"], None)
+                .await,
+        )
+        .unwrap();
+        assert!(obj.get("stringData").is_none(), "{obj}");
+        unbase64(&text)
+    };
+
+    let first = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    let out = k.ok(&["apply", "-f", "-"], Some(&manifest(first))).await;
+    assert_eq!(out.trim(), "secret/rabbitmq created");
+    let text = k
+        .ok(
+            &["get", "secret", "rabbitmq", "-o", "jsonpath={.data.uri}"],
+            None,
+        )
+        .await;
+    use base64::Engine;
+    assert_eq!(
+        text,
+        base64::engine::general_purpose::STANDARD.encode(first)
+    );
+    assert_eq!(data_uri().await, first);
+
+    // Client-side apply of a change: a strategic merge patch with stringData.
+    let second = "amqp://ci:secret@rabbitmq:5672/%2f";
+    let out = k.ok(&["apply", "-f", "-"], Some(&manifest(second))).await;
+    assert_eq!(out.trim(), "secret/rabbitmq configured");
+    assert_eq!(data_uri().await, second);
+
+    // Server-side apply.
+    let third = "amqps://ci:secret@rabbitmq:5671/ci";
+    let out = k
+        .ok(
+            &["apply", "--server-side", "-f", "-"],
+            Some(&manifest(third)),
+        )
+        .await;
+    assert_eq!(out.trim(), "secret/rabbitmq serverside-applied");
+    assert_eq!(data_uri().await, third);
+
+    // A patch.
+    k.ok(
+        &[
+            "patch",
+            "secret",
+            "rabbitmq",
+            "-p",
+            r#"{"stringData":{"uri":"amqp://patched"}}"#,
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(data_uri().await, "amqp://patched");
+}

@@ -409,13 +409,7 @@ fn secret_or_config_value(
             && o.pointer("/metadata/name").and_then(Value::as_str) == Some(name)
     })?;
     if storage == "secrets" {
-        if let Some(v) = obj
-            .pointer("/stringData")
-            .and_then(|d| d.get(key))
-            .and_then(Value::as_str)
-        {
-            return Some(v.into());
-        }
+        // The store keeps no stringData: it is merged into data on every write.
         let b64 = obj
             .pointer("/data")
             .and_then(|d| d.get(key))
