@@ -1068,3 +1068,186 @@ async fn watch_then_go(s: &ApiServer, params: &WatchParams) {
     })
     .await;
 }
+
+/// Sends `body` with the given Content-Type and Accept; returns the status code, the
+/// answer's Content-Type and the answer (its first line, for a watch) as JSON.
+async fn send(
+    client: &Client,
+    method: &str,
+    path: &str,
+    ctype: &str,
+    accept: &str,
+    body: Vec<u8>,
+) -> (u16, String, Value) {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", ctype)
+        .header("accept", accept)
+        .body(body)
+        .unwrap();
+    let resp = client
+        .send(req.map(kube::client::Body::from))
+        .await
+        .unwrap();
+    let code = resp.status().as_u16();
+    let answered = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    use http_body_util::BodyExt;
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let first = bytes.split(|b| *b == b'\n').next().unwrap_or_default();
+    let value = serde_json::from_slice(first)
+        .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {bytes:?}"));
+    (code, answered, value)
+}
+
+/// A body as client-go encodes it for `application/vnd.kubernetes.protobuf`: the magic
+/// bytes and a `runtime.Unknown` around the object's message.
+fn protobuf_body(api_version: &str, kind: &str, object: &impl prost::Message) -> Vec<u8> {
+    use k8s_pb::apimachinery::pkg::runtime::{TypeMeta, Unknown};
+    use prost::Message;
+    let unknown = Unknown {
+        type_meta: Some(TypeMeta {
+            api_version: Some(api_version.into()),
+            kind: Some(kind.into()),
+        }),
+        raw: Some(object.encode_to_vec()),
+        content_encoding: Some(String::new()),
+        content_type: Some(String::new()),
+    };
+    let mut body = b"k8s\0".to_vec();
+    body.extend(unknown.encode_to_vec());
+    body
+}
+
+#[tokio::test]
+async fn protobuf_bodies_are_decoded_and_every_answer_is_json() {
+    use k8s_pb::api::core::v1 as core;
+    use k8s_pb::apimachinery::pkg::apis::meta::v1 as meta;
+    let s = server().await;
+    let c = s.client();
+    const PB: &str = "application/vnd.kubernetes.protobuf";
+    const PB_OR_JSON: &str = "application/vnd.kubernetes.protobuf, application/json";
+    let b64 = |v: &str| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, v);
+    let secrets = "/api/v1/namespaces/default/secrets";
+
+    // Create, as kubectl create secret generic does (with stringData too).
+    let secret = core::Secret {
+        metadata: Some(meta::ObjectMeta {
+            name: Some("rabbitmq".into()),
+            ..Default::default()
+        }),
+        data: [("user".to_string(), b"guest".to_vec())].into(),
+        string_data: [("uri".to_string(), "amqp://127.0.0.1:5672/%2f".to_string())].into(),
+        ..Default::default()
+    };
+    let (code, ctype, obj) = send(
+        &c,
+        "POST",
+        &format!("{secrets}?fieldManager=kubectl-create"),
+        PB,
+        PB_OR_JSON,
+        protobuf_body("v1", "Secret", &secret),
+    )
+    .await;
+    assert_eq!((code, ctype.as_str()), (201, "application/json"), "{obj}");
+    assert_eq!(
+        obj["data"],
+        json!({"user": b64("guest"), "uri": b64("amqp://127.0.0.1:5672/%2f")})
+    );
+    assert!(obj.get("stringData").is_none(), "{obj}");
+    assert_eq!(obj["type"], "Opaque");
+
+    // Update through protobuf, with the resourceVersion read.
+    let mut update = secret.clone();
+    update.string_data.clear();
+    update.data.insert("user".into(), b"ci".to_vec());
+    update.metadata.as_mut().unwrap().resource_version = obj["metadata"]["resourceVersion"]
+        .as_str()
+        .map(String::from);
+    let (code, _, obj) = send(
+        &c,
+        "PUT",
+        &format!("{secrets}/rabbitmq"),
+        PB,
+        PB_OR_JSON,
+        protobuf_body("v1", "Secret", &update),
+    )
+    .await;
+    assert_eq!(code, 200, "{obj}");
+    assert_eq!(obj["data"]["user"], b64("ci"));
+
+    // Reads asking for protobuf first (or only) are answered in JSON, labelled so.
+    for (path, accept) in [
+        (format!("{secrets}/rabbitmq"), PB),
+        (format!("{secrets}/rabbitmq"), PB_OR_JSON),
+        (secrets.to_string(), PB),
+        (format!("{secrets}?watch=true&timeoutSeconds=1"), PB_OR_JSON),
+    ] {
+        let (code, ctype, obj) = send(&c, "GET", &path, "", accept, Vec::new()).await;
+        assert_eq!((code, ctype.as_str()), (200, "application/json"), "{path}");
+        assert!(obj.is_object(), "{path}: {obj}");
+    }
+
+    // A kind without a protobuf decoder, and a media type no server takes: 415.
+    let (code, _, st) = send(
+        &c,
+        "POST",
+        "/apis/testrunner.dev/v1alpha1/namespaces/default/testrunnerpools",
+        PB,
+        PB_OR_JSON,
+        protobuf_body("testrunner.dev/v1alpha1", "TestRunnerPool", &secret),
+    )
+    .await;
+    assert_eq!(
+        (code, st["reason"].as_str()),
+        (415, Some("UnsupportedMediaType"))
+    );
+    assert!(
+        st["message"].as_str().unwrap().contains("TestRunnerPool"),
+        "{st}"
+    );
+    let (code, _, st) = send(
+        &c,
+        "POST",
+        "/api/v1/namespaces/default/configmaps",
+        "text/plain",
+        "application/json",
+        br#"{"metadata":{"name":"x"}}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(code, 415, "{st}");
+
+    // Deletion options in protobuf: a dry run keeps the Secret, then it goes.
+    let dry = meta::DeleteOptions {
+        dry_run: vec!["All".into()],
+        ..Default::default()
+    };
+    let (code, _, _) = send(
+        &c,
+        "DELETE",
+        &format!("{secrets}/rabbitmq"),
+        PB,
+        PB_OR_JSON,
+        protobuf_body("v1", "DeleteOptions", &dry),
+    )
+    .await;
+    assert_eq!(code, 200);
+    let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(c.clone(), "default");
+    assert!(api.get_opt("rabbitmq").await.unwrap().is_some());
+    let (code, _, _) = send(
+        &c,
+        "DELETE",
+        &format!("{secrets}/rabbitmq"),
+        PB,
+        PB_OR_JSON,
+        protobuf_body("v1", "DeleteOptions", &meta::DeleteOptions::default()),
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert!(api.get_opt("rabbitmq").await.unwrap().is_none());
+}

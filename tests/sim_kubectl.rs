@@ -494,3 +494,287 @@ spec:
         s.shutdown().await;
     }
 }
+
+fn unbase64(text: &str) -> String {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .unwrap_or_else(|e| panic!("{text:?} is not base64: {e}"));
+    String::from_utf8(bytes).unwrap()
+}
+
+/// A throwaway self-signed certificate and its key (P-256, CN sim.test), for
+/// `kubectl create secret tls`, which checks that the pair parses and matches.
+const TEST_CERT: &str = "-----BEGIN CERTIFICATE-----
+MIIBfjCCASOgAwIBAgIUFb1RlwxZ9xEM3pMTW2E35V5qquYwCgYIKoZIzj0EAwIw
+EzERMA8GA1UEAwwIc2ltLnRlc3QwIBcNMjYxMTMwMTQwMzMwWhgPMjEyNjExMDYx
+NDAzMzBaMBMxETAPBgNVBAMMCHNpbS50ZXN0MFkwEwYHKoZIzj0CAQYIKoZIzj0D
+AQcDQgAE6GskwdEueo/wQtVF4vRtWjMJzPXefBbZaq+LbKJqYeguNikpF6B2mYKy
+1t7TJVLVptmse2cRW0uSPi+AdVsci6NTMFEwHQYDVR0OBBYEFFn+7jNPCCdi1NWt
+1pcwnsJFAD9dMB8GA1UdIwQYMBaAFFn+7jNPCCdi1NWt1pcwnsJFAD9dMA8GA1Ud
+EwEB/wQFMAMBAf8wCgYIKoZIzj0EAwIDSQAwRgIhANvTAS23dIwSKYGqIFmCsvWg
+dkckTI+oDj8DND9KmVbcAiEAulDHdXCmN8f83aNoC3zHm0ugKWjYwXGFW6ZVFib7
+9CA=
+-----END CERTIFICATE-----
+";
+const TEST_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgZmPa+BWTsb0N9S50
++tY24eesDZ0z9Dyt1XzroOypjqahRANCAAToayTB0S56j/BC1UXi9G1aMwnM9d58
+Ftlqr4tsomph6C42KSkXoHaZgrLW3tMlUtWm2ax7ZxFbS5I+L4B1WxyL
+-----END PRIVATE KEY-----
+";
+
+/// `kubectl create secret|configmap|namespace` send protobuf bodies
+/// (application/vnd.kubernetes.protobuf) and accept the JSON answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_create_secret_configmap_and_namespace_send_protobuf() {
+    let k = setup("create-protobuf").await;
+    let uri = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    let out = k
+        .ok(
+            &[
+                "create",
+                "secret",
+                "generic",
+                "rabbitmq",
+                &format!("--from-literal=uri={uri}"),
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(out.trim(), "secret/rabbitmq created");
+    let data = k
+        .ok(
+            &["get", "secret", "rabbitmq", "-o", "jsonpath={.data.uri}"],
+            None,
+        )
+        .await;
+    assert_eq!(unbase64(&data), uri);
+    let secrets = k.api().cluster.find_kind("", "v1", "secrets").unwrap();
+    let stored = k
+        .api()
+        .cluster
+        .get(&secrets, "default", "rabbitmq")
+        .unwrap();
+    assert_eq!(stored["type"], "Opaque");
+    assert_eq!(
+        stored["metadata"]["managedFields"][0]["manager"],
+        "kubectl-create"
+    );
+    // Creating it again: the error Status reaches kubectl as it would from a real server.
+    let err = k
+        .fails(
+            &[
+                "create",
+                "secret",
+                "generic",
+                "rabbitmq",
+                "--from-literal=uri=x",
+            ],
+            None,
+        )
+        .await;
+    assert!(err.contains("secrets \"rabbitmq\" already exists"), "{err}");
+    // A server-side dry run answers the object and stores nothing.
+    let out = k
+        .ok(
+            &[
+                "create",
+                "secret",
+                "generic",
+                "dry",
+                "--from-literal=a=b",
+                "--dry-run=server",
+                "-o",
+                "json",
+            ],
+            None,
+        )
+        .await;
+    let dry: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(unbase64(dry["data"]["a"].as_str().unwrap()), "b");
+    assert!(k.api().cluster.get(&secrets, "default", "dry").is_err());
+
+    k.ok(
+        &[
+            "create",
+            "secret",
+            "docker-registry",
+            "regcred",
+            "--docker-server=registry.test",
+            "--docker-username=ci",
+            "--docker-password=pw",
+        ],
+        None,
+    )
+    .await;
+    let reg: Value = serde_json::from_str(
+        &k.ok(&["get", "secret", "regcred", "-o", "json"], None)
+            .await,
+    )
+    .unwrap();
+    assert_eq!(reg["type"], "kubernetes.io/dockerconfigjson");
+    let config: Value = serde_json::from_str(&unbase64(
+        reg["data"][".dockerconfigjson"].as_str().unwrap(),
+    ))
+    .unwrap();
+    assert_eq!(config["auths"]["registry.test"]["username"], "ci");
+
+    let cert = k.home.join("tls.crt");
+    let key = k.home.join("tls.key");
+    std::fs::write(&cert, TEST_CERT).unwrap();
+    std::fs::write(&key, TEST_KEY).unwrap();
+    k.ok(
+        &[
+            "create",
+            "secret",
+            "tls",
+            "web",
+            &format!("--cert={}", cert.display()),
+            &format!("--key={}", key.display()),
+        ],
+        None,
+    )
+    .await;
+    let tls: Value =
+        serde_json::from_str(&k.ok(&["get", "secret", "web", "-o", "json"], None).await).unwrap();
+    assert_eq!(tls["type"], "kubernetes.io/tls");
+    assert_eq!(
+        unbase64(tls["data"]["tls.crt"].as_str().unwrap()),
+        TEST_CERT
+    );
+    assert_eq!(unbase64(tls["data"]["tls.key"].as_str().unwrap()), TEST_KEY);
+
+    let out = k
+        .ok(
+            &[
+                "create",
+                "configmap",
+                "settings",
+                "--from-literal=a=b",
+                "--from-literal=greeting=hello world",
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(out.trim(), "configmap/settings created");
+    let cm: Value =
+        serde_json::from_str(&k.ok(&["get", "cm", "settings", "-o", "json"], None).await).unwrap();
+    assert_eq!(cm["data"], json!({"a": "b", "greeting": "hello world"}));
+
+    let out = k.ok(&["create", "namespace", "ci"], None).await;
+    assert_eq!(out.trim(), "namespace/ci created");
+    let phase = k
+        .ok(&["get", "ns", "ci", "-o", "jsonpath={.status.phase}"], None)
+        .await;
+    assert_eq!(phase, "Active");
+    k.ok(
+        &[
+            "-n",
+            "ci",
+            "create",
+            "secret",
+            "generic",
+            "rabbitmq",
+            &format!("--from-literal=uri={uri}"),
+        ],
+        None,
+    )
+    .await;
+    let data = k
+        .ok(
+            &[
+                "-n",
+                "ci",
+                "get",
+                "secret",
+                "rabbitmq",
+                "-o",
+                "jsonpath={.data.uri}",
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(unbase64(&data), uri);
+}
+
+/// A Secret written with `stringData` (client-side apply, server-side apply, patch) is
+/// stored and read back with `data` only, as on a real API server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_apply_of_a_secret_with_string_data_reads_back_as_data() {
+    let k = setup("string-data").await;
+    let manifest = |uri: &str| {
+        format!(
+            "apiVersion: v1
+kind: Secret
+metadata:
+  name: rabbitmq
+type: Opaque
+stringData:
+  uri: \"{uri}\"
+"
+        )
+    };
+    let data_uri = async || {
+        let text = k
+            .ok(
+                &["get", "secret", "rabbitmq", "-o", "jsonpath={.data.uri}"],
+                None,
+            )
+            .await;
+        let obj: Value = serde_json::from_str(
+            &k.ok(&["get", "secret", "rabbitmq", "-o", "json"], None)
+                .await,
+        )
+        .unwrap();
+        assert!(obj.get("stringData").is_none(), "{obj}");
+        unbase64(&text)
+    };
+
+    let first = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    let out = k.ok(&["apply", "-f", "-"], Some(&manifest(first))).await;
+    assert_eq!(out.trim(), "secret/rabbitmq created");
+    let text = k
+        .ok(
+            &["get", "secret", "rabbitmq", "-o", "jsonpath={.data.uri}"],
+            None,
+        )
+        .await;
+    use base64::Engine;
+    assert_eq!(
+        text,
+        base64::engine::general_purpose::STANDARD.encode(first)
+    );
+    assert_eq!(data_uri().await, first);
+
+    // Client-side apply of a change: a strategic merge patch with stringData.
+    let second = "amqp://ci:secret@rabbitmq:5672/%2f";
+    let out = k.ok(&["apply", "-f", "-"], Some(&manifest(second))).await;
+    assert_eq!(out.trim(), "secret/rabbitmq configured");
+    assert_eq!(data_uri().await, second);
+
+    // Server-side apply.
+    let third = "amqps://ci:secret@rabbitmq:5671/ci";
+    let out = k
+        .ok(
+            &["apply", "--server-side", "-f", "-"],
+            Some(&manifest(third)),
+        )
+        .await;
+    assert_eq!(out.trim(), "secret/rabbitmq serverside-applied");
+    assert_eq!(data_uri().await, third);
+
+    // A patch.
+    k.ok(
+        &[
+            "patch",
+            "secret",
+            "rabbitmq",
+            "-p",
+            r#"{"stringData":{"uri":"amqp://patched"}}"#,
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(data_uri().await, "amqp://patched");
+}

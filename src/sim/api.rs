@@ -231,6 +231,59 @@ fn spec_part(v: &Value) -> Value {
     v
 }
 
+/// What a real API server does to a Secret on every write (create, update, patch, apply):
+/// `stringData` is merged into `data` (base64), a key in both taking the `stringData`
+/// value, and is never stored nor returned; an empty `type` defaults to `Opaque`. Other
+/// kinds are left as they are.
+fn merge_string_data(kind: &Kind, obj: &mut Value) -> Result<(), ApiError> {
+    if !(kind.group.is_empty() && kind.kind == "Secret") {
+        return Ok(());
+    }
+    let Some(map) = obj.as_object_mut() else {
+        return Ok(());
+    };
+    if map
+        .get("type")
+        .is_none_or(|t| t.is_null() || t.as_str() == Some(""))
+    {
+        map.insert("type".into(), json!("Opaque"));
+    }
+    let cannot = |why: String| {
+        ApiError::bad_request(format!(
+            "Secret in version \"v1\" cannot be handled as a Secret: {why}"
+        ))
+    };
+    let entries = match map.remove("stringData") {
+        None | Some(Value::Null) => return Ok(()),
+        Some(Value::Object(entries)) => entries,
+        Some(other) => return Err(cannot(format!("stringData must be an object, not {other}"))),
+    };
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let data = map
+        .entry("data")
+        .and_modify(|d| {
+            if d.is_null() {
+                *d = json!({});
+            }
+        })
+        .or_insert_with(|| json!({}));
+    let Some(data) = data.as_object_mut() else {
+        return Err(cannot(format!("data must be an object, not {data}")));
+    };
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for (key, value) in entries {
+        let Value::String(text) = value else {
+            return Err(cannot(format!(
+                "stringData.{key} must be a string, not {value}"
+            )));
+        };
+        data.insert(key, Value::String(base64::Engine::encode(&b64, text)));
+    }
+    Ok(())
+}
+
 /// Parses a request body: JSON, or YAML for server-side apply.
 pub fn parse_body(body: &[u8], yaml: bool) -> Result<Value, ApiError> {
     let parsed: Result<Value, String> = match serde_json::from_slice(body) {
@@ -642,6 +695,7 @@ impl Cluster {
             "Namespace" => obj["status"] = json!({"phase": "Active"}),
             _ => {}
         }
+        merge_string_data(kind, &mut obj)?;
         let warnings = Self::admit(kind, &mut obj, None, opts)?;
         let api_version = kind.api_version();
         let manager = opts
@@ -658,7 +712,9 @@ impl Cluster {
         match applied {
             Some(config) => {
                 obj = ssa::apply(&obj, config, &w, true).unwrap_or(obj);
-                // The applied configuration is already merged; only ownership is new.
+                // The applied configuration is already merged; only ownership is new
+                // (and the configuration's stringData, merged again).
+                merge_string_data(kind, &mut obj)?;
             }
             None => ssa::record_update(None, &mut obj, &w),
         }
@@ -930,6 +986,7 @@ impl Cluster {
         applied: bool,
     ) -> Result<Written, ApiError> {
         check_metadata(&new)?;
+        merge_string_data(kind, &mut new)?;
         if new.get("metadata").is_none() {
             new["metadata"] = json!({});
         }
@@ -1367,4 +1424,202 @@ fn with_status_of(mut object: Value, source: &Value) -> Value {
         }
     }
     object
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b64(s: &str) -> String {
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, s)
+    }
+
+    /// A cluster with namespace `default`, and its Secret kind.
+    fn cluster() -> (Arc<Cluster>, Arc<Kind>) {
+        let c = Cluster::new(100);
+        let ns = c.find_kind("", "v1", "namespaces").unwrap();
+        c.create(
+            &ns,
+            "",
+            json!({"metadata": {"name": "default"}}),
+            &WriteOpts::default(),
+        )
+        .unwrap();
+        let secrets = c.find_kind("", "v1", "secrets").unwrap();
+        (c, secrets)
+    }
+
+    fn opts(manager: &str) -> WriteOpts {
+        WriteOpts {
+            field_manager: Some(manager.into()),
+            ..WriteOpts::default()
+        }
+    }
+
+    /// The stored Secret has no stringData, and what is answered is what is stored.
+    fn stored(c: &Cluster, secrets: &Kind, answered: &Value) -> Value {
+        let got = c.get(secrets, "default", "s").unwrap();
+        assert!(got.get("stringData").is_none(), "{got}");
+        assert_eq!(&got, answered);
+        got
+    }
+
+    #[test]
+    fn create_merges_string_data_into_data_and_string_data_wins() {
+        let (c, secrets) = cluster();
+        let w = c
+            .create(
+                &secrets,
+                "default",
+                json!({"metadata": {"name": "s"}, "type": "Opaque",
+                    "data": {"keep": b64("old"), "uri": b64("loses")},
+                    "stringData": {"uri": "amqp://guest:guest@127.0.0.1:5672/%2f"}}),
+                &opts("test"),
+            )
+            .unwrap();
+        let got = stored(&c, &secrets, &w.object);
+        assert_eq!(
+            got["data"],
+            json!({"keep": b64("old"), "uri": b64("amqp://guest:guest@127.0.0.1:5672/%2f")})
+        );
+        let fields = got["metadata"]["managedFields"][0]["fieldsV1"].to_string();
+        assert!(
+            fields.contains("f:data") && !fields.contains("f:stringData"),
+            "{fields}"
+        );
+        // A ConfigMap's field of that name is just a field.
+        let cms = c.find_kind("", "v1", "configmaps").unwrap();
+        let w = c
+            .create(
+                &cms,
+                "default",
+                json!({"metadata": {"name": "c"}, "stringData": {"a": "b"}}),
+                &opts("test"),
+            )
+            .unwrap();
+        assert_eq!(w.object["stringData"], json!({"a": "b"}));
+    }
+
+    #[test]
+    fn update_and_patches_merge_string_data_and_the_type_defaults() {
+        let (c, secrets) = cluster();
+        let w = c
+            .create(
+                &secrets,
+                "default",
+                json!({"metadata": {"name": "s"}, "data": {"a": b64("1")}}),
+                &opts("test"),
+            )
+            .unwrap();
+        assert_eq!(w.object["type"], "Opaque", "the type defaults");
+        let mut obj = c.get(&secrets, "default", "s").unwrap();
+        obj["stringData"] = json!({"b": "2"});
+        let w = c
+            .update(&secrets, "default", "s", obj, false, &opts("test"))
+            .unwrap();
+        assert_eq!(
+            stored(&c, &secrets, &w.object)["data"],
+            json!({"a": b64("1"), "b": b64("2")})
+        );
+        let w = c
+            .patch(
+                &secrets,
+                "default",
+                "s",
+                PatchType::Merge,
+                json!({"stringData": {"a": "one"}}),
+                false,
+                &opts("test"),
+            )
+            .unwrap();
+        assert_eq!(
+            stored(&c, &secrets, &w.object)["data"],
+            json!({"a": b64("one"), "b": b64("2")})
+        );
+        let w = c
+            .patch(
+                &secrets,
+                "default",
+                "s",
+                PatchType::Json,
+                json!([{"op": "add", "path": "/stringData", "value": {"c": "3"}}]),
+                false,
+                &opts("test"),
+            )
+            .unwrap();
+        assert_eq!(w.object["data"]["c"], b64("3"));
+        stored(&c, &secrets, &w.object);
+        // The same value again changes nothing, so the resourceVersion stays.
+        let rv = w.object["metadata"]["resourceVersion"].clone();
+        let w = c
+            .patch(
+                &secrets,
+                "default",
+                "s",
+                PatchType::Merge,
+                json!({"stringData": {"c": "3"}}),
+                false,
+                &opts("test"),
+            )
+            .unwrap();
+        assert_eq!(w.object["metadata"]["resourceVersion"], rv);
+    }
+
+    #[test]
+    fn server_side_apply_merges_string_data_on_create_and_update() {
+        let (c, secrets) = cluster();
+        let config = |v: &str| {
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"},
+                "stringData": {"uri": v}})
+        };
+        let w = c
+            .patch(
+                &secrets,
+                "default",
+                "s",
+                PatchType::Apply,
+                config("amqp://a"),
+                false,
+                &opts("ssa"),
+            )
+            .unwrap();
+        assert!(w.created);
+        assert_eq!(
+            stored(&c, &secrets, &w.object)["data"],
+            json!({"uri": b64("amqp://a")})
+        );
+        let w = c
+            .patch(
+                &secrets,
+                "default",
+                "s",
+                PatchType::Apply,
+                config("amqp://b"),
+                false,
+                &opts("ssa"),
+            )
+            .unwrap();
+        assert_eq!(
+            stored(&c, &secrets, &w.object)["data"],
+            json!({"uri": b64("amqp://b")})
+        );
+    }
+
+    #[test]
+    fn string_data_that_is_not_strings_is_a_bad_request() {
+        let (c, secrets) = cluster();
+        for bad in [json!({"a": 1}), json!(["a"])] {
+            let err = c
+                .create(
+                    &secrets,
+                    "default",
+                    json!({"metadata": {"name": "s"}, "stringData": bad}),
+                    &opts("test"),
+                )
+                .unwrap_err();
+            assert_eq!(err.code, 400, "{}", err.message);
+            assert!(err.message.contains("stringData"), "{}", err.message);
+        }
+        assert!(c.get(&secrets, "default", "s").is_err());
+    }
 }

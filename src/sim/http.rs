@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use super::api::{ApiError, Change, Cluster, DeleteOpts, PatchType, WriteOpts, parse_body};
 use super::kinds::Kind;
 use super::select::{FieldSelector, LabelSelector};
-use super::{openapi, table};
+use super::{openapi, protobuf, table};
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 16 << 20;
@@ -303,6 +303,37 @@ fn wants_table(headers: &HeaderMap) -> bool {
         })
 }
 
+/// The media type of the request body (`Content-Type` without parameters), lowercased.
+fn media_type(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+/// The body of a create or update of `kind`: JSON or YAML, or protobuf (what kubectl and
+/// client-go send for built-in kinds) for the kinds [`protobuf`] decodes. Any other
+/// media type is 415, as a real API server answers.
+fn object_body(headers: &HeaderMap, kind: &Kind, body: &[u8]) -> Result<Value, ApiError> {
+    match media_type(headers).as_str() {
+        m if protobuf::is_protobuf(m) => protobuf::decode_object(kind, body),
+        "" | "application/json" | "application/yaml" => parse_body(body, true),
+        other => Err(ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml, {} (got {other:?})",
+                protobuf::MEDIA_TYPE
+            ),
+        )),
+    }
+}
+
 fn write_opts(query: &HashMap<String, String>) -> WriteOpts {
     WriteOpts {
         field_manager: query.get("fieldManager").cloned().filter(|m| !m.is_empty()),
@@ -383,7 +414,7 @@ async fn resource(
             if kind.namespaced && t.namespace.is_none() {
                 return method_not_allowed(method);
             }
-            let obj = match parse_body(&body, true) {
+            let obj = match object_body(headers, &kind, &body) {
                 Ok(v) => v,
                 Err(e) => return error(e),
             };
@@ -422,7 +453,7 @@ async fn resource(
             Err(e) => error(e),
         },
         (Some(name), Method::PUT) => {
-            let obj = match parse_body(&body, true) {
+            let obj = match object_body(headers, &kind, &body) {
                 Ok(v) => v,
                 Err(e) => return error(e),
             };
@@ -432,16 +463,7 @@ async fn resource(
             }
         }
         (Some(name), Method::PATCH) => {
-            let ctype = headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_string();
-            let ptype = match ctype.as_str() {
+            let ptype = match media_type(headers).as_str() {
                 "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
                     PatchType::Merge
                 }
@@ -480,7 +502,12 @@ async fn resource(
         (Some(name), Method::DELETE) if !status_sub => {
             let mut opts = DeleteOpts::default();
             if !body.is_empty() {
-                match parse_body(&body, false) {
+                let options = if protobuf::is_protobuf(&media_type(headers)) {
+                    protobuf::decode_delete_options(&body)
+                } else {
+                    parse_body(&body, false)
+                };
+                match options {
                     Ok(v) => {
                         opts.grace = v["gracePeriodSeconds"].as_i64();
                         opts.orphan =

@@ -4,7 +4,8 @@
 //!
 //! [`api`] (store, watches, patches, apply), [`http`] (routes), [`kinds`] (served
 //! resources), [`validate`] (CRD schemas), [`ssa`] (field ownership), [`table`]
-//! (`kubectl get` columns), [`openapi`] (`kubectl apply`/`explain`), [`kubelet`].
+//! (`kubectl get` columns), [`openapi`] (`kubectl apply`/`explain`), [`protobuf`]
+//! (protobuf request bodies, as `kubectl create secret` sends), [`kubelet`].
 
 pub mod api;
 pub mod control_plane;
@@ -13,6 +14,7 @@ pub mod isolate;
 pub mod kinds;
 pub mod kubelet;
 pub mod openapi;
+pub mod protobuf;
 pub mod publish;
 pub mod select;
 pub mod ssa;
