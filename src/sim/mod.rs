@@ -202,7 +202,7 @@ pub enum Backend {
     /// A real control plane (taken out when it stops).
     ControlPlane {
         /// The running control plane.
-        plane: std::sync::Mutex<Option<control_plane::ControlPlane>>,
+        plane: std::sync::Mutex<Option<Box<control_plane::ControlPlane>>>,
         /// Its API server's URL.
         url: String,
         /// The optional components it lacks, each with what that means.
@@ -330,7 +330,7 @@ impl Simulation {
         let missing = plane.missing_effects();
         Ok(Self {
             backend: Backend::ControlPlane {
-                plane: std::sync::Mutex::new(Some(plane)),
+                plane: std::sync::Mutex::new(Some(Box::new(plane))),
                 url,
                 missing,
             },

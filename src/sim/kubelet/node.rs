@@ -78,7 +78,8 @@ pub fn node_status(name: &str, transition: &str) -> Value {
         "daemonEndpoints": {"kubeletEndpoint": {"Port": KUBELET_PORT}},
         "nodeInfo": {
             "machineID": "", "systemUUID": "", "bootID": "",
-            "kernelVersion": "", "osImage": "testrunner simulated node",
+            "kernelVersion": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+            "osImage": "testrunner simulated node",
             "containerRuntimeVersion": "simulated://1",
             "kubeletVersion": concat!("v0.0.0-testrunner-", env!("CARGO_PKG_VERSION")),
             "kubeProxyVersion": "",
