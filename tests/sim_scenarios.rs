@@ -2090,3 +2090,319 @@ on_both!(
     a_newer_image_supersedes_a_rollout_in_progress_and_is_promoted_in_its_place,
     an_operator_restart_mid_rollout_resumes_the_canary_and_promotes_it,
 );
+
+/// Processes whose command line mentions `needle` (the control plane's components name
+/// their work directory in their flags).
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = entry.file_name().to_string_lossy().to_string();
+        if !pid.chars().all(|c| c.is_ascii_digit()) || !process_alive(&pid) {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(needle) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// The README's walk-through on a real control plane: `simulate --control-plane`
+/// serves kubectl (`/livez?verbose` lists etcd, `kubectl create secret generic` works),
+/// a pool applied with kubectl gets pods the scheduler binds to the simulated node,
+/// deleting the pool has the controller manager's garbage collector delete them, and
+/// Ctrl-C stops every process it started and removes its files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real control plane: bash tests/control-plane/build.sh, then cargo test -- --include-ignored (bash tests/run.sh does both)"]
+async fn the_simulate_command_on_a_real_control_plane_serves_the_walk_through_and_ctrl_c_leaves_nothing()
+ {
+    let dir = std::env::temp_dir().join(format!("sim-cp-command-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_testrunner-operator"))
+        .arg("simulate")
+        .arg("--control-plane")
+        .arg(control_plane_bin())
+        .args(["--time-scale", "20"])
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .env("RUST_LOG", "warn")
+        .env("TESTRUNNER_AMQP_URI", broker_uri())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let sim_pid = child.id().expect("simulate runs");
+    let work = format!("testrunner-cp-{sim_pid}-");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    let client = loop {
+        if let Ok(kc) = kube::config::Kubeconfig::read_from(&kubeconfig)
+            && let Ok(config) = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await
+            && let Ok(client) = kube::Client::try_from(config)
+            && client.apiserver_version().await.is_ok()
+        {
+            break client;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "simulate --control-plane did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        !processes_mentioning(&work).is_empty(),
+        "the control plane's processes name their work directory"
+    );
+    let kubectl = |args: Vec<String>, stdin: Option<String>| {
+        let kubeconfig = kubeconfig.clone();
+        let home = dir.join("home");
+        async move {
+            let mut cmd =
+                tokio::process::Command::new(std::env::var("TESTRUNNER_KUBECTL").unwrap_or_else(
+                    |_| format!("{}/.tools/kubectl/kubectl", env!("CARGO_MANIFEST_DIR")),
+                ));
+            cmd.args(&args)
+                .env("KUBECONFIG", &kubeconfig)
+                .env("HOME", &home)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            let mut c = cmd
+                .spawn()
+                .expect("kubectl runs (bash .ci/install-tools installs it)");
+            if let Some(text) = stdin {
+                use tokio::io::AsyncWriteExt;
+                c.stdin
+                    .take()
+                    .unwrap()
+                    .write_all(text.as_bytes())
+                    .await
+                    .unwrap();
+            }
+            let out = c.wait_with_output().await.unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success(), "kubectl {args:?}: {text}");
+            text
+        }
+    };
+    let livez = kubectl(
+        vec!["get".into(), "--raw".into(), "/livez?verbose".into()],
+        None,
+    )
+    .await;
+    assert!(livez.contains("[+]etcd ok"), "{livez}");
+    // The README's own step (a protobuf body on the wire), then the pool uses it.
+    kubectl(
+        vec![
+            "create".into(),
+            "secret".into(),
+            "generic".into(),
+            "broker".into(),
+            format!("--from-literal=uri={}", broker_uri()),
+        ],
+        None,
+    )
+    .await;
+    let conn = broker().await;
+    let queue = queue_name("cpcommand");
+    test_queue(&conn, &queue).await;
+    let pool = format!(
+        "apiVersion: testrunner.dev/v1alpha1
+kind: TestRunnerPool
+metadata:
+  name: walk
+spec:
+  image: example.org/test-runner:1
+  command: [\"sh\", \"-c\", \"cat >/dev/null; sleep 1\"]
+  queue:
+    name: {queue}
+    connectionSecretRef: {{name: broker, key: uri}}
+  scaling: {{minWorkers: 2, maxWorkers: 3, pollInterval: 1s}}
+"
+    );
+    kubectl(vec!["apply".into(), "-f".into(), "-".into()], Some(pool)).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    eventually(
+        "two running pods on the simulated node",
+        Duration::from_secs(120),
+        || {
+            let pods = pods.clone();
+            async move {
+                let list = pods.list(&ListParams::default()).await.unwrap().items;
+                list.iter()
+                    .filter(|p| {
+                        p.spec.as_ref().and_then(|s| s.node_name.as_deref())
+                            == Some("simulated-node")
+                            && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                    })
+                    .count()
+                    == 2
+            }
+        },
+    )
+    .await;
+    // The scheduler bound them (a Scheduled event from default-scheduler).
+    let events = kubectl(
+        vec![
+            "get".into(),
+            "events".into(),
+            "--field-selector".into(),
+            "reason=Scheduled".into(),
+        ],
+        None,
+    )
+    .await;
+    assert!(
+        events.contains("Successfully assigned default/walk-"),
+        "{events}"
+    );
+    kubectl(
+        vec![
+            "delete".into(),
+            "trp".into(),
+            "walk".into(),
+            "--wait=false".into(),
+        ],
+        None,
+    )
+    .await;
+    eventually(
+        "the garbage collector deletes the pool's pods",
+        Duration::from_secs(120),
+        || {
+            let pods = pods.clone();
+            async move {
+                pods.list(&ListParams::default())
+                    .await
+                    .unwrap()
+                    .items
+                    .is_empty()
+            }
+        },
+    )
+    .await;
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sim_pid as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("the simulation gets SIGINT");
+    let status = tokio::time::timeout(Duration::from_secs(90), child.wait())
+        .await
+        .expect("simulate stops within 90 s")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let mut out = String::new();
+    use tokio::io::AsyncReadExt;
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .await
+        .unwrap();
+    assert!(
+        out.contains("Simulated cluster at https://127.0.0.1:"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "a real control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler"
+        ),
+        "{out}"
+    );
+    assert!(
+        !out.contains("guest:guest"),
+        "the broker URI is never printed: {out}"
+    );
+    let gone_by = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !processes_mentioning(&work).is_empty() && tokio::time::Instant::now() < gone_by {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        processes_mentioning(&work),
+        Vec::<String>::new(),
+        "no control-plane process is left"
+    );
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&work))
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "simulate removed its files: {left:?}");
+    delete_queue(&conn, &queue).await;
+    delete_queue(&conn, "testrunner.outcomes.default.walk").await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What envtest ships, etcd and kube-apiserver alone: the node binds pods itself,
+/// pods get the service account the controller manager would have made, and the
+/// simulation says which controllers are missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real control plane: bash tests/control-plane/build.sh, then cargo test -- --include-ignored (bash tests/run.sh does both)"]
+async fn on_etcd_and_kube_apiserver_alone_the_node_binds_and_runs_pods_itself() {
+    let bin = std::env::temp_dir().join(format!("cp-envtest-bin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&bin);
+    std::fs::create_dir_all(&bin).unwrap();
+    for name in ["etcd", "kube-apiserver"] {
+        let real = control_plane_bin().join(name);
+        assert!(
+            real.is_file(),
+            "{} is missing: bash tests/control-plane/build.sh",
+            real.display()
+        );
+        std::os::unix::fs::symlink(&real, bin.join(name)).unwrap();
+    }
+    let sim = sim::Simulation::start_on_control_plane(
+        &bin,
+        &broker_uri(),
+        50.0,
+        env!("CARGO_BIN_EXE_testrunner-operator").into(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    match &sim.backend {
+        sim::Backend::ControlPlane { missing, .. } => {
+            assert_eq!(missing.len(), 2, "{missing:?}");
+            assert!(
+                missing[0].starts_with("no controller manager"),
+                "{missing:?}"
+            );
+            assert!(
+                missing[1].contains("the node binds pending pods itself"),
+                "{missing:?}"
+            );
+        }
+        sim::Backend::Embedded(_) => panic!("a control plane was asked for"),
+    }
+    let pods: Api<Pod> = Api::namespaced(sim.client(), "default");
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "alone"},
+        "spec": {"containers": [{"name": "main", "image": "x", "command": ["sh", "-c", "exit 0"]}],
+            "restartPolicy": "Never"}}))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    eventually(
+        "the pod ran to completion on the simulated node",
+        Duration::from_secs(60),
+        || {
+            let pods = pods.clone();
+            async move {
+                let p = pods.get("alone").await.unwrap();
+                p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some("simulated-node")
+                    && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded")
+            }
+        },
+    )
+    .await;
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(&bin);
+}

@@ -302,6 +302,10 @@ impl Simulation {
         let plane =
             control_plane::ControlPlane::start(bin_dir, &base.join("control-plane")).await?;
         let client = plane.admin_client().await?;
+        if plane.missing().contains(&"kube-controller-manager") {
+            // Pods need their service account, which the controller manager would make.
+            default_service_account(&client, "default").await?;
+        }
         apply_crd(&client).await?;
         broker_secret(&client, "default", amqp_uri).await?;
         let node = plane
@@ -421,6 +425,21 @@ pub async fn apply_crd(client: &kube::Client) -> Result<(), String> {
     .map_err(|_| format!("CRD {name} was not Established within a minute"))?
     .map_err(|e| format!("failed to watch CRD {name}: {e}"))?;
     Ok(())
+}
+
+/// Creates ServiceAccount `default` in `namespace` unless it exists.
+pub async fn default_service_account(client: &kube::Client, namespace: &str) -> Result<(), String> {
+    let sas: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        kube::Api::namespaced(client.clone(), namespace);
+    let sa = serde_json::from_value(json!({"metadata": {"name": "default"}}))
+        .map_err(|e| e.to_string())?;
+    match sas.create(&kube::api::PostParams::default(), &sa).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(format!(
+            "failed to create ServiceAccount {namespace}/default: {e}"
+        )),
+    }
 }
 
 /// Creates (or replaces) Secret `rabbitmq` (key `uri`) in `namespace`.
