@@ -1251,3 +1251,161 @@ async fn protobuf_bodies_are_decoded_and_every_answer_is_json() {
     assert_eq!(code, 200);
     assert!(api.get_opt("rabbitmq").await.unwrap().is_none());
 }
+
+/// The real control plane's binaries: TESTRUNNER_CONTROL_PLANE, else
+/// `<target dir>/control-plane/bin`.
+fn control_plane_bin() -> std::path::PathBuf {
+    std::env::var_os("TESTRUNNER_CONTROL_PLANE")
+        .map(Into::into)
+        .unwrap_or_else(|| {
+            std::env::var_os("CARGO_TARGET_DIR")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+                .join("control-plane/bin")
+        })
+}
+
+/// What the simulated node does for a pod, the same on the embedded server and on a real
+/// control plane: a pod with a volume of a ConfigMap that does not exist yet waits with
+/// `ContainerCreating`, then starts once it exists; init containers run first;
+/// ConfigMap (with `items`), Secret and downward API volumes, env from Secrets,
+/// ConfigMaps and the downward API, CrashLoopBackOff with the termination message; on a
+/// real control plane, the service-account token the API server's admission adds; and a
+/// graceful deletion: SIGTERM, then the node deletes the pod for good.
+async fn the_node_runs_a_pod_with_volumes_env_and_graceful_deletion(sim: sim::Simulation) {
+    let real = sim.embedded().is_none();
+    let client = sim.client();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let scratch = json!({"name": "scratch", "mountPath": "/scratch"});
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "features", "labels": {"app": "demo"}},
+        "spec": {
+            "terminationGracePeriodSeconds": 5,
+            "volumes": [
+                {"name": "scratch", "emptyDir": {}},
+                {"name": "cfg", "configMap": {"name": "node-cfg", "items": [{"key": "a", "path": "renamed"}]}},
+                {"name": "sec", "secret": {"secretName": "rabbitmq"}},
+                {"name": "down", "downwardAPI": {"items": [{"path": "name", "fieldRef": {"fieldPath": "metadata.name"}}]}},
+            ],
+            "initContainers": [{"name": "init", "image": "tools:1", "volumeMounts": [scratch],
+                "command": ["sh", "-c", "echo ready > /scratch/init"]}],
+            "containers": [{"name": "main", "image": "runner:1",
+                "volumeMounts": [scratch, {"name": "cfg", "mountPath": "/cfg"},
+                    {"name": "sec", "mountPath": "/sec"}, {"name": "down", "mountPath": "/down"}],
+                "env": [
+                    {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
+                    {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                    {"name": "FROM_CM", "valueFrom": {"configMapKeyRef": {"name": "node-cfg", "key": "a"}}},
+                ],
+                "envFrom": [{"prefix": "S_", "secretRef": {"name": "rabbitmq"}}],
+                "command": ["sh", "-c", "t=none; test -s /var/run/secrets/kubernetes.io/serviceaccount/token && t=token; \
+                    printf '%s|%s|%s|%s|%s|%s|%s|%s|%s' \"$(cat /scratch/init)\" \"$(cat /cfg/renamed)\" \"$(cat /sec/uri)\" \
+                    \"$(cat /down/name)\" \"$APP\" \"$NODE\" \"$FROM_CM\" \"$S_uri\" \"$t\" > \"$TESTRUNNER_TERMINATION_LOG\"; exit 5"]}],
+        }
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    eventually(
+        60,
+        "ContainerCreating while the ConfigMap of a volume is missing",
+        || {
+            let pods = pods.clone();
+            async move {
+                let s = pod_status(&pods.get("features").await.ok()?);
+                let waiting = &s["initContainerStatuses"][0]["state"]["waiting"];
+                (waiting["reason"] == "ContainerCreating"
+                    && waiting["message"]
+                        .as_str()?
+                        .contains("configmap \"node-cfg\" not found"))
+                .then_some(())
+            }
+        },
+    )
+    .await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let cm: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "node-cfg"}, "data": {"a": "alpha"}}))
+            .unwrap();
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+    let status = eventually(60, "a restart after the container ran", || {
+        let pods = pods.clone();
+        async move {
+            let s = pod_status(&pods.get("features").await.ok()?);
+            (s["containerStatuses"][0]["restartCount"].as_i64()? >= 1).then_some(s)
+        }
+    })
+    .await;
+    let last = &status["containerStatuses"][0]["lastState"]["terminated"];
+    assert_eq!(last["exitCode"], 5, "{status}");
+    let uri = "amqp://user:secret@broker.example/%2f";
+    let token = if real { "token" } else { "none" };
+    assert_eq!(
+        last["message"],
+        format!("ready|alpha|{uri}|features|demo|simulated-node|alpha|{uri}|{token}"),
+        "{status}"
+    );
+    let init = &status["initContainerStatuses"][0]["state"]["terminated"];
+    assert_eq!(init["reason"], "Completed", "{status}");
+    assert_eq!(status["hostIP"], "127.0.0.1");
+
+    // A graceful deletion: the container handles SIGTERM and exits; the node then
+    // deletes the pod for good.
+    let dir = sim.root.join("graceful-witness");
+    std::fs::create_dir_all(&dir).unwrap();
+    let witness = dir.join("term");
+    let graceful: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "graceful"},
+        "spec": {"terminationGracePeriodSeconds": 30, "containers": [{"name": "main", "image": "x",
+            "command": ["sh", "-c", format!("trap 'echo term > {w}; exit 0' TERM; while true; do sleep 0.05; done", w = witness.display())]}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &graceful)
+        .await
+        .unwrap();
+    eventually(60, "the graceful pod to run", || {
+        let pods = pods.clone();
+        async move {
+            let s = pod_status(&pods.get("graceful").await.ok()?);
+            (s["containerStatuses"][0]["ready"] == true).then_some(())
+        }
+    })
+    .await;
+    pods.delete("graceful", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(60, "the node to delete the stopped pod", || {
+        let pods = pods.clone();
+        async move { pods.get_opt("graceful").await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+    assert_eq!(std::fs::read_to_string(&witness).unwrap().trim(), "term");
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_runs_pods_on_the_embedded_server() {
+    let sim = sim::Simulation::start(
+        "127.0.0.1:0".parse().unwrap(),
+        "amqp://user:secret@broker.example/%2f",
+        100.0,
+        env!("CARGO_BIN_EXE_testrunner-operator").into(),
+    )
+    .await
+    .unwrap();
+    the_node_runs_a_pod_with_volumes_env_and_graceful_deletion(sim).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real control plane: bash tests/control-plane/build.sh, then cargo test -- --include-ignored (bash tests/run.sh does both)"]
+async fn the_node_runs_pods_on_a_real_control_plane() {
+    let sim = sim::Simulation::start_on_control_plane(
+        &control_plane_bin(),
+        "amqp://user:secret@broker.example/%2f",
+        100.0,
+        env!("CARGO_BIN_EXE_testrunner-operator").into(),
+        Default::default(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the control plane did not start: {e}"));
+    the_node_runs_a_pod_with_volumes_env_and_graceful_deletion(sim).await;
+}

@@ -319,9 +319,10 @@ fn log_tail(path: &Path, from: u64, lines: usize, bytes: usize) -> String {
 }
 
 /// The container's volumes and environment, ready to start it. While a Secret or
-/// ConfigMap it needs is missing (or cannot be read) the container waits with reason
-/// `CreateContainerConfigError`, as on a real node, and the node tries again every
-/// (scaled) ten seconds. `None` when the pod stops meanwhile.
+/// ConfigMap a volume needs is missing the container waits with reason
+/// `ContainerCreating`; while one its environment needs is missing (or cannot be
+/// read), with `CreateContainerConfigError`, as on a real node; the node tries again
+/// every (scaled) ten seconds. `None` when the pod stops meanwhile.
 async fn inputs(
     run: &PodRun,
     c: &Value,
@@ -335,13 +336,19 @@ async fn inputs(
     let image = c["image"].as_str().unwrap_or_default();
     let in_image = run.config.images.contains_key(image);
     loop {
-        run.project_volumes().await;
-        match run.environment(c, !in_image).await {
+        let ready = match run.project_volumes().await {
+            Err(ConfigError(message)) => Err(("ContainerCreating", message)),
+            Ok(()) => run
+                .environment(c, !in_image)
+                .await
+                .map_err(|ConfigError(m)| ("CreateContainerConfigError", m)),
+        };
+        match ready {
             Ok(env) => return Some(env),
-            Err(ConfigError(message)) => {
+            Err((reason, message)) => {
                 tracing::warn!(pod = %run.name, error = %message, "container cannot start yet");
                 run.with_container(init, index, |s| {
-                    s.state = json!({"waiting": {"reason": "CreateContainerConfigError", "message": message}});
+                    s.state = json!({"waiting": {"reason": reason, "message": message}});
                     s.ready = false;
                 });
             }

@@ -32,9 +32,17 @@ pub(super) struct PodModel {
 #[derive(Clone, Debug)]
 enum Projection {
     /// A ConfigMap's keys (or the listed items).
-    ConfigMap { name: String, items: Value },
+    ConfigMap {
+        name: String,
+        items: Value,
+        optional: bool,
+    },
     /// A Secret's keys (or the listed items).
-    Secret { name: String, items: Value },
+    Secret {
+        name: String,
+        items: Value,
+        optional: bool,
+    },
     /// Downward API files.
     DownwardApi { items: Value },
     /// A service-account token for the pod.
@@ -54,8 +62,8 @@ pub(super) struct PodRun {
     pub mounts: Vec<(String, PathBuf)>,
     /// Each volume's directory on this machine.
     pub volume_dirs: Vec<(String, PathBuf)>,
-    /// Volumes written from API objects, with their directories.
-    projections: Vec<(PathBuf, Vec<Projection>)>,
+    /// Volumes written from API objects: name, directory, sources.
+    projections: Vec<(String, PathBuf, Vec<Projection>)>,
     pub restart_policy: String,
     pub model: Mutex<PodModel>,
     status: watch::Sender<(u64, Option<Value>)>,
@@ -132,28 +140,54 @@ impl PodRun {
     }
 
     /// Writes every projected volume's files (ConfigMaps, Secrets, downward API,
-    /// service-account tokens). A missing object leaves its files out, as an optional
-    /// volume does. Done before every container start and then every second: the
-    /// simulation's stand-in for the kubelet's refresh.
-    pub async fn project_volumes(&self) {
-        for (dir, sources) in &self.projections {
+    /// service-account tokens). Done before every container start and then every
+    /// second: the simulation's stand-in for the kubelet's refresh. A missing ConfigMap
+    /// or Secret of an optional source leaves its files out; of any other it is an
+    /// error (the first one), as a volume a real kubelet cannot mount: the containers
+    /// wait for it.
+    pub async fn project_volumes(&self) -> Result<(), ConfigError> {
+        let mut first = Ok(());
+        for (volume, dir, sources) in &self.projections {
             let _ = std::fs::create_dir_all(dir);
             for source in sources {
-                if let Err(ConfigError(e)) = self.project(dir, source).await {
-                    tracing::warn!(pod = %self.name, error = %e, "a volume could not be written");
+                if let Err(ConfigError(e)) = self.project(dir, source).await
+                    && first.is_ok()
+                {
+                    first = Err(ConfigError(format!(
+                        "MountVolume.SetUp failed for volume {volume:?}: {e}"
+                    )));
                 }
             }
         }
+        first
     }
 
     async fn project(&self, dir: &std::path::Path, source: &Projection) -> Result<(), ConfigError> {
+        let required =
+            |data: Option<BTreeMap<String, String>>, what: &str, name: &str, optional: bool| {
+                match data {
+                    Some(d) => Ok(d),
+                    None if optional => Ok(BTreeMap::new()),
+                    None => Err(ConfigError(format!("{what} {name:?} not found"))),
+                }
+            };
         let files: Vec<(String, String)> = match source {
-            Projection::ConfigMap { name, items } => {
-                select_items(self.config_map(name).await?.unwrap_or_default(), items)
-            }
-            Projection::Secret { name, items } => {
-                select_items(self.secret(name).await?.unwrap_or_default(), items)
-            }
+            Projection::ConfigMap {
+                name,
+                items,
+                optional,
+            } => select_items(
+                required(self.config_map(name).await?, "configmap", name, *optional)?,
+                items,
+            ),
+            Projection::Secret {
+                name,
+                items,
+                optional,
+            } => select_items(
+                required(self.secret(name).await?, "secret", name, *optional)?,
+                items,
+            ),
             Projection::DownwardApi { items } => {
                 let mut files = Vec::new();
                 for item in items.as_array().into_iter().flatten() {
@@ -424,16 +458,19 @@ fn select_items(data: BTreeMap<String, String>, items: &Value) -> Vec<(String, S
 /// The projections a volume needs, if it is one the node writes from API objects.
 fn projections(volume: &Value) -> Option<Vec<Projection>> {
     let items = |v: &Value| v["items"].clone();
+    let optional = |v: &Value| v["optional"] == true;
     if let Some(cm) = volume.get("configMap") {
         return Some(vec![Projection::ConfigMap {
             name: cm["name"].as_str().unwrap_or_default().into(),
             items: items(cm),
+            optional: optional(cm),
         }]);
     }
     if let Some(s) = volume.get("secret") {
         return Some(vec![Projection::Secret {
             name: s["secretName"].as_str().unwrap_or_default().into(),
             items: items(s),
+            optional: optional(s),
         }]);
     }
     if let Some(d) = volume.get("downwardAPI") {
@@ -448,11 +485,13 @@ fn projections(volume: &Value) -> Option<Vec<Projection>> {
                     Some(Projection::ConfigMap {
                         name: cm["name"].as_str().unwrap_or_default().into(),
                         items: items(cm),
+                        optional: optional(cm),
                     })
                 } else if let Some(sec) = s.get("secret") {
                     Some(Projection::Secret {
                         name: sec["name"].as_str().unwrap_or_default().into(),
                         items: items(sec),
+                        optional: optional(sec),
                     })
                 } else if let Some(d) = s.get("downwardAPI") {
                     Some(Projection::DownwardApi { items: items(d) })
@@ -584,12 +623,8 @@ impl PodRun {
             .iter()
             .filter_map(|v| {
                 let sources = projections(v)?;
-                let dir = volume_dirs
-                    .iter()
-                    .find(|(n, _)| v["name"] == **n)?
-                    .1
-                    .clone();
-                Some((dir, sources))
+                let (name, dir) = volume_dirs.iter().find(|(n, _)| v["name"] == **n)?.clone();
+                Some((name, dir, sources))
             })
             .collect();
         let mounts = mounts(spec, &volume_dirs);
@@ -666,7 +701,11 @@ pub(super) async fn run_pod(
             loop {
                 tick.tick().await;
                 match weak.upgrade() {
-                    Some(run) => run.project_volumes().await,
+                    // A volume that cannot be written yet is reported where a container
+                    // starts; the refresh just tries again.
+                    Some(run) => {
+                        let _ = run.project_volumes().await;
+                    }
                     None => return,
                 }
             }
