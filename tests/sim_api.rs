@@ -1270,8 +1270,9 @@ fn control_plane_bin() -> std::path::PathBuf {
 /// `ContainerCreating`, then starts once it exists; init containers run first;
 /// ConfigMap (with `items`), Secret and downward API volumes, env from Secrets,
 /// ConfigMaps and the downward API, CrashLoopBackOff with the termination message; on a
-/// real control plane, the service-account token the API server's admission adds; and a
-/// graceful deletion: SIGTERM, then the node deletes the pod for good.
+/// real control plane, the service-account token the API server's admission adds;
+/// `kubectl logs` (whole, tail, follow); and a graceful deletion: SIGTERM, then the node
+/// deletes the pod for good.
 async fn the_node_runs_a_pod_with_volumes_env_and_graceful_deletion(sim: sim::Simulation) {
     let real = sim.embedded().is_none();
     let client = sim.client();
@@ -1356,7 +1357,7 @@ async fn the_node_runs_a_pod_with_volumes_env_and_graceful_deletion(sim: sim::Si
     let graceful: Pod = serde_json::from_value(json!({
         "metadata": {"name": "graceful"},
         "spec": {"terminationGracePeriodSeconds": 30, "containers": [{"name": "main", "image": "x",
-            "command": ["sh", "-c", format!("trap 'echo term > {w}; exit 0' TERM; while true; do sleep 0.05; done", w = witness.display())]}]}
+            "command": ["sh", "-c", format!("trap 'echo term > {w}; exit 0' TERM; echo first; while true; do sleep 0.05; echo tick; done", w = witness.display())]}]}
     }))
     .unwrap();
     pods.create(&PostParams::default(), &graceful)
@@ -1370,6 +1371,43 @@ async fn the_node_runs_a_pod_with_volumes_env_and_graceful_deletion(sim: sim::Si
         }
     })
     .await;
+    // kubectl logs: the whole log, its tail, and a followed stream that goes on.
+    let log = eventually(30, "the container's first line in its log", || {
+        let pods = pods.clone();
+        async move {
+            let log = pods.logs("graceful", &Default::default()).await.ok()?;
+            (log.starts_with("first\n") && log.contains("tick\n")).then_some(log)
+        }
+    })
+    .await;
+    assert!(log.lines().all(|l| l == "first" || l == "tick"), "{log}");
+    let tail = pods
+        .logs(
+            "graceful",
+            &kube::api::LogParams {
+                tail_lines: Some(1),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(tail.lines().collect::<Vec<_>>(), vec!["tick"], "{tail}");
+    let follow = kube::api::LogParams {
+        follow: true,
+        tail_lines: Some(0),
+        ..Default::default()
+    };
+    let mut stream = pods.log_stream("graceful", &follow).await.unwrap();
+    let mut more = String::new();
+    {
+        use futures::AsyncBufReadExt;
+        tokio::time::timeout(Duration::from_secs(30), stream.read_line(&mut more))
+            .await
+            .expect("a followed log goes on")
+            .unwrap();
+    }
+    assert_eq!(more, "tick\n");
+    drop(stream);
     pods.delete("graceful", &DeleteParams::default())
         .await
         .unwrap();

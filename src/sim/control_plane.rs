@@ -407,6 +407,9 @@ impl ControlPlane {
                 format!("--service-account-signing-key-file={}", p("sa.key")),
                 format!("--service-cluster-ip-range={SERVICE_CIDR}"),
                 "--authorization-mode=Node,RBAC".into(),
+                // Nodes are reached at their InternalIP (the simulated node's 127.0.0.1),
+                // not at their host name.
+                "--kubelet-preferred-address-types=InternalIP".into(),
                 // In addition to the default plugins (PodSecurity among them).
                 "--enable-admission-plugins=NodeRestriction".into(),
             ],

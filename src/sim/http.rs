@@ -544,7 +544,7 @@ async fn resource(
     }
 }
 
-/// `kubectl logs`: the container's output so far (`tailLines` honoured; `follow` is not).
+/// `kubectl logs`: the container's output (`tailLines` and `follow` honoured).
 fn pod_log(
     cluster: &Cluster,
     kind: &Kind,
@@ -577,23 +577,12 @@ fn pod_log(
             }
         },
     };
-    let text = cluster
-        .log_path(&pod, &container)
-        .and_then(|p| std::fs::read(p).ok())
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
-    let text = match query.get("tailLines").and_then(|n| n.parse::<usize>().ok()) {
-        Some(n) => {
-            let lines: Vec<&str> = text.lines().collect();
-            let mut t = lines[lines.len().saturating_sub(n)..].join("\n");
-            if !t.is_empty() {
-                t.push('\n');
-            }
-            t
-        }
-        None => text,
+    let tail_lines = query.get("tailLines").and_then(|n| n.parse::<usize>().ok());
+    let follow = query.get("follow").is_some_and(|f| f == "true" || f == "1");
+    let mut r = match cluster.log_path(&pod, &container) {
+        Some(path) => super::kubelet::server::log_body(path, tail_lines, follow),
+        None => Response::new(Body::empty()),
     };
-    let mut r = Response::new(Body::from(text));
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     r

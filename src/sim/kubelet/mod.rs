@@ -2,7 +2,8 @@
 //! talks to the API server only through a kube client, as a real kubelet does, so the
 //! same node joins the embedded API server and a real control plane.
 //!
-//! It registers a Node (capacity, addresses, Ready) and renews its Lease ([`node`]);
+//! It registers a Node (capacity, addresses, Ready) and renews its Lease ([`node`]),
+//! and serves `kubectl logs` on its own HTTPS port, as a kubelet does ([`server`]);
 //! when no scheduler runs it binds pending pods to itself. It watches the pods bound
 //! to it (`spec.nodeName`): a new pod goes Pending, its init containers run to
 //! completion in order, then its containers run; exits become `lastState.terminated`
@@ -19,6 +20,7 @@
 pub mod container;
 pub mod node;
 pub mod pod;
+pub mod server;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -90,15 +92,21 @@ impl Kubelet {
             );
         }
         let since = super::api::now();
-        let uid = node::register(&client, &config.node_name, &since).await?;
         let (stop, stop_rx) = watch::channel(false);
-        let mut tasks = vec![tokio::spawn(node::heartbeat(
-            client.clone(),
-            config.node_name.clone(),
-            uid,
-            since,
-            stop_rx.clone(),
-        ))];
+        let (port, endpoint) =
+            server::start(config.root.clone(), &config.node_name, stop_rx.clone()).await?;
+        let uid = node::register(&client, &config.node_name, &since, port).await?;
+        let mut tasks = vec![
+            endpoint,
+            tokio::spawn(node::heartbeat(
+                client.clone(),
+                config.node_name.clone(),
+                uid,
+                since,
+                port,
+                stop_rx.clone(),
+            )),
+        ];
         if let Some(binder) = binder {
             tasks.push(tokio::spawn(node::bind_pending(
                 binder,

@@ -19,8 +19,6 @@ pub const LEASE_RENEW: Duration = Duration::from_secs(10);
 pub const LEASE_DURATION_SECONDS: i64 = 40;
 /// How often the node writes its status when nothing changed.
 pub const STATUS_REPORT: Duration = Duration::from_secs(60);
-/// The port the Node object names as its kubelet endpoint.
-pub const KUBELET_PORT: i32 = 10250;
 /// Field manager of the node's writes.
 pub const MANAGER: &str = "testrunner-simulated-node";
 
@@ -42,8 +40,9 @@ pub fn node_object(name: &str) -> Value {
     })
 }
 
-/// The node's status: this machine's CPUs and memory, loopback addresses, and Ready.
-pub fn node_status(name: &str, transition: &str) -> Value {
+/// The node's status: this machine's CPUs and memory, loopback addresses, Ready, and
+/// the port of its endpoint ([`super::server`]).
+pub fn node_status(name: &str, transition: &str, port: u16) -> Value {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -75,7 +74,7 @@ pub fn node_status(name: &str, transition: &str) -> Value {
             {"type": "InternalIP", "address": "127.0.0.1"},
             {"type": "Hostname", "address": name},
         ],
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": KUBELET_PORT}},
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": port}},
         "nodeInfo": {
             "machineID": "", "systemUUID": "", "bootID": "",
             "kernelVersion": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
@@ -90,7 +89,12 @@ pub fn node_status(name: &str, transition: &str) -> Value {
 
 /// Registers the node: creates its Node (or takes the one of the same name) and writes
 /// its status. Returns the Node's uid.
-pub async fn register(client: &kube::Client, name: &str, since: &str) -> Result<String, String> {
+pub async fn register(
+    client: &kube::Client,
+    name: &str,
+    since: &str,
+    port: u16,
+) -> Result<String, String> {
     let nodes: Api<Node> = Api::all(client.clone());
     let node: Node = serde_json::from_value(node_object(name)).map_err(|e| e.to_string())?;
     let created = match nodes.create(&PostParams::default(), &node).await {
@@ -101,20 +105,25 @@ pub async fn register(client: &kube::Client, name: &str, since: &str) -> Result<
             .map_err(|e| format!("failed to read Node {name}: {e}"))?,
         Err(e) => return Err(format!("failed to register Node {name}: {e}")),
     };
-    write_status(client, name, since).await?;
+    write_status(client, name, since, port).await?;
     created
         .metadata
         .uid
         .ok_or_else(|| format!("Node {name} has no uid"))
 }
 
-async fn write_status(client: &kube::Client, name: &str, since: &str) -> Result<(), String> {
+async fn write_status(
+    client: &kube::Client,
+    name: &str,
+    since: &str,
+    port: u16,
+) -> Result<(), String> {
     let nodes: Api<Node> = Api::all(client.clone());
     nodes
         .patch_status(
             name,
             &PatchParams::default(),
-            &Patch::Merge(json!({"status": node_status(name, since)})),
+            &Patch::Merge(json!({"status": node_status(name, since, port)})),
         )
         .await
         .map(|_| ())
@@ -155,6 +164,7 @@ pub async fn heartbeat(
     name: String,
     mut uid: String,
     since: String,
+    port: u16,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(LEASE_RENEW);
@@ -168,7 +178,7 @@ pub async fn heartbeat(
         let nodes: Api<Node> = Api::all(client.clone());
         if let Ok(None) = nodes.get_opt(&name).await {
             tracing::warn!(node = %name, "the Node was deleted: registering again");
-            match register(&client, &name, &since).await {
+            match register(&client, &name, &since, port).await {
                 Ok(u) => uid = u,
                 Err(e) => tracing::warn!(node = %name, error = %e, "registering the node failed"),
             }
@@ -177,7 +187,7 @@ pub async fn heartbeat(
             tracing::warn!(node = %name, error = %e, "lease renewal failed; retrying");
         }
         if (beats * LEASE_RENEW.as_secs()).is_multiple_of(STATUS_REPORT.as_secs())
-            && let Err(e) = write_status(&client, &name, &since).await
+            && let Err(e) = write_status(&client, &name, &since, port).await
         {
             tracing::warn!(node = %name, error = %e, "status report failed; retrying");
         }
