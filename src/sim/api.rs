@@ -910,8 +910,8 @@ impl Cluster {
                         "Conflict",
                         format!("Apply failed with {} conflict{}: {}", conflicts.len(), if conflicts.len() == 1 { "" } else { "s" }, fields.join("; ")),
                     );
+                    // As a real server: the details hold the causes only.
                     e.details = Some(json!({
-                        "name": name, "group": kind.group, "kind": kind.plural,
                         "causes": conflicts.iter().map(|c| json!({"reason": "FieldManagerConflict", "message": format!("conflict with \"{}\"", c.manager), "field": c.field})).collect::<Vec<_>>(),
                     }));
                     e
@@ -1138,25 +1138,30 @@ impl Cluster {
             .get(&key)
             .cloned()
             .ok_or_else(|| ApiError::not_found(&kind, name))?;
-        if old.pointer("/metadata/deletionTimestamp").is_some() {
-            return Err(ApiError::new(
+        // As a real server: a Conflict on `pods/binding` (the details name that
+        // resource, without a group).
+        let refused = |why: String| {
+            let mut e = ApiError::new(
                 409,
                 "Conflict",
-                format!("Operation cannot be fulfilled on pods/binding \"{name}\": pod {name} is being deleted, cannot be assigned to a host"),
-            )
-            .with_details(&kind, name));
+                format!("Operation cannot be fulfilled on pods/binding \"{name}\": {why}"),
+            );
+            e.details = Some(json!({"name": name, "kind": "pods/binding"}));
+            e
+        };
+        if old.pointer("/metadata/deletionTimestamp").is_some() {
+            return Err(refused(format!(
+                "pod {name} is being deleted, cannot be assigned to a host"
+            )));
         }
         if let Some(current) = old
             .pointer("/spec/nodeName")
             .and_then(Value::as_str)
             .filter(|n| !n.is_empty())
         {
-            return Err(ApiError::new(
-                409,
-                "Conflict",
-                format!("Operation cannot be fulfilled on pods/binding \"{name}\": pod {name} is already assigned to node \"{current}\""),
-            )
-            .with_details(&kind, name));
+            return Err(refused(format!(
+                "pod {name} is already assigned to node \"{current}\""
+            )));
         }
         let mut new = old.clone();
         new["spec"]["nodeName"] = json!(node);
@@ -1286,15 +1291,21 @@ impl Cluster {
                 .pointer("/metadata/uid")
                 .and_then(Value::as_str)
                 .unwrap_or_default();
-            return Err(ApiError::new(
+            // A real server names the kind here, not the resource.
+            let qualified = if kind.group.is_empty() {
+                kind.kind.clone()
+            } else {
+                format!("{}.{}", kind.kind, kind.group)
+            };
+            let mut e = ApiError::new(
                 409,
                 "Conflict",
                 format!(
-                    "Operation cannot be fulfilled on {} \"{name}\": Precondition failed: UID in precondition: {uid}, UID in object meta: {actual}",
-                    kind.qualified()
+                    "Operation cannot be fulfilled on {qualified} \"{name}\": the UID in the precondition ({uid}) does not match the UID in record ({actual}). The object might have been deleted and then recreated"
                 ),
-            )
-            .with_details(kind, name));
+            );
+            e.details = Some(json!({"name": name, "group": kind.group, "kind": kind.kind}));
+            return Err(e);
         }
         if opts.dry_run {
             return Ok(kind.to_view(obj));
