@@ -284,6 +284,23 @@ fn merge_string_data(kind: &Kind, obj: &mut Value) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The label a real server keeps on every namespace, on every write: its name.
+const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// Sets [`NAMESPACE_NAME_LABEL`] on a Namespace (`obj` has its final name); other kinds
+/// are left as they are.
+fn label_namespace(kind: &Kind, obj: &mut Value) {
+    if !(kind.group.is_empty() && kind.kind == "Namespace") {
+        return;
+    }
+    let name = new_name(obj);
+    let meta = &mut obj["metadata"];
+    if !meta["labels"].is_object() {
+        meta["labels"] = json!({});
+    }
+    meta["labels"][NAMESPACE_NAME_LABEL] = json!(name);
+}
+
 /// Parses a request body: JSON, or YAML for server-side apply.
 pub fn parse_body(body: &[u8], yaml: bool) -> Result<Value, ApiError> {
     let parsed: Result<Value, String> = match serde_json::from_slice(body) {
@@ -688,6 +705,7 @@ impl Cluster {
                 ));
             }
         }
+        label_namespace(kind, &mut obj);
         match kind.kind.as_str() {
             "Pod" if kind.group.is_empty() => {
                 obj["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"})
@@ -1024,6 +1042,7 @@ impl Cluster {
                 m.remove("managedFields");
             }
         }
+        label_namespace(kind, &mut new);
         let warnings = Self::admit(kind, &mut new, Some(&old), opts)?;
         if spec_part(&new) != spec_part(&old) {
             let g = old
