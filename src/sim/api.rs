@@ -116,6 +116,15 @@ pub struct Written {
     pub warnings: Vec<String>,
 }
 
+/// The outcome of a deletion.
+#[derive(Clone, Debug)]
+pub struct Deleted {
+    /// The object's last state, in the requested view.
+    pub object: Value,
+    /// True when it is gone; false while finalizers or a grace period keep it.
+    pub gone: bool,
+}
+
 /// A patch body by content type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PatchType {
@@ -1296,7 +1305,7 @@ impl Cluster {
         ns: &str,
         name: &str,
         opts: DeleteOpts,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<Deleted, ApiError> {
         let mut st = self.lock();
         let ns = if kind.namespaced { ns } else { "" };
         let key = (kind.storage.clone(), ns.to_string(), name.to_string());
@@ -1327,14 +1336,27 @@ impl Cluster {
             return Err(e);
         }
         if opts.dry_run {
-            return Ok(kind.to_view(obj));
+            return Ok(Deleted {
+                object: kind.to_view(obj),
+                gone: false,
+            });
         }
-        self.delete_locked(&mut st, &kind.storage, &obj, opts);
-        let after = st.objects.get(&key).cloned().unwrap_or(obj);
-        Ok(kind.to_view(after))
+        let (last, gone) = self.delete_locked(&mut st, &kind.storage, &obj, opts);
+        Ok(Deleted {
+            object: kind.to_view(last),
+            gone,
+        })
     }
 
-    fn delete_locked(&self, st: &mut State, storage: &str, obj: &Value, opts: DeleteOpts) {
+    /// Deletes `obj`, gracefully or at once; returns its last state and whether it is
+    /// gone.
+    fn delete_locked(
+        &self,
+        st: &mut State,
+        storage: &str,
+        obj: &Value,
+        opts: DeleteOpts,
+    ) -> (Value, bool) {
         let finalizers = obj
             .pointer("/metadata/finalizers")
             .and_then(Value::as_array)
@@ -1357,9 +1379,12 @@ impl Cluster {
                 .and_then(Value::as_str)
                 .is_none_or(str::is_empty);
         let graceful = is_pod && grace > 0 && !finished_pod && !unbound_pod;
+        let key = (storage.to_string(), new_ns(obj), new_name(obj));
+        let kind = st.kinds.iter().find(|k| k.storage == storage).cloned();
         if !finalizers && !graceful {
-            self.remove_locked(st, storage, obj, opts.orphan);
-            return;
+            let last = obj.clone();
+            self.remove_locked(st, storage, &last, opts.orphan);
+            return (last, true);
         }
         let current_grace = obj
             .pointer("/metadata/deletionGracePeriodSeconds")
@@ -1367,7 +1392,7 @@ impl Cluster {
         if obj.pointer("/metadata/deletionTimestamp").is_some()
             && current_grace.is_none_or(|g| g <= grace)
         {
-            return;
+            return (obj.clone(), false);
         }
         let mut new = obj.clone();
         let when = jiff::Timestamp::now()
@@ -1382,10 +1407,10 @@ impl Cluster {
             .unwrap_or_else(|_| now());
         new["metadata"]["deletionTimestamp"] = json!(when);
         new["metadata"]["deletionGracePeriodSeconds"] = json!(if graceful { grace } else { 0 });
-        if let Some(kind) = st.kinds.iter().find(|k| k.storage == storage).cloned() {
-            let key = (storage.to_string(), new_ns(&new), new_name(&new));
-            self.store(st, &kind, key, Some(obj.clone()), new);
+        if let Some(kind) = &kind {
+            self.store(st, kind, key.clone(), Some(obj.clone()), new);
         }
+        (st.objects.get(&key).cloned().unwrap_or(obj.clone()), false)
     }
 }
 

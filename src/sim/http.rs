@@ -536,12 +536,37 @@ async fn resource(
                 opts.dry_run = true;
             }
             match cluster.delete(&kind, &ns, name, opts) {
-                Ok(obj) => json_response(200, &obj),
+                Ok(deleted) if deleted.gone && !returns_deleted_object(&kind) => {
+                    json_response(200, &deleted_status(&kind, &deleted.object))
+                }
+                Ok(deleted) => json_response(200, &deleted.object),
                 Err(e) => error(e),
             }
         }
         (Some(_), _) => method_not_allowed(method),
     }
+}
+
+/// Whether a real server answers the deletion of an object of `kind` that went at once
+/// with the object (pods, namespaces and CRDs: their registries say so) rather than with
+/// a Status.
+fn returns_deleted_object(kind: &Kind) -> bool {
+    (kind.group.is_empty() && matches!(kind.plural.as_str(), "pods" | "namespaces"))
+        || kind.plural == "customresourcedefinitions"
+}
+
+/// The Status a real server answers when `object` (of `kind`) was deleted at once:
+/// `Success`, with its name, group, resource (as `kind`) and uid.
+fn deleted_status(kind: &Kind, object: &Value) -> Value {
+    let mut details = json!({
+        "name": object.pointer("/metadata/name").cloned().unwrap_or_default(),
+        "kind": kind.plural,
+        "uid": object.pointer("/metadata/uid").cloned().unwrap_or_default(),
+    });
+    if !kind.group.is_empty() {
+        details["group"] = json!(kind.group);
+    }
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": details})
 }
 
 /// `kubectl logs`: the container's output so far (`tailLines` honoured; `follow` is not).
