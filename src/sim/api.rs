@@ -1382,7 +1382,21 @@ impl Cluster {
         let key = (storage.to_string(), new_ns(obj), new_name(obj));
         let kind = st.kinds.iter().find(|k| k.storage == storage).cloned();
         if !finalizers && !graceful {
-            let last = obj.clone();
+            let mut last = obj.clone();
+            // As a real server does with pods (they are deleted gracefully, with a grace
+            // period of 0 here): first marked deleted now, a MODIFIED event, then gone.
+            if is_pod
+                && let Some(kind) = &kind
+                && obj
+                    .pointer("/metadata/deletionGracePeriodSeconds")
+                    .and_then(Value::as_i64)
+                    != Some(0)
+            {
+                last["metadata"]["deletionTimestamp"] = json!(now());
+                last["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+                self.store(st, kind, key.clone(), Some(obj.clone()), last);
+                last = st.objects.get(&key).cloned().unwrap_or_default();
+            }
             self.remove_locked(st, storage, &last, opts.orphan);
             return (last, true);
         }
