@@ -62,6 +62,26 @@ fn not_found_path() -> Response {
     error(path_not_found())
 }
 
+/// What a real server answers for a path outside every API it serves (an unknown
+/// group or version, or no API path at all): plain text, not a Status.
+fn page_not_found() -> Response {
+    let mut r = Response::new(Body::from("404 page not found\n"));
+    *r.status_mut() = StatusCode::NOT_FOUND;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Whether `group/version` is served.
+fn serves(cluster: &Cluster, group: &str, version: &str) -> bool {
+    cluster
+        .kinds()
+        .iter()
+        .any(|k| k.group == group && k.version == version)
+}
+
 fn method_not_allowed(method: &Method) -> Response {
     error(ApiError::new(
         405,
@@ -172,7 +192,7 @@ pub async fn handle(State(server): State<Server>, req: Request) -> Response {
                 group["apiVersion"] = json!("v1");
                 json_response(200, &group)
             }
-            None => not_found_path(),
+            None => page_not_found(),
         },
         ["api", "v1"] if get => resource_list(cluster, "", "v1"),
         ["apis", g, v] if get => resource_list(cluster, g, v),
@@ -204,6 +224,7 @@ pub async fn handle(State(server): State<Server>, req: Request) -> Response {
             )
             .await
         }
+        ["apis", g, v, ..] if !serves(cluster, g, v) => page_not_found(),
         ["apis", g, v, rest @ ..] if !rest.is_empty() => {
             resource(
                 &server,
@@ -228,7 +249,7 @@ pub async fn handle(State(server): State<Server>, req: Request) -> Response {
         {
             method_not_allowed(&parts.method)
         }
-        _ => not_found_path(),
+        _ => page_not_found(),
     }
 }
 
@@ -264,7 +285,7 @@ fn resource_list(cluster: &Cluster, group: &str, version: &str) -> Response {
         .filter(|k| k.group == group && k.version == version)
         .collect();
     if kinds.is_empty() {
-        return not_found_path();
+        return page_not_found();
     }
     let mut resources = Vec::new();
     for k in &kinds {
