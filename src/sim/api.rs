@@ -116,6 +116,15 @@ pub struct Written {
     pub warnings: Vec<String>,
 }
 
+/// The outcome of a deletion.
+#[derive(Clone, Debug)]
+pub struct Deleted {
+    /// The object's last state, in the requested view.
+    pub object: Value,
+    /// True when it is gone; false while finalizers or a grace period keep it.
+    pub gone: bool,
+}
+
 /// A patch body by content type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PatchType {
@@ -282,6 +291,23 @@ fn merge_string_data(kind: &Kind, obj: &mut Value) -> Result<(), ApiError> {
         data.insert(key, Value::String(base64::Engine::encode(&b64, text)));
     }
     Ok(())
+}
+
+/// The label a real server keeps on every namespace, on every write: its name.
+const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// Sets [`NAMESPACE_NAME_LABEL`] on a Namespace (`obj` has its final name); other kinds
+/// are left as they are.
+fn label_namespace(kind: &Kind, obj: &mut Value) {
+    if !(kind.group.is_empty() && kind.kind == "Namespace") {
+        return;
+    }
+    let name = new_name(obj);
+    let meta = &mut obj["metadata"];
+    if !meta["labels"].is_object() {
+        meta["labels"] = json!({});
+    }
+    meta["labels"][NAMESPACE_NAME_LABEL] = json!(name);
 }
 
 /// Parses a request body: JSON, or YAML for server-side apply.
@@ -688,6 +714,7 @@ impl Cluster {
                 ));
             }
         }
+        label_namespace(kind, &mut obj);
         match kind.kind.as_str() {
             "Pod" if kind.group.is_empty() => {
                 obj["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"})
@@ -910,8 +937,8 @@ impl Cluster {
                         "Conflict",
                         format!("Apply failed with {} conflict{}: {}", conflicts.len(), if conflicts.len() == 1 { "" } else { "s" }, fields.join("; ")),
                     );
+                    // As a real server: the details hold the causes only.
                     e.details = Some(json!({
-                        "name": name, "group": kind.group, "kind": kind.plural,
                         "causes": conflicts.iter().map(|c| json!({"reason": "FieldManagerConflict", "message": format!("conflict with \"{}\"", c.manager), "field": c.field})).collect::<Vec<_>>(),
                     }));
                     e
@@ -1024,6 +1051,7 @@ impl Cluster {
                 m.remove("managedFields");
             }
         }
+        label_namespace(kind, &mut new);
         let warnings = Self::admit(kind, &mut new, Some(&old), opts)?;
         if spec_part(&new) != spec_part(&old) {
             let g = old
@@ -1138,25 +1166,30 @@ impl Cluster {
             .get(&key)
             .cloned()
             .ok_or_else(|| ApiError::not_found(&kind, name))?;
-        if old.pointer("/metadata/deletionTimestamp").is_some() {
-            return Err(ApiError::new(
+        // As a real server: a Conflict on `pods/binding` (the details name that
+        // resource, without a group).
+        let refused = |why: String| {
+            let mut e = ApiError::new(
                 409,
                 "Conflict",
-                format!("Operation cannot be fulfilled on pods/binding \"{name}\": pod {name} is being deleted, cannot be assigned to a host"),
-            )
-            .with_details(&kind, name));
+                format!("Operation cannot be fulfilled on pods/binding \"{name}\": {why}"),
+            );
+            e.details = Some(json!({"name": name, "kind": "pods/binding"}));
+            e
+        };
+        if old.pointer("/metadata/deletionTimestamp").is_some() {
+            return Err(refused(format!(
+                "pod {name} is being deleted, cannot be assigned to a host"
+            )));
         }
         if let Some(current) = old
             .pointer("/spec/nodeName")
             .and_then(Value::as_str)
             .filter(|n| !n.is_empty())
         {
-            return Err(ApiError::new(
-                409,
-                "Conflict",
-                format!("Operation cannot be fulfilled on pods/binding \"{name}\": pod {name} is already assigned to node \"{current}\""),
-            )
-            .with_details(&kind, name));
+            return Err(refused(format!(
+                "pod {name} is already assigned to node \"{current}\""
+            )));
         }
         let mut new = old.clone();
         new["spec"]["nodeName"] = json!(node);
@@ -1272,7 +1305,7 @@ impl Cluster {
         ns: &str,
         name: &str,
         opts: DeleteOpts,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<Deleted, ApiError> {
         let mut st = self.lock();
         let ns = if kind.namespaced { ns } else { "" };
         let key = (kind.storage.clone(), ns.to_string(), name.to_string());
@@ -1286,25 +1319,44 @@ impl Cluster {
                 .pointer("/metadata/uid")
                 .and_then(Value::as_str)
                 .unwrap_or_default();
-            return Err(ApiError::new(
+            // A real server names the kind here, not the resource.
+            let qualified = if kind.group.is_empty() {
+                kind.kind.clone()
+            } else {
+                format!("{}.{}", kind.kind, kind.group)
+            };
+            let mut e = ApiError::new(
                 409,
                 "Conflict",
                 format!(
-                    "Operation cannot be fulfilled on {} \"{name}\": Precondition failed: UID in precondition: {uid}, UID in object meta: {actual}",
-                    kind.qualified()
+                    "Operation cannot be fulfilled on {qualified} \"{name}\": the UID in the precondition ({uid}) does not match the UID in record ({actual}). The object might have been deleted and then recreated"
                 ),
-            )
-            .with_details(kind, name));
+            );
+            e.details = Some(json!({"name": name, "group": kind.group, "kind": kind.kind}));
+            return Err(e);
         }
         if opts.dry_run {
-            return Ok(kind.to_view(obj));
+            return Ok(Deleted {
+                object: kind.to_view(obj),
+                gone: false,
+            });
         }
-        self.delete_locked(&mut st, &kind.storage, &obj, opts);
-        let after = st.objects.get(&key).cloned().unwrap_or(obj);
-        Ok(kind.to_view(after))
+        let (last, gone) = self.delete_locked(&mut st, &kind.storage, &obj, opts);
+        Ok(Deleted {
+            object: kind.to_view(last),
+            gone,
+        })
     }
 
-    fn delete_locked(&self, st: &mut State, storage: &str, obj: &Value, opts: DeleteOpts) {
+    /// Deletes `obj`, gracefully or at once; returns its last state and whether it is
+    /// gone.
+    fn delete_locked(
+        &self,
+        st: &mut State,
+        storage: &str,
+        obj: &Value,
+        opts: DeleteOpts,
+    ) -> (Value, bool) {
         let finalizers = obj
             .pointer("/metadata/finalizers")
             .and_then(Value::as_array)
@@ -1327,9 +1379,26 @@ impl Cluster {
                 .and_then(Value::as_str)
                 .is_none_or(str::is_empty);
         let graceful = is_pod && grace > 0 && !finished_pod && !unbound_pod;
+        let key = (storage.to_string(), new_ns(obj), new_name(obj));
+        let kind = st.kinds.iter().find(|k| k.storage == storage).cloned();
         if !finalizers && !graceful {
-            self.remove_locked(st, storage, obj, opts.orphan);
-            return;
+            let mut last = obj.clone();
+            // As a real server does with pods (they are deleted gracefully, with a grace
+            // period of 0 here): first marked deleted now, a MODIFIED event, then gone.
+            if is_pod
+                && let Some(kind) = &kind
+                && obj
+                    .pointer("/metadata/deletionGracePeriodSeconds")
+                    .and_then(Value::as_i64)
+                    != Some(0)
+            {
+                last["metadata"]["deletionTimestamp"] = json!(now());
+                last["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+                self.store(st, kind, key.clone(), Some(obj.clone()), last);
+                last = st.objects.get(&key).cloned().unwrap_or_default();
+            }
+            self.remove_locked(st, storage, &last, opts.orphan);
+            return (last, true);
         }
         let current_grace = obj
             .pointer("/metadata/deletionGracePeriodSeconds")
@@ -1337,7 +1406,7 @@ impl Cluster {
         if obj.pointer("/metadata/deletionTimestamp").is_some()
             && current_grace.is_none_or(|g| g <= grace)
         {
-            return;
+            return (obj.clone(), false);
         }
         let mut new = obj.clone();
         let when = jiff::Timestamp::now()
@@ -1352,10 +1421,10 @@ impl Cluster {
             .unwrap_or_else(|_| now());
         new["metadata"]["deletionTimestamp"] = json!(when);
         new["metadata"]["deletionGracePeriodSeconds"] = json!(if graceful { grace } else { 0 });
-        if let Some(kind) = st.kinds.iter().find(|k| k.storage == storage).cloned() {
-            let key = (storage.to_string(), new_ns(&new), new_name(&new));
-            self.store(st, &kind, key, Some(obj.clone()), new);
+        if let Some(kind) = &kind {
+            self.store(st, kind, key.clone(), Some(obj.clone()), new);
         }
+        (st.objects.get(&key).cloned().unwrap_or(obj.clone()), false)
     }
 }
 

@@ -62,6 +62,26 @@ fn not_found_path() -> Response {
     error(path_not_found())
 }
 
+/// What a real server answers for a path outside every API it serves (an unknown
+/// group or version, or no API path at all): plain text, not a Status.
+fn page_not_found() -> Response {
+    let mut r = Response::new(Body::from("404 page not found\n"));
+    *r.status_mut() = StatusCode::NOT_FOUND;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Whether `group/version` is served.
+fn serves(cluster: &Cluster, group: &str, version: &str) -> bool {
+    cluster
+        .kinds()
+        .iter()
+        .any(|k| k.group == group && k.version == version)
+}
+
 fn method_not_allowed(method: &Method) -> Response {
     error(ApiError::new(
         405,
@@ -172,7 +192,7 @@ pub async fn handle(State(server): State<Server>, req: Request) -> Response {
                 group["apiVersion"] = json!("v1");
                 json_response(200, &group)
             }
-            None => not_found_path(),
+            None => page_not_found(),
         },
         ["api", "v1"] if get => resource_list(cluster, "", "v1"),
         ["apis", g, v] if get => resource_list(cluster, g, v),
@@ -204,6 +224,7 @@ pub async fn handle(State(server): State<Server>, req: Request) -> Response {
             )
             .await
         }
+        ["apis", g, v, ..] if !serves(cluster, g, v) => page_not_found(),
         ["apis", g, v, rest @ ..] if !rest.is_empty() => {
             resource(
                 &server,
@@ -228,7 +249,7 @@ pub async fn handle(State(server): State<Server>, req: Request) -> Response {
         {
             method_not_allowed(&parts.method)
         }
-        _ => not_found_path(),
+        _ => page_not_found(),
     }
 }
 
@@ -264,7 +285,7 @@ fn resource_list(cluster: &Cluster, group: &str, version: &str) -> Response {
         .filter(|k| k.group == group && k.version == version)
         .collect();
     if kinds.is_empty() {
-        return not_found_path();
+        return page_not_found();
     }
     let mut resources = Vec::new();
     for k in &kinds {
@@ -536,12 +557,37 @@ async fn resource(
                 opts.dry_run = true;
             }
             match cluster.delete(&kind, &ns, name, opts) {
-                Ok(obj) => json_response(200, &obj),
+                Ok(deleted) if deleted.gone && !returns_deleted_object(&kind) => {
+                    json_response(200, &deleted_status(&kind, &deleted.object))
+                }
+                Ok(deleted) => json_response(200, &deleted.object),
                 Err(e) => error(e),
             }
         }
         (Some(_), _) => method_not_allowed(method),
     }
+}
+
+/// Whether a real server answers the deletion of an object of `kind` that went at once
+/// with the object (pods, namespaces and CRDs: their registries say so) rather than with
+/// a Status.
+fn returns_deleted_object(kind: &Kind) -> bool {
+    (kind.group.is_empty() && matches!(kind.plural.as_str(), "pods" | "namespaces"))
+        || kind.plural == "customresourcedefinitions"
+}
+
+/// The Status a real server answers when `object` (of `kind`) was deleted at once:
+/// `Success`, with its name, group, resource (as `kind`) and uid.
+fn deleted_status(kind: &Kind, object: &Value) -> Value {
+    let mut details = json!({
+        "name": object.pointer("/metadata/name").cloned().unwrap_or_default(),
+        "kind": kind.plural,
+        "uid": object.pointer("/metadata/uid").cloned().unwrap_or_default(),
+    });
+    if !kind.group.is_empty() {
+        details["group"] = json!(kind.group);
+    }
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": details})
 }
 
 /// `kubectl logs`: the container's output (`tailLines` and `follow` honoured).

@@ -165,11 +165,45 @@ fn pod_cells(pod: &Value) -> Vec<Value> {
         Some(a) if restarts > 0 => format!("{restarts} ({} ago)", human_duration(a)),
         _ => restarts.to_string(),
     };
+    let or_none = |v: Option<&str>| json!(v.filter(|s| !s.is_empty()).unwrap_or("<none>"));
+    let ip = pod
+        .pointer("/status/podIPs/0/ip")
+        .or(pod.pointer("/status/podIP"))
+        .and_then(Value::as_str);
+    let gates: Vec<&str> = pod
+        .pointer("/spec/readinessGates")
+        .and_then(Value::as_array)
+        .map(|g| {
+            g.iter()
+                .filter_map(|g| g["conditionType"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    let gates = if gates.is_empty() {
+        json!("<none>")
+    } else {
+        let met = gates
+            .iter()
+            .filter(|g| {
+                pod.pointer("/status/conditions")
+                    .and_then(Value::as_array)
+                    .is_some_and(|cs| cs.iter().any(|c| c["type"] == **g && c["status"] == "True"))
+            })
+            .count();
+        json!(format!("{met}/{}", gates.len()))
+    };
     vec![
         json!(format!("{ready}/{total}")),
         json!(reason),
         json!(restarts),
         age(pod.pointer("/metadata/creationTimestamp")),
+        or_none(ip),
+        or_none(pod.pointer("/spec/nodeName").and_then(Value::as_str)),
+        or_none(
+            pod.pointer("/status/nominatedNodeName")
+                .and_then(Value::as_str),
+        ),
+        gates,
     ]
 }
 
@@ -228,6 +262,29 @@ pub fn table(kind: &Kind, items: &[Value], resource_version: &str, include: Opti
             "",
             "CreationTimestamp of the pod.",
             0,
+        ));
+        // The wide columns (`kubectl get -o wide`).
+        columns.push(column("IP", "string", "", "The pod's IP address.", 1));
+        columns.push(column(
+            "Node",
+            "string",
+            "",
+            "The node the pod is bound to.",
+            1,
+        ));
+        columns.push(column(
+            "Nominated Node",
+            "string",
+            "",
+            "The node the scheduler nominated for the pod.",
+            1,
+        ));
+        columns.push(column(
+            "Readiness Gates",
+            "string",
+            "",
+            "How many of the pod's readiness gates are met.",
+            1,
         ));
     } else if is_core_event {
         columns = vec![
@@ -328,5 +385,34 @@ mod tests {
         assert_eq!(cells[0], "0/1");
         assert_eq!(cells[1], "CrashLoopBackOff");
         assert_eq!(cells[2], "2");
+        // The wide columns: none of them known yet.
+        assert_eq!(
+            cells[4..],
+            [
+                json!("<none>"),
+                json!("<none>"),
+                json!("<none>"),
+                json!("<none>")
+            ]
+        );
+    }
+
+    #[test]
+    fn pod_wide_columns() {
+        let pod = json!({"metadata": {"name": "p"},
+            "spec": {"nodeName": "n1", "containers": [{"name": "w"}],
+                "readinessGates": [{"conditionType": "a"}, {"conditionType": "b"}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.7", "podIPs": [{"ip": "10.0.0.7"}],
+                "conditions": [{"type": "a", "status": "True"}, {"type": "b", "status": "False"}]}});
+        let cells = pod_cells(&pod);
+        assert_eq!(
+            cells[4..],
+            [
+                json!("10.0.0.7"),
+                json!("n1"),
+                json!("<none>"),
+                json!("1/2")
+            ]
+        );
     }
 }
