@@ -32,90 +32,8 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::core::alerting::{Alert, AlertKey};
 use crate::metrics::{AlertSentLabels, Metrics, PoolLabels, ReceiverLabels};
-
-/// Alert names the operator raises.
-pub mod names {
-    /// A worker container crashed (by default on the first crash).
-    pub const WORKER_CRASH: &str = "TestRunnerWorkerCrash";
-    /// A ticket crashed workers repeatedly and was quarantined.
-    pub const POISON_TICKET: &str = "TestRunnerPoisonTicket";
-    /// Workers crash whatever the ticket: image or environment broken.
-    pub const BROKEN_ENVIRONMENT: &str = "TestRunnerBrokenEnvironment";
-    /// Tickets wait and nothing makes progress.
-    pub const QUEUE_STALLED: &str = "TestRunnerQueueStalled";
-    /// The pool's broker cannot be reached.
-    pub const BROKER_UNREACHABLE: &str = "TestRunnerBrokerUnreachable";
-    /// A rollout failed and was rolled back.
-    pub const ROLLOUT_FAILED: &str = "TestRunnerRolloutFailed";
-}
-
-/// Severity label of an alert.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Severity {
-    /// Someone should look soon.
-    Warning,
-    /// Work is blocked.
-    Critical,
-}
-
-impl Severity {
-    /// `warning` or `critical`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Severity::Warning => "warning",
-            Severity::Critical => "critical",
-        }
-    }
-}
-
-/// One alert. Identified by (name, namespace, pool, ticket): the other fields may change
-/// while it stays the same alert.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Alert {
-    /// Alert name, one of [`names`].
-    pub name: String,
-    /// `warning` or `critical`.
-    pub severity: Severity,
-    /// Namespace of the pool.
-    pub namespace: String,
-    /// Name of the pool.
-    pub pool: String,
-    /// The ticket concerned, if any.
-    pub ticket: Option<String>,
-    /// One line.
-    pub summary: String,
-    /// What happened and what to do.
-    pub description: String,
-    /// When the condition began.
-    pub starts_at: Timestamp,
-}
-
-/// The identity of an alert.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AlertKey {
-    /// Alert name.
-    pub name: String,
-    /// Namespace of the pool.
-    pub namespace: String,
-    /// Name of the pool.
-    pub pool: String,
-    /// The ticket, if any.
-    pub ticket: Option<String>,
-}
-
-impl Alert {
-    /// The identity of this alert.
-    pub fn key(&self) -> AlertKey {
-        AlertKey {
-            name: self.name.clone(),
-            namespace: self.namespace.clone(),
-            pool: self.pool.clone(),
-            ticket: self.ticket.clone(),
-        }
-    }
-}
 
 /// Where a pool's alerts go.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -976,6 +894,7 @@ impl Target {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::alerting::{Severity, names};
 
     fn alert(name: &str, ticket: Option<&str>) -> Alert {
         Alert {

@@ -591,7 +591,7 @@ impl Brokers {
             while let Some(msg) =
                 step(ch.basic_get(from.into(), BasicGetOptions::default())).await?
             {
-                let id = crate::worker::ticket_id(
+                let id = crate::contract::ticket_id(
                     msg.properties.message_id().as_ref().map(|s| s.as_str()),
                     &msg.data,
                 );
@@ -603,14 +603,14 @@ impl Brokers {
                     let mut props = msg.properties.clone();
                     let mut kept = FieldTable::default();
                     for (k, v) in props.headers().clone().unwrap_or_default().inner() {
-                        if !k.as_str().starts_with("x-testrunner-") {
+                        if !k.as_str().starts_with(crate::contract::HEADER_PREFIX) {
                             kept.insert(k.clone(), v.clone());
                         }
                     }
                     // Workers whose quarantine list is not yet updated do not divert a
                     // ticket replayed after it was listed.
                     kept.insert(
-                        crate::worker::HEADER_REPLAYED_AT.into(),
+                        crate::contract::HEADER_REPLAYED_AT.into(),
                         lapin::types::AMQPValue::LongLongInt(jiff::Timestamp::now().as_second()),
                     );
                     props = props.with_headers(kept);

@@ -1,9 +1,31 @@
 //! testrunner-operator: runs CI test workers off a RabbitMQ ticket queue on
 //! Kubernetes. Scales worker pods to the queue depth and reports what it sees.
 //!
-//! Layout: [`crd`] (the custom resource), [`core`] (pure decisions), [`controller`]
-//! (the kube-runtime shell), [`broker`] (RabbitMQ), [`pods`] (worker pod builder),
-//! [`metrics`] and [`http`] (observability), [`telemetry`] (logs).
+//! Layout: [`contract`] (the wire between the worker wrapper and the operator: exit
+//! codes, termination-log lines, reports, the quarantine list, ticket ids and headers),
+//! [`crd`] (the custom resource), [`core`] (pure decisions), [`controller`] (the
+//! kube-runtime shell), [`broker`] (RabbitMQ), [`pods`] (worker pod builder), [`worker`]
+//! (the wrapper that runs in worker pods), [`alerts`] (alert delivery), [`metrics`] and
+//! [`http`] (observability), [`leader`] (leader election), [`check`] (the Nagios check),
+//! [`telemetry`] (logs), [`sim`] (the simulated cluster).
+//!
+//! # Layering
+//!
+//! A module uses only modules below it, so no module uses one that uses it back,
+//! directly or through others:
+//!
+//! 1. [`contract`] and [`crd`] are the bottom: they use no other module;
+//! 2. [`core`] uses only them: it stays pure;
+//! 3. the shells use the layers below and one another without loops: [`broker`]
+//!    (contract), [`worker`] (broker, contract), [`pods`] (core, crd, contract),
+//!    [`alerts`] (core, metrics), [`metrics`], [`http`] (metrics), [`leader`] and
+//!    [`check`] (crd), [`telemetry`];
+//! 4. [`controller`] is on top and uses any of them;
+//! 5. the binary (`src/main.rs`) wires them together.
+//!
+//! `tests/layering.rs` checks this on the sources (points 1, 2 and the absence of
+//! loops). [`sim`], the simulated cluster, is outside this layering: it is on its way
+//! to a crate of its own.
 
 pub mod alerts;
 pub mod broker;

@@ -10,11 +10,10 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
+use crate::contract::WORKER_CONTAINER;
 use crate::core::{Activity, PodState, PodView};
 use crate::crd::{APP_NAME, LABEL_POOL, LABEL_REVISION, MANAGED_BY, TestRunnerPool, WorkerMode};
 
-/// Name of the worker container.
-pub const WORKER_CONTAINER: &str = "worker";
 /// Name of the init container that installs the wrapper (Wrapped mode).
 pub const INSTALL_CONTAINER: &str = "install-worker";
 /// Where the wrapper binary lives inside worker pods (Wrapped mode).

@@ -7,8 +7,10 @@
 //! Before each step it overwrites the termination log with what it holds, so a
 //! crashed container tells the operator which ticket was in hand.
 //!
-//! The decisions (ticket id, delivery number, ack or crash, termination-log
-//! lines, header exposure) are plain functions; [`run`] is the thin I/O loop.
+//! The decisions (delivery number, ack or crash, header exposure) are plain
+//! functions; [`run`] is the thin I/O loop. What the worker and the operator agree on
+//! (exit codes, termination-log lines, ticket ids, headers, reports, the quarantine
+//! list) is in [`crate::contract`].
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -24,29 +26,15 @@ use lapin::options::{
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ErrorKind};
-use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::time::Instant;
 
 use crate::broker::BrokerUri;
-use crate::contract::{Outcome, Report};
-
-/// Exit code: the broker could not be reached, refused the credentials, or the
-/// queue does not exist, before the worker took any ticket. An environment
-/// failure, not a ticket crash.
-pub const EXIT_BROKER_UNAVAILABLE: u8 = 69;
-/// Exit code: the command could not be started (not found, not executable). It is
-/// checked before any ticket is taken; a ticket in hand when starting fails is given
-/// back to the queue. An environment failure, not a ticket crash.
-pub const EXIT_COMMAND_NOT_STARTED: u8 = 71;
-/// Exit code: the broker connection (or the consumer) was lost after the worker
-/// started consuming. The broker has already requeued any ticket in hand; the
-/// command, if one was running, was stopped. Not a ticket crash.
-pub const EXIT_BROKER_LOST: u8 = 75;
-/// Exit code: invalid configuration (malformed URI, empty queue name, bad list of
-/// test-failure codes).
-pub const EXIT_CONFIG: u8 = 78;
+use crate::contract::{
+    HEADER_DELIVERY, HEADER_QUARANTINED_BY, HEADER_QUARANTINED_FROM, HEADER_REPLAYED_AT, Outcome,
+    QuarantineEntry, Report, TerminationLine, WorkerExit, parse_quarantine_list, ticket_id,
+};
 
 /// The environment variable holding the broker URI. It is removed from the
 /// command's environment.
@@ -150,32 +138,6 @@ pub struct WorkerArgs {
 // Pure parts
 // ---------------------------------------------------------------------------
 
-/// The ticket id: the AMQP `message_id` when it is set, else `sha256:` and the
-/// first 16 hex digits of the SHA-256 of the body.
-///
-/// Bytes of the message id outside printable ASCII (and `%`) are percent-encoded,
-/// so the id is always one word on one line.
-pub fn ticket_id(message_id: Option<&str>, body: &[u8]) -> String {
-    match message_id {
-        Some(id) if !id.is_empty() => {
-            let mut out = String::with_capacity(id.len());
-            for b in id.bytes() {
-                if (0x21..=0x7e).contains(&b) && b != b'%' {
-                    out.push(b as char);
-                } else {
-                    out.push_str(&format!("%{b:02X}"));
-                }
-            }
-            out
-        }
-        _ => {
-            let digest = Sha256::digest(body);
-            let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-            format!("sha256:{hex}")
-        }
-    }
-}
-
 /// The 1-based delivery number of a ticket: `x-delivery-count + 1` when the
 /// header is there (quorum queues), else 2 when the `redelivered` flag is set
 /// (at least the second delivery), else 1.
@@ -230,43 +192,21 @@ fn replayed_at(headers: Option<&FieldTable>) -> Option<i64> {
     }
 }
 
-/// One line of the quarantine list: `<id> <listed at> <evidence>`, the evidence a
-/// URL-encoded query (`crashes`, `pods`, `images`, `last_exit`) that the worker copies
-/// into the quarantined ticket's headers.
-pub fn quarantine_line(t: &crate::crd::QuarantinedTicket) -> String {
-    let evidence = url::form_urlencoded::Serializer::new(String::new())
-        .append_pair("crashes", &t.crashes.to_string())
-        .append_pair("pods", &t.pods.join(","))
-        .append_pair("images", &t.images.join(","))
-        .append_pair("last_exit", &t.last_exit)
-        .finish();
-    format!("{} {} {evidence}\n", t.id, t.at.0.as_second())
+/// The quarantine list in `file`; empty when there is none or it cannot be read.
+fn quarantine_list(file: Option<&std::path::Path>) -> Vec<QuarantineEntry> {
+    file.and_then(|f| std::fs::read_to_string(f).ok())
+        .map(|text| parse_quarantine_list(&text))
+        .unwrap_or_default()
 }
 
-/// The evidence of `id` on the quarantine list, as header name and value pairs
-/// (`x-testrunner-crashes`, ...).
+/// The evidence of `id` on the quarantine list in `file` (its first entry), as header
+/// name and value pairs (`x-testrunner-crashes`, ...). A missing or unreadable file
+/// lists nothing.
 pub fn quarantine_evidence(file: Option<&std::path::Path>, id: &str) -> Vec<(String, String)> {
-    let Some(text) = file.and_then(|f| std::fs::read_to_string(f).ok()) else {
-        return Vec::new();
-    };
-    text.lines()
-        .find_map(|line| {
-            let mut parts = line.split_whitespace();
-            (parts.next() == Some(id)).then(|| {
-                let _listed_at = parts.next();
-                parts.next().unwrap_or_default().to_string()
-            })
-        })
-        .map(|query| {
-            url::form_urlencoded::parse(query.as_bytes())
-                .map(|(k, v)| {
-                    (
-                        format!("x-testrunner-{}", k.replace('_', "-")),
-                        v.into_owned(),
-                    )
-                })
-                .collect()
-        })
+    quarantine_list(file)
+        .into_iter()
+        .find(|e| e.id == id)
+        .map(|e| e.evidence_headers())
         .unwrap_or_default()
 }
 
@@ -280,35 +220,16 @@ async fn answer<T>(op: impl std::future::Future<Output = lapin::Result<T>>) -> R
     }
 }
 
-/// Header a replayed ticket carries: when it left quarantine (Unix seconds).
-pub const HEADER_REPLAYED_AT: &str = "x-testrunner-replayed-at";
-
-/// True when the quarantine file lists `id` (lines `<id> [<listed at, Unix
-/// seconds>]`) and the ticket was not replayed after it was listed. A missing or
-/// unreadable file lists nothing.
+/// True when the quarantine file lists `id` and the ticket was not replayed after it was
+/// listed ([`QuarantineEntry::diverts`]). A missing or unreadable file lists nothing.
 pub fn quarantine_listed(
     file: Option<&std::path::Path>,
     id: &str,
     replayed_at: Option<i64>,
 ) -> bool {
-    let Some(file) = file else {
-        return false;
-    };
-    let Ok(text) = std::fs::read_to_string(file) else {
-        return false;
-    };
-    text.lines().any(|line| {
-        let mut parts = line.split_whitespace();
-        if parts.next() != Some(id) {
-            return false;
-        }
-        let listed_at = parts.next().and_then(|t| t.parse::<i64>().ok());
-        match (replayed_at, listed_at) {
-            (Some(replayed), Some(listed)) => listed > replayed,
-            (Some(_), None) => false,
-            (None, _) => true,
-        }
-    })
+    quarantine_list(file)
+        .iter()
+        .any(|e| e.id == id && e.diverts(replayed_at))
 }
 
 /// Exit codes of the command that mean "the tests ran and some failed".
@@ -354,56 +275,6 @@ pub fn verdict(exit: Exit, failure_codes: &FailureCodes) -> Verdict {
         Exit::Code(c) if failure_codes.contains(c) => Verdict::Ack,
         other => Verdict::Crash(other.status_code()),
     }
-}
-
-/// One state of the worker, as written to the termination log.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum LogLine {
-    /// Before the consume loop is up.
-    Starting,
-    /// Consuming, nothing in hand.
-    Idle,
-    /// A ticket in hand, before its command starts.
-    Ticket {
-        /// Ticket id.
-        id: String,
-        /// 1-based delivery number.
-        delivery: u64,
-    },
-    /// Could not start consuming.
-    BrokerUnavailable(String),
-    /// The command could not be started.
-    CommandError(String),
-    /// The connection or the consumer was lost.
-    BrokerLost(String),
-    /// Invalid configuration.
-    ConfigError(String),
-}
-
-/// Longest reason text written to the termination log.
-const MAX_REASON_CHARS: usize = 512;
-
-fn one_line(reason: &str) -> String {
-    let flat: String = reason
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(MAX_REASON_CHARS)
-        .collect();
-    flat.trim().to_string()
-}
-
-/// The termination-log text of a state: one line, newline-terminated.
-pub fn log_line(line: &LogLine) -> String {
-    let text = match line {
-        LogLine::Starting => "starting".to_string(),
-        LogLine::Idle => "idle".to_string(),
-        LogLine::Ticket { id, delivery } => format!("ticket={id} delivery={delivery}"),
-        LogLine::BrokerUnavailable(why) => format!("broker-unavailable: {}", one_line(why)),
-        LogLine::CommandError(why) => format!("command-error: {}", one_line(why)),
-        LogLine::BrokerLost(why) => format!("broker-lost: {}", one_line(why)),
-        LogLine::ConfigError(why) => format!("config-error: {}", one_line(why)),
-    };
-    text + "\n"
 }
 
 /// The environment variable name of header `name`: `TICKET_HEADER_` and the name
@@ -587,8 +458,8 @@ struct TerminationLog {
 }
 
 impl TerminationLog {
-    fn write(&mut self, line: &LogLine) {
-        if let Err(e) = std::fs::write(&self.path, log_line(line))
+    fn write(&mut self, line: &TerminationLine) {
+        if let Err(e) = std::fs::write(&self.path, line.render())
             && !self.warned
         {
             self.warned = true;
@@ -663,12 +534,12 @@ async fn run_code(args: WorkerArgs) -> u8 {
         path: args.termination_log.clone(),
         warned: false,
     };
-    log.write(&LogLine::Starting);
+    log.write(&TerminationLine::Starting);
 
     let config_error = |log: &mut TerminationLog, why: String| {
         tracing::error!("{why}");
-        log.write(&LogLine::ConfigError(why));
-        EXIT_CONFIG
+        log.write(&TerminationLine::ConfigError(why));
+        WorkerExit::Config.code()
     };
     let uri = match BrokerUri::parse(&args.amqp_uri) {
         Ok(u) => u,
@@ -688,8 +559,8 @@ async fn run_code(args: WorkerArgs) -> u8 {
     };
     if let Err(why) = check_command(&args.command[0], std::env::var_os("PATH").as_deref()) {
         tracing::error!("{why}");
-        log.write(&LogLine::CommandError(why));
-        return EXIT_COMMAND_NOT_STARTED;
+        log.write(&TerminationLine::CommandError(why));
+        return WorkerExit::CommandNotStarted.code();
     }
     let mut signals = match Signals::new() {
         Ok(s) => s,
@@ -707,18 +578,18 @@ async fn run_code(args: WorkerArgs) -> u8 {
         Ok(Ok(parts)) => parts,
         Ok(Err(why)) => {
             tracing::error!(broker = %uri, queue = %args.queue, "cannot start consuming: {why}");
-            log.write(&LogLine::BrokerUnavailable(why));
-            return EXIT_BROKER_UNAVAILABLE;
+            log.write(&TerminationLine::BrokerUnavailable(why));
+            return WorkerExit::BrokerUnavailable.code();
         }
         Err(_) => {
             let why = format!("no answer from the broker within {BROKER_TIMEOUT:?}");
             tracing::error!(broker = %uri, queue = %args.queue, "cannot start consuming: {why}");
-            log.write(&LogLine::BrokerUnavailable(why));
-            return EXIT_BROKER_UNAVAILABLE;
+            log.write(&TerminationLine::BrokerUnavailable(why));
+            return WorkerExit::BrokerUnavailable.code();
         }
     };
     tracing::info!(broker = %uri, queue = %args.queue, "consuming, one ticket at a time");
-    log.write(&LogLine::Idle);
+    log.write(&TerminationLine::Idle);
 
     let mut worker = Worker {
         args,
@@ -847,7 +718,7 @@ impl Worker {
             &delivery.data,
         );
         let number = delivery_number(headers.as_ref(), delivery.redelivered);
-        self.log.write(&LogLine::Ticket {
+        self.log.write(&TerminationLine::Ticket {
             id: id.clone(),
             delivery: number,
         });
@@ -882,7 +753,7 @@ impl Worker {
             Err(e) => {
                 let why = format!("cannot start command {}: {e}", program.to_string_lossy());
                 tracing::error!(ticket = %id, "{why}; giving the ticket back");
-                self.log.write(&LogLine::CommandError(why));
+                self.log.write(&TerminationLine::CommandError(why));
                 let nack = delivery.nack(BasicNackOptions {
                     requeue: true,
                     ..Default::default()
@@ -890,7 +761,7 @@ impl Worker {
                 let _ = tokio::time::timeout(BROKER_TIMEOUT, nack).await;
                 let _ = self.commit().await;
                 self.close().await;
-                return Some(EXIT_COMMAND_NOT_STARTED);
+                return Some(WorkerExit::CommandNotStarted.code());
             }
         };
         let pgid = child.id().and_then(|p| i32::try_from(p).ok());
@@ -965,7 +836,7 @@ impl Worker {
                 if let Err(why) = self.commit().await {
                     return Some(self.broker_lost(format!("cannot ack ticket {id}: {why}")));
                 }
-                self.log.write(&LogLine::Idle);
+                self.log.write(&TerminationLine::Idle);
                 tracing::info!(ticket = %id, delivery = number, ?exit, ?elapsed, "ticket done and acked");
                 if self.cancelled {
                     self.close().await;
@@ -981,7 +852,7 @@ impl Worker {
         }
     }
 
-    /// The connection is gone mid-ticket: stop the command, exit [`EXIT_BROKER_LOST`].
+    /// The connection is gone mid-ticket: stop the command, exit [`WorkerExit::BrokerLost`].
     async fn stop_command(
         &mut self,
         mut child: tokio::process::Child,
@@ -990,7 +861,7 @@ impl Worker {
         why: String,
     ) -> u8 {
         tracing::error!(ticket = %id, "broker connection lost ({why}); stopping the command, the broker requeues the ticket");
-        self.log.write(&LogLine::BrokerLost(why));
+        self.log.write(&TerminationLine::BrokerLost(why));
         signal_group(pgid, nix::sys::signal::Signal::SIGTERM);
         if tokio::time::timeout(STOP_GRACE, child.wait())
             .await
@@ -999,13 +870,13 @@ impl Worker {
             signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
             let _ = child.wait().await;
         }
-        EXIT_BROKER_LOST
+        WorkerExit::BrokerLost.code()
     }
 
     fn broker_lost(&mut self, why: String) -> u8 {
         tracing::error!("broker connection lost: {why}");
-        self.log.write(&LogLine::BrokerLost(why));
-        EXIT_BROKER_LOST
+        self.log.write(&TerminationLine::BrokerLost(why));
+        WorkerExit::BrokerLost.code()
     }
 
     /// Stops taking tickets.
@@ -1053,22 +924,22 @@ impl Worker {
             });
             let _ = tokio::time::timeout(BROKER_TIMEOUT, nack).await;
             let _ = self.commit().await;
-            self.log.write(&LogLine::Idle);
+            self.log.write(&TerminationLine::Idle);
             // Do not spin on it: it comes straight back.
             tokio::time::sleep(Duration::from_secs(1)).await;
             return None;
         }
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         headers.insert(
-            "x-testrunner-quarantined-from".into(),
+            HEADER_QUARANTINED_FROM.into(),
             AMQPValue::LongString(self.args.queue.as_str().into()),
         );
         headers.insert(
-            "x-testrunner-quarantined-by".into(),
+            HEADER_QUARANTINED_BY.into(),
             AMQPValue::LongString(self.args.pod_name.as_str().into()),
         );
         headers.insert(
-            "x-testrunner-delivery".into(),
+            HEADER_DELIVERY.into(),
             AMQPValue::LongLongInt(number as i64),
         );
         for (name, value) in quarantine_evidence(self.args.quarantine_file.as_deref(), id) {
@@ -1098,7 +969,7 @@ impl Worker {
         if let Err(why) = self.commit().await {
             return Some(self.broker_lost(format!("cannot quarantine ticket {id}: {why}")));
         }
-        self.log.write(&LogLine::Idle);
+        self.log.write(&TerminationLine::Idle);
         tracing::warn!(ticket = %id, delivery = number, quarantine = %queue, "ticket moved to quarantine");
         None
     }
@@ -1223,18 +1094,7 @@ mod tests {
 
     #[test]
     fn quarantine_lines_carry_the_evidence_into_headers() {
-        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-        let t = crate::crd::QuarantinedTicket {
-            id: "t-9".into(),
-            crashes: 3,
-            images: vec!["runner:1".into(), "runner:2".into()],
-            pods: vec!["unit-a".into()],
-            last_exit: "exit code 139 (signal 11)".into(),
-            at: Time(jiff::Timestamp::from_second(1000).unwrap()),
-        };
-        let line = quarantine_line(&t);
-        assert!(line.starts_with("t-9 1000 "), "{line}");
-        assert_eq!(line.split_whitespace().count(), 3, "{line}");
+        let line = "t-9 1000 crashes=3&pods=unit-a&images=runner%3A1%2Crunner%3A2&last_exit=exit+code+139+%28signal+11%29\n";
         let dir = std::env::temp_dir().join(format!("qline-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("tickets");
@@ -1294,38 +1154,6 @@ mod tests {
             t.insert(ShortString::from(k), v);
         }
         t
-    }
-
-    #[test]
-    fn ticket_id_is_the_message_id_when_set() {
-        assert_eq!(ticket_id(Some("t-42"), b"body"), "t-42");
-    }
-
-    #[test]
-    fn ticket_id_falls_back_to_a_stable_body_hash() {
-        let a = ticket_id(None, b"hello");
-        assert_eq!(a, ticket_id(None, b"hello"));
-        assert_eq!(
-            a,
-            ticket_id(Some(""), b"hello"),
-            "an empty message_id counts as absent"
-        );
-        // sha256("hello") = 2cf24dba5fb0a30e...
-        assert_eq!(a, "sha256:2cf24dba5fb0a30e");
-        assert_ne!(a, ticket_id(None, b"hello!"));
-        assert_eq!(ticket_id(None, b""), "sha256:e3b0c44298fc1c14");
-        assert_eq!(
-            ticket_id(None, &[0xff, 0x00, 0xfe]).len(),
-            "sha256:".len() + 16
-        );
-    }
-
-    #[test]
-    fn ticket_id_escapes_spaces_newlines_and_percent() {
-        assert_eq!(ticket_id(Some("a b\nc%d"), b""), "a%20b%0Ac%25d");
-        assert_eq!(ticket_id(Some("é"), b""), "%C3%A9");
-        let id = ticket_id(Some("x y"), b"");
-        assert!(!id.contains(char::is_whitespace));
     }
 
     #[test]
@@ -1426,19 +1254,42 @@ mod tests {
     }
 
     #[test]
-    fn termination_log_lines() {
-        assert_eq!(log_line(&LogLine::Starting), "starting\n");
-        assert_eq!(log_line(&LogLine::Idle), "idle\n");
-        let t = LogLine::Ticket {
-            id: "t-1".into(),
-            delivery: 3,
-        };
-        assert_eq!(log_line(&t), "ticket=t-1 delivery=3\n");
-        let lost = log_line(&LogLine::BrokerLost("closed\nby\tadmin".into()));
-        assert_eq!(lost, "broker-lost: closed by admin\n");
-        let long = log_line(&LogLine::CommandError("x".repeat(10_000)));
-        assert!(long.len() < 600, "{}", long.len());
-        assert_eq!(long.lines().count(), 1);
+    fn the_help_gives_the_contract_s_exit_codes_and_lines() {
+        let lines = [
+            (
+                WorkerExit::BrokerUnavailable,
+                TerminationLine::BrokerUnavailable(String::new()),
+            ),
+            (
+                WorkerExit::CommandNotStarted,
+                TerminationLine::CommandError(String::new()),
+            ),
+            (
+                WorkerExit::BrokerLost,
+                TerminationLine::BrokerLost(String::new()),
+            ),
+            (
+                WorkerExit::Config,
+                TerminationLine::ConfigError(String::new()),
+            ),
+        ];
+        for (exit, line) in lines {
+            let prefix = line.render().trim().to_string();
+            let code = exit.code();
+            assert!(
+                EXIT_CODES_HELP
+                    .lines()
+                    .any(|l| l.trim_start().starts_with(&prefix)
+                        && l.ends_with(&format!("(exit {code})"))),
+                "{prefix} (exit {code})"
+            );
+            assert!(
+                EXIT_CODES_HELP
+                    .lines()
+                    .any(|l| l.starts_with(&format!("  {code}  "))),
+                "{code}"
+            );
+        }
     }
 
     #[test]

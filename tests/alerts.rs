@@ -11,7 +11,8 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use jiff::Timestamp;
 use serde_json::{Value, json};
-use testrunner_operator::alerts::{Alert, Alerter, AlerterConfig, Receivers, Severity, names};
+use testrunner_operator::alerts::{Alerter, AlerterConfig, Receivers};
+use testrunner_operator::core::alerting::{Alert, Severity, names};
 use testrunner_operator::metrics::Metrics;
 use tokio::time::Instant;
 

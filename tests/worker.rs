@@ -22,9 +22,7 @@ use lapin::types::{
 };
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use testrunner_operator::broker::BrokerUri;
-use testrunner_operator::worker::{
-    EXIT_BROKER_LOST, EXIT_BROKER_UNAVAILABLE, EXIT_COMMAND_NOT_STARTED, EXIT_CONFIG, ticket_id,
-};
+use testrunner_operator::contract::{WorkerExit, ticket_id};
 use tokio::process::{Child, Command};
 use tokio::time::{Instant, sleep, timeout};
 
@@ -500,7 +498,7 @@ async fn cut_connection(w: &Worker, why: &str) {
 async fn assert_broker_lost(f: &Fixture, w: &mut Worker) {
     assert_eq!(
         w.exit_code().await,
-        i32::from(EXIT_BROKER_LOST),
+        i32::from(WorkerExit::BrokerLost),
         "{}",
         w.stderr()
     );
@@ -681,7 +679,7 @@ async fn a_missing_command_is_an_environment_failure_and_takes_no_ticket() {
     let mut w = f.worker(&q, &[], &["/nonexistent/run-tests", "--all"]);
     assert_eq!(
         w.exit_code().await,
-        i32::from(EXIT_COMMAND_NOT_STARTED),
+        i32::from(WorkerExit::CommandNotStarted),
         "{}",
         w.stderr()
     );
@@ -721,7 +719,7 @@ async fn a_command_that_cannot_start_gives_its_ticket_back() {
     let mut w = f.worker(&q, &[], &[broken.to_str().unwrap()]);
     assert_eq!(
         w.exit_code().await,
-        i32::from(EXIT_COMMAND_NOT_STARTED),
+        i32::from(WorkerExit::CommandNotStarted),
         "{}",
         w.stderr()
     );
@@ -758,7 +756,11 @@ async fn startup_failures_have_their_own_exit_codes_and_hide_credentials() {
 
     // Nothing listens on port 1.
     let (code, out, log) = run("amqp://guest:s3cret@127.0.0.1:1/%2f", &q, &[]);
-    assert_eq!(code, Some(i32::from(EXIT_BROKER_UNAVAILABLE)), "{out}");
+    assert_eq!(
+        code,
+        Some(i32::from(WorkerExit::BrokerUnavailable)),
+        "{out}"
+    );
     assert!(log.starts_with("broker-unavailable: "), "{log}");
     assert!(
         !out.contains("s3cret") && !log.contains("s3cret"),
@@ -767,11 +769,15 @@ async fn startup_failures_have_their_own_exit_codes_and_hide_credentials() {
 
     let missing = format!("{q}.missing");
     let (code, out, log) = run(URI, &missing, &[]);
-    assert_eq!(code, Some(i32::from(EXIT_BROKER_UNAVAILABLE)), "{out}");
+    assert_eq!(
+        code,
+        Some(i32::from(WorkerExit::BrokerUnavailable)),
+        "{out}"
+    );
     assert!(log.contains("NOT_FOUND"), "{log}");
 
     let (code, out, log) = run("http://guest:s3cret@127.0.0.1/", &q, &[]);
-    assert_eq!(code, Some(i32::from(EXIT_CONFIG)), "{out}");
+    assert_eq!(code, Some(i32::from(WorkerExit::Config)), "{out}");
     assert!(log.starts_with("config-error: "), "{log}");
     assert!(
         !out.contains("s3cret") && !log.contains("s3cret"),
@@ -779,7 +785,7 @@ async fn startup_failures_have_their_own_exit_codes_and_hide_credentials() {
     );
 
     let (code, out, log) = run(URI, &q, &["--test-failure-codes", "one"]);
-    assert_eq!(code, Some(i32::from(EXIT_CONFIG)), "{out}");
+    assert_eq!(code, Some(i32::from(WorkerExit::Config)), "{out}");
     assert!(log.starts_with("config-error: "), "{log}");
 
     assert!(!exists(&f.dir, "ran"));

@@ -403,7 +403,7 @@ async fn quarantine(
     let list: String = plan
         .quarantine_list
         .iter()
-        .map(crate::worker::quarantine_line)
+        .map(|t| core::quarantine::list_entry(t).render())
         .collect();
     let config_map = json!({
         "apiVersion": "v1",

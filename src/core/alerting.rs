@@ -1,12 +1,96 @@
-//! Which alerts a pool has active, from its status. Pure: the time is an argument.
+//! Which alerts a pool has active, from its status, and what an alert is. Pure: the
+//! time is an argument. Delivering them is the shell's work (the `alerts` module).
 
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
+use serde::Serialize;
 
 use super::diagnosis::verdict;
-use crate::alerts::{Alert, Severity, names};
 use crate::crd::{AlertKind, TestRunnerPoolStatus};
+
+/// Alert names the operator raises.
+pub mod names {
+    /// A worker container crashed (by default on the first crash).
+    pub const WORKER_CRASH: &str = "TestRunnerWorkerCrash";
+    /// A ticket crashed workers repeatedly and was quarantined.
+    pub const POISON_TICKET: &str = "TestRunnerPoisonTicket";
+    /// Workers crash whatever the ticket: image or environment broken.
+    pub const BROKEN_ENVIRONMENT: &str = "TestRunnerBrokenEnvironment";
+    /// Tickets wait and nothing makes progress.
+    pub const QUEUE_STALLED: &str = "TestRunnerQueueStalled";
+    /// The pool's broker cannot be reached.
+    pub const BROKER_UNREACHABLE: &str = "TestRunnerBrokerUnreachable";
+    /// A rollout failed and was rolled back.
+    pub const ROLLOUT_FAILED: &str = "TestRunnerRolloutFailed";
+}
+
+/// Severity label of an alert.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Someone should look soon.
+    Warning,
+    /// Work is blocked.
+    Critical,
+}
+
+impl Severity {
+    /// `warning` or `critical`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+/// One alert. Identified by (name, namespace, pool, ticket): the other fields may change
+/// while it stays the same alert.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Alert {
+    /// Alert name, one of [`names`].
+    pub name: String,
+    /// `warning` or `critical`.
+    pub severity: Severity,
+    /// Namespace of the pool.
+    pub namespace: String,
+    /// Name of the pool.
+    pub pool: String,
+    /// The ticket concerned, if any.
+    pub ticket: Option<String>,
+    /// One line.
+    pub summary: String,
+    /// What happened and what to do.
+    pub description: String,
+    /// When the condition began.
+    pub starts_at: Timestamp,
+}
+
+/// The identity of an alert.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AlertKey {
+    /// Alert name.
+    pub name: String,
+    /// Namespace of the pool.
+    pub namespace: String,
+    /// Name of the pool.
+    pub pool: String,
+    /// The ticket, if any.
+    pub ticket: Option<String>,
+}
+
+impl Alert {
+    /// The identity of this alert.
+    pub fn key(&self) -> AlertKey {
+        AlertKey {
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            pool: self.pool.clone(),
+            ticket: self.ticket.clone(),
+        }
+    }
+}
 
 /// How long a worker crash keeps TestRunnerWorkerCrash active.
 pub const CRASH_ALERT_FOR: Duration = Duration::from_secs(15 * 60);

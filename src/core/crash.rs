@@ -4,13 +4,8 @@
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
 
+use crate::contract::{TerminationLine, WORKER_CONTAINER, WorkerExit};
 use crate::crd::LABEL_REVISION;
-use crate::pods::WORKER_CONTAINER;
-
-/// Exit codes of the worker wrapper that are not ticket crashes: the broker was
-/// unavailable (69), the command could not start (71), the broker connection was
-/// lost (75), the configuration is invalid (78).
-pub const ENVIRONMENT_EXIT_CODES: [i32; 4] = [69, 71, 75, 78];
 
 /// What the worker said it was doing when it stopped (its termination message).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,55 +21,30 @@ pub enum InHand {
     Starting,
     /// Between tickets.
     Idle,
-    /// The wrapper reported an environment failure (broker, command, config).
+    /// The wrapper reported an environment failure (broker, command, config): its line,
+    /// as quoted by [`TerminationLine::parse_quoted`].
     Environment(String),
     /// Nothing recognisable (no wrapper, a native worker, or a garbled message).
     Unknown,
 }
 
 /// Reads a termination message: the last line the wrapper wrote wins. Accepts any
-/// bytes (log tails under FallbackToLogsOnError, truncation, garbage).
+/// bytes (log tails under FallbackToLogsOnError, truncation, garbage); see
+/// [`TerminationLine::parse_quoted`].
 pub fn parse_termination_message(message: &[u8]) -> InHand {
-    let text = String::from_utf8_lossy(message);
-    for line in text.lines().rev() {
-        let line = line.trim();
-        if line.is_empty() {
-            continue;
-        }
-        if line == "starting" {
-            return InHand::Starting;
-        }
-        if line == "idle" {
-            return InHand::Idle;
-        }
-        if let Some(rest) = line.strip_prefix("ticket=") {
-            let mut parts = rest.split_whitespace();
-            let id = parts.next().unwrap_or_default();
-            let delivery = parts
-                .find_map(|p| p.strip_prefix("delivery="))
-                .and_then(|d| d.parse().ok())
-                .unwrap_or(1);
-            if !id.is_empty() && id.len() <= 256 {
-                return InHand::Ticket {
-                    id: id.to_string(),
-                    delivery,
-                };
-            }
-            continue;
-        }
-        for prefix in [
-            "broker-unavailable:",
-            "command-error:",
-            "broker-lost:",
-            "config-error:",
-        ] {
-            if line.starts_with(prefix) {
-                let cut: String = line.chars().take(300).collect();
-                return InHand::Environment(cut);
-            }
-        }
+    match TerminationLine::parse_quoted(message) {
+        None => InHand::Unknown,
+        Some((TerminationLine::Starting, _)) => InHand::Starting,
+        Some((TerminationLine::Idle, _)) => InHand::Idle,
+        Some((TerminationLine::Ticket { id, delivery }, _)) => InHand::Ticket { id, delivery },
+        Some((
+            TerminationLine::BrokerUnavailable(_)
+            | TerminationLine::CommandError(_)
+            | TerminationLine::BrokerLost(_)
+            | TerminationLine::ConfigError(_),
+            quoted,
+        )) => InHand::Environment(quoted),
     }
-    InHand::Unknown
 }
 
 /// One container termination of a worker pod.
@@ -106,7 +76,7 @@ impl CrashRecord {
     pub fn is_ticket_crash(&self) -> bool {
         matches!(self.in_hand, InHand::Ticket { .. })
             && self.exit_code != 0
-            && !ENVIRONMENT_EXIT_CODES.contains(&self.exit_code)
+            && !WorkerExit::is_environment(self.exit_code)
     }
 
     /// The ticket in hand, if any.

@@ -11,15 +11,13 @@ use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::crash::{CrashRecord, InHand};
+use crate::contract::WorkerExit;
 use crate::crd::{CrashStatus, DiagnosisStatus};
 
 /// Crashes kept in status.
 pub const MAX_CRASHES: usize = 20;
 /// Crashes older than this no longer count.
 pub const WINDOW: Duration = Duration::from_secs(3600);
-/// Exit code of a worker whose broker connection was lost: never the image's or the
-/// ticket's fault.
-pub(super) const EXIT_BROKER_LOST: i32 = 75;
 
 /// Ticket completions the workers reported, per revision.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -218,7 +216,7 @@ pub fn diagnose(input: &DiagnosisInput<'_>) -> DiagnosisStatus {
         .crashes
         .iter()
         .filter(|c| now.duration_since(c.at.0) <= window)
-        .filter(|c| c.exit_code != 0 && c.exit_code != EXIT_BROKER_LOST)
+        .filter(|c| c.exit_code != 0 && c.exit_code != i32::from(WorkerExit::BrokerLost))
         .filter(|c| {
             c.ticket.as_ref().is_none_or(|t| {
                 !input.quarantined.contains(t)

@@ -57,9 +57,9 @@ pub struct PodView {
 /// What a worker pod is doing, as its worker last reported it.
 ///
 /// Wrapped workers report when they start consuming, when they take a ticket and
-/// when they finish one, and repeat their state every
-/// [`crate::pods::REPORT_INTERVAL`]. A pod whose worker may be busy is never removed
-/// to shrink the pool: only pods known to be idle (or not yet running) are.
+/// when they finish one, and repeat their state every report interval (the operator's
+/// `--worker-report-interval`). A pod whose worker may be busy is never removed to
+/// shrink the pool: only pods known to be idle (or not yet running) are.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Activity {
     /// The worker does not report (Native mode, or a pod created by an operator

@@ -9,6 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use super::crash::CrashRecord;
 use super::diagnosis::verdict;
 use super::{PlannedEvent, PodState, PodView};
+use crate::contract::QuarantineEntry;
 use crate::crd::ReplayedTicket;
 use crate::crd::{
     ANNOTATION_REPLAY_ALL, ANNOTATION_REPLAY_TICKET, CrashStatus, DiagnosisStatus,
@@ -17,6 +18,19 @@ use crate::crd::{
 
 /// Quarantined tickets kept in status (and on the workers' list).
 pub const MAX_QUARANTINED: usize = 50;
+
+/// A quarantined ticket's entry on the workers' quarantine list, with the evidence the
+/// worker copies into the ticket's headers when it moves it.
+pub fn list_entry(t: &QuarantinedTicket) -> QuarantineEntry {
+    QuarantineEntry::new(
+        &t.id,
+        t.at.0.as_second(),
+        t.crashes,
+        &t.pods,
+        &t.images,
+        &t.last_exit,
+    )
+}
 
 /// What the quarantine decision needs.
 pub struct QuarantineInput<'a> {
@@ -204,6 +218,40 @@ mod tests {
 
     fn crash(ticket: &str, image: &str, at: i64) -> CrashStatus {
         crate::core::fixtures::ticket_crash("p", ticket, image, at)
+    }
+
+    #[test]
+    fn list_entries_carry_the_evidence_into_headers() {
+        let t = QuarantinedTicket {
+            id: "t-9".into(),
+            crashes: 3,
+            images: vec!["runner:1".into(), "runner:2".into()],
+            pods: vec!["unit-a".into()],
+            last_exit: "exit code 139 (signal 11)".into(),
+            at: Time(Timestamp::from_second(1000).unwrap()),
+        };
+        let line = list_entry(&t).render();
+        assert_eq!(
+            line,
+            "t-9 1000 crashes=3&pods=unit-a&images=runner%3A1%2Crunner%3A2&last_exit=exit+code+139+%28signal+11%29\n"
+        );
+        let read = QuarantineEntry::parse(&line).unwrap();
+        assert_eq!(
+            read.evidence_headers(),
+            [
+                ("x-testrunner-crashes".to_string(), "3".to_string()),
+                ("x-testrunner-pods".to_string(), "unit-a".to_string()),
+                (
+                    "x-testrunner-images".to_string(),
+                    "runner:1,runner:2".to_string()
+                ),
+                (
+                    "x-testrunner-last-exit".to_string(),
+                    "exit code 139 (signal 11)".to_string()
+                ),
+            ]
+        );
+        assert!(read.diverts(Some(999)));
     }
 
     fn poison(id: &str) -> DiagnosisStatus {

@@ -10,15 +10,13 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use super::diagnosis::{Completions, EXIT_BROKER_LOST};
+use super::diagnosis::Completions;
 use super::{PlannedEvent, PodState, PodView};
+use crate::contract::WorkerExit;
 use crate::crd::{
     ANNOTATION_ABORT, ANNOTATION_PROMOTE, CrashStatus, RevisionRecord, RolloutPhase, RolloutStatus,
     TestRunnerPoolSpec,
 };
-
-/// Exit code of a worker that could not reach the broker before consuming.
-const EXIT_BROKER_UNAVAILABLE: i32 = 69;
 
 /// Ended rollouts kept in `status.rollout.history`.
 pub const HISTORY: usize = 10;
@@ -469,7 +467,7 @@ fn judge(input: &RolloutInput<'_>, out: &mut Outcome<'_>) {
         .crashes
         .iter()
         .filter(|c| c.revision == target && c.at.0 >= started)
-        .filter(|c| c.exit_code != 0 && c.exit_code != EXIT_BROKER_LOST)
+        .filter(|c| c.exit_code != 0 && c.exit_code != i32::from(WorkerExit::BrokerLost))
         .collect();
     // A ticket that also crashed other revisions is a poison ticket, not the canary's
     // fault; so is a quarantined one.
@@ -483,12 +481,17 @@ fn judge(input: &RolloutInput<'_>, out: &mut Outcome<'_>) {
     let broker_trouble_elsewhere = input.crashes.iter().any(|c| {
         c.revision != target
             && c.at.0 >= started
-            && matches!(c.exit_code, EXIT_BROKER_UNAVAILABLE | EXIT_BROKER_LOST)
+            && matches!(
+                WorkerExit::from_code(c.exit_code),
+                Some(WorkerExit::BrokerUnavailable | WorkerExit::BrokerLost)
+            )
     });
     let pre_loop: Vec<&&CrashStatus> = crashes
         .iter()
         .filter(|c| c.ticket.is_none())
-        .filter(|c| !(broker_trouble_elsewhere && c.exit_code == EXIT_BROKER_UNAVAILABLE))
+        .filter(|c| {
+            !(broker_trouble_elsewhere && c.exit_code == i32::from(WorkerExit::BrokerUnavailable))
+        })
         .collect();
     let canary_only: BTreeSet<&str> = crashes
         .iter()
