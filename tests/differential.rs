@@ -423,7 +423,7 @@ fn cases() -> Vec<Case> {
             "node: status merge patch",
             format!("{node}/status"),
             MERGE,
-            json!({"status": node_status(NODE, "2026-01-01T00:00:00Z")}),
+            json!({"status": node_status(NODE, "2026-01-01T00:00:00Z", 10250)}),
         )
         .compare(&[
             "/status/conditions/*/type",
