@@ -303,8 +303,10 @@ impl Simulation {
             control_plane::ControlPlane::start(bin_dir, &base.join("control-plane")).await?;
         let client = plane.admin_client().await?;
         if plane.missing().contains(&"kube-controller-manager") {
-            // Pods need their service account, which the controller manager would make.
+            // What the controller manager would make and pods need: their service
+            // account, and the CA bundle their service-account volume projects.
             default_service_account(&client, "default").await?;
+            root_ca_config_map(&client, "default", plane.ca_pem()).await?;
         }
         apply_crd(&client).await?;
         broker_secret(&client, "default", amqp_uri).await?;
@@ -438,6 +440,28 @@ pub async fn default_service_account(client: &kube::Client, namespace: &str) -> 
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
         Err(e) => Err(format!(
             "failed to create ServiceAccount {namespace}/default: {e}"
+        )),
+    }
+}
+
+/// Creates ConfigMap `kube-root-ca.crt` (key `ca.crt`) in `namespace` unless it exists,
+/// as the controller manager's root CA publisher does.
+pub async fn root_ca_config_map(
+    client: &kube::Client,
+    namespace: &str,
+    ca_pem: &str,
+) -> Result<(), String> {
+    let cms: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(client.clone(), namespace);
+    let cm = serde_json::from_value(
+        json!({"metadata": {"name": "kube-root-ca.crt"}, "data": {"ca.crt": ca_pem}}),
+    )
+    .map_err(|e| e.to_string())?;
+    match cms.create(&kube::api::PostParams::default(), &cm).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(format!(
+            "failed to create ConfigMap {namespace}/kube-root-ca.crt: {e}"
         )),
     }
 }
