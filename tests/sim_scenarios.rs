@@ -1053,7 +1053,7 @@ async fn long_and_short_tickets(on: On, name: &str, restart: bool) {
     let all: Vec<String> = short.iter().chain(&long).cloned().collect();
     eventually(
         "every ticket to complete",
-        Duration::from_secs(90),
+        Duration::from_secs(180),
         || async { ledger.count("end").len() == all.len() },
     )
     .await;
