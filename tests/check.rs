@@ -3,16 +3,17 @@
 
 use std::path::PathBuf;
 
+use kube::CustomResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use testrunner_operator::crd::TestRunnerPool;
-use testrunner_operator::sim::{self, ApiServer, ServerConfig};
+use testrunner_sim::{self as sim, ApiServer, ServerConfig};
 
 async fn server() -> ApiServer {
     let api = sim::start_api("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
         .await
         .expect("server starts");
-    sim::install_crd(&api.cluster).expect("CRD installs");
+    sim::install_crd(&api.cluster, &TestRunnerPool::crd()).expect("CRD installs");
     api
 }
 

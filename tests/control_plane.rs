@@ -1,4 +1,4 @@
-//! `sim::control_plane` against the real binaries: etcd, kube-apiserver,
+//! `testrunner_sim::control_plane` against the real binaries: etcd, kube-apiserver,
 //! kube-controller-manager and kube-scheduler from `bash tests/control-plane/build.sh`
 //! (in `target/control-plane/bin/`, or the directory env `TESTRUNNER_CONTROL_PLANE`
 //! names). Those tests are ignored by default; `cargo test --test control_plane --
@@ -19,7 +19,7 @@ use kube::api::{
 };
 use serde_json::json;
 use testrunner_operator::crd::TestRunnerPool;
-use testrunner_operator::sim::control_plane::ControlPlane;
+use testrunner_sim::control_plane::ControlPlane;
 
 const IGNORED: &str = "needs the real control plane";
 const NODE: &str = "simulated-node";
@@ -61,7 +61,7 @@ fn init_logs() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "testrunner_operator=info".into()),
+                .unwrap_or_else(|_| "testrunner_sim=info".into()),
         )
         .with_ansi(false)
         .with_test_writer()

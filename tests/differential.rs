@@ -24,13 +24,14 @@ use http_body_util::BodyExt;
 use k8s_pb::api::core::v1 as core;
 use k8s_pb::apimachinery::pkg::apis::meta::v1 as meta;
 use k8s_pb::apimachinery::pkg::runtime::{TypeMeta, Unknown};
+use kube::CustomResourceExt;
 use prost::Message;
 use serde_json::{Value, json};
 use testrunner_operator::crd::TestRunnerPool;
 use testrunner_operator::pods::{self, PodSettings};
-use testrunner_operator::sim::control_plane::ControlPlane;
-use testrunner_operator::sim::kubelet::node::{MANAGER as NODE_MANAGER, node_object, node_status};
-use testrunner_operator::sim::{self, ServerConfig};
+use testrunner_sim::control_plane::ControlPlane;
+use testrunner_sim::kubelet::node::{MANAGER as NODE_MANAGER, node_object, node_status};
+use testrunner_sim::{self as sim, ServerConfig};
 
 /// Name of the Node the cases register, as the simulated node does.
 const NODE: &str = "diff-node";
@@ -1295,7 +1296,7 @@ async fn the_embedded_server_answers_as_the_real_one() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "testrunner_operator=info".into()),
+                .unwrap_or_else(|_| "testrunner_sim=info".into()),
         )
         .with_test_writer()
         .try_init();
@@ -1320,7 +1321,7 @@ async fn the_embedded_server_answers_as_the_real_one() {
     let embedded = sim::start_api("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
         .await
         .expect("the embedded API server starts");
-    sim::install_crd(&embedded.cluster).expect("the CRD installs");
+    sim::install_crd(&embedded.cluster, &TestRunnerPool::crd()).expect("the CRD installs");
     let work = std::env::temp_dir().join(format!("testrunner-differential-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     let plane = ControlPlane::start(&bin, &work).await.unwrap_or_else(|e| {
@@ -1333,7 +1334,9 @@ async fn the_embedded_server_answers_as_the_real_one() {
     let cases = cases();
     let outcome = std::panic::AssertUnwindSafe(async {
         let real = plane.admin_client().await.expect("an admin client");
-        sim::apply_crd(&real).await.expect("the CRD is Established");
+        sim::apply_crd(&real, &TestRunnerPool::crd())
+            .await
+            .expect("the CRD is Established");
         run(&cases, &embedded.client(), &real).await
     })
     .catch_unwind()

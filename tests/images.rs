@@ -18,7 +18,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{Value, json};
 use testrunner_operator::crd::TestRunnerPool;
-use testrunner_operator::sim;
+use testrunner_operator::simulate;
+use testrunner_sim as sim;
 
 const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const IMAGE: &str = "registry.example/minimal-runner:1";
@@ -81,12 +82,12 @@ async fn channel() -> (Connection, Channel) {
 /// A simulated cluster (time scale 50) whose broker Secret holds `uri`, on which [`IMAGE`]
 /// runs in the root filesystem `root`.
 async fn simulation(uri: &str, root: PathBuf) -> sim::Simulation {
-    sim::Simulation::start_with_images(
+    sim::Simulation::start(
         "127.0.0.1:0".parse().unwrap(),
-        uri,
-        50.0,
-        env!("CARGO_BIN_EXE_testrunner-operator").into(),
-        BTreeMap::from([(IMAGE.to_string(), root)]),
+        sim::Options {
+            images: BTreeMap::from([(IMAGE.to_string(), root)]),
+            ..simulate::options(uri, 50.0, env!("CARGO_BIN_EXE_testrunner-operator").into())
+        },
     )
     .await
     .unwrap()
@@ -397,7 +398,7 @@ async fn a_pool_runs_each_ticket_once_in(root: PathBuf) {
     let (conn, ch) = channel().await;
     declare(&ch, &queue, true).await;
     declare(&ch, &format!("{queue}.quarantine"), true).await;
-    let ids = sim::publish::publish(BROKER, &queue, 12, false)
+    let ids = testrunner_operator::publish::publish(BROKER, &queue, 12, false)
         .await
         .unwrap();
 
@@ -405,7 +406,7 @@ async fn a_pool_runs_each_ticket_once_in(root: PathBuf) {
     std::fs::create_dir_all(&ledger).unwrap();
     let sim = simulation(BROKER, root).await;
     let client = sim.client();
-    let operator = sim::start_operator_in(client.clone(), vec!["default".into()]);
+    let operator = simulate::start_operator_in(client.clone(), vec!["default".into()]);
     let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), "default");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let pool: TestRunnerPool = serde_json::from_value(json!({

@@ -11,10 +11,11 @@ use k8s_openapi::api::events::v1::Event as NewEvent;
 use kube::api::{
     Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
 };
-use kube::{Client, ResourceExt};
+use kube::{Client, CustomResourceExt, ResourceExt};
 use serde_json::{Value, json};
 use testrunner_operator::crd::TestRunnerPool;
-use testrunner_operator::sim::{self, ApiServer, ServerConfig};
+use testrunner_operator::simulate;
+use testrunner_sim::{self as sim, ApiServer, ServerConfig};
 
 async fn server() -> ApiServer {
     server_with(ServerConfig::default()).await
@@ -24,7 +25,7 @@ async fn server_with(config: ServerConfig) -> ApiServer {
     let api = sim::start_api("127.0.0.1:0".parse().unwrap(), config)
         .await
         .expect("server starts");
-    sim::install_crd(&api.cluster).expect("CRD installs");
+    sim::install_crd(&api.cluster, &TestRunnerPool::crd()).expect("CRD installs");
     api
 }
 
@@ -689,14 +690,16 @@ async fn a_watch_client_that_goes_away_frees_its_subscription() {
 async fn the_operator_runs_against_the_simulation_and_gc_removes_its_workers() {
     let sim = sim::Simulation::start(
         "127.0.0.1:0".parse().unwrap(),
-        "amqp://guest:guest@127.0.0.1:1/%2f",
-        50.0,
-        env!("CARGO_BIN_EXE_testrunner-operator").into(),
+        simulate::options(
+            "amqp://guest:guest@127.0.0.1:1/%2f",
+            50.0,
+            env!("CARGO_BIN_EXE_testrunner-operator").into(),
+        ),
     )
     .await
     .unwrap();
     let client = sim.client();
-    let operator = sim::start_operator(client.clone());
+    let operator = simulate::start_operator(client.clone());
     let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), "default");
     let body: TestRunnerPool =
         serde_json::from_value(pool_json("demo", json!({"minWorkers": 1, "maxWorkers": 2})))
@@ -761,9 +764,11 @@ async fn the_kubelet_runs_init_then_main_containers_with_env_restarts_and_termin
     // Time scale 100: CrashLoopBackOff waits 0.1 s, 0.2 s, 0.4 s, ...
     let sim = sim::Simulation::start(
         "127.0.0.1:0".parse().unwrap(),
-        "amqp://user:secret@broker.example/%2f",
-        100.0,
-        env!("CARGO_BIN_EXE_testrunner-operator").into(),
+        simulate::options(
+            "amqp://user:secret@broker.example/%2f",
+            100.0,
+            env!("CARGO_BIN_EXE_testrunner-operator").into(),
+        ),
     )
     .await
     .unwrap();
@@ -846,9 +851,11 @@ async fn deleting_a_pod_sends_sigterm_waits_the_grace_period_then_kills() {
     // Time scale 100: a grace period of 100 s lasts one second.
     let sim = sim::Simulation::start(
         "127.0.0.1:0".parse().unwrap(),
-        "amqp://guest:guest@127.0.0.1:5672/%2f",
-        100.0,
-        env!("CARGO_BIN_EXE_testrunner-operator").into(),
+        simulate::options(
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+            100.0,
+            env!("CARGO_BIN_EXE_testrunner-operator").into(),
+        ),
     )
     .await
     .unwrap();
@@ -1006,9 +1013,11 @@ async fn crash_loop_backoff_doubles_and_resets_after_a_long_enough_run() {
     // 0.1 s resets it.
     let sim = sim::Simulation::start(
         "127.0.0.1:0".parse().unwrap(),
-        "amqp://guest:guest@127.0.0.1:5672/%2f",
-        6000.0,
-        env!("CARGO_BIN_EXE_testrunner-operator").into(),
+        simulate::options(
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+            6000.0,
+            env!("CARGO_BIN_EXE_testrunner-operator").into(),
+        ),
     )
     .await
     .unwrap();
@@ -1424,9 +1433,11 @@ async fn the_node_runs_a_pod_with_volumes_env_and_graceful_deletion(sim: sim::Si
 async fn the_node_runs_pods_on_the_embedded_server() {
     let sim = sim::Simulation::start(
         "127.0.0.1:0".parse().unwrap(),
-        "amqp://user:secret@broker.example/%2f",
-        100.0,
-        env!("CARGO_BIN_EXE_testrunner-operator").into(),
+        simulate::options(
+            "amqp://user:secret@broker.example/%2f",
+            100.0,
+            env!("CARGO_BIN_EXE_testrunner-operator").into(),
+        ),
     )
     .await
     .unwrap();
@@ -1438,10 +1449,11 @@ async fn the_node_runs_pods_on_the_embedded_server() {
 async fn the_node_runs_pods_on_a_real_control_plane() {
     let sim = sim::Simulation::start_on_control_plane(
         &control_plane_bin(),
-        "amqp://user:secret@broker.example/%2f",
-        100.0,
-        env!("CARGO_BIN_EXE_testrunner-operator").into(),
-        Default::default(),
+        simulate::options(
+            "amqp://user:secret@broker.example/%2f",
+            100.0,
+            env!("CARGO_BIN_EXE_testrunner-operator").into(),
+        ),
     )
     .await
     .unwrap_or_else(|e| panic!("the control plane did not start: {e}"));

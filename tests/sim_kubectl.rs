@@ -10,7 +10,8 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event as NewEvent;
 use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
-use testrunner_operator::sim::{self, ApiServer, ServerConfig};
+use testrunner_operator::simulate;
+use testrunner_sim::{self as sim, ApiServer, ServerConfig};
 
 /// The kubectl the project's scripts install (`bash .ci/install-tools`), or the one
 /// TESTRUNNER_KUBECTL names. A missing kubectl fails the tests that need it.
@@ -49,7 +50,11 @@ async fn setup(test: &str) -> Kubectl {
     let api = sim::start_api("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
         .await
         .unwrap();
-    sim::install_crd(&api.cluster).unwrap();
+    sim::install_crd(
+        &api.cluster,
+        &<testrunner_operator::crd::TestRunnerPool as kube::CustomResourceExt>::crd(),
+    )
+    .unwrap();
     with_home(test, Server::Api(api))
 }
 
@@ -58,9 +63,11 @@ async fn setup_sim(test: &str) -> Kubectl {
     kubectl();
     let s = sim::Simulation::start(
         "127.0.0.1:0".parse().unwrap(),
-        "amqp://guest:guest@127.0.0.1:5672/%2f",
-        100.0,
-        env!("CARGO_BIN_EXE_testrunner-operator").into(),
+        simulate::options(
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+            100.0,
+            env!("CARGO_BIN_EXE_testrunner-operator").into(),
+        ),
     )
     .await
     .unwrap();

@@ -13,7 +13,8 @@ use serde_json::json;
 use testrunner_operator::crd::{
     Condition, RolloutPhase, RolloutStatus, TestRunnerPool, TestRunnerPoolStatus,
 };
-use testrunner_operator::sim;
+use testrunner_operator::simulate;
+use testrunner_sim as sim;
 
 /// Where a scenario runs: the simulated cluster by default, or the real cluster of
 /// TESTRUNNER_E2E_KUBECONFIG (worker image TESTRUNNER_E2E_IMAGE, in a fresh namespace,
@@ -54,14 +55,15 @@ impl Target {
         let Ok(path) = std::env::var("TESTRUNNER_E2E_KUBECONFIG") else {
             let exe = env!("CARGO_BIN_EXE_testrunner-operator").into();
             let sim = match on {
-                On::Embedded => {
-                    sim::Simulation::start("127.0.0.1:0".parse().unwrap(), &broker_uri(), 50.0, exe)
-                        .await
-                        .unwrap()
-                }
+                On::Embedded => sim::Simulation::start(
+                    "127.0.0.1:0".parse().unwrap(),
+                    simulate::options(&broker_uri(), 50.0, exe),
+                )
+                .await
+                .unwrap(),
                 On::ControlPlane => {
                     let bin = control_plane_bin();
-                    sim::Simulation::start_on_control_plane(&bin, &broker_uri(), 50.0, exe, Default::default())
+                    sim::Simulation::start_on_control_plane(&bin, simulate::options(&broker_uri(), 50.0, exe))
                         .await
                         .unwrap_or_else(|e| panic!("the real control plane did not start from {}: {e}\n(build it with: bash tests/control-plane/build.sh)", bin.display()))
                 }
@@ -254,7 +256,7 @@ async fn a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the
     let target = Target::new(on).await;
     let client = target.client.clone();
     let ns = target.namespace.clone();
-    let mut operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
+    let mut operator = simulate::start_operator_in(client.clone(), vec![ns.clone()]);
 
     let ids = publish_to_test_queue(&conn, &queue, 6).await;
     assert_eq!(ids.len(), 6);
@@ -310,7 +312,7 @@ async fn a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the
     pods.delete(&victim, &DeleteParams::default().grace_period(0))
         .await
         .unwrap();
-    operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
+    operator = simulate::start_operator_in(client.clone(), vec![ns.clone()]);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let live: Vec<String> = pods
@@ -679,7 +681,7 @@ async fn test_queue(conn: &lapin::Connection, queue: &str) {
 async fn publish_to_test_queue(conn: &lapin::Connection, queue: &str, n: u32) -> Vec<String> {
     test_queue(conn, queue).await;
     test_queue(conn, &format!("{queue}.quarantine")).await;
-    sim::publish::publish(&broker_uri(), queue, n, false)
+    testrunner_operator::publish::publish(&broker_uri(), queue, n, false)
         .await
         .unwrap()
 }
@@ -775,7 +777,7 @@ impl Scenario {
             );
         }
         let (client, ns) = (target.client.clone(), target.namespace.clone());
-        let operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
+        let operator = simulate::start_operator_in(client.clone(), vec![ns.clone()]);
         let queue = queue_name(name);
         let ledger = Ledger::new(name);
         let ids = publish_to_test_queue(&conn, &queue, tickets).await;
@@ -1048,7 +1050,7 @@ async fn long_and_short_tickets(on: On, name: &str, restart: bool) {
         .await;
         operator.abort();
         let _ = operator.await;
-        operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
+        operator = simulate::start_operator_in(client.clone(), vec![ns.clone()]);
     }
     let all: Vec<String> = short.iter().chain(&long).cloned().collect();
     eventually(
@@ -1115,7 +1117,7 @@ async fn an_operator_restart_mid_run_loses_nothing_and_runs_nothing_twice(on: On
         || async { ledger.count("end").len() > done_before },
     )
     .await;
-    operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
+    operator = simulate::start_operator_in(client.clone(), vec![ns.clone()]);
 
     eventually(
         "every ticket to complete",
@@ -1292,7 +1294,7 @@ async fn a_poison_ticket_is_quarantined_the_good_ones_complete_and_a_new_image_g
         r.stable_image == "example.org/runner:2"
     })
     .await;
-    let more = sim::publish::publish(&broker_uri(), &queue, 3, false)
+    let more = testrunner_operator::publish::publish(&broker_uri(), &queue, 3, false)
         .await
         .unwrap();
     let mut everything = ids.clone();
@@ -1998,7 +2000,7 @@ async fn an_operator_restart_mid_rollout_resumes_the_canary_and_promotes_it(on: 
         || async { s.ledger.count("end").len() >= done + 5 },
     )
     .await;
-    s.operator = sim::start_operator_in(s.client.clone(), vec![s.ns.clone()]);
+    s.operator = simulate::start_operator_in(s.client.clone(), vec![s.ns.clone()]);
 
     // The new operator goes on with the same rollout, counting on from status.
     let promoted = rollout_when(&pools, "resume", ":2 to be promoted", |r| {
@@ -2363,10 +2365,11 @@ async fn on_etcd_and_kube_apiserver_alone_the_node_binds_and_runs_pods_itself() 
     }
     let sim = sim::Simulation::start_on_control_plane(
         &bin,
-        &broker_uri(),
-        50.0,
-        env!("CARGO_BIN_EXE_testrunner-operator").into(),
-        Default::default(),
+        simulate::options(
+            &broker_uri(),
+            50.0,
+            env!("CARGO_BIN_EXE_testrunner-operator").into(),
+        ),
     )
     .await
     .unwrap();
