@@ -206,6 +206,17 @@ impl Options {
             images: BTreeMap::new(),
         }
     }
+
+    /// The simulated node's settings, its pods' directories under `root`.
+    fn node(self, root: PathBuf) -> kubelet::Config {
+        kubelet::Config {
+            time_scale: self.time_scale,
+            root,
+            exe: self.exe,
+            node_name: NODE_NAME.into(),
+            images: self.images,
+        }
+    }
 }
 
 /// The API server a simulation runs against.
@@ -264,13 +275,7 @@ impl Simulation {
         let kubelet = kubelet::Kubelet::start(
             client.clone(),
             Some(client.clone()),
-            kubelet::Config {
-                time_scale: options.time_scale,
-                root: root.clone(),
-                exe: options.exe,
-                node_name: NODE_NAME.into(),
-                images: options.images,
-            },
+            options.node(root.clone()),
         )
         .await
         .map_err(std::io::Error::other)?;
@@ -314,18 +319,7 @@ impl Simulation {
         let root = base.join("pods");
         std::fs::create_dir_all(&root)
             .map_err(|e| format!("failed to create {}: {e}", root.display()))?;
-        let kubelet = kubelet::Kubelet::start(
-            node,
-            binder,
-            kubelet::Config {
-                time_scale: options.time_scale,
-                root: root.clone(),
-                exe: options.exe,
-                node_name: NODE_NAME.into(),
-                images: options.images,
-            },
-        )
-        .await?;
+        let kubelet = kubelet::Kubelet::start(node, binder, options.node(root.clone())).await?;
         let url = plane.url().to_string();
         let missing = plane.missing_effects();
         Ok(Self {
