@@ -7,14 +7,19 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
+use lapin::options::QueueDeleteOptions;
 use serde_json::json;
 use testrunner_operator::crd::{
     Condition, RolloutPhase, RolloutStatus, TestRunnerPool, TestRunnerPoolStatus,
 };
 use testrunner_operator::simulate;
 use testrunner_sim as sim;
+
+mod common;
+use common::{
+    broker_uri, control_plane_bin, declare_expiring, eventually, passive_declare, process_alive,
+    queue_counts,
+};
 
 /// Where a scenario runs: the simulated cluster by default, or the real cluster of
 /// TESTRUNNER_E2E_KUBECONFIG (worker image TESTRUNNER_E2E_IMAGE, in a fresh namespace,
@@ -37,33 +42,14 @@ enum On {
     ControlPlane,
 }
 
-/// The real control plane's binaries: TESTRUNNER_CONTROL_PLANE, else
-/// `<target dir>/control-plane/bin`.
-fn control_plane_bin() -> std::path::PathBuf {
-    std::env::var_os("TESTRUNNER_CONTROL_PLANE")
-        .map(Into::into)
-        .unwrap_or_else(|| {
-            std::env::var_os("CARGO_TARGET_DIR")
-                .map(std::path::PathBuf::from)
-                .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
-                .join("control-plane/bin")
-        })
-}
-
 impl Target {
     async fn new(on: On) -> Self {
         let Ok(path) = std::env::var("TESTRUNNER_E2E_KUBECONFIG") else {
-            let exe = env!("CARGO_BIN_EXE_testrunner-operator").into();
             let sim = match on {
-                On::Embedded => sim::Simulation::start(
-                    "127.0.0.1:0".parse().unwrap(),
-                    simulate::options(&broker_uri(), 50.0, exe),
-                )
-                .await
-                .unwrap(),
+                On::Embedded => common::simulation(&broker_uri(), 50.0).await,
                 On::ControlPlane => {
                     let bin = control_plane_bin();
-                    sim::Simulation::start_on_control_plane(&bin, simulate::options(&broker_uri(), 50.0, exe))
+                    sim::Simulation::start_on_control_plane(&bin, common::options(&broker_uri(), 50.0))
                         .await
                         .unwrap_or_else(|e| panic!("the real control plane did not start from {}: {e}\n(build it with: bash tests/control-plane/build.sh)", bin.display()))
                 }
@@ -185,11 +171,6 @@ async fn namespace_with_broker_secret(client: &kube::Client, ns: &str) {
     .await;
 }
 
-fn broker_uri() -> String {
-    std::env::var("TESTRUNNER_AMQP_URI")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
 /// A connection to the test broker; a scenario without one fails and says how to
 /// start it.
 async fn broker() -> lapin::Connection {
@@ -216,32 +197,14 @@ async fn depth(conn: &lapin::Connection, queue: &str) -> u32 {
 }
 
 async fn depth_on(ch: &lapin::Channel, queue: &str) -> u32 {
-    declare_passive(ch, queue).await.message_count()
+    queue_counts(ch, queue).await.0
 }
 
 async fn consumers(conn: &lapin::Connection, queue: &str) -> u32 {
     let ch = conn.create_channel().await.unwrap();
-    let n = declare_passive(&ch, queue).await.consumer_count();
+    let n = queue_counts(&ch, queue).await.1;
     let _ = ch.close(200, "done".into()).await;
     n
-}
-
-async fn declare_passive(ch: &lapin::Channel, queue: &str) -> lapin::Queue {
-    try_declare_passive(ch, queue).await.unwrap()
-}
-
-/// A passive declare: the queue's counts, or the broker's error (a missing queue closes
-/// the channel).
-async fn try_declare_passive(ch: &lapin::Channel, queue: &str) -> lapin::Result<lapin::Queue> {
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
 }
 
 async fn a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the_pool_removes_its_pods(
@@ -365,16 +328,6 @@ async fn a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the
         .await;
 }
 
-fn process_alive(pid: &str) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .split(") ")
-            .nth(1)
-            .is_some_and(|rest| rest.starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_simulate_command_serves_kubectl_clients_and_ctrl_c_leaves_no_process_behind() {
     let dir = std::env::temp_dir().join(format!("sim-command-{}", std::process::id()));
@@ -493,22 +446,6 @@ async fn the_simulate_command_serves_kubectl_clients_and_ctrl_c_leaves_no_proces
         "the process that left the container's process group is gone too"
     );
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Waits until `check` holds, polling, or fails after `timeout`.
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// A ticket ledger: the wrapped test command appends `<id> start` and `<id> end`
@@ -657,24 +594,8 @@ fn queue_name(scenario: &str) -> String {
 /// Declares a scenario's quorum queue that removes itself after ten unused minutes, so a
 /// failed scenario leaves nothing behind on the broker.
 async fn test_queue(conn: &lapin::Connection, queue: &str) {
-    use lapin::types::AMQPValue;
     let ch = conn.create_channel().await.unwrap();
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    args.insert("x-expires".into(), AMQPValue::LongInt(600_000));
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await
-    .unwrap();
+    declare_expiring(&ch, queue, true).await;
 }
 
 /// Publishes `n` tickets to a fresh self-removing queue (and its quarantine queue).
@@ -891,7 +812,7 @@ async fn workers(pools: &Api<TestRunnerPool>, pool: &str) -> (i32, i32, i32) {
 /// True while the queue exists on the broker.
 async fn queue_exists(conn: &lapin::Connection, queue: &str) -> bool {
     let ch = conn.create_channel().await.unwrap();
-    let found = try_declare_passive(&ch, queue).await.is_ok();
+    let found = passive_declare(&ch, queue).await.is_ok();
     if found {
         let _ = ch.close(200, "done".into()).await;
     }
@@ -2162,10 +2083,7 @@ async fn the_simulate_command_on_a_real_control_plane_serves_the_walk_through_an
         let kubeconfig = kubeconfig.clone();
         let home = dir.join("home");
         async move {
-            let mut cmd =
-                tokio::process::Command::new(std::env::var("TESTRUNNER_KUBECTL").unwrap_or_else(
-                    |_| format!("{}/.tools/kubectl/kubectl", env!("CARGO_MANIFEST_DIR")),
-                ));
+            let mut cmd = tokio::process::Command::new(common::kubectl());
             cmd.args(&args)
                 .env("KUBECONFIG", &kubeconfig)
                 .env("HOME", &home)
@@ -2363,16 +2281,9 @@ async fn on_etcd_and_kube_apiserver_alone_the_node_binds_and_runs_pods_itself() 
         );
         std::os::unix::fs::symlink(&real, bin.join(name)).unwrap();
     }
-    let sim = sim::Simulation::start_on_control_plane(
-        &bin,
-        simulate::options(
-            &broker_uri(),
-            50.0,
-            env!("CARGO_BIN_EXE_testrunner-operator").into(),
-        ),
-    )
-    .await
-    .unwrap();
+    let sim = sim::Simulation::start_on_control_plane(&bin, common::options(&broker_uri(), 50.0))
+        .await
+        .unwrap();
     match &sim.backend {
         sim::Backend::ControlPlane { missing, .. } => {
             assert_eq!(missing.len(), 2, "{missing:?}");
