@@ -1,6 +1,6 @@
-//! The embedded API server (`testrunner_sim::start_api`) against the real kube-apiserver
-//! (`testrunner_sim::control_plane`): the same requests, in the same order, to both, and what
-//! clients read from the answers compared field by field.
+//! The embedded API server (`testrunner_sim::start_api`) against the real
+//! kube-apiserver (`testrunner_sim::control_plane`): the same requests, in the same
+//! order, to both, and what clients read from the answers compared field by field.
 //!
 //! The requests are the ones the operator, the simulated node (`sim/src/kubelet/`) and
 //! kubectl make (protobuf bodies of `kubectl create`, Table lists, `describe`'s event
@@ -296,7 +296,7 @@ fn config_map(name: &str, labels: Value) -> Value {
         "metadata": {"name": name, "labels": labels}, "data": {"k": "v"}})
 }
 
-/// The status a running pod's node reports (as `src/sim/kubelet/pod.rs` writes it).
+/// The status a running pod's node reports (as `sim/src/kubelet/pod.rs` writes it).
 fn running_status() -> Value {
     let t = "2026-01-01T00:00:00Z";
     let conditions: Vec<Value> = [
