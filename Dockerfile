@@ -7,7 +7,9 @@
 #   docker buildx build --platform linux/amd64,linux/arm64 -t ... --push .   # both architectures
 #
 # The binary is statically linked (.cargo/config.toml), so the worker wrapper it becomes
-# in worker pods needs nothing from the test image: no libc, no NSS, no CA store.
+# in worker pods needs nothing from the test image: no libc, no NSS, no CA store. It is
+# built without the default feature `simulate`: the image has no simulated cluster
+# (`testrunner-operator simulate`, the workspace crate sim/), only the operator.
 #
 # Build stage: the Rust toolchain on Debian 12; the cache mounts keep the crate registry
 # and the target directory between builds (BuildKit).
@@ -18,9 +20,11 @@ COPY Cargo.toml Cargo.lock ./
 COPY .cargo ./.cargo
 COPY src ./src
 COPY benches ./benches
+# A workspace member: Cargo reads its manifest even when the build leaves it out.
+COPY sim ./sim
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin testrunner-operator \
+    cargo build --release --locked --no-default-features --bin testrunner-operator \
  && install -D -m 0755 target/release/testrunner-operator /out/testrunner-operator \
  && if ldd /out/testrunner-operator >/dev/null 2>&1; then echo "not a static binary" >&2; exit 1; fi
 

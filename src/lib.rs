@@ -7,7 +7,9 @@
 //! kube-runtime shell), [`broker`] (RabbitMQ), [`pods`] (worker pod builder), [`worker`]
 //! (the wrapper that runs in worker pods), [`alerts`] (alert delivery), [`metrics`] and
 //! [`http`] (observability), [`leader`] (leader election), [`check`] (the Nagios check),
-//! [`telemetry`] (logs), [`sim`] (the simulated cluster).
+//! [`telemetry`] (logs), [`publish`] (test tickets onto a queue), and, with the
+//! `simulate` feature (on by default), `simulate` (the operator against the simulated
+//! cluster of the `testrunner-sim` crate, in one process).
 //!
 //! # Layering
 //!
@@ -19,13 +21,12 @@
 //! 3. the shells use the layers below and one another without loops: [`broker`]
 //!    (contract), [`worker`] (broker, contract), [`pods`] (core, crd, contract),
 //!    [`alerts`] (core, metrics), [`metrics`], [`http`] (metrics), [`leader`] and
-//!    [`check`] (crd), [`telemetry`];
-//! 4. [`controller`] is on top and uses any of them;
+//!    [`check`] (crd), [`publish`] (broker), [`telemetry`];
+//! 4. [`controller`] is on top and uses any of them, and `simulate` uses it;
 //! 5. the binary (`src/main.rs`) wires them together.
 //!
 //! `tests/layering.rs` checks this on the sources (points 1, 2 and the absence of
-//! loops). [`sim`], the simulated cluster, is outside this layering: it is on its way
-//! to a crate of its own.
+//! loops).
 
 pub mod alerts;
 pub mod broker;
@@ -38,6 +39,8 @@ pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod pods;
-pub mod sim;
+pub mod publish;
+#[cfg(feature = "simulate")]
+pub mod simulate;
 pub mod telemetry;
 pub mod worker;

@@ -37,6 +37,7 @@ enum Command {
     Worker(worker::WorkerArgs),
     /// Run a simulated cluster (API server, kubelet running local processes, and this
     /// operator) for development and tests. Never a product runtime.
+    #[cfg(feature = "simulate")]
     Simulate(SimulateArgs),
     /// Publish test tickets (persistent, with message_id) to a RabbitMQ queue.
     Publish(PublishArgs),
@@ -45,6 +46,7 @@ enum Command {
     Check(testrunner_operator::check::CheckArgs),
 }
 
+#[cfg(feature = "simulate")]
 #[derive(clap::Args)]
 struct SimulateArgs {
     /// Address of the simulated API server (plain HTTP).
@@ -78,6 +80,7 @@ struct SimulateArgs {
     control_plane: Option<std::path::PathBuf>,
 }
 
+#[cfg(feature = "simulate")]
 fn parse_image(value: &str) -> Result<(String, std::path::PathBuf), String> {
     let (name, dir) = value
         .split_once('=')
@@ -177,6 +180,7 @@ fn main() -> ExitCode {
         },
         Command::Run(args) => runtime().block_on(run(args)),
         Command::Worker(args) => runtime().block_on(worker::run(args)),
+        #[cfg(feature = "simulate")]
         Command::Simulate(args) => simulate(args),
         Command::Publish(args) => publish(args),
         Command::Check(args) => runtime().block_on(testrunner_operator::check::run(args)),
@@ -190,8 +194,9 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("failed to start the async runtime")
 }
 
+#[cfg(feature = "simulate")]
 fn simulate(args: SimulateArgs) -> ExitCode {
-    let opts = testrunner_operator::sim::SimulateOptions {
+    let opts = testrunner_operator::simulate::SimulateOptions {
         listen: args.listen,
         kubeconfig: args.kubeconfig,
         amqp_uri: args.amqp_uri,
@@ -199,7 +204,7 @@ fn simulate(args: SimulateArgs) -> ExitCode {
         images: args.images.into_iter().collect(),
         control_plane: args.control_plane,
     };
-    match runtime().block_on(testrunner_operator::sim::simulate(opts)) {
+    match runtime().block_on(testrunner_operator::simulate::simulate(opts)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{e}");
@@ -209,7 +214,7 @@ fn simulate(args: SimulateArgs) -> ExitCode {
 }
 
 fn publish(args: PublishArgs) -> ExitCode {
-    let published = runtime().block_on(testrunner_operator::sim::publish::publish(
+    let published = runtime().block_on(testrunner_operator::publish::publish(
         &args.amqp_uri,
         &args.queue,
         args.count,

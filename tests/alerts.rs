@@ -16,6 +16,9 @@ use testrunner_operator::core::alerting::{Alert, Severity, names};
 use testrunner_operator::metrics::Metrics;
 use tokio::time::Instant;
 
+mod common;
+use common::{eventually, eventually_some};
+
 // ---------------------------------------------------------------------------------------
 // A receiver that records every request.
 
@@ -120,17 +123,6 @@ fn logs() -> String {
     String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned()
 }
 
-async fn eventually<T>(secs: u64, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 fn fast() -> AlerterConfig {
     AlerterConfig {
         resend_interval: Duration::from_millis(200),
@@ -196,7 +188,10 @@ async fn alertmanager_gets_the_v2_shape_resent_while_active_and_resolved_on_remo
     );
     assert_eq!(metric(&metrics, ACTIVE_UNIT), 2.0);
 
-    let first = eventually(5, "the first post", || rec.hits().first().cloned()).await;
+    let first = eventually_some("the first post", Duration::from_secs(5), async || {
+        rec.hits().first().cloned()
+    })
+    .await;
     assert_eq!(first.path, "/api/v2/alerts");
     let mut alerts = first.body.as_array().expect("a JSON array").clone();
     alerts.sort_by_key(|a| alertname(a).to_string());
@@ -221,7 +216,7 @@ async fn alertmanager_gets_the_v2_shape_resent_while_active_and_resolved_on_remo
     );
 
     // Re-sent while active, about every resend interval, also with no new sync.
-    let hits = eventually(5, "two re-sends", || {
+    let hits = eventually_some("two re-sends", Duration::from_secs(5), async || {
         let h = rec.hits();
         (h.len() >= 3).then_some(h)
     })
@@ -251,7 +246,7 @@ async fn alertmanager_gets_the_v2_shape_resent_while_active_and_resolved_on_remo
     let before = Timestamp::now();
     alerter.sync(("ci", "unit"), am(addr), vec![stalled.clone()]);
     assert_eq!(metric(&metrics, ACTIVE_UNIT), 1.0);
-    let resolve = eventually(5, "the resolve", || {
+    let resolve = eventually_some("the resolve", Duration::from_secs(5), async || {
         rec.hits().into_iter().find_map(|h| {
             h.body
                 .as_array()
@@ -276,7 +271,7 @@ async fn alertmanager_gets_the_v2_shape_resent_while_active_and_resolved_on_remo
 
     // Then it is gone, while the other one keeps being re-sent.
     let n = rec.hits().len();
-    let later = eventually(5, "two more re-sends", || {
+    let later = eventually_some("two more re-sends", Duration::from_secs(5), async || {
         let h = rec.hits();
         (h.len() >= n + 2).then(|| h[n..].to_vec())
     })
@@ -298,14 +293,17 @@ async fn forget_resolves_every_alert_of_the_pool() {
     let crash = alert(names::WORKER_CRASH, None);
     let broken = alert(names::BROKEN_ENVIRONMENT, None);
     alerter.sync(("ci", "unit"), am(addr), vec![crash, broken]);
-    eventually(5, "the firing post", || rec.hits().first().cloned()).await;
+    eventually_some("the firing post", Duration::from_secs(5), async || {
+        rec.hits().first().cloned()
+    })
+    .await;
 
     alerter.forget(("ci", "unit"));
     assert!(
         !metrics.encode().contains(ACTIVE_UNIT),
         "the pool's gauge is removed"
     );
-    let resolved = eventually(5, "both resolved", || {
+    let resolved = eventually_some("both resolved", Duration::from_secs(5), async || {
         rec.hits().into_iter().find(|h| {
             let alerts = h.body.as_array().unwrap();
             alerts.len() == 2 && alerts.iter().all(|a| a.get("endsAt").is_some())
@@ -313,8 +311,8 @@ async fn forget_resolves_every_alert_of_the_pool() {
     })
     .await;
     assert_eq!(resolved.path, "/api/v2/alerts");
-    eventually(5, "the resolves counted", || {
-        (metric(&metrics, SENT_AM_RESOLVED) == 2.0).then_some(())
+    eventually("the resolves counted", Duration::from_secs(5), async || {
+        metric(&metrics, SENT_AM_RESOLVED) == 2.0
     })
     .await;
 }
@@ -341,7 +339,10 @@ async fn webhook_gets_one_firing_and_one_resolved_per_alert() {
         alerter.sync(("ci", "unit"), receivers.clone(), vec![a.clone()]);
         alerter.sync(("ci", "clock"), am(clock_addr), vec![tick.clone()]);
     }
-    eventually(5, "firing A", || (hook.hits().len() == 1).then_some(())).await;
+    eventually("firing A", Duration::from_secs(5), async || {
+        hook.hits().len() == 1
+    })
+    .await;
     for _ in 0..10 {
         alerter.sync(
             ("ci", "unit"),
@@ -349,16 +350,25 @@ async fn webhook_gets_one_firing_and_one_resolved_per_alert() {
             vec![a.clone(), b.clone()],
         );
     }
-    eventually(5, "firing B", || (hook.hits().len() == 2).then_some(())).await;
+    eventually("firing B", Duration::from_secs(5), async || {
+        hook.hits().len() == 2
+    })
+    .await;
     alerter.sync(("ci", "unit"), receivers.clone(), vec![b.clone()]);
-    eventually(5, "resolved A", || (hook.hits().len() == 3).then_some(())).await;
+    eventually("resolved A", Duration::from_secs(5), async || {
+        hook.hits().len() == 3
+    })
+    .await;
     alerter.forget(("ci", "unit"));
-    eventually(5, "resolved B", || (hook.hits().len() == 4).then_some(())).await;
+    eventually("resolved B", Duration::from_secs(5), async || {
+        hook.hits().len() == 4
+    })
+    .await;
 
     // Nothing more comes, while the other pool is re-sent three more times.
     let n = clock.hits().len();
-    eventually(5, "three clock ticks", || {
-        (clock.hits().len() >= n + 3).then_some(())
+    eventually("three clock ticks", Duration::from_secs(5), async || {
+        clock.hits().len() >= n + 3
     })
     .await;
     let hits = hook.hits();
@@ -413,30 +423,32 @@ async fn a_receiver_that_is_down_gets_the_alert_and_its_pending_resolve_once_up(
     let alerter = Alerter::start(fast(), metrics.clone());
     let crash = alert(names::WORKER_CRASH, None);
     alerter.sync(("ci", "unit"), am(addr), vec![crash.clone()]);
-    eventually(5, "failures counted", || {
-        (metric(&metrics, FAILED_AM) >= 3.0).then_some(())
+    eventually("failures counted", Duration::from_secs(5), async || {
+        metric(&metrics, FAILED_AM) >= 3.0
     })
     .await;
     // The alert ends while the receiver is still down: the resolve must wait, not vanish.
     alerter.sync(("ci", "unit"), am(addr), vec![]);
     let failed = metric(&metrics, FAILED_AM);
-    eventually(5, "more failures", || {
-        (metric(&metrics, FAILED_AM) > failed).then_some(())
+    eventually("more failures", Duration::from_secs(5), async || {
+        metric(&metrics, FAILED_AM) > failed
     })
     .await;
 
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let rec = receiver_on(listener).await;
-    let hit = eventually(5, "the resolve after recovery", || {
-        rec.hits().first().cloned()
-    })
+    let hit = eventually_some(
+        "the resolve after recovery",
+        Duration::from_secs(5),
+        async || rec.hits().first().cloned(),
+    )
     .await;
     let alerts = hit.body.as_array().unwrap();
     assert_eq!(alerts.len(), 1);
     assert_eq!(alertname(&alerts[0]), names::WORKER_CRASH);
     assert!(alerts[0]["endsAt"].is_string(), "{alerts:?}");
-    eventually(5, "the resolve counted", || {
-        (metric(&metrics, SENT_AM_RESOLVED) == 1.0).then_some(())
+    eventually("the resolve counted", Duration::from_secs(5), async || {
+        metric(&metrics, SENT_AM_RESOLVED) == 1.0
     })
     .await;
 }
@@ -452,7 +464,7 @@ async fn server_errors_are_retried_with_growing_capped_backoff() {
         am(addr),
         vec![alert(names::BROKEN_ENVIRONMENT, None)],
     );
-    let hits = eventually(10, "six attempts", || {
+    let hits = eventually_some("six attempts", Duration::from_secs(10), async || {
         let h = rec.hits();
         (h.len() >= 6).then_some(h)
     })
@@ -471,9 +483,11 @@ async fn server_errors_are_retried_with_growing_capped_backoff() {
     assert!(metric(&metrics, FAILED_AM) >= 5.0);
 
     rec.answer(200);
-    eventually(5, "delivered once the receiver recovers", || {
-        (metric(&metrics, SENT_AM_FIRING) >= 1.0).then_some(())
-    })
+    eventually(
+        "delivered once the receiver recovers",
+        Duration::from_secs(5),
+        async || metric(&metrics, SENT_AM_FIRING) >= 1.0,
+    )
     .await;
     assert!(rec.hits().iter().any(|h| h.answered == 200));
 }
@@ -507,14 +521,17 @@ async fn sync_never_blocks_and_requests_time_out() {
         took < Duration::from_millis(500),
         "2000 syncs took {took:?}"
     );
-    eventually(5, "timeouts counted as failures", || {
-        (metric(&metrics, FAILED_AM) >= 2.0
-            && metric(
-                &metrics,
-                r#"testrunner_alert_send_failures_total{receiver="webhook"}"#,
-            ) >= 2.0)
-            .then_some(())
-    })
+    eventually(
+        "timeouts counted as failures",
+        Duration::from_secs(5),
+        async || {
+            metric(&metrics, FAILED_AM) >= 2.0
+                && metric(
+                    &metrics,
+                    r#"testrunner_alert_send_failures_total{receiver="webhook"}"#,
+                ) >= 2.0
+        },
+    )
     .await;
     drop(black_hole);
 }
@@ -539,12 +556,11 @@ async fn the_webhook_url_never_reaches_logs_or_metrics() {
         vec![alert(names::WORKER_CRASH, None)],
     );
     // This alerter's own failure (other tests log failures to the same capture).
-    eventually(5, "the failure counted", || {
-        (metric(
+    eventually("the failure counted", Duration::from_secs(5), async || {
+        metric(
             &metrics,
             r#"testrunner_alert_send_failures_total{receiver="webhook"}"#,
-        ) >= 1.0)
-            .then_some(())
+        ) >= 1.0
     })
     .await;
     assert!(logs().contains("failed to deliver alerts"));
@@ -554,15 +570,18 @@ async fn the_webhook_url_never_reaches_logs_or_metrics() {
         receivers.clone(),
         vec![alert(names::WORKER_CRASH, None)],
     );
-    let hit = eventually(5, "delivery", || rec.hits().first().cloned()).await;
+    let hit = eventually_some("delivery", Duration::from_secs(5), async || {
+        rec.hits().first().cloned()
+    })
+    .await;
     assert_eq!(hit.path, format!("/hooks/{secret}"));
     assert_eq!(
         hit.authorization.as_deref(),
         Some("Basic aG9vazpwYTU1LVNFQ1JFVA=="),
         "user info travels as a Basic header"
     );
-    eventually(5, "delivery logged", || {
-        logs().contains("alerts delivered").then_some(())
+    eventually("delivery logged", Duration::from_secs(5), async || {
+        logs().contains("alerts delivered")
     })
     .await;
 

@@ -12,6 +12,9 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use testrunner_operator::broker::{BrokerSettings, BrokerUri, Brokers, Probe};
 use tokio::net::{TcpListener, TcpStream};
 
+mod common;
+use common::{eventually, queue_counts};
+
 const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 fn queue_name(test: &str) -> String {
@@ -27,25 +30,6 @@ async fn connect() -> Connection {
     Connection::connect(BROKER, ConnectionProperties::default())
         .await
         .expect("RabbitMQ answers on 127.0.0.1:5672 (start it with `rabbitmq-server -detached`)")
-}
-
-/// Waits until `check` holds, or fails after `deadline`.
-async fn eventually<F, Fut>(what: &str, deadline: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let until = tokio::time::Instant::now() + deadline;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test]
@@ -313,22 +297,6 @@ async fn declare(ch: &lapin::Channel, queue: &str) {
     .unwrap();
 }
 
-/// Messages ready and consumers of `queue` (a passive declare).
-async fn counts(ch: &lapin::Channel, queue: &str) -> (u32, u32) {
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    (q.message_count(), q.consumer_count())
-}
-
 async fn publish_ids(ch: &lapin::Channel, queue: &str, ids: &[String]) {
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
@@ -439,7 +407,7 @@ async fn a_replay_cut_off_midway_loses_and_duplicates_nothing() {
         Duration::from_secs(10),
         || async {
             let ch = conn.create_channel().await.unwrap();
-            counts(&ch, &to).await.0 > 0
+            queue_counts(&ch, &to).await.0 > 0
         },
     )
     .await;
@@ -456,8 +424,8 @@ async fn a_replay_cut_off_midway_loses_and_duplicates_nothing() {
         "the cut connection's messages to return",
         Duration::from_secs(10),
         || async {
-            let (a, a_consumers) = counts(&ch2, &from).await;
-            let (b, _) = counts(&ch2, &to).await;
+            let (a, a_consumers) = queue_counts(&ch2, &from).await;
+            let (b, _) = queue_counts(&ch2, &to).await;
             a + b == ids.len() as u32 && a_consumers == 0
         },
     )

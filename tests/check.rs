@@ -6,14 +6,12 @@ use std::path::PathBuf;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use testrunner_operator::crd::TestRunnerPool;
-use testrunner_operator::sim::{self, ApiServer, ServerConfig};
+use testrunner_sim::{ApiServer, ServerConfig};
+
+mod common;
 
 async fn server() -> ApiServer {
-    let api = sim::start_api("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
-        .await
-        .expect("server starts");
-    sim::install_crd(&api.cluster).expect("CRD installs");
-    api
+    common::api_server(ServerConfig::default()).await
 }
 
 /// A kubeconfig for `server` whose user carries a token the output must never show.

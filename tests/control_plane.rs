@@ -1,6 +1,6 @@
-//! `sim::control_plane` against the real binaries: etcd, kube-apiserver,
+//! `testrunner_sim::control_plane` against the real binaries: etcd, kube-apiserver,
 //! kube-controller-manager and kube-scheduler from `bash tests/control-plane/build.sh`
-//! (in `target/control-plane/bin/`, or the directory env `TESTRUNNER_CONTROL_PLANE`
+//! (in `<target>/control-plane/bin/`, or the directory env `TESTRUNNER_CONTROL_PLANE`
 //! names). Those tests are ignored by default; `cargo test --test control_plane --
 //! --ignored` runs them, and they fail when a binary is missing.
 
@@ -19,35 +19,13 @@ use kube::api::{
 };
 use serde_json::json;
 use testrunner_operator::crd::TestRunnerPool;
-use testrunner_operator::sim::control_plane::ControlPlane;
+use testrunner_sim::control_plane::ControlPlane;
 
-const IGNORED: &str = "needs the real control plane";
+mod common;
+use common::{eventually_some, init_logs, whole_control_plane_bin};
+
 const NODE: &str = "simulated-node";
 const NODE_USER: &str = "system:node:simulated-node";
-
-/// The binaries' directory; a missing binary fails the test and says how to build it.
-fn bin_dir() -> PathBuf {
-    let dir = std::env::var_os("TESTRUNNER_CONTROL_PLANE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/control-plane/bin"));
-    let missing: Vec<&str> = [
-        "etcd",
-        "kube-apiserver",
-        "kube-controller-manager",
-        "kube-scheduler",
-    ]
-    .into_iter()
-    .filter(|name| !dir.join(name).is_file())
-    .collect();
-    assert!(
-        missing.is_empty(),
-        "{IGNORED}: {} missing in {}; build them with `bash tests/control-plane/build.sh` \
-         (or set TESTRUNNER_CONTROL_PLANE to a directory that holds them)",
-        missing.join(", "),
-        dir.display()
-    );
-    dir
-}
 
 /// A work directory of this test's own, that does not exist yet.
 fn work_dir(test: &str) -> PathBuf {
@@ -56,47 +34,16 @@ fn work_dir(test: &str) -> PathBuf {
     dir
 }
 
-/// Logs of the library (readiness times) go to the test's output.
-fn init_logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "testrunner_operator=info".into()),
-        )
-        .with_ansi(false)
-        .with_test_writer()
-        .try_init();
-}
-
 /// A control plane with every component.
 async fn start(test: &str) -> ControlPlane {
     init_logs();
     let started = std::time::Instant::now();
-    let plane = ControlPlane::start(&bin_dir(), &work_dir(test))
+    let plane = ControlPlane::start(&whole_control_plane_bin(), &work_dir(test))
         .await
         .unwrap_or_else(|e| panic!("the control plane did not start: {e}"));
     eprintln!("{test}: control plane ready in {:.1?}", started.elapsed());
     assert!(plane.missing().is_empty(), "{:?}", plane.missing());
     plane
-}
-
-/// Polls `check` until it gives a value; fails after `secs` seconds.
-async fn eventually<T, F, Fut>(what: &str, secs: u64, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {secs}s waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// User name and groups the API server sees for `client`.
@@ -211,7 +158,7 @@ async fn the_crd_is_established() {
     let crd: CustomResourceDefinition = serde_saphyr::from_str(&text).unwrap();
     let crds = Api::<CustomResourceDefinition>::all(admin.clone());
     crds.create(&PostParams::default(), &crd).await.unwrap();
-    eventually("the CRD Established", 60, || async {
+    eventually_some("the CRD Established", Duration::from_secs(60), || async {
         let crd = crds.get("testrunnerpools.testrunner.dev").await.ok()?;
         let conditions = crd.status?.conditions?;
         conditions
@@ -370,28 +317,36 @@ async fn a_deployment_gets_a_replicaset_and_pods() {
         .unwrap();
     let deployment_uid = created.metadata.uid.unwrap();
     let replica_sets = Api::<ReplicaSet>::default_namespaced(admin.clone());
-    let rs_uid = eventually("a ReplicaSet of Deployment web", 60, || async {
-        let list = replica_sets.list(&ListParams::default()).await.ok()?;
-        list.items
-            .into_iter()
-            .find(|rs| owned_by(&rs.metadata, &deployment_uid))
-            .and_then(|rs| rs.metadata.uid)
-    })
+    let rs_uid = eventually_some(
+        "a ReplicaSet of Deployment web",
+        Duration::from_secs(60),
+        || async {
+            let list = replica_sets.list(&ListParams::default()).await.ok()?;
+            list.items
+                .into_iter()
+                .find(|rs| owned_by(&rs.metadata, &deployment_uid))
+                .and_then(|rs| rs.metadata.uid)
+        },
+    )
     .await;
     let pods = Api::<Pod>::default_namespaced(admin);
-    eventually("two pods of the ReplicaSet", 60, || async {
-        let list = pods
-            .list(&ListParams::default().labels("app=web"))
-            .await
-            .ok()?;
-        (list
-            .items
-            .iter()
-            .filter(|p| owned_by(&p.metadata, &rs_uid))
-            .count()
-            == 2)
-            .then_some(())
-    })
+    eventually_some(
+        "two pods of the ReplicaSet",
+        Duration::from_secs(60),
+        || async {
+            let list = pods
+                .list(&ListParams::default().labels("app=web"))
+                .await
+                .ok()?;
+            (list
+                .items
+                .iter()
+                .filter(|p| owned_by(&p.metadata, &rs_uid))
+                .count()
+                == 2)
+                .then_some(())
+        },
+    )
     .await;
     plane.stop().await;
 }
@@ -423,7 +378,7 @@ async fn the_garbage_collector_deletes_a_pod_with_its_owner() {
         .delete("owner", &DeleteParams::default())
         .await
         .unwrap();
-    eventually("the owned pod deleted", 60, || async {
+    eventually_some("the owned pod deleted", Duration::from_secs(60), || async {
         match pods.get("dependent").await {
             Err(e) if status(&e) == 404 => Some(()),
             _ => None,
@@ -480,7 +435,7 @@ async fn two_run_at_once_and_stop_leaves_nothing_behind() {
 #[ignore = "needs the real control plane: bash tests/control-plane/build.sh, then cargo test -- --ignored"]
 async fn without_the_optional_components_missing_says_what_lacks() {
     init_logs();
-    let full = bin_dir();
+    let full = whole_control_plane_bin();
     let partial = work_dir("partial-bin");
     std::fs::create_dir_all(&partial).unwrap();
     for name in ["etcd", "kube-apiserver"] {

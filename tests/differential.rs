@@ -1,8 +1,8 @@
-//! The embedded API server (`sim::start_api`) against the real kube-apiserver
-//! (`sim::control_plane`): the same requests, in the same order, to both, and what
-//! clients read from the answers compared field by field.
+//! The embedded API server (`testrunner_sim::start_api`) against the real
+//! kube-apiserver (`testrunner_sim::control_plane`): the same requests, in the same
+//! order, to both, and what clients read from the answers compared field by field.
 //!
-//! The requests are the ones the operator, the simulated node (`src/sim/kubelet/`) and
+//! The requests are the ones the operator, the simulated node (`sim/src/kubelet/`) and
 //! kubectl make (protobuf bodies of `kubectl create`, Table lists, `describe`'s event
 //! field selector, client- and server-side apply), plus the error cases they handle. Every case names the fields it compares; status codes, the `reason`
 //! and `details.kind`/`details.name` of error Status objects, and the metadata clients
@@ -16,21 +16,22 @@
 //! directory. Ignored by default; `cargo test --test differential -- --include-ignored`.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::FutureExt;
 use http_body_util::BodyExt;
 use k8s_pb::api::core::v1 as core;
 use k8s_pb::apimachinery::pkg::apis::meta::v1 as meta;
-use k8s_pb::apimachinery::pkg::runtime::{TypeMeta, Unknown};
-use prost::Message;
+use kube::CustomResourceExt;
 use serde_json::{Value, json};
 use testrunner_operator::crd::TestRunnerPool;
 use testrunner_operator::pods::{self, PodSettings};
-use testrunner_operator::sim::control_plane::ControlPlane;
-use testrunner_operator::sim::kubelet::node::{MANAGER as NODE_MANAGER, node_object, node_status};
-use testrunner_operator::sim::{self, ServerConfig};
+use testrunner_sim::control_plane::ControlPlane;
+use testrunner_sim::kubelet::node::{MANAGER as NODE_MANAGER, node_object, node_status};
+use testrunner_sim::{self as sim, ServerConfig};
+
+mod common;
+use common::{init_logs, protobuf_body, whole_control_plane_bin};
 
 /// Name of the Node the cases register, as the simulated node does.
 const NODE: &str = "diff-node";
@@ -96,19 +97,6 @@ static KNOWN: &[Known] = &[
         why: "Terminating on the real server, see the deletionTimestamp above",
     },
 ];
-
-/// The binaries' directory: env `TESTRUNNER_CONTROL_PLANE`, else
-/// `<CARGO_TARGET_DIR or target>/control-plane/bin` (as tests/sim_scenarios.rs).
-fn control_plane_bin() -> PathBuf {
-    std::env::var_os("TESTRUNNER_CONTROL_PLANE")
-        .map(Into::into)
-        .unwrap_or_else(|| {
-            std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
-                .join("control-plane/bin")
-        })
-}
 
 /// A request body.
 enum Body {
@@ -254,23 +242,6 @@ impl Case {
     }
 }
 
-/// A body as client-go encodes it for `application/vnd.kubernetes.protobuf`: the magic
-/// bytes `k8s\0` and a `runtime.Unknown` around the object's message.
-fn protobuf_body(api_version: &str, kind: &str, object: &impl Message) -> Vec<u8> {
-    let unknown = Unknown {
-        type_meta: Some(TypeMeta {
-            api_version: Some(api_version.into()),
-            kind: Some(kind.into()),
-        }),
-        raw: Some(object.encode_to_vec()),
-        content_encoding: Some(String::new()),
-        content_type: Some(String::new()),
-    };
-    let mut body = b"k8s\0".to_vec();
-    body.extend(unknown.encode_to_vec());
-    body
-}
-
 /// Protobuf metadata with a name only.
 fn pb_meta(name: &str) -> Option<meta::ObjectMeta> {
     Some(meta::ObjectMeta {
@@ -325,7 +296,7 @@ fn config_map(name: &str, labels: Value) -> Value {
         "metadata": {"name": name, "labels": labels}, "data": {"k": "v"}})
 }
 
-/// The status a running pod's node reports (as `src/sim/kubelet/pod.rs` writes it).
+/// The status a running pod's node reports (as `sim/src/kubelet/pod.rs` writes it).
 fn running_status() -> Value {
     let t = "2026-01-01T00:00:00Z";
     let conditions: Vec<Value> = [
@@ -1292,35 +1263,10 @@ fn known(m: &Mismatch) -> Option<&'static Known> {
 #[tokio::test]
 #[ignore = "needs the real control plane: bash tests/control-plane/build.sh, then cargo test -- --include-ignored"]
 async fn the_embedded_server_answers_as_the_real_one() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "testrunner_operator=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
-    let bin = control_plane_bin();
-    let missing: Vec<&str> = [
-        "etcd",
-        "kube-apiserver",
-        "kube-controller-manager",
-        "kube-scheduler",
-    ]
-    .into_iter()
-    .filter(|b| !bin.join(b).is_file())
-    .collect();
-    assert!(
-        missing.is_empty(),
-        "{} missing in {}: build the control plane with `bash tests/control-plane/build.sh` \
-         (or set TESTRUNNER_CONTROL_PLANE to the directory of its binaries)",
-        missing.join(", "),
-        bin.display()
-    );
+    init_logs();
+    let bin = whole_control_plane_bin();
 
-    let embedded = sim::start_api("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
-        .await
-        .expect("the embedded API server starts");
-    sim::install_crd(&embedded.cluster).expect("the CRD installs");
+    let embedded = common::api_server(ServerConfig::default()).await;
     let work = std::env::temp_dir().join(format!("testrunner-differential-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     let plane = ControlPlane::start(&bin, &work).await.unwrap_or_else(|e| {
@@ -1333,7 +1279,9 @@ async fn the_embedded_server_answers_as_the_real_one() {
     let cases = cases();
     let outcome = std::panic::AssertUnwindSafe(async {
         let real = plane.admin_client().await.expect("an admin client");
-        sim::apply_crd(&real).await.expect("the CRD is Established");
+        sim::apply_crd(&real, &TestRunnerPool::crd())
+            .await
+            .expect("the CRD is Established");
         run(&cases, &embedded.client(), &real).await
     })
     .catch_unwind()

@@ -11,14 +11,15 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeleteOptions};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{Value, json};
 use testrunner_operator::crd::TestRunnerPool;
-use testrunner_operator::sim;
+use testrunner_operator::simulate;
+use testrunner_sim as sim;
+
+mod common;
+use common::{declare_expiring, eventually, eventually_some, queue_counts};
 
 const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const IMAGE: &str = "registry.example/minimal-runner:1";
@@ -52,24 +53,6 @@ fn bare_rootfs(name: &str) -> PathBuf {
     dir
 }
 
-async fn eventually<T, F, Fut>(what: &str, secs: u64, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {secs}s waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn channel() -> (Connection, Channel) {
     let conn = Connection::connect(BROKER, ConnectionProperties::default())
         .await
@@ -81,12 +64,12 @@ async fn channel() -> (Connection, Channel) {
 /// A simulated cluster (time scale 50) whose broker Secret holds `uri`, on which [`IMAGE`]
 /// runs in the root filesystem `root`.
 async fn simulation(uri: &str, root: PathBuf) -> sim::Simulation {
-    sim::Simulation::start_with_images(
+    sim::Simulation::start(
         "127.0.0.1:0".parse().unwrap(),
-        uri,
-        50.0,
-        env!("CARGO_BIN_EXE_testrunner-operator").into(),
-        BTreeMap::from([(IMAGE.to_string(), root)]),
+        sim::Options {
+            images: BTreeMap::from([(IMAGE.to_string(), root)]),
+            ..common::options(uri, 50.0)
+        },
     )
     .await
     .unwrap()
@@ -100,27 +83,6 @@ async fn remove_queues(conn: Connection, ch: &Channel, queues: &[String]) {
             .await;
     }
     let _ = conn.close(200, "done".into()).await;
-}
-
-async fn declare(ch: &Channel, queue: &str, quorum: bool) {
-    let mut args = FieldTable::default();
-    if quorum {
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-    }
-    args.insert("x-expires".into(), AMQPValue::LongInt(600_000));
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            durable: quorum,
-            ..Default::default()
-        },
-        args,
-    )
-    .await
-    .unwrap();
 }
 
 async fn publish(ch: &Channel, queue: &str, id: &str, body: &str) {
@@ -216,9 +178,9 @@ async fn wrapper_runs_in(root: PathBuf) {
     let quarantine = format!("{queue}.quarantine");
     let outcomes = format!("{queue}.outcomes");
     let (conn, ch) = channel().await;
-    declare(&ch, &queue, true).await;
-    declare(&ch, &quarantine, true).await;
-    declare(&ch, &outcomes, false).await;
+    declare_expiring(&ch, &queue, true).await;
+    declare_expiring(&ch, &quarantine, true).await;
+    declare_expiring(&ch, &outcomes, false).await;
 
     // The broker by a name that only the pod's hostAliases resolve.
     let sim = simulation("amqp://guest:guest@rabbitmq.testrunner-sim:5672/%2f", root).await;
@@ -288,17 +250,21 @@ async fn wrapper_runs_in(root: PathBuf) {
 
     // A crash is attributed to its ticket through the termination log.
     publish(&ch, &queue, "t-crash", "crash").await;
-    let terminated = eventually("the crash on t-crash in the pod status", 60, || {
-        let pods = pods.clone();
-        async move {
-            let status = worker_container_status(&pods.get("minimal-1").await.ok()?);
-            let t = status.pointer("/lastState/terminated")?.clone();
-            t["message"]
-                .as_str()?
-                .contains("ticket=t-crash")
-                .then_some(t)
-        }
-    })
+    let terminated = eventually_some(
+        "the crash on t-crash in the pod status",
+        Duration::from_secs(60),
+        || {
+            let pods = pods.clone();
+            async move {
+                let status = worker_container_status(&pods.get("minimal-1").await.ok()?);
+                let t = status.pointer("/lastState/terminated")?.clone();
+                t["message"]
+                    .as_str()?
+                    .contains("ticket=t-crash")
+                    .then_some(t)
+            }
+        },
+    )
     .await;
     assert_eq!(terminated["exitCode"], 3, "{terminated}");
     // Listing it ends the crash loop: the next delivery goes to quarantine.
@@ -319,7 +285,7 @@ async fn wrapper_runs_in(root: PathBuf) {
         .await
         .unwrap();
     reports.wait(&mut seen, "t-slow", "passed").await;
-    eventually("the pod to go", 30, || {
+    eventually_some("the pod to go", Duration::from_secs(30), || {
         let pods = pods.clone();
         async move {
             pods.get_opt("minimal-1")
@@ -343,19 +309,7 @@ async fn wrapper_runs_in(root: PathBuf) {
     assert_eq!(count("t-crash", "quarantined"), 1);
     let depth = |q: String| {
         let ch = ch.clone();
-        async move {
-            ch.queue_declare(
-                q.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap()
-            .message_count()
-        }
+        async move { queue_counts(&ch, &q).await.0 }
     };
     assert_eq!(depth(queue.clone()).await, 0);
     assert_eq!(depth(quarantine.clone()).await, 2);
@@ -395,9 +349,9 @@ async fn a_pool_runs_each_ticket_once_in(root: PathBuf) {
     );
     let queue = format!("img-pool-{tag}");
     let (conn, ch) = channel().await;
-    declare(&ch, &queue, true).await;
-    declare(&ch, &format!("{queue}.quarantine"), true).await;
-    let ids = sim::publish::publish(BROKER, &queue, 12, false)
+    declare_expiring(&ch, &queue, true).await;
+    declare_expiring(&ch, &format!("{queue}.quarantine"), true).await;
+    let ids = testrunner_operator::publish::publish(BROKER, &queue, 12, false)
         .await
         .unwrap();
 
@@ -405,7 +359,7 @@ async fn a_pool_runs_each_ticket_once_in(root: PathBuf) {
     std::fs::create_dir_all(&ledger).unwrap();
     let sim = simulation(BROKER, root).await;
     let client = sim.client();
-    let operator = sim::start_operator_in(client.clone(), vec!["default".into()]);
+    let operator = simulate::start_operator_in(client.clone(), vec!["default".into()]);
     let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), "default");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let pool: TestRunnerPool = serde_json::from_value(json!({
@@ -430,11 +384,13 @@ async fn a_pool_runs_each_ticket_once_in(root: PathBuf) {
             .map(str::to_string)
             .collect::<Vec<_>>()
     };
-    eventually("every ticket to complete", 90, || async {
-        (lines().iter().filter(|l| l.ends_with(" end")).count() >= ids.len()).then_some(())
-    })
+    eventually(
+        "every ticket to complete",
+        Duration::from_secs(90),
+        || async { lines().iter().filter(|l| l.ends_with(" end")).count() >= ids.len() },
+    )
     .await;
-    eventually("the pool to scale to zero", 60, || {
+    eventually_some("the pool to scale to zero", Duration::from_secs(60), || {
         let pods = pods.clone();
         async move {
             pods.list(&Default::default())

@@ -7,13 +7,11 @@
 //! A module is a top-level module of the crate: `src/x.rs` and everything under `src/x/`.
 //! A module uses another when one of its files names it in a `crate::` path (`use`
 //! declarations, paths in code, and doc links alike). `src/lib.rs` and `src/main.rs`
-//! are the root and the binary, above everything; `src/sim/` is left out.
+//! are the root and the binary, above everything.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-/// Left out of the check: the simulated cluster, on its way to a crate of its own.
-const LEFT_OUT: &[&str] = &["sim"];
 /// The bottom: modules that use no other module of the crate.
 const BOTTOM: &[&str] = &["contract", "crd"];
 /// What the core may use.
@@ -88,7 +86,7 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The module graph of the sources under `src`, modules left out excluded.
+/// The module graph of the sources under `src`.
 fn graph(src: &Path) -> Graph {
     let mut files = Vec::new();
     rust_files(src, &mut files);
@@ -103,12 +101,9 @@ fn graph(src: &Path) -> Graph {
     let modules: BTreeSet<String> = texts.iter().map(|(m, _)| m.clone()).collect();
     let mut graph = Graph::new();
     for (module, text) in texts {
-        if LEFT_OUT.contains(&module.as_str()) {
-            continue;
-        }
         let uses = graph.entry(module.clone()).or_default();
         for name in crate_paths(&text) {
-            if name != module && modules.contains(&name) && !LEFT_OUT.contains(&name.as_str()) {
+            if name != module && modules.contains(&name) {
                 uses.insert(name);
             }
         }

@@ -3,7 +3,8 @@
 # Debian's packages, kubectl and helm into .tools/, minimal root filesystems from Debian's
 # packages into .tools/rootfs/), builds the real Kubernetes control plane from Go modules
 # (tests/control-plane/build.sh; a no-op once built), starts the broker if it is down,
-# then `cargo test` with the control-plane tests included (`--include-ignored`).
+# then `cargo test --workspace` (the operator and the simulator, testrunner-sim) with the
+# control-plane tests included (`--include-ignored`).
 # Arguments go to cargo test, those after `--` to the test harness (for example a test
 # name, or `-- --nocapture`).
 #
@@ -43,4 +44,4 @@ else
   echo "tests/run.sh: Go is not installed: the tests on the real control plane are skipped (listed as ignored)." >&2
   echo "  Install Go 1.26 and run this again to build the control plane and include them." >&2
 fi
-exec cargo test "${cargo_args[@]}" -- "${harness_args[@]}"
+exec cargo test --workspace "${cargo_args[@]}" -- "${harness_args[@]}"

@@ -1,7 +1,6 @@
 //! The simulated API server at the HTTP level, driven by kube's own client: the
 //! semantics the operator and kubectl rely on.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,37 +13,14 @@ use kube::api::{
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use testrunner_operator::crd::TestRunnerPool;
-use testrunner_operator::sim::{self, ApiServer, ServerConfig};
+use testrunner_operator::simulate;
+use testrunner_sim::{self as sim, ApiServer, ServerConfig};
+
+mod common;
+use common::{control_plane_bin, eventually_some, process_alive, protobuf_body};
 
 async fn server() -> ApiServer {
-    server_with(ServerConfig::default()).await
-}
-
-async fn server_with(config: ServerConfig) -> ApiServer {
-    let api = sim::start_api("127.0.0.1:0".parse().unwrap(), config)
-        .await
-        .expect("server starts");
-    sim::install_crd(&api.cluster).expect("CRD installs");
-    api
-}
-
-/// Polls `check` until it returns Some, or panics after `secs` seconds.
-async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::api_server(ServerConfig::default()).await
 }
 
 fn cm(name: &str, data: Value) -> ConfigMap {
@@ -183,7 +159,7 @@ async fn watch_resumes_from_a_version_and_expired_versions_get_410() {
 
 #[tokio::test]
 async fn kube_runtime_watcher_lists_then_watches_with_bookmarks() {
-    let s = server_with(ServerConfig {
+    let s = common::api_server(ServerConfig {
         bookmark_interval: Duration::from_millis(100),
         ..ServerConfig::default()
     })
@@ -677,7 +653,7 @@ async fn bad_requests_get_kubernetes_status_answers() {
 
 #[tokio::test]
 async fn a_watch_client_that_goes_away_frees_its_subscription() {
-    let s = server_with(ServerConfig {
+    let s = common::api_server(ServerConfig {
         bookmark_interval: Duration::from_millis(50),
         ..ServerConfig::default()
     })
@@ -687,44 +663,41 @@ async fn a_watch_client_that_goes_away_frees_its_subscription() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_runs_against_the_simulation_and_gc_removes_its_workers() {
-    let sim = sim::Simulation::start(
-        "127.0.0.1:0".parse().unwrap(),
-        "amqp://guest:guest@127.0.0.1:1/%2f",
-        50.0,
-        env!("CARGO_BIN_EXE_testrunner-operator").into(),
-    )
-    .await
-    .unwrap();
+    let sim = common::simulation("amqp://guest:guest@127.0.0.1:1/%2f", 50.0).await;
     let client = sim.client();
-    let operator = sim::start_operator(client.clone());
+    let operator = simulate::start_operator(client.clone());
     let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), "default");
     let body: TestRunnerPool =
         serde_json::from_value(pool_json("demo", json!({"minWorkers": 1, "maxWorkers": 2})))
             .unwrap();
     pools.create(&PostParams::default(), &body).await.unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let pod = eventually(60, "a worker pod whose init container completed", || {
-        let pods = pods.clone();
-        async move {
-            let list = pods
-                .list(&ListParams::default().labels("testrunner.dev/pool=demo"))
-                .await
-                .ok()?;
-            list.items.into_iter().find(|p| {
-                p.status
-                    .as_ref()
-                    .and_then(|s| s.init_container_statuses.as_ref())
-                    .is_some_and(|i| {
-                        i.iter().all(|c| {
-                            c.state
-                                .as_ref()
-                                .and_then(|s| s.terminated.as_ref())
-                                .is_some_and(|t| t.exit_code == 0)
+    let pod = eventually_some(
+        "a worker pod whose init container completed",
+        Duration::from_secs(60),
+        || {
+            let pods = pods.clone();
+            async move {
+                let list = pods
+                    .list(&ListParams::default().labels("testrunner.dev/pool=demo"))
+                    .await
+                    .ok()?;
+                list.items.into_iter().find(|p| {
+                    p.status
+                        .as_ref()
+                        .and_then(|s| s.init_container_statuses.as_ref())
+                        .is_some_and(|i| {
+                            i.iter().all(|c| {
+                                c.state
+                                    .as_ref()
+                                    .and_then(|s| s.terminated.as_ref())
+                                    .is_some_and(|t| t.exit_code == 0)
+                            })
                         })
-                    })
-            })
-        }
-    })
+                })
+            }
+        },
+    )
     .await;
     assert_eq!(
         pod.spec.as_ref().unwrap().node_name.as_deref(),
@@ -737,7 +710,7 @@ async fn the_operator_runs_against_the_simulation_and_gc_removes_its_workers() {
         .delete("demo", &DeleteParams::default())
         .await
         .unwrap();
-    eventually(60, "the pool's pods to go", || {
+    eventually_some("the pool's pods to go", Duration::from_secs(60), || {
         let pods = pods.clone();
         async move {
             let list = pods
@@ -759,14 +732,7 @@ fn pod_status(p: &Pod) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kubelet_runs_init_then_main_containers_with_env_restarts_and_termination_messages() {
     // Time scale 100: CrashLoopBackOff waits 0.1 s, 0.2 s, 0.4 s, ...
-    let sim = sim::Simulation::start(
-        "127.0.0.1:0".parse().unwrap(),
-        "amqp://user:secret@broker.example/%2f",
-        100.0,
-        env!("CARGO_BIN_EXE_testrunner-operator").into(),
-    )
-    .await
-    .unwrap();
+    let sim = common::simulation("amqp://user:secret@broker.example/%2f", 100.0).await;
     let pods: Api<Pod> = Api::namespaced(sim.client(), "default");
     let mount = json!([{"name": "shared", "mountPath": "/opt/shared"}]);
     let pod: Pod = serde_json::from_value(json!({
@@ -783,7 +749,7 @@ async fn the_kubelet_runs_init_then_main_containers_with_env_restarts_and_termin
     }))
     .unwrap();
     pods.create(&PostParams::default(), &pod).await.unwrap();
-    let status = eventually(30, "two restarts", || {
+    let status = eventually_some("two restarts", Duration::from_secs(30), || {
         let pods = pods.clone();
         async move {
             let p = pods.get("crasher").await.ok()?;
@@ -816,7 +782,7 @@ async fn the_kubelet_runs_init_then_main_containers_with_env_restarts_and_termin
     }))
     .unwrap();
     pods.create(&PostParams::default(), &logs).await.unwrap();
-    let status = eventually(30, "the logger to fail", || {
+    let status = eventually_some("the logger to fail", Duration::from_secs(30), || {
         let pods = pods.clone();
         async move {
             let s = pod_status(&pods.get("logger").await.ok()?);
@@ -830,28 +796,10 @@ async fn the_kubelet_runs_init_then_main_containers_with_env_restarts_and_termin
     sim.shutdown().await;
 }
 
-fn process_alive(pid: &str) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // A zombie is dead; it only waits for a parent to reap it.
-        Ok(stat) => !stat
-            .split(") ")
-            .nth(1)
-            .is_some_and(|rest| rest.starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_pod_sends_sigterm_waits_the_grace_period_then_kills() {
     // Time scale 100: a grace period of 100 s lasts one second.
-    let sim = sim::Simulation::start(
-        "127.0.0.1:0".parse().unwrap(),
-        "amqp://guest:guest@127.0.0.1:5672/%2f",
-        100.0,
-        env!("CARGO_BIN_EXE_testrunner-operator").into(),
-    )
-    .await
-    .unwrap();
+    let sim = common::simulation("amqp://guest:guest@127.0.0.1:5672/%2f", 100.0).await;
     let dir = std::env::temp_dir().join(format!("sim-grace-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let script = format!(
@@ -867,7 +815,7 @@ async fn deleting_a_pod_sends_sigterm_waits_the_grace_period_then_kills() {
     }))
     .unwrap();
     pods.create(&PostParams::default(), &pod).await.unwrap();
-    eventually(30, "the pod to be Ready", || {
+    eventually_some("the pod to be Ready", Duration::from_secs(30), || {
         let pods = pods.clone();
         async move {
             let s = pod_status(&pods.get("stubborn").await.ok()?);
@@ -879,7 +827,7 @@ async fn deleting_a_pod_sends_sigterm_waits_the_grace_period_then_kills() {
         }
     })
     .await;
-    let pid = eventually(10, "the pid file", || {
+    let pid = eventually_some("the pid file", Duration::from_secs(10), || {
         let f = dir.join("pid");
         async move {
             std::fs::read_to_string(f)
@@ -897,16 +845,20 @@ async fn deleting_a_pod_sends_sigterm_waits_the_grace_period_then_kills() {
         .unwrap();
     let terminating = pods.get("stubborn").await.unwrap();
     assert!(terminating.metadata.deletion_timestamp.is_some());
-    eventually(10, "SIGTERM to reach the process", || {
-        let f = dir.join("term");
-        async move { f.exists().then_some(()) }
-    })
+    eventually_some(
+        "SIGTERM to reach the process",
+        Duration::from_secs(10),
+        || {
+            let f = dir.join("term");
+            async move { f.exists().then_some(()) }
+        },
+    )
     .await;
     assert!(
         process_alive(&pid),
         "the process ignores SIGTERM and lives through the grace period"
     );
-    eventually(15, "the pod object to go", || {
+    eventually_some("the pod object to go", Duration::from_secs(15), || {
         let pods = pods.clone();
         async move { pods.get_opt("stubborn").await.ok()?.is_none().then_some(()) }
     })
@@ -915,7 +867,7 @@ async fn deleting_a_pod_sends_sigterm_waits_the_grace_period_then_kills() {
         started.elapsed() >= Duration::from_millis(900),
         "the grace period is waited for"
     );
-    eventually(5, "the process to be killed", || {
+    eventually_some("the process to be killed", Duration::from_secs(5), || {
         let pid = pid.clone();
         async move { (!process_alive(&pid)).then_some(()) }
     })
@@ -939,14 +891,18 @@ async fn leader_election_runs_through_the_lease_api() {
     let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
     let leases2 = leases.clone();
     let work = async move {
-        let lease = eventually(10, "the Lease to name its holder", || {
-            let leases = leases2.clone();
-            async move {
-                let l = leases.get_opt("testrunner-operator").await.ok()??;
-                let holder = l.spec.as_ref()?.holder_identity.clone()?;
-                (holder == "replica-a").then_some(l)
-            }
-        })
+        let lease = eventually_some(
+            "the Lease to name its holder",
+            Duration::from_secs(10),
+            || {
+                let leases = leases2.clone();
+                async move {
+                    let l = leases.get_opt("testrunner-operator").await.ok()??;
+                    let holder = l.spec.as_ref()?.holder_identity.clone()?;
+                    (holder == "replica-a").then_some(l)
+                }
+            },
+        )
         .await;
         assert!(lease.spec.unwrap().lease_duration_seconds == Some(5));
     };
@@ -1004,14 +960,7 @@ async fn kube_runtime_watcher_with_streaming_lists_gets_initial_events_then_chan
 async fn crash_loop_backoff_doubles_and_resets_after_a_long_enough_run() {
     // Time scale 6000: the backoff starts at 10 s / 6000 and a run of 10 min / 6000 =
     // 0.1 s resets it.
-    let sim = sim::Simulation::start(
-        "127.0.0.1:0".parse().unwrap(),
-        "amqp://guest:guest@127.0.0.1:5672/%2f",
-        6000.0,
-        env!("CARGO_BIN_EXE_testrunner-operator").into(),
-    )
-    .await
-    .unwrap();
+    let sim = common::simulation("amqp://guest:guest@127.0.0.1:5672/%2f", 6000.0).await;
     let pods: Api<Pod> = Api::namespaced(sim.client(), "default");
     for (name, script) in [("quick", "exit 1"), ("steady", "sleep 0.3; exit 1")] {
         let pod: Pod = serde_json::from_value(json!({"metadata": {"name": name},
@@ -1030,14 +979,24 @@ async fn crash_loop_backoff_doubles_and_resets_after_a_long_enough_run() {
             c["state"]["waiting"]["message"].as_str().map(String::from)
         }
     };
-    let quick = eventually(30, "the quick crasher to back off", || waiting("quick", 5)).await;
+    let quick = eventually_some(
+        "the quick crasher to back off",
+        Duration::from_secs(30),
+        || waiting("quick", 5),
+    )
+    .await;
     assert!(
         ["back-off 160s", "back-off 300s"]
             .iter()
             .any(|b| quick.starts_with(b)),
         "the backoff doubles: {quick}"
     );
-    let steady = eventually(30, "the steady crasher to restart", || waiting("steady", 3)).await;
+    let steady = eventually_some(
+        "the steady crasher to restart",
+        Duration::from_secs(30),
+        || waiting("steady", 3),
+    )
+    .await;
     assert!(
         steady.starts_with("back-off 10s "),
         "a long run resets the backoff: {steady}"
@@ -1058,14 +1017,16 @@ async fn watch_then_go(s: &ApiServer, params: &WatchParams) {
     let before = cluster.watcher_count();
     let cms: Api<ConfigMap> = Api::namespaced(s.client(), "default");
     let stream = cms.watch(params, "0").await.unwrap().boxed();
-    eventually(5, "the watch to subscribe", || async {
+    eventually_some("the watch to subscribe", Duration::from_secs(5), || async {
         (cluster.watcher_count() > before).then_some(())
     })
     .await;
     drop(stream);
-    eventually(5, "the watch to be released", || async {
-        (cluster.watcher_count() == before).then_some(())
-    })
+    eventually_some(
+        "the watch to be released",
+        Duration::from_secs(5),
+        || async { (cluster.watcher_count() == before).then_some(()) },
+    )
     .await;
 }
 
@@ -1103,25 +1064,6 @@ async fn send(
     let value = serde_json::from_slice(first)
         .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {bytes:?}"));
     (code, answered, value)
-}
-
-/// A body as client-go encodes it for `application/vnd.kubernetes.protobuf`: the magic
-/// bytes and a `runtime.Unknown` around the object's message.
-fn protobuf_body(api_version: &str, kind: &str, object: &impl prost::Message) -> Vec<u8> {
-    use k8s_pb::apimachinery::pkg::runtime::{TypeMeta, Unknown};
-    use prost::Message;
-    let unknown = Unknown {
-        type_meta: Some(TypeMeta {
-            api_version: Some(api_version.into()),
-            kind: Some(kind.into()),
-        }),
-        raw: Some(object.encode_to_vec()),
-        content_encoding: Some(String::new()),
-        content_type: Some(String::new()),
-    };
-    let mut body = b"k8s\0".to_vec();
-    body.extend(unknown.encode_to_vec());
-    body
 }
 
 #[tokio::test]
@@ -1252,19 +1194,6 @@ async fn protobuf_bodies_are_decoded_and_every_answer_is_json() {
     assert!(api.get_opt("rabbitmq").await.unwrap().is_none());
 }
 
-/// The real control plane's binaries: TESTRUNNER_CONTROL_PLANE, else
-/// `<target dir>/control-plane/bin`.
-fn control_plane_bin() -> std::path::PathBuf {
-    std::env::var_os("TESTRUNNER_CONTROL_PLANE")
-        .map(Into::into)
-        .unwrap_or_else(|| {
-            std::env::var_os("CARGO_TARGET_DIR")
-                .map(std::path::PathBuf::from)
-                .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
-                .join("control-plane/bin")
-        })
-}
-
 /// What the simulated node does for a pod, the same on the embedded server and on a real
 /// control plane: a pod with a volume of a ConfigMap that does not exist yet waits with
 /// `ContainerCreating`, then starts once it exists; init containers run first;
@@ -1306,9 +1235,9 @@ async fn the_node_runs_a_pod_with_volumes_env_and_graceful_deletion(sim: sim::Si
     }))
     .unwrap();
     pods.create(&PostParams::default(), &pod).await.unwrap();
-    eventually(
-        60,
+    eventually_some(
         "ContainerCreating while the ConfigMap of a volume is missing",
+        Duration::from_secs(60),
         || {
             let pods = pods.clone();
             async move {
@@ -1328,13 +1257,17 @@ async fn the_node_runs_a_pod_with_volumes_env_and_graceful_deletion(sim: sim::Si
         serde_json::from_value(json!({"metadata": {"name": "node-cfg"}, "data": {"a": "alpha"}}))
             .unwrap();
     cms.create(&PostParams::default(), &cm).await.unwrap();
-    let status = eventually(60, "a restart after the container ran", || {
-        let pods = pods.clone();
-        async move {
-            let s = pod_status(&pods.get("features").await.ok()?);
-            (s["containerStatuses"][0]["restartCount"].as_i64()? >= 1).then_some(s)
-        }
-    })
+    let status = eventually_some(
+        "a restart after the container ran",
+        Duration::from_secs(60),
+        || {
+            let pods = pods.clone();
+            async move {
+                let s = pod_status(&pods.get("features").await.ok()?);
+                (s["containerStatuses"][0]["restartCount"].as_i64()? >= 1).then_some(s)
+            }
+        },
+    )
     .await;
     let last = &status["containerStatuses"][0]["lastState"]["terminated"];
     assert_eq!(last["exitCode"], 5, "{status}");
@@ -1363,7 +1296,7 @@ async fn the_node_runs_a_pod_with_volumes_env_and_graceful_deletion(sim: sim::Si
     pods.create(&PostParams::default(), &graceful)
         .await
         .unwrap();
-    eventually(60, "the graceful pod to run", || {
+    eventually_some("the graceful pod to run", Duration::from_secs(60), || {
         let pods = pods.clone();
         async move {
             let s = pod_status(&pods.get("graceful").await.ok()?);
@@ -1372,13 +1305,17 @@ async fn the_node_runs_a_pod_with_volumes_env_and_graceful_deletion(sim: sim::Si
     })
     .await;
     // kubectl logs: the whole log, its tail, and a followed stream that goes on.
-    let log = eventually(30, "the container's first line in its log", || {
-        let pods = pods.clone();
-        async move {
-            let log = pods.logs("graceful", &Default::default()).await.ok()?;
-            (log.starts_with("first\n") && log.contains("tick\n")).then_some(log)
-        }
-    })
+    let log = eventually_some(
+        "the container's first line in its log",
+        Duration::from_secs(30),
+        || {
+            let pods = pods.clone();
+            async move {
+                let log = pods.logs("graceful", &Default::default()).await.ok()?;
+                (log.starts_with("first\n") && log.contains("tick\n")).then_some(log)
+            }
+        },
+    )
     .await;
     assert!(log.lines().all(|l| l == "first" || l == "tick"), "{log}");
     let tail = pods
@@ -1411,10 +1348,14 @@ async fn the_node_runs_a_pod_with_volumes_env_and_graceful_deletion(sim: sim::Si
     pods.delete("graceful", &DeleteParams::default())
         .await
         .unwrap();
-    eventually(60, "the node to delete the stopped pod", || {
-        let pods = pods.clone();
-        async move { pods.get_opt("graceful").await.ok()?.is_none().then_some(()) }
-    })
+    eventually_some(
+        "the node to delete the stopped pod",
+        Duration::from_secs(60),
+        || {
+            let pods = pods.clone();
+            async move { pods.get_opt("graceful").await.ok()?.is_none().then_some(()) }
+        },
+    )
     .await;
     assert_eq!(std::fs::read_to_string(&witness).unwrap().trim(), "term");
     sim.shutdown().await;
@@ -1422,14 +1363,7 @@ async fn the_node_runs_a_pod_with_volumes_env_and_graceful_deletion(sim: sim::Si
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_runs_pods_on_the_embedded_server() {
-    let sim = sim::Simulation::start(
-        "127.0.0.1:0".parse().unwrap(),
-        "amqp://user:secret@broker.example/%2f",
-        100.0,
-        env!("CARGO_BIN_EXE_testrunner-operator").into(),
-    )
-    .await
-    .unwrap();
+    let sim = common::simulation("amqp://user:secret@broker.example/%2f", 100.0).await;
     the_node_runs_a_pod_with_volumes_env_and_graceful_deletion(sim).await;
 }
 
@@ -1438,10 +1372,7 @@ async fn the_node_runs_pods_on_the_embedded_server() {
 async fn the_node_runs_pods_on_a_real_control_plane() {
     let sim = sim::Simulation::start_on_control_plane(
         &control_plane_bin(),
-        "amqp://user:secret@broker.example/%2f",
-        100.0,
-        env!("CARGO_BIN_EXE_testrunner-operator").into(),
-        Default::default(),
+        common::options("amqp://user:secret@broker.example/%2f", 100.0),
     )
     .await
     .unwrap_or_else(|e| panic!("the control plane did not start: {e}"));

@@ -3,28 +3,17 @@
 //! is the one `bash .ci/install-tools` puts in .tools/ (or TESTRUNNER_KUBECTL); without
 //! it these tests fail and say so.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Output;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event as NewEvent;
 use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
-use testrunner_operator::sim::{self, ApiServer, ServerConfig};
+use testrunner_sim::{self as sim, ApiServer, ServerConfig};
 
-/// The kubectl the project's scripts install (`bash .ci/install-tools`), or the one
-/// TESTRUNNER_KUBECTL names. A missing kubectl fails the tests that need it.
-fn kubectl() -> PathBuf {
-    let path = std::env::var_os("TESTRUNNER_KUBECTL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/kubectl/kubectl"));
-    assert!(
-        path.exists(),
-        "{} is missing: the real-kubectl tests need it (install it with `bash .ci/install-tools`, or set TESTRUNNER_KUBECTL)",
-        path.display()
-    );
-    path
-}
+mod common;
+use common::kubectl;
 
 struct Kubectl {
     home: PathBuf,
@@ -46,24 +35,14 @@ impl Drop for Kubectl {
 /// A server with the CRD installed and a kubectl set up for it.
 async fn setup(test: &str) -> Kubectl {
     kubectl();
-    let api = sim::start_api("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
-        .await
-        .unwrap();
-    sim::install_crd(&api.cluster).unwrap();
+    let api = common::api_server(ServerConfig::default()).await;
     with_home(test, Server::Api(api))
 }
 
 /// A whole simulation (API server and kubelet) and a kubectl for it.
 async fn setup_sim(test: &str) -> Kubectl {
     kubectl();
-    let s = sim::Simulation::start(
-        "127.0.0.1:0".parse().unwrap(),
-        "amqp://guest:guest@127.0.0.1:5672/%2f",
-        100.0,
-        env!("CARGO_BIN_EXE_testrunner-operator").into(),
-    )
-    .await
-    .unwrap();
+    let s = common::simulation("amqp://guest:guest@127.0.0.1:5672/%2f", 100.0).await;
     with_home(test, Server::Sim(Box::new(s)))
 }
 

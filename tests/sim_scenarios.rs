@@ -7,13 +7,19 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
+use lapin::options::QueueDeleteOptions;
 use serde_json::json;
 use testrunner_operator::crd::{
     Condition, RolloutPhase, RolloutStatus, TestRunnerPool, TestRunnerPoolStatus,
 };
-use testrunner_operator::sim;
+use testrunner_operator::simulate;
+use testrunner_sim as sim;
+
+mod common;
+use common::{
+    broker_uri, control_plane_bin, declare_expiring, eventually, passive_declare, process_alive,
+    queue_counts,
+};
 
 /// Where a scenario runs: the simulated cluster by default, or the real cluster of
 /// TESTRUNNER_E2E_KUBECONFIG (worker image TESTRUNNER_E2E_IMAGE, in a fresh namespace,
@@ -36,32 +42,14 @@ enum On {
     ControlPlane,
 }
 
-/// The real control plane's binaries: TESTRUNNER_CONTROL_PLANE, else
-/// `<target dir>/control-plane/bin`.
-fn control_plane_bin() -> std::path::PathBuf {
-    std::env::var_os("TESTRUNNER_CONTROL_PLANE")
-        .map(Into::into)
-        .unwrap_or_else(|| {
-            std::env::var_os("CARGO_TARGET_DIR")
-                .map(std::path::PathBuf::from)
-                .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
-                .join("control-plane/bin")
-        })
-}
-
 impl Target {
     async fn new(on: On) -> Self {
         let Ok(path) = std::env::var("TESTRUNNER_E2E_KUBECONFIG") else {
-            let exe = env!("CARGO_BIN_EXE_testrunner-operator").into();
             let sim = match on {
-                On::Embedded => {
-                    sim::Simulation::start("127.0.0.1:0".parse().unwrap(), &broker_uri(), 50.0, exe)
-                        .await
-                        .unwrap()
-                }
+                On::Embedded => common::simulation(&broker_uri(), 50.0).await,
                 On::ControlPlane => {
                     let bin = control_plane_bin();
-                    sim::Simulation::start_on_control_plane(&bin, &broker_uri(), 50.0, exe, Default::default())
+                    sim::Simulation::start_on_control_plane(&bin, common::options(&broker_uri(), 50.0))
                         .await
                         .unwrap_or_else(|e| panic!("the real control plane did not start from {}: {e}\n(build it with: bash tests/control-plane/build.sh)", bin.display()))
                 }
@@ -183,11 +171,6 @@ async fn namespace_with_broker_secret(client: &kube::Client, ns: &str) {
     .await;
 }
 
-fn broker_uri() -> String {
-    std::env::var("TESTRUNNER_AMQP_URI")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
 /// A connection to the test broker; a scenario without one fails and says how to
 /// start it.
 async fn broker() -> lapin::Connection {
@@ -214,32 +197,14 @@ async fn depth(conn: &lapin::Connection, queue: &str) -> u32 {
 }
 
 async fn depth_on(ch: &lapin::Channel, queue: &str) -> u32 {
-    declare_passive(ch, queue).await.message_count()
+    queue_counts(ch, queue).await.0
 }
 
 async fn consumers(conn: &lapin::Connection, queue: &str) -> u32 {
     let ch = conn.create_channel().await.unwrap();
-    let n = declare_passive(&ch, queue).await.consumer_count();
+    let n = queue_counts(&ch, queue).await.1;
     let _ = ch.close(200, "done".into()).await;
     n
-}
-
-async fn declare_passive(ch: &lapin::Channel, queue: &str) -> lapin::Queue {
-    try_declare_passive(ch, queue).await.unwrap()
-}
-
-/// A passive declare: the queue's counts, or the broker's error (a missing queue closes
-/// the channel).
-async fn try_declare_passive(ch: &lapin::Channel, queue: &str) -> lapin::Result<lapin::Queue> {
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
 }
 
 async fn a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the_pool_removes_its_pods(
@@ -254,7 +219,7 @@ async fn a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the
     let target = Target::new(on).await;
     let client = target.client.clone();
     let ns = target.namespace.clone();
-    let mut operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
+    let mut operator = simulate::start_operator_in(client.clone(), vec![ns.clone()]);
 
     let ids = publish_to_test_queue(&conn, &queue, 6).await;
     assert_eq!(ids.len(), 6);
@@ -310,7 +275,7 @@ async fn a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the
     pods.delete(&victim, &DeleteParams::default().grace_period(0))
         .await
         .unwrap();
-    operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
+    operator = simulate::start_operator_in(client.clone(), vec![ns.clone()]);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let live: Vec<String> = pods
@@ -361,16 +326,6 @@ async fn a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the
     let _ = ch
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
-}
-
-fn process_alive(pid: &str) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .split(") ")
-            .nth(1)
-            .is_some_and(|rest| rest.starts_with('Z')),
-        Err(_) => false,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -491,22 +446,6 @@ async fn the_simulate_command_serves_kubectl_clients_and_ctrl_c_leaves_no_proces
         "the process that left the container's process group is gone too"
     );
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Waits until `check` holds, polling, or fails after `timeout`.
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// A ticket ledger: the wrapped test command appends `<id> start` and `<id> end`
@@ -655,31 +594,15 @@ fn queue_name(scenario: &str) -> String {
 /// Declares a scenario's quorum queue that removes itself after ten unused minutes, so a
 /// failed scenario leaves nothing behind on the broker.
 async fn test_queue(conn: &lapin::Connection, queue: &str) {
-    use lapin::types::AMQPValue;
     let ch = conn.create_channel().await.unwrap();
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    args.insert("x-expires".into(), AMQPValue::LongInt(600_000));
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await
-    .unwrap();
+    declare_expiring(&ch, queue, true).await;
 }
 
 /// Publishes `n` tickets to a fresh self-removing queue (and its quarantine queue).
 async fn publish_to_test_queue(conn: &lapin::Connection, queue: &str, n: u32) -> Vec<String> {
     test_queue(conn, queue).await;
     test_queue(conn, &format!("{queue}.quarantine")).await;
-    sim::publish::publish(&broker_uri(), queue, n, false)
+    testrunner_operator::publish::publish(&broker_uri(), queue, n, false)
         .await
         .unwrap()
 }
@@ -775,7 +698,7 @@ impl Scenario {
             );
         }
         let (client, ns) = (target.client.clone(), target.namespace.clone());
-        let operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
+        let operator = simulate::start_operator_in(client.clone(), vec![ns.clone()]);
         let queue = queue_name(name);
         let ledger = Ledger::new(name);
         let ids = publish_to_test_queue(&conn, &queue, tickets).await;
@@ -889,7 +812,7 @@ async fn workers(pools: &Api<TestRunnerPool>, pool: &str) -> (i32, i32, i32) {
 /// True while the queue exists on the broker.
 async fn queue_exists(conn: &lapin::Connection, queue: &str) -> bool {
     let ch = conn.create_channel().await.unwrap();
-    let found = try_declare_passive(&ch, queue).await.is_ok();
+    let found = passive_declare(&ch, queue).await.is_ok();
     if found {
         let _ = ch.close(200, "done".into()).await;
     }
@@ -1048,7 +971,7 @@ async fn long_and_short_tickets(on: On, name: &str, restart: bool) {
         .await;
         operator.abort();
         let _ = operator.await;
-        operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
+        operator = simulate::start_operator_in(client.clone(), vec![ns.clone()]);
     }
     let all: Vec<String> = short.iter().chain(&long).cloned().collect();
     eventually(
@@ -1115,7 +1038,7 @@ async fn an_operator_restart_mid_run_loses_nothing_and_runs_nothing_twice(on: On
         || async { ledger.count("end").len() > done_before },
     )
     .await;
-    operator = sim::start_operator_in(client.clone(), vec![ns.clone()]);
+    operator = simulate::start_operator_in(client.clone(), vec![ns.clone()]);
 
     eventually(
         "every ticket to complete",
@@ -1292,7 +1215,7 @@ async fn a_poison_ticket_is_quarantined_the_good_ones_complete_and_a_new_image_g
         r.stable_image == "example.org/runner:2"
     })
     .await;
-    let more = sim::publish::publish(&broker_uri(), &queue, 3, false)
+    let more = testrunner_operator::publish::publish(&broker_uri(), &queue, 3, false)
         .await
         .unwrap();
     let mut everything = ids.clone();
@@ -1998,7 +1921,7 @@ async fn an_operator_restart_mid_rollout_resumes_the_canary_and_promotes_it(on: 
         || async { s.ledger.count("end").len() >= done + 5 },
     )
     .await;
-    s.operator = sim::start_operator_in(s.client.clone(), vec![s.ns.clone()]);
+    s.operator = simulate::start_operator_in(s.client.clone(), vec![s.ns.clone()]);
 
     // The new operator goes on with the same rollout, counting on from status.
     let promoted = rollout_when(&pools, "resume", ":2 to be promoted", |r| {
@@ -2160,10 +2083,7 @@ async fn the_simulate_command_on_a_real_control_plane_serves_the_walk_through_an
         let kubeconfig = kubeconfig.clone();
         let home = dir.join("home");
         async move {
-            let mut cmd =
-                tokio::process::Command::new(std::env::var("TESTRUNNER_KUBECTL").unwrap_or_else(
-                    |_| format!("{}/.tools/kubectl/kubectl", env!("CARGO_MANIFEST_DIR")),
-                ));
+            let mut cmd = tokio::process::Command::new(common::kubectl());
             cmd.args(&args)
                 .env("KUBECONFIG", &kubeconfig)
                 .env("HOME", &home)
@@ -2361,15 +2281,9 @@ async fn on_etcd_and_kube_apiserver_alone_the_node_binds_and_runs_pods_itself() 
         );
         std::os::unix::fs::symlink(&real, bin.join(name)).unwrap();
     }
-    let sim = sim::Simulation::start_on_control_plane(
-        &bin,
-        &broker_uri(),
-        50.0,
-        env!("CARGO_BIN_EXE_testrunner-operator").into(),
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    let sim = sim::Simulation::start_on_control_plane(&bin, common::options(&broker_uri(), 50.0))
+        .await
+        .unwrap();
     match &sim.backend {
         sim::Backend::ControlPlane { missing, .. } => {
             assert_eq!(missing.len(), 2, "{missing:?}");

@@ -7,15 +7,13 @@
 //! conditions with deadlines.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions,
 };
 use lapin::types::{
     AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString, ShortString,
@@ -24,7 +22,10 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use testrunner_operator::broker::BrokerUri;
 use testrunner_operator::contract::{WorkerExit, ticket_id};
 use tokio::process::{Child, Command};
-use tokio::time::{Instant, sleep, timeout};
+use tokio::time::timeout;
+
+mod common;
+use common::{declare_expiring, eventually, queue_counts};
 
 const URI: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const BIN: &str = env!("CARGO_BIN_EXE_testrunner-operator");
@@ -36,22 +37,6 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 fn unique(test: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
     format!("trw-{test}-{}-{n}", std::process::id())
-}
-
-/// Polls `cond` every 50 ms until it holds; panics after [`DEADLINE`].
-async fn eventually<F, Fut>(what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let end = Instant::now() + DEADLINE;
-    loop {
-        if cond().await {
-            return;
-        }
-        assert!(Instant::now() < end, "timed out waiting for: {what}");
-        sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// One test's broker connection, scratch directory and queues.
@@ -89,23 +74,7 @@ impl Fixture {
     /// unused minutes should the test fail before deleting it.
     async fn quorum_queue(&mut self) -> String {
         let queue = format!("{}.q{}", self.name, self.queues.len());
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        args.insert("x-expires".into(), AMQPValue::LongInt(600_000));
-        self.ch
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                args,
-            )
-            .await
-            .unwrap();
+        declare_expiring(&self.ch, &queue, true).await;
         self.queues.push(queue.clone());
         queue
     }
@@ -135,25 +104,13 @@ impl Fixture {
 
     /// (ready messages, consumers) of `queue`.
     async fn depth(&self, queue: &str) -> (u32, u32) {
-        let q = self
-            .ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        (q.message_count(), q.consumer_count())
+        queue_counts(&self.ch, queue).await
     }
 
     /// Waits until no worker consumes `queue` (so whatever it held is back) and
     /// returns the number of ready tickets.
     async fn settled(&self, queue: &str) -> u32 {
-        eventually("no consumer left", || async {
+        eventually("no consumer left", DEADLINE, || async {
             self.depth(queue).await.1 == 0
         })
         .await;
@@ -228,7 +185,7 @@ impl Fixture {
     /// A worker on an empty `queue`, once it consumes and says it is idle.
     async fn idle_worker(&self, queue: &str) -> Worker {
         let w = self.script_worker(queue, &[], "exit 0");
-        eventually("consuming", || async {
+        eventually("consuming", DEADLINE, || async {
             self.termination_log() == "idle\n" && self.depth(queue).await.1 == 1
         })
         .await;
@@ -407,13 +364,16 @@ async fn sigterm_lets_the_running_ticket_finish_and_acks_it() {
     f.ticket(&q, "s0", "").await;
     f.ticket(&q, "s1", "").await;
     let mut w = f.script_worker(&q, &[], WAIT_FOR_GO);
-    eventually("s0 started", || async { f.lines("ran") == ["s0 start"] }).await;
+    eventually("s0 started", DEADLINE, || async {
+        f.lines("ran") == ["s0 start"]
+    })
+    .await;
 
     w.signal(nix::sys::signal::Signal::SIGTERM);
     // The worker stops taking tickets (basic.cancel) while the command still runs.
     // (A quorum queue keeps counting a cancelled consumer until its ticket is acked,
     // so the worker's own log says when the cancel is done.)
-    eventually("consumer cancelled", || async {
+    eventually("consumer cancelled", DEADLINE, || async {
         w.stderr().contains("consumer cancelled")
     })
     .await;
@@ -453,9 +413,12 @@ echo "$TICKET_ID start" >> "$T_DIR/ran"
 while true; do sleep 0.05; done
 "#;
     let mut w = f.script_worker(&q, &[], script);
-    eventually("u0 started", || async { f.lines("ran") == ["u0 start"] }).await;
+    eventually("u0 started", DEADLINE, || async {
+        f.lines("ran") == ["u0 start"]
+    })
+    .await;
     w.signal(nix::sys::signal::Signal::SIGTERM);
-    eventually("consumer cancelled", || async {
+    eventually("consumer cancelled", DEADLINE, || async {
         w.stderr().contains("consumer cancelled")
     })
     .await;
@@ -542,7 +505,10 @@ if [ "$TICKET_DELIVERY" = 1 ]; then while true; do sleep 0.05; done; fi
 echo "$TICKET_ID $TICKET_DELIVERY end" >> "$T_DIR/ran"
 "#;
     let mut w = f.script_worker(&q, &[], script);
-    eventually("c0 started", || async { f.lines("ran") == ["c0 1 start"] }).await;
+    eventually("c0 started", DEADLINE, || async {
+        f.lines("ran") == ["c0 1 start"]
+    })
+    .await;
     cut_connection(&w, "test: cut mid-ticket").await;
 
     assert_broker_lost(&f, &mut w).await;
@@ -814,7 +780,7 @@ async fn starting_is_written_before_the_consume_loop_is_up() {
     let mut w = Worker { child, stderr };
     silent.set_nonblocking(true).unwrap();
     let mut held = Vec::new();
-    eventually("the worker connects", || {
+    eventually("the worker connects", DEADLINE, || {
         if let Ok((conn, _)) = silent.accept() {
             held.push(conn);
         }
@@ -822,7 +788,7 @@ async fn starting_is_written_before_the_consume_loop_is_up() {
         async move { connected }
     })
     .await;
-    eventually("starting written", || async {
+    eventually("starting written", DEADLINE, || async {
         f.termination_log() == "starting\n"
     })
     .await;
@@ -903,6 +869,7 @@ async fn a_listed_ticket_is_moved_to_quarantine_intact_and_not_run() {
     );
     eventually(
         "the good ticket to run and the poison one to move",
+        DEADLINE,
         || async {
             f.lines("ran") == ["t-good"]
                 && f.depth(&quarantine).await.0 == 1

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use super::container::{ContainerStatus, container_loop};
 use super::{Config, Key, Stop, pod_dir, pod_key};
-use crate::sim::api::now;
+use crate::api::now;
 
 /// The pod's state as the node tracks it.
 pub(super) struct PodModel {

@@ -270,10 +270,7 @@ mod tests {
 
     #[test]
     fn the_project_crd_defines_the_pool_kind() {
-        let crd =
-            serde_json::to_value(<crate::crd::TestRunnerPool as kube::CustomResourceExt>::crd())
-                .unwrap();
-        let kinds = from_crd(&crd).unwrap();
+        let kinds = from_crd(&crate::fixtures::pool_crd()).unwrap();
         assert_eq!(kinds.len(), 1);
         assert_eq!(kinds[0].short_names, vec!["trp"]);
         assert!(kinds[0].status);

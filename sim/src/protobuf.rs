@@ -1616,7 +1616,7 @@ fn pod_status(s: core::PodStatus) -> Mapped {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::kinds;
+    use crate::kinds;
     use serde_json::json;
 
     fn kind(api_version: &str, name: &str) -> Kind {
@@ -1980,12 +1980,9 @@ mod tests {
 
     #[test]
     fn kinds_without_a_decoder_and_mismatched_bodies_are_refused() {
-        let crd = kinds::from_crd(
-            &serde_json::to_value(<crate::crd::TestRunnerPool as kube::CustomResourceExt>::crd())
-                .unwrap(),
-        )
-        .unwrap()
-        .remove(0);
+        let crd = kinds::from_crd(&crate::fixtures::pool_crd())
+            .unwrap()
+            .remove(0);
         let secret = core::Secret::default();
         let err = decode_object(&crd, &envelope_of("v1", "Secret", &secret)).unwrap_err();
         assert_eq!((err.code, err.reason), (415, "UnsupportedMediaType"));

@@ -1,11 +1,18 @@
-//! The simulated cluster: an in-process stand-in for the Kubernetes API server and a
-//! kubelet that runs container commands as local processes. A development and test
-//! harness, never a product runtime: see docs/simulation.md for what it models.
+//! testrunner-sim: a simulated Kubernetes cluster for development and tests. An
+//! in-process stand-in for the API server, a simulated node (a kubelet that runs
+//! container commands as local processes), and a launcher of a real control plane the
+//! same node joins. A development and test harness, never a product runtime: see
+//! docs/simulation.md for what it models.
+//!
+//! It knows no custom resource of its own: a [`Simulation`] installs the CRDs and Secrets
+//! its [`Options`] carry, and [`install_crd`] / [`apply_crd`] take any CRD.
 //!
 //! [`api`] (store, watches, patches, apply), [`http`] (routes), [`kinds`] (served
 //! resources), [`validate`] (CRD schemas), [`ssa`] (field ownership), [`table`]
 //! (`kubectl get` columns), [`openapi`] (`kubectl apply`/`explain`), [`protobuf`]
-//! (protobuf request bodies, as `kubectl create secret` sends), [`kubelet`].
+//! (protobuf request bodies, as `kubectl create secret` sends), [`kubelet`] (the
+//! simulated node), [`control_plane`] (etcd, kube-apiserver, controller manager and
+//! scheduler from their binaries).
 
 pub mod api;
 pub mod control_plane;
@@ -15,17 +22,19 @@ pub mod kinds;
 pub mod kubelet;
 pub mod openapi;
 pub mod protobuf;
-pub mod publish;
 pub mod select;
 pub mod ssa;
 pub mod table;
 pub mod validate;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde_json::json;
 
 pub use api::Cluster;
@@ -117,36 +126,25 @@ pub async fn start_api(listen: SocketAddr, config: ServerConfig) -> std::io::Res
     })
 }
 
-/// Installs the project's CRD.
-pub fn install_crd(cluster: &Cluster) -> Result<(), api::ApiError> {
+/// Installs `crd` (as a client's create would).
+pub fn install_crd(cluster: &Cluster, crd: &CustomResourceDefinition) -> Result<(), api::ApiError> {
     let crd_kind = cluster
         .find_kind("apiextensions.k8s.io", "v1", "customresourcedefinitions")
         .expect("CRDs are served");
-    let crd = serde_json::to_value(<crate::crd::TestRunnerPool as kube::CustomResourceExt>::crd())
-        .map_err(|e| api::ApiError::bad_request(e.to_string()))?;
+    let crd = serde_json::to_value(crd).map_err(|e| api::ApiError::bad_request(e.to_string()))?;
     cluster.create(&crd_kind, "", crd, &api::WriteOpts::default())?;
     Ok(())
 }
 
-/// Creates Secret `name` in `namespace` with one key.
-pub fn create_secret(
-    cluster: &Cluster,
-    namespace: &str,
-    name: &str,
-    key: &str,
-    value: &str,
-) -> Result<(), api::ApiError> {
-    use base64::Engine;
-    let encode = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+/// Creates `secret` in its namespace (`default` when it names none).
+pub fn create_secret(cluster: &Cluster, secret: &Secret) -> Result<(), api::ApiError> {
     let kind = cluster
         .find_kind("", "v1", "secrets")
         .expect("secrets are served");
-    cluster.create(
-        &kind,
-        namespace,
-        json!({"metadata": {"name": name}, "type": "Opaque", "data": {key: encode(value.as_bytes())}}),
-        &api::WriteOpts::default(),
-    )?;
+    let namespace = secret.metadata.namespace.as_deref().unwrap_or("default");
+    let body =
+        serde_json::to_value(secret).map_err(|e| api::ApiError::bad_request(e.to_string()))?;
+    cluster.create(&kind, namespace, body, &api::WriteOpts::default())?;
     Ok(())
 }
 
@@ -178,21 +176,47 @@ pub fn write_kubeconfig(path: &Path, url: &str) -> std::io::Result<()> {
     std::fs::write(path, kubeconfig(url))
 }
 
-/// Options of `testrunner-operator simulate`.
+/// What a [`Simulation`] starts with: the resources it installs before anything runs,
+/// and how its node runs containers.
 #[derive(Clone, Debug)]
-pub struct SimulateOptions {
-    /// Address of the API server.
-    pub listen: SocketAddr,
-    /// Where the kubeconfig goes.
-    pub kubeconfig: std::path::PathBuf,
-    /// Broker URI stored in Secret `rabbitmq` (key `uri`).
-    pub amqp_uri: String,
-    /// Durations of the kubelet are divided by this.
+pub struct Options {
+    /// CustomResourceDefinitions to install (on a real control plane: applied, then
+    /// waited for until Established).
+    pub crds: Vec<CustomResourceDefinition>,
+    /// Secrets to create, each in its namespace (`default` when it names none).
+    pub secrets: Vec<Secret>,
+    /// The node's durations (backoff, grace periods) are divided by this.
     pub time_scale: f64,
-    /// Images whose containers run in a local root filesystem.
-    pub images: std::collections::BTreeMap<String, std::path::PathBuf>,
-    /// Binaries of a real control plane to run instead of the embedded API server.
-    pub control_plane: Option<std::path::PathBuf>,
+    /// The binary a container's `testrunner-operator` command runs (see
+    /// [`kubelet::Config::exe`]).
+    pub exe: PathBuf,
+    /// Images whose containers run inside a local root filesystem (see
+    /// [`kubelet::Config::images`]).
+    pub images: BTreeMap<String, PathBuf>,
+}
+
+impl Options {
+    /// Nothing to install, real time, no root filesystems; `exe` as in [`Options::exe`].
+    pub fn new(exe: PathBuf) -> Self {
+        Self {
+            crds: Vec::new(),
+            secrets: Vec::new(),
+            time_scale: 1.0,
+            exe,
+            images: BTreeMap::new(),
+        }
+    }
+
+    /// The simulated node's settings, its pods' directories under `root`.
+    fn node(self, root: PathBuf) -> kubelet::Config {
+        kubelet::Config {
+            time_scale: self.time_scale,
+            root,
+            exe: self.exe,
+            node_name: NODE_NAME.into(),
+            images: self.images,
+        }
+    }
 }
 
 /// The API server a simulation runs against.
@@ -210,15 +234,14 @@ pub enum Backend {
     },
 }
 
-/// A whole simulated cluster: API server, the simulated node, and (optionally) the
-/// operator.
+/// A whole simulated cluster: an API server and the simulated node.
 pub struct Simulation {
     /// The API server.
     pub backend: Backend,
     /// The simulated node.
     pub kubelet: kubelet::Kubelet,
     /// Root of the pods' directories.
-    pub root: std::path::PathBuf,
+    pub root: PathBuf,
     client: kube::Client,
 }
 
@@ -226,31 +249,16 @@ pub struct Simulation {
 pub const NODE_NAME: &str = "simulated-node";
 
 impl Simulation {
-    /// Starts the API server and the kubelet, installs the CRD and the broker Secret.
-    /// `exe` is the binary `testrunner-operator` commands in pods run: this binary for
-    /// `simulate`; tests pass `CARGO_BIN_EXE_testrunner-operator`.
-    pub async fn start(
-        listen: SocketAddr,
-        amqp_uri: &str,
-        time_scale: f64,
-        exe: std::path::PathBuf,
-    ) -> std::io::Result<Self> {
-        Self::start_with_images(listen, amqp_uri, time_scale, exe, Default::default()).await
-    }
-
-    /// Like [`Simulation::start`], with root filesystems for some images: containers of
-    /// those images run inside them (see [`kubelet::Config::images`]).
-    pub async fn start_with_images(
-        listen: SocketAddr,
-        amqp_uri: &str,
-        time_scale: f64,
-        exe: std::path::PathBuf,
-        images: std::collections::BTreeMap<String, std::path::PathBuf>,
-    ) -> std::io::Result<Self> {
+    /// Starts the embedded API server on `listen` (port 0 picks one) and the simulated
+    /// node, after installing the CRDs and Secrets of `options`.
+    pub async fn start(listen: SocketAddr, options: Options) -> std::io::Result<Self> {
         let api = start_api(listen, ServerConfig::default()).await?;
-        install_crd(&api.cluster).map_err(|e| std::io::Error::other(e.message))?;
-        create_secret(&api.cluster, "default", "rabbitmq", "uri", amqp_uri)
-            .map_err(|e| std::io::Error::other(e.message))?;
+        for crd in &options.crds {
+            install_crd(&api.cluster, crd).map_err(|e| std::io::Error::other(e.message))?;
+        }
+        for secret in &options.secrets {
+            create_secret(&api.cluster, secret).map_err(|e| std::io::Error::other(e.message))?;
+        }
         let root = std::env::temp_dir().join(format!(
             "testrunner-sim-{}-{}",
             std::process::id(),
@@ -267,13 +275,7 @@ impl Simulation {
         let kubelet = kubelet::Kubelet::start(
             client.clone(),
             Some(client.clone()),
-            kubelet::Config {
-                time_scale,
-                root: root.clone(),
-                exe,
-                node_name: NODE_NAME.into(),
-                images,
-            },
+            options.node(root.clone()),
         )
         .await
         .map_err(std::io::Error::other)?;
@@ -286,16 +288,11 @@ impl Simulation {
     }
 
     /// Starts a real control plane from the binaries in `bin_dir` (see
-    /// [`control_plane::ControlPlane`]), the simulated node joined to it with a node's
-    /// credentials (`system:node:simulated-node`), the CRD and the broker Secret.
-    /// Without a scheduler in `bin_dir`, the node binds pods itself.
-    pub async fn start_on_control_plane(
-        bin_dir: &Path,
-        amqp_uri: &str,
-        time_scale: f64,
-        exe: std::path::PathBuf,
-        images: std::collections::BTreeMap<String, std::path::PathBuf>,
-    ) -> Result<Self, String> {
+    /// [`control_plane::ControlPlane`]), applies the CRDs and Secrets of `options`, and
+    /// joins the simulated node to it with a node's credentials
+    /// (`system:node:simulated-node`). Without a scheduler in `bin_dir`, the node binds
+    /// pods itself.
+    pub async fn start_on_control_plane(bin_dir: &Path, options: Options) -> Result<Self, String> {
         static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let base = std::env::temp_dir().join(format!("testrunner-cp-{}-{n}", std::process::id()));
@@ -308,8 +305,12 @@ impl Simulation {
             default_service_account(&client, "default").await?;
             root_ca_config_map(&client, "default", plane.ca_pem()).await?;
         }
-        apply_crd(&client).await?;
-        broker_secret(&client, "default", amqp_uri).await?;
+        for crd in &options.crds {
+            apply_crd(&client, crd).await?;
+        }
+        for secret in &options.secrets {
+            apply_secret(&client, secret).await?;
+        }
         let node = plane
             .client_as(&format!("system:node:{NODE_NAME}"), &["system:nodes"])
             .await?;
@@ -320,18 +321,7 @@ impl Simulation {
         let root = base.join("pods");
         std::fs::create_dir_all(&root)
             .map_err(|e| format!("failed to create {}: {e}", root.display()))?;
-        let kubelet = kubelet::Kubelet::start(
-            node,
-            binder,
-            kubelet::Config {
-                time_scale,
-                root: root.clone(),
-                exe,
-                node_name: NODE_NAME.into(),
-                images,
-            },
-        )
-        .await?;
+        let kubelet = kubelet::Kubelet::start(node, binder, options.node(root.clone())).await?;
         let url = plane.url().to_string();
         let missing = plane.missing_effects();
         Ok(Self {
@@ -405,16 +395,20 @@ impl Drop for Simulation {
     }
 }
 
-/// Applies the project's CRD (server-side apply) and waits until it is Established.
-pub async fn apply_crd(client: &kube::Client) -> Result<(), String> {
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+/// Field manager of what a simulation applies.
+const MANAGER: &str = "testrunner-simulate";
+
+/// Applies `crd` (server-side apply) and waits until it is Established.
+pub async fn apply_crd(
+    client: &kube::Client,
+    crd: &CustomResourceDefinition,
+) -> Result<(), String> {
     let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(client.clone());
-    let crd = <crate::crd::TestRunnerPool as kube::CustomResourceExt>::crd();
     let name = crd.metadata.name.clone().unwrap_or_default();
     crds.patch(
         &name,
-        &kube::api::PatchParams::apply("testrunner-simulate").force(),
-        &kube::api::Patch::Apply(&crd),
+        &kube::api::PatchParams::apply(MANAGER).force(),
+        &kube::api::Patch::Apply(crd),
     )
     .await
     .map_err(|e| format!("failed to apply CRD {name}: {e}"))?;
@@ -466,163 +460,32 @@ pub async fn root_ca_config_map(
     }
 }
 
-/// Creates (or replaces) Secret `rabbitmq` (key `uri`) in `namespace`.
-pub async fn broker_secret(
-    client: &kube::Client,
-    namespace: &str,
-    uri: &str,
-) -> Result<(), String> {
-    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
-        kube::Api::namespaced(client.clone(), namespace);
-    let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "rabbitmq"},
-        "type": "Opaque", "stringData": {"uri": uri}});
+/// Creates or replaces `secret` (server-side apply) in its namespace (`default` when it
+/// names none).
+pub async fn apply_secret(client: &kube::Client, secret: &Secret) -> Result<(), String> {
+    let namespace = secret.metadata.namespace.as_deref().unwrap_or("default");
+    let name = secret.metadata.name.as_deref().unwrap_or_default();
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(client.clone(), namespace);
     secrets
         .patch(
-            "rabbitmq",
-            &kube::api::PatchParams::apply("testrunner-simulate").force(),
-            &kube::api::Patch::Apply(&secret),
+            name,
+            &kube::api::PatchParams::apply(MANAGER).force(),
+            &kube::api::Patch::Apply(secret),
         )
         .await
         .map(|_| ())
-        .map_err(|e| format!("failed to write Secret {namespace}/rabbitmq: {e}"))
+        .map_err(|e| format!("failed to write Secret {namespace}/{name}: {e}"))
 }
 
-/// Starts the operator in-process against `client` (no leader election).
-pub fn start_operator(client: kube::Client) -> tokio::task::JoinHandle<()> {
-    start_operator_in(client, Vec::new())
-}
-
-/// Starts the operator in-process, watching only `namespaces` (all when empty).
-pub fn start_operator_in(
-    client: kube::Client,
-    namespaces: Vec<String>,
-) -> tokio::task::JoinHandle<()> {
-    use crate::controller::{self, Settings};
-    use crate::pods::PodSettings;
-    let settings = Settings {
-        pods: PodSettings {
-            operator_image: concat!("testrunner-operator:", env!("CARGO_PKG_VERSION")).into(),
-            // A simulation wants to see state changes quickly.
-            report_interval: std::time::Duration::from_secs(2),
-        },
-        namespaces,
-        controller_name: "testrunner-operator".into(),
-        instance: Some("simulated".into()),
-    };
-    let metrics = Arc::new(crate::metrics::Metrics::default());
-    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    tokio::spawn(controller::run(client, settings, metrics, ready))
-}
-
-async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, String> {
-    let kc = kube::config::Kubeconfig::read_from(path)
-        .map_err(|e| format!("failed to read {}: {e}", path.display()))?;
-    let config =
-        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-            .await
-            .map_err(|e| format!("failed to load {}: {e}", path.display()))?;
-    kube::Client::try_from(config).map_err(|e| format!("failed to build a client: {e}"))
-}
-
-/// `testrunner-operator simulate`: runs until Ctrl-C or SIGTERM.
-pub async fn simulate(opts: SimulateOptions) -> Result<(), String> {
-    let exe = std::env::current_exe().map_err(|e| format!("failed to find this binary: {e}"))?;
-    let sim = match &opts.control_plane {
-        None => Simulation::start_with_images(
-            opts.listen,
-            &opts.amqp_uri,
-            opts.time_scale,
-            exe.clone(),
-            opts.images.clone(),
-        )
-        .await
-        .map_err(|e| {
-            format!(
-                "failed to start the simulated cluster on {}: {e}",
-                opts.listen
-            )
-        })?,
-        Some(dir) => {
-            println!("Starting a real control plane from {} ...", dir.display());
-            Simulation::start_on_control_plane(
-                dir,
-                &opts.amqp_uri,
-                opts.time_scale,
-                exe.clone(),
-                opts.images.clone(),
-            )
-            .await
-            .map_err(|e| {
-                format!(
-                    "failed to start the control plane from {}: {e}",
-                    dir.display()
-                )
-            })?
-        }
-    };
-    sim.write_kubeconfig(&opts.kubeconfig)?;
-    let client = client_from_kubeconfig(&opts.kubeconfig).await?;
-    let operator = start_operator(client);
-    let kubeconfig = std::fs::canonicalize(&opts.kubeconfig).unwrap_or(opts.kubeconfig.clone());
-    let kc = kubeconfig.display();
-    let bin = exe.display();
-    let what = match &sim.backend {
-        Backend::Embedded(_) => {
-            "API server and kubelet in this process; the operator runs against it".to_string()
-        }
-        Backend::ControlPlane { missing, .. } => {
-            let mut what = "a real control plane: etcd, kube-apiserver".to_string();
-            if missing.is_empty() {
-                what.push_str(", kube-controller-manager, kube-scheduler");
-            }
-            what.push_str("; the simulated node and the operator in this process");
-            for m in missing {
-                what.push_str(&format!("\n  {m}"));
-            }
-            what
-        }
-    };
-    println!(
-        "Simulated cluster at {url} ({what}).
-Kubeconfig: {kc}   Broker Secret: default/rabbitmq (key uri)   Time scale: {scale}
-
-In a second terminal:
-  export KUBECONFIG={kc}
-  {bin} publish --queue tickets.demo --count 10 --declare-quorum
-  kubectl apply -f - <<'YAML'
-apiVersion: testrunner.dev/v1alpha1
-kind: TestRunnerPool
-metadata:
-  name: demo
-spec:
-  image: example.org/test-runner:1
-  # no image is pulled (see simulate --image); this command crashes on any image tagged :broken
-  command: [\"sh\", \"-c\", \"case $TESTRUNNER_IMAGE in *:broken) exit 3;; esac; cat >/dev/null; sleep 1\"]
-  queue:
-    name: tickets.demo
-    connectionSecretRef: {{name: rabbitmq, key: uri}}
-  scaling: {{minWorkers: 0, maxWorkers: 5, pollInterval: 1s, scaleDownDelay: 20s}}
-YAML
-  kubectl get trp -w
-  ({bin} publish --queue tickets.demo --count 30 sends more: watch the pool scale up and back down)
-  kubectl get pods
-  kubectl describe trp demo
-  (a rollout: publish 30 more, then set image example.org/test-runner:broken, watch its canary
-   roll back, then example.org/test-runner:2, watch it promoted:
-   kubectl patch trp demo --type merge -p '{{\"spec\":{{\"image\":\"example.org/test-runner:broken\"}}}}')
-
-Ctrl-C stops everything (the API server, the operator and every worker process).",
-        url = sim.url(),
-        scale = opts.time_scale,
-    );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| format!("failed to listen for SIGTERM: {e}"))?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// What the unit tests share.
+#[cfg(test)]
+mod fixtures {
+    /// A real CRD with a schema, defaults, CEL rules, short names, a status subresource
+    /// and printer columns: the repository's `TestRunnerPool` CRD, as committed.
+    pub fn pool_crd() -> serde_json::Value {
+        serde_saphyr::from_str(include_str!(
+            "../../crds/testrunnerpools.testrunner.dev.yaml"
+        ))
+        .expect("the committed CRD is YAML")
     }
-    println!("stopping the simulated cluster");
-    operator.abort();
-    sim.shutdown().await;
-    Ok(())
 }

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::Stop;
 use super::pod::{ConfigError, PodRun};
-use crate::sim::api::now;
+use crate::api::now;
 
 /// First CrashLoopBackOff delay.
 pub const BACKOFF_START: Duration = Duration::from_secs(10);
@@ -154,9 +154,9 @@ async fn run_once(
                 .unwrap_or_else(|| run.dir.clone()),
         );
     }
-    let isolated = crate::sim::isolate::available();
+    let isolated = crate::isolate::available();
     if isolated {
-        crate::sim::isolate::in_pid_namespace(&mut cmd);
+        crate::isolate::in_pid_namespace(&mut cmd);
     }
     if let Some(root) = image_root {
         if !isolated {
@@ -165,7 +165,7 @@ async fn run_once(
             ));
         }
         let rootfs = image_rootfs(run, c, root, &term_log)?;
-        crate::sim::isolate::in_root_fs(&mut cmd, &rootfs)
+        crate::isolate::in_root_fs(&mut cmd, &rootfs)
             .map_err(|e| format!("failed to prepare the root filesystem of {image:?}: {e}"))?;
     }
     let mut child = cmd
@@ -242,7 +242,7 @@ fn image_rootfs(
     c: &Value,
     root: PathBuf,
     term_log: &Path,
-) -> Result<crate::sim::isolate::RootFs, String> {
+) -> Result<crate::isolate::RootFs, String> {
     let mut binds = Vec::new();
     for m in c["volumeMounts"].as_array().into_iter().flatten() {
         let (Some(vol), Some(path)) = (m["name"].as_str(), m["mountPath"].as_str()) else {
@@ -281,7 +281,7 @@ fn image_rootfs(
     std::fs::write(&hosts_file, hosts).map_err(|e| format!("failed to write /etc/hosts: {e}"))?;
     binds.push((hosts_file, "/etc/hosts".into()));
     binds.push((PathBuf::from("/etc/resolv.conf"), "/etc/resolv.conf".into()));
-    Ok(crate::sim::isolate::RootFs {
+    Ok(crate::isolate::RootFs {
         root,
         binds,
         working_dir: c["workingDir"].as_str().unwrap_or("/").to_string(),

@@ -11,7 +11,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::sim::api::now;
+use crate::api::now;
 
 /// How often the node renews its Lease.
 pub const LEASE_RENEW: Duration = Duration::from_secs(10);

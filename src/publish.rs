@@ -1,5 +1,5 @@
 //! `testrunner-operator publish`: puts test tickets on a queue, so a newcomer can feed
-//! a pool (simulated or real).
+//! a pool (simulated or real). A client of the broker, like the tests' own.
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};

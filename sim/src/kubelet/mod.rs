@@ -10,7 +10,7 @@
 //! and restarts follow CrashLoopBackOff (10 s doubling to 5 min, reset after 10 min of
 //! running), every duration divided by the time scale; it writes `pods/status`
 //! ([`pod`]). Paths under the pod's volume mounts (such as `/testrunner`) map to a
-//! per-pod directory; `testrunner-operator` as a command is this very binary. Each
+//! per-pod directory; `testrunner-operator` as a command runs [`Config::exe`]. Each
 //! container runs as PID 1 of a PID namespace of its own (see [`super::isolate`]), so
 //! stopping it stops every process it started ([`container`]). Deleting a pod sends
 //! SIGTERM to each container, waits the grace period, then sends SIGKILL, writes the
@@ -44,7 +44,8 @@ pub struct Config {
     pub time_scale: f64,
     /// Where pod directories go.
     pub root: PathBuf,
-    /// The binary `testrunner-operator` commands run.
+    /// The binary a container's `testrunner-operator` command runs (outside a root
+    /// filesystem).
     pub exe: PathBuf,
     /// The Node's name.
     pub node_name: String,

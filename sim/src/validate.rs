@@ -260,9 +260,7 @@ mod tests {
     use serde_json::json;
 
     fn schema() -> Value {
-        let crd =
-            serde_json::to_value(<crate::crd::TestRunnerPool as kube::CustomResourceExt>::crd())
-                .unwrap();
+        let crd = crate::fixtures::pool_crd();
         crd.pointer("/spec/versions/0/schema/openAPIV3Schema")
             .unwrap()
             .clone()

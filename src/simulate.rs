@@ -1,0 +1,191 @@
+//! The operator against a simulated cluster ([`testrunner_sim`]) in one process:
+//! `testrunner-operator simulate` (its walk-through included), and what tests use to run
+//! the operator in-process. Built with the `simulate` feature (on by default); the
+//! product image leaves it out.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::CustomResourceExt;
+use testrunner_sim::{Backend, Options, Simulation};
+
+use crate::controller::{self, Settings};
+use crate::crd::TestRunnerPool;
+use crate::metrics::Metrics;
+use crate::pods::PodSettings;
+
+/// Options of `testrunner-operator simulate`.
+#[derive(Clone, Debug)]
+pub struct SimulateOptions {
+    /// Address of the API server.
+    pub listen: SocketAddr,
+    /// Where the kubeconfig goes.
+    pub kubeconfig: PathBuf,
+    /// Broker URI stored in Secret `rabbitmq` (key `uri`).
+    pub amqp_uri: String,
+    /// Durations of the kubelet are divided by this.
+    pub time_scale: f64,
+    /// Images whose containers run in a local root filesystem.
+    pub images: BTreeMap<String, PathBuf>,
+    /// Binaries of a real control plane to run instead of the embedded API server.
+    pub control_plane: Option<PathBuf>,
+}
+
+/// What a simulation of this operator starts with: the `TestRunnerPool` CRD, Secret
+/// `default/rabbitmq` (key `uri`) holding `amqp_uri`, the node's durations divided by
+/// `time_scale`, and `exe` as the binary `testrunner-operator` commands in pods run (this
+/// binary for `simulate`; tests pass `CARGO_BIN_EXE_testrunner-operator`).
+pub fn options(amqp_uri: &str, time_scale: f64, exe: PathBuf) -> Options {
+    Options {
+        crds: vec![TestRunnerPool::crd()],
+        secrets: vec![broker_secret(amqp_uri)],
+        time_scale,
+        ..Options::new(exe)
+    }
+}
+
+/// Secret `rabbitmq` (key `uri`), the broker Secret pools name in the walk-through.
+pub fn broker_secret(amqp_uri: &str) -> Secret {
+    Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("rabbitmq".into()),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        string_data: Some(BTreeMap::from([("uri".to_string(), amqp_uri.to_string())])),
+        ..Default::default()
+    }
+}
+
+/// Starts the operator in-process against `client` (no leader election).
+pub fn start_operator(client: kube::Client) -> tokio::task::JoinHandle<()> {
+    start_operator_in(client, Vec::new())
+}
+
+/// Starts the operator in-process, watching only `namespaces` (all when empty).
+pub fn start_operator_in(
+    client: kube::Client,
+    namespaces: Vec<String>,
+) -> tokio::task::JoinHandle<()> {
+    let settings = Settings {
+        pods: PodSettings {
+            operator_image: concat!("testrunner-operator:", env!("CARGO_PKG_VERSION")).into(),
+            // A simulation wants to see state changes quickly.
+            report_interval: Duration::from_secs(2),
+        },
+        namespaces,
+        controller_name: "testrunner-operator".into(),
+        instance: Some("simulated".into()),
+    };
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    tokio::spawn(controller::run(client, settings, metrics, ready))
+}
+
+async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, String> {
+    let kc = kube::config::Kubeconfig::read_from(path)
+        .map_err(|e| format!("failed to read {}: {e}", path.display()))?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await
+            .map_err(|e| format!("failed to load {}: {e}", path.display()))?;
+    kube::Client::try_from(config).map_err(|e| format!("failed to build a client: {e}"))
+}
+
+/// `testrunner-operator simulate`: runs until Ctrl-C or SIGTERM.
+pub async fn simulate(opts: SimulateOptions) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| format!("failed to find this binary: {e}"))?;
+    let options = Options {
+        images: opts.images.clone(),
+        ..options(&opts.amqp_uri, opts.time_scale, exe.clone())
+    };
+    let sim = match &opts.control_plane {
+        None => Simulation::start(opts.listen, options).await.map_err(|e| {
+            format!(
+                "failed to start the simulated cluster on {}: {e}",
+                opts.listen
+            )
+        })?,
+        Some(dir) => {
+            println!("Starting a real control plane from {} ...", dir.display());
+            Simulation::start_on_control_plane(dir, options)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "failed to start the control plane from {}: {e}",
+                        dir.display()
+                    )
+                })?
+        }
+    };
+    sim.write_kubeconfig(&opts.kubeconfig)?;
+    let client = client_from_kubeconfig(&opts.kubeconfig).await?;
+    let operator = start_operator(client);
+    let kubeconfig = std::fs::canonicalize(&opts.kubeconfig).unwrap_or(opts.kubeconfig.clone());
+    let kc = kubeconfig.display();
+    let bin = exe.display();
+    let what = match &sim.backend {
+        Backend::Embedded(_) => {
+            "API server and kubelet in this process; the operator runs against it".to_string()
+        }
+        Backend::ControlPlane { missing, .. } => {
+            let mut what = "a real control plane: etcd, kube-apiserver".to_string();
+            if missing.is_empty() {
+                what.push_str(", kube-controller-manager, kube-scheduler");
+            }
+            what.push_str("; the simulated node and the operator in this process");
+            for m in missing {
+                what.push_str(&format!("\n  {m}"));
+            }
+            what
+        }
+    };
+    println!(
+        "Simulated cluster at {url} ({what}).
+Kubeconfig: {kc}   Broker Secret: default/rabbitmq (key uri)   Time scale: {scale}
+
+In a second terminal:
+  export KUBECONFIG={kc}
+  {bin} publish --queue tickets.demo --count 10 --declare-quorum
+  kubectl apply -f - <<'YAML'
+apiVersion: testrunner.dev/v1alpha1
+kind: TestRunnerPool
+metadata:
+  name: demo
+spec:
+  image: example.org/test-runner:1
+  # no image is pulled (see simulate --image); this command crashes on any image tagged :broken
+  command: [\"sh\", \"-c\", \"case $TESTRUNNER_IMAGE in *:broken) exit 3;; esac; cat >/dev/null; sleep 1\"]
+  queue:
+    name: tickets.demo
+    connectionSecretRef: {{name: rabbitmq, key: uri}}
+  scaling: {{minWorkers: 0, maxWorkers: 5, pollInterval: 1s, scaleDownDelay: 20s}}
+YAML
+  kubectl get trp -w
+  ({bin} publish --queue tickets.demo --count 30 sends more: watch the pool scale up and back down)
+  kubectl get pods
+  kubectl describe trp demo
+  (a rollout: publish 30 more, then set image example.org/test-runner:broken, watch its canary
+   roll back, then example.org/test-runner:2, watch it promoted:
+   kubectl patch trp demo --type merge -p '{{\"spec\":{{\"image\":\"example.org/test-runner:broken\"}}}}')
+
+Ctrl-C stops everything (the API server, the operator and every worker process).",
+        url = sim.url(),
+        scale = opts.time_scale,
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("failed to listen for SIGTERM: {e}"))?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    println!("stopping the simulated cluster");
+    operator.abort();
+    sim.shutdown().await;
+    Ok(())
+}
