@@ -255,9 +255,7 @@ pub async fn reconcile(guarded: Arc<Guarded>, ctx: Arc<Context>) -> Result<Actio
     // Observe.
     let uri = broker_uri(pool, &ctx).await?;
     let config_problem = uri.as_ref().err().cloned();
-    let poll_interval = core::settings(&pool.spec)
-        .map(|s| s.poll_interval)
-        .unwrap_or(Duration::from_secs(2));
+    let poll_interval = core::settings(&pool.spec).unwrap_or_default().poll_interval;
     let key = ObjectRef::from_obj(&*guarded);
     let broker = match &uri {
         Ok(uri) => ctx.probes.ensure(

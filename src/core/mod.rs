@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
-use crate::crd::{TestRunnerPool, TestRunnerPoolSpec, TestRunnerPoolStatus};
+use crate::crd::{
+    PoisonSpec, ScalingSpec, SpecDuration, TestRunnerPool, TestRunnerPoolSpec, TestRunnerPoolStatus,
+};
 
 pub use conditions::{
     CONDITION_BROKER_REACHABLE, CONDITION_DEGRADED, CONDITION_READY, CONDITION_ROLLOUT_COMPLETE,
@@ -276,46 +278,49 @@ pub const RESYNC: Duration = Duration::from_secs(300);
 /// How soon a pool with a spec problem is looked at again.
 pub const CONFIG_RETRY: Duration = Duration::from_secs(15);
 
-/// Parses the spec's durations. The schema checks their syntax; this checks the rest.
+/// Reads the spec's durations. The schema checks their syntax; this checks the rest.
 pub fn settings(spec: &TestRunnerPoolSpec) -> Result<Settings, ConfigProblem> {
-    let parse = |field: &str, value: &str| {
-        humantime::parse_duration(value).map_err(|e| ConfigProblem::InvalidField {
-            field: field.into(),
-            detail: format!("{value:?} is not a duration: {e}"),
-        })
-    };
-    let poll_interval = parse("spec.scaling.pollInterval", &spec.scaling.poll_interval)?;
+    let poll_interval = duration("spec.scaling.pollInterval", &spec.scaling.poll_interval)?;
     if poll_interval < MIN_POLL_INTERVAL {
         return Err(ConfigProblem::InvalidField {
             field: "spec.scaling.pollInterval".into(),
             detail: format!(
                 "{:?} is below the minimum of 100ms",
-                spec.scaling.poll_interval
+                spec.scaling.poll_interval.as_str()
             ),
         });
     }
-    let scale_down_delay = parse(
-        "spec.scaling.scaleDownDelay",
-        &spec.scaling.scale_down_delay,
-    )?;
-    let stall_timeout = parse("spec.poison.stallTimeout", &spec.poison.stall_timeout)?;
-    let rollout = rollout::RolloutSettings {
-        min_canary_time: parse("spec.rollout.minCanaryTime", &spec.rollout.min_canary_time)?,
-        idle_promote_after: parse(
-            "spec.rollout.idlePromoteAfter",
-            &spec.rollout.idle_promote_after,
-        )?,
-        progress_deadline: parse(
-            "spec.rollout.progressDeadline",
-            &spec.rollout.progress_deadline,
-        )?,
-    };
     Ok(Settings {
         poll_interval,
-        scale_down_delay,
-        stall_timeout,
-        rollout,
+        scale_down_delay: duration(
+            "spec.scaling.scaleDownDelay",
+            &spec.scaling.scale_down_delay,
+        )?,
+        stall_timeout: duration("spec.poison.stallTimeout", &spec.poison.stall_timeout)?,
+        rollout: rollout::RolloutSettings::from_spec(&spec.rollout)?,
     })
+}
+
+/// The value of the duration field at `field`, or the spec problem it is.
+pub(crate) fn duration(field: &str, value: &SpecDuration) -> Result<Duration, ConfigProblem> {
+    value.duration().map_err(|e| ConfigProblem::InvalidField {
+        field: field.into(),
+        detail: format!("{:?} is not a duration: {e}", value.as_str()),
+    })
+}
+
+/// The settings of a spec that leaves every field out.
+impl Default for Settings {
+    fn default() -> Self {
+        let (scaling, poison) = (ScalingSpec::default(), PoisonSpec::default());
+        let valid = |d: &SpecDuration| d.duration().expect("the defaults are valid");
+        Settings {
+            poll_interval: valid(&scaling.poll_interval),
+            scale_down_delay: valid(&scaling.scale_down_delay),
+            stall_timeout: valid(&poison.stall_timeout),
+            rollout: rollout::RolloutSettings::default(),
+        }
+    }
 }
 
 /// The revision of a spec: a short, stable hash of what goes into a worker pod
@@ -348,16 +353,15 @@ pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan 
         .as_ref()
         .unwrap_or(&no_annotations);
 
-    let settings = settings(spec);
+    let parsed = settings(spec);
     let config_problem = observed
         .config_problem
         .clone()
-        .or_else(|| settings.as_ref().err().cloned())
+        .or_else(|| parsed.as_ref().err().cloned())
         .or_else(|| command_problem(spec));
-    let scale_down_delay = settings
-        .as_ref()
-        .map(|s| s.scale_down_delay)
-        .unwrap_or(Duration::from_secs(120));
+    // A spec problem stops scaling; the rest runs on the defaults.
+    let settings = parsed.unwrap_or_default();
+    let scale_down_delay = settings.scale_down_delay;
 
     let (crashes, fresh_crashes) = diagnosis::merge_crashes(&old_status.crashes, &observed.crashes);
     let old_quarantine = old_status.quarantine.clone().unwrap_or_default();
@@ -372,10 +376,7 @@ pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan 
     };
     let rollout = rollout::decide(&rollout::RolloutInput {
         spec,
-        settings: &settings
-            .as_ref()
-            .map(|s| s.rollout.clone())
-            .unwrap_or_default(),
+        settings: &settings.rollout,
         previous: old_status.rollout.as_ref(),
         annotations,
         pods: &observed.pods,
@@ -399,10 +400,7 @@ pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan 
             .iter()
             .map(|r| (r.id.clone(), r.at.0))
             .collect::<Vec<_>>(),
-        stall_timeout: settings
-            .as_ref()
-            .map(|s| s.stall_timeout)
-            .unwrap_or(Duration::from_secs(600)),
+        stall_timeout: settings.stall_timeout,
         queue_ready,
         previous_ready: old_status.queue.as_ref().map(|q| q.ready),
         previous: old_status.diagnosis.as_ref(),

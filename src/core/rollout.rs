@@ -14,8 +14,8 @@ use super::diagnosis::Completions;
 use super::{PlannedEvent, PodState, PodView};
 use crate::contract::WorkerExit;
 use crate::crd::{
-    ANNOTATION_ABORT, ANNOTATION_PROMOTE, CrashStatus, RevisionRecord, RolloutPhase, RolloutStatus,
-    TestRunnerPoolSpec,
+    ANNOTATION_ABORT, ANNOTATION_PROMOTE, CrashStatus, RevisionRecord, RolloutPhase, RolloutSpec,
+    RolloutStatus, TestRunnerPoolSpec,
 };
 
 /// Ended rollouts kept in `status.rollout.history`.
@@ -66,13 +66,27 @@ pub struct RolloutSettings {
     pub progress_deadline: Duration,
 }
 
+impl RolloutSettings {
+    /// Reads `spec.rollout`'s durations.
+    pub fn from_spec(spec: &RolloutSpec) -> Result<Self, super::ConfigProblem> {
+        Ok(Self {
+            min_canary_time: super::duration("spec.rollout.minCanaryTime", &spec.min_canary_time)?,
+            idle_promote_after: super::duration(
+                "spec.rollout.idlePromoteAfter",
+                &spec.idle_promote_after,
+            )?,
+            progress_deadline: super::duration(
+                "spec.rollout.progressDeadline",
+                &spec.progress_deadline,
+            )?,
+        })
+    }
+}
+
+/// The settings of a spec that leaves `rollout` out.
 impl Default for RolloutSettings {
     fn default() -> Self {
-        Self {
-            min_canary_time: Duration::ZERO,
-            idle_promote_after: Duration::from_secs(300),
-            progress_deadline: Duration::from_secs(600),
-        }
+        Self::from_spec(&RolloutSpec::default()).expect("the defaults are valid")
     }
 }
 
