@@ -14,8 +14,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 mod duration;
+mod named;
 
 pub use duration::{DURATION_PATTERN, SpecDuration};
+pub(crate) use named::named_enum;
 
 /// API group of the custom resource.
 pub const GROUP: &str = "testrunner.dev";
@@ -496,6 +498,69 @@ pub struct TestRunnerPoolStatus {
     pub rollout: Option<RolloutStatus>,
 }
 
+named_enum! {
+    /// Why a rollout is in its phase (`status.rollout.reason`).
+    #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum RolloutReason {
+        /// The pool's first revision serves directly.
+        FirstRevision,
+        /// The canaries run and are being judged.
+        CanaryRunning,
+        /// No canary runs yet: the pool has no work.
+        WaitingForWork,
+        /// `spec.paused` holds the rollout.
+        Paused,
+        /// The broker cannot be reached: nothing to judge the canary by.
+        BrokerUnreachable,
+        /// The canaries completed enough tickets without a crash.
+        CanaryPassed,
+        /// No ticket waited; the canaries ran `idlePromoteAfter` without a crash.
+        IdlePromoted,
+        /// `rollout.canaryWorkers` is 0.
+        NoCanary,
+        /// The `testrunner.dev/promote` annotation.
+        PromotedByAnnotation,
+        /// The spec went back to the stable revision.
+        Reverted,
+        /// A newer revision replaced the one rolling out.
+        Superseded,
+        /// A canary crashed with no ticket in hand.
+        CanaryCrashedBeforeConsuming,
+        /// Canaries crashed on two tickets no stable worker crashed on.
+        CanaryCrashedOnTickets,
+        /// No promotion within `rollout.progressDeadline`.
+        ProgressDeadlineExceeded,
+        /// The `testrunner.dev/abort` annotation.
+        AbortedByAnnotation,
+    }
+}
+
+impl RolloutReason {
+    /// True for the reasons a canary fails with (an abort is the user's choice, not a
+    /// failure).
+    pub fn is_failure(self) -> bool {
+        matches!(
+            self,
+            RolloutReason::CanaryCrashedBeforeConsuming
+                | RolloutReason::CanaryCrashedOnTickets
+                | RolloutReason::ProgressDeadlineExceeded
+        )
+    }
+}
+
+named_enum! {
+    /// How a rollout ended (`status.rollout.history[].result`).
+    #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum RolloutResult {
+        /// The revision became the stable one.
+        Promoted,
+        /// The revision failed or was aborted; the stable one serves on.
+        RolledBack,
+        /// A newer revision replaced it before it ended.
+        Superseded,
+    }
+}
+
 /// Phase of the latest rollout.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum RolloutPhase {
@@ -519,7 +584,8 @@ pub struct RolloutStatus {
     /// NoCanary, PromotedByAnnotation, Reverted, CanaryCrashedBeforeConsuming,
     /// CanaryCrashedOnTickets, ProgressDeadlineExceeded, AbortedByAnnotation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    #[schemars(with = "Option<String>")]
+    pub reason: Option<RolloutReason>,
     /// What happens, in words.
     #[serde(default)]
     pub message: String,
@@ -570,7 +636,8 @@ pub struct RevisionRecord {
     /// Its image.
     pub image: String,
     /// Promoted, RolledBack or Superseded.
-    pub result: String,
+    #[schemars(with = "String")]
+    pub result: RolloutResult,
     /// Why, as in `reason`.
     #[serde(default)]
     pub reason: String,
@@ -590,7 +657,8 @@ pub const ANNOTATION_ABORT: &str = "testrunner.dev/abort";
 #[serde(rename_all = "camelCase")]
 pub struct DiagnosisStatus {
     /// Healthy, PoisonTicket, BrokenEnvironment, OutOfMemory or QueueStalled.
-    pub verdict: String,
+    #[schemars(with = "String")]
+    pub verdict: Verdict,
     /// What was seen and what happens now.
     #[serde(default)]
     pub message: String,
@@ -603,6 +671,25 @@ pub struct DiagnosisStatus {
     /// Last time the queue made progress (a ticket taken or finished).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_progress_time: Option<Time>,
+}
+
+named_enum! {
+    /// A crash diagnosis (`status.diagnosis.verdict`), also the Degraded condition's reason
+    /// and the reason of the event that reports it.
+    #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub enum Verdict {
+        /// Nothing wrong.
+        #[default]
+        Healthy,
+        /// One ticket crashes every worker that takes it.
+        PoisonTicket,
+        /// Workers crash whatever the ticket: the image, its configuration or the cluster.
+        BrokenEnvironment,
+        /// Workers were killed for using too much memory.
+        OutOfMemory,
+        /// Tickets wait and nothing moves.
+        QueueStalled,
+    }
 }
 
 /// Quarantined tickets.
@@ -700,31 +787,20 @@ pub struct CrashStatus {
     pub at: Time,
 }
 
-/// Pool phase.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-pub enum Phase {
-    /// No tickets and no workers.
-    Idle,
-    /// Workers match what the queue needs.
-    Running,
-    /// Workers are being added or removed.
-    Scaling,
-    /// Something stops the pool from working as asked; see the Degraded condition.
-    Degraded,
-    /// `spec.paused` is true.
-    Paused,
-}
-
-impl Phase {
-    /// The name shown by `kubectl get`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Idle => "Idle",
-            Phase::Running => "Running",
-            Phase::Scaling => "Scaling",
-            Phase::Degraded => "Degraded",
-            Phase::Paused => "Paused",
-        }
+named_enum! {
+    /// Pool phase.
+    #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+    pub enum Phase {
+        /// No tickets and no workers.
+        Idle,
+        /// Workers match what the queue needs.
+        Running,
+        /// Workers are being added or removed.
+        Scaling,
+        /// Something stops the pool from working as asked; see the Degraded condition.
+        Degraded,
+        /// `spec.paused` is true.
+        Paused,
     }
 }
 

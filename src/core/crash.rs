@@ -5,7 +5,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
 
 use crate::contract::{TerminationLine, WORKER_CONTAINER, WorkerExit};
-use crate::crd::LABEL_REVISION;
+use crate::crd::{CrashStatus, LABEL_REVISION};
 
 /// What the worker said it was doing when it stopped (its termination message).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -145,6 +145,19 @@ pub fn crash_records(pod: &Pod) -> Vec<CrashRecord> {
     }
     out.retain(|r| r.exit_code != 0);
     out
+}
+
+/// How a worker ended, for messages: `signal 11`, or `<exit> 3` (`exit`, `exit code`),
+/// with Kubernetes' reason when it says more than Error: `exit 137 (OOMKilled)`.
+pub fn ending(c: &CrashStatus, exit: &str) -> String {
+    let mut s = match c.signal {
+        Some(sig) => format!("signal {sig}"),
+        None => format!("{exit} {}", c.exit_code),
+    };
+    if !c.reason.is_empty() && c.reason != "Error" {
+        s.push_str(&format!(" ({})", c.reason));
+    }
+    s
 }
 
 #[cfg(test)]

@@ -1,0 +1,316 @@
+//! The events step: the Kubernetes events one reconcile calls for, from what the steps
+//! before it decided and from how the new status differs from the previous one.
+
+use super::ConfigProblem;
+use super::conditions::{self, ConditionReason, ConditionStatus, ConditionType};
+use super::observe::Observation;
+use super::scaling::Decision;
+use crate::crd::{
+    Condition, CrashStatus, DiagnosisStatus, TestRunnerPoolStatus, Verdict, named_enum,
+};
+
+named_enum! {
+    /// The reason of an event the core plans.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum EventReason {
+        /// More workers for the queue.
+        ScaledUp,
+        /// Fewer workers for the queue.
+        ScaledDown,
+        /// The broker stopped answering probes.
+        BrokerUnreachable,
+        /// The broker answers again.
+        BrokerRecovered,
+        /// The queue does not exist.
+        QueueNotFound,
+        /// The spec has a problem the schema cannot catch.
+        InvalidSpec,
+        /// A worker container crashed.
+        WorkerCrashed,
+        /// The diagnosis found a poison ticket.
+        PoisonTicket,
+        /// A poison ticket went on the quarantine list.
+        PoisonTicketQuarantined,
+        /// The diagnosis found a broken environment.
+        BrokenEnvironment,
+        /// Workers ran out of memory.
+        OutOfMemory,
+        /// The queue stopped moving.
+        QueueStalled,
+        /// The diagnosis is healthy again.
+        Recovered,
+        /// Tickets go back from the quarantine queue to the work queue.
+        TicketsReplayed,
+        /// A rollout started.
+        RolloutStarted,
+        /// A revision was promoted.
+        RolloutPromoted,
+        /// A canary failed.
+        RolloutFailed,
+        /// A rollout was aborted with the annotation.
+        RolloutAborted,
+        /// A newer revision replaced the one rolling out.
+        RolloutSuperseded,
+        /// The spec went back to the stable revision.
+        RolloutReverted,
+    }
+}
+
+impl EventReason {
+    /// The event that announces a new verdict.
+    pub fn of_verdict(verdict: Verdict) -> EventReason {
+        match verdict {
+            Verdict::Healthy => EventReason::Recovered,
+            Verdict::PoisonTicket => EventReason::PoisonTicket,
+            Verdict::BrokenEnvironment => EventReason::BrokenEnvironment,
+            Verdict::OutOfMemory => EventReason::OutOfMemory,
+            Verdict::QueueStalled => EventReason::QueueStalled,
+        }
+    }
+}
+
+named_enum! {
+    /// The action of an event the core plans: what the operator did or was doing.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum EventAction {
+        /// Scaling the workers.
+        Scale,
+        /// Probing the queue.
+        ProbeQueue,
+        /// Reading the spec.
+        Validate,
+        /// Reading a worker's status.
+        ObserveWorker,
+        /// Diagnosing crashes.
+        Diagnose,
+        /// Quarantining a ticket.
+        Quarantine,
+        /// Replaying tickets.
+        Replay,
+        /// Promoting a revision.
+        Promote,
+        /// Rolling a revision back.
+        Rollback,
+        /// Rolling a revision out.
+        Rollout,
+    }
+}
+
+/// An event the shell must publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedEvent {
+    /// Warning or Normal.
+    pub warning: bool,
+    /// PascalCase reason.
+    pub reason: EventReason,
+    /// PascalCase action.
+    pub action: EventAction,
+    /// Human readable note (at most 1 kB once published).
+    pub note: String,
+}
+
+impl PlannedEvent {
+    /// A Normal event.
+    pub fn normal(reason: EventReason, action: EventAction, note: String) -> Self {
+        Self {
+            warning: false,
+            reason,
+            action,
+            note,
+        }
+    }
+
+    /// A Warning event.
+    pub fn warning(reason: EventReason, action: EventAction, note: String) -> Self {
+        Self {
+            warning: true,
+            ..Self::normal(reason, action, note)
+        }
+    }
+}
+
+/// Most WorkerCrashed events published for one reconcile; the rest are summed up.
+pub const MAX_CRASH_EVENTS: usize = 5;
+
+/// The step: every event of one reconcile, in order: condition transitions, new
+/// crashes, the diagnosis, then what the quarantine, the rollout and the scaling did.
+pub(super) fn events(
+    seen: &Observation<'_>,
+    status: &TestRunnerPoolStatus,
+    diagnosis: &DiagnosisStatus,
+    scaling: &Decision,
+    quarantine: Vec<PlannedEvent>,
+    rollout: Vec<PlannedEvent>,
+) -> Vec<PlannedEvent> {
+    let old = &seen.previous;
+    let config_problem = seen.config_problem.as_ref();
+    let mut events: Vec<PlannedEvent> = [
+        broker_transition(old, status),
+        spec_problem(old, config_problem),
+        queue_missing(old, status),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    events.extend(crashes(&seen.fresh_crashes));
+    events.extend(verdict(old.diagnosis.as_ref(), diagnosis));
+    events.extend(quarantine);
+    events.extend(rollout);
+    events.extend(scaled(scaling));
+    events
+}
+
+fn is(status: &TestRunnerPoolStatus, type_: ConditionType, value: ConditionStatus) -> bool {
+    conditions::find(status, type_).is_some_and(|c| c.status == value)
+}
+
+/// BrokerUnreachable when the broker stops answering, BrokerRecovered when it answers
+/// again.
+fn broker_transition(
+    old: &TestRunnerPoolStatus,
+    new: &TestRunnerPoolStatus,
+) -> Option<PlannedEvent> {
+    let is_now = conditions::find(new, ConditionType::BrokerReachable)?;
+    let was_false = is(old, ConditionType::BrokerReachable, ConditionStatus::False);
+    if is_now.status == ConditionStatus::False && !was_false {
+        Some(PlannedEvent::warning(
+            EventReason::BrokerUnreachable,
+            EventAction::ProbeQueue,
+            format!(
+                "{}: {}; holding the current workers",
+                is_now.reason, is_now.message
+            ),
+        ))
+    } else if is_now.status == ConditionStatus::True && was_false {
+        Some(PlannedEvent::normal(
+            EventReason::BrokerRecovered,
+            EventAction::ProbeQueue,
+            is_now.message.clone(),
+        ))
+    } else {
+        None
+    }
+}
+
+/// InvalidSpec once per spec problem (while the Degraded condition does not say it
+/// already).
+fn spec_problem(
+    old: &TestRunnerPoolStatus,
+    problem: Option<&ConfigProblem>,
+) -> Option<PlannedEvent> {
+    let message = problem?.message();
+    let already = conditions::find(old, ConditionType::Degraded)
+        .is_some_and(|c| c.status == ConditionStatus::True && c.message == message);
+    (!already)
+        .then(|| PlannedEvent::warning(EventReason::InvalidSpec, EventAction::Validate, message))
+}
+
+/// QueueNotFound when the queue goes missing.
+fn queue_missing(old: &TestRunnerPoolStatus, new: &TestRunnerPoolStatus) -> Option<PlannedEvent> {
+    fn missing(s: &TestRunnerPoolStatus) -> Option<&Condition> {
+        conditions::find(s, ConditionType::Degraded)
+            .filter(|c| c.status == ConditionStatus::True)
+            .filter(|c| c.reason == ConditionReason::QueueNotFound)
+    }
+    let now = missing(new)?;
+    missing(old).is_none().then(|| {
+        PlannedEvent::warning(
+            EventReason::QueueNotFound,
+            EventAction::ProbeQueue,
+            now.message.clone(),
+        )
+    })
+}
+
+/// A Warning event for each crash seen for the first time: the first crash is reported
+/// right away.
+pub(super) fn crashes(fresh: &[CrashStatus]) -> Vec<PlannedEvent> {
+    let mut events: Vec<PlannedEvent> = fresh
+        .iter()
+        .take(MAX_CRASH_EVENTS)
+        .map(|c| {
+            let on = match (&c.ticket, &c.state) {
+                (Some(t), _) => format!("on ticket {t} (delivery {})", c.delivery.unwrap_or(1)),
+                (None, Some(s)) if s != "starting" && s != "idle" => {
+                    format!("with no ticket in hand: {s}")
+                }
+                (None, _) => "with no ticket in hand".to_string(),
+            };
+            PlannedEvent::warning(
+                EventReason::WorkerCrashed,
+                EventAction::ObserveWorker,
+                format!(
+                    "Worker pod {} (image {}) crashed {on}: {}",
+                    c.pod,
+                    c.image,
+                    super::crash::ending(c, "exit code")
+                ),
+            )
+        })
+        .collect();
+    if fresh.len() > MAX_CRASH_EVENTS {
+        events.push(PlannedEvent::warning(
+            EventReason::WorkerCrashed,
+            EventAction::ObserveWorker,
+            format!(
+                "{} more worker crashes; see status.crashes",
+                fresh.len() - MAX_CRASH_EVENTS
+            ),
+        ));
+    }
+    events
+}
+
+/// An event when the diagnosis changes: its verdict, or Recovered.
+pub(super) fn verdict(
+    old: Option<&DiagnosisStatus>,
+    new: &DiagnosisStatus,
+) -> Option<PlannedEvent> {
+    let was = old.map(|d| (d.verdict, d.ticket.as_deref()));
+    let is = (new.verdict, new.ticket.as_deref());
+    if was == Some(is) || (was.is_none() && new.verdict == Verdict::Healthy) {
+        return None;
+    }
+    let reason = EventReason::of_verdict(new.verdict);
+    Some(if new.verdict == Verdict::Healthy {
+        PlannedEvent::normal(
+            reason,
+            EventAction::Diagnose,
+            format!(
+                "No longer {}: workers are healthy again",
+                old.map(|d| d.verdict.as_str()).unwrap_or_default()
+            ),
+        )
+    } else {
+        PlannedEvent::warning(reason, EventAction::Diagnose, new.message.clone())
+    })
+}
+
+/// ScaledUp and ScaledDown (a pod that replaces an old revision is no scale-up).
+pub(super) fn scaled(decision: &Decision) -> Vec<PlannedEvent> {
+    let mut events = Vec::new();
+    if decision.create > 0 && !decision.replacing {
+        events.push(PlannedEvent::normal(
+            EventReason::ScaledUp,
+            EventAction::Scale,
+            format!(
+                "Scaling up from {} to {} workers ({} tickets ready)",
+                decision.current,
+                decision.current + decision.create as i32,
+                decision.queue_ready
+            ),
+        ));
+    }
+    if decision.scaled_down > 0 {
+        events.push(PlannedEvent::normal(
+            EventReason::ScaledDown,
+            EventAction::Scale,
+            format!(
+                "Scaling down from {} to {} workers; removed workers finish the ticket in hand",
+                decision.current,
+                decision.current - decision.scaled_down as i32
+            ),
+        ));
+    }
+    events
+}
