@@ -7,7 +7,7 @@ use jiff::{SignedDuration, Timestamp};
 use serde::Serialize;
 
 use super::conditions::{self, ConditionStatus, ConditionType};
-use crate::crd::{AlertKind, TestRunnerPoolStatus, Verdict};
+use crate::crd::{AlertKind, DiagnosisStatus, TestRunnerPoolStatus, Verdict};
 
 /// Alert names the operator raises.
 pub mod names {
@@ -113,27 +113,7 @@ pub fn active_alerts(
         out.extend(poison_tickets(&pool, status));
     }
     if let Some(d) = status.diagnosis.as_ref() {
-        let since = d.since.as_ref().map(|t| t.0).unwrap_or(now);
-        if on(AlertKind::BrokenEnvironment) && d.verdict == Verdict::BrokenEnvironment {
-            out.push(pool.alert(
-                names::BROKEN_ENVIRONMENT,
-                Severity::Critical,
-                None,
-                format!("Workers of pool {pool} crash whatever the ticket"),
-                d.message.clone(),
-                since,
-            ));
-        }
-        if on(AlertKind::QueueStalled) && d.verdict == Verdict::QueueStalled {
-            out.push(pool.alert(
-                names::QUEUE_STALLED,
-                Severity::Warning,
-                None,
-                format!("The queue of pool {pool} is stalled"),
-                d.message.clone(),
-                since,
-            ));
-        }
+        out.extend(diagnosis(&pool, d, enabled, now));
     }
     if on(AlertKind::RolloutFailed) {
         out.extend(rollout_failed(&pool, status, now));
@@ -229,6 +209,35 @@ fn poison_tickets(pool: &Pool<'_>, status: &TestRunnerPoolStatus) -> Vec<Alert> 
             )
         })
         .collect()
+}
+
+/// TestRunnerBrokenEnvironment or TestRunnerQueueStalled while the diagnosis says so,
+/// since it does.
+fn diagnosis(
+    pool: &Pool<'_>,
+    d: &DiagnosisStatus,
+    enabled: &[AlertKind],
+    now: Timestamp,
+) -> Option<Alert> {
+    let (kind, name, severity, summary) = match d.verdict {
+        Verdict::BrokenEnvironment => (
+            AlertKind::BrokenEnvironment,
+            names::BROKEN_ENVIRONMENT,
+            Severity::Critical,
+            format!("Workers of pool {pool} crash whatever the ticket"),
+        ),
+        Verdict::QueueStalled => (
+            AlertKind::QueueStalled,
+            names::QUEUE_STALLED,
+            Severity::Warning,
+            format!("The queue of pool {pool} is stalled"),
+        ),
+        _ => return None,
+    };
+    let since = d.since.as_ref().map(|t| t.0).unwrap_or(now);
+    enabled
+        .contains(&kind)
+        .then(|| pool.alert(name, severity, None, summary, d.message.clone(), since))
 }
 
 /// TestRunnerRolloutFailed while the latest rollout has failed.

@@ -248,24 +248,14 @@ mod tests {
             }
             serde_json::from_value(p).unwrap()
         };
-        assert!(
-            crash_records(&pod(true, 137)).is_empty(),
-            "killed after grace"
-        );
-        assert!(
-            crash_records(&pod(true, 143)).is_empty(),
-            "stopped by SIGTERM"
-        );
-        assert_eq!(
-            crash_records(&pod(true, 139)).len(),
-            1,
-            "a crash while draining is a crash"
-        );
-        assert_eq!(
-            crash_records(&pod(false, 137)).len(),
-            1,
-            "killed while not being deleted"
-        );
+        for (deleting, exit, crashes, why) in [
+            (true, 137, 0, "killed after grace"),
+            (true, 143, 0, "stopped by SIGTERM"),
+            (true, 139, 1, "a crash while draining is a crash"),
+            (false, 137, 1, "killed while not being deleted"),
+        ] {
+            assert_eq!(crash_records(&pod(deleting, exit)).len(), crashes, "{why}");
+        }
     }
 
     #[test]

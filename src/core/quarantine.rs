@@ -222,6 +222,7 @@ mod tests {
     use super::*;
     use crate::core::crash::InHand;
 
+    use crate::contract::quarantine_example;
     use crate::core::fixtures::t;
 
     fn crash(ticket: &str, image: &str, at: i64) -> CrashStatus {
@@ -239,26 +240,9 @@ mod tests {
             at: Time(Timestamp::from_second(1000).unwrap()),
         };
         let line = list_entry(&t).render();
-        assert_eq!(
-            line,
-            "t-9 1000 crashes=3&pods=unit-a&images=runner%3A1%2Crunner%3A2&last_exit=exit+code+139+%28signal+11%29\n"
-        );
+        assert_eq!(line, quarantine_example::LINE);
         let read = QuarantineEntry::parse(&line).unwrap();
-        assert_eq!(
-            read.evidence_headers(),
-            [
-                ("x-testrunner-crashes".to_string(), "3".to_string()),
-                ("x-testrunner-pods".to_string(), "unit-a".to_string()),
-                (
-                    "x-testrunner-images".to_string(),
-                    "runner:1,runner:2".to_string()
-                ),
-                (
-                    "x-testrunner-last-exit".to_string(),
-                    "exit code 139 (signal 11)".to_string()
-                ),
-            ]
-        );
+        assert_eq!(read.evidence_headers(), quarantine_example::headers());
         assert!(read.diverts(Some(999)));
     }
 

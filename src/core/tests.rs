@@ -601,13 +601,17 @@ fn with_activity(mut p: PodView, activity: Activity) -> PodView {
     p
 }
 
+fn busy_on(ticket: &str) -> Activity {
+    Activity::Busy {
+        ticket: ticket.into(),
+    }
+}
+
 #[test]
 fn a_busy_worker_is_never_removed_to_shrink_the_pool() {
     let p = pool();
     let r = rev();
-    let busy = Activity::Busy {
-        ticket: "long-1".into(),
-    };
+    let busy = busy_on("long-1");
     let pods = vec![
         with_activity(pod("unit-busy", &r, PodState::Ready, 0), busy.clone()),
         with_activity(pod("unit-idle", &r, PodState::Ready, 1), Activity::Idle),
@@ -667,9 +671,7 @@ fn busy_workers_count_as_desired_with_tickets_per_worker() {
 fn an_outdated_busy_worker_is_replaced_when_its_ticket_is_done() {
     let p = pool();
     let r = rev();
-    let busy = Activity::Busy {
-        ticket: "long-1".into(),
-    };
+    let busy = busy_on("long-1");
     let pods = vec![
         with_activity(pod("unit-old", "0000000000", PodState::Ready, 0), busy),
         with_activity(pod("unit-new", &r, PodState::Ready, 1), Activity::Idle),
