@@ -286,3 +286,239 @@ pub(super) fn phase(i: &Inputs<'_>, degraded: &Condition) -> Phase {
         Phase::Running
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::fixtures::{pod, pool, t};
+    use crate::crd::RolloutReason;
+
+    fn decision(desired: i32, current: i32, ready: i32) -> Decision {
+        Decision {
+            desired,
+            current,
+            ready,
+            busy: 0,
+            queue_ready: 0,
+            create: 0,
+            create_canary: 0,
+            replacing: false,
+            delete: Vec::new(),
+            scaled_down: 0,
+            surplus_since: None,
+            scale_down_wait: None,
+        }
+    }
+
+    fn rollout(phase: RolloutPhase, reason: Option<RolloutReason>) -> RolloutStatus {
+        RolloutStatus {
+            phase,
+            reason,
+            message: "what the rollout says".into(),
+            stable_revision: "a".into(),
+            stable_image: "runner:1".into(),
+            target_revision: "a".into(),
+            target_image: "runner:1".into(),
+            started_at: None,
+            canary_since: None,
+            canary_tickets_ok: 0,
+            canary_crashes: 0,
+            canary_tickets: Vec::new(),
+            stable: Default::default(),
+            history: Vec::new(),
+            promote_token: None,
+            abort_token: None,
+        }
+    }
+
+    /// What the conditions are computed from, changed one field at a time.
+    struct World {
+        spec: TestRunnerPoolSpec,
+        broker: BrokerView,
+        pods: Vec<PodView>,
+        problem: Option<ConfigProblem>,
+        scaling: Decision,
+        diagnosis: DiagnosisStatus,
+        rollout: RolloutStatus,
+        previous: Vec<Condition>,
+    }
+
+    impl World {
+        fn new() -> Self {
+            World {
+                spec: pool().spec,
+                broker: BrokerView::Depth {
+                    ready: 0,
+                    consumers: 0,
+                    at: t(0),
+                },
+                pods: Vec::new(),
+                problem: None,
+                scaling: decision(2, 2, 2),
+                diagnosis: DiagnosisStatus::default(),
+                rollout: rollout(RolloutPhase::Promoted, Some(RolloutReason::FirstRevision)),
+                previous: Vec::new(),
+            }
+        }
+
+        fn inputs(&self) -> Inputs<'_> {
+            Inputs {
+                spec: &self.spec,
+                generation: Some(4),
+                previous: &self.previous,
+                broker: &self.broker,
+                pods: &self.pods,
+                config_problem: self.problem.as_ref(),
+                scaling: &self.scaling,
+                diagnosis: &self.diagnosis,
+                rollout: &self.rollout,
+                now: t(100),
+            }
+        }
+    }
+
+    fn said(c: &Condition) -> (&str, &str) {
+        (c.status.as_str(), c.reason.as_str())
+    }
+
+    #[test]
+    fn broker_reachable_follows_the_probe() {
+        let mut w = World::new();
+        assert_eq!(said(&broker_reachable(&w.inputs())), ("True", "QueueFound"));
+        w.broker = BrokerView::NotProbed;
+        assert_eq!(
+            said(&broker_reachable(&w.inputs())),
+            ("Unknown", "NotProbed")
+        );
+        w.broker = BrokerView::QueueNotFound { at: t(0) };
+        let c = broker_reachable(&w.inputs());
+        assert_eq!(said(&c), ("True", "QueueNotFound"));
+        assert_eq!(
+            c.message,
+            "The broker answers but queue \"tickets.unit\" does not exist"
+        );
+        w.broker = BrokerView::Unreachable {
+            reason: "AuthenticationFailed".into(),
+            message: "bad password".into(),
+            since: t(0),
+        };
+        let c = broker_reachable(&w.inputs());
+        assert_eq!(said(&c), ("False", "AuthenticationFailed"));
+        assert_eq!(c.message, "bad password");
+    }
+
+    #[test]
+    fn degraded_names_the_most_pressing_problem() {
+        let mut w = World::new();
+        assert_eq!(said(&degraded(&w.inputs())), ("False", "AsExpected"));
+        w.rollout = rollout(
+            RolloutPhase::RolledBack,
+            Some(RolloutReason::CanaryCrashedOnTickets),
+        );
+        assert_eq!(said(&degraded(&w.inputs())), ("True", "RolloutFailed"));
+        w.diagnosis.verdict = Verdict::QueueStalled;
+        assert_eq!(said(&degraded(&w.inputs())), ("True", "QueueStalled"));
+        w.broker = BrokerView::QueueNotFound { at: t(0) };
+        assert_eq!(said(&degraded(&w.inputs())), ("True", "QueueNotFound"));
+        w.broker = BrokerView::Unreachable {
+            reason: "ConnectionFailed".into(),
+            message: "refused".into(),
+            since: t(0),
+        };
+        let c = degraded(&w.inputs());
+        assert_eq!(said(&c), ("True", "BrokerUnreachable"));
+        assert_eq!(
+            c.message,
+            "The broker cannot be reached; holding 2 workers: refused"
+        );
+        w.problem = Some(ConfigProblem::InvalidUri {
+            detail: "no host".into(),
+        });
+        assert_eq!(said(&degraded(&w.inputs())), ("True", "InvalidBrokerUri"));
+    }
+
+    #[test]
+    fn ready_when_the_wanted_workers_are_ready_unless_paused_or_degraded() {
+        let mut w = World::new();
+        let fine = degraded(&w.inputs());
+        let c = ready(&w.inputs(), &fine);
+        assert_eq!(said(&c), ("True", "WorkersReady"));
+        assert_eq!(c.message, "2 of 2 workers ready");
+        assert_eq!(phase(&w.inputs(), &fine), Phase::Running);
+
+        w.scaling = decision(3, 2, 2);
+        let c = ready(&w.inputs(), &fine);
+        assert_eq!(said(&c), ("False", "Scaling"));
+        assert_eq!(c.message, "2 of 3 workers ready, 2 exist");
+        assert_eq!(phase(&w.inputs(), &fine), Phase::Scaling);
+
+        w.diagnosis.verdict = Verdict::OutOfMemory;
+        w.diagnosis.message = "killed".into();
+        let bad = degraded(&w.inputs());
+        let c = ready(&w.inputs(), &bad);
+        assert_eq!(
+            (said(&c), c.message.as_str()),
+            (("False", "OutOfMemory"), "killed")
+        );
+        assert_eq!(phase(&w.inputs(), &bad), Phase::Degraded);
+
+        w.spec.paused = true;
+        assert_eq!(said(&ready(&w.inputs(), &bad)), ("False", "Paused"));
+        assert_eq!(phase(&w.inputs(), &bad), Phase::Paused);
+
+        w.spec.paused = false;
+        w.scaling = decision(0, 0, 0);
+        let fine = degraded(&World::new().inputs());
+        assert_eq!(phase(&w.inputs(), &fine), Phase::Idle);
+    }
+
+    #[test]
+    fn rollout_complete_once_no_older_worker_is_left() {
+        let mut w = World::new();
+        assert_eq!(
+            said(&rollout_complete(&w.inputs())),
+            ("True", "FirstRevision")
+        );
+        w.rollout.reason = None;
+        assert_eq!(said(&rollout_complete(&w.inputs())), ("True", "Promoted"));
+        w.pods = vec![
+            pod("old", "0", PodState::Ready, 0),
+            pod("gone", "0", PodState::Terminating, 0),
+        ];
+        let c = rollout_complete(&w.inputs());
+        assert_eq!(said(&c), ("False", "Replacing"));
+        assert!(c.message.starts_with("1 worker(s)"), "{}", c.message);
+        for (phase, reason) in [
+            (RolloutPhase::Progressing, "CanaryRunning"),
+            (RolloutPhase::Paused, "Paused"),
+            (RolloutPhase::RolledBack, "RolledBack"),
+        ] {
+            w.rollout.phase = phase;
+            let c = rollout_complete(&w.inputs());
+            assert_eq!(said(&c), ("False", reason));
+            assert_eq!(c.message, "what the rollout says");
+        }
+    }
+
+    #[test]
+    fn a_condition_keeps_its_transition_time_while_its_status_stays() {
+        let mut w = World::new();
+        let first = broker_reachable(&w.inputs());
+        assert_eq!(first.last_transition_time, Some(Time(t(100))));
+        assert_eq!(first.observed_generation, Some(4));
+        w.previous = vec![Condition {
+            last_transition_time: Some(Time(t(7))),
+            reason: "Other".into(),
+            ..first.clone()
+        }];
+        assert_eq!(
+            broker_reachable(&w.inputs()).last_transition_time,
+            Some(Time(t(7)))
+        );
+        w.broker = BrokerView::NotProbed;
+        assert_eq!(
+            broker_reachable(&w.inputs()).last_transition_time,
+            Some(Time(t(100)))
+        );
+    }
+}

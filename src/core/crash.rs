@@ -281,6 +281,20 @@ mod tests {
         assert!(!r.is_ticket_crash());
     }
 
+    #[test]
+    fn an_ending_says_the_signal_or_the_exit_and_a_telling_reason() {
+        let mut c = crate::core::fixtures::ticket_crash("p", "t", "i", 0);
+        assert_eq!(ending(&c, "exit"), "exit 3");
+        assert_eq!(ending(&c, "exit code"), "exit code 3");
+        c.reason = "OOMKilled".into();
+        c.exit_code = 137;
+        assert_eq!(ending(&c, "exit"), "exit 137 (OOMKilled)");
+        c.signal = Some(9);
+        assert_eq!(ending(&c, "exit code"), "signal 9 (OOMKilled)");
+        c.reason = String::new();
+        assert_eq!(ending(&c, "exit"), "signal 9");
+    }
+
     proptest! {
         #[test]
         fn any_bytes_parse_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {

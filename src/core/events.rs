@@ -314,3 +314,116 @@ pub(super) fn scaled(decision: &Decision) -> Vec<PlannedEvent> {
     }
     events
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::fixtures::ticket_crash;
+
+    fn diagnosis(verdict: Verdict, ticket: Option<&str>) -> DiagnosisStatus {
+        DiagnosisStatus {
+            verdict,
+            message: format!("{verdict} seen"),
+            ticket: ticket.map(Into::into),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_new_verdict_is_announced_once_and_its_end_too() {
+        let healthy = diagnosis(Verdict::Healthy, None);
+        assert_eq!(verdict(None, &healthy), None, "a new pool starts healthy");
+        let poison = diagnosis(Verdict::PoisonTicket, Some("t-1"));
+        let e = verdict(Some(&healthy), &poison).unwrap();
+        assert_eq!(
+            (e.warning, e.reason, e.action),
+            (true, EventReason::PoisonTicket, EventAction::Diagnose)
+        );
+        assert_eq!(e.note, "PoisonTicket seen");
+        assert_eq!(verdict(Some(&poison), &poison), None);
+        let other = diagnosis(Verdict::PoisonTicket, Some("t-2"));
+        assert!(verdict(Some(&poison), &other).is_some(), "another ticket");
+        let e = verdict(Some(&other), &healthy).unwrap();
+        assert_eq!((e.warning, e.reason), (false, EventReason::Recovered));
+        assert_eq!(e.note, "No longer PoisonTicket: workers are healthy again");
+        for &v in Verdict::ALL {
+            assert_eq!(
+                EventReason::of_verdict(v).as_str(),
+                if v == Verdict::Healthy {
+                    "Recovered"
+                } else {
+                    v.as_str()
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn crash_events_name_the_ticket_and_sum_up_past_the_fifth() {
+        let mut fresh: Vec<CrashStatus> = (0..7)
+            .map(|i| ticket_crash(&format!("unit-{i}"), "t-9", "runner:1", i))
+            .collect();
+        fresh[1].ticket = None;
+        fresh[1].state = Some("config-error: no command".into());
+        fresh[2].signal = Some(11);
+        fresh[2].reason = "OOMKilled".into();
+        let events = crashes(&fresh);
+        let notes: Vec<&str> = events.iter().map(|e| e.note.as_str()).collect();
+        assert_eq!(notes.len(), MAX_CRASH_EVENTS + 1);
+        assert_eq!(
+            notes[0],
+            "Worker pod unit-0 (image runner:1) crashed on ticket t-9 (delivery 1): exit code 3"
+        );
+        assert_eq!(
+            notes[1],
+            "Worker pod unit-1 (image runner:1) crashed with no ticket in hand: config-error: no command: exit code 3"
+        );
+        assert!(
+            notes[2].ends_with(": signal 11 (OOMKilled)"),
+            "{}",
+            notes[2]
+        );
+        assert_eq!(notes[5], "2 more worker crashes; see status.crashes");
+        assert!(
+            events
+                .iter()
+                .all(|e| e.warning && e.reason == EventReason::WorkerCrashed)
+        );
+    }
+
+    #[test]
+    fn scaling_says_up_and_down_but_not_a_replacement() {
+        let mut d = Decision {
+            desired: 3,
+            current: 1,
+            ready: 1,
+            busy: 0,
+            queue_ready: 2,
+            create: 2,
+            create_canary: 0,
+            replacing: false,
+            delete: Vec::new(),
+            scaled_down: 0,
+            surplus_since: None,
+            scale_down_wait: None,
+        };
+        let up = scaled(&d);
+        assert_eq!(up.len(), 1);
+        assert_eq!(
+            up[0].note,
+            "Scaling up from 1 to 3 workers (2 tickets ready)"
+        );
+        d.create = 1;
+        d.replacing = true;
+        assert!(scaled(&d).is_empty());
+        d.create = 0;
+        d.current = 3;
+        d.scaled_down = 2;
+        let down = scaled(&d);
+        assert_eq!(down[0].reason, EventReason::ScaledDown);
+        assert_eq!(
+            down[0].note,
+            "Scaling down from 3 to 1 workers; removed workers finish the ticket in hand"
+        );
+    }
+}

@@ -78,3 +78,38 @@ fn workers(d: &Decision) -> WorkersStatus {
         surplus_since: d.surplus_since.map(Time),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::fixtures::t;
+
+    #[test]
+    fn the_queue_numbers_stay_while_the_probe_fails() {
+        let seen = QueueStatus {
+            ready: 4,
+            consumers: 1,
+            last_probe_time: Some(Time(t(5))),
+        };
+        let fresh = BrokerView::Depth {
+            ready: 9,
+            consumers: 2,
+            at: t(10),
+        };
+        assert_eq!(
+            queue(&fresh, Some(&seen)),
+            Some(QueueStatus {
+                ready: 9,
+                consumers: 2,
+                last_probe_time: Some(Time(t(10)))
+            })
+        );
+        let down = BrokerView::Unreachable {
+            reason: "Timeout".into(),
+            message: "slow".into(),
+            since: t(6),
+        };
+        assert_eq!(queue(&down, Some(&seen)), Some(seen.clone()));
+        assert_eq!(queue(&BrokerView::NotProbed, None), None);
+    }
+}
