@@ -290,23 +290,14 @@ pub(super) fn phase(i: &Inputs<'_>, degraded: &Condition) -> Phase {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::fixtures::{pod, pool, t};
+    use crate::core::fixtures::{decision, pod, pool, t};
     use crate::crd::RolloutReason;
 
-    fn decision(desired: i32, current: i32, ready: i32) -> Decision {
-        Decision {
-            desired,
-            current,
-            ready,
-            busy: 0,
-            queue_ready: 0,
-            create: 0,
-            create_canary: 0,
-            replacing: false,
-            delete: Vec::new(),
-            scaled_down: 0,
-            surplus_since: None,
-            scale_down_wait: None,
+    fn unreachable(reason: &str, message: &str) -> BrokerView {
+        BrokerView::Unreachable {
+            reason: reason.into(),
+            message: message.into(),
+            since: t(0),
         }
     }
 
@@ -397,11 +388,7 @@ mod tests {
             c.message,
             "The broker answers but queue \"tickets.unit\" does not exist"
         );
-        w.broker = BrokerView::Unreachable {
-            reason: "AuthenticationFailed".into(),
-            message: "bad password".into(),
-            since: t(0),
-        };
+        w.broker = unreachable("AuthenticationFailed", "bad password");
         let c = broker_reachable(&w.inputs());
         assert_eq!(said(&c), ("False", "AuthenticationFailed"));
         assert_eq!(c.message, "bad password");
@@ -420,11 +407,7 @@ mod tests {
         assert_eq!(said(&degraded(&w.inputs())), ("True", "QueueStalled"));
         w.broker = BrokerView::QueueNotFound { at: t(0) };
         assert_eq!(said(&degraded(&w.inputs())), ("True", "QueueNotFound"));
-        w.broker = BrokerView::Unreachable {
-            reason: "ConnectionFailed".into(),
-            message: "refused".into(),
-            since: t(0),
-        };
+        w.broker = unreachable("ConnectionFailed", "refused");
         let c = degraded(&w.inputs());
         assert_eq!(said(&c), ("True", "BrokerUnreachable"));
         assert_eq!(

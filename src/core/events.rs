@@ -318,7 +318,7 @@ pub(super) fn scaled(decision: &Decision) -> Vec<PlannedEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::fixtures::ticket_crash;
+    use crate::core::fixtures::{decision, ticket_crash};
 
     fn diagnosis(verdict: Verdict, ticket: Option<&str>) -> DiagnosisStatus {
         DiagnosisStatus {
@@ -394,18 +394,9 @@ mod tests {
     #[test]
     fn scaling_says_up_and_down_but_not_a_replacement() {
         let mut d = Decision {
-            desired: 3,
-            current: 1,
-            ready: 1,
-            busy: 0,
             queue_ready: 2,
             create: 2,
-            create_canary: 0,
-            replacing: false,
-            delete: Vec::new(),
-            scaled_down: 0,
-            surplus_since: None,
-            scale_down_wait: None,
+            ..decision(3, 1, 1)
         };
         let up = scaled(&d);
         assert_eq!(up.len(), 1);
