@@ -13,6 +13,12 @@ use kube::core::crd::CustomResourceExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+mod duration;
+mod named;
+
+pub use duration::{DURATION_PATTERN, SpecDuration};
+pub(crate) use named::named_enum;
+
 /// API group of the custom resource.
 pub const GROUP: &str = "testrunner.dev";
 /// API version of the custom resource.
@@ -162,70 +168,46 @@ pub enum AlertKind {
 
 /// How a new revision is rolled out.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct RolloutSpec {
     /// Canary pods of a new revision run next to the stable ones until it is promoted.
     /// 0 skips the canary: the new revision is promoted at once and replaces the pods
     /// progressively. Default 1.
-    #[serde(default = "default_canary_workers")]
     #[schemars(range(min = 0, max = 100))]
     pub canary_workers: i32,
 
     /// Tickets the canaries must complete (distinct tickets, passed or failed tests)
     /// without a crash before the new revision is promoted (at most 100). Default 3.
-    #[serde(default = "default_promote_after_tickets")]
     #[schemars(range(min = 0, max = 100))]
     pub promote_after_tickets: i32,
 
     /// Least time the canaries run before promotion, as a duration. Default `0s`.
-    #[serde(default = "default_zero")]
-    #[schemars(regex(pattern = r"^([0-9]{1,6}(ms|s|m|h))+$"), length(max = 32))]
-    pub min_canary_time: String,
+    pub min_canary_time: SpecDuration,
 
     /// With no ticket waiting, canaries cannot be judged by tickets: they are promoted
     /// once they have run this long without a crash. Set it above `progressDeadline`
     /// to never promote without ticket evidence. Default `5m`.
-    #[serde(default = "default_idle_promote_after")]
-    #[schemars(regex(pattern = r"^([0-9]{1,6}(ms|s|m|h))+$"), length(max = 32))]
-    pub idle_promote_after: String,
+    pub idle_promote_after: SpecDuration,
 
     /// A canary not promoted this long after it started fails the rollout. Default `10m`.
-    #[serde(default = "default_progress_deadline")]
-    #[schemars(regex(pattern = r"^([0-9]{1,6}(ms|s|m|h))+$"), length(max = 32))]
-    pub progress_deadline: String,
+    pub progress_deadline: SpecDuration,
 
     /// Return to the stable revision when the canary fails: it crashed before its
     /// consume loop, crashed on two distinct tickets, or missed `progressDeadline`.
     /// When false a failed canary stays and waits for `testrunner.dev/abort` or
     /// `testrunner.dev/promote`. Default true.
-    #[serde(default = "default_true")]
     pub auto_rollback: bool,
 }
 
-fn default_canary_workers() -> i32 {
-    1
-}
-fn default_promote_after_tickets() -> i32 {
-    3
-}
-fn default_zero() -> String {
-    "0s".into()
-}
-fn default_idle_promote_after() -> String {
-    "5m".into()
-}
-fn default_progress_deadline() -> String {
-    "10m".into()
-}
-
+/// The defaults of every field (the one place they are set).
 impl Default for RolloutSpec {
     fn default() -> Self {
         Self {
-            canary_workers: default_canary_workers(),
-            promote_after_tickets: default_promote_after_tickets(),
-            min_canary_time: default_zero(),
-            idle_promote_after: default_idle_promote_after(),
-            progress_deadline: default_progress_deadline(),
+            canary_workers: 1,
+            promote_after_tickets: 3,
+            min_canary_time: "0s".into(),
+            idle_promote_after: "5m".into(),
+            progress_deadline: "10m".into(),
             auto_rollback: true,
         }
     }
@@ -282,43 +264,29 @@ impl TestRunnerPoolSpec {
 
 /// Crash diagnosis settings.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct PoisonSpec {
     /// Crashes one ticket must cause, while other tickets complete on the same
     /// revision, before it is called a poison ticket. Default 3.
-    #[serde(default = "default_crashes_to_quarantine")]
     #[schemars(range(min = 1, max = 100))]
     pub crashes_to_quarantine: i32,
 
     /// How long tickets may wait with no progress (no ticket taken, none finished)
     /// before the queue is called stalled, as a duration (`10m`). Set it above your
     /// longest test run. Default `10m`.
-    #[serde(default = "default_stall_timeout")]
-    #[schemars(regex(pattern = r"^([0-9]{1,6}(ms|s|m|h))+$"), length(max = 32))]
-    pub stall_timeout: String,
+    pub stall_timeout: SpecDuration,
 
     /// Return quarantined tickets to the work queue once a new image has completed a
     /// ticket (the ticket may crash only the old image). Default true.
-    #[serde(default = "default_true")]
     pub replay_on_image_change: bool,
 }
 
-fn default_true() -> bool {
-    true
-}
-
-fn default_crashes_to_quarantine() -> i32 {
-    3
-}
-fn default_stall_timeout() -> String {
-    "10m".into()
-}
-
+/// The defaults of every field (the one place they are set).
 impl Default for PoisonSpec {
     fn default() -> Self {
         Self {
-            crashes_to_quarantine: default_crashes_to_quarantine(),
-            stall_timeout: default_stall_timeout(),
+            crashes_to_quarantine: 3,
+            stall_timeout: "10m".into(),
             replay_on_image_change: true,
         }
     }
@@ -390,13 +358,9 @@ fn default_secret_key() -> String {
     "uri".into()
 }
 
-/// Regular expression every duration field must match: one or more
-/// `<number><unit>` groups with units ms, s, m or h (for example `2s`, `5m`, `1h30m`).
-pub const DURATION_PATTERN: &str = r"^([0-9]{1,6}(ms|s|m|h))+$";
-
 /// Scaling of the worker pods to the queue depth.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "self.minWorkers <= self.maxWorkers",
     "message": "minWorkers must be less than or equal to maxWorkers",
@@ -405,55 +369,36 @@ pub const DURATION_PATTERN: &str = r"^([0-9]{1,6}(ms|s|m|h))+$";
 }]))]
 pub struct ScalingSpec {
     /// Workers kept running even when the queue is empty. Default 0 (scale to zero).
-    #[serde(default)]
     #[schemars(range(min = 0, max = 1000))]
     pub min_workers: i32,
 
     /// Upper bound on worker pods. Default 10.
-    #[serde(default = "default_max_workers")]
     #[schemars(range(min = 0, max = 1000))]
     pub max_workers: i32,
 
     /// Tickets (ready plus in flight) per worker: desired workers =
     /// ceil(tickets / ticketsPerWorker), clamped to [minWorkers, maxWorkers]. Default 1.
-    #[serde(default = "default_tickets_per_worker")]
     #[schemars(range(min = 1, max = 10000))]
     pub tickets_per_worker: i32,
 
     /// How often the queue depth is probed, as a duration (`500ms`, `2s`, `1m`).
     /// Default `2s`; at least 100ms.
-    #[serde(default = "default_poll_interval")]
-    #[schemars(regex(pattern = r"^([0-9]{1,6}(ms|s|m|h))+$"), length(max = 32))]
-    pub poll_interval: String,
+    pub poll_interval: SpecDuration,
 
     /// How long the pool must have more workers than it needs before it scales down,
     /// as a duration (`30s`, `2m`). Default `2m`.
-    #[serde(default = "default_scale_down_delay")]
-    #[schemars(regex(pattern = r"^([0-9]{1,6}(ms|s|m|h))+$"), length(max = 32))]
-    pub scale_down_delay: String,
+    pub scale_down_delay: SpecDuration,
 }
 
-fn default_max_workers() -> i32 {
-    10
-}
-fn default_tickets_per_worker() -> i32 {
-    1
-}
-fn default_poll_interval() -> String {
-    "2s".into()
-}
-fn default_scale_down_delay() -> String {
-    "2m".into()
-}
-
+/// The defaults of every field (the one place they are set).
 impl Default for ScalingSpec {
     fn default() -> Self {
         Self {
             min_workers: 0,
-            max_workers: default_max_workers(),
-            tickets_per_worker: default_tickets_per_worker(),
-            poll_interval: default_poll_interval(),
-            scale_down_delay: default_scale_down_delay(),
+            max_workers: 10,
+            tickets_per_worker: 1,
+            poll_interval: "2s".into(),
+            scale_down_delay: "2m".into(),
         }
     }
 }
@@ -553,6 +498,69 @@ pub struct TestRunnerPoolStatus {
     pub rollout: Option<RolloutStatus>,
 }
 
+named_enum! {
+    /// Why a rollout is in its phase (`status.rollout.reason`).
+    #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum RolloutReason {
+        /// The pool's first revision serves directly.
+        FirstRevision,
+        /// The canaries run and are being judged.
+        CanaryRunning,
+        /// No canary runs yet: the pool has no work.
+        WaitingForWork,
+        /// `spec.paused` holds the rollout.
+        Paused,
+        /// The broker cannot be reached: nothing to judge the canary by.
+        BrokerUnreachable,
+        /// The canaries completed enough tickets without a crash.
+        CanaryPassed,
+        /// No ticket waited; the canaries ran `idlePromoteAfter` without a crash.
+        IdlePromoted,
+        /// `rollout.canaryWorkers` is 0.
+        NoCanary,
+        /// The `testrunner.dev/promote` annotation.
+        PromotedByAnnotation,
+        /// The spec went back to the stable revision.
+        Reverted,
+        /// A newer revision replaced the one rolling out.
+        Superseded,
+        /// A canary crashed with no ticket in hand.
+        CanaryCrashedBeforeConsuming,
+        /// Canaries crashed on two tickets no stable worker crashed on.
+        CanaryCrashedOnTickets,
+        /// No promotion within `rollout.progressDeadline`.
+        ProgressDeadlineExceeded,
+        /// The `testrunner.dev/abort` annotation.
+        AbortedByAnnotation,
+    }
+}
+
+impl RolloutReason {
+    /// True for the reasons a canary fails with (an abort is the user's choice, not a
+    /// failure).
+    pub fn is_failure(self) -> bool {
+        matches!(
+            self,
+            RolloutReason::CanaryCrashedBeforeConsuming
+                | RolloutReason::CanaryCrashedOnTickets
+                | RolloutReason::ProgressDeadlineExceeded
+        )
+    }
+}
+
+named_enum! {
+    /// How a rollout ended (`status.rollout.history[].result`).
+    #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum RolloutResult {
+        /// The revision became the stable one.
+        Promoted,
+        /// The revision failed or was aborted; the stable one serves on.
+        RolledBack,
+        /// A newer revision replaced it before it ended.
+        Superseded,
+    }
+}
+
 /// Phase of the latest rollout.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum RolloutPhase {
@@ -576,7 +584,8 @@ pub struct RolloutStatus {
     /// NoCanary, PromotedByAnnotation, Reverted, CanaryCrashedBeforeConsuming,
     /// CanaryCrashedOnTickets, ProgressDeadlineExceeded, AbortedByAnnotation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    #[schemars(with = "Option<String>")]
+    pub reason: Option<RolloutReason>,
     /// What happens, in words.
     #[serde(default)]
     pub message: String,
@@ -627,7 +636,8 @@ pub struct RevisionRecord {
     /// Its image.
     pub image: String,
     /// Promoted, RolledBack or Superseded.
-    pub result: String,
+    #[schemars(with = "String")]
+    pub result: RolloutResult,
     /// Why, as in `reason`.
     #[serde(default)]
     pub reason: String,
@@ -647,7 +657,8 @@ pub const ANNOTATION_ABORT: &str = "testrunner.dev/abort";
 #[serde(rename_all = "camelCase")]
 pub struct DiagnosisStatus {
     /// Healthy, PoisonTicket, BrokenEnvironment, OutOfMemory or QueueStalled.
-    pub verdict: String,
+    #[schemars(with = "String")]
+    pub verdict: Verdict,
     /// What was seen and what happens now.
     #[serde(default)]
     pub message: String,
@@ -660,6 +671,25 @@ pub struct DiagnosisStatus {
     /// Last time the queue made progress (a ticket taken or finished).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_progress_time: Option<Time>,
+}
+
+named_enum! {
+    /// A crash diagnosis (`status.diagnosis.verdict`), also the Degraded condition's reason
+    /// and the reason of the event that reports it.
+    #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub enum Verdict {
+        /// Nothing wrong.
+        #[default]
+        Healthy,
+        /// One ticket crashes every worker that takes it.
+        PoisonTicket,
+        /// Workers crash whatever the ticket: the image, its configuration or the cluster.
+        BrokenEnvironment,
+        /// Workers were killed for using too much memory.
+        OutOfMemory,
+        /// Tickets wait and nothing moves.
+        QueueStalled,
+    }
 }
 
 /// Quarantined tickets.
@@ -757,31 +787,20 @@ pub struct CrashStatus {
     pub at: Time,
 }
 
-/// Pool phase.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-pub enum Phase {
-    /// No tickets and no workers.
-    Idle,
-    /// Workers match what the queue needs.
-    Running,
-    /// Workers are being added or removed.
-    Scaling,
-    /// Something stops the pool from working as asked; see the Degraded condition.
-    Degraded,
-    /// `spec.paused` is true.
-    Paused,
-}
-
-impl Phase {
-    /// The name shown by `kubectl get`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Idle => "Idle",
-            Phase::Running => "Running",
-            Phase::Scaling => "Scaling",
-            Phase::Degraded => "Degraded",
-            Phase::Paused => "Paused",
-        }
+named_enum! {
+    /// Pool phase.
+    #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+    pub enum Phase {
+        /// No tickets and no workers.
+        Idle,
+        /// Workers match what the queue needs.
+        Running,
+        /// Workers are being added or removed.
+        Scaling,
+        /// Something stops the pool from working as asked; see the Degraded condition.
+        Degraded,
+        /// `spec.paused` is true.
+        Paused,
     }
 }
 

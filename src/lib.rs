@@ -3,7 +3,7 @@
 //!
 //! Layout: [`contract`] (the wire between the worker wrapper and the operator: exit
 //! codes, termination-log lines, reports, the quarantine list, ticket ids and headers),
-//! [`crd`] (the custom resource), [`core`] (pure decisions), [`controller`] (the
+//! [`crd`] (the custom resource), [`core`] (pure decisions, a pipeline of steps), [`controller`] (the
 //! kube-runtime shell), [`broker`] (RabbitMQ), [`pods`] (worker pod builder), [`worker`]
 //! (the wrapper that runs in worker pods), [`alerts`] (alert delivery), [`metrics`] and
 //! [`http`] (observability), [`leader`] (leader election), [`check`] (the Nagios check),

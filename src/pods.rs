@@ -361,19 +361,8 @@ mod tests {
 
     #[test]
     fn wrapped_pod_installs_the_wrapper_and_runs_the_command_behind_it() {
-        let p = pool_yaml(
-            r#"
-apiVersion: testrunner.dev/v1alpha1
-kind: TestRunnerPool
-metadata: {name: unit, namespace: ci, uid: 0b4d0c6e-0000-4000-8000-000000000001, generation: 1}
-spec:
-  image: registry.example/test-runner:1
-  command: ["/run-tests", "--fast", "-x"]
-  queue:
-    name: tickets.unit
-    connectionSecretRef: {name: rabbitmq, key: uri}
-"#,
-        );
+        let mut p = pool();
+        p.spec.command = vec!["/run-tests".into(), "--fast".into(), "-x".into()];
         let pod = build_pod(&p, "unit-b2c4d", "rev1", &settings());
         let spec = pod.spec.as_ref().unwrap();
 

@@ -1094,27 +1094,13 @@ mod tests {
 
     #[test]
     fn quarantine_lines_carry_the_evidence_into_headers() {
-        let line = "t-9 1000 crashes=3&pods=unit-a&images=runner%3A1%2Crunner%3A2&last_exit=exit+code+139+%28signal+11%29\n";
+        let line = crate::contract::quarantine_example::LINE;
         let dir = std::env::temp_dir().join(format!("qline-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("tickets");
         std::fs::write(&file, format!("other 5\n{line}")).unwrap();
         let headers = quarantine_evidence(Some(&file), "t-9");
-        assert_eq!(
-            headers,
-            [
-                ("x-testrunner-crashes".to_string(), "3".to_string()),
-                ("x-testrunner-pods".to_string(), "unit-a".to_string()),
-                (
-                    "x-testrunner-images".to_string(),
-                    "runner:1,runner:2".to_string()
-                ),
-                (
-                    "x-testrunner-last-exit".to_string(),
-                    "exit code 139 (signal 11)".to_string()
-                ),
-            ]
-        );
+        assert_eq!(headers, crate::contract::quarantine_example::headers());
         assert!(quarantine_listed(Some(&file), "t-9", Some(999)));
         assert!(quarantine_evidence(Some(&file), "other").is_empty());
         std::fs::remove_dir_all(&dir).unwrap();

@@ -18,6 +18,8 @@
 
 mod exit;
 mod quarantine;
+#[cfg(test)]
+pub(crate) use quarantine::example as quarantine_example;
 mod report;
 mod termination;
 mod ticket;

@@ -115,6 +115,26 @@ pub fn parse_quarantine_list(text: &str) -> Vec<QuarantineEntry> {
     text.lines().filter_map(QuarantineEntry::parse).collect()
 }
 
+/// A list line with its evidence and the headers it gives: what the operator writes
+/// (the core) and what a worker reads (the wrapper) must agree on it.
+#[cfg(test)]
+pub(crate) mod example {
+    /// Ticket t-9, listed at 1000, with its evidence.
+    pub const LINE: &str = "t-9 1000 crashes=3&pods=unit-a&images=runner%3A1%2Crunner%3A2&last_exit=exit+code+139+%28signal+11%29\n";
+
+    /// The headers t-9 gets when a worker moves it to the quarantine queue.
+    pub fn headers() -> Vec<(String, String)> {
+        [
+            ("crashes", "3"),
+            ("pods", "unit-a"),
+            ("images", "runner:1,runner:2"),
+            ("last-exit", "exit code 139 (signal 11)"),
+        ]
+        .map(|(k, v)| (format!("x-testrunner-{k}"), v.to_string()))
+        .into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,7 +26,7 @@ use tracing::{Instrument, info, instrument, warn};
 
 use crate::broker::{BrokerUri, Brokers};
 use crate::core::{self, ConfigProblem, Observed, Plan};
-use crate::crd::{FIELD_MANAGER, TestRunnerPool};
+use crate::crd::{FIELD_MANAGER, TestRunnerPool, Verdict};
 use crate::metrics::{Metrics, PoolLabels, PoolReasonLabels};
 use crate::pods::{self, PodSettings};
 
@@ -255,9 +255,7 @@ pub async fn reconcile(guarded: Arc<Guarded>, ctx: Arc<Context>) -> Result<Actio
     // Observe.
     let uri = broker_uri(pool, &ctx).await?;
     let config_problem = uri.as_ref().err().cloned();
-    let poll_interval = core::settings(&pool.spec)
-        .map(|s| s.poll_interval)
-        .unwrap_or(Duration::from_secs(2));
+    let poll_interval = core::settings(&pool.spec).unwrap_or_default().poll_interval;
     let key = ObjectRef::from_obj(&*guarded);
     let broker = match &uri {
         Ok(uri) => ctx.probes.ensure(
@@ -515,13 +513,13 @@ async fn apply(
             } else {
                 EventType::Normal
             },
-            reason: ev.reason.into(),
+            reason: ev.reason.to_string(),
             note: Some(truncate(&ev.note, 1024)),
-            action: ev.action.into(),
+            action: ev.action.to_string(),
             secondary: None,
         };
         if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-            warn!(reason = ev.reason, error = %e, "failed to publish event");
+            warn!(reason = %ev.reason, error = %e, "failed to publish event");
         }
     }
     Ok(())
@@ -605,19 +603,13 @@ fn record_metrics(pool: &TestRunnerPool, plan: &Plan, metrics: &Metrics) {
             .inc_by(plan.replay.len() as u64);
     }
     if let Some(d) = &plan.status.diagnosis {
-        for v in [
-            "Healthy",
-            "PoisonTicket",
-            "BrokenEnvironment",
-            "OutOfMemory",
-            "QueueStalled",
-        ] {
+        for &v in Verdict::ALL {
             metrics
                 .verdict
                 .get_or_create(&PoolReasonLabels {
                     namespace: labels.namespace.clone(),
                     pool: labels.pool.clone(),
-                    reason: v.into(),
+                    reason: v.to_string(),
                 })
                 .set((d.verdict == v) as i64);
         }
@@ -643,7 +635,7 @@ fn record_metrics(pool: &TestRunnerPool, plan: &Plan, metrics: &Metrics) {
         .status
         .conditions
         .iter()
-        .any(|c| c.type_ == core::CONDITION_BROKER_REACHABLE && c.status == "False");
+        .any(|c| c.type_ == core::ConditionType::BrokerReachable && c.status == "False");
     metrics
         .broker_unreachable
         .get_or_create(&labels)
@@ -802,7 +794,7 @@ impl Drop for StopProbes {
 mod tests {
     use super::*;
     use crate::core::fixtures::{depth, pool, t};
-    use crate::crd::RolloutPhase;
+    use crate::crd::{RolloutPhase, RolloutReason};
 
     #[test]
     fn busy_workers_are_a_metric_and_go_with_the_pool() {
@@ -846,7 +838,7 @@ mod tests {
 
         let rollout = plan.status.rollout.as_mut().unwrap();
         rollout.phase = RolloutPhase::RolledBack;
-        rollout.reason = Some(core::rollout::reason::CRASHED_ON_TICKETS.into());
+        rollout.reason = Some(RolloutReason::CanaryCrashedOnTickets);
         record_metrics(&p, &plan, &metrics);
         let text = metrics.encode();
         assert!(text.contains(r#"testrunner_rollout_failed{namespace="ci",pool="unit"} 1"#));

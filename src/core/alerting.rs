@@ -6,8 +6,8 @@ use std::time::Duration;
 use jiff::{SignedDuration, Timestamp};
 use serde::Serialize;
 
-use super::diagnosis::verdict;
-use crate::crd::{AlertKind, TestRunnerPoolStatus};
+use super::conditions::{self, ConditionStatus, ConditionType};
+use crate::crd::{AlertKind, DiagnosisStatus, TestRunnerPoolStatus, Verdict};
 
 /// Alert names the operator raises.
 pub mod names {
@@ -103,132 +103,185 @@ pub fn active_alerts(
     enabled: &[AlertKind],
     now: Timestamp,
 ) -> Vec<Alert> {
-    let alert = |kind: &str,
-                 severity,
-                 ticket: Option<String>,
-                 summary: String,
-                 description: String,
-                 since: Timestamp| Alert {
-        name: kind.to_string(),
-        severity,
-        namespace: namespace.to_string(),
-        pool: name.to_string(),
-        ticket,
-        summary,
-        description,
-        starts_at: since,
-    };
+    let pool = Pool { namespace, name };
     let on = |k: AlertKind| enabled.contains(&k);
     let mut out = Vec::new();
-    let diagnosis = status.diagnosis.as_ref();
-    let since = diagnosis
-        .and_then(|d| d.since.as_ref())
-        .map(|t| t.0)
-        .unwrap_or(now);
-
-    if on(AlertKind::FirstCrash)
-        && let Some(last) = status.crashes.last()
-        && now.duration_since(last.at.0)
-            <= SignedDuration::try_from(CRASH_ALERT_FOR).unwrap_or_default()
-    {
-        let first = status
-            .crashes
-            .iter()
-            .find(|c| {
-                now.duration_since(c.at.0)
-                    <= SignedDuration::try_from(CRASH_ALERT_FOR).unwrap_or_default()
-            })
-            .map(|c| c.at.0)
-            .unwrap_or(last.at.0);
-        let on_what = match &last.ticket {
-            Some(t) => format!("on ticket {t}"),
-            None => "with no ticket in hand".into(),
-        };
-        out.push(alert(
-            names::WORKER_CRASH,
-            Severity::Warning,
-            None,
-            format!("A worker of pool {namespace}/{name} crashed"),
-            format!(
-                "Worker pod {} (image {}) crashed {on_what}: exit code {} {}",
-                last.pod, last.image, last.exit_code, last.reason
-            ),
-            first,
-        ));
+    if on(AlertKind::FirstCrash) {
+        out.extend(worker_crash(&pool, status, now));
     }
     if on(AlertKind::PoisonTicket) {
-        for t in status.quarantine.iter().flat_map(|q| q.tickets.iter()) {
-            out.push(alert(
+        out.extend(poison_tickets(&pool, status));
+    }
+    if let Some(d) = status.diagnosis.as_ref() {
+        out.extend(diagnosis(&pool, d, enabled, now));
+    }
+    if on(AlertKind::RolloutFailed) {
+        out.extend(rollout_failed(&pool, status, now));
+    }
+    if on(AlertKind::BrokerUnreachable) {
+        out.extend(broker_unreachable(&pool, status, now));
+    }
+    out
+}
+
+/// The pool an alert is about.
+struct Pool<'a> {
+    namespace: &'a str,
+    name: &'a str,
+}
+
+impl std::fmt::Display for Pool<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl Pool<'_> {
+    fn alert(
+        &self,
+        name: &str,
+        severity: Severity,
+        ticket: Option<String>,
+        summary: String,
+        description: String,
+        since: Timestamp,
+    ) -> Alert {
+        Alert {
+            name: name.to_string(),
+            severity,
+            namespace: self.namespace.to_string(),
+            pool: self.name.to_string(),
+            ticket,
+            summary,
+            description,
+            starts_at: since,
+        }
+    }
+}
+
+/// TestRunnerWorkerCrash while the last crash is recent, since the first recent one.
+fn worker_crash(pool: &Pool<'_>, status: &TestRunnerPoolStatus, now: Timestamp) -> Option<Alert> {
+    let recent = |at: Timestamp| {
+        now.duration_since(at) <= SignedDuration::try_from(CRASH_ALERT_FOR).unwrap_or_default()
+    };
+    let last = status.crashes.last().filter(|c| recent(c.at.0))?;
+    let first = status
+        .crashes
+        .iter()
+        .find(|c| recent(c.at.0))
+        .map(|c| c.at.0)
+        .unwrap_or(last.at.0);
+    let on_what = match &last.ticket {
+        Some(t) => format!("on ticket {t}"),
+        None => "with no ticket in hand".into(),
+    };
+    Some(pool.alert(
+        names::WORKER_CRASH,
+        Severity::Warning,
+        None,
+        format!("A worker of pool {pool} crashed"),
+        format!(
+            "Worker pod {} (image {}) crashed {on_what}: exit code {} {}",
+            last.pod, last.image, last.exit_code, last.reason
+        ),
+        first,
+    ))
+}
+
+/// TestRunnerPoisonTicket for each quarantined ticket.
+fn poison_tickets(pool: &Pool<'_>, status: &TestRunnerPoolStatus) -> Vec<Alert> {
+    let tickets = status.quarantine.iter().flat_map(|q| q.tickets.iter());
+    tickets
+        .map(|t| {
+            pool.alert(
                 names::POISON_TICKET,
                 Severity::Warning,
                 Some(t.id.clone()),
-                format!("Poison ticket {} quarantined in pool {namespace}/{name}", t.id),
-                format!("Ticket {} crashed {} workers (images {}; last {}); it was moved to the quarantine queue", t.id, t.crashes, t.images.join(", "), t.last_exit),
+                format!("Poison ticket {} quarantined in pool {pool}", t.id),
+                format!(
+                    "Ticket {} crashed {} workers (images {}; last {}); it was moved to the quarantine queue",
+                    t.id,
+                    t.crashes,
+                    t.images.join(", "),
+                    t.last_exit
+                ),
                 t.at.0,
-            ));
-        }
-    }
-    if let Some(d) = diagnosis {
-        if on(AlertKind::BrokenEnvironment) && d.verdict == verdict::BROKEN_ENVIRONMENT {
-            out.push(alert(
-                names::BROKEN_ENVIRONMENT,
-                Severity::Critical,
-                None,
-                format!("Workers of pool {namespace}/{name} crash whatever the ticket"),
-                d.message.clone(),
-                since,
-            ));
-        }
-        if on(AlertKind::QueueStalled) && d.verdict == verdict::QUEUE_STALLED {
-            out.push(alert(
-                names::QUEUE_STALLED,
-                Severity::Warning,
-                None,
-                format!("The queue of pool {namespace}/{name} is stalled"),
-                d.message.clone(),
-                since,
-            ));
-        }
-    }
-    if on(AlertKind::RolloutFailed)
-        && let Some(r) = status.rollout.as_ref()
-        && super::rollout::failed(r)
-    {
-        let since = r
-            .history
-            .last()
-            .filter(|h| h.revision == r.target_revision)
-            .map(|h| h.at.0)
-            .or(r.started_at.as_ref().map(|t| t.0))
-            .unwrap_or(now);
-        out.push(alert(
-            names::ROLLOUT_FAILED,
-            Severity::Warning,
-            None,
-            format!(
-                "Revision {} (image {}) of pool {namespace}/{name} failed its canary",
-                r.target_revision, r.target_image
-            ),
-            r.message.clone(),
-            since,
-        ));
-    }
-    if on(AlertKind::BrokerUnreachable)
-        && let Some(c) = status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == super::CONDITION_BROKER_REACHABLE && c.status == "False")
-    {
-        out.push(alert(
-            names::BROKER_UNREACHABLE,
+            )
+        })
+        .collect()
+}
+
+/// TestRunnerBrokenEnvironment or TestRunnerQueueStalled while the diagnosis says so,
+/// since it does.
+fn diagnosis(
+    pool: &Pool<'_>,
+    d: &DiagnosisStatus,
+    enabled: &[AlertKind],
+    now: Timestamp,
+) -> Option<Alert> {
+    let (kind, name, severity, summary) = match d.verdict {
+        Verdict::BrokenEnvironment => (
+            AlertKind::BrokenEnvironment,
+            names::BROKEN_ENVIRONMENT,
             Severity::Critical,
-            None,
-            format!("The broker of pool {namespace}/{name} is unreachable"),
-            format!("{}: {}", c.reason, c.message),
-            c.last_transition_time.as_ref().map(|t| t.0).unwrap_or(now),
-        ));
-    }
-    out
+            format!("Workers of pool {pool} crash whatever the ticket"),
+        ),
+        Verdict::QueueStalled => (
+            AlertKind::QueueStalled,
+            names::QUEUE_STALLED,
+            Severity::Warning,
+            format!("The queue of pool {pool} is stalled"),
+        ),
+        _ => return None,
+    };
+    let since = d.since.as_ref().map(|t| t.0).unwrap_or(now);
+    enabled
+        .contains(&kind)
+        .then(|| pool.alert(name, severity, None, summary, d.message.clone(), since))
+}
+
+/// TestRunnerRolloutFailed while the latest rollout has failed.
+fn rollout_failed(pool: &Pool<'_>, status: &TestRunnerPoolStatus, now: Timestamp) -> Option<Alert> {
+    let r = status
+        .rollout
+        .as_ref()
+        .filter(|r| super::rollout::failed(r))?;
+    let since = r
+        .history
+        .last()
+        .filter(|h| h.revision == r.target_revision)
+        .map(|h| h.at.0)
+        .or(r.started_at.as_ref().map(|t| t.0))
+        .unwrap_or(now);
+    Some(pool.alert(
+        names::ROLLOUT_FAILED,
+        Severity::Warning,
+        None,
+        format!(
+            "Revision {} (image {}) of pool {pool} failed its canary",
+            r.target_revision, r.target_image
+        ),
+        r.message.clone(),
+        since,
+    ))
+}
+
+/// TestRunnerBrokerUnreachable while the BrokerReachable condition is False.
+fn broker_unreachable(
+    pool: &Pool<'_>,
+    status: &TestRunnerPoolStatus,
+    now: Timestamp,
+) -> Option<Alert> {
+    let c = conditions::find(status, ConditionType::BrokerReachable)
+        .filter(|c| c.status == ConditionStatus::False)?;
+    Some(pool.alert(
+        names::BROKER_UNREACHABLE,
+        Severity::Critical,
+        None,
+        format!("The broker of pool {pool} is unreachable"),
+        format!("{}: {}", c.reason, c.message),
+        c.last_transition_time.as_ref().map(|t| t.0).unwrap_or(now),
+    ))
 }
 
 #[cfg(test)]
@@ -272,7 +325,7 @@ mod tests {
     fn verdicts_quarantine_and_outages_each_have_their_alert() {
         let status = TestRunnerPoolStatus {
             diagnosis: Some(DiagnosisStatus {
-                verdict: verdict::BROKEN_ENVIRONMENT.into(),
+                verdict: Verdict::BrokenEnvironment,
                 message: "crashes before taking a ticket".into(),
                 since: Some(Time(t(5))),
                 ..Default::default()
@@ -317,10 +370,12 @@ mod tests {
 
     #[test]
     fn a_failed_rollout_alerts_until_the_spec_moves_on() {
-        use crate::crd::{RevisionRecord, RolloutPhase, RolloutStatus, Workload};
+        use crate::crd::{
+            RevisionRecord, RolloutPhase, RolloutReason, RolloutResult, RolloutStatus, Workload,
+        };
         let mut rollout = RolloutStatus {
             phase: RolloutPhase::RolledBack,
-            reason: Some(crate::core::rollout::reason::CRASHED_ON_TICKETS.into()),
+            reason: Some(RolloutReason::CanaryCrashedOnTickets),
             message: "canary crashed on 2 tickets".into(),
             stable_revision: "a".into(),
             stable_image: "runner:1".into(),
@@ -335,7 +390,7 @@ mod tests {
             history: vec![RevisionRecord {
                 revision: "b".into(),
                 image: "runner:2".into(),
-                result: "RolledBack".into(),
+                result: RolloutResult::RolledBack,
                 reason: "CanaryCrashedOnTickets".into(),
                 at: Time(t(4)),
             }],
@@ -362,10 +417,10 @@ mod tests {
             .is_empty()
         );
         // An aborted rollout is the user's choice, not a failure.
-        rollout.reason = Some(crate::core::rollout::reason::ABORTED.into());
+        rollout.reason = Some(RolloutReason::AbortedByAnnotation);
         assert!(active_alerts("ci", "unit", &status(&rollout), &all(), t(10)).is_empty());
         // A new revision in progress ends the alert.
-        rollout.reason = Some(crate::core::rollout::reason::CRASHED_ON_TICKETS.into());
+        rollout.reason = Some(RolloutReason::CanaryCrashedOnTickets);
         rollout.phase = RolloutPhase::Promoted;
         assert!(active_alerts("ci", "unit", &status(&rollout), &all(), t(10)).is_empty());
     }

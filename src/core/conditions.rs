@@ -1,422 +1,507 @@
-//! Status, phase and conditions, and the events their transitions call for.
+//! The conditions of a pool's status, one function each, and the phase they add up
+//! to. Each function returns its condition complete: type, status, reason, message,
+//! transition time and generation.
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use super::diagnosis::verdict;
 use super::scaling::Decision;
-use super::{BrokerView, ConfigProblem, Observed, PlannedEvent, PodState};
+use super::{BrokerView, ConfigProblem, PodState, PodView};
 use crate::crd::{
-    Condition, CrashStatus, DiagnosisStatus, Phase, QueueStatus, RolloutPhase, RolloutStatus,
-    TestRunnerPool, TestRunnerPoolStatus, WorkersStatus,
+    Condition, DiagnosisStatus, Phase, RolloutPhase, RolloutStatus, TestRunnerPoolSpec,
+    TestRunnerPoolStatus, Verdict, named_enum,
 };
 
-/// Condition type: the pool serves tickets as asked.
-pub const CONDITION_READY: &str = "Ready";
-/// Condition type: the broker answers queue probes.
-pub const CONDITION_BROKER_REACHABLE: &str = "BrokerReachable";
-/// Condition type: something stops the pool from working as asked.
-pub const CONDITION_DEGRADED: &str = "Degraded";
-/// Condition type: every worker runs the revision the spec asks for.
-pub const CONDITION_ROLLOUT_COMPLETE: &str = "RolloutComplete";
+named_enum! {
+    /// The type of a pool condition.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum ConditionType {
+        /// The pool serves tickets as asked.
+        Ready,
+        /// The broker answers queue probes.
+        BrokerReachable,
+        /// Something stops the pool from working as asked.
+        Degraded,
+        /// Every worker runs the revision the spec asks for.
+        RolloutComplete,
+    }
+}
 
-pub(super) struct StatusInput<'a> {
-    pub pool: &'a TestRunnerPool,
-    pub old: &'a TestRunnerPoolStatus,
-    pub observed: &'a Observed,
+named_enum! {
+    /// The status of a condition.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum ConditionStatus {
+        /// It holds.
+        True,
+        /// It does not hold.
+        False,
+        /// Not known yet.
+        Unknown,
+    }
+}
+
+named_enum! {
+    /// The reasons of the conditions, besides those that come from elsewhere: a
+    /// [`Verdict`], a [`crate::crd::RolloutReason`], and the failure the broker
+    /// probe reports (ConnectionFailed, AuthenticationFailed, ...).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum ConditionReason {
+        /// BrokerReachable: no probe has completed yet.
+        NotProbed,
+        /// BrokerReachable: the queue answers.
+        QueueFound,
+        /// BrokerReachable and Degraded: the broker answers but the queue does not exist.
+        QueueNotFound,
+        /// Degraded: nothing is wrong.
+        AsExpected,
+        /// Degraded: the broker cannot be reached.
+        BrokerUnreachable,
+        /// Degraded: the latest rollout failed.
+        RolloutFailed,
+        /// Degraded: the connection Secret does not exist.
+        SecretNotFound,
+        /// Degraded: the Secret lacks the key.
+        SecretKeyMissing,
+        /// Degraded: the URI in the Secret is not a usable AMQP URI.
+        InvalidBrokerUri,
+        /// Degraded: a field the schema cannot check is wrong.
+        InvalidSpec,
+        /// Ready and RolloutComplete: `spec.paused` holds the pool.
+        Paused,
+        /// Ready: the workers the pool wants are ready.
+        WorkersReady,
+        /// Ready: workers are being added or removed.
+        Scaling,
+        /// RolloutComplete: the spec's revision is promoted (when the rollout names no
+        /// reason).
+        Promoted,
+        /// RolloutComplete: pods of older revisions are being replaced.
+        Replacing,
+        /// RolloutComplete: the canaries run.
+        CanaryRunning,
+        /// RolloutComplete: the new revision was rolled back.
+        RolledBack,
+    }
+}
+
+/// The condition of `type_` in `status`.
+pub fn find(status: &TestRunnerPoolStatus, type_: ConditionType) -> Option<&Condition> {
+    status.conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// What the conditions are computed from: the pool and the decisions of the steps
+/// before.
+pub(super) struct Inputs<'a> {
+    /// The pool spec.
+    pub spec: &'a TestRunnerPoolSpec,
+    /// Its generation.
+    pub generation: Option<i64>,
+    /// The previous conditions: a condition whose status stays keeps its transition time.
+    pub previous: &'a [Condition],
+    /// The last queue probe.
+    pub broker: &'a BrokerView,
+    /// The pool's pods.
+    pub pods: &'a [PodView],
+    /// A spec problem.
     pub config_problem: Option<&'a ConfigProblem>,
-    pub decision: &'a Decision,
+    /// The scaling decision.
+    pub scaling: &'a Decision,
+    /// The diagnosis.
     pub diagnosis: &'a DiagnosisStatus,
+    /// The rollout status.
     pub rollout: &'a RolloutStatus,
+    /// Now.
     pub now: Timestamp,
 }
 
-struct Cond {
-    type_: &'static str,
-    status: &'static str,
-    reason: String,
-    message: String,
-}
-
-fn cond(type_: &'static str, status: bool, reason: &str, message: String) -> Cond {
-    Cond {
-        type_,
-        status: if status { "True" } else { "False" },
-        reason: reason.into(),
-        message,
+impl Inputs<'_> {
+    fn condition(
+        &self,
+        type_: ConditionType,
+        status: ConditionStatus,
+        reason: impl AsRef<str>,
+        message: String,
+    ) -> Condition {
+        let last_transition_time = match self.previous.iter().find(|c| c.type_ == type_) {
+            Some(previous) if previous.status == status => previous.last_transition_time.clone(),
+            _ => Some(Time(self.now)),
+        };
+        Condition {
+            type_: type_.to_string(),
+            status: status.to_string(),
+            reason: reason.as_ref().to_string(),
+            message,
+            last_transition_time,
+            observed_generation: self.generation,
+        }
     }
 }
 
-pub(super) fn status(input: StatusInput<'_>) -> TestRunnerPoolStatus {
-    let StatusInput {
-        pool,
-        old,
-        observed,
-        config_problem,
-        decision,
-        diagnosis,
-        rollout,
-        now,
-    } = input;
-    let generation = pool.metadata.generation;
-
-    let broker = match &observed.broker {
-        BrokerView::NotProbed => Cond {
-            type_: CONDITION_BROKER_REACHABLE,
-            status: "Unknown",
-            reason: "NotProbed".into(),
-            message: "The queue has not been probed yet".into(),
-        },
-        BrokerView::Depth { .. } => cond(
-            CONDITION_BROKER_REACHABLE,
-            true,
-            "QueueFound",
-            format!("Queue {:?} answers probes", pool.spec.queue.name),
+/// BrokerReachable: the last probe reached the broker (and found the queue, or not).
+pub(super) fn broker_reachable(i: &Inputs<'_>) -> Condition {
+    use {ConditionReason as R, ConditionStatus as S};
+    let queue = &i.spec.queue.name;
+    let (status, reason, message) = match i.broker {
+        BrokerView::NotProbed => (
+            S::Unknown,
+            R::NotProbed.as_str(),
+            "The queue has not been probed yet".to_string(),
         ),
-        BrokerView::QueueNotFound { .. } => cond(
-            CONDITION_BROKER_REACHABLE,
-            true,
-            "QueueNotFound",
-            format!(
-                "The broker answers but queue {:?} does not exist",
-                pool.spec.queue.name
-            ),
+        BrokerView::Depth { .. } => (
+            S::True,
+            R::QueueFound.as_str(),
+            format!("Queue {queue:?} answers probes"),
+        ),
+        BrokerView::QueueNotFound { .. } => (
+            S::True,
+            R::QueueNotFound.as_str(),
+            format!("The broker answers but queue {queue:?} does not exist"),
         ),
         BrokerView::Unreachable {
             reason, message, ..
-        } => cond(CONDITION_BROKER_REACHABLE, false, reason, message.clone()),
+        } => (S::False, reason.as_str(), message.clone()),
     };
+    i.condition(ConditionType::BrokerReachable, status, reason, message)
+}
 
-    let degraded = if let Some(problem) = config_problem {
-        cond(
-            CONDITION_DEGRADED,
-            true,
-            problem.reason(),
-            problem.message(),
+/// Degraded: the most pressing of what stops the pool from working as asked: a spec
+/// problem, the broker, the queue, the diagnosis, a failed rollout.
+pub(super) fn degraded(i: &Inputs<'_>) -> Condition {
+    use ConditionReason as R;
+    let holding = i.scaling.current;
+    let (reason, message) = if let Some(problem) = i.config_problem {
+        (problem.reason().as_str(), problem.message())
+    } else if let BrokerView::Unreachable { message, .. } = i.broker {
+        (
+            R::BrokerUnreachable.as_str(),
+            format!("The broker cannot be reached; holding {holding} workers: {message}"),
         )
-    } else if let BrokerView::Unreachable { message, .. } = &observed.broker {
-        cond(
-            CONDITION_DEGRADED,
-            true,
-            "BrokerUnreachable",
+    } else if let BrokerView::QueueNotFound { .. } = i.broker {
+        (
+            R::QueueNotFound.as_str(),
             format!(
-                "The broker cannot be reached; holding {} workers: {message}",
-                decision.current
+                "Queue {:?} does not exist; holding {holding} workers",
+                i.spec.queue.name
             ),
         )
-    } else if let BrokerView::QueueNotFound { .. } = &observed.broker {
-        cond(
-            CONDITION_DEGRADED,
-            true,
-            "QueueNotFound",
-            format!(
-                "Queue {:?} does not exist; holding {} workers",
-                pool.spec.queue.name, decision.current
-            ),
-        )
-    } else if diagnosis.verdict != verdict::HEALTHY {
-        cond(
-            CONDITION_DEGRADED,
-            true,
-            &diagnosis.verdict,
-            diagnosis.message.clone(),
-        )
-    } else if super::rollout::failed(rollout) {
-        cond(
-            CONDITION_DEGRADED,
-            true,
-            "RolloutFailed",
-            rollout.message.clone(),
-        )
+    } else if i.diagnosis.verdict != Verdict::Healthy {
+        (i.diagnosis.verdict.as_str(), i.diagnosis.message.clone())
+    } else if super::rollout::failed(i.rollout) {
+        (R::RolloutFailed.as_str(), i.rollout.message.clone())
     } else {
-        cond(CONDITION_DEGRADED, false, "AsExpected", String::new())
+        return i.condition(
+            ConditionType::Degraded,
+            ConditionStatus::False,
+            R::AsExpected,
+            String::new(),
+        );
     };
-    let is_degraded = degraded.status == "True";
+    i.condition(
+        ConditionType::Degraded,
+        ConditionStatus::True,
+        reason,
+        message,
+    )
+}
 
-    let ready = if pool.spec.paused {
-        cond(
-            CONDITION_READY,
-            false,
-            "Paused",
-            "spec.paused is true: workers are neither created nor deleted".into(),
+/// Ready: the workers the pool wants are there and ready; else why not (paused,
+/// degraded, scaling).
+pub(super) fn ready(i: &Inputs<'_>, degraded: &Condition) -> Condition {
+    use {ConditionReason as R, ConditionStatus as S};
+    let d = i.scaling;
+    let (status, reason, message) = if i.spec.paused {
+        (
+            S::False,
+            R::Paused.as_str(),
+            "spec.paused is true: workers are neither created nor deleted".to_string(),
         )
-    } else if is_degraded {
-        cond(
-            CONDITION_READY,
-            false,
-            &degraded.reason,
-            degraded.message.clone(),
-        )
-    } else if decision.ready >= decision.desired && decision.current == decision.desired {
-        cond(
-            CONDITION_READY,
-            true,
-            "WorkersReady",
-            format!("{} of {} workers ready", decision.ready, decision.desired),
+    } else if degraded.status == S::True {
+        (S::False, degraded.reason.as_str(), degraded.message.clone())
+    } else if d.ready >= d.desired && d.current == d.desired {
+        (
+            S::True,
+            R::WorkersReady.as_str(),
+            format!("{} of {} workers ready", d.ready, d.desired),
         )
     } else {
-        cond(
-            CONDITION_READY,
-            false,
-            "Scaling",
+        (
+            S::False,
+            R::Scaling.as_str(),
             format!(
                 "{} of {} workers ready, {} exist",
-                decision.ready, decision.desired, decision.current
+                d.ready, d.desired, d.current
             ),
         )
     };
+    i.condition(ConditionType::Ready, status, reason, message)
+}
 
-    let phase = if pool.spec.paused {
-        Phase::Paused
-    } else if is_degraded {
-        Phase::Degraded
-    } else if decision.current != decision.desired || decision.ready < decision.desired {
-        Phase::Scaling
-    } else if decision.desired == 0 && decision.queue_ready == 0 {
-        Phase::Idle
-    } else {
-        Phase::Running
-    };
-
-    let outdated = observed
+/// RolloutComplete: every live worker runs the promoted revision; else where the
+/// rollout stands.
+pub(super) fn rollout_complete(i: &Inputs<'_>) -> Condition {
+    use {ConditionReason as R, ConditionStatus as S};
+    let r = i.rollout;
+    let outdated = i
         .pods
         .iter()
         .filter(|p| !matches!(p.state, PodState::Terminating | PodState::Finished))
-        .filter(|p| p.revision != rollout.target_revision)
+        .filter(|p| p.revision != r.target_revision)
         .count();
-    let complete = match rollout.phase {
-        RolloutPhase::Promoted if outdated == 0 => cond(
-            CONDITION_ROLLOUT_COMPLETE,
-            true,
-            rollout.reason.as_deref().unwrap_or("Promoted"),
+    let (status, reason, message) = match r.phase {
+        RolloutPhase::Promoted if outdated == 0 => (
+            S::True,
+            r.reason.map_or(R::Promoted.as_str(), |why| why.as_str()),
             format!(
                 "Every worker runs revision {} (image {})",
-                rollout.stable_revision, rollout.stable_image
+                r.stable_revision, r.stable_image
             ),
         ),
-        RolloutPhase::Promoted => cond(
-            CONDITION_ROLLOUT_COMPLETE,
-            false,
-            "Replacing",
+        RolloutPhase::Promoted => (
+            S::False,
+            R::Replacing.as_str(),
             format!(
                 "{outdated} worker(s) of older revisions left to replace with revision {}",
-                rollout.stable_revision
+                r.stable_revision
             ),
         ),
-        RolloutPhase::Progressing | RolloutPhase::Paused => cond(
-            CONDITION_ROLLOUT_COMPLETE,
-            false,
-            if rollout.phase == RolloutPhase::Paused {
-                "Paused"
-            } else {
-                "CanaryRunning"
-            },
-            rollout.message.clone(),
-        ),
-        RolloutPhase::RolledBack => cond(
-            CONDITION_ROLLOUT_COMPLETE,
-            false,
-            "RolledBack",
-            rollout.message.clone(),
-        ),
+        RolloutPhase::Progressing => (S::False, R::CanaryRunning.as_str(), r.message.clone()),
+        RolloutPhase::Paused => (S::False, R::Paused.as_str(), r.message.clone()),
+        RolloutPhase::RolledBack => (S::False, R::RolledBack.as_str(), r.message.clone()),
     };
+    i.condition(ConditionType::RolloutComplete, status, reason, message)
+}
 
-    let conditions = [ready, broker, degraded, complete]
-        .into_iter()
-        .map(|c| {
-            let previous = old.conditions.iter().find(|o| o.type_ == c.type_);
-            let last_transition_time = match previous {
-                Some(p) if p.status == c.status => p.last_transition_time.clone(),
-                _ => Some(Time(now)),
-            };
-            Condition {
-                type_: c.type_.into(),
-                status: c.status.into(),
-                reason: c.reason,
-                message: c.message,
-                last_transition_time,
-                observed_generation: generation,
-            }
-        })
-        .collect();
-
-    let queue = match &observed.broker {
-        BrokerView::Depth {
-            ready,
-            consumers,
-            at,
-        } => Some(QueueStatus {
-            ready: *ready as i64,
-            consumers: *consumers as i64,
-            last_probe_time: Some(Time(*at)),
-        }),
-        // Keep the last numbers seen; the conditions say they are stale.
-        _ => old.queue.clone(),
-    };
-
-    TestRunnerPoolStatus {
-        observed_generation: generation,
-        phase: Some(phase),
-        conditions,
-        queue,
-        workers: Some(WorkersStatus {
-            desired: decision.desired,
-            current: decision.current,
-            ready: decision.ready,
-            busy: decision.busy,
-            surplus_since: decision.surplus_since.map(Time),
-        }),
-        diagnosis: Some(diagnosis.clone()),
-        quarantine: None,
-        crashes: Vec::new(),
-        rollout: None,
+/// The phase `kubectl get` shows: paused, degraded, scaling, idle or running.
+pub(super) fn phase(i: &Inputs<'_>, degraded: &Condition) -> Phase {
+    let d = i.scaling;
+    if i.spec.paused {
+        Phase::Paused
+    } else if degraded.status == ConditionStatus::True {
+        Phase::Degraded
+    } else if d.current != d.desired || d.ready < d.desired {
+        Phase::Scaling
+    } else if d.desired == 0 && d.queue_ready == 0 {
+        Phase::Idle
+    } else {
+        Phase::Running
     }
 }
 
-fn find<'a>(s: &'a TestRunnerPoolStatus, type_: &str) -> Option<&'a Condition> {
-    s.conditions.iter().find(|c| c.type_ == type_)
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::fixtures::{decision, pod, pool, t};
+    use crate::crd::RolloutReason;
 
-/// Events for condition transitions between two statuses.
-pub(super) fn transition_events(
-    old: &TestRunnerPoolStatus,
-    new: &TestRunnerPoolStatus,
-    config_problem: Option<&ConfigProblem>,
-) -> Vec<PlannedEvent> {
-    let mut events = Vec::new();
-    let was = find(old, CONDITION_BROKER_REACHABLE);
-    let is = find(new, CONDITION_BROKER_REACHABLE);
-    if let (Some(is), was) = (is, was) {
-        let was_false = was.is_some_and(|c| c.status == "False");
-        if is.status == "False" && !was_false {
-            events.push(PlannedEvent {
-                warning: true,
-                reason: "BrokerUnreachable",
-                action: "ProbeQueue",
-                note: format!("{}: {}; holding the current workers", is.reason, is.message),
-            });
-        } else if is.status == "True" && was_false {
-            events.push(PlannedEvent {
-                warning: false,
-                reason: "BrokerRecovered",
-                action: "ProbeQueue",
-                note: is.message.clone(),
-            });
+    fn unreachable(reason: &str, message: &str) -> BrokerView {
+        BrokerView::Unreachable {
+            reason: reason.into(),
+            message: message.into(),
+            since: t(0),
         }
     }
-    if let Some(problem) = config_problem {
-        let message = problem.message();
-        let already = find(old, CONDITION_DEGRADED)
-            .is_some_and(|c| c.status == "True" && c.message == message);
-        if !already {
-            events.push(PlannedEvent {
-                warning: true,
-                reason: "InvalidSpec",
-                action: "Validate",
-                note: message,
-            });
+
+    fn rollout(phase: RolloutPhase, reason: Option<RolloutReason>) -> RolloutStatus {
+        RolloutStatus {
+            phase,
+            reason,
+            message: "what the rollout says".into(),
+            stable_revision: "a".into(),
+            stable_image: "runner:1".into(),
+            target_revision: "a".into(),
+            target_image: "runner:1".into(),
+            started_at: None,
+            canary_since: None,
+            canary_tickets_ok: 0,
+            canary_crashes: 0,
+            canary_tickets: Vec::new(),
+            stable: Default::default(),
+            history: Vec::new(),
+            promote_token: None,
+            abort_token: None,
         }
     }
-    let queue_missing = |s: &TestRunnerPoolStatus| {
-        find(s, CONDITION_DEGRADED)
-            .is_some_and(|c| c.status == "True" && c.reason == "QueueNotFound")
-    };
-    if queue_missing(new) && !queue_missing(old) {
-        let note = find(new, CONDITION_DEGRADED)
-            .map(|c| c.message.clone())
-            .unwrap_or_default();
-        events.push(PlannedEvent {
-            warning: true,
-            reason: "QueueNotFound",
-            action: "ProbeQueue",
-            note,
-        });
+
+    /// What the conditions are computed from, changed one field at a time.
+    struct World {
+        spec: TestRunnerPoolSpec,
+        broker: BrokerView,
+        pods: Vec<PodView>,
+        problem: Option<ConfigProblem>,
+        scaling: Decision,
+        diagnosis: DiagnosisStatus,
+        rollout: RolloutStatus,
+        previous: Vec<Condition>,
     }
-    events
-}
 
-/// Most WorkerCrashed events published for one reconcile; the rest are summed up.
-pub const MAX_CRASH_EVENTS: usize = 5;
-
-/// A Warning event for each crash seen for the first time: the seed's rule, report
-/// the first crash right away.
-pub(super) fn crash_events(fresh: &[CrashStatus]) -> Vec<PlannedEvent> {
-    let mut events: Vec<PlannedEvent> = fresh
-        .iter()
-        .take(MAX_CRASH_EVENTS)
-        .map(|c| {
-            let exit = match c.signal {
-                Some(sig) => format!("signal {sig}"),
-                None => format!("exit code {}", c.exit_code),
-            };
-            let reason = if c.reason.is_empty() || c.reason == "Error" {
-                String::new()
-            } else {
-                format!(" ({})", c.reason)
-            };
-            let on = match (&c.ticket, &c.state) {
-                (Some(t), _) => format!("on ticket {t} (delivery {})", c.delivery.unwrap_or(1)),
-                (None, Some(s)) if s != "starting" && s != "idle" => {
-                    format!("with no ticket in hand: {s}")
-                }
-                (None, _) => "with no ticket in hand".to_string(),
-            };
-            PlannedEvent {
-                warning: true,
-                reason: "WorkerCrashed",
-                action: "ObserveWorker",
-                note: format!(
-                    "Worker pod {} (image {}) crashed {on}: {exit}{reason}",
-                    c.pod, c.image
-                ),
+    impl World {
+        fn new() -> Self {
+            World {
+                spec: pool().spec,
+                broker: BrokerView::Depth {
+                    ready: 0,
+                    consumers: 0,
+                    at: t(0),
+                },
+                pods: Vec::new(),
+                problem: None,
+                scaling: decision(2, 2, 2),
+                diagnosis: DiagnosisStatus::default(),
+                rollout: rollout(RolloutPhase::Promoted, Some(RolloutReason::FirstRevision)),
+                previous: Vec::new(),
             }
-        })
-        .collect();
-    if fresh.len() > MAX_CRASH_EVENTS {
-        events.push(PlannedEvent {
-            warning: true,
-            reason: "WorkerCrashed",
-            action: "ObserveWorker",
-            note: format!(
-                "{} more worker crashes; see status.crashes",
-                fresh.len() - MAX_CRASH_EVENTS
-            ),
-        });
-    }
-    events
-}
+        }
 
-/// An event when the diagnosis changes.
-pub(super) fn diagnosis_events(
-    old: Option<&DiagnosisStatus>,
-    new: &DiagnosisStatus,
-) -> Vec<PlannedEvent> {
-    let was = old.map(|d| (d.verdict.as_str(), d.ticket.as_deref()));
-    let is = (new.verdict.as_str(), new.ticket.as_deref());
-    if was == Some(is) || (was.is_none() && new.verdict == verdict::HEALTHY) {
-        return Vec::new();
+        fn inputs(&self) -> Inputs<'_> {
+            Inputs {
+                spec: &self.spec,
+                generation: Some(4),
+                previous: &self.previous,
+                broker: &self.broker,
+                pods: &self.pods,
+                config_problem: self.problem.as_ref(),
+                scaling: &self.scaling,
+                diagnosis: &self.diagnosis,
+                rollout: &self.rollout,
+                now: t(100),
+            }
+        }
     }
-    if new.verdict == verdict::HEALTHY {
-        return vec![PlannedEvent {
-            warning: false,
-            reason: "Recovered",
-            action: "Diagnose",
-            note: format!(
-                "No longer {}: workers are healthy again",
-                old.map(|d| d.verdict.as_str()).unwrap_or_default()
-            ),
+
+    fn said(c: &Condition) -> (&str, &str) {
+        (c.status.as_str(), c.reason.as_str())
+    }
+
+    #[test]
+    fn broker_reachable_follows_the_probe() {
+        let mut w = World::new();
+        assert_eq!(said(&broker_reachable(&w.inputs())), ("True", "QueueFound"));
+        w.broker = BrokerView::NotProbed;
+        assert_eq!(
+            said(&broker_reachable(&w.inputs())),
+            ("Unknown", "NotProbed")
+        );
+        w.broker = BrokerView::QueueNotFound { at: t(0) };
+        let c = broker_reachable(&w.inputs());
+        assert_eq!(said(&c), ("True", "QueueNotFound"));
+        assert_eq!(
+            c.message,
+            "The broker answers but queue \"tickets.unit\" does not exist"
+        );
+        w.broker = unreachable("AuthenticationFailed", "bad password");
+        let c = broker_reachable(&w.inputs());
+        assert_eq!(said(&c), ("False", "AuthenticationFailed"));
+        assert_eq!(c.message, "bad password");
+    }
+
+    #[test]
+    fn degraded_names_the_most_pressing_problem() {
+        let mut w = World::new();
+        assert_eq!(said(&degraded(&w.inputs())), ("False", "AsExpected"));
+        w.rollout = rollout(
+            RolloutPhase::RolledBack,
+            Some(RolloutReason::CanaryCrashedOnTickets),
+        );
+        assert_eq!(said(&degraded(&w.inputs())), ("True", "RolloutFailed"));
+        w.diagnosis.verdict = Verdict::QueueStalled;
+        assert_eq!(said(&degraded(&w.inputs())), ("True", "QueueStalled"));
+        w.broker = BrokerView::QueueNotFound { at: t(0) };
+        assert_eq!(said(&degraded(&w.inputs())), ("True", "QueueNotFound"));
+        w.broker = unreachable("ConnectionFailed", "refused");
+        let c = degraded(&w.inputs());
+        assert_eq!(said(&c), ("True", "BrokerUnreachable"));
+        assert_eq!(
+            c.message,
+            "The broker cannot be reached; holding 2 workers: refused"
+        );
+        w.problem = Some(ConfigProblem::InvalidUri {
+            detail: "no host".into(),
+        });
+        assert_eq!(said(&degraded(&w.inputs())), ("True", "InvalidBrokerUri"));
+    }
+
+    #[test]
+    fn ready_when_the_wanted_workers_are_ready_unless_paused_or_degraded() {
+        let mut w = World::new();
+        let fine = degraded(&w.inputs());
+        let c = ready(&w.inputs(), &fine);
+        assert_eq!(said(&c), ("True", "WorkersReady"));
+        assert_eq!(c.message, "2 of 2 workers ready");
+        assert_eq!(phase(&w.inputs(), &fine), Phase::Running);
+
+        w.scaling = decision(3, 2, 2);
+        let c = ready(&w.inputs(), &fine);
+        assert_eq!(said(&c), ("False", "Scaling"));
+        assert_eq!(c.message, "2 of 3 workers ready, 2 exist");
+        assert_eq!(phase(&w.inputs(), &fine), Phase::Scaling);
+
+        w.diagnosis.verdict = Verdict::OutOfMemory;
+        w.diagnosis.message = "killed".into();
+        let bad = degraded(&w.inputs());
+        let c = ready(&w.inputs(), &bad);
+        assert_eq!(
+            (said(&c), c.message.as_str()),
+            (("False", "OutOfMemory"), "killed")
+        );
+        assert_eq!(phase(&w.inputs(), &bad), Phase::Degraded);
+
+        w.spec.paused = true;
+        assert_eq!(said(&ready(&w.inputs(), &bad)), ("False", "Paused"));
+        assert_eq!(phase(&w.inputs(), &bad), Phase::Paused);
+
+        w.spec.paused = false;
+        w.scaling = decision(0, 0, 0);
+        let fine = degraded(&World::new().inputs());
+        assert_eq!(phase(&w.inputs(), &fine), Phase::Idle);
+    }
+
+    #[test]
+    fn rollout_complete_once_no_older_worker_is_left() {
+        let mut w = World::new();
+        assert_eq!(
+            said(&rollout_complete(&w.inputs())),
+            ("True", "FirstRevision")
+        );
+        w.rollout.reason = None;
+        assert_eq!(said(&rollout_complete(&w.inputs())), ("True", "Promoted"));
+        w.pods = vec![
+            pod("old", "0", PodState::Ready, 0),
+            pod("gone", "0", PodState::Terminating, 0),
+        ];
+        let c = rollout_complete(&w.inputs());
+        assert_eq!(said(&c), ("False", "Replacing"));
+        assert!(c.message.starts_with("1 worker(s)"), "{}", c.message);
+        for (phase, reason) in [
+            (RolloutPhase::Progressing, "CanaryRunning"),
+            (RolloutPhase::Paused, "Paused"),
+            (RolloutPhase::RolledBack, "RolledBack"),
+        ] {
+            w.rollout.phase = phase;
+            let c = rollout_complete(&w.inputs());
+            assert_eq!(said(&c), ("False", reason));
+            assert_eq!(c.message, "what the rollout says");
+        }
+    }
+
+    #[test]
+    fn a_condition_keeps_its_transition_time_while_its_status_stays() {
+        let mut w = World::new();
+        let first = broker_reachable(&w.inputs());
+        assert_eq!(first.last_transition_time, Some(Time(t(100))));
+        assert_eq!(first.observed_generation, Some(4));
+        w.previous = vec![Condition {
+            last_transition_time: Some(Time(t(7))),
+            reason: "Other".into(),
+            ..first.clone()
         }];
+        assert_eq!(
+            broker_reachable(&w.inputs()).last_transition_time,
+            Some(Time(t(7)))
+        );
+        w.broker = BrokerView::NotProbed;
+        assert_eq!(
+            broker_reachable(&w.inputs()).last_transition_time,
+            Some(Time(t(100)))
+        );
     }
-    let reason = match new.verdict.as_str() {
-        verdict::POISON_TICKET => "PoisonTicket",
-        verdict::BROKEN_ENVIRONMENT => "BrokenEnvironment",
-        verdict::OUT_OF_MEMORY => "OutOfMemory",
-        _ => "QueueStalled",
-    };
-    vec![PlannedEvent {
-        warning: true,
-        reason,
-        action: "Diagnose",
-        note: new.message.clone(),
-    }]
 }

@@ -5,7 +5,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
 
 use crate::contract::{TerminationLine, WORKER_CONTAINER, WorkerExit};
-use crate::crd::LABEL_REVISION;
+use crate::crd::{CrashStatus, LABEL_REVISION};
 
 /// What the worker said it was doing when it stopped (its termination message).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -147,6 +147,19 @@ pub fn crash_records(pod: &Pod) -> Vec<CrashRecord> {
     out
 }
 
+/// How a worker ended, for messages: `signal 11`, or `<exit> 3` (`exit`, `exit code`),
+/// with Kubernetes' reason when it says more than Error: `exit 137 (OOMKilled)`.
+pub fn ending(c: &CrashStatus, exit: &str) -> String {
+    let mut s = match c.signal {
+        Some(sig) => format!("signal {sig}"),
+        None => format!("{exit} {}", c.exit_code),
+    };
+    if !c.reason.is_empty() && c.reason != "Error" {
+        s.push_str(&format!(" ({})", c.reason));
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,24 +248,14 @@ mod tests {
             }
             serde_json::from_value(p).unwrap()
         };
-        assert!(
-            crash_records(&pod(true, 137)).is_empty(),
-            "killed after grace"
-        );
-        assert!(
-            crash_records(&pod(true, 143)).is_empty(),
-            "stopped by SIGTERM"
-        );
-        assert_eq!(
-            crash_records(&pod(true, 139)).len(),
-            1,
-            "a crash while draining is a crash"
-        );
-        assert_eq!(
-            crash_records(&pod(false, 137)).len(),
-            1,
-            "killed while not being deleted"
-        );
+        for (deleting, exit, crashes, why) in [
+            (true, 137, 0, "killed after grace"),
+            (true, 143, 0, "stopped by SIGTERM"),
+            (true, 139, 1, "a crash while draining is a crash"),
+            (false, 137, 1, "killed while not being deleted"),
+        ] {
+            assert_eq!(crash_records(&pod(deleting, exit)).len(), crashes, "{why}");
+        }
     }
 
     #[test]
@@ -276,6 +279,20 @@ mod tests {
         assert!(r.is_ticket_crash());
         r.in_hand = InHand::Starting;
         assert!(!r.is_ticket_crash());
+    }
+
+    #[test]
+    fn an_ending_says_the_signal_or_the_exit_and_a_telling_reason() {
+        let mut c = crate::core::fixtures::ticket_crash("p", "t", "i", 0);
+        assert_eq!(ending(&c, "exit"), "exit 3");
+        assert_eq!(ending(&c, "exit code"), "exit code 3");
+        c.reason = "OOMKilled".into();
+        c.exit_code = 137;
+        assert_eq!(ending(&c, "exit"), "exit 137 (OOMKilled)");
+        c.signal = Some(9);
+        assert_eq!(ending(&c, "exit code"), "signal 9 (OOMKilled)");
+        c.reason = String::new();
+        assert_eq!(ending(&c, "exit"), "signal 9");
     }
 
     proptest! {

@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::crash::{CrashRecord, InHand};
 use crate::contract::WorkerExit;
-use crate::crd::{CrashStatus, DiagnosisStatus};
+use crate::crd::{CrashStatus, DiagnosisStatus, Verdict};
 
 /// Crashes kept in status.
 pub const MAX_CRASHES: usize = 20;
@@ -173,191 +173,262 @@ pub struct DiagnosisInput<'a> {
     pub now: Timestamp,
 }
 
-/// Verdict names, also the Degraded condition's reasons and the event reasons.
-pub mod verdict {
-    /// Nothing wrong.
-    pub const HEALTHY: &str = "Healthy";
-    /// One ticket crashes every worker that takes it.
-    pub const POISON_TICKET: &str = "PoisonTicket";
-    /// Workers crash whatever the ticket: the image, its configuration or the cluster.
-    pub const BROKEN_ENVIRONMENT: &str = "BrokenEnvironment";
-    /// Workers were killed for using too much memory.
-    pub const OUT_OF_MEMORY: &str = "OutOfMemory";
-    /// Tickets wait and nothing moves.
-    pub const QUEUE_STALLED: &str = "QueueStalled";
-}
-
+/// Crashes of one ticket, across revisions.
 #[derive(Default)]
 struct TicketCrashes<'a> {
     count: u32,
-    first: Option<Timestamp>,
     revisions: BTreeSet<&'a str>,
     images: BTreeSet<&'a str>,
     last: Option<&'a CrashStatus>,
     oom: bool,
 }
 
+/// How a worker ended, for diagnosis messages.
 fn exit_text(c: &CrashStatus) -> String {
-    let mut s = match c.signal {
-        Some(sig) => format!("signal {sig}"),
-        None => format!("exit {}", c.exit_code),
-    };
-    if !c.reason.is_empty() && c.reason != "Error" {
-        s.push_str(&format!(" ({})", c.reason));
-    }
-    s
+    super::crash::ending(c, "exit")
 }
 
-/// Diagnoses a pool. The result goes to `status.diagnosis`.
-pub fn diagnose(input: &DiagnosisInput<'_>) -> DiagnosisStatus {
-    let now = input.now;
-    let window = SignedDuration::try_from(WINDOW).unwrap_or(SignedDuration::MAX);
+const OOM_NOTE: &str = " Workers were killed for using too much memory (OOMKilled): raise spec.template.resources.limits.memory if the tests need it.";
+
+/// The crashes a diagnosis weighs.
+struct Evidence<'a> {
+    /// The serving revision's crashes since the last ticket it completed: the
+    /// environment is judged by these.
+    env: Vec<&'a CrashStatus>,
+    /// The ticket that crashed the most workers, at least `crashesToQuarantine`,
+    /// counted across revisions: a ticket that crashes old and new workers alike is the
+    /// ticket's fault, not the rollout's.
+    worst: Option<(&'a str, &'a TicketCrashes<'a>)>,
+}
+
+/// The crashes that count: within the [`WINDOW`], real crashes (not a clean exit nor a
+/// lost broker connection), not on a ticket that is quarantined or was replayed since,
+/// and on the serving revision or on a ticket that crashed it too.
+fn counted<'a>(input: &DiagnosisInput<'a>, window: SignedDuration) -> Vec<&'a CrashStatus> {
+    let forgiven = |c: &CrashStatus, t: &String| {
+        input.quarantined.contains(t)
+            || input
+                .forgiven
+                .iter()
+                .any(|(id, at)| id == t && c.at.0 <= *at)
+    };
     let recent: Vec<&CrashStatus> = input
         .crashes
         .iter()
-        .filter(|c| now.duration_since(c.at.0) <= window)
+        .filter(|c| input.now.duration_since(c.at.0) <= window)
         .filter(|c| c.exit_code != 0 && c.exit_code != i32::from(WorkerExit::BrokerLost))
-        .filter(|c| {
-            c.ticket.as_ref().is_none_or(|t| {
-                !input.quarantined.contains(t)
-                    && !input
-                        .forgiven
-                        .iter()
-                        .any(|(id, at)| id == t && c.at.0 <= *at)
-            })
-        })
+        .filter(|c| c.ticket.as_ref().is_none_or(|t| !forgiven(c, t)))
         .collect();
     let on_serving: BTreeSet<&str> = recent
         .iter()
         .filter(|c| c.revision == input.revision)
         .filter_map(|c| c.ticket.as_deref())
         .collect();
-    let recent: Vec<&CrashStatus> = recent
+    recent
         .into_iter()
         .filter(|c| {
             c.revision == input.revision
                 || c.ticket.as_deref().is_some_and(|t| on_serving.contains(t))
         })
-        .collect();
+        .collect()
+}
 
-    // Per ticket, across revisions: a ticket that crashes old and new workers alike is
-    // the ticket's fault, not the rollout's.
+fn tally<'a>(crashes: &[&'a CrashStatus]) -> BTreeMap<&'a str, TicketCrashes<'a>> {
     let mut tickets: BTreeMap<&str, TicketCrashes<'_>> = BTreeMap::new();
-    for c in &recent {
+    for c in crashes {
         if let Some(t) = c.ticket.as_deref() {
             let e = tickets.entry(t).or_default();
             e.count += 1;
-            e.first = Some(e.first.map_or(c.at.0, |f| f.min(c.at.0)));
             e.revisions.insert(&c.revision);
             e.images.insert(&c.image);
             e.last = Some(c);
             e.oom |= c.reason == "OOMKilled";
         }
     }
-    // The environment is judged on the current revision, by the crashes since the last
-    // ticket it completed.
+    tickets
+}
+
+/// A diagnosis other than Healthy.
+struct Finding {
+    verdict: Verdict,
+    ticket: Option<String>,
+    message: String,
+}
+
+impl Finding {
+    fn new(verdict: Verdict, message: String) -> Self {
+        Finding {
+            verdict,
+            ticket: None,
+            message,
+        }
+    }
+}
+
+/// Diagnoses a pool. The result goes to `status.diagnosis`.
+pub fn diagnose(input: &DiagnosisInput<'_>) -> DiagnosisStatus {
+    let window = SignedDuration::try_from(WINDOW).unwrap_or(SignedDuration::MAX);
+    let crashes = counted(input, window);
+    let tickets = tally(&crashes);
     let recovered_at = input.completions.last(input.revision);
-    let env: Vec<&&CrashStatus> = recent
+    let env = crashes
         .iter()
+        .copied()
         .filter(|c| c.revision == input.revision)
         .filter(|c| recovered_at.is_none_or(|r| c.at.0 > r))
         .collect();
-    let pre_loop: Vec<&&&CrashStatus> = env.iter().filter(|c| c.ticket.is_none()).collect();
-    let distinct: BTreeSet<&str> = env.iter().filter_map(|c| c.ticket.as_deref()).collect();
-    let oom_on_rev = env.iter().any(|c| c.reason == "OOMKilled");
-    // Other tickets completing on the revisions a ticket crashed, within the window,
-    // clear the environment and put the blame on the ticket.
-    let completed_within = |revisions: &BTreeSet<&str>| {
-        revisions
-            .iter()
-            .filter_map(|r| input.completions.last(r))
-            .any(|c| now.duration_since(c) <= window)
-    };
     let threshold = input.crashes_to_quarantine.max(1);
     let worst = tickets
         .iter()
         .filter(|(_, t)| t.count >= threshold)
-        .max_by_key(|(id, t)| (t.count, std::cmp::Reverse(*id)));
-
+        .max_by_key(|(id, t)| (t.count, std::cmp::Reverse(*id)))
+        .map(|(id, t)| (*id, t));
+    let evidence = Evidence { env, worst };
     let progress = last_progress(input);
-    let mut out = DiagnosisStatus {
-        verdict: verdict::HEALTHY.into(),
-        message: String::new(),
-        ticket: None,
-        since: None,
-        last_progress_time: progress.map(Time),
+    let finding = broken_before_consuming(&evidence)
+        .or_else(|| poison(input, &evidence, window))
+        .or_else(|| broken_across_tickets(&evidence))
+        .or_else(|| out_of_memory(&evidence))
+        .or_else(|| stalled(input, progress));
+    let Finding {
+        verdict,
+        ticket,
+        message,
+    } = finding.unwrap_or_else(|| Finding::new(Verdict::Healthy, String::new()));
+    let since = match input.previous {
+        Some(p) if p.verdict == verdict && p.ticket == ticket => p.since.clone(),
+        _ => Some(Time(input.now)),
     };
-    let oom_note = " Workers were killed for using too much memory (OOMKilled): raise spec.template.resources.limits.memory if the tests need it.";
+    DiagnosisStatus {
+        verdict,
+        message,
+        ticket,
+        since,
+        last_progress_time: progress.map(Time),
+    }
+}
 
-    if let Some(last) = pre_loop.last() {
-        out.verdict = verdict::BROKEN_ENVIRONMENT.into();
-        let what = match last.state.as_deref() {
-            Some(s) if s != "starting" && s != "idle" => s.to_string(),
-            _ => "before taking a ticket".to_string(),
-        };
-        out.message = format!(
+/// BrokenEnvironment: workers of the serving revision crash with no ticket in hand.
+fn broken_before_consuming(evidence: &Evidence<'_>) -> Option<Finding> {
+    let pre_loop: Vec<&CrashStatus> = evidence
+        .env
+        .iter()
+        .copied()
+        .filter(|c| c.ticket.is_none())
+        .collect();
+    let last = pre_loop.last()?;
+    let what = match last.state.as_deref() {
+        Some(s) if s != "starting" && s != "idle" => s.to_string(),
+        _ => "before taking a ticket".to_string(),
+    };
+    Some(Finding::new(
+        Verdict::BrokenEnvironment,
+        format!(
             "{} worker crash(es) with no ticket in hand on image {} ({what}, last {}); tickets are held in the queue until the image or its configuration changes.",
             pre_loop.len(),
             last.image,
             exit_text(last)
-        );
-    } else if let Some((id, t)) = worst.filter(|(_, t)| completed_within(&t.revisions)) {
-        out.verdict = verdict::POISON_TICKET.into();
-        out.ticket = Some(id.to_string());
-        out.message = format!(
-            "Ticket {id} crashed {} workers (images {}; last {}) while other tickets completed: it is a poison ticket.",
-            t.count,
-            t.images.iter().copied().collect::<Vec<_>>().join(", "),
-            t.last.map(exit_text).unwrap_or_default()
-        );
-        if t.oom {
-            out.message.push_str(oom_note);
-        }
-    } else if distinct.len() >= 2 || worst.is_some() {
-        out.verdict = verdict::BROKEN_ENVIRONMENT.into();
-        let last = env.last().map(|c| (c.image.clone(), exit_text(c)));
+        ),
+    ))
+}
+
+/// PoisonTicket: a ticket crashed enough workers while other tickets completed on the
+/// revisions it crashed, within the window.
+fn poison(
+    input: &DiagnosisInput<'_>,
+    evidence: &Evidence<'_>,
+    window: SignedDuration,
+) -> Option<Finding> {
+    let completed_within = |revisions: &BTreeSet<&str>| {
+        revisions
+            .iter()
+            .filter_map(|r| input.completions.last(r))
+            .any(|c| input.now.duration_since(c) <= window)
+    };
+    let (id, t) = evidence
+        .worst
+        .filter(|(_, t)| completed_within(&t.revisions))?;
+    let mut message = format!(
+        "Ticket {id} crashed {} workers (images {}; last {}) while other tickets completed: it is a poison ticket.",
+        t.count,
+        t.images.iter().copied().collect::<Vec<_>>().join(", "),
+        t.last.map(exit_text).unwrap_or_default()
+    );
+    if t.oom {
+        message.push_str(OOM_NOTE);
+    }
+    Some(Finding {
+        ticket: Some(id.to_string()),
+        ..Finding::new(Verdict::PoisonTicket, message)
+    })
+}
+
+/// BrokenEnvironment: crashes on several tickets with none completed since, or one
+/// ticket crashing workers with no other completing (it cannot be blamed).
+fn broken_across_tickets(evidence: &Evidence<'_>) -> Option<Finding> {
+    let distinct: BTreeSet<&str> = evidence
+        .env
+        .iter()
+        .filter_map(|c| c.ticket.as_deref())
+        .collect();
+    let mut message = if distinct.len() >= 2 {
+        let last = evidence.env.last().map(|c| (c.image.clone(), exit_text(c)));
         let (image, exit) = last.unwrap_or_default();
-        out.message = if distinct.len() >= 2 {
-            format!(
-                "Workers on image {image} crashed on {} different tickets and completed none since (last {exit}); tickets are held in the queue, none is quarantined.",
-                distinct.len()
-            )
-        } else {
-            let (id, t) = worst.expect("checked");
-            format!(
-                "Ticket {id} crashed {} workers and no other ticket completed on this revision, so the ticket cannot be blamed; it is held in the queue until workers complete other tickets or the image changes.",
-                t.count
-            )
-        };
-        if oom_on_rev {
-            out.message.push_str(oom_note);
-        }
-    } else if let Some(c) = env.iter().rev().find(|c| c.reason == "OOMKilled") {
-        out.verdict = verdict::OUT_OF_MEMORY.into();
-        out.message = format!(
+        format!(
+            "Workers on image {image} crashed on {} different tickets and completed none since (last {exit}); tickets are held in the queue, none is quarantined.",
+            distinct.len()
+        )
+    } else {
+        let (id, t) = evidence.worst?;
+        format!(
+            "Ticket {id} crashed {} workers and no other ticket completed on this revision, so the ticket cannot be blamed; it is held in the queue until workers complete other tickets or the image changes.",
+            t.count
+        )
+    };
+    if evidence.env.iter().any(|c| c.reason == "OOMKilled") {
+        message.push_str(OOM_NOTE);
+    }
+    Some(Finding::new(Verdict::BrokenEnvironment, message))
+}
+
+/// OutOfMemory: a worker of the serving revision was OOMKilled.
+fn out_of_memory(evidence: &Evidence<'_>) -> Option<Finding> {
+    let c = evidence
+        .env
+        .iter()
+        .rev()
+        .find(|c| c.reason == "OOMKilled")?;
+    Some(Finding::new(
+        Verdict::OutOfMemory,
+        format!(
             "Worker pod {} was killed for using too much memory (OOMKilled){}; raise spec.template.resources.limits.memory if the tests need it.",
             c.pod,
             c.ticket
                 .as_deref()
                 .map(|t| format!(" on ticket {t}"))
                 .unwrap_or_default()
-        );
-    } else if let (Some(ready), Some(since), false) = (input.queue_ready, progress, input.paused) {
-        let stall = SignedDuration::try_from(input.stall_timeout).unwrap_or(SignedDuration::MAX);
-        if ready > 0 && now.duration_since(since) >= stall {
-            out.verdict = verdict::QUEUE_STALLED.into();
-            out.message = format!(
-                "{ready} tickets are ready and no ticket was taken or finished for {} (poison.stallTimeout {:?}).",
-                SignedDuration::from_secs(now.duration_since(since).as_secs()),
-                input.stall_timeout
-            );
-        }
-    }
-    out.since = match input.previous {
-        Some(p) if p.verdict == out.verdict && p.ticket == out.ticket => p.since.clone(),
-        _ => Some(Time(now)),
+        ),
+    ))
+}
+
+/// QueueStalled: tickets are ready and the queue made no progress for
+/// `poison.stallTimeout` (a paused pool is not stalled).
+fn stalled(input: &DiagnosisInput<'_>, progress: Option<Timestamp>) -> Option<Finding> {
+    let (Some(ready), Some(since), false) = (input.queue_ready, progress, input.paused) else {
+        return None;
     };
-    out
+    let stall = SignedDuration::try_from(input.stall_timeout).unwrap_or(SignedDuration::MAX);
+    let waited = input.now.duration_since(since);
+    (ready > 0 && waited >= stall).then(|| {
+        Finding::new(
+            Verdict::QueueStalled,
+            format!(
+                "{ready} tickets are ready and no ticket was taken or finished for {} (poison.stallTimeout {:?}).",
+                SignedDuration::from_secs(waited.as_secs()),
+                input.stall_timeout
+            ),
+        )
+    })
 }
 
 /// When the queue last moved while tickets waited: none while no ticket waits; now

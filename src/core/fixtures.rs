@@ -4,6 +4,7 @@ use jiff::Timestamp;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use super::scaling::Decision;
 use super::{BrokerView, Observed, PodState, PodView};
 use crate::crd::{CrashStatus, TestRunnerPool};
 
@@ -74,5 +75,24 @@ pub fn ticket_crash(pod: &str, ticket: &str, image: &str, at: i64) -> CrashStatu
         signal: None,
         reason: "Error".into(),
         at: Time(t(at)),
+    }
+}
+
+/// A scaling decision that wants `desired` workers, of which `current` exist and
+/// `ready` are ready, and changes nothing.
+pub fn decision(desired: i32, current: i32, ready: i32) -> Decision {
+    Decision {
+        desired,
+        current,
+        ready,
+        busy: 0,
+        queue_ready: 0,
+        create: 0,
+        create_canary: 0,
+        replacing: false,
+        delete: Vec::new(),
+        scaled_down: 0,
+        surplus_since: None,
+        scale_down_wait: None,
     }
 }

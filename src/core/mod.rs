@@ -2,25 +2,54 @@
 //! compute the plan. No clock reads, no network, no Kubernetes calls in here.
 //!
 //! The shell (see `controller`) gathers an [`Observed`], calls [`plan`], applies the
-//! [`Plan`]'s actions and writes its status.
+//! [`Plan`]'s actions and writes its status. [`plan`] is a pipeline of steps, each a
+//! function of what the steps before it decided:
+//!
+//! ```text
+//!  pool, Observed, now
+//!      |
+//!   observe      spec read once (settings, spec problems), previous   observe.rs
+//!      |         status, crashes merged into the history
+//!   rollout      stable revision, canary, promotion or rollback       rollout.rs
+//!      |
+//!   diagnosis    verdict on the stable revision's crashes             diagnosis.rs
+//!      |
+//!   quarantine   poison tickets in, replayed tickets out              quarantine.rs
+//!      |
+//!   scaling      pods to create and delete                            scaling.rs
+//!      |
+//!   status       one function per condition, the phase: the status    status.rs,
+//!      |         complete                                             conditions.rs
+//!   events       what the shell publishes                             events.rs
+//!      |
+//!    Plan        with the pods to create and when to look again       pipeline.rs
+//! ```
+//!
+//! `pipeline.rs` wires the steps. Verdicts, reasons and event names are enums
+//! ([`crate::crd::Verdict`], [`crate::crd::RolloutReason`], [`ConditionReason`],
+//! [`EventReason`]), each written as its variant's name.
 
 pub mod alerting;
-mod conditions;
+pub mod conditions;
 pub mod crash;
 pub mod diagnosis;
+mod events;
+mod observe;
+mod pipeline;
 pub mod quarantine;
 pub mod rollout;
 mod scaling;
+mod status;
 
 use std::time::Duration;
 
 use jiff::Timestamp;
 
-use crate::crd::{TestRunnerPool, TestRunnerPoolSpec, TestRunnerPoolStatus};
+use crate::crd::{PoisonSpec, ScalingSpec, SpecDuration, TestRunnerPoolSpec, TestRunnerPoolStatus};
 
-pub use conditions::{
-    CONDITION_BROKER_REACHABLE, CONDITION_DEGRADED, CONDITION_READY, CONDITION_ROLLOUT_COMPLETE,
-};
+pub use conditions::{ConditionReason, ConditionStatus, ConditionType};
+pub use events::{EventAction, EventReason, MAX_CRASH_EVENTS, PlannedEvent};
+pub use pipeline::plan;
 pub use scaling::{ScalingInput, desired_workers};
 
 /// What the shell saw of the world for one pool.
@@ -169,13 +198,13 @@ pub enum ConfigProblem {
 }
 
 impl ConfigProblem {
-    /// PascalCase reason for conditions and events.
-    pub fn reason(&self) -> &'static str {
+    /// The Degraded condition's reason.
+    pub fn reason(&self) -> ConditionReason {
         match self {
-            ConfigProblem::SecretNotFound { .. } => "SecretNotFound",
-            ConfigProblem::SecretKeyMissing { .. } => "SecretKeyMissing",
-            ConfigProblem::InvalidUri { .. } => "InvalidBrokerUri",
-            ConfigProblem::InvalidField { .. } => "InvalidSpec",
+            ConfigProblem::SecretNotFound { .. } => ConditionReason::SecretNotFound,
+            ConfigProblem::SecretKeyMissing { .. } => ConditionReason::SecretKeyMissing,
+            ConfigProblem::InvalidUri { .. } => ConditionReason::InvalidBrokerUri,
+            ConfigProblem::InvalidField { .. } => ConditionReason::InvalidSpec,
         }
     }
 
@@ -196,19 +225,6 @@ impl ConfigProblem {
             ConfigProblem::InvalidField { field, detail } => format!("{field}: {detail}"),
         }
     }
-}
-
-/// An event the shell must publish.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PlannedEvent {
-    /// Warning or Normal.
-    pub warning: bool,
-    /// PascalCase reason.
-    pub reason: &'static str,
-    /// PascalCase action.
-    pub action: &'static str,
-    /// Human readable note (at most 1 kB once published).
-    pub note: String,
 }
 
 /// Worker pods to create, all of one revision.
@@ -276,46 +292,49 @@ pub const RESYNC: Duration = Duration::from_secs(300);
 /// How soon a pool with a spec problem is looked at again.
 pub const CONFIG_RETRY: Duration = Duration::from_secs(15);
 
-/// Parses the spec's durations. The schema checks their syntax; this checks the rest.
+/// Reads the spec's durations. The schema checks their syntax; this checks the rest.
 pub fn settings(spec: &TestRunnerPoolSpec) -> Result<Settings, ConfigProblem> {
-    let parse = |field: &str, value: &str| {
-        humantime::parse_duration(value).map_err(|e| ConfigProblem::InvalidField {
-            field: field.into(),
-            detail: format!("{value:?} is not a duration: {e}"),
-        })
-    };
-    let poll_interval = parse("spec.scaling.pollInterval", &spec.scaling.poll_interval)?;
+    let poll_interval = duration("spec.scaling.pollInterval", &spec.scaling.poll_interval)?;
     if poll_interval < MIN_POLL_INTERVAL {
         return Err(ConfigProblem::InvalidField {
             field: "spec.scaling.pollInterval".into(),
             detail: format!(
                 "{:?} is below the minimum of 100ms",
-                spec.scaling.poll_interval
+                spec.scaling.poll_interval.as_str()
             ),
         });
     }
-    let scale_down_delay = parse(
-        "spec.scaling.scaleDownDelay",
-        &spec.scaling.scale_down_delay,
-    )?;
-    let stall_timeout = parse("spec.poison.stallTimeout", &spec.poison.stall_timeout)?;
-    let rollout = rollout::RolloutSettings {
-        min_canary_time: parse("spec.rollout.minCanaryTime", &spec.rollout.min_canary_time)?,
-        idle_promote_after: parse(
-            "spec.rollout.idlePromoteAfter",
-            &spec.rollout.idle_promote_after,
-        )?,
-        progress_deadline: parse(
-            "spec.rollout.progressDeadline",
-            &spec.rollout.progress_deadline,
-        )?,
-    };
     Ok(Settings {
         poll_interval,
-        scale_down_delay,
-        stall_timeout,
-        rollout,
+        scale_down_delay: duration(
+            "spec.scaling.scaleDownDelay",
+            &spec.scaling.scale_down_delay,
+        )?,
+        stall_timeout: duration("spec.poison.stallTimeout", &spec.poison.stall_timeout)?,
+        rollout: rollout::RolloutSettings::from_spec(&spec.rollout)?,
     })
+}
+
+/// The value of the duration field at `field`, or the spec problem it is.
+pub(crate) fn duration(field: &str, value: &SpecDuration) -> Result<Duration, ConfigProblem> {
+    value.duration().map_err(|e| ConfigProblem::InvalidField {
+        field: field.into(),
+        detail: format!("{:?} is not a duration: {e}", value.as_str()),
+    })
+}
+
+/// The settings of a spec that leaves every field out.
+impl Default for Settings {
+    fn default() -> Self {
+        let (scaling, poison) = (ScalingSpec::default(), PoisonSpec::default());
+        let valid = |d: &SpecDuration| d.duration().expect("the defaults are valid");
+        Settings {
+            poll_interval: valid(&scaling.poll_interval),
+            scale_down_delay: valid(&scaling.scale_down_delay),
+            stall_timeout: valid(&poison.stall_timeout),
+            rollout: rollout::RolloutSettings::default(),
+        }
+    }
 }
 
 /// The revision of a spec: a short, stable hash of what goes into a worker pod
@@ -335,235 +354,6 @@ pub fn revision_of(workload: &crate::crd::Workload) -> String {
     });
     let digest = Sha256::digest(material.to_string().as_bytes());
     digest[..5].iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Computes the plan for one pool.
-pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan {
-    let spec = &pool.spec;
-    let old_status = pool.status.clone().unwrap_or_default();
-    let no_annotations = std::collections::BTreeMap::new();
-    let annotations = pool
-        .metadata
-        .annotations
-        .as_ref()
-        .unwrap_or(&no_annotations);
-
-    let settings = settings(spec);
-    let config_problem = observed
-        .config_problem
-        .clone()
-        .or_else(|| settings.as_ref().err().cloned())
-        .or_else(|| command_problem(spec));
-    let scale_down_delay = settings
-        .as_ref()
-        .map(|s| s.scale_down_delay)
-        .unwrap_or(Duration::from_secs(120));
-
-    let (crashes, fresh_crashes) = diagnosis::merge_crashes(&old_status.crashes, &observed.crashes);
-    let old_quarantine = old_status.quarantine.clone().unwrap_or_default();
-    let already_quarantined: Vec<String> = old_quarantine
-        .tickets
-        .iter()
-        .map(|t| t.id.clone())
-        .collect();
-    let queue_ready = match observed.broker {
-        BrokerView::Depth { ready, .. } => Some(ready),
-        _ => None,
-    };
-    let rollout = rollout::decide(&rollout::RolloutInput {
-        spec,
-        settings: &settings
-            .as_ref()
-            .map(|s| s.rollout.clone())
-            .unwrap_or_default(),
-        previous: old_status.rollout.as_ref(),
-        annotations,
-        pods: &observed.pods,
-        crashes: &crashes,
-        quarantined: &already_quarantined,
-        completions: &observed.completions,
-        queue_ready,
-        broker_unreachable: matches!(observed.broker, BrokerView::Unreachable { .. }),
-        now,
-    });
-    let stable = &rollout.status;
-    let revision = stable.stable_revision.clone();
-    let diagnosis = diagnosis::diagnose(&diagnosis::DiagnosisInput {
-        crashes: &crashes,
-        revision: &revision,
-        completions: &observed.completions,
-        crashes_to_quarantine: spec.poison.crashes_to_quarantine.max(1) as u32,
-        quarantined: &already_quarantined,
-        forgiven: &old_quarantine
-            .replayed
-            .iter()
-            .map(|r| (r.id.clone(), r.at.0))
-            .collect::<Vec<_>>(),
-        stall_timeout: settings
-            .as_ref()
-            .map(|s| s.stall_timeout)
-            .unwrap_or(Duration::from_secs(600)),
-        queue_ready,
-        previous_ready: old_status.queue.as_ref().map(|q| q.ready),
-        previous: old_status.diagnosis.as_ref(),
-        paused: spec.paused,
-        now,
-    });
-
-    let quarantine = quarantine::decide(&quarantine::QuarantineInput {
-        old: &old_quarantine,
-        diagnosis: &diagnosis,
-        crashes: &crashes,
-        annotations,
-        // Quarantined tickets get another go once a new image is stable and completes
-        // tickets: not while it is a canary.
-        image: &stable.stable_image,
-        replay_on_image_change: spec.poison.replay_on_image_change,
-        completed_on_revision: observed.completions.last(&revision),
-        queue: &spec.queue.quarantine_queue_name(),
-        now,
-    });
-    let quarantine_list = quarantine.status.tickets.clone();
-    let listed: Vec<String> = quarantine_list.iter().map(|t| t.id.clone()).collect();
-    // Pods stuck on a quarantined ticket are deleted; scaling replaces them at once.
-    let stuck = quarantine::stuck_pods(&observed.pods, &observed.crashes, &listed);
-
-    let decision = scaling::decide(&ScalingInput {
-        spec,
-        pods: &observed.pods,
-        leaving: &stuck,
-        broker: &observed.broker,
-        config_ok: config_problem.is_none(),
-        revision: &revision,
-        canary: rollout.canary.as_ref().map(|(r, n)| (r.as_str(), *n)),
-        surplus_since: old_status
-            .workers
-            .as_ref()
-            .and_then(|w| w.surplus_since.as_ref())
-            .map(|t| t.0),
-        scale_down_delay,
-        // A broken environment keeps a small number of workers: more would only crash.
-        cap: (diagnosis.verdict == diagnosis::verdict::BROKEN_ENVIRONMENT)
-            .then(|| spec.scaling.min_workers.max(1)),
-        // A rolled-back canary goes at once, busy or not: it drains within its grace period.
-        discard: (rollout.status.phase == crate::crd::RolloutPhase::RolledBack
-            && rollout.status.target_revision != rollout.status.stable_revision)
-            .then_some(rollout.status.target_revision.as_str()),
-        now,
-    });
-
-    let mut status = conditions::status(conditions::StatusInput {
-        pool,
-        old: &old_status,
-        observed,
-        config_problem: config_problem.as_ref(),
-        decision: &decision,
-        diagnosis: &diagnosis,
-        rollout: &rollout.status,
-        now,
-    });
-    let mut delete = decision.delete.clone();
-    for name in stuck {
-        if !delete.contains(&name) {
-            delete.push(name);
-        }
-    }
-    status.crashes = crashes;
-    status.quarantine =
-        (quarantine.status != Default::default()).then(|| quarantine.status.clone());
-    let mut events = conditions::transition_events(&old_status, &status, config_problem.as_ref());
-    events.extend(conditions::crash_events(&fresh_crashes));
-    let new_crashes = fresh_crashes;
-    events.extend(conditions::diagnosis_events(
-        old_status.diagnosis.as_ref(),
-        &diagnosis,
-    ));
-    events.extend(quarantine.events);
-    events.extend(rollout.events.iter().cloned());
-    if decision.create > 0 && !decision.replacing {
-        events.push(PlannedEvent {
-            warning: false,
-            reason: "ScaledUp",
-            action: "Scale",
-            note: format!(
-                "Scaling up from {} to {} workers ({} tickets ready)",
-                decision.current,
-                decision.current + decision.create as i32,
-                decision.queue_ready
-            ),
-        });
-    }
-    if decision.scaled_down > 0 {
-        events.push(PlannedEvent {
-            warning: false,
-            reason: "ScaledDown",
-            action: "Scale",
-            note: format!(
-                "Scaling down from {} to {} workers; removed workers finish the ticket in hand",
-                decision.current,
-                decision.current - decision.scaled_down as i32
-            ),
-        });
-    }
-
-    let mut requeue_after = RESYNC;
-    if let Some(wait) = decision.scale_down_wait {
-        requeue_after = requeue_after.min(wait);
-    }
-    if config_problem.is_some() || matches!(observed.broker, BrokerView::Unreachable { .. }) {
-        requeue_after = requeue_after.min(CONFIG_RETRY);
-    }
-    if let Some(wake) = rollout.wake_after {
-        requeue_after = requeue_after.min(wake);
-    }
-
-    let mut create = Vec::new();
-    if decision.create > 0 {
-        create.push(PodBatch {
-            revision: revision.clone(),
-            workload: rollout.status.stable.clone(),
-            count: decision.create,
-            canary: false,
-        });
-    }
-    if let (Some((canary_revision, _)), true) = (&rollout.canary, decision.create_canary > 0) {
-        create.push(PodBatch {
-            revision: canary_revision.clone(),
-            workload: spec.workload(),
-            count: decision.create_canary,
-            canary: true,
-        });
-    }
-    status.rollout = Some(rollout.status);
-
-    Plan {
-        create,
-        delete,
-        status,
-        events,
-        quarantine_list,
-        replay: quarantine.replay,
-        // Tickets a broker backstop dead-lettered while workers crashed go back when
-        // the environment recovers or a failed canary is gone.
-        replay_dead_lettered: rollout.rolled_back
-            || old_status
-                .diagnosis
-                .as_ref()
-                .is_some_and(|d| d.verdict == diagnosis::verdict::BROKEN_ENVIRONMENT)
-                && diagnosis.verdict == diagnosis::verdict::HEALTHY,
-        new_crashes,
-        requeue_after,
-    }
-}
-
-fn command_problem(spec: &TestRunnerPoolSpec) -> Option<ConfigProblem> {
-    use crate::crd::WorkerMode;
-    (spec.worker.mode == WorkerMode::Wrapped && spec.command.is_empty()).then(|| {
-        ConfigProblem::InvalidField {
-            field: "spec.command".into(),
-            detail: "Wrapped mode needs the test command to run for each ticket".into(),
-        }
-    })
 }
 
 /// True when two statuses differ in more than their timestamps (probe time,

@@ -7,13 +7,12 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::crash::CrashRecord;
-use super::diagnosis::verdict;
-use super::{PlannedEvent, PodState, PodView};
+use super::{EventAction, EventReason, PlannedEvent, PodState, PodView};
 use crate::contract::QuarantineEntry;
 use crate::crd::ReplayedTicket;
 use crate::crd::{
     ANNOTATION_REPLAY_ALL, ANNOTATION_REPLAY_TICKET, CrashStatus, DiagnosisStatus,
-    QuarantineStatus, QuarantinedTicket,
+    QuarantineStatus, QuarantinedTicket, Verdict,
 };
 
 /// Quarantined tickets kept in status (and on the workers' list).
@@ -65,60 +64,73 @@ pub struct QuarantineDecision {
     pub events: Vec<PlannedEvent>,
 }
 
-fn exit_text(c: &CrashStatus) -> String {
-    let mut s = match c.signal {
-        Some(sig) => format!("signal {sig}"),
-        None => format!("exit code {}", c.exit_code),
-    };
-    if !c.reason.is_empty() && c.reason != "Error" {
-        s.push_str(&format!(" ({})", c.reason));
-    }
-    s
-}
-
-/// Decides the quarantine for one reconcile.
+/// Decides the quarantine for one reconcile: a new poison ticket joins the list, then
+/// the tickets asked for (annotations) or cleared (a new image) go back.
 pub fn decide(input: &QuarantineInput<'_>) -> QuarantineDecision {
     let mut status = input.old.clone();
-    let mut events = Vec::new();
-    let mut replay: Vec<String> = Vec::new();
-
-    // A new poison ticket joins the list.
-    if input.diagnosis.verdict == verdict::POISON_TICKET
-        && let Some(id) = input.diagnosis.ticket.as_deref()
-        && !status.tickets.iter().any(|t| t.id == id)
-    {
-        let its: Vec<&CrashStatus> = input
-            .crashes
-            .iter()
-            .filter(|c| c.ticket.as_deref() == Some(id))
-            .collect();
-        let mut images: Vec<String> = its.iter().map(|c| c.image.clone()).collect();
-        images.sort();
-        images.dedup();
-        let mut pods: Vec<String> = its.iter().map(|c| c.pod.clone()).collect();
-        pods.sort();
-        pods.dedup();
-        status.tickets.push(QuarantinedTicket {
-            id: id.to_string(),
-            crashes: its.len() as i32,
-            images,
-            pods,
-            last_exit: its.last().map(|c| exit_text(c)).unwrap_or_default(),
-            at: Time(input.now),
-        });
-        events.push(PlannedEvent {
-            warning: true,
-            reason: "PoisonTicketQuarantined",
-            action: "Quarantine",
-            note: format!(
-                "Ticket {id} crashed {} workers while other tickets completed: quarantined; workers move it to queue {} when they next receive it, and its crash-looping workers are replaced",
-                its.len(),
-                input.queue
-            ),
-        });
+    let mut events: Vec<PlannedEvent> = admit(input, &mut status).into_iter().collect();
+    let (replay, why) = replays(input, &mut status);
+    if !replay.is_empty() {
+        events.push(give_back(input, &mut status, &replay, &why));
     }
+    let excess = status.tickets.len().saturating_sub(MAX_QUARANTINED);
+    status.tickets.drain(..excess);
+    status.count = status.tickets.len() as i32;
+    QuarantineDecision {
+        status,
+        replay,
+        events,
+    }
+}
 
-    // Replays asked for with annotations, each value acted on once.
+/// A new poison ticket joins the list, with the evidence against it.
+fn admit(input: &QuarantineInput<'_>, status: &mut QuarantineStatus) -> Option<PlannedEvent> {
+    let id = input.diagnosis.ticket.as_deref()?;
+    if input.diagnosis.verdict != Verdict::PoisonTicket || status.tickets.iter().any(|t| t.id == id)
+    {
+        return None;
+    }
+    let its: Vec<&CrashStatus> = input
+        .crashes
+        .iter()
+        .filter(|c| c.ticket.as_deref() == Some(id))
+        .collect();
+    let distinct = |field: fn(&CrashStatus) -> &String| {
+        let mut values: Vec<String> = its.iter().map(|c| field(c).clone()).collect();
+        values.sort();
+        values.dedup();
+        values
+    };
+    status.tickets.push(QuarantinedTicket {
+        id: id.to_string(),
+        crashes: its.len() as i32,
+        images: distinct(|c| &c.image),
+        pods: distinct(|c| &c.pod),
+        last_exit: its
+            .last()
+            .map(|c| super::crash::ending(c, "exit code"))
+            .unwrap_or_default(),
+        at: Time(input.now),
+    });
+    Some(PlannedEvent::warning(
+        EventReason::PoisonTicketQuarantined,
+        EventAction::Quarantine,
+        format!(
+            "Ticket {id} crashed {} workers while other tickets completed: quarantined; workers move it to queue {} when they next receive it, and its crash-looping workers are replaced",
+            its.len(),
+            input.queue
+        ),
+    ))
+}
+
+/// The tickets to return, and why: annotations (each value acted on once), and a new
+/// image that has completed a ticket gets another go at the tickets that crashed only
+/// the old ones.
+fn replays(
+    input: &QuarantineInput<'_>,
+    status: &mut QuarantineStatus,
+) -> (Vec<String>, Vec<String>) {
+    let mut replay: Vec<String> = Vec::new();
     let mut why = Vec::new();
     if let Some(token) = input.annotations.get(ANNOTATION_REPLAY_ALL)
         && status.replay_token.as_deref() != Some(token.as_str())
@@ -136,9 +148,7 @@ pub fn decide(input: &QuarantineInput<'_>) -> QuarantineDecision {
         status.replay_ticket_token = Some(id.clone());
         why.push(format!("annotation {ANNOTATION_REPLAY_TICKET}={id}"));
     }
-    // A new image that has completed a ticket gets another go at the tickets that
-    // crashed only the old ones.
-    if input.replay_on_image_change && input.diagnosis.verdict == verdict::HEALTHY {
+    if input.replay_on_image_change && input.diagnosis.verdict == Verdict::Healthy {
         let fresh: Vec<String> = status
             .tickets
             .iter()
@@ -152,39 +162,37 @@ pub fn decide(input: &QuarantineInput<'_>) -> QuarantineDecision {
             replay.extend(fresh);
         }
     }
-    if !replay.is_empty() {
-        status.tickets.retain(|t| !replay.contains(&t.id));
-        status.replayed.retain(|r| !replay.contains(&r.id));
-        status
-            .replayed
-            .extend(replay.iter().map(|id| ReplayedTicket {
-                id: id.clone(),
-                at: Time(input.now),
-            }));
-        let excess = status.replayed.len().saturating_sub(MAX_QUARANTINED);
-        status.replayed.drain(..excess);
-        events.push(PlannedEvent {
-            warning: false,
-            reason: "TicketsReplayed",
-            action: "Replay",
-            note: format!(
-                "Returning {} ticket(s) from queue {} to the work queue ({}): {}",
-                replay.len(),
-                input.queue,
-                why.join(", "),
-                replay.join(", ")
-            ),
-        });
-    }
+    (replay, why)
+}
 
-    let excess = status.tickets.len().saturating_sub(MAX_QUARANTINED);
-    status.tickets.drain(..excess);
-    status.count = status.tickets.len() as i32;
-    QuarantineDecision {
-        status,
-        replay,
-        events,
-    }
+/// Takes the replayed tickets off the list; their crashes so far are forgiven.
+fn give_back(
+    input: &QuarantineInput<'_>,
+    status: &mut QuarantineStatus,
+    replay: &[String],
+    why: &[String],
+) -> PlannedEvent {
+    status.tickets.retain(|t| !replay.contains(&t.id));
+    status.replayed.retain(|r| !replay.contains(&r.id));
+    status
+        .replayed
+        .extend(replay.iter().map(|id| ReplayedTicket {
+            id: id.clone(),
+            at: Time(input.now),
+        }));
+    let excess = status.replayed.len().saturating_sub(MAX_QUARANTINED);
+    status.replayed.drain(..excess);
+    PlannedEvent::normal(
+        EventReason::TicketsReplayed,
+        EventAction::Replay,
+        format!(
+            "Returning {} ticket(s) from queue {} to the work queue ({}): {}",
+            replay.len(),
+            input.queue,
+            why.join(", "),
+            replay.join(", ")
+        ),
+    )
 }
 
 /// Pods kept in CrashLoopBackOff by a quarantined ticket: not ready, and their last
@@ -214,6 +222,7 @@ mod tests {
     use super::*;
     use crate::core::crash::InHand;
 
+    use crate::contract::quarantine_example;
     use crate::core::fixtures::t;
 
     fn crash(ticket: &str, image: &str, at: i64) -> CrashStatus {
@@ -231,32 +240,15 @@ mod tests {
             at: Time(Timestamp::from_second(1000).unwrap()),
         };
         let line = list_entry(&t).render();
-        assert_eq!(
-            line,
-            "t-9 1000 crashes=3&pods=unit-a&images=runner%3A1%2Crunner%3A2&last_exit=exit+code+139+%28signal+11%29\n"
-        );
+        assert_eq!(line, quarantine_example::LINE);
         let read = QuarantineEntry::parse(&line).unwrap();
-        assert_eq!(
-            read.evidence_headers(),
-            [
-                ("x-testrunner-crashes".to_string(), "3".to_string()),
-                ("x-testrunner-pods".to_string(), "unit-a".to_string()),
-                (
-                    "x-testrunner-images".to_string(),
-                    "runner:1,runner:2".to_string()
-                ),
-                (
-                    "x-testrunner-last-exit".to_string(),
-                    "exit code 139 (signal 11)".to_string()
-                ),
-            ]
-        );
+        assert_eq!(read.evidence_headers(), quarantine_example::headers());
         assert!(read.diverts(Some(999)));
     }
 
     fn poison(id: &str) -> DiagnosisStatus {
         DiagnosisStatus {
-            verdict: verdict::POISON_TICKET.into(),
+            verdict: Verdict::PoisonTicket,
             ticket: Some(id.into()),
             ..Default::default()
         }
@@ -264,7 +256,7 @@ mod tests {
 
     fn healthy() -> DiagnosisStatus {
         DiagnosisStatus {
-            verdict: verdict::HEALTHY.into(),
+            verdict: Verdict::Healthy,
             ..Default::default()
         }
     }

@@ -11,49 +11,15 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::diagnosis::Completions;
-use super::{PlannedEvent, PodState, PodView};
+use super::{EventAction, EventReason, PlannedEvent, PodState, PodView};
 use crate::contract::WorkerExit;
 use crate::crd::{
-    ANNOTATION_ABORT, ANNOTATION_PROMOTE, CrashStatus, RevisionRecord, RolloutPhase, RolloutStatus,
-    TestRunnerPoolSpec,
+    ANNOTATION_ABORT, ANNOTATION_PROMOTE, CrashStatus, RevisionRecord, RolloutPhase, RolloutReason,
+    RolloutResult, RolloutSpec, RolloutStatus, TestRunnerPoolSpec, Workload,
 };
 
 /// Ended rollouts kept in `status.rollout.history`.
 pub const HISTORY: usize = 10;
-
-/// Why a rollout is in its phase (`status.rollout.reason`).
-pub mod reason {
-    /// The pool's first revision serves directly.
-    pub const FIRST_REVISION: &str = "FirstRevision";
-    /// The canaries run and are being judged.
-    pub const CANARY_RUNNING: &str = "CanaryRunning";
-    /// No canary runs yet: the pool has no work.
-    pub const WAITING_FOR_WORK: &str = "WaitingForWork";
-    /// `spec.paused` holds the rollout.
-    pub const PAUSED: &str = "Paused";
-    /// The broker cannot be reached: nothing to judge the canary by.
-    pub const BROKER_UNREACHABLE: &str = "BrokerUnreachable";
-    /// The canaries completed enough tickets without a crash.
-    pub const CANARY_PASSED: &str = "CanaryPassed";
-    /// No ticket waited; the canaries ran `idlePromoteAfter` without a crash.
-    pub const IDLE_PROMOTED: &str = "IdlePromoted";
-    /// `rollout.canaryWorkers` is 0.
-    pub const NO_CANARY: &str = "NoCanary";
-    /// The `testrunner.dev/promote` annotation.
-    pub const PROMOTED_BY_ANNOTATION: &str = "PromotedByAnnotation";
-    /// The spec went back to the stable revision.
-    pub const REVERTED: &str = "Reverted";
-    /// A newer revision replaced the one rolling out.
-    pub const SUPERSEDED: &str = "Superseded";
-    /// A canary crashed with no ticket in hand.
-    pub const CRASHED_BEFORE_CONSUMING: &str = "CanaryCrashedBeforeConsuming";
-    /// Canaries crashed on two tickets no stable worker crashed on.
-    pub const CRASHED_ON_TICKETS: &str = "CanaryCrashedOnTickets";
-    /// No promotion within `rollout.progressDeadline`.
-    pub const DEADLINE_EXCEEDED: &str = "ProgressDeadlineExceeded";
-    /// The `testrunner.dev/abort` annotation.
-    pub const ABORTED: &str = "AbortedByAnnotation";
-}
 
 /// The rollout's durations, parsed.
 #[derive(Clone, Debug, PartialEq)]
@@ -66,13 +32,27 @@ pub struct RolloutSettings {
     pub progress_deadline: Duration,
 }
 
+impl RolloutSettings {
+    /// Reads `spec.rollout`'s durations.
+    pub fn from_spec(spec: &RolloutSpec) -> Result<Self, super::ConfigProblem> {
+        Ok(Self {
+            min_canary_time: super::duration("spec.rollout.minCanaryTime", &spec.min_canary_time)?,
+            idle_promote_after: super::duration(
+                "spec.rollout.idlePromoteAfter",
+                &spec.idle_promote_after,
+            )?,
+            progress_deadline: super::duration(
+                "spec.rollout.progressDeadline",
+                &spec.progress_deadline,
+            )?,
+        })
+    }
+}
+
+/// The settings of a spec that leaves `rollout` out.
 impl Default for RolloutSettings {
     fn default() -> Self {
-        Self {
-            min_canary_time: Duration::ZERO,
-            idle_promote_after: Duration::from_secs(300),
-            progress_deadline: Duration::from_secs(600),
-        }
+        Self::from_spec(&RolloutSpec::default()).expect("the defaults are valid")
     }
 }
 
@@ -119,40 +99,7 @@ pub struct RolloutDecision {
 
 /// True while the latest rollout has failed and the spec still names its revision.
 pub fn failed(status: &RolloutStatus) -> bool {
-    let failure = matches!(
-        status.reason.as_deref(),
-        Some(
-            reason::CRASHED_BEFORE_CONSUMING
-                | reason::CRASHED_ON_TICKETS
-                | reason::DEADLINE_EXCEEDED
-        )
-    );
-    failure && status.phase != RolloutPhase::Promoted
-}
-
-fn record(revision: &str, image: &str, result: &str, why: &str, now: Timestamp) -> RevisionRecord {
-    RevisionRecord {
-        revision: revision.into(),
-        image: image.into(),
-        result: result.into(),
-        reason: why.into(),
-        at: Time(now),
-    }
-}
-
-fn push_history(st: &mut RolloutStatus, entry: RevisionRecord) {
-    st.history.push(entry);
-    let excess = st.history.len().saturating_sub(HISTORY);
-    st.history.drain(..excess);
-}
-
-fn event(warning: bool, reason: &'static str, action: &'static str, note: String) -> PlannedEvent {
-    PlannedEvent {
-        warning,
-        reason,
-        action,
-        note,
-    }
+    status.reason.is_some_and(RolloutReason::is_failure) && status.phase != RolloutPhase::Promoted
 }
 
 fn since(from: Timestamp, now: Timestamp) -> Duration {
@@ -165,14 +112,25 @@ fn remaining(gate: Duration, ran: Duration) -> Option<Duration> {
     (ran < gate).then(|| (gate - ran).max(Duration::from_millis(10)))
 }
 
+fn in_progress(phase: RolloutPhase) -> bool {
+    matches!(phase, RolloutPhase::Progressing | RolloutPhase::Paused)
+}
+
+/// How a canary ended: as [`super::crash::ending`], but a signal is said alone.
 fn exit_text(c: &CrashStatus) -> String {
     match c.signal {
         Some(sig) => format!("signal {sig}"),
-        None if c.reason.is_empty() || c.reason == "Error" => format!("exit {}", c.exit_code),
-        None => format!("exit {} ({})", c.exit_code, c.reason),
+        None => super::crash::ending(c, "exit"),
     }
 }
 
+/// The annotations asking for a promotion or an abort, each value acted on once.
+struct Asks {
+    promote: bool,
+    abort: bool,
+}
+
+/// The rollout status being decided, and what the decision did on the way.
 struct Outcome<'a> {
     st: RolloutStatus,
     events: Vec<PlannedEvent>,
@@ -184,241 +142,163 @@ struct Outcome<'a> {
 }
 
 impl Outcome<'_> {
-    fn promote(&mut self, why: &'static str, how: String) {
+    /// Ends the rollout of the current target: a history record, the last
+    /// [`HISTORY`] kept.
+    fn end(&mut self, result: RolloutResult, why: RolloutReason) {
         let st = &mut self.st;
-        push_history(
-            st,
-            record(
-                &st.target_revision,
-                &st.target_image,
-                "Promoted",
-                why,
-                self.now,
-            ),
-        );
+        st.history.push(RevisionRecord {
+            revision: st.target_revision.clone(),
+            image: st.target_image.clone(),
+            result,
+            reason: why.to_string(),
+            at: Time(self.now),
+        });
+        let excess = st.history.len().saturating_sub(HISTORY);
+        st.history.drain(..excess);
+    }
+
+    /// Holds a canary where it is: its times start over when it goes on.
+    fn hold(&mut self, why: RolloutReason, message: String) {
+        self.st.reason = Some(why);
+        self.st.canary_since = None;
+        self.st.message = message;
+    }
+
+    fn promote(&mut self, why: RolloutReason, how: String) {
+        self.end(RolloutResult::Promoted, why);
+        let st = &mut self.st;
         st.stable = self.spec.workload();
         st.stable_revision = self.target_revision.clone();
         st.stable_image = self.spec.image.clone();
         st.phase = RolloutPhase::Promoted;
-        st.reason = Some(why.into());
+        st.reason = Some(why);
         st.message = format!(
             "Revision {} (image {}) is promoted: {how}. Its pods replace the older ones one at a time.",
             st.stable_revision, st.stable_image
         );
-        self.events.push(event(
-            false,
-            "RolloutPromoted",
-            "Promote",
+        self.events.push(PlannedEvent::normal(
+            EventReason::RolloutPromoted,
+            EventAction::Promote,
             st.message.clone(),
         ));
     }
 
-    fn roll_back(&mut self, why: &'static str, what: String) {
+    fn roll_back(&mut self, why: RolloutReason, what: String) {
+        self.end(RolloutResult::RolledBack, why);
         let st = &mut self.st;
-        push_history(
-            st,
-            record(
-                &st.target_revision,
-                &st.target_image,
-                "RolledBack",
-                why,
-                self.now,
-            ),
-        );
         st.phase = RolloutPhase::RolledBack;
-        st.reason = Some(why.into());
+        st.reason = Some(why);
         st.message = format!(
             "{what}. Back to stable revision {} (image {}): canary pods are removed and the tickets they held go back to the queue; none is quarantined. Change spec.image to roll out a fix.",
             st.stable_revision, st.stable_image
         );
-        let (reason, warning) = if why == reason::ABORTED {
-            ("RolloutAborted", false)
-        } else {
-            ("RolloutFailed", true)
-        };
+        let note = st.message.clone();
         self.events
-            .push(event(warning, reason, "Rollback", st.message.clone()));
+            .push(if why == RolloutReason::AbortedByAnnotation {
+                PlannedEvent::normal(EventReason::RolloutAborted, EventAction::Rollback, note)
+            } else {
+                PlannedEvent::warning(EventReason::RolloutFailed, EventAction::Rollback, note)
+            });
         self.rolled_back = true;
+    }
+
+    /// A new revision in the spec: the rollout in progress is superseded; the spec
+    /// back on the stable revision reverts, any other starts a rollout.
+    fn retarget(&mut self, target: &Workload) {
+        let new = self.target_revision.clone();
+        if in_progress(self.st.phase) {
+            let note = format!(
+                "The rollout of revision {} (image {}) is superseded by revision {new} (image {})",
+                self.st.target_revision, self.st.target_image, target.image
+            );
+            self.end(RolloutResult::Superseded, RolloutReason::Superseded);
+            self.events.push(PlannedEvent::normal(
+                EventReason::RolloutSuperseded,
+                EventAction::Rollout,
+                note,
+            ));
+        }
+        let st = &mut self.st;
+        st.target_revision = new.clone();
+        st.target_image = target.image.clone();
+        st.canary_since = None;
+        st.canary_tickets_ok = 0;
+        st.canary_crashes = 0;
+        st.canary_tickets.clear();
+        if new == st.stable_revision {
+            st.phase = RolloutPhase::Promoted;
+            st.reason = Some(RolloutReason::Reverted);
+            st.started_at = None;
+            st.message = format!(
+                "The spec is back on stable revision {} (image {}); pods of other revisions are removed.",
+                st.stable_revision, st.stable_image
+            );
+            let note = st.message.clone();
+            self.events.push(PlannedEvent::normal(
+                EventReason::RolloutReverted,
+                EventAction::Rollout,
+                note,
+            ));
+        } else {
+            st.phase = RolloutPhase::Progressing;
+            st.reason = Some(RolloutReason::WaitingForWork);
+            st.started_at = Some(Time(self.now));
+            st.message = String::new();
+            let rollout = &self.spec.rollout;
+            let note = format!(
+                "Rolling out revision {new} (image {}): {} canary pod(s) next to stable revision {} (image {}), promoted after {} tickets",
+                target.image,
+                rollout.canary_workers.max(0),
+                st.stable_revision,
+                st.stable_image,
+                rollout.promote_after_tickets.max(0)
+            );
+            self.events.push(PlannedEvent::normal(
+                EventReason::RolloutStarted,
+                EventAction::Rollout,
+                note,
+            ));
+        }
     }
 }
 
-/// Decides the rollout step.
+/// Decides the rollout step: a new pool's first revision serves at once; a new
+/// revision in the spec starts (or supersedes, or reverts) a rollout; a rollout in
+/// progress is steered by the annotations, the spec and its canary's evidence.
 pub fn decide(input: &RolloutInput<'_>) -> RolloutDecision {
-    let spec = input.spec;
-    let now = input.now;
-    let target = spec.workload();
-    let target_revision = super::revision(spec);
+    let Some(previous) = input.previous else {
+        return first_revision(input);
+    };
     let promote_ask = input.annotations.get(ANNOTATION_PROMOTE);
     let abort_ask = input.annotations.get(ANNOTATION_ABORT);
-
-    let Some(previous) = input.previous else {
-        // A new pool: its first revision has nothing to be compared with.
-        let st = RolloutStatus {
-            phase: RolloutPhase::Promoted,
-            reason: Some(reason::FIRST_REVISION.into()),
-            message: format!(
-                "Revision {target_revision} (image {}) is the pool's first: it serves directly, and crash diagnosis protects it.",
-                target.image
-            ),
-            stable_revision: target_revision.clone(),
-            stable_image: target.image.clone(),
-            target_revision: target_revision.clone(),
-            target_image: target.image.clone(),
-            started_at: None,
-            canary_since: None,
-            canary_tickets_ok: 0,
-            canary_crashes: 0,
-            canary_tickets: Vec::new(),
-            history: vec![record(
-                &target_revision,
-                &target.image,
-                "Promoted",
-                reason::FIRST_REVISION,
-                now,
-            )],
-            stable: target,
-            promote_token: promote_ask.cloned(),
-            abort_token: abort_ask.cloned(),
-        };
-        return RolloutDecision {
-            status: st,
-            canary: None,
-            events: Vec::new(),
-            rolled_back: false,
-            wake_after: None,
-        };
+    let asks = Asks {
+        promote: promote_ask.is_some_and(|v| Some(v) != previous.promote_token.as_ref()),
+        abort: abort_ask.is_some_and(|v| Some(v) != previous.abort_token.as_ref()),
     };
-
     let mut out = Outcome {
         st: previous.clone(),
         events: Vec::new(),
         rolled_back: false,
         wake_after: None,
-        spec,
-        target_revision: target_revision.clone(),
-        now,
+        spec: input.spec,
+        target_revision: super::revision(input.spec),
+        now: input.now,
     };
-    let promote_asked = promote_ask.is_some_and(|v| Some(v) != previous.promote_token.as_ref());
-    let abort_asked = abort_ask.is_some_and(|v| Some(v) != previous.abort_token.as_ref());
     if let Some(v) = promote_ask {
         out.st.promote_token = Some(v.clone());
     }
     if let Some(v) = abort_ask {
         out.st.abort_token = Some(v.clone());
     }
-    let in_progress =
-        |p: RolloutPhase| matches!(p, RolloutPhase::Progressing | RolloutPhase::Paused);
 
-    // A new revision in the spec.
-    if target_revision != out.st.target_revision {
-        let st = &mut out.st;
-        if in_progress(st.phase) {
-            push_history(
-                st,
-                record(
-                    &st.target_revision,
-                    &st.target_image,
-                    "Superseded",
-                    reason::SUPERSEDED,
-                    now,
-                ),
-            );
-            out.events.push(event(
-                false,
-                "RolloutSuperseded",
-                "Rollout",
-                format!(
-                    "The rollout of revision {} (image {}) is superseded by revision {target_revision} (image {})",
-                    st.target_revision, st.target_image, target.image
-                ),
-            ));
-        }
-        st.target_revision = target_revision.clone();
-        st.target_image = target.image.clone();
-        st.canary_since = None;
-        st.canary_tickets_ok = 0;
-        st.canary_crashes = 0;
-        st.canary_tickets.clear();
-        if target_revision == st.stable_revision {
-            st.phase = RolloutPhase::Promoted;
-            st.reason = Some(reason::REVERTED.into());
-            st.started_at = None;
-            st.message = format!(
-                "The spec is back on stable revision {} (image {}); pods of other revisions are removed.",
-                st.stable_revision, st.stable_image
-            );
-            out.events.push(event(
-                false,
-                "RolloutReverted",
-                "Rollout",
-                st.message.clone(),
-            ));
-        } else {
-            st.phase = RolloutPhase::Progressing;
-            st.reason = Some(reason::WAITING_FOR_WORK.into());
-            st.started_at = Some(Time(now));
-            st.message = String::new();
-            out.events.push(event(
-                false,
-                "RolloutStarted",
-                "Rollout",
-                format!(
-                    "Rolling out revision {target_revision} (image {}): {} canary pod(s) next to stable revision {} (image {}), promoted after {} tickets",
-                    target.image,
-                    spec.rollout.canary_workers.max(0),
-                    st.stable_revision,
-                    st.stable_image,
-                    spec.rollout.promote_after_tickets.max(0)
-                ),
-            ));
-        }
+    if out.target_revision != out.st.target_revision {
+        out.retarget(&input.spec.workload());
     }
-
     if in_progress(out.st.phase) {
-        out.st.phase = if spec.paused {
-            RolloutPhase::Paused
-        } else {
-            RolloutPhase::Progressing
-        };
-        if abort_asked {
-            out.roll_back(
-                reason::ABORTED,
-                format!(
-                    "The rollout of revision {} was aborted (annotation {ANNOTATION_ABORT})",
-                    out.st.target_revision
-                ),
-            );
-        } else if promote_asked {
-            out.promote(
-                reason::PROMOTED_BY_ANNOTATION,
-                format!("annotation {ANNOTATION_PROMOTE} skipped the canary's gates"),
-            );
-        } else if spec.rollout.canary_workers <= 0 {
-            out.promote(
-                reason::NO_CANARY,
-                "rollout.canaryWorkers is 0, so no canary judges it".into(),
-            );
-        } else if spec.paused {
-            out.st.reason = Some(reason::PAUSED.into());
-            out.st.canary_since = None;
-            out.st.message = format!(
-                "spec.paused holds the rollout of revision {}; the canary's times start again when it resumes.",
-                out.st.target_revision
-            );
-        } else if input.broker_unreachable {
-            // No ticket moves: an outage must not fail (or promote) the canary.
-            out.st.reason = Some(reason::BROKER_UNREACHABLE.into());
-            out.st.canary_since = None;
-            out.st.message = format!(
-                "The broker cannot be reached: the canary of revision {} is judged again when it answers, its times starting over.",
-                out.st.target_revision
-            );
-        } else {
-            judge(input, &mut out);
-        }
-    } else if out.st.phase == RolloutPhase::RolledBack && promote_asked {
+        steer(input, &mut out, &asks);
+    } else if out.st.phase == RolloutPhase::RolledBack && asks.promote {
         out.promote(
-            reason::PROMOTED_BY_ANNOTATION,
+            RolloutReason::PromotedByAnnotation,
             format!("annotation {ANNOTATION_PROMOTE} overrode the rollback"),
         );
     }
@@ -426,7 +306,7 @@ pub fn decide(input: &RolloutInput<'_>) -> RolloutDecision {
     let canary = in_progress(out.st.phase).then(|| {
         (
             out.st.target_revision.clone(),
-            spec.rollout.canary_workers.max(0) as u32,
+            input.spec.rollout.canary_workers.max(0) as u32,
         )
     });
     RolloutDecision {
@@ -438,76 +318,216 @@ pub fn decide(input: &RolloutInput<'_>) -> RolloutDecision {
     }
 }
 
+/// A new pool: its first revision has nothing to be compared with.
+fn first_revision(input: &RolloutInput<'_>) -> RolloutDecision {
+    let target = input.spec.workload();
+    let revision = super::revision(input.spec);
+    let why = RolloutReason::FirstRevision;
+    let status = RolloutStatus {
+        phase: RolloutPhase::Promoted,
+        reason: Some(why),
+        message: format!(
+            "Revision {revision} (image {}) is the pool's first: it serves directly, and crash diagnosis protects it.",
+            target.image
+        ),
+        stable_revision: revision.clone(),
+        stable_image: target.image.clone(),
+        target_revision: revision.clone(),
+        target_image: target.image.clone(),
+        started_at: None,
+        canary_since: None,
+        canary_tickets_ok: 0,
+        canary_crashes: 0,
+        canary_tickets: Vec::new(),
+        history: vec![RevisionRecord {
+            revision,
+            image: target.image.clone(),
+            result: RolloutResult::Promoted,
+            reason: why.to_string(),
+            at: Time(input.now),
+        }],
+        stable: target,
+        promote_token: input.annotations.get(ANNOTATION_PROMOTE).cloned(),
+        abort_token: input.annotations.get(ANNOTATION_ABORT).cloned(),
+    };
+    RolloutDecision {
+        status,
+        canary: None,
+        events: Vec::new(),
+        rolled_back: false,
+        wake_after: None,
+    }
+}
+
+/// A rollout in progress: an abort or a promotion asked for, no canary, a pause, a
+/// broker outage (no ticket moves: an outage must not fail or promote the canary),
+/// or else the canary is judged.
+fn steer(input: &RolloutInput<'_>, out: &mut Outcome<'_>, asks: &Asks) {
+    let spec = input.spec;
+    out.st.phase = if spec.paused {
+        RolloutPhase::Paused
+    } else {
+        RolloutPhase::Progressing
+    };
+    let target = out.st.target_revision.clone();
+    if asks.abort {
+        out.roll_back(
+            RolloutReason::AbortedByAnnotation,
+            format!("The rollout of revision {target} was aborted (annotation {ANNOTATION_ABORT})"),
+        );
+    } else if asks.promote {
+        out.promote(
+            RolloutReason::PromotedByAnnotation,
+            format!("annotation {ANNOTATION_PROMOTE} skipped the canary's gates"),
+        );
+    } else if spec.rollout.canary_workers <= 0 {
+        out.promote(
+            RolloutReason::NoCanary,
+            "rollout.canaryWorkers is 0, so no canary judges it".into(),
+        );
+    } else if spec.paused {
+        out.hold(
+            RolloutReason::Paused,
+            format!(
+                "spec.paused holds the rollout of revision {target}; the canary's times start again when it resumes."
+            ),
+        );
+    } else if input.broker_unreachable {
+        out.hold(
+            RolloutReason::BrokerUnreachable,
+            format!(
+                "The broker cannot be reached: the canary of revision {target} is judged again when it answers, its times starting over."
+            ),
+        );
+    } else {
+        judge(input, out);
+    }
+}
+
+/// What the canary of `target` did since its rollout started.
+struct Evidence<'a> {
+    /// Its live pods.
+    pods: Vec<&'a PodView>,
+    /// The distinct tickets it completed (the ones counted before included).
+    completed: BTreeSet<&'a str>,
+    /// Its crashes (a lost broker connection is no crash).
+    crashes: Vec<&'a CrashStatus>,
+    /// Its crashes with no ticket in hand, but for a broker the stable workers could
+    /// not reach either.
+    before_consuming: Vec<&'a CrashStatus>,
+    /// The tickets it crashed on that no other revision crashed on, and that are not
+    /// quarantined (those are the ticket's fault).
+    canary_only: BTreeSet<&'a str>,
+}
+
+impl<'a> Evidence<'a> {
+    fn gather(
+        input: &RolloutInput<'a>,
+        target: &str,
+        started: Timestamp,
+        counted: &'a [String],
+    ) -> Self {
+        let pods = input
+            .pods
+            .iter()
+            .filter(|p| p.revision == target)
+            .filter(|p| !matches!(p.state, PodState::Terminating | PodState::Finished))
+            .collect();
+        let mut completed: BTreeSet<&str> = counted.iter().map(String::as_str).collect();
+        completed.extend(input.completions.tickets_since(target, started));
+        let crashes: Vec<&CrashStatus> = input
+            .crashes
+            .iter()
+            .filter(|c| c.revision == target && c.at.0 >= started)
+            .filter(|c| c.exit_code != 0 && c.exit_code != i32::from(WorkerExit::BrokerLost))
+            .collect();
+        let elsewhere = || input.crashes.iter().filter(|c| c.revision != target);
+        let crashed_elsewhere: BTreeSet<&str> =
+            elsewhere().filter_map(|c| c.ticket.as_deref()).collect();
+        let broker_trouble_elsewhere = elsewhere().any(|c| {
+            c.at.0 >= started
+                && matches!(
+                    WorkerExit::from_code(c.exit_code),
+                    Some(WorkerExit::BrokerUnavailable | WorkerExit::BrokerLost)
+                )
+        });
+        let before_consuming = crashes
+            .iter()
+            .copied()
+            .filter(|c| c.ticket.is_none())
+            .filter(|c| {
+                !(broker_trouble_elsewhere
+                    && c.exit_code == i32::from(WorkerExit::BrokerUnavailable))
+            })
+            .collect();
+        let canary_only = crashes
+            .iter()
+            .filter_map(|c| c.ticket.as_deref())
+            .filter(|t| !crashed_elsewhere.contains(t))
+            .filter(|t| !input.quarantined.iter().any(|q| q == t))
+            .collect();
+        Evidence {
+            pods,
+            completed,
+            crashes,
+            before_consuming,
+            canary_only,
+        }
+    }
+}
+
 /// Judges a running canary: fail, promote, or wait.
 fn judge(input: &RolloutInput<'_>, out: &mut Outcome<'_>) {
     let now = input.now;
-    let spec = input.spec;
-    let settings = input.settings;
     let target = out.target_revision.clone();
     let started = out.st.started_at.as_ref().map(|t| t.0).unwrap_or(now);
-
-    let canary_pods: Vec<&PodView> = input
-        .pods
-        .iter()
-        .filter(|p| p.revision == target)
-        .filter(|p| !matches!(p.state, PodState::Terminating | PodState::Finished))
-        .collect();
+    let counted = std::mem::take(&mut out.st.canary_tickets);
+    let evidence = Evidence::gather(input, &target, started, &counted);
     // The canary's clock runs while canary pods exist (Pending ones too: an image
     // that cannot be pulled must miss the deadline).
-    if canary_pods.is_empty() {
+    if evidence.pods.is_empty() {
         out.st.canary_since = None;
     } else if out.st.canary_since.is_none() {
         out.st.canary_since = Some(Time(now));
     }
-
-    let stored = std::mem::take(&mut out.st.canary_tickets);
-    let mut ok: BTreeSet<&str> = stored.iter().map(String::as_str).collect();
-    ok.extend(input.completions.tickets_since(&target, started));
-    let crashes: Vec<&CrashStatus> = input
-        .crashes
+    let needed = input.spec.rollout.promote_after_tickets.max(0) as usize;
+    out.st.canary_tickets_ok = evidence.completed.len().min(i32::MAX as usize) as i32;
+    out.st.canary_crashes = evidence.crashes.len() as i32;
+    out.st.canary_tickets = evidence
+        .completed
         .iter()
-        .filter(|c| c.revision == target && c.at.0 >= started)
-        .filter(|c| c.exit_code != 0 && c.exit_code != i32::from(WorkerExit::BrokerLost))
+        .take(needed)
+        .map(|t| t.to_string())
         .collect();
-    // A ticket that also crashed other revisions is a poison ticket, not the canary's
-    // fault; so is a quarantined one.
-    let crashed_elsewhere: BTreeSet<&str> = input
-        .crashes
-        .iter()
-        .filter(|c| c.revision != target)
-        .filter_map(|c| c.ticket.as_deref())
-        .collect();
-    // A broker the stable workers could not reach either is no fault of the canary's.
-    let broker_trouble_elsewhere = input.crashes.iter().any(|c| {
-        c.revision != target
-            && c.at.0 >= started
-            && matches!(
-                WorkerExit::from_code(c.exit_code),
-                Some(WorkerExit::BrokerUnavailable | WorkerExit::BrokerLost)
-            )
-    });
-    let pre_loop: Vec<&&CrashStatus> = crashes
-        .iter()
-        .filter(|c| c.ticket.is_none())
-        .filter(|c| {
-            !(broker_trouble_elsewhere && c.exit_code == i32::from(WorkerExit::BrokerUnavailable))
-        })
-        .collect();
-    let canary_only: BTreeSet<&str> = crashes
-        .iter()
-        .filter_map(|c| c.ticket.as_deref())
-        .filter(|t| !crashed_elsewhere.contains(t))
-        .filter(|t| !input.quarantined.iter().any(|q| q == t))
-        .collect();
-    let needed = spec.rollout.promote_after_tickets.max(0) as usize;
-    out.st.canary_tickets_ok = ok.len().min(i32::MAX as usize) as i32;
-    out.st.canary_crashes = crashes.len() as i32;
-    out.st.canary_tickets = ok.iter().take(needed).map(|t| t.to_string()).collect();
 
     let ran = out.st.canary_since.as_ref().map(|s| since(s.0, now));
-    let failure = if let Some(c) = pre_loop.last() {
+    if let Some((why, what)) = failure(input, &out.st, &evidence, ran, needed) {
+        fail(out, why, what);
+    } else if let Some(ran) = ran {
+        weigh(input, out, &evidence, ran, needed);
+    } else {
+        out.st.reason = Some(RolloutReason::WaitingForWork);
+        out.st.message = format!(
+            "Revision {target} (image {}) waits for work: its canary starts with the pool's next worker.",
+            out.st.target_image
+        );
+    }
+}
+
+/// Why the canary failed, if it did: a crash before its consume loop, crashes on two
+/// tickets of its own, or its progress deadline.
+fn failure(
+    input: &RolloutInput<'_>,
+    st: &RolloutStatus,
+    evidence: &Evidence<'_>,
+    ran: Option<Duration>,
+    needed: usize,
+) -> Option<(RolloutReason, String)> {
+    let target = &st.target_revision;
+    let deadline = input.settings.progress_deadline;
+    if let Some(c) = evidence.before_consuming.last() {
         Some((
-            reason::CRASHED_BEFORE_CONSUMING,
+            RolloutReason::CanaryCrashedBeforeConsuming,
             format!(
                 "Canary pod {} of revision {target} (image {}) crashed before taking a ticket ({})",
                 c.pod,
@@ -515,106 +535,113 @@ fn judge(input: &RolloutInput<'_>, out: &mut Outcome<'_>) {
                 exit_text(c)
             ),
         ))
-    } else if canary_only.len() >= 2 {
+    } else if evidence.canary_only.len() >= 2 {
         Some((
-            reason::CRASHED_ON_TICKETS,
+            RolloutReason::CanaryCrashedOnTickets,
             format!(
                 "Canary pods of revision {target} (image {}) crashed on {} different tickets no stable worker crashed on ({})",
-                out.st.target_image,
-                canary_only.len(),
-                canary_only.iter().copied().collect::<Vec<_>>().join(", ")
+                st.target_image,
+                evidence.canary_only.len(),
+                evidence
+                    .canary_only
+                    .iter()
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         ))
-    } else if ran.is_some_and(|r| r >= settings.progress_deadline) {
+    } else if ran.is_some_and(|r| r >= deadline) {
         Some((
-            reason::DEADLINE_EXCEEDED,
+            RolloutReason::ProgressDeadlineExceeded,
             format!(
                 "The canary of revision {target} was not promoted within rollout.progressDeadline ({}; {} of {needed} tickets completed, {} crash(es))",
-                humantime::format_duration(settings.progress_deadline),
-                ok.len(),
-                crashes.len()
+                humantime::format_duration(deadline),
+                evidence.completed.len(),
+                evidence.crashes.len()
             ),
         ))
     } else {
         None
-    };
+    }
+}
 
-    if let Some((why, what)) = failure {
-        if spec.rollout.auto_rollback {
-            out.roll_back(why, what);
-        } else {
-            if out.st.reason.as_deref() != Some(why) {
-                out.events.push(event(
-                    true,
-                    "RolloutFailed",
-                    "Rollout",
-                    format!(
-                        "{what}; rollout.autoRollback is false, so the canary stays: annotate {ANNOTATION_ABORT} or {ANNOTATION_PROMOTE}"
-                    ),
-                ));
-            }
-            out.st.reason = Some(why.into());
-            out.st.message = format!(
-                "{what}. rollout.autoRollback is false: the canary stays until annotation {ANNOTATION_ABORT} or {ANNOTATION_PROMOTE}."
-            );
-        }
+/// A failed canary is rolled back; with `autoRollback` off it stays, and the failure
+/// is reported once.
+fn fail(out: &mut Outcome<'_>, why: RolloutReason, what: String) {
+    if out.spec.rollout.auto_rollback {
+        out.roll_back(why, what);
         return;
     }
-
-    let Some(ran) = ran else {
-        out.st.reason = Some(reason::WAITING_FOR_WORK.into());
-        out.st.message = format!(
-            "Revision {target} (image {}) waits for work: its canary starts with the pool's next worker.",
-            out.st.target_image
-        );
-        return;
-    };
-    let clean = canary_only.is_empty();
-    let min_time_done = ran >= settings.min_canary_time;
-    let all_ready = canary_pods.iter().all(|p| p.state == PodState::Ready);
-    if clean && min_time_done && ok.len() >= needed {
-        out.promote(
-            reason::CANARY_PASSED,
+    if out.st.reason != Some(why) {
+        out.events.push(PlannedEvent::warning(
+            EventReason::RolloutFailed,
+            EventAction::Rollout,
             format!(
-                "its canary completed {} tickets without a crash in {}",
-                ok.len(),
-                humantime::format_duration(Duration::from_secs(ran.as_secs()))
+                "{what}; rollout.autoRollback is false, so the canary stays: annotate {ANNOTATION_ABORT} or {ANNOTATION_PROMOTE}"
+            ),
+        ));
+    }
+    out.st.reason = Some(why);
+    out.st.message = format!(
+        "{what}. rollout.autoRollback is false: the canary stays until annotation {ANNOTATION_ABORT} or {ANNOTATION_PROMOTE}."
+    );
+}
+
+/// A canary that has not failed, running for `ran`: promoted once it completed its
+/// tickets (or, with none waiting, ran quietly for `idlePromoteAfter`), after its
+/// minimum time; else it runs on until the next gate opens.
+fn weigh(
+    input: &RolloutInput<'_>,
+    out: &mut Outcome<'_>,
+    evidence: &Evidence<'_>,
+    ran: Duration,
+    needed: usize,
+) {
+    let settings = input.settings;
+    let done = evidence.completed.len();
+    let ran_text = || humantime::format_duration(Duration::from_secs(ran.as_secs()));
+    let clean = evidence.canary_only.is_empty();
+    let min_time_done = ran >= settings.min_canary_time;
+    let all_ready = evidence.pods.iter().all(|p| p.state == PodState::Ready);
+    if clean && min_time_done && done >= needed {
+        out.promote(
+            RolloutReason::CanaryPassed,
+            format!(
+                "its canary completed {done} tickets without a crash in {}",
+                ran_text()
             ),
         );
-        return;
-    }
-    if clean
+    } else if clean
         && min_time_done
         && all_ready
         && input.queue_ready == Some(0)
         && ran >= settings.idle_promote_after
     {
         out.promote(
-            reason::IDLE_PROMOTED,
+            RolloutReason::IdlePromoted,
             format!(
-                "no ticket waited, and its canary ran {} without a crash ({} tickets completed)",
-                humantime::format_duration(Duration::from_secs(ran.as_secs())),
-                ok.len()
+                "no ticket waited, and its canary ran {} without a crash ({done} tickets completed)",
+                ran_text()
             ),
         );
-        return;
+    } else {
+        out.st.reason = Some(RolloutReason::CanaryRunning);
+        out.st.message = format!(
+            "Canary of revision {} (image {}): {done} of {needed} tickets completed, {} crash(es); the stable revision {} serves the rest.",
+            out.st.target_revision,
+            out.st.target_image,
+            evidence.crashes.len(),
+            out.st.stable_revision
+        );
+        out.wake_after = [
+            remaining(settings.progress_deadline, ran),
+            remaining(settings.min_canary_time, ran),
+            remaining(settings.idle_promote_after, ran),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
     }
-    out.st.reason = Some(reason::CANARY_RUNNING.into());
-    out.st.message = format!(
-        "Canary of revision {target} (image {}): {} of {needed} tickets completed, {} crash(es); the stable revision {} serves the rest.",
-        out.st.target_image,
-        ok.len(),
-        crashes.len(),
-        out.st.stable_revision
-    );
-    out.wake_after = [
-        remaining(settings.progress_deadline, ran),
-        remaining(settings.min_canary_time, ran),
-        remaining(settings.idle_promote_after, ran),
-    ]
-    .into_iter()
-    .flatten()
-    .min();
 }
 
 #[cfg(test)]

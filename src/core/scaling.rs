@@ -106,6 +106,53 @@ fn removal_order(pods: &mut [&PodView], revision: &str) {
     });
 }
 
+/// The pool's live pods, as the decision sorts them.
+struct Live<'a> {
+    /// Live pods (not terminating, not finished, not leaving).
+    count: i32,
+    /// Ready ones.
+    ready: i32,
+    /// Busy ones.
+    busy: i32,
+    /// The canaries among them.
+    canaries: Vec<&'a PodView>,
+    /// The others: the pods that serve.
+    main: Vec<&'a PodView>,
+}
+
+impl<'a> Live<'a> {
+    fn sort(input: &ScalingInput<'a>) -> Self {
+        let live: Vec<&PodView> = input
+            .pods
+            .iter()
+            .filter(|p| !matches!(p.state, PodState::Terminating | PodState::Finished))
+            .filter(|p| !input.leaving.contains(&p.name))
+            .collect();
+        let is_canary = |p: &PodView| input.canary.is_some_and(|(rev, _)| p.revision == rev);
+        let (canaries, main) = live.iter().copied().partition(|p| is_canary(p));
+        Live {
+            count: live.len() as i32,
+            ready: live.iter().filter(|p| p.state == PodState::Ready).count() as i32,
+            busy: live.iter().filter(|p| p.busy()).count() as i32,
+            canaries,
+            main,
+        }
+    }
+}
+
+/// Pods whose removal cannot interrupt a ticket; a discarded revision goes anyway.
+fn removable(input: &ScalingInput<'_>, p: &PodView) -> bool {
+    p.removable() || input.discard == Some(p.revision.as_str())
+}
+
+/// Canary pods wanted while `serving` pods serve: none for a pool without workers.
+fn canary_for(input: &ScalingInput<'_>, serving: i32) -> i32 {
+    match input.canary {
+        Some((_, n)) if serving > 0 => n as i32,
+        _ => 0,
+    }
+}
+
 /// Decides the pods to create and delete.
 ///
 /// Canary pods run on top of the desired workers. The other pods serve the stable
@@ -115,158 +162,192 @@ fn removal_order(pods: &mut [&PodView], revision: &str) {
 /// it is ready.
 pub fn decide(input: &ScalingInput<'_>) -> Decision {
     let spec = input.spec;
-    let live: Vec<&PodView> = input
-        .pods
-        .iter()
-        .filter(|p| !matches!(p.state, PodState::Terminating | PodState::Finished))
-        .filter(|p| !input.leaving.contains(&p.name))
-        .collect();
-    let current = live.len() as i32;
-    let ready = live.iter().filter(|p| p.state == PodState::Ready).count() as i32;
-    let busy = live.iter().filter(|p| p.busy()).count() as i32;
-    // Pods whose removal cannot interrupt a ticket; a discarded revision goes anyway.
-    let removable = |p: &PodView| p.removable() || input.discard == Some(p.revision.as_str());
-    let finished: Vec<String> = input
-        .pods
-        .iter()
-        .filter(|p| p.state == PodState::Finished)
-        .map(|p| p.name.clone())
-        .collect();
-    let is_canary = |p: &PodView| input.canary.is_some_and(|(rev, _)| p.revision == rev);
-    let canaries: Vec<&PodView> = live.iter().copied().filter(|p| is_canary(p)).collect();
-    let main: Vec<&PodView> = live.iter().copied().filter(|p| !is_canary(p)).collect();
-    let main_current = main.len() as i32;
-
+    let live = Live::sort(input);
+    let main_current = live.main.len() as i32;
     let (wanted, queue_ready) = match input.broker {
         BrokerView::Depth {
             ready, consumers, ..
         } => (
-            desired_workers(spec, *ready, *consumers, busy as u64),
+            desired_workers(spec, *ready, *consumers, live.busy as u64),
             *ready,
         ),
         // Without numbers, hold what runs: never scale to zero on an error.
         _ => (clamp(spec, main_current), 0),
     };
     let wanted = input.cap.map_or(wanted, |cap| wanted.min(cap));
-
     let mut decision = Decision {
         desired: wanted,
-        current,
-        ready,
-        busy,
+        current: live.count,
+        ready: live.ready,
+        busy: live.busy,
         queue_ready,
         create: 0,
         create_canary: 0,
         replacing: false,
-        delete: finished,
+        delete: input
+            .pods
+            .iter()
+            .filter(|p| p.state == PodState::Finished)
+            .map(|p| p.name.clone())
+            .collect(),
         scaled_down: 0,
         surplus_since: None,
         scale_down_wait: None,
     };
-    let canary_for = |serving: i32| match input.canary {
-        Some((_, n)) if serving > 0 => n as i32,
-        _ => 0,
-    };
     if spec.paused || !input.config_ok {
-        decision.desired = wanted + canary_for(wanted.max(main_current));
+        decision.desired = wanted + canary_for(input, wanted.max(main_current));
         return decision;
     }
+    let serving = serve(input, &live.main, wanted, &mut decision);
+    decision.desired = wanted + canaries(input, &live.canaries, wanted, serving, &mut decision);
+    decision
+}
 
+/// The serving pods: the missing ones are created, pods of other revisions replaced,
+/// and a surplus removed once the scale-down delay has passed. Returns how many will
+/// serve.
+fn serve(input: &ScalingInput<'_>, main: &[&PodView], wanted: i32, decision: &mut Decision) -> i32 {
+    let current = main.len() as i32;
     let fresh: Vec<&PodView> = main
         .iter()
         .copied()
         .filter(|p| p.revision == input.revision)
         .collect();
     let fresh_ready = fresh.iter().filter(|p| p.state == PodState::Ready).count() as i32;
-    let fresh_all_ready = fresh_ready == fresh.len() as i32;
     let mut outdated: Vec<&PodView> = main
         .iter()
         .copied()
         .filter(|p| p.revision != input.revision)
         .collect();
     removal_order(&mut outdated, input.revision);
-    let outdated_ready = outdated
-        .iter()
-        .filter(|p| p.state == PodState::Ready)
-        .count() as i32;
-    let mut main_after = main_current;
-
-    if main_current < wanted {
-        decision.create = (wanted - main_current) as u32;
-        main_after = wanted;
-    } else if !outdated.is_empty() && main_current > wanted {
-        // Surplus old pods go now: not-ready ones freely, ready ones while the ready
-        // pods left still cover what the queue needs.
-        let surplus = (main_current - wanted) as usize;
-        let spare_ready = (fresh_ready + outdated_ready - wanted).max(0) as usize;
-        let mut ready_taken = 0;
-        let mut gone = 0;
-        for p in &outdated {
-            if gone == surplus {
-                break;
-            }
-            if !removable(p) {
-                // Replaced once its ticket is done.
-                continue;
-            }
-            if p.state == PodState::Ready {
-                if ready_taken == spare_ready {
-                    continue;
-                }
-                ready_taken += 1;
-            }
-            decision.delete.push(p.name.clone());
-            gone += 1;
-        }
-        main_after -= gone as i32;
-    } else if !outdated.is_empty() && main_current == wanted && fresh_all_ready && wanted > 0 {
+    if current < wanted {
+        decision.create = (wanted - current) as u32;
+        wanted
+    } else if !outdated.is_empty() && current > wanted {
+        current
+            - drain_outdated(
+                input,
+                &outdated,
+                current - wanted,
+                wanted,
+                fresh_ready,
+                decision,
+            )
+    } else if !outdated.is_empty()
+        && current == wanted
+        && fresh_ready == fresh.len() as i32
+        && wanted > 0
+    {
         // A replaced revision: one extra pod of the serving revision; once it is
         // ready, the surplus rule above drains one old pod.
         decision.create = 1;
         decision.replacing = true;
-        main_after += 1;
-    } else if main_current > wanted {
-        let since = input.surplus_since.unwrap_or(input.now);
-        let waited = input.now.duration_since(since);
-        let delay = jiff::SignedDuration::try_from(input.scale_down_delay)
-            .unwrap_or(jiff::SignedDuration::MAX);
-        if waited >= delay {
-            // Only pods that hold no ticket go; busy ones stay until they are done,
-            // and the surplus timer stays set so that they go as soon as they are.
-            let mut candidates: Vec<&PodView> =
-                main.iter().copied().filter(|p| removable(p)).collect();
-            removal_order(&mut candidates, input.revision);
-            let surplus = (main_current - wanted) as usize;
-            let gone = surplus.min(candidates.len());
-            decision
-                .delete
-                .extend(candidates.iter().take(gone).map(|p| p.name.clone()));
-            decision.scaled_down = gone as u32;
-            main_after -= gone as i32;
-            if gone < surplus {
-                decision.surplus_since = Some(since);
-            }
-        } else {
-            decision.surplus_since = Some(since);
-            decision.scale_down_wait = Some(
-                (delay - waited)
-                    .try_into()
-                    .unwrap_or(Duration::from_secs(1))
-                    .max(Duration::from_millis(10)),
-            );
-        }
+        current + 1
+    } else if current > wanted {
+        current - scale_down(input, main, (current - wanted) as usize, decision)
+    } else {
+        current
     }
+}
 
-    // Canaries run while the pool has work or workers, within the surge bound:
-    // at most maxWorkers + canaryWorkers + 1 pods (pods left over from an earlier
-    // rollout can take some of that room for a while).
-    let bound = spec.scaling.max_workers.max(0) + 1 + canary_for(1);
-    let canary_wanted = canary_for(wanted.max(main_after)).min((bound - main_after).max(0));
+/// Surplus old pods go now: not-ready ones freely, ready ones while the ready pods
+/// left still cover what the queue needs; busy ones are replaced once their ticket is
+/// done. Returns how many go.
+fn drain_outdated(
+    input: &ScalingInput<'_>,
+    outdated: &[&PodView],
+    surplus: i32,
+    wanted: i32,
+    fresh_ready: i32,
+    decision: &mut Decision,
+) -> i32 {
+    let outdated_ready = outdated
+        .iter()
+        .filter(|p| p.state == PodState::Ready)
+        .count() as i32;
+    let spare_ready = (fresh_ready + outdated_ready - wanted).max(0);
+    let (mut ready_taken, mut gone) = (0, 0);
+    for p in outdated {
+        if gone == surplus {
+            break;
+        }
+        if !removable(input, p) {
+            continue;
+        }
+        if p.state == PodState::Ready {
+            if ready_taken == spare_ready {
+                continue;
+            }
+            ready_taken += 1;
+        }
+        decision.delete.push(p.name.clone());
+        gone += 1;
+    }
+    gone
+}
+
+/// A surplus of `surplus` serving pods goes once it has lasted the scale-down delay;
+/// until then the timer runs. Only pods that hold no ticket go; busy ones stay until
+/// they are done, and the timer stays set so that they go as soon as they are.
+/// Returns how many go.
+fn scale_down(
+    input: &ScalingInput<'_>,
+    main: &[&PodView],
+    surplus: usize,
+    decision: &mut Decision,
+) -> i32 {
+    let since = input.surplus_since.unwrap_or(input.now);
+    let waited = input.now.duration_since(since);
+    let delay =
+        jiff::SignedDuration::try_from(input.scale_down_delay).unwrap_or(jiff::SignedDuration::MAX);
+    if waited < delay {
+        decision.surplus_since = Some(since);
+        decision.scale_down_wait = Some(
+            (delay - waited)
+                .try_into()
+                .unwrap_or(Duration::from_secs(1))
+                .max(Duration::from_millis(10)),
+        );
+        return 0;
+    }
+    let mut candidates: Vec<&PodView> = main
+        .iter()
+        .copied()
+        .filter(|p| removable(input, p))
+        .collect();
+    removal_order(&mut candidates, input.revision);
+    let gone = surplus.min(candidates.len());
+    decision
+        .delete
+        .extend(candidates.iter().take(gone).map(|p| p.name.clone()));
+    decision.scaled_down = gone as u32;
+    if gone < surplus {
+        decision.surplus_since = Some(since);
+    }
+    gone as i32
+}
+
+/// Canaries run while the pool has work or workers, within the surge bound: at most
+/// maxWorkers + canaryWorkers + 1 pods (pods left over from an earlier rollout can
+/// take some of that room for a while). Returns how many canaries are wanted.
+fn canaries(
+    input: &ScalingInput<'_>,
+    canaries: &[&PodView],
+    wanted: i32,
+    serving: i32,
+    decision: &mut Decision,
+) -> i32 {
+    let bound = input.spec.scaling.max_workers.max(0) + 1 + canary_for(input, 1);
+    let canary_wanted = canary_for(input, wanted.max(serving)).min((bound - serving).max(0));
     let have = canaries.len() as i32;
     if have < canary_wanted {
         decision.create_canary = (canary_wanted - have) as u32;
     } else if have > canary_wanted {
-        let mut order: Vec<&PodView> = canaries.iter().copied().filter(|p| removable(p)).collect();
+        let mut order: Vec<&PodView> = canaries
+            .iter()
+            .copied()
+            .filter(|p| removable(input, p))
+            .collect();
         removal_order(&mut order, "");
         decision.delete.extend(
             order
@@ -275,6 +356,5 @@ pub fn decide(input: &ScalingInput<'_>) -> Decision {
                 .map(|p| p.name.clone()),
         );
     }
-    decision.desired = wanted + canary_wanted;
-    decision
+    canary_wanted
 }

@@ -4,7 +4,7 @@ use proptest::prelude::*;
 
 use super::fixtures::{depth, pod, pool, pool_yaml, t};
 use super::*;
-use crate::crd::{Phase, WorkersStatus};
+use crate::crd::{Phase, TestRunnerPool, WorkersStatus};
 
 fn rev() -> String {
     revision(&pool().spec)
@@ -15,7 +15,7 @@ fn with_status(mut p: TestRunnerPool, status: TestRunnerPoolStatus) -> TestRunne
     p
 }
 
-fn condition<'a>(plan: &'a Plan, type_: &str) -> &'a crate::crd::Condition {
+fn condition(plan: &Plan, type_: ConditionType) -> &crate::crd::Condition {
     plan.status
         .conditions
         .iter()
@@ -128,7 +128,7 @@ fn an_unreachable_broker_holds_the_current_workers() {
     assert_eq!((plan.created(), plan.delete.len()), (0, 0));
     assert_eq!(plan.status.workers.as_ref().unwrap().desired, 2);
     assert_eq!(plan.status.phase, Some(Phase::Degraded));
-    let c = condition(&plan, CONDITION_BROKER_REACHABLE);
+    let c = condition(&plan, ConditionType::BrokerReachable);
     assert_eq!(
         (c.status.as_str(), c.reason.as_str()),
         ("False", "ConnectionFailed")
@@ -177,7 +177,7 @@ fn paused_pools_neither_create_nor_delete() {
     assert_eq!(plan.created(), 0);
     assert_eq!(plan.delete, vec!["x"], "finished pods are still cleaned up");
     assert_eq!(plan.status.phase, Some(Phase::Paused));
-    assert_eq!(condition(&plan, CONDITION_READY).reason, "Paused");
+    assert_eq!(condition(&plan, ConditionType::Ready).reason, "Paused");
 }
 
 #[test]
@@ -188,7 +188,7 @@ fn spec_problems_are_reported_once_and_stop_scaling() {
     });
     let first = plan(&pool(), &observed, t(0));
     assert_eq!(first.created(), 0);
-    let c = condition(&first, CONDITION_DEGRADED);
+    let c = condition(&first, ConditionType::Degraded);
     assert_eq!(
         (c.status.as_str(), c.reason.as_str()),
         ("True", "SecretNotFound")
@@ -213,7 +213,7 @@ fn wrapped_mode_without_a_command_is_a_spec_problem() {
     let plan = plan(&p, &depth(1, 0, vec![]), t(0));
     assert_eq!(plan.created(), 0);
     assert!(
-        condition(&plan, CONDITION_DEGRADED)
+        condition(&plan, ConditionType::Degraded)
             .message
             .contains("spec.command")
     );
@@ -243,7 +243,10 @@ fn a_missing_queue_holds_workers_and_warns() {
     };
     let plan = plan(&pool(), &observed, t(0));
     assert_eq!((plan.created(), plan.delete.len()), (0, 0));
-    assert_eq!(condition(&plan, CONDITION_DEGRADED).reason, "QueueNotFound");
+    assert_eq!(
+        condition(&plan, ConditionType::Degraded).reason,
+        "QueueNotFound"
+    );
     assert!(plan.events.iter().any(|e| e.reason == "QueueNotFound"));
 }
 
@@ -257,7 +260,7 @@ fn steady_state_is_ready_and_writes_no_status() {
     p.spec.scaling.min_workers = 2;
     let first = plan(&p, &depth(0, 2, pods.clone()), t(0));
     assert_eq!(first.status.phase, Some(Phase::Running));
-    assert_eq!(condition(&first, CONDITION_READY).status, "True");
+    assert_eq!(condition(&first, ConditionType::Ready).status, "True");
     assert!(status_changed(None, &first.status));
     let p = with_status(p, first.status.clone());
     // A later probe with the same numbers: only timestamps differ.
@@ -270,8 +273,8 @@ fn steady_state_is_ready_and_writes_no_status() {
     let second = plan(&p, &observed, t(30));
     assert!(!status_changed(Some(&first.status), &second.status));
     assert_eq!(
-        condition(&second, CONDITION_READY).last_transition_time,
-        condition(&first, CONDITION_READY).last_transition_time,
+        condition(&second, ConditionType::Ready).last_transition_time,
+        condition(&first, ConditionType::Ready).last_transition_time,
         "lastTransitionTime only moves on a transition"
     );
 }
@@ -571,7 +574,7 @@ fn a_crash_before_the_consume_loop_degrades_the_pool_with_the_diagnosis() {
     }];
     let plan = plan(&pool(), &observed, t(20));
     assert_eq!(plan.status.phase, Some(Phase::Degraded));
-    let c = condition(&plan, CONDITION_DEGRADED);
+    let c = condition(&plan, ConditionType::Degraded);
     assert_eq!(
         (c.status.as_str(), c.reason.as_str()),
         ("True", "BrokenEnvironment")
@@ -598,13 +601,17 @@ fn with_activity(mut p: PodView, activity: Activity) -> PodView {
     p
 }
 
+fn busy_on(ticket: &str) -> Activity {
+    Activity::Busy {
+        ticket: ticket.into(),
+    }
+}
+
 #[test]
 fn a_busy_worker_is_never_removed_to_shrink_the_pool() {
     let p = pool();
     let r = rev();
-    let busy = Activity::Busy {
-        ticket: "long-1".into(),
-    };
+    let busy = busy_on("long-1");
     let pods = vec![
         with_activity(pod("unit-busy", &r, PodState::Ready, 0), busy.clone()),
         with_activity(pod("unit-idle", &r, PodState::Ready, 1), Activity::Idle),
@@ -664,9 +671,7 @@ fn busy_workers_count_as_desired_with_tickets_per_worker() {
 fn an_outdated_busy_worker_is_replaced_when_its_ticket_is_done() {
     let p = pool();
     let r = rev();
-    let busy = Activity::Busy {
-        ticket: "long-1".into(),
-    };
+    let busy = busy_on("long-1");
     let pods = vec![
         with_activity(pod("unit-old", "0000000000", PodState::Ready, 0), busy),
         with_activity(pod("unit-new", &r, PodState::Ready, 1), Activity::Idle),

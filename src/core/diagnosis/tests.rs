@@ -93,7 +93,7 @@ fn one_ticket_crashing_while_others_complete_is_poison() {
     ]);
     case.completions = completions(&[("a", 25)]);
     let d = case.run();
-    assert_eq!(d.verdict, verdict::POISON_TICKET);
+    assert_eq!(d.verdict, Verdict::PoisonTicket);
     assert_eq!(d.ticket.as_deref(), Some("t-9"));
     assert!(d.message.contains("crashed 3 workers"), "{}", d.message);
     assert!(d.message.contains("exit 139"), "{}", d.message);
@@ -106,7 +106,7 @@ fn below_the_threshold_a_crashing_ticket_is_not_yet_poison() {
         crash("2", "a", Some("t-9"), 2, "Error", 20),
     ]);
     case.completions = completions(&[("a", 25)]);
-    assert_eq!(case.run().verdict, verdict::HEALTHY);
+    assert_eq!(case.run().verdict, Verdict::Healthy);
 }
 
 #[test]
@@ -116,7 +116,7 @@ fn crashes_on_different_tickets_with_nothing_completed_are_a_broken_environment(
         crash("2", "b", Some("t-2"), 1, "Error", 20),
     ])
     .run_on("b");
-    assert_eq!(d.verdict, verdict::BROKEN_ENVIRONMENT);
+    assert_eq!(d.verdict, Verdict::BrokenEnvironment);
     assert!(d.message.contains("2 different tickets"), "{}", d.message);
     assert!(d.message.contains("none is quarantined"), "{}", d.message);
     assert_eq!(d.ticket, None);
@@ -125,7 +125,7 @@ fn crashes_on_different_tickets_with_nothing_completed_are_a_broken_environment(
 #[test]
 fn a_crash_before_the_consume_loop_is_a_broken_environment() {
     let d = Case::new(vec![crash("1", "a", None, 1, "Error", 10)]).run();
-    assert_eq!(d.verdict, verdict::BROKEN_ENVIRONMENT);
+    assert_eq!(d.verdict, Verdict::BrokenEnvironment);
     assert!(d.message.contains("no ticket in hand"), "{}", d.message);
 }
 
@@ -138,14 +138,14 @@ fn a_ticket_without_evidence_against_it_is_held_not_blamed() {
         crash("3", "a", Some("t-1"), 1, "Error", 30),
     ])
     .run();
-    assert_eq!(d.verdict, verdict::BROKEN_ENVIRONMENT);
+    assert_eq!(d.verdict, Verdict::BrokenEnvironment);
     assert!(d.message.contains("cannot be blamed"), "{}", d.message);
 }
 
 #[test]
 fn out_of_memory_is_said_as_such_and_alongside_poison() {
     let d = Case::new(vec![crash("1", "a", Some("t-1"), 137, "OOMKilled", 10)]).run();
-    assert_eq!(d.verdict, verdict::OUT_OF_MEMORY);
+    assert_eq!(d.verdict, Verdict::OutOfMemory);
     assert!(
         d.message.contains("OOMKilled") && d.message.contains("t-1"),
         "{}",
@@ -159,7 +159,7 @@ fn out_of_memory_is_said_as_such_and_alongside_poison() {
     ]);
     poison.completions = completions(&[("a", 15)]);
     let d = poison.run();
-    assert_eq!(d.verdict, verdict::POISON_TICKET);
+    assert_eq!(d.verdict, Verdict::PoisonTicket);
     assert!(d.message.contains("OOMKilled"), "{}", d.message);
 }
 
@@ -172,7 +172,7 @@ fn a_ticket_crashing_old_and_new_revisions_is_poison_not_a_bad_rollout() {
     ]);
     case.revision = "b";
     case.completions = completions(&[("a", 12)]);
-    assert_eq!(case.run().verdict, verdict::POISON_TICKET);
+    assert_eq!(case.run().verdict, Verdict::PoisonTicket);
 }
 
 #[test]
@@ -183,7 +183,7 @@ fn old_crashes_and_lost_connections_do_not_count() {
     ]);
     case.now = 10 + 3601;
     case.previous_ready = Some(0);
-    assert_eq!(case.run().verdict, verdict::HEALTHY);
+    assert_eq!(case.run().verdict, Verdict::Healthy);
 }
 
 #[test]
@@ -193,7 +193,7 @@ fn an_environment_that_completes_tickets_again_has_recovered() {
         crash("2", "a", Some("t-2"), 1, "Error", 20),
     ]);
     case.completions = completions(&[("a", 30)]);
-    assert_eq!(case.run().verdict, verdict::HEALTHY);
+    assert_eq!(case.run().verdict, Verdict::Healthy);
 }
 
 #[test]
@@ -202,15 +202,15 @@ fn a_queue_with_no_progress_for_the_timeout_is_stalled() {
     case.ready = Some(4);
     case.previous_ready = Some(4);
     case.previous = Some(DiagnosisStatus {
-        verdict: verdict::HEALTHY.into(),
+        verdict: Verdict::Healthy,
         last_progress_time: Some(Time(t(0))),
         ..Default::default()
     });
     case.now = 599;
-    assert_eq!(case.run().verdict, verdict::HEALTHY);
+    assert_eq!(case.run().verdict, Verdict::Healthy);
     case.now = 600;
     let d = case.run();
-    assert_eq!(d.verdict, verdict::QUEUE_STALLED);
+    assert_eq!(d.verdict, Verdict::QueueStalled);
     assert!(
         d.message.starts_with("4 tickets are ready"),
         "{}",
@@ -221,7 +221,7 @@ fn a_queue_with_no_progress_for_the_timeout_is_stalled() {
     // A ticket taken is progress.
     case.ready = Some(3);
     let d = case.run();
-    assert_eq!(d.verdict, verdict::HEALTHY);
+    assert_eq!(d.verdict, Verdict::Healthy);
     assert_eq!(d.last_progress_time, Some(Time(t(600))));
     // So is a completion.
     case.ready = Some(4);
@@ -323,7 +323,7 @@ proptest! {
             case.completions = completions(&[("a", at)]);
         }
         let d = case.run();
-        prop_assert_ne!(d.verdict.as_str(), verdict::POISON_TICKET);
+        prop_assert_ne!(d.verdict, Verdict::PoisonTicket);
         prop_assert_eq!(d.ticket, None);
     }
 }

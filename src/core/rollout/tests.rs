@@ -5,12 +5,13 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 
-use super::reason;
 use crate::core::crash::{CrashRecord, InHand};
-use crate::core::diagnosis::{Completions, verdict};
+use crate::core::diagnosis::Completions;
 use crate::core::fixtures::{pool, t};
 use crate::core::{BrokerView, Observed, Plan, PodState, PodView, plan, revision};
-use crate::crd::{ANNOTATION_ABORT, ANNOTATION_PROMOTE, RolloutPhase, TestRunnerPool};
+use crate::crd::{
+    ANNOTATION_ABORT, ANNOTATION_PROMOTE, RolloutPhase, RolloutReason, TestRunnerPool, Verdict,
+};
 
 struct World {
     pool: TestRunnerPool,
@@ -176,7 +177,11 @@ impl World {
     }
 
     fn events(&self) -> Vec<&'static str> {
-        self.plan().events.iter().map(|e| e.reason).collect()
+        self.plan()
+            .events
+            .iter()
+            .map(|e| e.reason.as_str())
+            .collect()
     }
 
     fn condition(&self, type_: &str) -> (String, String) {
@@ -207,7 +212,7 @@ fn a_new_pool_serves_its_first_revision_directly() {
     let mut w = World::serving(3);
     let r = w.rollout();
     assert_eq!(r.phase, RolloutPhase::Promoted);
-    assert_eq!(r.reason.as_deref(), Some(reason::FIRST_REVISION));
+    assert_eq!(r.reason, Some(RolloutReason::FirstRevision));
     assert_eq!(r.stable_revision, revision(&w.pool.spec));
     assert_eq!(r.history.len(), 1);
     assert_eq!(w.pods.len(), 3);
@@ -276,7 +281,7 @@ fn canaries_that_complete_their_tickets_are_promoted_and_replace_the_old_pods() 
     w.step();
     let r = w.rollout();
     assert_eq!(r.phase, RolloutPhase::Promoted, "{}", r.message);
-    assert_eq!(r.reason.as_deref(), Some(reason::CANARY_PASSED));
+    assert_eq!(r.reason, Some(RolloutReason::CanaryPassed));
     assert_eq!(r.stable_revision, new);
     assert_eq!(r.stable.image, "registry.example/test-runner:2");
     assert!(w.events().contains(&"RolloutPromoted"));
@@ -312,7 +317,7 @@ fn a_canary_crashing_before_its_consume_loop_is_rolled_back_and_nothing_is_quara
     let p = w.step().clone();
     let r = w.rollout();
     assert_eq!(r.phase, RolloutPhase::RolledBack);
-    assert_eq!(r.reason.as_deref(), Some(reason::CRASHED_BEFORE_CONSUMING));
+    assert_eq!(r.reason, Some(RolloutReason::CanaryCrashedBeforeConsuming));
     assert_eq!(r.stable_revision, old);
     assert!(p.delete.contains(&canary), "{:?}", p.delete);
     assert!(p.replay_dead_lettered, "dead-lettered tickets come back");
@@ -327,7 +332,7 @@ fn a_canary_crashing_before_its_consume_loop_is_rolled_back_and_nothing_is_quara
     // The canary's crash is the rollout's business, not a broken environment.
     assert_eq!(
         p.status.diagnosis.as_ref().unwrap().verdict,
-        verdict::HEALTHY
+        Verdict::Healthy
     );
     assert_eq!(
         w.condition("Degraded"),
@@ -377,7 +382,7 @@ fn canaries_crashing_on_two_tickets_are_rolled_back_but_a_ticket_crashing_stable
         w.rollout().message
     );
     let d = p.status.diagnosis.as_ref().unwrap();
-    assert_eq!(d.verdict, verdict::POISON_TICKET, "{}", d.message);
+    assert_eq!(d.verdict, Verdict::PoisonTicket, "{}", d.message);
     assert_eq!(d.ticket.as_deref(), Some("poison"));
     assert_eq!(p.quarantine_list.len(), 1);
     // One canary-only crash is not yet a verdict; a second ticket is.
@@ -391,7 +396,7 @@ fn canaries_crashing_on_two_tickets_are_rolled_back_but_a_ticket_crashing_stable
     let p = w.step().clone();
     let r = w.rollout();
     assert_eq!(r.phase, RolloutPhase::RolledBack);
-    assert_eq!(r.reason.as_deref(), Some(reason::CRASHED_ON_TICKETS));
+    assert_eq!(r.reason, Some(RolloutReason::CanaryCrashedOnTickets));
     assert!(r.message.contains("t-1, t-2"), "{}", r.message);
     // t-1 and t-2 are not quarantined: they go back to the queue.
     let listed: Vec<&str> = p.quarantine_list.iter().map(|q| q.id.as_str()).collect();
@@ -416,7 +421,7 @@ fn a_canary_not_promoted_by_the_deadline_fails_unless_auto_rollback_is_off() {
         w.tick(1);
         let p = w.step().clone();
         let r = w.rollout();
-        assert_eq!(r.reason.as_deref(), Some(reason::DEADLINE_EXCEEDED));
+        assert_eq!(r.reason, Some(RolloutReason::ProgressDeadlineExceeded));
         assert!(super::failed(&r));
         assert!(p.events.iter().any(|e| e.reason == "RolloutFailed"));
         if auto {
@@ -471,7 +476,7 @@ fn a_newer_image_supersedes_the_rollout_and_the_old_image_back_reverts_it() {
     let p = w.step().clone();
     let r = w.rollout();
     assert_eq!(r.phase, RolloutPhase::Promoted);
-    assert_eq!(r.reason.as_deref(), Some(reason::REVERTED));
+    assert_eq!(r.reason, Some(RolloutReason::Reverted));
     assert_eq!(w.pods_of(&third), 0, "the canary goes: {:?}", p.delete);
     assert!(!super::failed(&r));
 }
@@ -526,7 +531,7 @@ fn annotations_promote_and_abort_once_per_value() {
     let p = w.step().clone();
     let r = w.rollout();
     assert_eq!(r.phase, RolloutPhase::RolledBack);
-    assert_eq!(r.reason.as_deref(), Some(reason::ABORTED));
+    assert_eq!(r.reason, Some(RolloutReason::AbortedByAnnotation));
     assert!(p.events.iter().any(|e| e.reason == "RolloutAborted"));
     assert!(!super::failed(&r), "an abort is no failure to alert on");
     assert_eq!(w.condition("Degraded").0, "False");
@@ -536,7 +541,7 @@ fn annotations_promote_and_abort_once_per_value() {
     w.step();
     let r = w.rollout();
     assert_eq!(r.phase, RolloutPhase::Promoted);
-    assert_eq!(r.reason.as_deref(), Some(reason::PROMOTED_BY_ANNOTATION));
+    assert_eq!(r.reason, Some(RolloutReason::PromotedByAnnotation));
     assert_eq!(r.stable_revision, new);
     // The same values again do nothing; a new rollout is judged as usual.
     let third = w.start_rollout("registry.example/test-runner:3");
@@ -565,7 +570,7 @@ fn min_canary_time_holds_a_canary_that_completed_its_tickets() {
     w.tick(wake.as_secs() as i64);
     w.step();
     assert_eq!(w.rollout().phase, RolloutPhase::Promoted);
-    assert_eq!(w.rollout().reason.as_deref(), Some(reason::CANARY_PASSED));
+    assert_eq!(w.rollout().reason, Some(RolloutReason::CanaryPassed));
 }
 
 #[test]
@@ -581,7 +586,7 @@ fn a_broker_outage_neither_fails_nor_promotes_a_canary() {
         w.step();
         let r = w.rollout();
         assert_eq!(r.phase, RolloutPhase::Progressing, "{}", r.message);
-        assert_eq!(r.reason.as_deref(), Some(reason::BROKER_UNREACHABLE));
+        assert_eq!(r.reason, Some(RolloutReason::BrokerUnreachable));
     }
     // Workers of both revisions fail to reach it as they restart: exit 69.
     let stable = w.first_of(&revision(&w.pool.spec.with_workload(&w.rollout().stable)));
@@ -603,8 +608,8 @@ fn a_broker_outage_neither_fails_nor_promotes_a_canary() {
     w.tick(1);
     w.step();
     assert_eq!(
-        w.rollout().reason.as_deref(),
-        Some(reason::DEADLINE_EXCEEDED)
+        w.rollout().reason,
+        Some(RolloutReason::ProgressDeadlineExceeded)
     );
 }
 
@@ -619,7 +624,7 @@ fn a_canary_alone_failing_to_reach_the_broker_is_rolled_back() {
     w.step();
     let r = w.rollout();
     assert_eq!(r.phase, RolloutPhase::RolledBack);
-    assert_eq!(r.reason.as_deref(), Some(reason::CRASHED_BEFORE_CONSUMING));
+    assert_eq!(r.reason, Some(RolloutReason::CanaryCrashedBeforeConsuming));
 }
 
 #[test]
@@ -658,7 +663,7 @@ fn with_no_ticket_waiting_a_quiet_canary_is_promoted_after_idle_promote_after() 
     w.step();
     let r = w.rollout();
     assert_eq!(r.phase, RolloutPhase::Promoted, "{}", r.message);
-    assert_eq!(r.reason.as_deref(), Some(reason::IDLE_PROMOTED));
+    assert_eq!(r.reason, Some(RolloutReason::IdlePromoted));
     assert_eq!(r.stable_revision, new);
 }
 
@@ -673,10 +678,7 @@ fn a_pool_at_zero_waits_for_work_before_its_canary_runs() {
     w.set_image("registry.example/test-runner:2");
     w.tick(1);
     assert_eq!(w.step().created(), 0);
-    assert_eq!(
-        w.rollout().reason.as_deref(),
-        Some(reason::WAITING_FOR_WORK)
-    );
+    assert_eq!(w.rollout().reason, Some(RolloutReason::WaitingForWork));
     w.tick(7200);
     w.step();
     assert_eq!(
@@ -721,7 +723,7 @@ fn zero_canaries_promote_at_once_and_a_broken_stable_revision_still_gets_a_canar
     w.pool.spec.rollout.canary_workers = 0;
     let new = w.start_rollout("registry.example/test-runner:2");
     assert_eq!(w.rollout().stable_revision, new);
-    assert_eq!(w.rollout().reason.as_deref(), Some(reason::NO_CANARY));
+    assert_eq!(w.rollout().reason, Some(RolloutReason::NoCanary));
 
     let mut w = World::serving(2);
     let old = revision(&w.pool.spec);
@@ -731,7 +733,7 @@ fn zero_canaries_promote_at_once_and_a_broken_stable_revision_still_gets_a_canar
     w.step();
     assert_eq!(
         w.plan().status.diagnosis.as_ref().unwrap().verdict,
-        verdict::BROKEN_ENVIRONMENT
+        Verdict::BrokenEnvironment
     );
     let fixed = w.start_rollout("registry.example/test-runner:2");
     let r = w.rollout();
@@ -743,7 +745,7 @@ fn zero_canaries_promote_at_once_and_a_broken_stable_revision_still_gets_a_canar
     w.tick(1);
     w.step();
     assert_eq!(w.rollout().stable_revision, fixed);
-    assert_eq!(w.rollout().reason.as_deref(), Some(reason::CANARY_PASSED));
+    assert_eq!(w.rollout().reason, Some(RolloutReason::CanaryPassed));
 }
 
 /// A random thing happening to a pool during rollouts.
@@ -856,7 +858,7 @@ proptest! {
         let r = w.rollout();
         prop_assert!(matches!(r.phase, RolloutPhase::Promoted | RolloutPhase::RolledBack), "{:?}: {}", r.phase, r.message);
         prop_assert!(w.pods.iter().all(|p| p.revision == r.stable_revision), "{:?} stable {}", w.pods, r.stable_revision);
-        let broken = w.plan().status.diagnosis.as_ref().is_some_and(|d| d.verdict == verdict::BROKEN_ENVIRONMENT);
+        let broken = w.plan().status.diagnosis.as_ref().is_some_and(|d| d.verdict == Verdict::BrokenEnvironment);
         prop_assert_eq!(w.pods.len(), if broken { 1 } else { 3.min(max as usize) });
     }
 }
