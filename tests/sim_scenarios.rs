@@ -403,27 +403,7 @@ async fn the_simulate_command_serves_kubectl_clients_and_ctrl_c_leaves_no_proces
     assert!(process_alive(&pid));
     assert!(process_alive(&escaped));
 
-    // Ctrl-C.
-    let sim_pid = child.id().expect("simulate runs") as i32;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(sim_pid),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .expect("the simulation gets SIGINT");
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("simulate stops within 20 s")
-        .unwrap();
-    assert!(status.success(), "{status:?}");
-    let mut out = String::new();
-    use tokio::io::AsyncReadExt;
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .await
-        .unwrap();
+    let out = interrupt(&mut child, Duration::from_secs(20)).await;
     assert!(
         out.contains("Simulated cluster at http://127.0.0.1:"),
         "{out}"
@@ -2209,25 +2189,7 @@ spec:
     )
     .await;
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(sim_pid as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .expect("the simulation gets SIGINT");
-    let status = tokio::time::timeout(Duration::from_secs(90), child.wait())
-        .await
-        .expect("simulate stops within 90 s")
-        .unwrap();
-    assert!(status.success(), "{status:?}");
-    let mut out = String::new();
-    use tokio::io::AsyncReadExt;
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .await
-        .unwrap();
+    let out = interrupt(&mut child, Duration::from_secs(90)).await;
     assert!(
         out.contains("Simulated cluster at https://127.0.0.1:"),
         "{out}"
@@ -2319,4 +2281,30 @@ async fn on_etcd_and_kube_apiserver_alone_the_node_binds_and_runs_pods_itself() 
     .await;
     sim.shutdown().await;
     let _ = std::fs::remove_dir_all(&bin);
+}
+
+/// Ctrl-C to a running `simulate`: it must exit with success within `within`; returns
+/// what it printed.
+async fn interrupt(child: &mut tokio::process::Child, within: Duration) -> String {
+    let pid = child.id().expect("simulate runs") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("the simulation gets SIGINT");
+    let status = tokio::time::timeout(within, child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("simulate stops within {within:?}"))
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let mut out = String::new();
+    use tokio::io::AsyncReadExt;
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .await
+        .unwrap();
+    out
 }
