@@ -7,9 +7,9 @@
 //! kube-runtime shell), [`broker`] (RabbitMQ), [`pods`] (worker pod builder), [`worker`]
 //! (the wrapper that runs in worker pods), [`alerts`] (alert delivery), [`metrics`] and
 //! [`http`] (observability), [`leader`] (leader election), [`check`] (the Nagios check),
-//! [`telemetry`] (logs), [`publish`] (test tickets onto a queue), and, with the
-//! `simulate` feature (on by default), `simulate` (the operator against the simulated
-//! cluster of the `testrunner-sim` crate, in one process).
+//! [`telemetry`] (logs) and [`publish`] (test tickets onto a queue). The library does
+//! not depend on the simulated cluster (the `testrunner-sim` crate): only the binary's
+//! `simulate` command does, with the `simulate` feature (on by default).
 //!
 //! # Layering
 //!
@@ -22,8 +22,9 @@
 //!    (contract), [`worker`] (broker, contract), [`pods`] (core, crd, contract),
 //!    [`alerts`] (core, metrics), [`metrics`], [`http`] (metrics), [`leader`] and
 //!    [`check`] (crd), [`publish`] (broker), [`telemetry`];
-//! 4. [`controller`] is on top and uses any of them, and `simulate` uses it;
-//! 5. the binary (`src/main.rs`) wires them together.
+//! 4. [`controller`] is on top and uses any of them;
+//! 5. the binary (`src/main.rs`, and `src/simulate.rs` for its `simulate` command)
+//!    wires them together.
 //!
 //! `tests/layering.rs` checks this on the sources (points 1, 2 and the absence of
 //! loops).
@@ -40,7 +41,5 @@ pub mod leader;
 pub mod metrics;
 pub mod pods;
 pub mod publish;
-#[cfg(feature = "simulate")]
-pub mod simulate;
 pub mod telemetry;
 pub mod worker;

@@ -11,6 +11,9 @@ use testrunner_operator::pods::PodSettings;
 use testrunner_operator::telemetry::{self, LogFormat};
 use testrunner_operator::{crd, leader, worker};
 
+#[cfg(feature = "simulate")]
+mod simulate;
+
 /// Runs CI test workers off a RabbitMQ ticket queue on Kubernetes.
 #[derive(Parser)]
 #[command(name = "testrunner-operator", version, about)]
@@ -196,7 +199,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 #[cfg(feature = "simulate")]
 fn simulate(args: SimulateArgs) -> ExitCode {
-    let opts = testrunner_operator::simulate::SimulateOptions {
+    let opts = simulate::SimulateOptions {
         listen: args.listen,
         kubeconfig: args.kubeconfig,
         amqp_uri: args.amqp_uri,
@@ -204,7 +207,7 @@ fn simulate(args: SimulateArgs) -> ExitCode {
         images: args.images.into_iter().collect(),
         control_plane: args.control_plane,
     };
-    match runtime().block_on(testrunner_operator::simulate::simulate(opts)) {
+    match runtime().block_on(simulate::simulate(opts)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{e}");

@@ -1,27 +1,20 @@
-//! The operator against a simulated cluster ([`testrunner_sim`]) in one process:
-//! `testrunner-operator simulate` (its walk-through included), and what tests use to run
-//! the operator in-process. Built with the `simulate` feature (on by default); the
-//! product image leaves it out.
+//! `testrunner-operator simulate`: the operator against a simulated cluster
+//! ([`testrunner_sim`]) in one process, with its walk-through. Part of the binary only,
+//! with the `simulate` feature (on by default): the operator library does not depend on
+//! the simulator, and the product image leaves it out.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
-use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
 use kube::CustomResourceExt;
+use testrunner_operator::controller::{self, Settings};
+use testrunner_operator::crd::TestRunnerPool;
 use testrunner_sim::{Backend, Options, Simulation};
-
-use crate::controller::{self, Settings};
-use crate::crd::TestRunnerPool;
-use crate::metrics::Metrics;
-use crate::pods::PodSettings;
 
 /// Options of `testrunner-operator simulate`.
 #[derive(Clone, Debug)]
-pub struct SimulateOptions {
+pub(crate) struct SimulateOptions {
     /// Address of the API server.
     pub listen: SocketAddr,
     /// Where the kubeconfig goes.
@@ -36,55 +29,16 @@ pub struct SimulateOptions {
     pub control_plane: Option<PathBuf>,
 }
 
-/// What a simulation of this operator starts with: the `TestRunnerPool` CRD, Secret
+/// What the simulated cluster starts with: the `TestRunnerPool` CRD, Secret
 /// `default/rabbitmq` (key `uri`) holding `amqp_uri`, the node's durations divided by
-/// `time_scale`, and `exe` as the binary `testrunner-operator` commands in pods run (this
-/// binary for `simulate`; tests pass `CARGO_BIN_EXE_testrunner-operator`).
-pub fn options(amqp_uri: &str, time_scale: f64, exe: PathBuf) -> Options {
+/// `time_scale`, and this binary as what `testrunner-operator` commands in pods run.
+fn options(amqp_uri: &str, time_scale: f64, exe: PathBuf) -> Options {
     Options {
         crds: vec![TestRunnerPool::crd()],
-        secrets: vec![broker_secret(amqp_uri)],
+        secrets: vec![Options::string_secret("rabbitmq", "uri", amqp_uri)],
         time_scale,
         ..Options::new(exe)
     }
-}
-
-/// Secret `rabbitmq` (key `uri`), the broker Secret pools name in the walk-through.
-pub fn broker_secret(amqp_uri: &str) -> Secret {
-    Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some("rabbitmq".into()),
-            ..Default::default()
-        },
-        type_: Some("Opaque".into()),
-        string_data: Some(BTreeMap::from([("uri".to_string(), amqp_uri.to_string())])),
-        ..Default::default()
-    }
-}
-
-/// Starts the operator in-process against `client` (no leader election).
-pub fn start_operator(client: kube::Client) -> tokio::task::JoinHandle<()> {
-    start_operator_in(client, Vec::new())
-}
-
-/// Starts the operator in-process, watching only `namespaces` (all when empty).
-pub fn start_operator_in(
-    client: kube::Client,
-    namespaces: Vec<String>,
-) -> tokio::task::JoinHandle<()> {
-    let settings = Settings {
-        pods: PodSettings {
-            operator_image: concat!("testrunner-operator:", env!("CARGO_PKG_VERSION")).into(),
-            // A simulation wants to see state changes quickly.
-            report_interval: Duration::from_secs(2),
-        },
-        namespaces,
-        controller_name: "testrunner-operator".into(),
-        instance: Some("simulated".into()),
-    };
-    let metrics = Arc::new(Metrics::default());
-    let ready = Arc::new(AtomicBool::new(false));
-    tokio::spawn(controller::run(client, settings, metrics, ready))
 }
 
 async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, String> {
@@ -98,7 +52,7 @@ async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, String> {
 }
 
 /// `testrunner-operator simulate`: runs until Ctrl-C or SIGTERM.
-pub async fn simulate(opts: SimulateOptions) -> Result<(), String> {
+pub(crate) async fn simulate(opts: SimulateOptions) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("failed to find this binary: {e}"))?;
     let options = Options {
         images: opts.images.clone(),
@@ -125,7 +79,7 @@ pub async fn simulate(opts: SimulateOptions) -> Result<(), String> {
     };
     sim.write_kubeconfig(&opts.kubeconfig)?;
     let client = client_from_kubeconfig(&opts.kubeconfig).await?;
-    let operator = start_operator(client);
+    let operator = controller::spawn(client, Settings::in_process(Vec::new()));
     let kubeconfig = std::fs::canonicalize(&opts.kubeconfig).unwrap_or(opts.kubeconfig.clone());
     let kc = kubeconfig.display();
     let bin = exe.display();

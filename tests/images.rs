@@ -14,8 +14,8 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeleteOptions};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{Value, json};
+use testrunner_operator::controller::{self, Settings};
 use testrunner_operator::crd::TestRunnerPool;
-use testrunner_operator::simulate;
 use testrunner_sim as sim;
 
 mod common;
@@ -359,7 +359,7 @@ async fn a_pool_runs_each_ticket_once_in(root: PathBuf) {
     std::fs::create_dir_all(&ledger).unwrap();
     let sim = simulation(BROKER, root).await;
     let client = sim.client();
-    let operator = simulate::start_operator_in(client.clone(), vec!["default".into()]);
+    let operator = controller::spawn(client.clone(), Settings::in_process(vec!["default".into()]));
     let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), "default");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let pool: TestRunnerPool = serde_json::from_value(json!({

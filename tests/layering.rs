@@ -6,8 +6,9 @@
 //!
 //! A module is a top-level module of the crate: `src/x.rs` and everything under `src/x/`.
 //! A module uses another when one of its files names it in a `crate::` path (`use`
-//! declarations, paths in code, and doc links alike). `src/lib.rs` and `src/main.rs`
-//! are the root and the binary, above everything.
+//! declarations, paths in code, and doc links alike). `src/lib.rs` is the root;
+//! `src/main.rs` and its `simulate` module are the binary, above everything, and the
+//! only sources that may use the simulated cluster (`testrunner_sim`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -17,6 +18,9 @@ const BOTTOM: &[&str] = &["contract", "crd"];
 /// What the core may use.
 const CORE_USES: &[&str] = &["contract", "crd"];
 
+/// The binary's files: the library does not include them.
+const BINARY: &[&str] = &["main.rs", "simulate.rs"];
+
 /// Module name to the modules it uses.
 type Graph = BTreeMap<String, BTreeSet<String>>;
 
@@ -24,10 +28,10 @@ type Graph = BTreeMap<String, BTreeSet<String>>;
 /// binary.
 fn module_of(relative: &Path) -> Option<String> {
     let first = relative.components().next()?.as_os_str().to_str()?;
-    match first {
-        "lib.rs" | "main.rs" => None,
-        _ => Some(first.strip_suffix(".rs").unwrap_or(first).to_string()),
+    if first == "lib.rs" || BINARY.contains(&first) {
+        return None;
     }
+    Some(first.strip_suffix(".rs").unwrap_or(first).to_string())
 }
 
 /// The names that follow `crate::` in `text`, the heads of grouped paths
@@ -196,6 +200,33 @@ fn the_crate_is_layered_without_loops() {
         "{}\n\nmodules and what they use:\n{}",
         problems.join("\n"),
         render(&graph)
+    );
+}
+
+#[test]
+fn only_the_binary_uses_the_simulated_cluster() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let library: Vec<PathBuf> = files
+        .into_iter()
+        .filter(|f| {
+            let name = f.strip_prefix(&src).expect("under src/").to_str();
+            !name.is_some_and(|n| BINARY.contains(&n))
+        })
+        .collect();
+    assert!(library.len() > 20, "library sources found: {library:?}");
+    let users: Vec<&PathBuf> = library
+        .iter()
+        .filter(|f| {
+            std::fs::read_to_string(f)
+                .expect("a source file is readable")
+                .contains("testrunner_sim")
+        })
+        .collect();
+    assert!(
+        users.is_empty(),
+        "library sources that use the simulated cluster: {users:?}"
     );
 }
 

@@ -12,8 +12,8 @@ use kube::api::{
 };
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
+use testrunner_operator::controller::{self, Settings};
 use testrunner_operator::crd::TestRunnerPool;
-use testrunner_operator::simulate;
 use testrunner_sim::{self as sim, ApiServer, ServerConfig};
 
 mod common;
@@ -665,7 +665,7 @@ async fn a_watch_client_that_goes_away_frees_its_subscription() {
 async fn the_operator_runs_against_the_simulation_and_gc_removes_its_workers() {
     let sim = common::simulation("amqp://guest:guest@127.0.0.1:1/%2f", 50.0).await;
     let client = sim.client();
-    let operator = simulate::start_operator(client.clone());
+    let operator = controller::spawn(client.clone(), Settings::in_process(Vec::new()));
     let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), "default");
     let body: TestRunnerPool =
         serde_json::from_value(pool_json("demo", json!({"minWorkers": 1, "maxWorkers": 2})))

@@ -9,10 +9,10 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use lapin::options::QueueDeleteOptions;
 use serde_json::json;
+use testrunner_operator::controller::{self, Settings};
 use testrunner_operator::crd::{
     Condition, RolloutPhase, RolloutStatus, TestRunnerPool, TestRunnerPoolStatus,
 };
-use testrunner_operator::simulate;
 use testrunner_sim as sim;
 
 mod common;
@@ -219,7 +219,7 @@ async fn a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the
     let target = Target::new(on).await;
     let client = target.client.clone();
     let ns = target.namespace.clone();
-    let mut operator = simulate::start_operator_in(client.clone(), vec![ns.clone()]);
+    let mut operator = controller::spawn(client.clone(), Settings::in_process(vec![ns.clone()]));
 
     let ids = publish_to_test_queue(&conn, &queue, 6).await;
     assert_eq!(ids.len(), 6);
@@ -275,7 +275,7 @@ async fn a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the
     pods.delete(&victim, &DeleteParams::default().grace_period(0))
         .await
         .unwrap();
-    operator = simulate::start_operator_in(client.clone(), vec![ns.clone()]);
+    operator = controller::spawn(client.clone(), Settings::in_process(vec![ns.clone()]));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let live: Vec<String> = pods
@@ -678,7 +678,7 @@ impl Scenario {
             );
         }
         let (client, ns) = (target.client.clone(), target.namespace.clone());
-        let operator = simulate::start_operator_in(client.clone(), vec![ns.clone()]);
+        let operator = controller::spawn(client.clone(), Settings::in_process(vec![ns.clone()]));
         let queue = queue_name(name);
         let ledger = Ledger::new(name);
         let ids = publish_to_test_queue(&conn, &queue, tickets).await;
@@ -951,7 +951,7 @@ async fn long_and_short_tickets(on: On, name: &str, restart: bool) {
         .await;
         operator.abort();
         let _ = operator.await;
-        operator = simulate::start_operator_in(client.clone(), vec![ns.clone()]);
+        operator = controller::spawn(client.clone(), Settings::in_process(vec![ns.clone()]));
     }
     let all: Vec<String> = short.iter().chain(&long).cloned().collect();
     eventually(
@@ -1018,7 +1018,7 @@ async fn an_operator_restart_mid_run_loses_nothing_and_runs_nothing_twice(on: On
         || async { ledger.count("end").len() > done_before },
     )
     .await;
-    operator = simulate::start_operator_in(client.clone(), vec![ns.clone()]);
+    operator = controller::spawn(client.clone(), Settings::in_process(vec![ns.clone()]));
 
     eventually(
         "every ticket to complete",
@@ -1901,7 +1901,7 @@ async fn an_operator_restart_mid_rollout_resumes_the_canary_and_promotes_it(on: 
         || async { s.ledger.count("end").len() >= done + 5 },
     )
     .await;
-    s.operator = simulate::start_operator_in(s.client.clone(), vec![s.ns.clone()]);
+    s.operator = controller::spawn(s.client.clone(), Settings::in_process(vec![s.ns.clone()]));
 
     // The new operator goes on with the same rollout, counting on from status.
     let promoted = rollout_when(&pools, "resume", ":2 to be promoted", |r| {

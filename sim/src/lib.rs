@@ -207,6 +207,20 @@ impl Options {
         }
     }
 
+    /// An Opaque Secret `name` (namespace `default`) holding `value` under `key`, for
+    /// [`Options::secrets`].
+    pub fn string_secret(name: &str, key: &str, value: &str) -> Secret {
+        Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            type_: Some("Opaque".into()),
+            string_data: Some(BTreeMap::from([(key.to_string(), value.to_string())])),
+            ..Default::default()
+        }
+    }
+
     /// The simulated node's settings, its pods' directories under `root`.
     fn node(self, root: PathBuf) -> kubelet::Config {
         kubelet::Config {

@@ -110,6 +110,31 @@ pub struct Settings {
     pub instance: Option<String>,
 }
 
+impl Settings {
+    /// Settings of an operator run in-process next to a simulated cluster or in a test:
+    /// watching `namespaces` (all when empty), reporting every 2 s so that state changes
+    /// show quickly.
+    pub fn in_process(namespaces: Vec<String>) -> Self {
+        Settings {
+            pods: PodSettings {
+                operator_image: concat!("testrunner-operator:", env!("CARGO_PKG_VERSION")).into(),
+                report_interval: Duration::from_secs(2),
+            },
+            namespaces,
+            controller_name: "testrunner-operator".into(),
+            instance: Some("in-process".into()),
+        }
+    }
+}
+
+/// Starts the controller as a task of this process, without leader election: what
+/// `simulate` and the tests run. Aborting the task stops it and its probes.
+pub fn spawn(client: Client, settings: Settings) -> tokio::task::JoinHandle<()> {
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    tokio::spawn(run(client, settings, metrics, ready))
+}
+
 /// Shared state of the reconciler.
 pub struct Context {
     /// Kubernetes client.

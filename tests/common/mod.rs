@@ -13,7 +13,6 @@ use kube::CustomResourceExt;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use testrunner_operator::crd::TestRunnerPool;
-use testrunner_operator::simulate;
 use testrunner_sim::{ApiServer, ServerConfig, Simulation};
 
 /// How often [`eventually`] and [`eventually_some`] check.
@@ -212,11 +211,14 @@ pub async fn api_server(config: ServerConfig) -> ApiServer {
 /// `default/rabbitmq` holding `amqp_uri`), the node's durations divided by
 /// `time_scale`, and this package's binary as the pods' `testrunner-operator`.
 pub fn options(amqp_uri: &str, time_scale: f64) -> testrunner_sim::Options {
-    simulate::options(
-        amqp_uri,
+    testrunner_sim::Options {
+        crds: vec![TestRunnerPool::crd()],
+        secrets: vec![testrunner_sim::Options::string_secret(
+            "rabbitmq", "uri", amqp_uri,
+        )],
         time_scale,
-        env!("CARGO_BIN_EXE_testrunner-operator").into(),
-    )
+        ..testrunner_sim::Options::new(env!("CARGO_BIN_EXE_testrunner-operator").into())
+    }
 }
 
 /// The simulated cluster of [`options`] on the embedded API server (127.0.0.1:0).
