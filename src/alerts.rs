@@ -32,6 +32,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::backoff::Backoff;
 use crate::core::alerting::{Alert, AlertKey};
 use crate::metrics::{AlertSentLabels, Metrics, PoolLabels, ReceiverLabels};
 
@@ -311,25 +312,11 @@ fn endpoint(mut url: url::Url, append: Option<&str>) -> Option<Endpoint> {
     Some(Endpoint { uri, authorization })
 }
 
+/// A user name or password as written in a URL, decoded (`%40` is `@`).
 fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let Some(b) = std::str::from_utf8(&bytes[i + 1..i + 3])
-                .ok()
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(b);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// Why a delivery failed. Its text never holds a URL.
@@ -449,7 +436,7 @@ struct Target {
     raw: String,
     endpoint: Arc<Option<Endpoint>>,
     alerts: BTreeMap<AlertKey, Tracked>,
-    failures: u32,
+    backoff: Backoff,
     retry_at: Option<Instant>,
     last_sent: Option<Instant>,
     in_flight: bool,
@@ -564,7 +551,10 @@ impl Task {
                         raw: raw.clone(),
                         endpoint: Arc::new(endpoint),
                         alerts: BTreeMap::new(),
-                        failures: 0,
+                        backoff: Backoff::jittered(
+                            self.config.backoff_initial,
+                            self.config.backoff_max,
+                        ),
                         retry_at: None,
                         last_sent: None,
                         in_flight: false,
@@ -645,7 +635,7 @@ impl Task {
         let receiver = target.kind.as_str();
         match attempt.result {
             Ok(()) => {
-                target.failures = 0;
+                target.backoff.succeeded();
                 target.retry_at = None;
                 for (_, _, resolved) in &attempt.items {
                     let status = if *resolved { "resolved" } else { "firing" };
@@ -667,8 +657,7 @@ impl Task {
                 target.delivered(attempt.batch, &attempt.items, attempt.started);
             }
             Err(error) => {
-                target.failures = target.failures.saturating_add(1);
-                let delay = backoff(&self.config, target.failures);
+                let delay = target.backoff.failed();
                 target.retry_at = Some(now + delay);
                 self.metrics
                     .alert_send_failures
@@ -681,7 +670,7 @@ impl Task {
                     namespace = %attempt.pool.namespace,
                     pool = %attempt.pool.name,
                     %error,
-                    failures = target.failures,
+                    failures = target.backoff.failures(),
                     retry_in_ms = delay.as_millis() as u64,
                     "failed to deliver alerts; will retry"
                 );
@@ -706,24 +695,6 @@ async fn sleep_until(at: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-/// Capped exponential backoff with jitter: a delay in [d/2, d], d = initial * 2^(n-1).
-fn backoff(config: &AlerterConfig, failures: u32) -> Duration {
-    use rand::RngExt;
-    let exp = failures.saturating_sub(1).min(20);
-    let full = config
-        .backoff_initial
-        .saturating_mul(1u32 << exp)
-        .min(config.backoff_max);
-    let half = full / 2;
-    let jitter_ms = half.as_millis() as u64;
-    let extra = if jitter_ms == 0 {
-        0
-    } else {
-        rand::rng().random_range(0..=jitter_ms)
-    };
-    half + Duration::from_millis(extra)
 }
 
 impl Target {
@@ -950,23 +921,6 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_and_is_capped() {
-        let config = AlerterConfig {
-            backoff_initial: Duration::from_millis(100),
-            backoff_max: Duration::from_millis(1000),
-            ..AlerterConfig::default()
-        };
-        for _ in 0..50 {
-            let first = backoff(&config, 1);
-            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
-            let third = backoff(&config, 3);
-            assert!(third >= Duration::from_millis(200) && third <= Duration::from_millis(400));
-            let late = backoff(&config, 40);
-            assert!(late >= Duration::from_millis(500) && late <= Duration::from_millis(1000));
-        }
-    }
-
-    #[test]
     fn receivers_debug_never_shows_the_webhook_url() {
         let r = Receivers {
             alertmanager_url: None,
@@ -984,7 +938,7 @@ mod tests {
             raw: String::new(),
             endpoint: Arc::new(None),
             alerts: BTreeMap::new(),
-            failures: 0,
+            backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(1)),
             retry_at: None,
             last_sent: None,
             in_flight: false,

@@ -13,6 +13,8 @@ use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties, ErrorKind};
 use tokio::sync::Mutex;
 
+use crate::backoff::Backoff;
+
 /// A broker URI holding credentials. Its `Debug` and `Display` never show them.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct BrokerUri {
@@ -192,6 +194,42 @@ impl Probe {
     }
 }
 
+/// A broker operation that failed (a connection, a declaration, a replay): why, in
+/// a word, and what the broker or the network said, without credentials.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message} ({reason})")]
+pub struct BrokerError {
+    /// PascalCase category, as in [`Probe::Unreachable`].
+    pub reason: &'static str,
+    /// Credential-free detail.
+    pub message: String,
+}
+
+impl BrokerError {
+    fn timeout(what: &str) -> Self {
+        BrokerError {
+            reason: "Timeout",
+            message: format!("no answer to {what}"),
+        }
+    }
+}
+
+impl From<&lapin::Error> for BrokerError {
+    fn from(e: &lapin::Error) -> Self {
+        let (reason, message) = classify(e);
+        BrokerError { reason, message }
+    }
+}
+
+impl From<BrokerError> for Probe {
+    fn from(e: BrokerError) -> Self {
+        Probe::Unreachable {
+            reason: e.reason,
+            message: e.message,
+        }
+    }
+}
+
 /// Timeouts and backoff of broker connections.
 #[derive(Clone, Debug)]
 pub struct BrokerSettings {
@@ -221,12 +259,11 @@ struct Open {
     channel: Option<Channel>,
 }
 
-#[derive(Default)]
 struct ConnState {
     open: Option<Open>,
-    failures: u32,
+    backoff: Backoff,
     retry_at: Option<Instant>,
-    last_error: Option<(&'static str, String)>,
+    last_error: Option<BrokerError>,
 }
 
 /// One connection per distinct broker URI, shared by every pool that uses it.
@@ -274,49 +311,55 @@ impl Brokers {
             .lock()
             .expect("lock")
             .entry(uri.clone())
-            .or_default()
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(ConnState {
+                    open: None,
+                    backoff: Backoff::new(self.settings.min_backoff, self.settings.max_backoff),
+                    retry_at: None,
+                    last_error: None,
+                }))
+            })
             .clone()
     }
 
     /// Opens (or reuses) the connection to `uri` and returns a channel on it.
-    async fn channel(&self, state: &mut ConnState, uri: &BrokerUri) -> Result<Channel, Probe> {
+    async fn channel(
+        &self,
+        state: &mut ConnState,
+        uri: &BrokerUri,
+    ) -> Result<Channel, BrokerError> {
         if let Some(open) = &state.open
             && !open.connection.status().connected()
         {
             state.open = None;
         }
         if state.open.is_none() {
-            if let (Some(at), Some((reason, message))) = (state.retry_at, &state.last_error)
+            if let (Some(at), Some(last)) = (state.retry_at, &state.last_error)
                 && Instant::now() < at
             {
                 // Still backing off: report the last failure as it was.
-                return Err(Probe::Unreachable {
-                    reason,
-                    message: message.clone(),
-                });
+                return Err(last.clone());
             }
             let connect = connect(uri, ConnectionProperties::default());
-            let connection =
-                match tokio::time::timeout(self.settings.connect_timeout, connect).await {
-                    Ok(Ok(c)) => c,
-                    Ok(Err(e)) => return Err(self.fail(state, uri, classify(&e))),
-                    Err(_) => {
-                        return Err(self.fail(
-                            state,
-                            uri,
-                            (
-                                "Timeout",
-                                format!("no answer within {:?}", self.settings.connect_timeout),
-                            ),
-                        ));
-                    }
-                };
+            let connection = match tokio::time::timeout(self.settings.connect_timeout, connect)
+                .await
+            {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return Err(self.fail(state, uri, (&e).into())),
+                Err(_) => {
+                    let error = BrokerError {
+                        reason: "Timeout",
+                        message: format!("no answer within {:?}", self.settings.connect_timeout),
+                    };
+                    return Err(self.fail(state, uri, error));
+                }
+            };
             tracing::info!(broker = %uri, "connected to broker");
             state.open = Some(Open {
                 connection,
                 channel: None,
             });
-            state.failures = 0;
+            state.backoff.succeeded();
             state.retry_at = None;
             state.last_error = None;
         }
@@ -333,27 +376,17 @@ impl Brokers {
             }
             Err(e) => {
                 state.open = None;
-                Err(self.fail(state, uri, classify(&e)))
+                Err(self.fail(state, uri, (&e).into()))
             }
         }
     }
 
-    fn fail(
-        &self,
-        state: &mut ConnState,
-        uri: &BrokerUri,
-        (reason, message): (&'static str, String),
-    ) -> Probe {
-        state.failures = state.failures.saturating_add(1);
-        let backoff = self
-            .settings
-            .min_backoff
-            .saturating_mul(1 << state.failures.min(16).saturating_sub(1))
-            .min(self.settings.max_backoff);
+    fn fail(&self, state: &mut ConnState, uri: &BrokerUri, error: BrokerError) -> BrokerError {
+        let backoff = state.backoff.failed();
         state.retry_at = Some(Instant::now() + backoff);
-        state.last_error = Some((reason, message.clone()));
-        tracing::warn!(broker = %uri, reason, error = %message, ?backoff, "broker connection failed");
-        Probe::Unreachable { reason, message }
+        state.last_error = Some(error.clone());
+        tracing::warn!(broker = %uri, reason = error.reason, error = %error.message, ?backoff, "broker connection failed");
+        error
     }
 
     /// Reads the depth of `queue` with a passive declare.
@@ -362,7 +395,7 @@ impl Brokers {
         let mut state = entry.lock().await;
         let channel = match self.channel(&mut state, uri).await {
             Ok(ch) => ch,
-            Err(p) => return p,
+            Err(e) => return e.into(),
         };
         let declare = channel.queue_declare(
             queue.into(),
@@ -400,46 +433,41 @@ impl Brokers {
                     }
                     _ => {
                         state.open = None;
-                        self.fail(&mut state, uri, classify(&e))
+                        self.fail(&mut state, uri, (&e).into()).into()
                     }
                 }
             }
             Err(_) => {
                 state.open = None;
-                self.fail(
-                    &mut state,
-                    uri,
-                    (
-                        "Timeout",
-                        format!("no answer within {:?}", self.settings.probe_timeout),
-                    ),
-                )
+                let error = BrokerError {
+                    reason: "Timeout",
+                    message: format!("no answer within {:?}", self.settings.probe_timeout),
+                };
+                self.fail(&mut state, uri, error).into()
             }
         }
     }
 
     /// A new channel of its own on the shared connection to `uri`; the connection's lock
     /// is released before the caller uses it, so long operations do not hold up probes.
-    async fn private_channel(&self, uri: &BrokerUri) -> Result<Channel, Probe> {
+    async fn private_channel(&self, uri: &BrokerUri) -> Result<Channel, BrokerError> {
         let entry = self.entry(uri);
         let mut state = entry.lock().await;
         self.channel(&mut state, uri).await?;
         let open = state.open.as_ref().expect("a channel implies a connection");
-        match tokio::time::timeout(
-            self.settings.probe_timeout,
-            open.connection.create_channel(),
-        )
-        .await
-        {
-            Ok(Ok(ch)) => Ok(ch),
-            Ok(Err(e)) => {
-                let (reason, message) = classify(&e);
-                Err(Probe::Unreachable { reason, message })
-            }
-            Err(_) => Err(Probe::Unreachable {
-                reason: "Timeout",
-                message: "no answer to opening a channel".into(),
-            }),
+        self.bounded("opening a channel", open.connection.create_channel())
+            .await
+    }
+
+    /// `operation` within the probe timeout.
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        operation: impl Future<Output = Result<T, lapin::Error>>,
+    ) -> Result<T, BrokerError> {
+        match tokio::time::timeout(self.settings.probe_timeout, operation).await {
+            Ok(result) => result.map_err(|e| BrokerError::from(&e)),
+            Err(_) => Err(BrokerError::timeout(what)),
         }
     }
 
@@ -450,7 +478,7 @@ impl Brokers {
         &self,
         uri: &BrokerUri,
         queue: &str,
-    ) -> Result<lapin::Consumer, Probe> {
+    ) -> Result<lapin::Consumer, BrokerError> {
         use lapin::options::BasicConsumeOptions;
         use lapin::types::AMQPValue;
         let channel = self.private_channel(uri).await?;
@@ -474,36 +502,17 @@ impl Brokers {
                 )
                 .await
         };
-        match tokio::time::timeout(self.settings.probe_timeout, setup).await {
-            Ok(Ok(consumer)) => Ok(consumer),
-            Ok(Err(e)) => {
-                let (reason, message) = classify(&e);
-                Err(Probe::Unreachable { reason, message })
-            }
-            Err(_) => Err(Probe::Unreachable {
-                reason: "Timeout",
-                message: format!("no answer within {:?}", self.settings.probe_timeout),
-            }),
-        }
+        self.bounded("declaring and consuming the outcome queue", setup)
+            .await
     }
 
     /// Deletes `queue` (a pool's outcome queue once the pool is gone). A queue that
     /// is already gone is fine.
-    pub async fn delete_queue(&self, uri: &BrokerUri, queue: &str) -> Result<(), Probe> {
+    pub async fn delete_queue(&self, uri: &BrokerUri, queue: &str) -> Result<(), BrokerError> {
         use lapin::options::QueueDeleteOptions;
         let channel = self.private_channel(uri).await?;
         let delete = channel.queue_delete(queue.into(), QueueDeleteOptions::default());
-        let result = match tokio::time::timeout(self.settings.probe_timeout, delete).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => {
-                let (reason, message) = classify(&e);
-                Err(Probe::Unreachable { reason, message })
-            }
-            Err(_) => Err(Probe::Unreachable {
-                reason: "Timeout",
-                message: "no answer to the queue deletion".into(),
-            }),
-        };
+        let result = self.bounded("the queue deletion", delete).await.map(drop);
         let _ = tokio::time::timeout(
             self.settings.probe_timeout,
             channel.close(200, "done".into()),
@@ -514,7 +523,7 @@ impl Brokers {
 
     /// Makes sure `queue` exists: a passive declare, and a durable classic queue
     /// when it is missing.
-    pub async fn ensure_queue(&self, uri: &BrokerUri, queue: &str) -> Result<(), Probe> {
+    pub async fn ensure_queue(&self, uri: &BrokerUri, queue: &str) -> Result<(), BrokerError> {
         match self.probe(uri, queue).await {
             Probe::Depth { .. } => Ok(()),
             Probe::QueueNotFound => {
@@ -529,22 +538,11 @@ impl Brokers {
                     },
                     FieldTable::default(),
                 );
-                match tokio::time::timeout(self.settings.probe_timeout, declare).await {
-                    Ok(Ok(_)) => {
-                        tracing::info!(broker = %uri, queue, "declared the quarantine queue");
-                        Ok(())
-                    }
-                    Ok(Err(e)) => {
-                        let (reason, message) = classify(&e);
-                        Err(Probe::Unreachable { reason, message })
-                    }
-                    Err(_) => Err(Probe::Unreachable {
-                        reason: "Timeout",
-                        message: "no answer to the queue declaration".into(),
-                    }),
-                }
+                self.bounded("the queue declaration", declare).await?;
+                tracing::info!(broker = %uri, queue, "declared the quarantine queue");
+                Ok(())
             }
-            unreachable => Err(unreachable),
+            Probe::Unreachable { reason, message } => Err(BrokerError { reason, message }),
         }
     }
 
@@ -560,7 +558,7 @@ impl Brokers {
         from: &str,
         to: &str,
         only: Option<&[String]>,
-    ) -> Result<Vec<String>, Probe> {
+    ) -> Result<Vec<String>, BrokerError> {
         let filter = match only {
             Some(ids) => ReplayFilter::Only(ids),
             None => ReplayFilter::All,
@@ -575,7 +573,7 @@ impl Brokers {
         from: &str,
         to: &str,
         filter: ReplayFilter<'_>,
-    ) -> Result<Vec<String>, Probe> {
+    ) -> Result<Vec<String>, BrokerError> {
         use lapin::options::{
             BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
         };
@@ -638,20 +636,13 @@ impl Brokers {
             let _ = ch.close(200, "replayed".into()).await;
             Ok::<_, StepError>(moved)
         };
-        match work.await {
-            Ok(moved) => Ok(moved),
-            Err(StepError::Broker(e)) => {
-                let (reason, message) = classify(&e);
-                Err(Probe::Unreachable { reason, message })
-            }
-            Err(StepError::Stalled) => Err(Probe::Unreachable {
-                reason: "Timeout",
-                message: format!(
-                    "the broker did not answer a replay step within {}s",
-                    REPLAY_STEP_TIMEOUT.as_secs()
-                ),
-            }),
-        }
+        work.await.map_err(|e| match e {
+            StepError::Broker(e) => BrokerError::from(&e),
+            StepError::Stalled => BrokerError::timeout(&format!(
+                "a replay step within {}s",
+                REPLAY_STEP_TIMEOUT.as_secs()
+            )),
+        })
     }
 
     /// Drops the connection to `uri` if no pool uses it any longer.

@@ -30,6 +30,7 @@
 //! loops).
 
 pub mod alerts;
+pub mod backoff;
 pub mod broker;
 pub mod check;
 pub mod contract;

@@ -24,7 +24,8 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{Instrument, info, instrument, warn};
 
-use crate::broker::{BrokerUri, Brokers};
+use crate::backoff::Backoff;
+use crate::broker::{BrokerError, BrokerUri, Brokers};
 use crate::core::{self, ConfigProblem, Observed, Plan};
 use crate::crd::{FIELD_MANAGER, TestRunnerPool, Verdict};
 use crate::metrics::{Metrics, PoolLabels, PoolReasonLabels};
@@ -76,8 +77,13 @@ pub enum Error {
     #[error("failed to write the quarantine list: {0}")]
     WriteQuarantineList(#[source] kube::Error),
     /// A broker operation (quarantine queue, replay) failed.
-    #[error("{0}")]
-    Broker(String),
+    #[error("failed to {operation}")]
+    Broker {
+        /// What the operator was doing.
+        operation: String,
+        /// Cause.
+        source: BrokerError,
+    },
 }
 
 impl Error {
@@ -92,7 +98,7 @@ impl Error {
             Error::InvalidObject(_) => "InvalidObject",
             Error::WriteQuarantineList(_) => "WriteQuarantineListFailed",
             Error::ReadPool(_) => "ReadPoolFailed",
-            Error::Broker(_) => "BrokerOperationFailed",
+            Error::Broker { .. } => "BrokerOperationFailed",
         }
     }
 }
@@ -151,7 +157,8 @@ pub struct Context {
     pub alerter: crate::alerts::Alerter,
     /// Settings.
     pub settings: Settings,
-    failures: Mutex<HashMap<ObjectRef<Guarded>, u32>>,
+    /// Retry delays of the pools whose last reconcile failed.
+    failures: Mutex<HashMap<ObjectRef<Guarded>, Backoff>>,
 }
 
 type Guarded = DeserializeGuard<TestRunnerPool>;
@@ -392,8 +399,9 @@ async fn quarantine(
                     crate::broker::ReplayFilter::DeadLettered { except: &listed },
                 )
                 .await
-                .map_err(|p| {
-                    Error::Broker(format!("failed to replay dead-lettered tickets: {p:?}"))
+                .map_err(|source| Error::Broker {
+                    operation: "replay dead-lettered tickets".into(),
+                    source,
                 })?;
             if !moved.is_empty() {
                 info!(
@@ -455,10 +463,9 @@ async fn quarantine(
         ctx.brokers
             .ensure_queue(uri, &quarantine_queue)
             .await
-            .map_err(|p| {
-                Error::Broker(format!(
-                    "failed to declare queue {quarantine_queue:?}: {p:?}"
-                ))
+            .map_err(|source| Error::Broker {
+                operation: format!("declare queue {quarantine_queue:?}"),
+                source,
             })?;
     }
     if !plan.replay.is_empty() {
@@ -471,7 +478,10 @@ async fn quarantine(
                 Some(&plan.replay),
             )
             .await
-            .map_err(|p| Error::Broker(format!("failed to replay quarantined tickets: {p:?}")))?;
+            .map_err(|source| Error::Broker {
+                operation: "replay quarantined tickets".into(),
+                source,
+            })?;
         info!(
             replayed = moved.len(),
             asked = plan.replay.len(),
@@ -679,9 +689,9 @@ pub fn truncate(s: &str, max: usize) -> String {
     format!("{}...", &s[..end])
 }
 
-/// Backoff of failed reconciles: 1s doubling up to 5 minutes.
-pub fn failure_backoff(failures: u32) -> Duration {
-    Duration::from_secs(1 << failures.min(9)).min(Duration::from_secs(300))
+/// Retry delays of a pool whose reconciles fail: 1 s doubling up to 5 minutes.
+fn failure_backoff() -> Backoff {
+    Backoff::new(Duration::from_secs(1), Duration::from_secs(300))
 }
 
 /// What happens after a failed reconcile: an invalid object waits for a change; other
@@ -694,16 +704,14 @@ pub fn error_policy(guarded: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> 
         Err(_) => ("InvalidSpec", Action::await_change()),
         Ok(_) => {
             let key = ObjectRef::from_obj(&*guarded);
-            let failures = {
-                let mut map = ctx.failures.lock().expect("lock");
-                let n = map.entry(key).or_insert(0);
-                *n += 1;
-                *n
-            };
-            (
-                error.category(),
-                Action::requeue(failure_backoff(failures - 1)),
-            )
+            let delay = ctx
+                .failures
+                .lock()
+                .expect("lock")
+                .entry(key)
+                .or_insert_with(failure_backoff)
+                .failed();
+            (error.category(), Action::requeue(delay))
         }
     };
     warn!(

@@ -264,7 +264,7 @@ async fn probe_loop(
             drop(outcomes.take());
             if let Err(why) = inner.brokers.delete_queue(&key.uri, &key.outcomes).await {
                 // It expires by itself an hour after its last use.
-                tracing::debug!(queue = %key.outcomes, ?why, "outcome queue not deleted");
+                tracing::debug!(queue = %key.outcomes, error = %why, "outcome queue not deleted");
             }
             inner.metrics.forget_pool(&labels);
             if let Some(alerter) = inner.alerter.get() {
