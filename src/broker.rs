@@ -184,6 +184,16 @@ pub enum Probe {
 }
 
 impl Probe {
+    /// Every reason a probe fails with: what [`Probe::failure_reason`] gives.
+    pub const FAILURE_REASONS: &[&str] = &[
+        "QueueNotFound",
+        "ConnectionFailed",
+        "AuthenticationFailed",
+        "Timeout",
+        "AccessRefused",
+        "ProtocolError",
+    ];
+
     /// Metric label / reason of a failed probe.
     pub fn failure_reason(&self) -> Option<&'static str> {
         match self {

@@ -286,6 +286,13 @@ impl Metrics {
                 reason: phase.into(),
             });
         }
+        for reason in crate::broker::Probe::FAILURE_REASONS {
+            self.probe_failures.remove(&ProbeFailureLabels {
+                namespace: labels.namespace.clone(),
+                pool: labels.pool.clone(),
+                reason: (*reason).into(),
+            });
+        }
         for reason in [
             "Healthy",
             "PoisonTicket",

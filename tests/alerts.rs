@@ -593,3 +593,138 @@ async fn the_webhook_url_never_reaches_logs_or_metrics() {
     }
     assert!(text.contains(r#"testrunner_alert_send_failures_total{receiver="webhook"}"#));
 }
+
+// ---------------------------------------------------------------------------------------
+// A deleted pool's series and alerts, with the controller on the embedded API server.
+
+/// The operator's lines in `metrics` that name pool `pool`.
+fn series_of(metrics: &Metrics, pool: &str) -> Vec<String> {
+    let label = format!("pool=\"{pool}\"");
+    metrics
+        .encode()
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains(&label))
+        .map(String::from)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_deleted_pool_leaves_no_series_or_alerts_whether_or_not_it_was_probed() {
+    use k8s_openapi::api::core::v1::{Namespace, Secret};
+    use kube::api::{Api, DeleteParams, PostParams};
+    use testrunner_operator::controller::{self, Settings};
+    use testrunner_operator::crd::TestRunnerPool;
+
+    let (rec, addr) = receiver().await;
+    let api = common::api_server(testrunner_sim::ServerConfig::default()).await;
+    let client = api.client();
+    let ns = "pool-cleanup";
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    // A broker nobody answers on: the probed pool's BrokerReachable goes False.
+    let closed = free_port().await;
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "closed-broker"},
+                "stringData": {"uri": format!("amqp://guest:guest@{closed}/%2f")},
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), ns);
+    for (name, secret) in [("probed", "closed-broker"), ("unprobed", "no-such-secret")] {
+        let pool = serde_json::from_value(json!({
+            "apiVersion": "testrunner.dev/v1alpha1",
+            "kind": "TestRunnerPool",
+            "metadata": {"name": name},
+            "spec": {
+                "image": "registry.example/test-runner:1",
+                "command": ["/run-tests"],
+                "queue": {"name": format!("tickets.{name}"), "connectionSecretRef": {"name": secret, "key": "uri"}},
+                "scaling": {"minWorkers": 0, "maxWorkers": 2, "pollInterval": "1s"},
+                "alerts": {"alertmanagerUrl": format!("http://{addr}")},
+            }
+        }))
+        .unwrap();
+        pools.create(&PostParams::default(), &pool).await.unwrap();
+    }
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let operator = tokio::spawn(controller::run(
+        client.clone(),
+        Settings::in_process(vec![ns.into()]),
+        metrics.clone(),
+        ready,
+    ));
+
+    eventually(
+        "series of both pools",
+        Duration::from_secs(20),
+        async || {
+            !series_of(&metrics, "probed").is_empty() && !series_of(&metrics, "unprobed").is_empty()
+        },
+    )
+    .await;
+    let firing = eventually_some(
+        "the probed pool's broker alert",
+        Duration::from_secs(20),
+        async || {
+            rec.hits().into_iter().find(|h| {
+                h.body.as_array().into_iter().flatten().any(|a| {
+                    alertname(a) == names::BROKER_UNREACHABLE && a["labels"]["pool"] == "probed"
+                })
+            })
+        },
+    )
+    .await;
+    let seen = rec.hits().len();
+    assert_eq!(firing.path, "/api/v2/alerts");
+
+    for name in ["probed", "unprobed"] {
+        pools.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    let left = || {
+        [
+            series_of(&metrics, "probed"),
+            series_of(&metrics, "unprobed"),
+        ]
+        .concat()
+    };
+    let waited = tokio::time::timeout(Duration::from_secs(20), async {
+        while !left().is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        waited.is_ok(),
+        "series left after the pools were deleted: {:#?}",
+        left()
+    );
+    eventually_some(
+        "the broker alert resolved",
+        Duration::from_secs(20),
+        async || {
+            rec.hits().into_iter().skip(seen).find(|h| {
+                h.body.as_array().into_iter().flatten().any(|a| {
+                    alertname(a) == names::BROKER_UNREACHABLE
+                        && a["labels"]["pool"] == "probed"
+                        && a["endsAt"]
+                            .as_str()
+                            .and_then(|t| t.parse::<Timestamp>().ok())
+                            .is_some_and(|t| t <= Timestamp::now())
+                })
+            })
+        },
+    )
+    .await;
+    operator.abort();
+}

@@ -1,9 +1,15 @@
 //! The imperative shell: watches pools and their pods, observes the world, asks the
-//! core for a plan, applies it and writes status.
+//! core for a plan, applies it, and sweeps what deleted pools leave behind.
 //!
-//! observe (Secret, probe cache, pods) → `core::plan` → apply (pods, events) → status.
+//! `observe` (Secret, probe cache, pods) → `core::plan` → `apply` (quarantine,
+//! pods, events, status, alerts, metrics); `probes` (one queue probe and outcome
+//! reader per pool), `cleanup` (series and alerts of deleted pools), `events`
+//! (the event recorder).
 
+mod apply;
+mod cleanup;
 mod events;
+mod observe;
 mod probes;
 
 use std::collections::HashMap;
@@ -13,24 +19,24 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use serde_json::json;
-use tracing::{Instrument, info, instrument, warn};
+use tracing::{Instrument, instrument, warn};
 
 use crate::backoff::Backoff;
-use crate::broker::{BrokerError, BrokerUri, Brokers};
-use crate::core::{self, ConfigProblem, Observed, Plan};
-use crate::crd::{FIELD_MANAGER, TestRunnerPool, Verdict};
-use crate::metrics::{Metrics, PoolLabels, PoolReasonLabels};
-use crate::pods::{self, PodSettings};
+use crate::broker::{BrokerError, Brokers};
+use crate::core;
+use crate::crd::TestRunnerPool;
+use crate::metrics::Metrics;
+use crate::pods::PodSettings;
 
+pub use cleanup::Cleanup;
 pub use probes::{ProbeKey, Probes};
 
 /// Reconcile failures. Messages read "failed to ..."; [`Error::category`] gives the
@@ -155,6 +161,8 @@ pub struct Context {
     pub recorder: events::Events,
     /// Alert delivery (Alertmanager, webhook).
     pub alerter: crate::alerts::Alerter,
+    /// What deleted pools leave behind, swept.
+    pub cleanup: Cleanup,
     /// Settings.
     pub settings: Settings,
     /// Retry delays of the pools whose last reconcile failed.
@@ -171,8 +179,8 @@ impl Context {
             instance: settings.instance.clone(),
         };
         let alerter = crate::alerts::Alerter::start(Default::default(), metrics.clone());
-        probes.set_alerter(alerter.clone());
         Self {
+            cleanup: Cleanup::new(probes.clone(), metrics.clone(), alerter.clone()),
             alerter,
             recorder: events::Events::new(client.clone(), reporter),
             client,
@@ -182,79 +190,6 @@ impl Context {
             settings,
             failures: Mutex::default(),
         }
-    }
-}
-
-/// Reads the broker URI from the pool's Secret, or says what is wrong with it.
-async fn broker_uri(
-    pool: &TestRunnerPool,
-    ctx: &Context,
-) -> Result<Result<BrokerUri, ConfigProblem>, Error> {
-    let ns = pool.namespace().unwrap_or_default();
-    let r = &pool.spec.queue.connection_secret_ref;
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let secret = match secrets.get_opt(&r.name).await {
-        Ok(Some(s)) => s,
-        Ok(None) => {
-            return Ok(Err(ConfigProblem::SecretNotFound {
-                name: r.name.clone(),
-            }));
-        }
-        Err(source) => {
-            return Err(Error::ReadSecret {
-                name: r.name.clone(),
-                source,
-            });
-        }
-    };
-    let Some(bytes) = secret.data.as_ref().and_then(|d| d.get(&r.key)) else {
-        return Ok(Err(ConfigProblem::SecretKeyMissing {
-            name: r.name.clone(),
-            key: r.key.clone(),
-        }));
-    };
-    let Ok(text) = std::str::from_utf8(&bytes.0) else {
-        return Ok(Err(ConfigProblem::InvalidUri {
-            detail: "the Secret value is not UTF-8 text".into(),
-        }));
-    };
-    Ok(BrokerUri::parse(text).map_err(|e| ConfigProblem::InvalidUri { detail: e.0 }))
-}
-
-/// The pool's alert receivers. A webhook Secret that cannot be read leaves the
-/// webhook out (with a warning) rather than failing the reconcile.
-async fn alert_receivers(pool: &TestRunnerPool, ctx: &Context) -> crate::alerts::Receivers {
-    let spec = &pool.spec.alerts;
-    let alertmanager_url = spec
-        .alertmanager_url
-        .as_deref()
-        .and_then(|u| url::Url::parse(u).ok());
-    let webhook_url = match &spec.webhook_secret_ref {
-        None => None,
-        Some(r) => {
-            let secrets: Api<Secret> =
-                Api::namespaced(ctx.client.clone(), &pool.namespace().unwrap_or_default());
-            match secrets.get_opt(&r.name).await {
-                Ok(Some(s)) => s
-                    .data
-                    .as_ref()
-                    .and_then(|d| d.get(&r.key))
-                    .and_then(|b| String::from_utf8(b.0.clone()).ok())
-                    .map(|u| u.trim().to_string()),
-                Ok(None) => {
-                    warn!(secret = %r.name, "alert webhook Secret not found");
-                    None
-                }
-                Err(e) => {
-                    warn!(secret = %r.name, error = %e, "failed to read the alert webhook Secret");
-                    None
-                }
-            }
-        }
-    };
-    crate::alerts::Receivers {
-        alertmanager_url,
-        webhook_url,
     }
 }
 
@@ -284,397 +219,16 @@ pub async fn reconcile(guarded: Arc<Guarded>, ctx: Arc<Context>) -> Result<Actio
         .record("namespace", ns.as_str())
         .record("pool", name.as_str());
 
-    // Observe.
-    let uri = broker_uri(pool, &ctx).await?;
-    let config_problem = uri.as_ref().err().cloned();
-    let poll_interval = core::settings(&pool.spec).unwrap_or_default().poll_interval;
     let key = ObjectRef::from_obj(&*guarded);
-    let broker = match &uri {
-        Ok(uri) => ctx.probes.ensure(
-            &key,
-            ProbeKey {
-                uri: uri.clone(),
-                queue: pool.spec.queue.name.clone(),
-                interval: poll_interval,
-                outcomes: pods::outcomes_queue(pool),
-            },
-        ),
-        Err(_) => {
-            ctx.probes.stop(&key);
-            core::BrokerView::NotProbed
-        }
-    };
-    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let pod_list = pods_api
-        .list(&ListParams::default().labels(&pods::selector(&name)))
-        .await
-        .map_err(Error::ListPods)?;
-    let uid = pool.uid();
-    let owned: Vec<&Pod> = pod_list
-        .items
-        .iter()
-        .filter(|p| {
-            p.owner_references()
-                .iter()
-                .any(|o| Some(&o.uid) == uid.as_ref())
-        })
-        .collect();
-    let activity = ctx.probes.activity(&key);
-    let observed = Observed {
-        pods: owned
-            .iter()
-            .map(|p| {
-                let mut view = pods::view(p);
-                // A reporting worker is what its last report says; until then, unknown.
-                if view.activity == core::Activity::Unknown
-                    && let Some(reported) = activity.get(&view.name)
-                {
-                    view.activity = reported.clone();
-                }
-                view
-            })
-            .collect(),
-        crashes: owned
-            .iter()
-            .flat_map(|p| core::crash::crash_records(p))
-            .collect(),
-        completions: ctx.probes.completions(&key),
-        broker,
-        config_problem,
-    };
-
-    // Decide.
-    let plan = core::plan(pool, &observed, Timestamp::now());
-
-    // Apply.
-    quarantine(pool, &plan, uri.as_ref().ok(), &ctx).await?;
-    apply(pool, &plan, &pods_api, &ctx).await?;
-    write_status(pool, &plan, &ctx).await?;
-    let receivers = alert_receivers(pool, &ctx).await;
-    let alerts = core::alerting::active_alerts(
-        &ns,
-        &name,
-        &plan.status,
-        &pool.spec.alerts.on,
-        Timestamp::now(),
-    );
-    ctx.alerter
-        .sync((ns.clone(), name.clone()), receivers, alerts);
-    record_metrics(pool, &plan, &ctx.metrics);
+    let seen = observe::observe(pool, &key, &ctx).await?;
+    let plan = core::plan(pool, &seen.observed, Timestamp::now());
+    apply::apply(pool, &plan, &seen, &ctx).await?;
+    // After the metrics and alerts: what a pool deleted meanwhile left is swept later.
+    ctx.cleanup.track(&key);
 
     ctx.failures.lock().expect("lock").remove(&key);
     ctx.metrics.reconciled(started.elapsed());
     Ok(Action::requeue(plan.requeue_after))
-}
-
-/// Keeps the workers' quarantine list and the quarantine queue in step with the plan,
-/// and returns replayed tickets to the work queue. The list is written before the
-/// replay, so that workers stop diverting a ticket before it comes back.
-async fn quarantine(
-    pool: &TestRunnerPool,
-    plan: &Plan,
-    uri: Option<&BrokerUri>,
-    ctx: &Context,
-) -> Result<(), Error> {
-    let had_list = pool
-        .status
-        .as_ref()
-        .and_then(|s| s.quarantine.as_ref())
-        .is_some_and(|q| !q.tickets.is_empty());
-    if let Some(uri) = uri
-        && plan.replay_dead_lettered
-    {
-        let quarantine_queue = pool.spec.queue.quarantine_queue_name();
-        if matches!(
-            ctx.brokers.probe(uri, &quarantine_queue).await,
-            crate::broker::Probe::Depth { ready, .. } if ready > 0
-        ) {
-            let listed: Vec<String> = plan.quarantine_list.iter().map(|t| t.id.clone()).collect();
-            let moved = ctx
-                .brokers
-                .replay_where(
-                    uri,
-                    &quarantine_queue,
-                    &pool.spec.queue.name,
-                    crate::broker::ReplayFilter::DeadLettered { except: &listed },
-                )
-                .await
-                .map_err(|source| Error::Broker {
-                    operation: "replay dead-lettered tickets".into(),
-                    source,
-                })?;
-            if !moved.is_empty() {
-                info!(
-                    replayed = moved.len(),
-                    "returned tickets the broker dead-lettered while workers crashed"
-                );
-                let event = Event {
-                    type_: EventType::Normal,
-                    reason: "TicketsReplayed".into(),
-                    note: Some(truncate(
-                        &format!(
-                            "Returned {} ticket(s) the broker dead-lettered into {quarantine_queue} while workers crashed (the environment recovered, or a failed canary is gone): {}",
-                            moved.len(),
-                            moved.join(", ")
-                        ),
-                        1024,
-                    )),
-                    action: "Replay".into(),
-                    secondary: None,
-                };
-                let _ = ctx.recorder.publish(&event, &pool.object_ref(&())).await;
-            }
-        }
-    }
-    if plan.quarantine_list.is_empty() && !had_list && plan.replay.is_empty() {
-        return Ok(());
-    }
-    let ns = pool.namespace().unwrap_or_default();
-    let name = pods::quarantine_config_map(pool);
-    let list: String = plan
-        .quarantine_list
-        .iter()
-        .map(|t| core::quarantine::list_entry(t).render())
-        .collect();
-    let config_map = json!({
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {
-            "name": name,
-            "namespace": ns,
-            "labels": pods::selector_labels(&pool.name_any()),
-            "ownerReferences": [pool.controller_owner_ref(&())],
-        },
-        "data": {pods::QUARANTINE_KEY: list},
-    });
-    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
-    cms.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&config_map),
-    )
-    .await
-    .map_err(Error::WriteQuarantineList)?;
-    let Some(uri) = uri else {
-        return Ok(());
-    };
-    let quarantine_queue = pool.spec.queue.quarantine_queue_name();
-    if !plan.quarantine_list.is_empty() {
-        ctx.brokers
-            .ensure_queue(uri, &quarantine_queue)
-            .await
-            .map_err(|source| Error::Broker {
-                operation: format!("declare queue {quarantine_queue:?}"),
-                source,
-            })?;
-    }
-    if !plan.replay.is_empty() {
-        let moved = ctx
-            .brokers
-            .replay(
-                uri,
-                &quarantine_queue,
-                &pool.spec.queue.name,
-                Some(&plan.replay),
-            )
-            .await
-            .map_err(|source| Error::Broker {
-                operation: "replay quarantined tickets".into(),
-                source,
-            })?;
-        info!(
-            replayed = moved.len(),
-            asked = plan.replay.len(),
-            "replayed quarantined tickets"
-        );
-    }
-    Ok(())
-}
-
-async fn create_pod(
-    pool: &TestRunnerPool,
-    batch: &core::PodBatch,
-    pods_api: &Api<Pod>,
-    ctx: &Context,
-) -> Result<(), Error> {
-    let pod_name = pods::pod_name(&pool.name_any());
-    let pod = pods::build_pod(pool, &pod_name, &batch.revision, &ctx.settings.pods);
-    pods_api
-        .patch(
-            &pod_name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&pod),
-        )
-        .await
-        .map_err(|source| Error::CreatePod {
-            name: pod_name.clone(),
-            source,
-        })?;
-    info!(pod = %pod_name, revision = %batch.revision, canary = batch.canary, "created worker pod");
-    Ok(())
-}
-
-async fn apply(
-    pool: &TestRunnerPool,
-    plan: &Plan,
-    pods_api: &Api<Pod>,
-    ctx: &Context,
-) -> Result<(), Error> {
-    for batch in &plan.create {
-        // Stable pods are built from the stable revision's snapshot, canaries from the spec.
-        let mut at_revision = pool.clone();
-        at_revision.spec = pool.spec.with_workload(&batch.workload);
-        for _ in 0..batch.count {
-            create_pod(&at_revision, batch, pods_api, ctx).await?;
-        }
-    }
-    for pod_name in &plan.delete {
-        match pods_api.delete(pod_name, &DeleteParams::default()).await {
-            Ok(_) => info!(pod = %pod_name, "deleting worker pod; it drains the ticket in hand"),
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(source) => {
-                return Err(Error::DeletePod {
-                    name: pod_name.clone(),
-                    source,
-                });
-            }
-        }
-    }
-    let reference = pool.object_ref(&());
-    for ev in &plan.events {
-        let event = Event {
-            type_: if ev.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: ev.reason.to_string(),
-            note: Some(truncate(&ev.note, 1024)),
-            action: ev.action.to_string(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-            warn!(reason = %ev.reason, error = %e, "failed to publish event");
-        }
-    }
-    Ok(())
-}
-
-async fn write_status(pool: &TestRunnerPool, plan: &Plan, ctx: &Context) -> Result<(), Error> {
-    if !core::status_changed(pool.status.as_ref(), &plan.status) {
-        return Ok(());
-    }
-    let api: Api<TestRunnerPool> =
-        Api::namespaced(ctx.client.clone(), &pool.namespace().unwrap_or_default());
-    let body = json!({
-        "apiVersion": TestRunnerPool::api_version(&()),
-        "kind": TestRunnerPool::kind(&()),
-        "status": plan.status,
-    });
-    api.patch_status(
-        &pool.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await
-    .map_err(Error::WriteStatus)?;
-    Ok(())
-}
-
-fn record_metrics(pool: &TestRunnerPool, plan: &Plan, metrics: &Metrics) {
-    let labels = PoolLabels {
-        namespace: pool.namespace().unwrap_or_default(),
-        pool: pool.name_any(),
-    };
-    if let Some(q) = &plan.status.queue {
-        metrics.queue_ready.get_or_create(&labels).set(q.ready);
-        metrics
-            .queue_consumers
-            .get_or_create(&labels)
-            .set(q.consumers);
-    }
-    if let Some(w) = &plan.status.workers {
-        metrics
-            .workers_desired
-            .get_or_create(&labels)
-            .set(w.desired as i64);
-        metrics
-            .workers_current
-            .get_or_create(&labels)
-            .set(w.current as i64);
-        metrics
-            .workers_ready
-            .get_or_create(&labels)
-            .set(w.ready as i64);
-        metrics
-            .workers_busy
-            .get_or_create(&labels)
-            .set(w.busy as i64);
-    }
-    for c in &plan.new_crashes {
-        metrics
-            .worker_crashes
-            .get_or_create(&PoolReasonLabels {
-                namespace: labels.namespace.clone(),
-                pool: labels.pool.clone(),
-                reason: if c.reason.is_empty() {
-                    "Error".into()
-                } else {
-                    c.reason.clone()
-                },
-            })
-            .inc();
-    }
-    metrics.quarantined_tickets.get_or_create(&labels).set(
-        plan.status
-            .quarantine
-            .as_ref()
-            .map_or(0, |q| q.count as i64),
-    );
-    if !plan.replay.is_empty() {
-        metrics
-            .replayed_tickets
-            .get_or_create(&labels)
-            .inc_by(plan.replay.len() as u64);
-    }
-    if let Some(d) = &plan.status.diagnosis {
-        for &v in Verdict::ALL {
-            metrics
-                .verdict
-                .get_or_create(&PoolReasonLabels {
-                    namespace: labels.namespace.clone(),
-                    pool: labels.pool.clone(),
-                    reason: v.to_string(),
-                })
-                .set((d.verdict == v) as i64);
-        }
-    }
-    if let Some(r) = &plan.status.rollout {
-        metrics
-            .rollout_failed
-            .get_or_create(&labels)
-            .set(core::rollout::failed(r) as i64);
-        let phase = serde_json::to_value(r.phase).unwrap_or_default();
-        for p in crate::metrics::ROLLOUT_PHASES {
-            metrics
-                .rollout_phase
-                .get_or_create(&PoolReasonLabels {
-                    namespace: labels.namespace.clone(),
-                    pool: labels.pool.clone(),
-                    reason: p.into(),
-                })
-                .set((phase == p) as i64);
-        }
-    }
-    let unreachable = plan
-        .status
-        .conditions
-        .iter()
-        .any(|c| c.type_ == core::ConditionType::BrokerReachable && c.status == "False");
-    metrics
-        .broker_unreachable
-        .get_or_create(&labels)
-        .set(unreachable as i64);
 }
 
 /// Cuts `s` to at most `max` bytes on a character boundary.
@@ -765,9 +319,9 @@ pub async fn run(
     };
     let brokers = Brokers::default();
     let mut runs = Vec::new();
-    // Probe tasks are spawned on their own: they end with the controller, also when
-    // its future is dropped (an operator stopped in-process, or a lost Lease).
-    let mut probe_sets = StopProbes(Vec::new());
+    // Probe and sweep tasks are spawned on their own: they end with the controller,
+    // also when its future is dropped (an operator stopped in-process, or a lost Lease).
+    let mut tasks = StopTasks::default();
     for ns in namespaces {
         let (pools, pods): (Api<Guarded>, Api<Pod>) = match &ns {
             Some(ns) => (
@@ -784,13 +338,15 @@ pub async fn run(
         let store = controller.store();
         let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded();
         let probes = Probes::new(brokers.clone(), metrics.clone(), store, trigger_tx);
-        probe_sets.0.push(probes.clone());
+        tasks.probes.push(probes.clone());
         let ctx = Arc::new(Context::new(
             client.clone(),
             metrics.clone(),
             settings.clone(),
             probes,
         ));
+        let sweeper = tokio::spawn(ctx.cleanup.clone().run(SWEEP_INTERVAL));
+        tasks.sweepers.push(sweeper.abort_handle());
         let fut = controller
             .owns(pods, pod_config)
             .reconcile_on(trigger_rx)
@@ -809,83 +365,26 @@ pub async fn run(
     }
     ready.store(true, Ordering::Relaxed);
     futures::future::join_all(runs).await;
-    drop(probe_sets);
+    drop(tasks);
 }
 
-/// Stops the probe tasks of a controller when dropped.
-struct StopProbes(Vec<Probes>);
+/// How often what deleted pools left behind is swept.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(2);
 
-impl Drop for StopProbes {
+/// Stops the probe and sweep tasks of a controller when dropped.
+#[derive(Default)]
+struct StopTasks {
+    probes: Vec<Probes>,
+    sweepers: Vec<tokio::task::AbortHandle>,
+}
+
+impl Drop for StopTasks {
     fn drop(&mut self) {
-        for probes in &self.0 {
+        for probes in &self.probes {
             probes.stop_all();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::core::fixtures::{depth, pool, t};
-    use crate::crd::{RolloutPhase, RolloutReason};
-
-    #[test]
-    fn busy_workers_are_a_metric_and_go_with_the_pool() {
-        use crate::core::fixtures::pod;
-        use crate::core::{Activity, PodState};
-        let p = pool();
-        let mut busy = pod("unit-a", &core::revision(&p.spec), PodState::Ready, 0);
-        busy.activity = Activity::Busy {
-            ticket: "t-1".into(),
-        };
-        let plan = core::plan(&p, &depth(0, 1, vec![busy]), t(0));
-        let metrics = Metrics::default();
-        record_metrics(&p, &plan, &metrics);
-        let text = metrics.encode();
-        assert!(
-            text.contains(r#"testrunner_workers_busy{namespace="ci",pool="unit"} 1"#),
-            "{text}"
-        );
-        assert!(text.contains(r#"testrunner_workers_desired{namespace="ci",pool="unit"} 1"#));
-        metrics.forget_pool(&PoolLabels {
-            namespace: "ci".into(),
-            pool: "unit".into(),
-        });
-        assert!(!metrics.encode().contains("testrunner_workers_busy{"));
-    }
-
-    #[test]
-    fn rollout_metrics_follow_the_status_and_go_with_the_pool() {
-        let p = pool();
-        let mut plan = core::plan(&p, &depth(0, 0, vec![]), t(0));
-        let metrics = Metrics::default();
-        record_metrics(&p, &plan, &metrics);
-        let text = metrics.encode();
-        assert!(
-            text.contains(
-                r#"testrunner_rollout_phase{namespace="ci",pool="unit",reason="Promoted"} 1"#
-            ),
-            "{text}"
-        );
-        assert!(text.contains(r#"testrunner_rollout_failed{namespace="ci",pool="unit"} 0"#));
-
-        let rollout = plan.status.rollout.as_mut().unwrap();
-        rollout.phase = RolloutPhase::RolledBack;
-        rollout.reason = Some(RolloutReason::CanaryCrashedOnTickets);
-        record_metrics(&p, &plan, &metrics);
-        let text = metrics.encode();
-        assert!(text.contains(r#"testrunner_rollout_failed{namespace="ci",pool="unit"} 1"#));
-        assert!(text.contains(
-            r#"testrunner_rollout_phase{namespace="ci",pool="unit",reason="RolledBack"} 1"#
-        ));
-        assert!(text.contains(
-            r#"testrunner_rollout_phase{namespace="ci",pool="unit",reason="Promoted"} 0"#
-        ));
-
-        metrics.forget_pool(&PoolLabels {
-            namespace: "ci".into(),
-            pool: "unit".into(),
-        });
-        assert!(!metrics.encode().contains(r#"pool="unit""#));
+        for sweeper in &self.sweepers {
+            sweeper.abort();
+        }
     }
 }

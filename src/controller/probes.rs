@@ -82,7 +82,6 @@ struct Inner {
     store: Store<Guarded>,
     trigger: UnboundedSender<ObjectRef<Guarded>>,
     tasks: Mutex<HashMap<ObjectRef<Guarded>, Task>>,
-    alerter: std::sync::OnceLock<crate::alerts::Alerter>,
 }
 
 /// The probe tasks of one controller.
@@ -104,13 +103,17 @@ impl Probes {
             store,
             trigger,
             tasks: Mutex::default(),
-            alerter: std::sync::OnceLock::new(),
         }))
     }
 
-    /// The alerter whose alerts for a pool are resolved when the pool goes.
-    pub fn set_alerter(&self, alerter: crate::alerts::Alerter) {
-        let _ = self.0.alerter.set(alerter);
+    /// True while the controller's store holds `pool` (it is not deleted).
+    pub fn holds(&self, pool: &ObjectRef<Guarded>) -> bool {
+        self.0.store.get(pool).is_some()
+    }
+
+    /// True while a probe task runs for `pool`.
+    pub fn probing(&self, pool: &ObjectRef<Guarded>) -> bool {
+        self.0.tasks.lock().expect("lock").contains_key(pool)
     }
 
     /// The shared broker connections.
@@ -259,16 +262,13 @@ async fn probe_loop(
         _ => None,
     };
     loop {
-        if inner.store.get(&pool).is_none() {
-            // The pool is gone: its outcome queue, series, alerts and task go with it.
+        if !probes.holds(&pool) {
+            // The pool is gone: its outcome queue and task go with it (its series and
+            // alerts are swept once the task has ended, see `cleanup`).
             drop(outcomes.take());
             if let Err(why) = inner.brokers.delete_queue(&key.uri, &key.outcomes).await {
                 // It expires by itself an hour after its last use.
                 tracing::debug!(queue = %key.outcomes, error = %why, "outcome queue not deleted");
-            }
-            inner.metrics.forget_pool(&labels);
-            if let Some(alerter) = inner.alerter.get() {
-                alerter.forget((labels.namespace.clone(), labels.pool.clone()));
             }
             let mut tasks = inner.tasks.lock().expect("lock");
             tasks.remove(&pool);
