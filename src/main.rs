@@ -39,7 +39,8 @@ enum Command {
     /// Run COMMAND for each ticket of the queue, one at a time (wrapped-mode worker pods).
     Worker(worker::WorkerArgs),
     /// Run a simulated cluster (API server, kubelet running local processes, and this
-    /// operator) for development and tests. Never a product runtime.
+    /// operator) for development and tests. Never a product runtime. The broker URI
+    /// goes into Secret default/rabbitmq (key uri).
     #[cfg(feature = "simulate")]
     Simulate(SimulateArgs),
     /// Publish test tickets (persistent, with message_id) to a RabbitMQ queue.
@@ -58,15 +59,8 @@ struct SimulateArgs {
     /// Where to write the kubeconfig for kubectl.
     #[arg(long, default_value = "simulated.kubeconfig")]
     kubeconfig: std::path::PathBuf,
-    /// Broker URI stored in Secret default/rabbitmq (key uri); never printed.
-    #[arg(
-        long,
-        env = "TESTRUNNER_AMQP_URI",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true,
-        hide_default_value = true
-    )]
-    amqp_uri: String,
+    #[command(flatten)]
+    broker: BrokerArg,
     /// Divides the kubelet's durations (CrashLoopBackOff, grace periods); 10 runs ten
     /// times faster.
     #[arg(long, default_value_t = 1.0)]
@@ -97,9 +91,11 @@ fn parse_image(value: &str) -> Result<(String, std::path::PathBuf), String> {
     Ok((name.to_string(), dir))
 }
 
+/// `--amqp-uri`, shared by the commands that talk to a broker.
 #[derive(clap::Args)]
-struct PublishArgs {
-    /// Broker URI (amqp:// or amqps://); default: the local broker, guest/guest.
+struct BrokerArg {
+    /// Broker URI (amqp:// or amqps://); default: the local broker, guest/guest. Never
+    /// printed.
     #[arg(
         long,
         env = "TESTRUNNER_AMQP_URI",
@@ -108,6 +104,12 @@ struct PublishArgs {
         hide_default_value = true
     )]
     amqp_uri: String,
+}
+
+#[derive(clap::Args)]
+struct PublishArgs {
+    #[command(flatten)]
+    broker: BrokerArg,
     /// Queue to publish to (through the default exchange).
     #[arg(long)]
     queue: String,
@@ -202,7 +204,7 @@ fn simulate(args: SimulateArgs) -> ExitCode {
     let opts = simulate::SimulateOptions {
         listen: args.listen,
         kubeconfig: args.kubeconfig,
-        amqp_uri: args.amqp_uri,
+        amqp_uri: args.broker.amqp_uri,
         time_scale: args.time_scale,
         images: args.images.into_iter().collect(),
         control_plane: args.control_plane,
@@ -218,7 +220,7 @@ fn simulate(args: SimulateArgs) -> ExitCode {
 
 fn publish(args: PublishArgs) -> ExitCode {
     let published = runtime().block_on(testrunner_operator::publish::publish(
-        &args.amqp_uri,
+        &args.broker.amqp_uri,
         &args.queue,
         args.count,
         args.declare_quorum,

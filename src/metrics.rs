@@ -33,18 +33,8 @@ pub struct PoolReasonLabels {
     pub namespace: String,
     /// Name of the pool.
     pub pool: String,
-    /// Static reason (Error, OOMKilled, ...) or verdict (PoisonTicket, ...).
-    pub reason: String,
-}
-
-/// Labels of probe failures.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ProbeFailureLabels {
-    /// Namespace of the pool.
-    pub namespace: String,
-    /// Name of the pool.
-    pub pool: String,
-    /// Static failure reason (ConnectionFailed, QueueNotFound, ...).
+    /// Static reason (Error, OOMKilled, ...), verdict (PoisonTicket, ...) or probe
+    /// failure (ConnectionFailed, QueueNotFound, ...).
     pub reason: String,
 }
 
@@ -64,184 +54,92 @@ pub struct ReceiverLabels {
     pub receiver: String,
 }
 
-/// Every metric the operator exports.
-pub struct Metrics {
-    /// The registry to encode.
-    pub registry: Registry,
-    /// Tickets ready in the queue.
-    pub queue_ready: Family<PoolLabels, Gauge>,
-    /// Consumers on the queue.
-    pub queue_consumers: Family<PoolLabels, Gauge>,
-    /// Workers wanted.
-    pub workers_desired: Family<PoolLabels, Gauge>,
-    /// Worker pods that exist.
-    pub workers_current: Family<PoolLabels, Gauge>,
-    /// Worker pods that are ready.
-    pub workers_ready: Family<PoolLabels, Gauge>,
-    /// Worker pods running a ticket.
-    pub workers_busy: Family<PoolLabels, Gauge>,
-    /// 1 while the pool's broker is unreachable.
-    pub broker_unreachable: Family<PoolLabels, Gauge>,
-    /// Reconcile duration.
-    pub reconcile_duration: Histogram,
-    /// Reconciles.
-    pub reconciles: Counter,
-    /// Reconcile failures by category.
-    pub reconcile_errors: Family<ErrorLabels, Counter>,
-    /// Probe latency.
-    pub probe_duration: Histogram,
-    /// Probe failures by reason.
-    pub probe_failures: Family<ProbeFailureLabels, Counter>,
-    /// Worker crashes by Kubernetes reason.
-    pub worker_crashes: Family<PoolReasonLabels, Counter>,
-    /// Tickets in quarantine.
-    pub quarantined_tickets: Family<PoolLabels, Gauge>,
-    /// Tickets returned from quarantine.
-    pub replayed_tickets: Family<PoolLabels, Counter>,
-    /// 1 for the pool's current diagnosis verdict (label `reason`).
-    pub verdict: Family<PoolReasonLabels, Gauge>,
-    /// 1 while the pool's latest rollout failed.
-    pub rollout_failed: Family<PoolLabels, Gauge>,
-    /// 1 for the phase of the pool's latest rollout (label `reason`).
-    pub rollout_phase: Family<PoolReasonLabels, Gauge>,
-    /// Alerts delivered, by receiver kind and status (one per alert in a request).
-    pub alerts_sent: Family<AlertSentLabels, Counter>,
-    /// Failed alert deliveries (requests), by receiver kind.
-    pub alert_send_failures: Family<ReceiverLabels, Counter>,
-    /// Alerts currently active per pool.
-    pub alerts_active: Family<PoolLabels, Gauge>,
+/// Declares the operator's metrics once each: the field, its type and value, and the
+/// name and help it is registered with.
+macro_rules! metrics {
+    ($($(#[doc = $doc:literal])* $field:ident: $ty:ty = $init:expr => $name:literal, $help:literal;)*) => {
+        /// Every metric the operator exports.
+        pub struct Metrics {
+            /// The registry to encode.
+            pub registry: Registry,
+            $($(#[doc = $doc])* pub $field: $ty,)*
+        }
+
+        impl Default for Metrics {
+            fn default() -> Self {
+                let mut registry = Registry::with_prefix("testrunner");
+                $(let $field: $ty = $init;
+                registry.register($name, $help, $field.clone());)*
+                Metrics { registry, $($field,)* }
+            }
+        }
+    };
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        let mut registry = Registry::with_prefix("testrunner");
-        let m = Metrics {
-            queue_ready: Family::default(),
-            queue_consumers: Family::default(),
-            workers_desired: Family::default(),
-            workers_current: Family::default(),
-            workers_ready: Family::default(),
-            workers_busy: Family::default(),
-            broker_unreachable: Family::default(),
-            reconcile_duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
-            reconciles: Counter::default(),
-            reconcile_errors: Family::default(),
-            probe_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
-            probe_failures: Family::default(),
-            alerts_sent: Family::default(),
-            alert_send_failures: Family::default(),
-            alerts_active: Family::default(),
-            worker_crashes: Family::default(),
-            quarantined_tickets: Family::default(),
-            replayed_tickets: Family::default(),
-            verdict: Family::default(),
-            rollout_failed: Family::default(),
-            rollout_phase: Family::default(),
-            registry: Registry::default(),
-        };
-        registry.register(
-            "queue_ready_tickets",
-            "Tickets ready in the pool's queue",
-            m.queue_ready.clone(),
-        );
-        registry.register(
-            "queue_consumers",
-            "Consumers on the pool's queue",
-            m.queue_consumers.clone(),
-        );
-        registry.register(
-            "workers_desired",
-            "Worker pods the operator wants",
-            m.workers_desired.clone(),
-        );
-        registry.register(
-            "workers_current",
-            "Worker pods that exist (not terminating)",
-            m.workers_current.clone(),
-        );
-        registry.register(
-            "workers_ready",
-            "Worker pods that are ready",
-            m.workers_ready.clone(),
-        );
-        registry.register(
-            "workers_busy",
-            "Worker pods running a ticket, as their workers report it",
-            m.workers_busy.clone(),
-        );
-        registry.register(
-            "broker_unreachable",
-            "1 while the pool's broker cannot be reached",
-            m.broker_unreachable.clone(),
-        );
-        registry.register(
-            "reconcile_duration_seconds",
-            "Time spent in one reconcile",
-            m.reconcile_duration.clone(),
-        );
-        registry.register("reconciles", "Reconciles run", m.reconciles.clone());
-        registry.register(
-            "reconcile_errors",
-            "Failed reconciles by error category",
-            m.reconcile_errors.clone(),
-        );
-        registry.register(
-            "queue_probe_duration_seconds",
-            "Time one queue probe took",
-            m.probe_duration.clone(),
-        );
-        registry.register(
-            "queue_probe_failures",
-            "Failed queue probes by reason",
-            m.probe_failures.clone(),
-        );
-        registry.register(
-            "alerts_sent",
-            "Alerts delivered to a receiver, by receiver kind and status",
-            m.alerts_sent.clone(),
-        );
-        registry.register(
-            "alert_send_failures",
-            "Failed alert deliveries, by receiver kind",
-            m.alert_send_failures.clone(),
-        );
-        registry.register(
-            "alerts_active",
-            "Alerts currently active for the pool",
-            m.alerts_active.clone(),
-        );
-        registry.register(
-            "worker_crashes",
-            "Worker container crashes by reason (Error, OOMKilled, ...)",
-            m.worker_crashes.clone(),
-        );
-        registry.register(
-            "quarantined_tickets",
-            "Tickets of the pool in quarantine",
-            m.quarantined_tickets.clone(),
-        );
-        registry.register(
-            "replayed_tickets",
-            "Tickets returned from quarantine to the work queue",
-            m.replayed_tickets.clone(),
-        );
-        registry.register(
-            "diagnosis_verdict",
-            "1 for the pool's current crash diagnosis (label reason: Healthy, PoisonTicket, BrokenEnvironment, OutOfMemory, QueueStalled)",
-            m.verdict.clone(),
-        );
-        registry.register(
-            "rollout_failed",
-            "1 while the pool's latest rollout failed its canary and the spec still names that revision",
-            m.rollout_failed.clone(),
-        );
-        registry.register(
-            "rollout_phase",
-            "1 for the phase of the pool's latest rollout (label reason: Progressing, Paused, Promoted, RolledBack)",
-            m.rollout_phase.clone(),
-        );
-        Metrics { registry, ..m }
-    }
+metrics! {
+    /// Tickets ready in the queue.
+    queue_ready: Family<PoolLabels, Gauge> = Family::default()
+        => "queue_ready_tickets", "Tickets ready in the pool's queue";
+    /// Consumers on the queue.
+    queue_consumers: Family<PoolLabels, Gauge> = Family::default()
+        => "queue_consumers", "Consumers on the pool's queue";
+    /// Workers wanted.
+    workers_desired: Family<PoolLabels, Gauge> = Family::default()
+        => "workers_desired", "Worker pods the operator wants";
+    /// Worker pods that exist.
+    workers_current: Family<PoolLabels, Gauge> = Family::default()
+        => "workers_current", "Worker pods that exist (not terminating)";
+    /// Worker pods that are ready.
+    workers_ready: Family<PoolLabels, Gauge> = Family::default()
+        => "workers_ready", "Worker pods that are ready";
+    /// Worker pods running a ticket.
+    workers_busy: Family<PoolLabels, Gauge> = Family::default()
+        => "workers_busy", "Worker pods running a ticket, as their workers report it";
+    /// 1 while the pool's broker is unreachable.
+    broker_unreachable: Family<PoolLabels, Gauge> = Family::default()
+        => "broker_unreachable", "1 while the pool's broker cannot be reached";
+    /// Reconcile duration.
+    reconcile_duration: Histogram = Histogram::new(exponential_buckets(0.001, 2.0, 14))
+        => "reconcile_duration_seconds", "Time spent in one reconcile";
+    /// Reconciles.
+    reconciles: Counter = Counter::default()
+        => "reconciles", "Reconciles run";
+    /// Reconcile failures by category.
+    reconcile_errors: Family<ErrorLabels, Counter> = Family::default()
+        => "reconcile_errors", "Failed reconciles by error category";
+    /// Probe latency.
+    probe_duration: Histogram = Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+        => "queue_probe_duration_seconds", "Time one queue probe took";
+    /// Probe failures by reason.
+    probe_failures: Family<PoolReasonLabels, Counter> = Family::default()
+        => "queue_probe_failures", "Failed queue probes by reason";
+    /// Worker crashes by Kubernetes reason.
+    worker_crashes: Family<PoolReasonLabels, Counter> = Family::default()
+        => "worker_crashes", "Worker container crashes by reason (Error, OOMKilled, ...)";
+    /// Tickets in quarantine.
+    quarantined_tickets: Family<PoolLabels, Gauge> = Family::default()
+        => "quarantined_tickets", "Tickets of the pool in quarantine";
+    /// Tickets returned from quarantine.
+    replayed_tickets: Family<PoolLabels, Counter> = Family::default()
+        => "replayed_tickets", "Tickets returned from quarantine to the work queue";
+    /// 1 for the pool's current diagnosis verdict (label `reason`).
+    verdict: Family<PoolReasonLabels, Gauge> = Family::default()
+        => "diagnosis_verdict", "1 for the pool's current crash diagnosis (label reason: Healthy, PoisonTicket, BrokenEnvironment, OutOfMemory, QueueStalled)";
+    /// 1 while the pool's latest rollout failed.
+    rollout_failed: Family<PoolLabels, Gauge> = Family::default()
+        => "rollout_failed", "1 while the pool's latest rollout failed its canary and the spec still names that revision";
+    /// 1 for the phase of the pool's latest rollout (label `reason`).
+    rollout_phase: Family<PoolReasonLabels, Gauge> = Family::default()
+        => "rollout_phase", "1 for the phase of the pool's latest rollout (label reason: Progressing, Paused, Promoted, RolledBack)";
+    /// Alerts delivered, by receiver kind and status (one per alert in a request).
+    alerts_sent: Family<AlertSentLabels, Counter> = Family::default()
+        => "alerts_sent", "Alerts delivered to a receiver, by receiver kind and status";
+    /// Failed alert deliveries (requests), by receiver kind.
+    alert_send_failures: Family<ReceiverLabels, Counter> = Family::default()
+        => "alert_send_failures", "Failed alert deliveries, by receiver kind";
+    /// Alerts currently active per pool.
+    alerts_active: Family<PoolLabels, Gauge> = Family::default()
+        => "alerts_active", "Alerts currently active for the pool";
 }
 
 /// The values of `testrunner_rollout_phase`'s reason label.
@@ -287,7 +185,7 @@ impl Metrics {
             });
         }
         for reason in crate::broker::Probe::FAILURE_REASONS {
-            self.probe_failures.remove(&ProbeFailureLabels {
+            self.probe_failures.remove(&PoolReasonLabels {
                 namespace: labels.namespace.clone(),
                 pool: labels.pool.clone(),
                 reason: (*reason).into(),

@@ -354,6 +354,25 @@ mod tests {
         c.env.as_ref()?.iter().find(|e| e.name == name)
     }
 
+    /// What every worker container gets, wrapped or native: the queue in its
+    /// environment, the broker URI from the Secret only, the termination log.
+    fn assert_connection_settings(worker: &Container) {
+        let queue = env_value(worker, "TESTRUNNER_QUEUE").unwrap();
+        assert_eq!(queue.value.as_deref(), Some("tickets.unit"));
+        let uri = env_value(worker, "TESTRUNNER_AMQP_URI").unwrap();
+        assert_eq!(uri.value, None, "the URI never appears in the pod spec");
+        let secret = uri.value_from.as_ref().unwrap().secret_key_ref.as_ref();
+        let secret = secret.unwrap();
+        assert_eq!(
+            (secret.name.as_str(), secret.key.as_str()),
+            ("rabbitmq", "uri")
+        );
+        assert_eq!(
+            worker.termination_message_path.as_deref(),
+            Some("/dev/termination-log")
+        );
+    }
+
     fn worker_args() -> clap::Command {
         use clap::Args;
         crate::worker::WorkerArgs::augment_args(clap::Command::new("worker"))
@@ -411,31 +430,7 @@ mod tests {
             .unwrap();
         assert_eq!(mount.mount_path, WRAPPER_DIR);
         assert_eq!(mount.read_only, Some(true));
-        assert_eq!(
-            worker.termination_message_path.as_deref(),
-            Some("/dev/termination-log")
-        );
-
-        assert_eq!(
-            env_value(worker, "TESTRUNNER_QUEUE")
-                .unwrap()
-                .value
-                .as_deref(),
-            Some("tickets.unit")
-        );
-        let uri = env_value(worker, "TESTRUNNER_AMQP_URI").unwrap();
-        assert_eq!(uri.value, None, "the URI never appears in the pod spec");
-        let secret = uri
-            .value_from
-            .as_ref()
-            .unwrap()
-            .secret_key_ref
-            .as_ref()
-            .unwrap();
-        assert_eq!(
-            (secret.name.as_str(), secret.key.as_str()),
-            ("rabbitmq", "uri")
-        );
+        assert_connection_settings(worker);
 
         // Every flag the wrapper requires is given through the pod's environment.
         let cmd = worker_args();
@@ -542,19 +537,7 @@ spec:
                 Some("registry.example/amqp-runner:1")
             );
             // A native worker gets the same connection settings and termination log.
-            assert_eq!(
-                env_value(worker, "TESTRUNNER_QUEUE")
-                    .unwrap()
-                    .value
-                    .as_deref(),
-                Some("tickets.unit")
-            );
-            let uri = env_value(worker, "TESTRUNNER_AMQP_URI").unwrap();
-            assert!(uri.value.is_none() && uri.value_from.is_some());
-            assert_eq!(
-                worker.termination_message_path.as_deref(),
-                Some("/dev/termination-log")
-            );
+            assert_connection_settings(worker);
         }
     }
 }

@@ -269,22 +269,14 @@ fn record_metrics(pool: &TestRunnerPool, plan: &Plan, metrics: &Metrics) {
             .set(q.consumers);
     }
     if let Some(w) = &plan.status.workers {
-        metrics
-            .workers_desired
-            .get_or_create(&labels)
-            .set(w.desired as i64);
-        metrics
-            .workers_current
-            .get_or_create(&labels)
-            .set(w.current as i64);
-        metrics
-            .workers_ready
-            .get_or_create(&labels)
-            .set(w.ready as i64);
-        metrics
-            .workers_busy
-            .get_or_create(&labels)
-            .set(w.busy as i64);
+        for (family, value) in [
+            (&metrics.workers_desired, w.desired),
+            (&metrics.workers_current, w.current),
+            (&metrics.workers_ready, w.ready),
+            (&metrics.workers_busy, w.busy),
+        ] {
+            family.get_or_create(&labels).set(value as i64);
+        }
     }
     for c in &plan.new_crashes {
         metrics

@@ -18,7 +18,7 @@ use crate::contract::Report;
 use crate::core::diagnosis::Completions;
 use crate::core::{Activity, BrokerView};
 use crate::crd::TestRunnerPool;
-use crate::metrics::{Metrics, PoolLabels, ProbeFailureLabels};
+use crate::metrics::{Metrics, PoolLabels, PoolReasonLabels};
 
 type Guarded = DeserializeGuard<TestRunnerPool>;
 
@@ -285,7 +285,7 @@ async fn probe_loop(
             inner
                 .metrics
                 .probe_failures
-                .get_or_create(&ProbeFailureLabels {
+                .get_or_create(&PoolReasonLabels {
                     namespace: labels.namespace.clone(),
                     pool: labels.pool.clone(),
                     reason: reason.into(),
