@@ -120,7 +120,7 @@ fn main() {
         // them since the rollout started; 19 crashes on record).
         let mut rolling = p.clone();
         rolling.status = Some(core::plan(&p, &obs, now).status);
-        rolling.spec.image = "registry.example/test-runner:2".into();
+        rolling.spec.workload.image = "registry.example/test-runner:2".into();
         rolling.spec.rollout.promote_after_tickets = 100;
         let canary = core::revision(&rolling.spec);
         let mut mid = obs.clone();

@@ -59,27 +59,10 @@ pub const MANAGED_BY: &str = "testrunner-operator";
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TestRunnerPoolSpec {
-    /// Container image of the test runner. Changing it (or command, worker or template)
-    /// makes a new revision, rolled out behind a canary (see `rollout`).
-    #[schemars(length(min = 1, max = 1024))]
-    pub image: String,
-
-    /// The test command run for each ticket; the ticket body arrives on its standard
-    /// input. In Wrapped mode it is required. In Native mode it replaces the image's
-    /// entrypoint when set.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub command: Vec<String>,
-
-    /// How worker pods consume tickets: Wrapped (default) puts the operator's worker
-    /// wrapper in front of `command`; Native runs an image that speaks AMQP itself and
-    /// follows the ticket contract.
-    #[serde(default)]
-    pub worker: WorkerSpec,
-
-    /// Overrides merged into every worker pod: resources, env, volumes, scheduling,
-    /// service account, grace period.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub template: Option<PodTemplateOverrides>,
+    /// What worker pods run: image, command, worker mode and pod template. Changing any
+    /// of it makes a new revision, rolled out behind a canary (see `rollout`).
+    #[serde(flatten)]
+    pub workload: Workload,
 
     /// The RabbitMQ queue the tickets come from.
     pub queue: QueueSpec,
@@ -213,50 +196,59 @@ impl Default for RolloutSpec {
     }
 }
 
-/// What a worker pod is built from: one revision of a pool.
+/// What a worker pod is built from: the revision-defining part of a pool's spec
+/// (written in the spec at its top level), and the stable revision kept in its status.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Workload {
-    /// Container image.
+    /// Container image of the test runner. Changing it (or command, worker or template)
+    /// makes a new revision, rolled out behind a canary (see `rollout`).
+    #[schemars(length(min = 1, max = 1024))]
     pub image: String,
-    /// Test command.
+
+    /// The test command run for each ticket; the ticket body arrives on its standard
+    /// input. In Wrapped mode it is required. In Native mode it replaces the image's
+    /// entrypoint when set.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
-    /// Worker mode.
+
+    /// How worker pods consume tickets: Wrapped (default) puts the operator's worker
+    /// wrapper in front of `command`; Native runs an image that speaks AMQP itself and
+    /// follows the ticket contract.
     #[serde(default)]
     pub worker: WorkerSpec,
-    /// Pod template overrides (as in spec.template).
+
+    /// Overrides merged into every worker pod: resources, env, volumes, scheduling,
+    /// service account, grace period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "preserved_object")]
     pub template: Option<PodTemplateOverrides>,
 }
 
-fn preserved_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    schemars::json_schema!({
-        "type": "object",
-        "nullable": true,
-        "x-kubernetes-preserve-unknown-fields": true
-    })
+/// The schema of a [`Workload`] kept in the status: the spec's, with the pod template
+/// left unchecked (the spec's copy was checked; the CRD stays small).
+fn workload_snapshot(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = generator.root_schema_for::<Workload>();
+    schema.remove("$schema");
+    schema.remove("title");
+    if let Some(properties) = schema.get_mut("properties").and_then(|p| p.as_object_mut()) {
+        properties.insert(
+            "template".into(),
+            serde_json::json!({
+                "description": "Pod template overrides of the stable revision (as in spec.template).",
+                "type": "object",
+                "nullable": true,
+                "x-kubernetes-preserve-unknown-fields": true
+            }),
+        );
+    }
+    schema
 }
 
 impl TestRunnerPoolSpec {
-    /// The revision-defining part of the spec.
-    pub fn workload(&self) -> Workload {
-        Workload {
-            image: self.image.clone(),
-            command: self.command.clone(),
-            worker: self.worker.clone(),
-            template: self.template.clone(),
-        }
-    }
-
     /// The spec with its revision-defining part replaced by `workload`.
     pub fn with_workload(&self, workload: &Workload) -> TestRunnerPoolSpec {
         TestRunnerPoolSpec {
-            image: workload.image.clone(),
-            command: workload.command.clone(),
-            worker: workload.worker.clone(),
-            template: workload.template.clone(),
+            workload: workload.clone(),
             ..self.clone()
         }
     }
@@ -615,6 +607,7 @@ pub struct RolloutStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub canary_tickets: Vec<String>,
     /// What stable pods are built from.
+    #[schemars(schema_with = "workload_snapshot")]
     pub stable: Workload,
     /// Ended rollouts, newest last (at most 10).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -92,7 +92,7 @@ fn env(name: &str, value: &str) -> EnvVar {
 /// Builds worker pod `name` of `revision` for `pool`.
 pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &PodSettings) -> Pod {
     let spec = &pool.spec;
-    let overrides = spec.template.clone().unwrap_or_default();
+    let overrides = spec.workload.template.clone().unwrap_or_default();
     let mut labels = overrides.labels.clone();
     labels.extend(selector_labels(&pool.name_any()));
     labels.insert(LABEL_REVISION.into(), revision.into());
@@ -104,7 +104,7 @@ pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &P
             "TESTRUNNER_QUARANTINE_QUEUE",
             &spec.queue.quarantine_queue_name(),
         ),
-        env("TESTRUNNER_IMAGE", &spec.image),
+        env("TESTRUNNER_IMAGE", &spec.workload.image),
         env("TESTRUNNER_REVISION", revision),
         env("TESTRUNNER_OUTCOMES_QUEUE", &outcomes_queue(pool)),
         env(
@@ -173,7 +173,7 @@ pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &P
         ..Default::default()
     });
     let mut init_containers = Vec::new();
-    let (command, args) = match spec.worker.mode {
+    let (command, args) = match spec.workload.worker.mode {
         WorkerMode::Wrapped => {
             volumes.push(Volume {
                 name: "testrunner-bin".into(),
@@ -202,18 +202,19 @@ pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &P
                 ..Default::default()
             });
             let mut args = vec!["worker".to_string(), "--".to_string()];
-            args.extend(spec.command.iter().cloned());
+            args.extend(spec.workload.command.iter().cloned());
             (Some(vec![WRAPPER_PATH.to_string()]), Some(args))
         }
         WorkerMode::Native => {
-            let command = (!spec.command.is_empty()).then(|| spec.command.clone());
+            let command =
+                (!spec.workload.command.is_empty()).then(|| spec.workload.command.clone());
             (command, None)
         }
     };
 
     let worker = Container {
         name: WORKER_CONTAINER.into(),
-        image: Some(spec.image.clone()),
+        image: Some(spec.workload.image.clone()),
         image_pull_policy: overrides.image_pull_policy.clone(),
         command,
         args,
@@ -246,7 +247,7 @@ pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &P
             labels: Some(labels),
             annotations: {
                 let mut annotations = overrides.annotations.clone();
-                if spec.worker.mode == WorkerMode::Wrapped {
+                if spec.workload.worker.mode == WorkerMode::Wrapped {
                     annotations.insert(ANNOTATION_REPORTS.into(), REPORTS_STATE.into());
                 }
                 (!annotations.is_empty()).then_some(annotations)
@@ -381,7 +382,7 @@ mod tests {
     #[test]
     fn wrapped_pod_installs_the_wrapper_and_runs_the_command_behind_it() {
         let mut p = pool();
-        p.spec.command = vec!["/run-tests".into(), "--fast".into(), "-x".into()];
+        p.spec.workload.command = vec!["/run-tests".into(), "--fast".into(), "-x".into()];
         let pod = build_pod(&p, "unit-b2c4d", "rev1", &settings());
         let spec = pod.spec.as_ref().unwrap();
 
@@ -456,7 +457,7 @@ mod tests {
             .unwrap()
             .map(|s| s.to_string_lossy().into_owned())
             .collect();
-        assert_eq!(command, p.spec.command);
+        assert_eq!(command, p.spec.workload.command);
 
         let meta = &pod.metadata;
         assert_eq!(meta.labels.as_ref().unwrap()[LABEL_REVISION], "rev1");

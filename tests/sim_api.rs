@@ -311,7 +311,7 @@ async fn merge_and_json_patches_and_the_status_subresource() {
         .await
         .unwrap();
     assert_eq!(st.status.unwrap().phase.map(|p| p.as_str()), Some("Idle"));
-    assert_eq!(st.spec.image, "example.org/runner:2");
+    assert_eq!(st.spec.workload.image, "example.org/runner:2");
     assert_eq!(
         st.metadata.generation,
         Some(3),

@@ -820,7 +820,7 @@ async fn a_long_ticket_runs_once_while_the_empty_queue_would_scale_the_pool_to_z
         ledger.command(25.0),
         json!({"minWorkers": 0, "maxWorkers": 2, "pollInterval": "500ms", "scaleDownDelay": "3s"}),
     );
-    pool.spec.template =
+    pool.spec.workload.template =
         Some(serde_json::from_value(json!({"terminationGracePeriodSeconds": 8})).unwrap());
     pools.create(&PostParams::default(), &pool).await.unwrap();
 
@@ -931,7 +931,7 @@ async fn long_and_short_tickets(on: On, name: &str, restart: bool) {
         command,
         json!({"minWorkers": 0, "maxWorkers": 3, "pollInterval": "300ms", "scaleDownDelay": "1s"}),
     );
-    pool.spec.template =
+    pool.spec.workload.template =
         Some(serde_json::from_value(json!({"terminationGracePeriodSeconds": 2})).unwrap());
     pools.create(&PostParams::default(), &pool).await.unwrap();
 
@@ -1140,7 +1140,7 @@ async fn a_poison_ticket_is_quarantined_the_good_ones_complete_and_a_new_image_g
         command,
         json!({"minWorkers": 0, "maxWorkers": 3, "pollInterval": "300ms", "scaleDownDelay": "2s"}),
     );
-    pool.spec.template = Some(
+    pool.spec.workload.template = Some(
         serde_json::from_value(json!({"env": [{"name": "POISON", "value": poison}]})).unwrap(),
     );
     // This scenario is about quarantine, not canaries: a new image replaces the pods at once.

@@ -340,7 +340,7 @@ impl Default for Settings {
 /// The revision of a spec: a short, stable hash of what goes into a worker pod
 /// (image, command, worker mode, template).
 pub fn revision(spec: &TestRunnerPoolSpec) -> String {
-    revision_of(&spec.workload())
+    revision_of(&spec.workload)
 }
 
 /// The revision of a workload (see [`revision`]).

@@ -97,12 +97,12 @@ impl Observation<'_> {
 
 /// Wrapped mode runs the spec's command for each ticket: without one, nothing can run.
 fn command_problem(spec: &TestRunnerPoolSpec) -> Option<ConfigProblem> {
-    (spec.worker.mode == WorkerMode::Wrapped && spec.command.is_empty()).then(|| {
-        ConfigProblem::InvalidField {
+    (spec.workload.worker.mode == WorkerMode::Wrapped && spec.workload.command.is_empty()).then(
+        || ConfigProblem::InvalidField {
             field: "spec.command".into(),
             detail: "Wrapped mode needs the test command to run for each ticket".into(),
-        }
-    })
+        },
+    )
 }
 
 #[cfg(test)]
@@ -116,7 +116,7 @@ mod tests {
         let mut p = pool();
         p.spec.scaling.scale_down_delay = "30s".into();
         p.spec.scaling.poll_interval = "10ms".into();
-        p.spec.command.clear();
+        p.spec.workload.command.clear();
         let mut observed = depth(0, 0, vec![]);
         let seen = observe(&p, &observed, t(0));
         assert!(

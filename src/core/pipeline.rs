@@ -191,7 +191,7 @@ fn pod_batches(
     if let (Some((canary_revision, _)), true) = (&rollout.canary, scaling.create_canary > 0) {
         create.push(PodBatch {
             revision: canary_revision.clone(),
-            workload: seen.spec().workload(),
+            workload: seen.spec().workload.clone(),
             count: scaling.create_canary,
             canary: true,
         });
@@ -268,7 +268,7 @@ mod tests {
         );
         scaling.scale_down_wait = Some(Duration::from_secs(70));
         let mut broken = p.clone();
-        broken.spec.command.clear();
+        broken.spec.workload.command.clear();
         let seen = observe(&broken, &observed, t(0));
         assert_eq!(requeue_after(&seen, &rollout, &scaling), CONFIG_RETRY);
     }
@@ -322,6 +322,6 @@ mod tests {
             (batches[1].revision.as_str(), batches[1].canary),
             ("canary", true)
         );
-        assert_eq!(batches[1].workload, p.spec.workload());
+        assert_eq!(batches[1].workload, p.spec.workload.clone());
     }
 }

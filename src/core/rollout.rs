@@ -167,9 +167,9 @@ impl Outcome<'_> {
     fn promote(&mut self, why: RolloutReason, how: String) {
         self.end(RolloutResult::Promoted, why);
         let st = &mut self.st;
-        st.stable = self.spec.workload();
+        st.stable = self.spec.workload.clone();
         st.stable_revision = self.target_revision.clone();
-        st.stable_image = self.spec.image.clone();
+        st.stable_image = self.spec.workload.image.clone();
         st.phase = RolloutPhase::Promoted;
         st.reason = Some(why);
         st.message = format!(
@@ -292,7 +292,7 @@ pub fn decide(input: &RolloutInput<'_>) -> RolloutDecision {
     }
 
     if out.target_revision != out.st.target_revision {
-        out.retarget(&input.spec.workload());
+        out.retarget(&input.spec.workload.clone());
     }
     if in_progress(out.st.phase) {
         steer(input, &mut out, &asks);
@@ -320,7 +320,7 @@ pub fn decide(input: &RolloutInput<'_>) -> RolloutDecision {
 
 /// A new pool: its first revision has nothing to be compared with.
 fn first_revision(input: &RolloutInput<'_>) -> RolloutDecision {
-    let target = input.spec.workload();
+    let target = input.spec.workload.clone();
     let revision = super::revision(input.spec);
     let why = RolloutReason::FirstRevision;
     let status = RolloutStatus {

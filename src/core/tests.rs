@@ -209,7 +209,7 @@ fn spec_problems_are_reported_once_and_stop_scaling() {
 #[test]
 fn wrapped_mode_without_a_command_is_a_spec_problem() {
     let mut p = pool();
-    p.spec.command.clear();
+    p.spec.workload.command.clear();
     let plan = plan(&p, &depth(1, 0, vec![]), t(0));
     assert_eq!(plan.created(), 0);
     assert!(
@@ -310,7 +310,7 @@ fn revision_is_stable_and_tracks_what_goes_into_pods() {
     let a = pool();
     assert_eq!(revision(&a.spec), revision(&pool().spec));
     let mut b = pool();
-    b.spec.image = "registry.example/test-runner:2".into();
+    b.spec.workload.image = "registry.example/test-runner:2".into();
     assert_ne!(revision(&a.spec), revision(&b.spec));
     let mut c = pool();
     c.spec.scaling.max_workers = 9;

@@ -54,7 +54,7 @@ impl World {
     }
 
     fn set_image(&mut self, image: &str) -> String {
-        self.pool.spec.image = image.into();
+        self.pool.spec.workload.image = image.into();
         revision(&self.pool.spec)
     }
 
