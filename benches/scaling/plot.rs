@@ -10,6 +10,9 @@ use plotters::style::{FontStyle, register_font};
 
 use crate::sim::{Outcome, Policy};
 
+/// Which count of a sample a line shows.
+type Pick = fn(&crate::sim::Sample) -> u32;
+
 static FONT: &[u8] = include_bytes!("fonts/DejaVuSansMono.ttf");
 static REGISTER: Once = Once::new();
 
@@ -55,14 +58,14 @@ pub fn draw(path: &Path, title: &str, runs: &[(Policy, &Outcome)]) -> Result<(),
             .light_line_style(WHITE.mix(0.0))
             .draw()
             .map_err(|e| err(&e))?;
-        let series = |f: fn(&crate::sim::Sample) -> u32| {
+        let series = |f: Pick| {
             outcome
                 .series
                 .iter()
                 .map(move |s| (s.t / 3600.0, f(s) as f64))
                 .collect::<Vec<_>>()
         };
-        let lines: [(&str, RGBColor, fn(&crate::sim::Sample) -> u32); 3] = [
+        let lines: [(&str, RGBColor, Pick); 3] = [
             ("tickets ready in the queue", RGBColor(214, 39, 40), |s| {
                 s.ready
             }),
