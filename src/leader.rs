@@ -43,12 +43,48 @@ pub fn default_identity() -> String {
 }
 
 /// Waits for the Lease, then runs `work` while holding it. Returns when `work`
-/// ends (the Lease is released) or with [`Error::Lost`] when the Lease is lost.
+/// ends (the Lease is released) or with [`Error::Lost`] when the Lease is lost; Ctrl-C
+/// stops it (see [`run_as_leader_until`]).
 pub async fn run_as_leader<F: Future<Output = ()>>(
     client: Client,
     election: Election,
     work: F,
 ) -> Result<(), Error> {
+    run_as_leader_until(client, election, work, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await
+}
+
+/// Resolves on SIGTERM (what the kubelet sends to stop a pod) or SIGINT. In a container
+/// the operator is PID 1, which gets no signal it does not handle: without this it
+/// would only go with SIGKILL at the end of the grace period, holding its Lease.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("stopping: shutdown signal received");
+}
+
+/// [`run_as_leader`], stopping when `shutdown` resolves: while waiting, or while
+/// leading (then `work` is dropped and the Lease released, so that a standby takes
+/// over at once instead of after the Lease's duration).
+pub async fn run_as_leader_until<F: Future<Output = ()>, S: Future<Output = ()>>(
+    client: Client,
+    election: Election,
+    work: F,
+    shutdown: S,
+) -> Result<(), Error> {
+    tokio::pin!(shutdown);
     let grace = (election.duration_seconds / 3).clamp(1, 5);
     let manager = LeaseManagerBuilder::new(client, &election.name)
         .with_namespace(&election.namespace)
@@ -67,12 +103,13 @@ pub async fn run_as_leader<F: Future<Output = ()>>(
                     return Err(task.await.map_err(|_| Error::Lost)?.err().map(Error::Lease).unwrap_or(Error::Lost));
                 }
             }
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = &mut shutdown => return Ok(()),
         }
     }
     tracing::info!(lease = %election.name, "became the leader");
     let result = tokio::select! {
         _ = work => Ok(()),
+        _ = &mut shutdown => Ok(()),
         _ = async {
             loop {
                 if leading.changed().await.is_err() || !*leading.borrow_and_update() {

@@ -303,10 +303,11 @@ async fn run(args: RunArgs) -> ExitCode {
         };
         // A standby is ready: it serves its probes while it waits for the lease.
         ready.store(true, std::sync::atomic::Ordering::Relaxed);
-        match leader::run_as_leader(
+        match leader::run_as_leader_until(
             client.clone(),
             election,
             controller::run(client, settings, metrics, ready),
+            leader::shutdown_signal(),
         )
         .await
         {
@@ -317,7 +318,10 @@ async fn run(args: RunArgs) -> ExitCode {
             }
         }
     } else {
-        controller::run(client, settings, metrics, ready).await;
+        tokio::select! {
+            _ = controller::run(client, settings, metrics, ready) => {}
+            _ = leader::shutdown_signal() => {}
+        }
         ExitCode::SUCCESS
     }
 }
