@@ -58,6 +58,13 @@ async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, String> {
 
 /// `testrunner-operator simulate`: runs until Ctrl-C or SIGTERM.
 pub(crate) async fn simulate(opts: SimulateOptions) -> Result<(), String> {
+    // Listen before anything starts: a Ctrl-C while the cluster starts stops it cleanly
+    // instead of killing the process with its children's directories left behind.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| format!("failed to listen for SIGTERM: {e}"))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| format!("failed to listen for SIGINT: {e}"))?;
     let exe = std::env::current_exe().map_err(|e| format!("failed to find this binary: {e}"))?;
     let mut options = Options {
         images: opts.images.clone(),
@@ -157,10 +164,8 @@ pub(crate) async fn simulate(opts: SimulateOptions) -> Result<(), String> {
             scale = opts.time_scale,
         );
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| format!("failed to listen for SIGTERM: {e}"))?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = int.recv() => {}
         _ = term.recv() => {}
     }
     println!("stopping the simulated cluster");
