@@ -2,12 +2,15 @@
 //! several replicas of the operator are safe: only the holder reconciles.
 //!
 //! Failover: a standby takes the Lease once it has gone unrenewed for its duration
-//! (default 15 s); the holder renews it `grace` seconds (5 s) before it expires. A
-//! replica that loses the Lease exits, and Kubernetes restarts it as a standby.
+//! (default 15 s), or within two seconds once its holder released it (a leader releases
+//! it when it stops on SIGTERM); the holder renews it `grace` seconds (5 s) before it
+//! expires. A replica that loses the Lease exits, and Kubernetes restarts it as a
+//! standby.
 
 use std::future::Future;
 
-use kube::Client;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
 
 /// Lease settings.
@@ -32,6 +35,25 @@ pub enum Error {
     /// Another replica took the Lease.
     #[error("failed to keep the leader Lease: another replica holds it now")]
     Lost,
+}
+
+/// How often a standby reads the Lease to see whether its holder released it.
+const RELEASE_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Resolves once the Lease has no holder (its leader stopped and released it), read by
+/// name every [`RELEASE_POLL`]; errors are ignored (the lease manager reports them).
+async fn released(leases: &Api<Lease>, election: &Election) {
+    loop {
+        tokio::time::sleep(RELEASE_POLL).await;
+        if let Ok(Some(lease)) = leases.get_opt(&election.name).await
+            && lease
+                .spec
+                .and_then(|s| s.holder_identity)
+                .is_none_or(|h| h.is_empty())
+        {
+            return;
+        }
+    }
 }
 
 /// A default identity: the host name, else a process-unique name.
@@ -86,15 +108,23 @@ pub async fn run_as_leader_until<F: Future<Output = ()>, S: Future<Output = ()>>
 ) -> Result<(), Error> {
     tokio::pin!(shutdown);
     let grace = (election.duration_seconds / 3).clamp(1, 5);
-    let manager = LeaseManagerBuilder::new(client, &election.name)
-        .with_namespace(&election.namespace)
-        .with_identity(&election.identity)
-        .with_duration(election.duration_seconds)
-        .with_grace(grace)
-        .with_field_manager(crate::crd::FIELD_MANAGER)
-        .build()
-        .await?;
-    let (mut leading, task) = manager.watch().await;
+    let manager = || {
+        LeaseManagerBuilder::new(client.clone(), &election.name)
+            .with_namespace(&election.namespace)
+            .with_identity(&election.identity)
+            .with_duration(election.duration_seconds)
+            .with_grace(grace)
+            // One field manager per replica: server-side apply's conflicts are what keep
+            // two replicas from taking a free Lease at once.
+            .with_field_manager(format!(
+                "{}-{}",
+                crate::crd::FIELD_MANAGER,
+                election.identity
+            ))
+            .build()
+    };
+    let (mut leading, mut task) = manager().await?.watch().await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &election.namespace);
     tracing::info!(lease = %election.name, identity = %election.identity, "waiting for the leader Lease");
     while !*leading.borrow_and_update() {
         tokio::select! {
@@ -102,6 +132,14 @@ pub async fn run_as_leader_until<F: Future<Output = ()>, S: Future<Output = ()>>
                 if changed.is_err() {
                     return Err(task.await.map_err(|_| Error::Lost)?.err().map(Error::Lease).unwrap_or(Error::Lost));
                 }
+            }
+            _ = released(&leases, &election) => {
+                // The lease manager would wait for the old Lease to expire: start a new
+                // one, which takes the free Lease at once. The old one is stopped, not
+                // dropped, so that it releases nothing on its way out.
+                tracing::info!(lease = %election.name, "the leader released the Lease; taking it");
+                task.abort();
+                (leading, task) = manager().await?.watch().await;
             }
             _ = &mut shutdown => return Ok(()),
         }

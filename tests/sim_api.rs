@@ -915,6 +915,87 @@ async fn leader_election_runs_through_the_lease_api() {
     .expect("the Lease is taken and released");
 }
 
+/// A leader that stops releases its Lease, and a standby takes it within a few seconds,
+/// long before the Lease's duration; the stopped leader's work ends with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_leader_releases_the_lease_and_the_standby_takes_it_at_once() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use testrunner_operator::leader::{self, Election};
+    let s = server().await;
+    let client = s.client();
+    let election = |identity: &str| Election {
+        namespace: "default".into(),
+        name: "handover".into(),
+        identity: identity.into(),
+        duration_seconds: 60,
+    };
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+    let holder = || {
+        let leases = leases.clone();
+        async move {
+            leases
+                .get_opt("handover")
+                .await
+                .ok()??
+                .spec?
+                .holder_identity
+                .filter(|h| !h.is_empty())
+        }
+    };
+    let (stop_a, stopped_a) = tokio::sync::oneshot::channel::<()>();
+    let a_working = Arc::new(AtomicBool::new(false));
+    let a_flag = a_working.clone();
+    let a = tokio::spawn(leader::run_as_leader_until(
+        client.clone(),
+        election("replica-a"),
+        async move {
+            a_flag.store(true, Ordering::SeqCst);
+            std::future::pending::<()>().await
+        },
+        async move {
+            let _ = stopped_a.await;
+        },
+    ));
+    eventually_some("replica-a to lead", Duration::from_secs(10), || async {
+        (holder().await.as_deref() == Some("replica-a") && a_working.load(Ordering::SeqCst))
+            .then_some(())
+    })
+    .await;
+    let b_working = Arc::new(AtomicBool::new(false));
+    let b_flag = b_working.clone();
+    let b = tokio::spawn(leader::run_as_leader_until(
+        client.clone(),
+        election("replica-b"),
+        async move {
+            b_flag.store(true, Ordering::SeqCst);
+            std::future::pending::<()>().await
+        },
+        std::future::pending::<()>(),
+    ));
+    stop_a.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), a)
+        .await
+        .expect("the stopped leader returns")
+        .unwrap()
+        .expect("it stops cleanly");
+    let started = std::time::Instant::now();
+    eventually_some(
+        "the standby to take the released Lease",
+        Duration::from_secs(10),
+        || async {
+            (holder().await.as_deref() == Some("replica-b") && b_working.load(Ordering::SeqCst))
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "well before the Lease's 60 s"
+    );
+    b.abort();
+}
+
 #[tokio::test]
 async fn kube_runtime_watcher_with_streaming_lists_gets_initial_events_then_changes() {
     let s = server().await;
