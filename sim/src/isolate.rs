@@ -9,7 +9,7 @@
 //! The spawned process is a small shim that stays outside the namespace, waits for
 //! the container's PID 1 and exits as it did (same code, or killed by the same
 //! signal); it ignores the stop signals the kubelet sends to the process group, and
-//! PID 1 is killed if the shim dies. Creating PID namespaces needs CAP_SYS_ADMIN
+//! PID 1 is killed if the shim dies, as the shim is when the simulator dies. Creating PID namespaces needs CAP_SYS_ADMIN
 //! (root); without it containers run as plain process groups and [`available`] says
 //! so.
 
@@ -67,6 +67,12 @@ fn enter_pid_namespace() -> std::io::Result<()> {
 unsafe fn shim(init: libc::pid_t) -> ! {
     // SAFETY: async-signal-safe calls only (see enter_pid_namespace).
     unsafe {
+        // The shim goes when the simulator goes, even when it is killed outright, and
+        // PID 1 (and with it the whole namespace) goes with the shim.
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+        if libc::getppid() == 1 {
+            libc::_exit(137);
+        }
         for sig in [
             libc::SIGTERM,
             libc::SIGINT,
