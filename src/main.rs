@@ -75,6 +75,14 @@ struct SimulateArgs {
     /// target/control-plane/bin). --listen does not apply: its ports are picked free.
     #[arg(long, value_name = "DIR")]
     control_plane: Option<std::path::PathBuf>,
+    /// Run no operator in this process: install it into the cluster with the chart or
+    /// deploy/ (its pods then run on the simulated node, in-cluster, under its RBAC).
+    #[arg(long, requires = "control_plane")]
+    no_operator: bool,
+    /// An image repository the simulated node runs as this binary, like the operator
+    /// image (repeatable; `testrunner-operator` always is).
+    #[arg(long = "operator-image", value_name = "REPOSITORY")]
+    operator_images: Vec<String>,
 }
 
 #[cfg(feature = "simulate")]
@@ -208,6 +216,8 @@ fn simulate(args: SimulateArgs) -> ExitCode {
         time_scale: args.time_scale,
         images: args.images.into_iter().collect(),
         control_plane: args.control_plane,
+        no_operator: args.no_operator,
+        operator_images: args.operator_images,
     };
     match runtime().block_on(simulate::simulate(opts)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -295,10 +305,11 @@ async fn run(args: RunArgs) -> ExitCode {
         };
         // A standby is ready: it serves its probes while it waits for the lease.
         ready.store(true, std::sync::atomic::Ordering::Relaxed);
-        match leader::run_as_leader(
+        match leader::run_as_leader_until(
             client.clone(),
             election,
             controller::run(client, settings, metrics, ready),
+            leader::shutdown_signal(),
         )
         .await
         {
@@ -309,7 +320,10 @@ async fn run(args: RunArgs) -> ExitCode {
             }
         }
     } else {
-        controller::run(client, settings, metrics, ready).await;
+        tokio::select! {
+            _ = controller::run(client, settings, metrics, ready) => {}
+            _ = leader::shutdown_signal() => {}
+        }
         ExitCode::SUCCESS
     }
 }

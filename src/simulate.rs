@@ -27,6 +27,11 @@ pub(crate) struct SimulateOptions {
     pub images: BTreeMap<String, PathBuf>,
     /// Binaries of a real control plane to run instead of the embedded API server.
     pub control_plane: Option<PathBuf>,
+    /// Run no operator in this process: it is installed into the cluster (Helm or
+    /// `deploy/`) and runs as pods on the simulated node.
+    pub no_operator: bool,
+    /// Repositories of the operator image, beyond the chart's `testrunner-operator`.
+    pub operator_images: Vec<String>,
 }
 
 /// What the simulated cluster starts with: the `TestRunnerPool` CRD, Secret
@@ -53,11 +58,29 @@ async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, String> {
 
 /// `testrunner-operator simulate`: runs until Ctrl-C or SIGTERM.
 pub(crate) async fn simulate(opts: SimulateOptions) -> Result<(), String> {
+    // Listen before anything starts: a Ctrl-C while the cluster starts stops it cleanly
+    // instead of killing the process with its children's directories left behind.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| format!("failed to listen for SIGTERM: {e}"))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| format!("failed to listen for SIGINT: {e}"))?;
     let exe = std::env::current_exe().map_err(|e| format!("failed to find this binary: {e}"))?;
-    let options = Options {
+    let mut options = Options {
         images: opts.images.clone(),
+        forward: testrunner_sim::loopback_address(&opts.amqp_uri)
+            .into_iter()
+            .collect(),
         ..options(&opts.amqp_uri, opts.time_scale, exe.clone())
     };
+    options
+        .operator_images
+        .extend(opts.operator_images.iter().cloned());
+    if opts.no_operator {
+        // The chart (or deploy/) installs the CRD; the user makes the broker Secret.
+        options.crds.clear();
+        options.secrets.clear();
+    }
     let sim = match &opts.control_plane {
         None => Simulation::start(opts.listen, options).await.map_err(|e| {
             format!(
@@ -79,7 +102,8 @@ pub(crate) async fn simulate(opts: SimulateOptions) -> Result<(), String> {
     };
     sim.write_kubeconfig(&opts.kubeconfig)?;
     let client = client_from_kubeconfig(&opts.kubeconfig).await?;
-    let operator = controller::spawn(client, Settings::in_process(Vec::new()));
+    let operator =
+        (!opts.no_operator).then(|| controller::spawn(client, Settings::in_process(Vec::new())));
     let kubeconfig = std::fs::canonicalize(&opts.kubeconfig).unwrap_or(opts.kubeconfig.clone());
     let kc = kubeconfig.display();
     let bin = exe.display();
@@ -92,54 +116,100 @@ pub(crate) async fn simulate(opts: SimulateOptions) -> Result<(), String> {
             if missing.is_empty() {
                 what.push_str(", kube-controller-manager, kube-scheduler");
             }
-            what.push_str("; the simulated node and the operator in this process");
+            what.push_str(if opts.no_operator {
+                "; the simulated node in this process, no operator: install it"
+            } else {
+                "; the simulated node and the operator in this process"
+            });
             for m in missing {
                 what.push_str(&format!("\n  {m}"));
             }
             what
         }
     };
+    if opts.no_operator {
+        print_install_steps(&sim.url(), &what, &kc.to_string(), &bin.to_string());
+    } else {
+        println!(
+            "Simulated cluster at {url} ({what}).
+    Kubeconfig: {kc}   Broker Secret: default/rabbitmq (key uri)   Time scale: {scale}
+
+    In a second terminal:
+      export KUBECONFIG={kc}
+      {bin} publish --queue tickets.demo --count 10 --declare-quorum
+      kubectl apply -f - <<'YAML'
+    apiVersion: testrunner.dev/v1alpha1
+    kind: TestRunnerPool
+    metadata:
+      name: demo
+    spec:
+      image: example.org/test-runner:1
+      # no image is pulled (see simulate --image); this command crashes on any image tagged :broken
+      command: [\"sh\", \"-c\", \"case $TESTRUNNER_IMAGE in *:broken) exit 3;; esac; cat >/dev/null; sleep 1\"]
+      queue:
+        name: tickets.demo
+        connectionSecretRef: {{name: rabbitmq, key: uri}}
+      scaling: {{minWorkers: 0, maxWorkers: 5, pollInterval: 1s, scaleDownDelay: 20s}}
+    YAML
+      kubectl get trp -w
+      ({bin} publish --queue tickets.demo --count 30 sends more: watch the pool scale up and back down)
+      kubectl get pods
+      kubectl describe trp demo
+      (a rollout: publish 30 more, then set image example.org/test-runner:broken, watch its canary
+       roll back, then example.org/test-runner:2, watch it promoted:
+       kubectl patch trp demo --type merge -p '{{\"spec\":{{\"image\":\"example.org/test-runner:broken\"}}}}')
+
+    Ctrl-C stops everything (the API server, the operator and every worker process).",
+            url = sim.url(),
+            scale = opts.time_scale,
+        );
+    }
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    println!("stopping the simulated cluster");
+    if let Some(operator) = operator {
+        operator.abort();
+    }
+    sim.shutdown().await;
+    Ok(())
+}
+
+/// The walk-through of `simulate --no-operator`: install the operator as a user would,
+/// then a pool.
+fn print_install_steps(url: &str, what: &str, kc: &str, bin: &str) {
     println!(
         "Simulated cluster at {url} ({what}).
-Kubeconfig: {kc}   Broker Secret: default/rabbitmq (key uri)   Time scale: {scale}
+Kubeconfig: {kc}
+The node runs images named testrunner-operator[:TAG] (the chart's and deploy/'s default) as
+this binary, so the chart and the manifests install as they are.
 
-In a second terminal:
+In a second terminal, from the repository's root:
   export KUBECONFIG={kc}
+  helm install testrunner-operator charts/testrunner-operator -n testrunner-system --create-namespace
+  # or: kubectl apply --server-side -f deploy/
+  kubectl -n testrunner-system get pods          # two replicas, Ready; one holds the Lease
+  kubectl -n testrunner-system get lease
+  kubectl create namespace ci
+  kubectl label namespace ci pod-security.kubernetes.io/enforce=restricted
+  kubectl -n ci create secret generic rabbitmq --from-literal=uri='amqp://guest:guest@127.0.0.1:5672/%2f'
   {bin} publish --queue tickets.demo --count 10 --declare-quorum
-  kubectl apply -f - <<'YAML'
+  kubectl -n ci apply -f - <<'YAML'
 apiVersion: testrunner.dev/v1alpha1
 kind: TestRunnerPool
 metadata:
   name: demo
 spec:
   image: example.org/test-runner:1
-  # no image is pulled (see simulate --image); this command crashes on any image tagged :broken
-  command: [\"sh\", \"-c\", \"case $TESTRUNNER_IMAGE in *:broken) exit 3;; esac; cat >/dev/null; sleep 1\"]
+  command: [\"sh\", \"-c\", \"cat >/dev/null; sleep 1\"]
   queue:
     name: tickets.demo
     connectionSecretRef: {{name: rabbitmq, key: uri}}
   scaling: {{minWorkers: 0, maxWorkers: 5, pollInterval: 1s, scaleDownDelay: 20s}}
 YAML
-  kubectl get trp -w
-  ({bin} publish --queue tickets.demo --count 30 sends more: watch the pool scale up and back down)
-  kubectl get pods
-  kubectl describe trp demo
-  (a rollout: publish 30 more, then set image example.org/test-runner:broken, watch its canary
-   roll back, then example.org/test-runner:2, watch it promoted:
-   kubectl patch trp demo --type merge -p '{{\"spec\":{{\"image\":\"example.org/test-runner:broken\"}}}}')
+  kubectl -n ci get trp -w
 
-Ctrl-C stops everything (the API server, the operator and every worker process).",
-        url = sim.url(),
-        scale = opts.time_scale,
+Ctrl-C stops everything (the control plane and every pod's processes)."
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| format!("failed to listen for SIGTERM: {e}"))?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    println!("stopping the simulated cluster");
-    operator.abort();
-    sim.shutdown().await;
-    Ok(())
 }

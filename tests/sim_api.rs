@@ -915,6 +915,192 @@ async fn leader_election_runs_through_the_lease_api() {
     .expect("the Lease is taken and released");
 }
 
+/// A container runs as its `runAsUser`/`runAsGroup` in a mount namespace of its own with
+/// its volumes at their `mountPath` (the host's mount point stays empty); an exec
+/// readiness probe, run inside those mounts, decides Ready; a failing exec liveness probe
+/// restarts the container; two pods that serve the same port each get a network
+/// namespace of their own, and their HTTP readiness probes reach each one's server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_get_their_user_mounts_probes_and_network_namespace() {
+    if !sim::isolate::available() {
+        eprintln!("skipped: namespaces need root");
+        return;
+    }
+    let sim = common::simulation("amqp://guest:guest@127.0.0.1:5672/%2f", 10.0).await;
+    let dir = std::env::temp_dir().join(format!("sim-probes-{}", std::process::id()));
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let mnt = dir.join("mnt");
+    let (o, m) = (out.display(), mnt.display());
+    let script = format!(
+        "id -u > {o}/uid; id -g > {o}/gid; echo hi > {m}/hello; while true; do sleep 0.05; done"
+    );
+    let pods: Api<Pod> = Api::namespaced(sim.client(), "default");
+    let probe = |cmd: &str| json!({"exec": {"command": ["sh", "-c", cmd]}, "periodSeconds": 1, "failureThreshold": 1});
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "user"},
+        "spec": {"securityContext": {"runAsUser": 1234, "runAsGroup": 2345},
+            "volumes": [{"name": "scratch", "emptyDir": {}}],
+            "containers": [{"name": "main", "image": "x", "command": ["sh", "-c", script],
+                "volumeMounts": [{"name": "scratch", "mountPath": m.to_string()}],
+                "readinessProbe": probe(&format!("test -s {m}/hello")),
+                "livenessProbe": probe(&format!("test ! -e {o}/die"))}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let ready = |name: &'static str| {
+        let pods = pods.clone();
+        async move {
+            let s = pod_status(&pods.get(name).await.ok()?);
+            s["conditions"]
+                .as_array()?
+                .iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                .then_some(s)
+        }
+    };
+    eventually_some(
+        "the exec readiness probe to pass",
+        Duration::from_secs(30),
+        || ready("user"),
+    )
+    .await;
+    let read = |f: &str| std::fs::read_to_string(out.join(f)).unwrap_or_default();
+    assert_eq!(read("uid").trim(), "1234");
+    assert_eq!(read("gid").trim(), "2345");
+    assert_eq!(
+        std::fs::read_dir(&mnt).unwrap().count(),
+        0,
+        "the volume is mounted for the container only"
+    );
+    std::fs::write(out.join("die"), b"").unwrap();
+    eventually_some(
+        "the liveness probe to restart the container",
+        Duration::from_secs(30),
+        || {
+            let pods = pods.clone();
+            async move {
+                let s = pod_status(&pods.get("user").await.ok()?);
+                (s["containerStatuses"][0]["restartCount"].as_i64()? >= 1).then_some(())
+            }
+        },
+    )
+    .await;
+    std::fs::remove_file(out.join("die")).unwrap();
+
+    // Two HTTP servers on one port, each in its own pod's network namespace.
+    for name in ["web-a", "web-b"] {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"containers": [{"name": "web", "image": "x",
+                "command": ["/usr/bin/python3", "-m", "http.server", "18080", "--bind", "127.0.0.1"],
+                "ports": [{"name": "http", "containerPort": 18080}],
+                "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1}}]}
+        }))
+        .unwrap();
+        pods.create(&PostParams::default(), &pod).await.unwrap();
+    }
+    for name in ["web-a", "web-b"] {
+        eventually_some(
+            &format!("{name}'s HTTP readiness probe to pass"),
+            Duration::from_secs(30),
+            || ready(name),
+        )
+        .await;
+    }
+    assert!(
+        std::net::TcpStream::connect("127.0.0.1:18080").is_err(),
+        "the servers listen in their pods' network namespaces, not on the host"
+    );
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A leader that stops releases its Lease, and a standby takes it within a few seconds,
+/// long before the Lease's duration; the stopped leader's work ends with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_leader_releases_the_lease_and_the_standby_takes_it_at_once() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use testrunner_operator::leader::{self, Election};
+    let s = server().await;
+    let client = s.client();
+    let election = |identity: &str| Election {
+        namespace: "default".into(),
+        name: "handover".into(),
+        identity: identity.into(),
+        duration_seconds: 60,
+    };
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+    let holder = || {
+        let leases = leases.clone();
+        async move {
+            leases
+                .get_opt("handover")
+                .await
+                .ok()??
+                .spec?
+                .holder_identity
+                .filter(|h| !h.is_empty())
+        }
+    };
+    let (stop_a, stopped_a) = tokio::sync::oneshot::channel::<()>();
+    let a_working = Arc::new(AtomicBool::new(false));
+    let a_flag = a_working.clone();
+    let a = tokio::spawn(leader::run_as_leader_until(
+        client.clone(),
+        election("replica-a"),
+        async move {
+            a_flag.store(true, Ordering::SeqCst);
+            std::future::pending::<()>().await
+        },
+        async move {
+            let _ = stopped_a.await;
+        },
+    ));
+    eventually_some("replica-a to lead", Duration::from_secs(10), || async {
+        (holder().await.as_deref() == Some("replica-a") && a_working.load(Ordering::SeqCst))
+            .then_some(())
+    })
+    .await;
+    let b_working = Arc::new(AtomicBool::new(false));
+    let b_flag = b_working.clone();
+    let b = tokio::spawn(leader::run_as_leader_until(
+        client.clone(),
+        election("replica-b"),
+        async move {
+            b_flag.store(true, Ordering::SeqCst);
+            std::future::pending::<()>().await
+        },
+        std::future::pending::<()>(),
+    ));
+    stop_a.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), a)
+        .await
+        .expect("the stopped leader returns")
+        .unwrap()
+        .expect("it stops cleanly");
+    let started = std::time::Instant::now();
+    eventually_some(
+        "the standby to take the released Lease",
+        Duration::from_secs(10),
+        || async {
+            (holder().await.as_deref() == Some("replica-b") && b_working.load(Ordering::SeqCst))
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "well before the Lease's 60 s"
+    );
+    b.abort();
+}
+
 #[tokio::test]
 async fn kube_runtime_watcher_with_streaming_lists_gets_initial_events_then_changes() {
     let s = server().await;

@@ -191,6 +191,10 @@ impl ControlPlane {
     /// test's own thread), never from `spawn_blocking`: the kernel kills the components
     /// when the thread that started them exits (see [`Self::processes`]).
     pub async fn start(bin_dir: &Path, work_dir: &Path) -> Result<ControlPlane, String> {
+        // The components run in their own work directory: a relative `bin_dir` must
+        // still name the binaries.
+        let bin_dir = &std::path::absolute(bin_dir)
+            .map_err(|e| format!("failed to resolve {}: {e}", bin_dir.display()))?;
         let required: Vec<&str> = [ETCD, APISERVER]
             .into_iter()
             .filter(|name| !bin_dir.join(name).is_file())

@@ -148,6 +148,33 @@ pub fn create_secret(cluster: &Cluster, secret: &Secret) -> Result<(), api::ApiE
     Ok(())
 }
 
+/// The address of a service URI (`amqp://user:pass@127.0.0.1:5672/vhost`, `amqps://`,
+/// `http://`, `https://`) when it is on this machine's loopback: what pods with a network
+/// namespace of their own reach through [`Options::forward`].
+pub fn loopback_address(uri: &str) -> Option<SocketAddr> {
+    let (scheme, rest) = uri.split_once("://")?;
+    let authority = rest.split('/').next()?;
+    let host_port = authority.rsplit('@').next()?;
+    let default_port = match scheme {
+        "amqps" => 5671,
+        "http" => 80,
+        "https" => 443,
+        _ => 5672,
+    };
+    let (host, port) = match host_port
+        .rsplit_once(':')
+        .filter(|(h, _)| !h.ends_with(':'))
+    {
+        Some((h, p)) if !h.starts_with('[') || h.ends_with(']') => (h, p.parse().ok()?),
+        _ => (host_port, default_port),
+    };
+    let ip: std::net::IpAddr = match host {
+        "localhost" | "" => std::net::Ipv4Addr::LOCALHOST.into(),
+        h => h.trim_matches(['[', ']']).parse().ok()?,
+    };
+    ip.is_loopback().then_some(SocketAddr::new(ip, port))
+}
+
 /// A kubeconfig for a plain-HTTP server.
 pub fn kubeconfig(url: &str) -> String {
     format!(
@@ -193,6 +220,12 @@ pub struct Options {
     /// Images whose containers run inside a local root filesystem (see
     /// [`kubelet::Config::images`]).
     pub images: BTreeMap<String, PathBuf>,
+    /// Repositories of the operator's image (see [`kubelet::Config::operator_images`]);
+    /// by default the chart's, `testrunner-operator`.
+    pub operator_images: Vec<String>,
+    /// Loopback services of this machine that pods with a network namespace of their
+    /// own reach (see [`kubelet::Config::forward`]), such as the broker.
+    pub forward: Vec<SocketAddr>,
 }
 
 impl Options {
@@ -204,6 +237,8 @@ impl Options {
             time_scale: 1.0,
             exe,
             images: BTreeMap::new(),
+            operator_images: vec![OPERATOR_IMAGE.into()],
+            forward: Vec::new(),
         }
     }
 
@@ -222,13 +257,16 @@ impl Options {
     }
 
     /// The simulated node's settings, its pods' directories under `root`.
-    fn node(self, root: PathBuf) -> kubelet::Config {
+    fn node(self, root: PathBuf, api_server: Option<SocketAddr>) -> kubelet::Config {
         kubelet::Config {
             time_scale: self.time_scale,
             root,
             exe: self.exe,
             node_name: NODE_NAME.into(),
             images: self.images,
+            operator_images: self.operator_images,
+            api_server,
+            forward: self.forward,
         }
     }
 }
@@ -261,6 +299,8 @@ pub struct Simulation {
 
 /// Name of the simulated node.
 pub const NODE_NAME: &str = "simulated-node";
+/// The operator image's repository in the chart's and the manifests' defaults.
+pub const OPERATOR_IMAGE: &str = "testrunner-operator";
 
 impl Simulation {
     /// Starts the embedded API server on `listen` (port 0 picks one) and the simulated
@@ -289,7 +329,7 @@ impl Simulation {
         let kubelet = kubelet::Kubelet::start(
             client.clone(),
             Some(client.clone()),
-            options.node(root.clone()),
+            options.node(root.clone(), None),
         )
         .await
         .map_err(std::io::Error::other)?;
@@ -335,7 +375,12 @@ impl Simulation {
         let root = base.join("pods");
         std::fs::create_dir_all(&root)
             .map_err(|e| format!("failed to create {}: {e}", root.display()))?;
-        let kubelet = kubelet::Kubelet::start(node, binder, options.node(root.clone())).await?;
+        let api_server = plane
+            .url()
+            .strip_prefix("https://")
+            .and_then(|a| a.parse().ok());
+        let kubelet =
+            kubelet::Kubelet::start(node, binder, options.node(root.clone(), api_server)).await?;
         let url = plane.url().to_string();
         let missing = plane.missing_effects();
         Ok(Self {
@@ -501,5 +546,26 @@ mod fixtures {
             "../../crds/testrunnerpools.testrunner.dev.yaml"
         ))
         .expect("the committed CRD is YAML")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loopback_address;
+
+    #[test]
+    fn loopback_addresses_of_service_uris() {
+        let at = |s: &str| Some(s.parse().unwrap());
+        assert_eq!(
+            loopback_address("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            at("127.0.0.1:5672")
+        );
+        assert_eq!(
+            loopback_address("amqps://u:p@localhost/v"),
+            at("127.0.0.1:5671")
+        );
+        assert_eq!(loopback_address("amqp://[::1]:5673/"), at("[::1]:5673"));
+        assert_eq!(loopback_address("amqp://u:p@10.0.0.5:5672/%2f"), None);
+        assert_eq!(loopback_address("amqp://rabbitmq.ci:5672/%2f"), None);
     }
 }

@@ -75,10 +75,164 @@ struct Exit {
     signaled: bool,
 }
 
+/// The argv a container runs: `command` and `args`; for an image of the operator
+/// ([`super::Config::operator_images`]) without a command, the operator binary with the
+/// arguments (its image's entrypoint); a command named `testrunner-operator` runs
+/// [`super::Config::exe`] outside a root filesystem.
+fn argv(run: &PodRun, c: &Value) -> Result<Vec<String>, String> {
+    let name = c["name"].as_str().unwrap_or("container");
+    let image = c["image"].as_str().unwrap_or_default();
+    let in_image = run.config.images.contains_key(image);
+    let operator = run.config.is_operator_image(image);
+    let strings = |field: &str| -> Vec<String> {
+        c[field]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(String::from)
+            .collect()
+    };
+    let mut argv = strings("command");
+    if argv.is_empty() && operator && !in_image {
+        argv.push(OPERATOR_BINARY.into());
+    }
+    argv.extend(strings("args"));
+    if argv.is_empty() {
+        return Err(format!(
+            "container {name:?} has no command: the simulation runs commands, not image entrypoints"
+        ));
+    }
+    if !in_image && (argv[0] == "testrunner-operator" || (operator && argv[0] == OPERATOR_BINARY)) {
+        argv[0] = run.config.exe.display().to_string();
+    }
+    if !crate::isolate::available() && !in_image {
+        argv = argv.iter().map(|s| run.map_path(s)).collect();
+    }
+    Ok(argv)
+}
+
+/// Where the operator image has its binary (the Dockerfile's entrypoint).
+const OPERATOR_BINARY: &str = "/usr/local/bin/testrunner-operator";
+
+/// The process of `argv` as the container runs it: its environment (`env`, plus what
+/// the node adds), its filesystem (a mount namespace of its own with its volumes at
+/// their `mountPath`, in the image's root filesystem when the node has one), its pod's
+/// network namespace when the pod has one, and its user and groups. With
+/// `pid_namespace`, it is PID 1 of a PID namespace of its own. Output goes nowhere;
+/// the caller redirects it.
+pub(super) fn command(
+    run: &PodRun,
+    c: &Value,
+    argv: &[String],
+    env: Vec<(String, String)>,
+    term_log: &Path,
+    pid_namespace: bool,
+) -> Result<tokio::process::Command, String> {
+    let image = c["image"].as_str().unwrap_or_default();
+    let image_root = run.config.images.get(image).cloned();
+    let isolated = crate::isolate::available();
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .env_clear()
+        .env("HOSTNAME", &run.name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true);
+    if image_root.is_some() {
+        cmd.env("PATH", IMAGE_PATH).env("HOME", "/");
+    } else {
+        cmd.env(
+            "PATH",
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+        )
+        .env("HOME", &run.dir)
+        .env("TESTRUNNER_TERMINATION_LOG", term_log);
+    }
+    // The API server's Service, as a kubelet gives every container; `env` may override.
+    if let Some(api) = run.config.api_server {
+        let (host, port) = (api.ip().to_string(), api.port().to_string());
+        cmd.env("KUBERNETES_SERVICE_HOST", &host)
+            .env("KUBERNETES_SERVICE_PORT", &port)
+            .env("KUBERNETES_SERVICE_PORT_HTTPS", &port)
+            .env("KUBERNETES_PORT", format!("tcp://{host}:{port}"))
+            .env(
+                format!("KUBERNETES_PORT_{port}_TCP"),
+                format!("tcp://{host}:{port}"),
+            )
+            .env(format!("KUBERNETES_PORT_{port}_TCP_PROTO"), "tcp")
+            .env(format!("KUBERNETES_PORT_{port}_TCP_PORT"), &port)
+            .env(format!("KUBERNETES_PORT_{port}_TCP_ADDR"), &host);
+    }
+    cmd.envs(env)
+        .env("TESTRUNNER_IMAGE", image)
+        .current_dir(&run.dir);
+    if !isolated {
+        if image_root.is_some() {
+            return Err(format!(
+                "image {image:?} has a root filesystem, but running in it needs root (namespaces)"
+            ));
+        }
+        if let Some(dir) = c["workingDir"]
+            .as_str()
+            .map(|w| PathBuf::from(run.map_path(w)))
+            .filter(|p| p.is_dir())
+        {
+            cmd.current_dir(dir);
+        }
+        return Ok(cmd);
+    }
+    if let Some(netns) = &run.netns {
+        netns
+            .enter(&mut cmd)
+            .map_err(|e| format!("failed to join the pod's network namespace: {e}"))?;
+    }
+    if pid_namespace {
+        crate::isolate::in_pid_namespace(&mut cmd);
+    }
+    let rootfs = rootfs(run, c, image_root, term_log)?;
+    crate::isolate::in_root_fs(&mut cmd, &rootfs)
+        .map_err(|e| format!("failed to prepare the container's mounts: {e}"))?;
+    crate::isolate::as_identity(&mut cmd, &identity(run, c));
+    Ok(cmd)
+}
+
+/// The user and groups of container `c`: `runAsUser`, `runAsGroup` (the container's
+/// security context over the pod's), the pod's `supplementalGroups` and `fsGroup`, and
+/// `allowPrivilegeEscalation: false`.
+fn identity(run: &PodRun, c: &Value) -> crate::isolate::Identity {
+    let pod = &run.pod["spec"]["securityContext"];
+    let own = &c["securityContext"];
+    let id = |field: &str| {
+        own[field]
+            .as_u64()
+            .or_else(|| pod[field].as_u64())
+            .map(|v| v as u32)
+    };
+    let mut groups: Vec<u32> = pod["supplementalGroups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_u64)
+        .map(|g| g as u32)
+        .collect();
+    if let Some(fs_group) = pod["fsGroup"].as_u64() {
+        groups.push(fs_group as u32);
+    }
+    crate::isolate::Identity {
+        uid: id("runAsUser"),
+        gid: id("runAsGroup"),
+        groups,
+        no_new_privs: own["allowPrivilegeEscalation"] == false,
+    }
+}
+
 /// Runs one container once: its exit and termination message, or why it could not start.
 /// `env` is the container's environment, already resolved.
 async fn run_once(
-    run: &PodRun,
+    run: &Arc<PodRun>,
     c: &Value,
     env: Vec<(String, String)>,
     init: bool,
@@ -86,35 +240,16 @@ async fn run_once(
     stop: &mut watch::Receiver<Stop>,
 ) -> Result<(Exit, String), String> {
     let name = c["name"].as_str().unwrap_or("container");
-    let image = c["image"].as_str().unwrap_or_default();
-    let image_root = run.config.images.get(image).cloned();
-    let in_image = image_root.is_some();
-    let mut argv: Vec<String> = c["command"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .chain(c["args"].as_array().into_iter().flatten())
-        .filter_map(Value::as_str)
-        .map(|s| {
-            if in_image {
-                s.to_string()
-            } else {
-                run.map_path(s)
-            }
-        })
-        .collect();
-    if argv.is_empty() {
-        return Err(format!(
-            "container {name:?} has no command: the simulation runs commands, not image entrypoints"
-        ));
-    }
-    if argv[0] == "testrunner-operator" && !in_image {
-        argv[0] = run.config.exe.display().to_string();
-    }
+    let argv = argv(run, c)?;
     let term_log = run.dir.join(format!("{name}.termination-log"));
     let log_path = run.dir.join(format!("{name}.log"));
     std::fs::write(&term_log, b"")
         .map_err(|e| format!("failed to create the termination log: {e}"))?;
+    // The container's user may write its termination log.
+    let _ = std::fs::set_permissions(
+        &term_log,
+        std::os::unix::fs::PermissionsExt::from_mode(0o666),
+    );
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -122,66 +257,46 @@ async fn run_once(
         .map_err(|e| format!("failed to open the container log: {e}"))?;
     let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
     let log2 = log.try_clone().map_err(|e| e.to_string())?;
-    let mut cmd = tokio::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..])
-        .env_clear()
-        .env("HOSTNAME", &run.name)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(log))
-        .stderr(Stdio::from(log2))
-        .process_group(0)
-        .kill_on_drop(true);
-    if in_image {
-        cmd.env("PATH", IMAGE_PATH)
-            .env("HOME", "/")
-            .envs(env)
-            .env("TESTRUNNER_IMAGE", image)
-            .current_dir(&run.dir);
-    } else {
-        cmd.env(
-            "PATH",
-            std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
-        )
-        .env("HOME", &run.dir)
-        .envs(env)
-        .env("TESTRUNNER_IMAGE", image)
-        .env("TESTRUNNER_TERMINATION_LOG", &term_log)
-        .current_dir(
-            c["workingDir"]
-                .as_str()
-                .map(|w| PathBuf::from(run.map_path(w)))
-                .filter(|p| p.is_dir())
-                .unwrap_or_else(|| run.dir.clone()),
-        );
-    }
-    let isolated = crate::isolate::available();
-    if isolated {
-        crate::isolate::in_pid_namespace(&mut cmd);
-    }
-    if let Some(root) = image_root {
-        if !isolated {
-            return Err(format!(
-                "image {image:?} has a root filesystem, but running in it needs root (namespaces)"
-            ));
-        }
-        let rootfs = image_rootfs(run, c, root, &term_log)?;
-        crate::isolate::in_root_fs(&mut cmd, &rootfs)
-            .map_err(|e| format!("failed to prepare the root filesystem of {image:?}: {e}"))?;
-    }
+    let mut cmd = command(run, c, &argv, env.clone(), &term_log, true)?;
+    cmd.stdout(Stdio::from(log)).stderr(Stdio::from(log2));
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("failed to start {:?}: {e}", argv[0]))?;
     let pid = child.id().map(|p| p as i32);
     let started = now();
+    let has_readiness = c.get("readinessProbe").is_some_and(Value::is_object);
     run.with_container(init, index, |s| {
         s.state = json!({"running": {"startedAt": started}});
-        s.ready = !init;
+        s.ready = !init && !has_readiness;
         s.started = true;
     });
     tracing::info!(pod = %run.name, container = name, pid, "container started");
+    let unhealthy = Arc::new(tokio::sync::Notify::new());
+    let probes = (!init).then(|| {
+        tokio::spawn(super::probe::run_probes(
+            run.clone(),
+            c.clone(),
+            index,
+            env,
+            unhealthy.clone(),
+        ))
+    });
+    let grace = run
+        .pod
+        .pointer("/spec/terminationGracePeriodSeconds")
+        .and_then(Value::as_i64)
+        .unwrap_or(30);
     let status = tokio::select! {
         status = child.wait() => status,
-        grace = stop_requested(stop) => {
+        grace = async {
+            tokio::select! {
+                g = stop_requested(stop) => g,
+                _ = unhealthy.notified() => {
+                    tracing::info!(pod = %run.name, container = name, "liveness probe failed: the container will be restarted");
+                    grace
+                }
+            }
+        } => {
             if let Some(pid) = pid {
                 signal_group(pid, Signal::SIGTERM);
                 let wait = if grace < 0 { Duration::from_secs(2) } else { run.config.scaled(Duration::from_secs(grace as u64)) };
@@ -200,6 +315,9 @@ async fn run_once(
             }
         }
     };
+    if let Some(p) = probes {
+        p.abort();
+    }
     // Whatever the container left behind in its group goes with it.
     if let Some(pid) = pid {
         signal_group(pid, Signal::SIGKILL);
@@ -234,13 +352,14 @@ async fn run_once(
 /// PATH of a container that runs in an image: the usual default of container images.
 const IMAGE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// What a container running in the image root `root` gets mounted: its volumes at their
-/// `mountPath`, its termination log at its `terminationMessagePath`, and the kubelet's
+/// What a container gets mounted in its own mount namespace: its volumes at their
+/// `mountPath` (with `subPath`, read-only as the mount says); in an image root `root`,
+/// also its termination log at its `terminationMessagePath` and the kubelet's
 /// `/etc/hosts` (localhost, the pod's name, `hostAliases`) and `/etc/resolv.conf`.
-fn image_rootfs(
+fn rootfs(
     run: &PodRun,
     c: &Value,
-    root: PathBuf,
+    root: Option<PathBuf>,
     term_log: &Path,
 ) -> Result<crate::isolate::RootFs, String> {
     let mut binds = Vec::new();
@@ -249,13 +368,31 @@ fn image_rootfs(
             continue;
         };
         if let Some((_, host)) = run.volume_dirs.iter().find(|(name, _)| name == vol) {
-            binds.push((host.clone(), path.to_string()));
+            let host = match m["subPath"].as_str().filter(|p| !p.is_empty()) {
+                Some(sub) => {
+                    let sub = host.join(sub);
+                    if !sub.exists() {
+                        let _ = std::fs::create_dir_all(&sub);
+                    }
+                    sub
+                }
+                None => host.clone(),
+            };
+            binds.push((host, path.to_string(), m["readOnly"] == true));
         }
+    }
+    let working_dir = c["workingDir"].as_str().map(String::from);
+    if root.is_none() {
+        return Ok(crate::isolate::RootFs {
+            root,
+            binds,
+            working_dir,
+        });
     }
     let term_path = c["terminationMessagePath"]
         .as_str()
         .unwrap_or("/dev/termination-log");
-    binds.push((term_log.to_path_buf(), term_path.to_string()));
+    binds.push((term_log.to_path_buf(), term_path.to_string(), false));
     let mut hosts = format!(
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.0.1\t{}\n",
         run.name
@@ -279,12 +416,16 @@ fn image_rootfs(
     }
     let hosts_file = run.dir.join("hosts");
     std::fs::write(&hosts_file, hosts).map_err(|e| format!("failed to write /etc/hosts: {e}"))?;
-    binds.push((hosts_file, "/etc/hosts".into()));
-    binds.push((PathBuf::from("/etc/resolv.conf"), "/etc/resolv.conf".into()));
+    binds.push((hosts_file, "/etc/hosts".into(), false));
+    binds.push((
+        PathBuf::from("/etc/resolv.conf"),
+        "/etc/resolv.conf".into(),
+        false,
+    ));
     Ok(crate::isolate::RootFs {
         root,
         binds,
-        working_dir: c["workingDir"].as_str().unwrap_or("/").to_string(),
+        working_dir: Some(working_dir.unwrap_or_else(|| "/".into())),
     })
 }
 
@@ -330,16 +471,14 @@ async fn inputs(
     index: usize,
     stop: &mut watch::Receiver<Stop>,
 ) -> Option<Vec<(String, String)>> {
-    // An image the node has a root filesystem for runs in it, with its volumes mounted
-    // where the pod says; any other runs on the host's filesystem, its volume paths
-    // rewritten to the pod's directory.
-    let image = c["image"].as_str().unwrap_or_default();
-    let in_image = run.config.images.contains_key(image);
+    // Without namespaces (not root), volume paths in env values are rewritten to the
+    // pod's directories; otherwise the container's mounts put the volumes there.
+    let map_paths = !crate::isolate::available();
     loop {
         let ready = match run.project_volumes().await {
             Err(ConfigError(message)) => Err(("ContainerCreating", message)),
             Ok(()) => run
-                .environment(c, !in_image)
+                .environment(c, map_paths)
                 .await
                 .map_err(|ConfigError(m)| ("CreateContainerConfigError", m)),
         };

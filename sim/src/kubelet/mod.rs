@@ -9,10 +9,14 @@
 //! completion in order, then its containers run; exits become `lastState.terminated`
 //! and restarts follow CrashLoopBackOff (10 s doubling to 5 min, reset after 10 min of
 //! running), every duration divided by the time scale; it writes `pods/status`
-//! ([`pod`]). Paths under the pod's volume mounts (such as `/testrunner`) map to a
-//! per-pod directory; `testrunner-operator` as a command runs [`Config::exe`]. Each
-//! container runs as PID 1 of a PID namespace of its own (see [`super::isolate`]), so
-//! stopping it stops every process it started ([`container`]). Deleting a pod sends
+//! ([`pod`]). Each container runs as PID 1 of a PID namespace of its own (see
+//! [`super::isolate`]), so stopping it stops every process it started, in a mount
+//! namespace of its own with the pod's volumes at their `mountPath`, as its
+//! `runAsUser`/`runAsGroup`, with the API server's `KUBERNETES_SERVICE_HOST` and
+//! `_PORT`; a pod that declares container ports gets a network namespace of its own
+//! ([`container`]); readiness and liveness probes run as a kubelet runs them
+//! ([`probe`]). `testrunner-operator` as a command, and the operator image's
+//! entrypoint, run [`Config::exe`]. Deleting a pod sends
 //! SIGTERM to each container, waits the grace period, then sends SIGKILL, writes the
 //! final status and deletes the pod for good (grace period 0, the pod's uid as
 //! precondition).
@@ -20,6 +24,7 @@
 pub mod container;
 pub mod node;
 pub mod pod;
+mod probe;
 pub mod server;
 
 use std::collections::{HashMap, HashSet};
@@ -51,9 +56,44 @@ pub struct Config {
     pub node_name: String,
     /// Images the node has a root filesystem for: their containers run inside it.
     pub images: std::collections::BTreeMap<String, PathBuf>,
+    /// Image repositories (references without tag or digest) that are this project's
+    /// operator image: their containers run [`Config::exe`] as the image's entrypoint.
+    pub operator_images: Vec<String>,
+    /// The API server as containers reach it (`KUBERNETES_SERVICE_HOST` and
+    /// `KUBERNETES_SERVICE_PORT`); `None`: not given to containers.
+    pub api_server: Option<std::net::SocketAddr>,
+    /// Loopback addresses of this machine that pods with a network namespace of their
+    /// own reach at the same address (the API server is always among them).
+    pub forward: Vec<std::net::SocketAddr>,
+}
+
+/// The repository of an image reference: without `@digest` and `:tag`.
+pub fn repository(image: &str) -> &str {
+    let image = image.split('@').next().unwrap_or(image);
+    match image.rfind(':') {
+        Some(i) if !image[i..].contains('/') => &image[..i],
+        _ => image,
+    }
 }
 
 impl Config {
+    /// Whether `image` is the operator's (see [`Config::operator_images`]).
+    pub fn is_operator_image(&self, image: &str) -> bool {
+        let repo = repository(image);
+        self.operator_images.iter().any(|o| repository(o) == repo)
+    }
+
+    /// What pods with a network namespace of their own reach on this machine.
+    fn forwarded(&self) -> Vec<std::net::SocketAddr> {
+        let mut all: Vec<std::net::SocketAddr> = self.api_server.into_iter().collect();
+        for a in &self.forward {
+            if !all.contains(a) {
+                all.push(*a);
+            }
+        }
+        all
+    }
+
     fn scaled(&self, d: Duration) -> Duration {
         if self.time_scale > 0.0 {
             d.div_f64(self.time_scale)

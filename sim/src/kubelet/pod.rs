@@ -65,6 +65,9 @@ pub(super) struct PodRun {
     /// Volumes written from API objects: name, directory, sources.
     projections: Vec<(String, PathBuf, Vec<Projection>)>,
     pub restart_policy: String,
+    /// The pod's network namespace, when it declares container ports (so that two
+    /// pods may listen on the same port); else it shares this machine's network.
+    pub netns: Option<crate::isolate::NetNs>,
     pub model: Mutex<PodModel>,
     status: watch::Sender<(u64, Option<Value>)>,
     written: watch::Receiver<u64>,
@@ -320,10 +323,15 @@ impl PodRun {
 
     /// Sends the current model to the status writer.
     pub fn publish(&self) {
-        let status = {
+        let mut status = {
             let mut m = self.model.lock().unwrap_or_else(|p| p.into_inner());
             m.status()
         };
+        // The API server sets the QoS class at creation, from the resources; it never
+        // changes.
+        if let Some(qos) = self.pod.pointer("/status/qosClass") {
+            status["qosClass"] = qos.clone();
+        }
         self.status.send_modify(|(seq, s)| {
             *seq += 1;
             *s = Some(status);
@@ -631,6 +639,31 @@ impl PodRun {
         for (_, d) in &volume_dirs {
             let _ = std::fs::create_dir_all(d);
         }
+        // emptyDir volumes are writable by every user, as a kubelet makes them.
+        for v in &volumes {
+            if v.get("emptyDir").is_some()
+                && let Some((_, d)) = volume_dirs.iter().find(|(n, _)| v["name"] == **n)
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777));
+            }
+        }
+        let serves_ports = spec["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["ports"].as_array().is_some_and(|p| !p.is_empty()));
+        let netns = if serves_ports && crate::isolate::available() {
+            match crate::isolate::NetNs::new(&config.forwarded()) {
+                Ok(ns) => Some(ns),
+                Err(e) => {
+                    tracing::warn!(pod = %name, error = %e, "failed to give the pod a network namespace; it shares this machine's");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let _ = std::fs::create_dir_all(&dir);
         let list = |field: &str| spec[field].as_array().cloned().unwrap_or_default();
         let (init_specs, main_specs) = (list("initContainers"), list("containers"));
@@ -661,6 +694,7 @@ impl PodRun {
                 .as_str()
                 .unwrap_or("Always")
                 .to_string(),
+            netns,
             model: Mutex::new(PodModel {
                 init: init_specs
                     .iter()
