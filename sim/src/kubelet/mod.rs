@@ -67,6 +67,34 @@ pub struct Config {
     pub forward: Vec<std::net::SocketAddr>,
 }
 
+/// The binary containers run as `testrunner-operator`, where any user may reach it: a
+/// link (or copy) of `exe` in the node's own directory. A container that runs as
+/// `runAsUser` must be able to execute it, as it could the binary of its image; `exe`
+/// itself may sit below a directory only its owner enters (a build in `/root`).
+fn node_binary(root: &Path, exe: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = root.join("bin");
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| format!("failed to create {}: {e}", dir.display()))?;
+    for d in [root, dir.as_path()] {
+        let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755));
+    }
+    let local = dir.join("testrunner-operator");
+    let _ = std::fs::remove_file(&local);
+    if std::fs::hard_link(exe, &local).is_err() {
+        std::fs::copy(exe, &local).map_err(|e| {
+            format!(
+                "failed to copy {} to {}: {e}",
+                exe.display(),
+                local.display()
+            )
+        })?;
+    }
+    std::fs::set_permissions(&local, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("failed to make {} executable: {e}", local.display()))?;
+    Ok(local)
+}
+
 /// The repository of an image reference: without `@digest` and `:tag`.
 pub fn repository(image: &str) -> &str {
     let image = image.split('@').next().unwrap_or(image);
@@ -125,8 +153,9 @@ impl Kubelet {
     pub async fn start(
         client: kube::Client,
         binder: Option<kube::Client>,
-        config: Config,
+        mut config: Config,
     ) -> Result<Self, String> {
+        config.exe = node_binary(&config.root, &config.exe)?;
         if !super::isolate::available() {
             tracing::warn!(
                 "no PID namespaces here (they need root): containers run as process groups, and processes a container moves out of its group outlive it"
