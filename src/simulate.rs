@@ -130,38 +130,12 @@ pub(crate) async fn simulate(opts: SimulateOptions) -> Result<(), String> {
     if opts.no_operator {
         print_install_steps(&sim.url(), &what, &kc.to_string(), &bin.to_string());
     } else {
-        println!(
-            "Simulated cluster at {url} ({what}).
-    Kubeconfig: {kc}   Broker Secret: default/rabbitmq (key uri)   Time scale: {scale}
-
-    In a second terminal:
-      export KUBECONFIG={kc}
-      {bin} publish --queue tickets.demo --count 10 --declare-quorum
-      kubectl apply -f - <<'YAML'
-    apiVersion: testrunner.dev/v1alpha1
-    kind: TestRunnerPool
-    metadata:
-      name: demo
-    spec:
-      image: example.org/test-runner:1
-      # no image is pulled (see simulate --image); this command crashes on any image tagged :broken
-      command: [\"sh\", \"-c\", \"case $TESTRUNNER_IMAGE in *:broken) exit 3;; esac; cat >/dev/null; sleep 1\"]
-      queue:
-        name: tickets.demo
-        connectionSecretRef: {{name: rabbitmq, key: uri}}
-      scaling: {{minWorkers: 0, maxWorkers: 5, pollInterval: 1s, scaleDownDelay: 20s}}
-    YAML
-      kubectl get trp -w
-      ({bin} publish --queue tickets.demo --count 30 sends more: watch the pool scale up and back down)
-      kubectl get pods
-      kubectl describe trp demo
-      (a rollout: publish 30 more, then set image example.org/test-runner:broken, watch its canary
-       roll back, then example.org/test-runner:2, watch it promoted:
-       kubectl patch trp demo --type merge -p '{{\"spec\":{{\"image\":\"example.org/test-runner:broken\"}}}}')
-
-    Ctrl-C stops everything (the API server, the operator and every worker process).",
-            url = sim.url(),
-            scale = opts.time_scale,
+        print_walkthrough(
+            &sim.url(),
+            &what,
+            &kc.to_string(),
+            &bin.to_string(),
+            opts.time_scale,
         );
     }
     tokio::select! {
@@ -176,9 +150,56 @@ pub(crate) async fn simulate(opts: SimulateOptions) -> Result<(), String> {
     Ok(())
 }
 
+/// The walk-through of `simulate`: tickets, a pool, scaling, a rollout.
+fn print_walkthrough(url: &str, what: &str, kc: &str, bin: &str, scale: f64) {
+    let pool = demo_pool(
+        "  # no image is pulled (see simulate --image); this command crashes on any image tagged :broken
+  command: [\"sh\", \"-c\", \"case $TESTRUNNER_IMAGE in *:broken) exit 3;; esac; cat >/dev/null; sleep 1\"]",
+    );
+    println!(
+        "Simulated cluster at {url} ({what}).
+Kubeconfig: {kc}   Broker Secret: default/rabbitmq (key uri)   Time scale: {scale}
+
+In a second terminal:
+  export KUBECONFIG={kc}
+  {bin} publish --queue tickets.demo --count 10 --declare-quorum
+  kubectl apply -f - <<'YAML'
+{pool}YAML
+  kubectl get trp -w
+  ({bin} publish --queue tickets.demo --count 30 sends more: watch the pool scale up and back down)
+  kubectl get pods
+  kubectl describe trp demo
+  (a rollout: publish 30 more, then set image example.org/test-runner:broken, watch its canary
+   roll back, then example.org/test-runner:2, watch it promoted:
+   kubectl patch trp demo --type merge -p '{{\"spec\":{{\"image\":\"example.org/test-runner:broken\"}}}}')
+
+Ctrl-C stops everything (the API server, the operator and every worker process)."
+    );
+}
+
+/// Pool `demo` of the walk-throughs, on queue `tickets.demo`, with `command` (its YAML
+/// lines) as what each ticket runs.
+fn demo_pool(command: &str) -> String {
+    format!(
+        "apiVersion: testrunner.dev/v1alpha1
+kind: TestRunnerPool
+metadata:
+  name: demo
+spec:
+  image: example.org/test-runner:1
+{command}
+  queue:
+    name: tickets.demo
+    connectionSecretRef: {{name: rabbitmq, key: uri}}
+  scaling: {{minWorkers: 0, maxWorkers: 5, pollInterval: 1s, scaleDownDelay: 20s}}
+"
+    )
+}
+
 /// The walk-through of `simulate --no-operator`: install the operator as a user would,
 /// then a pool.
 fn print_install_steps(url: &str, what: &str, kc: &str, bin: &str) {
+    let pool = demo_pool("  command: [\"sh\", \"-c\", \"cat >/dev/null; sleep 1\"]");
     println!(
         "Simulated cluster at {url} ({what}).
 Kubeconfig: {kc}
@@ -196,18 +217,7 @@ In a second terminal, from the repository's root:
   kubectl -n ci create secret generic rabbitmq --from-literal=uri='amqp://guest:guest@127.0.0.1:5672/%2f'
   {bin} publish --queue tickets.demo --count 10 --declare-quorum
   kubectl -n ci apply -f - <<'YAML'
-apiVersion: testrunner.dev/v1alpha1
-kind: TestRunnerPool
-metadata:
-  name: demo
-spec:
-  image: example.org/test-runner:1
-  command: [\"sh\", \"-c\", \"cat >/dev/null; sleep 1\"]
-  queue:
-    name: tickets.demo
-    connectionSecretRef: {{name: rabbitmq, key: uri}}
-  scaling: {{minWorkers: 0, maxWorkers: 5, pollInterval: 1s, scaleDownDelay: 20s}}
-YAML
+{pool}YAML
   kubectl -n ci get trp -w
 
 Ctrl-C stops everything (the control plane and every pod's processes)."
