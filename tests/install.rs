@@ -19,7 +19,9 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{broker_uri, declare_expiring, eventually, eventually_some, init_logs};
+use common::{
+    broker_uri, declare_expiring, eventually, eventually_some, init_logs, publish_confirmed,
+};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -226,27 +228,13 @@ async fn two_ready_replicas(
 
 /// Publishes `ids` as persistent tickets (body and message id: the id), each confirmed.
 async fn publish(conn: &lapin::Connection, queue: &str, ids: &[String]) {
-    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::options::ConfirmSelectOptions;
     let ch = conn.create_channel().await.unwrap();
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
     for id in ids {
-        let confirm = ch
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                id.as_bytes(),
-                lapin::BasicProperties::default()
-                    .with_message_id(id.as_str().into())
-                    .with_delivery_mode(2),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        assert!(confirm.is_ack(), "the broker took ticket {id}");
+        publish_confirmed(&ch, queue, id).await;
     }
 }
 

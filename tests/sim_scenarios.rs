@@ -597,7 +597,7 @@ struct Load {
 impl Load {
     /// Publishes to `queue` whenever fewer than `waiting` tickets are ready.
     async fn start(queue: &str, waiting: u32) -> Load {
-        use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+        use lapin::options::ConfirmSelectOptions;
         let conn = broker().await;
         let ch = conn.create_channel().await.unwrap();
         ch.confirm_select(ConfirmSelectOptions::default())
@@ -610,21 +610,7 @@ impl Load {
             while !*stopped.borrow() {
                 for _ in depth_on(&ch, &queue).await..waiting {
                     let id = format!("{queue}-load-{}", ids.len());
-                    let confirm = ch
-                        .basic_publish(
-                            "".into(),
-                            queue.as_str().into(),
-                            BasicPublishOptions::default(),
-                            id.as_bytes(),
-                            lapin::BasicProperties::default()
-                                .with_message_id(id.as_str().into())
-                                .with_delivery_mode(2),
-                        )
-                        .await
-                        .unwrap()
-                        .await
-                        .unwrap();
-                    assert!(confirm.is_ack(), "the broker took ticket {id}");
+                    common::publish_confirmed(&ch, &queue, &id).await;
                     ids.push(id);
                 }
                 tokio::select! {

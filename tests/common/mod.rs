@@ -56,6 +56,26 @@ pub fn broker_uri() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// Publishes ticket `id` (body and message id: the id, persistent) to `queue` on `ch`, a
+/// channel in confirm mode, and checks that the broker confirmed it.
+pub async fn publish_confirmed(ch: &lapin::Channel, queue: &str, id: &str) {
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            lapin::options::BasicPublishOptions::default(),
+            id.as_bytes(),
+            lapin::BasicProperties::default()
+                .with_message_id(id.into())
+                .with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack(), "the broker took ticket {id}");
+}
+
 /// Declares `queue` on `ch`: a durable quorum queue with `quorum`, else a classic one,
 /// that removes itself after ten unused minutes, so a failed test leaves nothing behind
 /// on the broker.
