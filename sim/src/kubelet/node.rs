@@ -22,8 +22,13 @@ pub const STATUS_REPORT: Duration = Duration::from_secs(60);
 /// Field manager of the node's writes.
 pub const MANAGER: &str = "testrunner-simulated-node";
 
-/// The Node object a simulated node registers: labels a kubelet may set on itself.
+/// The Node object a simulated node registers: the labels a kubelet sets on itself,
+/// the legacy `beta.kubernetes.io/{os,arch}` pair included (a real kubelet still sets
+/// both, and the controller manager adds the pair to a Node that lacks it).
 pub fn node_object(name: &str) -> Value {
+    let arch = std::env::consts::ARCH
+        .replace("x86_64", "amd64")
+        .replace("aarch64", "arm64");
     json!({
         "apiVersion": "v1",
         "kind": "Node",
@@ -32,7 +37,9 @@ pub fn node_object(name: &str) -> Value {
             "labels": {
                 "kubernetes.io/hostname": name,
                 "kubernetes.io/os": "linux",
-                "kubernetes.io/arch": std::env::consts::ARCH.replace("x86_64", "amd64").replace("aarch64", "arm64"),
+                "kubernetes.io/arch": arch,
+                "beta.kubernetes.io/os": "linux",
+                "beta.kubernetes.io/arch": arch,
                 "node.kubernetes.io/instance-type": "simulated",
             },
         },
