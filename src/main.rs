@@ -38,6 +38,9 @@ enum Command {
     },
     /// Run COMMAND for each ticket of the queue, one at a time (wrapped-mode worker pods).
     Worker(worker::WorkerArgs),
+    /// Hold the broker credentials for a worker pod and serve its wrapper over a Unix
+    /// socket (the broker sidecar of wrapped-mode worker pods).
+    BrokerSidecar(worker::SidecarArgs),
     /// Run a simulated cluster (API server, kubelet running local processes, and this
     /// operator) for development and tests. Never a product runtime. The broker URI
     /// goes into Secret default/rabbitmq (key uri).
@@ -193,6 +196,7 @@ fn main() -> ExitCode {
         },
         Command::Run(args) => runtime().block_on(run(args)),
         Command::Worker(args) => runtime().block_on(worker::run(args)),
+        Command::BrokerSidecar(args) => runtime().block_on(worker::serve_sidecar(args)),
         #[cfg(feature = "simulate")]
         Command::Simulate(args) => simulate(args),
         Command::Publish(args) => publish(args),

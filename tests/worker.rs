@@ -39,8 +39,29 @@ fn unique(test: &str) -> String {
     format!("trw-{test}-{}-{n}", std::process::id())
 }
 
+/// How the worker reaches the broker.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    /// `worker` with the broker URI, as a user runs it by hand.
+    Direct,
+    /// `worker --broker-socket` in front of `broker-sidecar`, as in a worker pod: only
+    /// the sidecar has the URI.
+    Sidecar,
+}
+
+/// The variables the sidecar takes (the broker side); the wrapper gets the others.
+const SIDECAR_ENV: &[&str] = &[
+    "TESTRUNNER_QUARANTINE_QUEUE",
+    "TESTRUNNER_QUARANTINE_FILE",
+    "TESTRUNNER_OUTCOMES_QUEUE",
+    "TESTRUNNER_POD_NAME",
+    "TESTRUNNER_REVISION",
+    "TESTRUNNER_REPORT_INTERVAL",
+];
+
 /// One test's broker connection, scratch directory and queues.
 struct Fixture {
+    mode: Mode,
     name: String,
     dir: PathBuf,
     _conn: Connection,
@@ -49,7 +70,7 @@ struct Fixture {
 }
 
 impl Fixture {
-    async fn new(test: &str) -> Self {
+    async fn new(test: &str, mode: Mode) -> Self {
         let name = unique(test);
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&dir).unwrap();
@@ -62,6 +83,7 @@ impl Fixture {
             .await
             .unwrap();
         Self {
+            mode,
             name,
             dir,
             _conn: conn,
@@ -151,15 +173,19 @@ impl Fixture {
         self.worker_env(queue, &[], &args)
     }
 
-    /// Starts `worker ARGS` on `queue` with extra environment variables.
+    /// Starts `worker ARGS` on `queue` with extra environment variables (in sidecar
+    /// mode, the broker's go to the sidecar, the others to the wrapper).
     fn worker_env(&self, queue: &str, env: &[(&str, &str)], args: &[&str]) -> Worker {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let stderr = self.dir.join(format!("stderr-{n}"));
-        let child = Command::new(BIN)
+        type Env<'a> = Vec<(&'a str, &'a str)>;
+        let (broker_env, wrapper_env): (Env, Env) = match self.mode {
+            Mode::Direct => (Vec::new(), env.to_vec()),
+            Mode::Sidecar => env.iter().partition(|(k, _)| SIDECAR_ENV.contains(k)),
+        };
+        let mut command = Command::new(BIN);
+        command
             .arg("worker")
-            .args(args)
-            .env("TESTRUNNER_AMQP_URI", URI)
-            .env("TESTRUNNER_QUEUE", queue)
             .env(
                 "TESTRUNNER_TERMINATION_LOG",
                 self.dir.join("termination-log"),
@@ -167,6 +193,48 @@ impl Fixture {
             .env("T_DIR", &self.dir)
             .env_remove("TESTRUNNER_TEST_FAILURE_CODES")
             .env_remove("TESTRUNNER_IDLE_EXIT")
+            .env_remove("TESTRUNNER_AMQP_URI")
+            .env_remove("TESTRUNNER_QUEUE")
+            .envs(wrapper_env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .kill_on_drop(true);
+        let sidecar = match self.mode {
+            Mode::Direct => {
+                command
+                    .env("TESTRUNNER_AMQP_URI", URI)
+                    .env("TESTRUNNER_QUEUE", queue);
+                None
+            }
+            Mode::Sidecar => {
+                let (sidecar, socket, sidecar_stderr) = self.sidecar(queue, URI, &broker_env);
+                command.arg("--broker-socket").arg(&socket);
+                Some((sidecar, sidecar_stderr))
+            }
+        };
+        let child = command.args(args).spawn().unwrap();
+        Worker {
+            child,
+            stderr,
+            sidecar,
+        }
+    }
+
+    /// Starts a broker sidecar for `queue` on `uri`: the process, its socket, its log.
+    fn sidecar(&self, queue: &str, uri: &str, env: &[(&str, &str)]) -> (Child, PathBuf, PathBuf) {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let socket = self.dir.join(format!("broker-{n}.sock"));
+        let stderr = self.dir.join(format!("sidecar-stderr-{n}"));
+        let sidecar = Command::new(BIN)
+            .args(["broker-sidecar", "--listen"])
+            .arg(&socket)
+            .env("TESTRUNNER_AMQP_URI", uri)
+            .env("TESTRUNNER_QUEUE", queue)
+            .env(
+                "TESTRUNNER_TERMINATION_LOG",
+                self.dir.join("sidecar-termination-log"),
+            )
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -174,7 +242,39 @@ impl Fixture {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        Worker { child, stderr }
+        (sidecar, socket, stderr)
+    }
+
+    /// Starts `worker --broker-socket SOCKET -- sh -c SCRIPT`, with no broker URI.
+    fn wrapper(&self, socket: &Path, extra: &[&str], script: &str) -> Worker {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let stderr = self.dir.join(format!("stderr-{n}"));
+        let child = Command::new(BIN)
+            .arg("worker")
+            .arg("--broker-socket")
+            .arg(socket)
+            .args(extra)
+            .args(["--", "/bin/sh", "-c", script])
+            .env(
+                "TESTRUNNER_TERMINATION_LOG",
+                self.dir.join("termination-log"),
+            )
+            .env("T_DIR", &self.dir)
+            .env_remove("TESTRUNNER_TEST_FAILURE_CODES")
+            .env_remove("TESTRUNNER_IDLE_EXIT")
+            .env_remove("TESTRUNNER_AMQP_URI")
+            .env_remove("TESTRUNNER_QUEUE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        Worker {
+            child,
+            stderr,
+            sidecar: None,
+        }
     }
 
     /// Starts the worker on `queue` with `sh -c SCRIPT` as the command.
@@ -206,6 +306,8 @@ impl Fixture {
 struct Worker {
     child: Child,
     stderr: PathBuf,
+    /// In sidecar mode: the broker sidecar and its log.
+    sidecar: Option<(Child, PathBuf)>,
 }
 
 impl Worker {
@@ -220,13 +322,26 @@ impl Worker {
             !stderr.contains("guest:guest") && !stderr.contains(URI),
             "credentials in the worker's log:\n{stderr}"
         );
+        if let Some((_, log)) = &self.sidecar {
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            assert!(
+                !log.contains("guest:guest") && !log.contains(URI),
+                "credentials in the sidecar's log:\n{log}"
+            );
+        }
         status
             .code()
             .unwrap_or_else(|| panic!("worker killed by a signal: {status:?}\n{stderr}"))
     }
 
+    /// The wrapper's log and, in sidecar mode, the sidecar's.
     fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        let mut text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        if let Some((_, log)) = &self.sidecar {
+            text.push_str("\n--- broker sidecar ---\n");
+            text.push_str(&std::fs::read_to_string(log).unwrap_or_default());
+        }
+        text
     }
 
     fn signal(&self, sig: nix::sys::signal::Signal) {
@@ -234,8 +349,12 @@ impl Worker {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
     }
 
-    fn pid(&self) -> u32 {
-        self.child.id().expect("worker still running")
+    /// The process that holds the broker connection: the sidecar, or the worker.
+    fn broker_pid(&self) -> u32 {
+        match &self.sidecar {
+            Some((sidecar, _)) => sidecar.id().expect("sidecar still running"),
+            None => self.child.id().expect("worker still running"),
+        }
     }
 }
 
@@ -261,9 +380,8 @@ if [ "$body" = crash ] && [ "$TICKET_DELIVERY" = 1 ]; then exit 3; fi
 echo "$TICKET_ID" >> "$T_DIR/done"
 "#;
 
-#[tokio::test]
-async fn a_crashing_ticket_is_redelivered_and_named_the_others_are_acked_once() {
-    let mut f = Fixture::new("crash").await;
+async fn a_crashing_ticket_is_redelivered_and_named_the_others_are_acked_once(mode: Mode) {
+    let mut f = Fixture::new("crash", mode).await;
     let q = f.quorum_queue().await;
     for i in 0..5 {
         let body = if i == 2 { "crash" } else { "ok" };
@@ -301,9 +419,8 @@ async fn a_crashing_ticket_is_redelivered_and_named_the_others_are_acked_once() 
     f.cleanup().await;
 }
 
-#[tokio::test]
-async fn a_test_failure_exit_1_is_acked_and_not_redelivered() {
-    let mut f = Fixture::new("fail").await;
+async fn a_test_failure_exit_1_is_acked_and_not_redelivered(mode: Mode) {
+    let mut f = Fixture::new("fail", mode).await;
     let q = f.quorum_queue().await;
     f.ticket(&q, "pass", "0").await;
     f.ticket(&q, "fail", "1").await;
@@ -316,9 +433,8 @@ async fn a_test_failure_exit_1_is_acked_and_not_redelivered() {
     f.cleanup().await;
 }
 
-#[tokio::test]
-async fn listed_test_failure_codes_from_env_are_acked_others_crash() {
-    let mut f = Fixture::new("codes").await;
+async fn listed_test_failure_codes_from_env_are_acked_others_crash(mode: Mode) {
+    let mut f = Fixture::new("codes", mode).await;
     let q = f.quorum_queue().await;
     f.ticket(&q, "c1", "1").await;
     f.ticket(&q, "c5", "5").await;
@@ -357,9 +473,8 @@ while [ ! -e "$T_DIR/go" ]; do sleep 0.05; done
 echo "$TICKET_ID end" >> "$T_DIR/ran"
 "#;
 
-#[tokio::test]
-async fn sigterm_lets_the_running_ticket_finish_and_acks_it() {
-    let mut f = Fixture::new("sigterm").await;
+async fn sigterm_lets_the_running_ticket_finish_and_acks_it(mode: Mode) {
+    let mut f = Fixture::new("sigterm", mode).await;
     let q = f.quorum_queue().await;
     f.ticket(&q, "s0", "").await;
     f.ticket(&q, "s1", "").await;
@@ -402,9 +517,8 @@ async fn sigterm_lets_the_running_ticket_finish_and_acks_it() {
     f.cleanup().await;
 }
 
-#[tokio::test]
-async fn a_second_sigterm_is_forwarded_and_the_ticket_stays_unacked() {
-    let mut f = Fixture::new("sigterm2").await;
+async fn a_second_sigterm_is_forwarded_and_the_ticket_stays_unacked(mode: Mode) {
+    let mut f = Fixture::new("sigterm2", mode).await;
     let q = f.quorum_queue().await;
     f.ticket(&q, "u0", "").await;
     let script = r#"
@@ -432,9 +546,8 @@ while true; do sleep 0.05; done
     f.cleanup().await;
 }
 
-#[tokio::test]
-async fn sigterm_while_idle_exits_0() {
-    let mut f = Fixture::new("idle").await;
+async fn sigterm_while_idle_exits_0(mode: Mode) {
+    let mut f = Fixture::new("idle", mode).await;
     let q = f.quorum_queue().await;
     let mut w = f.idle_worker(&q).await;
     w.signal(nix::sys::signal::Signal::SIGINT);
@@ -445,7 +558,7 @@ async fn sigterm_while_idle_exits_0() {
 
 /// Closes the worker's broker connection from the broker's side.
 async fn cut_connection(w: &Worker, why: &str) {
-    let pid = w.pid();
+    let pid = w.broker_pid();
     let name = tokio::task::spawn_blocking(move || connection_of(pid))
         .await
         .unwrap()
@@ -493,9 +606,8 @@ fn connection_of(pid: u32) -> Option<String> {
         .map(str::to_string)
 }
 
-#[tokio::test]
-async fn a_cut_connection_stops_the_command_and_the_ticket_comes_back() {
-    let mut f = Fixture::new("cut").await;
+async fn a_cut_connection_stops_the_command_and_the_ticket_comes_back(mode: Mode) {
+    let mut f = Fixture::new("cut", mode).await;
     let q = f.quorum_queue().await;
     f.ticket(&q, "c0", "").await;
     let script = r#"
@@ -533,9 +645,8 @@ echo "$TICKET_ID $TICKET_DELIVERY end" >> "$T_DIR/ran"
     f.cleanup().await;
 }
 
-#[tokio::test]
-async fn malformed_messages_do_not_crash_the_worker() {
-    let mut f = Fixture::new("malformed").await;
+async fn malformed_messages_do_not_crash_the_worker(mode: Mode) {
+    let mut f = Fixture::new("malformed", mode).await;
     let q = f.quorum_queue().await;
 
     // 1. Empty body, no properties at all.
@@ -637,9 +748,8 @@ fi
     f.cleanup().await;
 }
 
-#[tokio::test]
-async fn a_missing_command_is_an_environment_failure_and_takes_no_ticket() {
-    let mut f = Fixture::new("missing").await;
+async fn a_missing_command_is_an_environment_failure_and_takes_no_ticket(mode: Mode) {
+    let mut f = Fixture::new("missing", mode).await;
     let q = f.quorum_queue().await;
     f.ticket(&q, "m0", "").await;
     let mut w = f.worker(&q, &[], &["/nonexistent/run-tests", "--all"]);
@@ -672,10 +782,9 @@ async fn a_missing_command_is_an_environment_failure_and_takes_no_ticket() {
     f.cleanup().await;
 }
 
-#[tokio::test]
-async fn a_command_that_cannot_start_gives_its_ticket_back() {
+async fn a_command_that_cannot_start_gives_its_ticket_back(mode: Mode) {
     use std::os::unix::fs::PermissionsExt;
-    let mut f = Fixture::new("noexec").await;
+    let mut f = Fixture::new("noexec", mode).await;
     let q = f.quorum_queue().await;
     f.ticket(&q, "n0", "").await;
     // Executable bits, but not a program the kernel can run.
@@ -702,7 +811,7 @@ async fn a_command_that_cannot_start_gives_its_ticket_back() {
 
 #[tokio::test]
 async fn startup_failures_have_their_own_exit_codes_and_hide_credentials() {
-    let mut f = Fixture::new("startup").await;
+    let mut f = Fixture::new("startup", Mode::Direct).await;
     let q = f.quorum_queue().await;
     let run = |uri: &str, queue: &str, extra: &[&str]| {
         let mut cmd = std::process::Command::new(BIN);
@@ -761,7 +870,7 @@ async fn startup_failures_have_their_own_exit_codes_and_hide_credentials() {
 
 #[tokio::test]
 async fn starting_is_written_before_the_consume_loop_is_up() {
-    let f = Fixture::new("starting").await;
+    let f = Fixture::new("starting", Mode::Direct).await;
     // A listener that accepts the TCP connection but never speaks AMQP: the worker
     // stays in its handshake.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -777,7 +886,11 @@ async fn starting_is_written_before_the_consume_loop_is_up() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut w = Worker { child, stderr };
+    let mut w = Worker {
+        child,
+        stderr,
+        sidecar: None,
+    };
     silent.set_nonblocking(true).unwrap();
     let mut held = Vec::new();
     eventually("the worker connects", DEADLINE, || {
@@ -798,9 +911,8 @@ async fn starting_is_written_before_the_consume_loop_is_up() {
     f.cleanup().await;
 }
 
-#[tokio::test]
-async fn a_command_killed_by_a_signal_exits_128_plus_the_signal() {
-    let mut f = Fixture::new("killed").await;
+async fn a_command_killed_by_a_signal_exits_128_plus_the_signal(mode: Mode) {
+    let mut f = Fixture::new("killed", mode).await;
     let q = f.quorum_queue().await;
     f.ticket(&q, "k0", "").await;
     let script = r#"echo "$TICKET_ID $TICKET_DELIVERY" >> "$T_DIR/ran"; kill -KILL $$"#;
@@ -819,9 +931,8 @@ async fn a_command_killed_by_a_signal_exits_128_plus_the_signal() {
     f.cleanup().await;
 }
 
-#[tokio::test]
-async fn a_cut_connection_while_idle_exits_with_the_broker_lost_code() {
-    let mut f = Fixture::new("cutidle").await;
+async fn a_cut_connection_while_idle_exits_with_the_broker_lost_code(mode: Mode) {
+    let mut f = Fixture::new("cutidle", mode).await;
     let q = f.quorum_queue().await;
     let mut w = f.idle_worker(&q).await;
     cut_connection(&w, "test: cut while idle").await;
@@ -830,9 +941,8 @@ async fn a_cut_connection_while_idle_exits_with_the_broker_lost_code() {
     f.cleanup().await;
 }
 
-#[tokio::test]
-async fn a_listed_ticket_is_moved_to_quarantine_intact_and_not_run() {
-    let mut f = Fixture::new("divert").await;
+async fn a_listed_ticket_is_moved_to_quarantine_intact_and_not_run(mode: Mode) {
+    let mut f = Fixture::new("divert", mode).await;
     let q = f.quorum_queue().await;
     let quarantine = f.quorum_queue().await;
     let outcomes = f.quorum_queue().await;
@@ -945,5 +1055,175 @@ async fn a_listed_ticket_is_moved_to_quarantine_intact_and_not_run() {
             ("t-poison".to_string(), "quarantined".to_string())
         ]
     );
+    f.cleanup().await;
+}
+
+/// Every test above runs twice: the worker on the broker itself, and the wrapper
+/// through a broker sidecar that alone holds the credentials.
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod direct {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Mode::Direct).await
+            })*
+        }
+        mod through_sidecar {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Mode::Sidecar).await
+            })*
+        }
+    };
+}
+
+in_both_modes!(
+    a_crashing_ticket_is_redelivered_and_named_the_others_are_acked_once,
+    a_test_failure_exit_1_is_acked_and_not_redelivered,
+    listed_test_failure_codes_from_env_are_acked_others_crash,
+    sigterm_lets_the_running_ticket_finish_and_acks_it,
+    a_second_sigterm_is_forwarded_and_the_ticket_stays_unacked,
+    sigterm_while_idle_exits_0,
+    a_cut_connection_stops_the_command_and_the_ticket_comes_back,
+    malformed_messages_do_not_crash_the_worker,
+    a_missing_command_is_an_environment_failure_and_takes_no_ticket,
+    a_command_that_cannot_start_gives_its_ticket_back,
+    a_command_killed_by_a_signal_exits_128_plus_the_signal,
+    a_cut_connection_while_idle_exits_with_the_broker_lost_code,
+    a_listed_ticket_is_moved_to_quarantine_intact_and_not_run,
+);
+
+// ---------------------------------------------------------------------------
+// The broker sidecar's own promises
+// ---------------------------------------------------------------------------
+
+/// One length-delimited JSON frame over `stream` and the answer, as any process in the
+/// test container could send it.
+async fn raw_exchange(stream: &mut tokio::net::UnixStream, message: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(&(message.len() as u32).to_be_bytes())
+        .await
+        .ok()?;
+    stream.write_all(message.as_bytes()).await.ok()?;
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).await.ok()?;
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    stream.read_exact(&mut body).await.ok()?;
+    Some(String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn the_wrapper_and_its_command_never_hold_the_broker_uri() {
+    let mut f = Fixture::new("nouri", Mode::Sidecar).await;
+    let q = f.quorum_queue().await;
+    let outcomes = f.quorum_queue().await;
+    f.ticket(&q, "n0", "").await;
+    // The command looks where a test could: its environment, its parent's (the
+    // wrapper's) environment and command line, and the socket's answers.
+    let script = r#"
+{ env; tr '\0' '\n' < /proc/$PPID/environ; tr '\0' ' ' < /proc/$PPID/cmdline; } > "$T_DIR/seen"
+echo "$TICKET_ID" >> "$T_DIR/ran"
+"#;
+    let mut w = f.worker_env(
+        &q,
+        &[("TESTRUNNER_OUTCOMES_QUEUE", outcomes.as_str())],
+        &["--idle-exit", "1s", "--", "/bin/sh", "-c", script],
+    );
+    assert_eq!(w.exit_code().await, 0, "{}", w.stderr());
+    assert_eq!(f.lines("ran"), ["n0"]);
+    let seen = std::fs::read_to_string(f.dir.join("seen")).unwrap();
+    assert!(seen.contains("TICKET_ID=n0"), "{seen}");
+    assert!(seen.contains("--broker-socket"), "{seen}");
+    assert!(
+        !seen.contains("guest") && !seen.contains("amqp://"),
+        "the test command saw the broker URI:\n{seen}"
+    );
+    // The sidecar still reported for it: the busy state and the outcome.
+    assert!(
+        f.depth(&outcomes).await.0 >= 2,
+        "reports on the outcome queue"
+    );
+    assert_eq!(f.settled(&q).await, 0);
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn one_wrapper_at_a_time_and_the_sidecar_serves_the_next_after_a_crash() {
+    let mut f = Fixture::new("onesession", Mode::Sidecar).await;
+    let q = f.quorum_queue().await;
+    let (_sidecar, socket, sidecar_log) = f.sidecar(&q, URI, &[]);
+    f.ticket(&q, "p0", "crash").await;
+    f.ticket(&q, "p1", "").await;
+
+    // The first wrapper waits for "go" on the first ticket.
+    let script = r#"
+body=$(cat)
+echo "$TICKET_ID $TICKET_DELIVERY" >> "$T_DIR/ran"
+while [ ! -e "$T_DIR/go" ]; do sleep 0.05; done
+if [ "$body" = crash ] && [ "$TICKET_DELIVERY" = 1 ]; then exit 3; fi
+"#;
+    let mut first = f.wrapper(&socket, &[], script);
+    eventually("p0 running", DEADLINE, || async {
+        f.lines("ran") == ["p0 1"]
+    })
+    .await;
+
+    // Anyone else on the socket meanwhile is refused, and learns nothing.
+    let mut other = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let answer = raw_exchange(&mut other, r#"{"request":"hello","version":1}"#).await;
+    assert_eq!(answer.as_deref(), Some(r#"{"reply":"busy"}"#));
+
+    // The crash gives p0 back with the session; the same sidecar serves the next
+    // wrapper, which gets p0 again, delivery 2, then p1.
+    std::fs::write(f.dir.join("go"), "").unwrap();
+    assert_eq!(first.exit_code().await, 3, "{}", first.stderr());
+    assert_eq!(f.termination_log(), "ticket=p0 delivery=1\n");
+    let mut second = f.wrapper(&socket, &["--idle-exit", "1s"], script);
+    assert_eq!(second.exit_code().await, 0, "{}", second.stderr());
+    assert_eq!(f.lines("ran"), ["p0 1", "p0 2", "p1 1"]);
+    assert_eq!(f.settled(&q).await, 0);
+    let log = std::fs::read_to_string(&sidecar_log).unwrap();
+    assert!(log.contains("one wrapper at a time"), "{log}");
+    assert!(!log.contains("guest:guest"), "{log}");
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_sidecar_that_cannot_serve_makes_the_wrapper_exit_with_the_cause() {
+    let mut f = Fixture::new("sidecarfail", Mode::Sidecar).await;
+    let q = f.quorum_queue().await;
+    f.ticket(&q, "x0", "").await;
+    // Nothing listens on port 1: the broker is unavailable.
+    let (_down, socket, log) = f.sidecar(&q, "amqp://guest:s3cret@127.0.0.1:1/%2f", &[]);
+    let mut w = f.wrapper(&socket, &[], "exit 0");
+    assert_eq!(
+        w.exit_code().await,
+        i32::from(WorkerExit::BrokerUnavailable),
+        "{}",
+        w.stderr()
+    );
+    assert!(f.termination_log().starts_with("broker-unavailable: "));
+    // Not a URI at all: a configuration error, told to the wrapper.
+    let (_bad, socket, bad_log) = f.sidecar(&q, "http://guest:s3cret@127.0.0.1/", &[]);
+    let mut w2 = f.wrapper(&socket, &[], "exit 0");
+    assert_eq!(
+        w2.exit_code().await,
+        i32::from(WorkerExit::Config),
+        "{}",
+        w2.stderr()
+    );
+    assert!(f.termination_log().starts_with("config-error: "));
+    for text in [
+        w.stderr(),
+        w2.stderr(),
+        f.termination_log(),
+        std::fs::read_to_string(log).unwrap(),
+        std::fs::read_to_string(bad_log).unwrap(),
+    ] {
+        assert!(!text.contains("s3cret"), "{text}");
+    }
+    assert!(!exists(&f.dir, "ran"));
+    assert_eq!(f.depth(&q).await.0, 1, "x0 untouched");
     f.cleanup().await;
 }

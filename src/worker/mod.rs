@@ -15,7 +15,7 @@
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::process::{ExitCode, ExitStatus, Stdio};
+use std::process::{ExitCode, ExitStatus};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -26,10 +26,10 @@ use lapin::options::{
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ErrorKind};
-use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::time::Instant;
 
+use self::command::Running;
 use crate::broker::BrokerUri;
 use crate::contract::{
     HEADER_DELIVERY, HEADER_QUARANTINED_BY, HEADER_QUARANTINED_FROM, HEADER_REPLAYED_AT, Outcome,
@@ -47,8 +47,6 @@ pub const MAX_HEADER_ENV_BYTES: usize = 32 * 1024;
 /// `TICKET_HEADERS_TRUNCATED=1` is set.
 pub const MAX_HEADERS_JSON_BYTES: usize = 64 * 1024;
 
-/// How long a stopped command gets between SIGTERM and SIGKILL.
-const STOP_GRACE: Duration = Duration::from_secs(5);
 /// How long a connect or a setup step may take.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the connection's health is checked while idle or while a command runs.
@@ -82,30 +80,16 @@ Exit codes:
   75       broker connection lost (the broker requeues the ticket in hand)
   78       invalid configuration";
 
-/// Runs COMMAND for each ticket of a RabbitMQ queue, one at a time.
-#[derive(clap::Args, Debug)]
-#[command(after_help = EXIT_CODES_HELP)]
-pub struct WorkerArgs {
+/// Where the tickets come from: a queue of the broker (the `worker` command run with
+/// `--amqp-uri`, and the broker sidecar of a worker pod).
+#[derive(clap::Args, Clone, Debug)]
+pub struct ConsumeArgs {
     /// amqp:// or amqps:// URI of the broker. Never logged.
     #[arg(long, env = ENV_AMQP_URI, hide_env_values = true)]
-    pub amqp_uri: String,
+    pub amqp_uri: Option<String>,
     /// Queue to consume tickets from. It must exist.
     #[arg(long, env = "TESTRUNNER_QUEUE")]
-    pub queue: String,
-    /// File overwritten with the worker's state before each step.
-    #[arg(
-        long,
-        env = "TESTRUNNER_TERMINATION_LOG",
-        default_value = "/dev/termination-log"
-    )]
-    pub termination_log: PathBuf,
-    /// Comma-separated exit codes that mean "tests failed": the ticket is acked
-    /// like a pass. Empty for none.
-    #[arg(long, env = "TESTRUNNER_TEST_FAILURE_CODES", default_value = "1")]
-    pub test_failure_codes: String,
-    /// Exit 0 after this long without a ticket (for example `30s`, `5m`).
-    #[arg(long, env = "TESTRUNNER_IDLE_EXIT", value_parser = humantime::parse_duration)]
-    pub idle_exit: Option<Duration>,
+    pub queue: Option<String>,
     /// Queue that receives the worker's reports: its state (idle, or the ticket in
     /// hand, so that the operator never removes a busy worker) and one outcome per
     /// completed ticket (to tell a poison ticket from a broken image). None when empty.
@@ -129,10 +113,57 @@ pub struct WorkerArgs {
     /// Revision of this worker's pod, for the outcome reports.
     #[arg(long, env = "TESTRUNNER_REVISION", default_value = "")]
     pub revision: String,
+}
+
+impl ConsumeArgs {
+    /// The broker and the queue, or why they are unusable.
+    fn broker(&self) -> Result<(BrokerUri, String), String> {
+        let uri = self
+            .amqp_uri
+            .as_deref()
+            .ok_or_else(|| format!("no broker: set --amqp-uri / {ENV_AMQP_URI}"))?;
+        let uri = BrokerUri::parse(uri)
+            .map_err(|e| format!("invalid --amqp-uri / {ENV_AMQP_URI}: {e}"))?;
+        match self.queue.as_deref().map(str::trim) {
+            Some(q) if !q.is_empty() => Ok((uri, q.to_string())),
+            _ => Err("--queue / TESTRUNNER_QUEUE is empty".into()),
+        }
+    }
+}
+
+/// Runs COMMAND for each ticket of a RabbitMQ queue, one at a time.
+#[derive(clap::Args, Debug)]
+#[command(after_help = EXIT_CODES_HELP)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub consume: ConsumeArgs,
+    /// Take tickets from the broker sidecar at this Unix socket instead of the broker:
+    /// the credentials stay in the sidecar's container (worker pods do this).
+    #[arg(long, env = socket::ENV_BROKER_SOCKET)]
+    pub broker_socket: Option<PathBuf>,
+    /// File overwritten with the worker's state before each step.
+    #[arg(
+        long,
+        env = "TESTRUNNER_TERMINATION_LOG",
+        default_value = "/dev/termination-log"
+    )]
+    pub termination_log: PathBuf,
+    /// Comma-separated exit codes that mean "tests failed": the ticket is acked
+    /// like a pass. Empty for none.
+    #[arg(long, env = "TESTRUNNER_TEST_FAILURE_CODES", default_value = "1")]
+    pub test_failure_codes: String,
+    /// Exit 0 after this long without a ticket (for example `30s`, `5m`).
+    #[arg(long, env = "TESTRUNNER_IDLE_EXIT", value_parser = humantime::parse_duration)]
+    pub idle_exit: Option<Duration>,
     /// The command run for each ticket, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
 }
+
+mod command;
+mod socket;
+
+pub use socket::{Reply, Request, SidecarArgs, serve as serve_sidecar};
 
 // ---------------------------------------------------------------------------
 // Pure parts
@@ -153,7 +184,8 @@ pub fn delivery_number(headers: Option<&FieldTable>, redelivered: bool) -> u64 {
 }
 
 /// How the command ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Exit {
     /// It exited with this code.
     Code(i32),
@@ -458,6 +490,13 @@ struct TerminationLog {
 }
 
 impl TerminationLog {
+    fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            warned: false,
+        }
+    }
+
     fn write(&mut self, line: &TerminationLine) {
         if let Err(e) = std::fs::write(&self.path, line.render())
             && !self.warned
@@ -491,6 +530,36 @@ impl Signals {
     }
 }
 
+/// What asks the worker to stop: its own signals (the `worker` command), or the broker
+/// sidecar's, which stops a session once the ticket in hand is done (one request only).
+enum Stops {
+    Signals(Signals),
+    Flag {
+        stop: tokio::sync::watch::Receiver<bool>,
+        seen: bool,
+    },
+}
+
+impl Stops {
+    fn flag(stop: tokio::sync::watch::Receiver<bool>) -> Self {
+        Stops::Flag { stop, seen: false }
+    }
+
+    /// The next stop request (cancel-safe).
+    async fn recv(&mut self) -> nix::sys::signal::Signal {
+        match self {
+            Stops::Signals(s) => s.recv().await,
+            Stops::Flag { stop, seen } => {
+                if *seen || stop.wait_for(|s| *s).await.is_err() {
+                    return std::future::pending().await;
+                }
+                *seen = true;
+                nix::sys::signal::Signal::SIGTERM
+            }
+        }
+    }
+}
+
 /// A credential-free description of a lapin error.
 fn describe(e: &lapin::Error) -> String {
     match e.kind() {
@@ -512,16 +581,59 @@ fn describe(e: &lapin::Error) -> String {
     }
 }
 
+/// Where the commands of tickets run.
+enum Runner {
+    /// Here, as children of this process (the `worker` command).
+    Local {
+        command: Vec<OsString>,
+        codes: FailureCodes,
+    },
+    /// In the test container, by the wrapper at the other end of the socket (the broker
+    /// sidecar). `asked`: the wrapper waits for a ticket.
+    Remote(socket::Link),
+}
+
+/// The sidecar's link to its wrapper (`None` for a local runner).
+fn link_of(runner: &mut Runner) -> Option<&mut socket::Link> {
+    match runner {
+        Runner::Remote(link) => Some(link),
+        Runner::Local { .. } => None,
+    }
+}
+
+/// The wrapper's next request; pending forever for a local runner.
+async fn request_of(runner: &mut Runner) -> std::io::Result<Option<socket::Request>> {
+    match link_of(runner) {
+        Some(link) => link.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How a ticket's command ended.
+enum Ended {
+    /// Passed or tests failed: ack it (the exit, how long it ran).
+    Done(Exit, Duration),
+    /// It crashed: the ticket stays unacked and goes back with the connection; the
+    /// worker exits with this code (the sidecar ends the session).
+    Crashed(u8),
+    /// Already handled: the worker exits with this code.
+    Exit(u8),
+}
+
 struct Worker {
-    args: WorkerArgs,
-    codes: FailureCodes,
+    consume: ConsumeArgs,
+    queue: String,
+    idle_exit: Option<Duration>,
     log: TerminationLog,
-    signals: Signals,
+    stops: Stops,
     connection: Connection,
     channel: Channel,
     consumer: Consumer,
     consumer_tag: String,
     cancelled: bool,
+    runner: Runner,
+    /// The remote wrapper asked for a ticket (always true for a local runner).
+    asked: bool,
 }
 
 /// Runs the worker; the returned code is the process exit status.
@@ -530,10 +642,7 @@ pub async fn run(args: WorkerArgs) -> ExitCode {
 }
 
 async fn run_code(args: WorkerArgs) -> u8 {
-    let mut log = TerminationLog {
-        path: args.termination_log.clone(),
-        warned: false,
-    };
+    let mut log = TerminationLog::new(args.termination_log.clone());
     log.write(&TerminationLine::Starting);
 
     let config_error = |log: &mut TerminationLog, why: String| {
@@ -541,18 +650,13 @@ async fn run_code(args: WorkerArgs) -> u8 {
         log.write(&TerminationLine::ConfigError(why));
         WorkerExit::Config.code()
     };
-    let uri = match BrokerUri::parse(&args.amqp_uri) {
-        Ok(u) => u,
-        Err(e) => {
-            return config_error(
-                &mut log,
-                format!("invalid --amqp-uri / {ENV_AMQP_URI}: {e}"),
-            );
-        }
+    let broker = match &args.broker_socket {
+        Some(_) => None,
+        None => match args.consume.broker() {
+            Ok(b) => Some(b),
+            Err(e) => return config_error(&mut log, e),
+        },
     };
-    if args.queue.trim().is_empty() {
-        return config_error(&mut log, "--queue / TESTRUNNER_QUEUE is empty".into());
-    }
     let codes = match FailureCodes::parse(&args.test_failure_codes) {
         Ok(c) => c,
         Err(e) => return config_error(&mut log, e),
@@ -566,44 +670,38 @@ async fn run_code(args: WorkerArgs) -> u8 {
         Ok(s) => s,
         Err(e) => return config_error(&mut log, format!("cannot handle signals: {e}")),
     };
+    let Some((uri, queue)) = broker else {
+        let socket = args
+            .broker_socket
+            .clone()
+            .expect("a socket without a broker");
+        return socket::run_client(&args, &socket, codes, log, signals).await;
+    };
 
     let setup = tokio::select! {
-        r = tokio::time::timeout(BROKER_TIMEOUT, connect(&uri, &args.queue)) => r,
+        r = Worker::start(
+            args.consume.clone(),
+            queue,
+            uri,
+            args.idle_exit,
+            log,
+            Stops::Signals(Signals::new().expect("signals were set up above")),
+            Runner::Local { command: args.command.clone(), codes },
+        ) => r,
         sig = signals.recv() => {
             tracing::info!(signal = %sig, "stopping before the first ticket");
             return 0;
         }
     };
-    let (connection, channel, consumer, consumer_tag) = match setup {
-        Ok(Ok(parts)) => parts,
-        Ok(Err(why)) => {
-            tracing::error!(broker = %uri, queue = %args.queue, "cannot start consuming: {why}");
-            log.write(&TerminationLine::BrokerUnavailable(why));
-            return WorkerExit::BrokerUnavailable.code();
-        }
-        Err(_) => {
-            let why = format!("no answer from the broker within {BROKER_TIMEOUT:?}");
-            tracing::error!(broker = %uri, queue = %args.queue, "cannot start consuming: {why}");
-            log.write(&TerminationLine::BrokerUnavailable(why));
-            return WorkerExit::BrokerUnavailable.code();
-        }
-    };
-    tracing::info!(broker = %uri, queue = %args.queue, "consuming, one ticket at a time");
-    log.write(&TerminationLine::Idle);
-
-    let mut worker = Worker {
-        args,
-        codes,
-        log,
-        signals,
-        connection,
-        channel,
-        consumer,
-        consumer_tag,
-        cancelled: false,
+    drop(signals);
+    let mut worker = match setup {
+        Ok(w) => w,
+        Err(_) => return WorkerExit::BrokerUnavailable.code(),
     };
     if let Err(why) = worker.report_state(None).await {
-        return worker.broker_lost(format!("cannot report the worker's state: {why}"));
+        return worker
+            .broker_lost(format!("cannot report the worker's state: {why}"))
+            .await;
     }
     worker.consume().await
 }
@@ -646,16 +744,73 @@ async fn connect(
 }
 
 impl Worker {
+    /// Connects to the broker and starts consuming `queue`. On failure the termination
+    /// log says why, and the runner comes back with the reason.
+    async fn start(
+        consume: ConsumeArgs,
+        queue: String,
+        uri: BrokerUri,
+        idle_exit: Option<Duration>,
+        mut log: TerminationLog,
+        stops: Stops,
+        runner: Runner,
+    ) -> Result<Self, (Runner, String)> {
+        let (connection, channel, consumer, consumer_tag) =
+            match tokio::time::timeout(BROKER_TIMEOUT, connect(&uri, &queue)).await {
+                Ok(Ok(parts)) => parts,
+                Ok(Err(why)) => {
+                    tracing::error!(broker = %uri, %queue, "cannot start consuming: {why}");
+                    log.write(&TerminationLine::BrokerUnavailable(why.clone()));
+                    return Err((runner, why));
+                }
+                Err(_) => {
+                    let why = format!("no answer from the broker within {BROKER_TIMEOUT:?}");
+                    tracing::error!(broker = %uri, %queue, "cannot start consuming: {why}");
+                    log.write(&TerminationLine::BrokerUnavailable(why.clone()));
+                    return Err((runner, why));
+                }
+            };
+        tracing::info!(broker = %uri, %queue, "consuming, one ticket at a time");
+        log.write(&TerminationLine::Idle);
+        let asked = matches!(runner, Runner::Local { .. });
+        Ok(Worker {
+            consume,
+            queue,
+            idle_exit,
+            log,
+            stops,
+            connection,
+            channel,
+            consumer,
+            consumer_tag,
+            cancelled: false,
+            runner,
+            asked,
+        })
+    }
+
     fn healthy(&self) -> bool {
         self.connection.status().connected() && self.channel.status().connected()
     }
 
-    /// The consume loop: waits for tickets, signals, the idle deadline. Returns the
-    /// exit code.
+    fn remote(&self) -> bool {
+        matches!(self.runner, Runner::Remote(_))
+    }
+
+    /// Tells the remote wrapper `reply`, best effort.
+    async fn tell(&mut self, reply: socket::Reply) {
+        if let Some(link) = link_of(&mut self.runner) {
+            let _ = tokio::time::timeout(BROKER_TIMEOUT, link.send(&reply)).await;
+        }
+    }
+
+    /// The consume loop: waits for tickets, signals, the idle deadline and, in the
+    /// sidecar, the wrapper's requests. Returns the exit code.
     async fn consume(&mut self) -> u8 {
         let mut health = tokio::time::interval(HEALTH_TICK);
         let mut heartbeat = self.heartbeat();
-        let mut idle_until = self.args.idle_exit.map(|d| Instant::now() + d);
+        let mut idle_until = self.idle_exit.map(|d| Instant::now() + d);
+        let remote = self.remote();
         loop {
             let idle_deadline = async {
                 match idle_until {
@@ -663,20 +818,52 @@ impl Worker {
                     None => std::future::pending().await,
                 }
             };
+            let takes = self.asked && !self.cancelled;
             tokio::select! {
-                next = self.consumer.next() => match next {
+                next = self.consumer.next(), if takes => match next {
                     Some(Ok(delivery)) => {
                         if let Some(stop) = self.ticket(delivery).await {
                             return stop;
                         }
-                        idle_until = self.args.idle_exit.map(|d| Instant::now() + d);
+                        idle_until = self.idle_exit.map(|d| Instant::now() + d);
                     }
-                    Some(Err(e)) => return self.broker_lost(describe(&e)),
-                    None => return self.broker_lost("the broker cancelled the consumer".into()),
+                    Some(Err(e)) => return self.broker_lost(describe(&e)).await,
+                    None => return self.broker_lost("the broker cancelled the consumer".into()).await,
                 },
-                sig = self.signals.recv() => {
+                request = request_of(&mut self.runner), if remote => match request {
+                    Ok(Some(socket::Request::Next)) if !self.cancelled => self.asked = true,
+                    Ok(Some(socket::Request::Next | socket::Request::Stop)) => {
+                        tracing::info!("the wrapper's session ends: no ticket in hand");
+                        self.close().await;
+                        self.tell(socket::Reply::Stopped).await;
+                        return 0;
+                    }
+                    Ok(None) => {
+                        tracing::info!("the wrapper went away with no ticket in hand");
+                        self.close().await;
+                        return 0;
+                    }
+                    Ok(Some(other)) => {
+                        tracing::warn!(?other, "unexpected request from the wrapper: session closed");
+                        self.close().await;
+                        return 0;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the wrapper's connection failed: session closed");
+                        self.close().await;
+                        return 0;
+                    }
+                },
+                sig = self.stops.recv() => {
+                    if remote && !self.asked {
+                        // The wrapper hears it when it asks for the next ticket.
+                        tracing::info!(signal = %sig, "stopping: the wrapper gets no more tickets");
+                        self.cancel().await;
+                        continue;
+                    }
                     tracing::info!(signal = %sig, "stopping: no ticket in hand");
                     self.close().await;
+                    self.tell(socket::Reply::Stopped).await;
                     return 0;
                 }
                 _ = idle_deadline => {
@@ -686,7 +873,7 @@ impl Worker {
                 }
                 _ = health.tick() => {
                     if !self.healthy() {
-                        return self.broker_lost("the connection was closed".into());
+                        return self.broker_lost("the connection was closed".into()).await;
                     }
                 }
                 _ = heartbeat.tick() => {
@@ -700,7 +887,7 @@ impl Worker {
 
     /// Ticks every report interval, the first one interval from now.
     fn heartbeat(&self) -> tokio::time::Interval {
-        let every = self.args.report_interval.max(Duration::from_millis(100));
+        let every = self.consume.report_interval.max(Duration::from_millis(100));
         let mut tick = tokio::time::interval_at(Instant::now() + every, every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick
@@ -723,7 +910,7 @@ impl Worker {
             delivery: number,
         });
         if quarantine_listed(
-            self.args.quarantine_file.as_deref(),
+            self.consume.quarantine_file.as_deref(),
             &id,
             replayed_at(headers.as_ref()),
         ) {
@@ -732,26 +919,67 @@ impl Worker {
         // The operator learns that this worker is busy before its command starts, so it
         // never removes it to shrink the pool while the ticket runs.
         if let Err(why) = self.report_state(Some((&id, number))).await {
-            return Some(self.broker_lost(format!("cannot report ticket {id} as taken: {why}")));
+            return Some(
+                self.broker_lost(format!("cannot report ticket {id} as taken: {why}"))
+                    .await,
+            );
         }
         let body = std::mem::take(&mut delivery.data);
         tracing::info!(ticket = %id, delivery = number, bytes = body.len(), "ticket received");
+        let env = ticket_env(&id, number, headers.as_ref());
+        let ended = if self.remote() {
+            self.run_remote(&id, number, env, body).await
+        } else {
+            self.run_local(&delivery, &id, env, body).await
+        };
+        match ended {
+            Ended::Done(exit, elapsed) => {
+                if let Err(why) = answer(delivery.ack(BasicAckOptions::default())).await {
+                    return Some(
+                        self.broker_lost(format!("cannot ack ticket {id}: {why}"))
+                            .await,
+                    );
+                }
+                self.report_outcome(&id, number, exit, elapsed).await;
+                if let Err(why) = self.commit().await {
+                    return Some(
+                        self.broker_lost(format!("cannot ack ticket {id}: {why}"))
+                            .await,
+                    );
+                }
+                self.log.write(&TerminationLine::Idle);
+                tracing::info!(ticket = %id, delivery = number, ?exit, ?elapsed, "ticket done and acked");
+                if self.remote() {
+                    self.asked = false;
+                    self.tell(socket::Reply::Acked).await;
+                } else if self.cancelled {
+                    self.close().await;
+                    return Some(0);
+                }
+                None
+            }
+            Ended::Crashed(code) => {
+                self.close().await;
+                Some(code)
+            }
+            Ended::Exit(code) => Some(code),
+        }
+    }
 
-        let program = &self.args.command[0];
-        let mut command = tokio::process::Command::new(program);
-        command
-            .args(&self.args.command[1..])
-            .env_remove(ENV_AMQP_URI)
-            .envs(ticket_env(&id, number, headers.as_ref()))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::inherit())
-            .stderr(Stdio::inherit())
-            // Its own process group, so that stopping it reaches its children too.
-            .process_group(0);
-        let mut child = match command.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                let why = format!("cannot start command {}: {e}", program.to_string_lossy());
+    /// Runs the ticket's command here.
+    async fn run_local(
+        &mut self,
+        delivery: &lapin::message::Delivery,
+        id: &str,
+        env: Vec<(String, String)>,
+        body: Vec<u8>,
+    ) -> Ended {
+        let Runner::Local { command, .. } = &self.runner else {
+            unreachable!("run_local on a remote runner")
+        };
+        let mut running = match Running::start(command, env, body) {
+            Ok(r) => r,
+            Err(why) => {
                 tracing::error!(ticket = %id, "{why}; giving the ticket back");
                 self.log.write(&TerminationLine::CommandError(why));
                 let nack = delivery.nack(BasicNackOptions {
@@ -761,29 +989,20 @@ impl Worker {
                 let _ = tokio::time::timeout(BROKER_TIMEOUT, nack).await;
                 let _ = self.commit().await;
                 self.close().await;
-                return Some(WorkerExit::CommandNotStarted.code());
+                return Ended::Exit(WorkerExit::CommandNotStarted.code());
             }
         };
-        let pgid = child.id().and_then(|p| i32::try_from(p).ok());
-        if let Some(mut stdin) = child.stdin.take() {
-            // The command may exit without reading it all: a broken pipe is fine.
-            tokio::spawn(async move {
-                let _ = stdin.write_all(&body).await;
-                let _ = stdin.shutdown().await;
-            });
-        }
-
         let started = Instant::now();
         let mut health = tokio::time::interval(HEALTH_TICK);
         let mut heartbeat = self.heartbeat();
         let mut forwarded = None;
-        let status = loop {
+        let exit = loop {
             tokio::select! {
-                status = child.wait() => break status,
-                sig = self.signals.recv() => {
+                exit = running.wait() => break exit,
+                sig = self.stops.recv() => {
                     if self.cancelled {
                         tracing::warn!(ticket = %id, signal = %sig, "second stop signal: forwarding it to the command; the ticket stays unacked");
-                        signal_group(pgid, sig);
+                        running.signal(sig);
                         forwarded = Some(sig);
                     } else {
                         tracing::info!(ticket = %id, signal = %sig, "stopping after this ticket");
@@ -795,87 +1014,120 @@ impl Worker {
                         // Cannot happen with prefetch 1; give it back untouched.
                         let _ = extra.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
                     }
-                    Some(Err(e)) => return Some(self.stop_command(child, pgid, &id, describe(&e)).await),
+                    Some(Err(e)) => return self.stop_command(running, id, describe(&e)).await,
                     None => {
-                        return Some(self.stop_command(child, pgid, &id, "the broker cancelled the consumer".into()).await);
+                        return self.stop_command(running, id, "the broker cancelled the consumer".into()).await;
                     }
                 },
                 _ = health.tick() => {
                     if !self.healthy() {
-                        return Some(self.stop_command(child, pgid, &id, "the connection was closed".into()).await);
+                        return self.stop_command(running, id, "the connection was closed".into()).await;
                     }
                 }
                 _ = heartbeat.tick() => {
-                    if let Err(why) = self.report_state(Some((&id, number))).await {
+                    if let Err(why) = self.report_state(Some((id, delivery_number(delivery.properties.headers().as_ref(), delivery.redelivered)))).await {
                         tracing::debug!(ticket = %id, error = %why, "state report not sent");
                     }
                 }
             }
         };
         let elapsed = started.elapsed();
-        reap_orphans();
-        let exit = match status {
-            Ok(s) => Exit::from_status(s),
-            Err(e) => {
-                tracing::error!(ticket = %id, error = %e, "cannot wait for the command");
-                Exit::Code(255)
-            }
-        };
-
         if let Some(sig) = forwarded {
             tracing::warn!(ticket = %id, ?exit, "command stopped by a forwarded signal; ticket left unacked");
             self.close().await;
-            return Some(128 + sig as u8);
+            return Ended::Exit(128 + sig as u8);
         }
-        match verdict(exit, &self.codes) {
-            Verdict::Ack => {
-                if let Err(why) = answer(delivery.ack(BasicAckOptions::default())).await {
-                    return Some(self.broker_lost(format!("cannot ack ticket {id}: {why}")));
-                }
-                self.report_outcome(&id, number, exit, elapsed).await;
-                if let Err(why) = self.commit().await {
-                    return Some(self.broker_lost(format!("cannot ack ticket {id}: {why}")));
-                }
-                self.log.write(&TerminationLine::Idle);
-                tracing::info!(ticket = %id, delivery = number, ?exit, ?elapsed, "ticket done and acked");
-                if self.cancelled {
-                    self.close().await;
-                    return Some(0);
-                }
-                None
-            }
+        let Runner::Local { codes, .. } = &self.runner else {
+            unreachable!("run_local on a remote runner")
+        };
+        match verdict(exit, codes) {
+            Verdict::Ack => Ended::Done(exit, elapsed),
             Verdict::Crash(code) => {
-                tracing::error!(ticket = %id, delivery = number, ?exit, ?elapsed, "command crashed; ticket left unacked");
-                self.close().await;
-                Some(code)
+                tracing::error!(ticket = %id, ?exit, ?elapsed, "command crashed; ticket left unacked");
+                Ended::Crashed(code)
+            }
+        }
+    }
+
+    /// Hands the ticket to the wrapper and waits for it to be done.
+    async fn run_remote(
+        &mut self,
+        id: &str,
+        number: u64,
+        env: Vec<(String, String)>,
+        body: Vec<u8>,
+    ) -> Ended {
+        let ticket = socket::Reply::Ticket {
+            id: id.into(),
+            delivery: number,
+            env,
+        };
+        let link = link_of(&mut self.runner).expect("run_remote on a local runner");
+        if let Err(e) = link.send_ticket(ticket, body).await {
+            tracing::warn!(ticket = %id, error = %e, "the wrapper went away before it got the ticket: it goes back to the queue");
+            return Ended::Crashed(0);
+        }
+        let mut health = tokio::time::interval(HEALTH_TICK);
+        let mut heartbeat = self.heartbeat();
+        loop {
+            tokio::select! {
+                request = request_of(&mut self.runner) => match request {
+                    Ok(Some(socket::Request::Done { exit, elapsed_ms })) => {
+                        return Ended::Done(exit, Duration::from_millis(elapsed_ms));
+                    }
+                    Ok(Some(socket::Request::Stop)) => self.cancel().await,
+                    Ok(None) => {
+                        tracing::warn!(ticket = %id, "the wrapper went away with the ticket in hand: it goes back to the queue");
+                        return Ended::Crashed(0);
+                    }
+                    Ok(Some(other)) => {
+                        tracing::warn!(ticket = %id, ?other, "unexpected request from the wrapper with a ticket in hand: session closed, the ticket goes back to the queue");
+                        return Ended::Crashed(0);
+                    }
+                    Err(e) => {
+                        tracing::warn!(ticket = %id, error = %e, "the wrapper's connection failed with the ticket in hand: it goes back to the queue");
+                        return Ended::Crashed(0);
+                    }
+                },
+                sig = self.stops.recv() => {
+                    tracing::info!(ticket = %id, signal = %sig, "stopping after the wrapper's ticket");
+                    self.cancel().await;
+                }
+                next = self.consumer.next(), if !self.cancelled => match next {
+                    Some(Ok(extra)) => {
+                        let _ = extra.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+                    }
+                    Some(Err(e)) => return Ended::Exit(self.broker_lost(describe(&e)).await),
+                    None => return Ended::Exit(self.broker_lost("the broker cancelled the consumer".into()).await),
+                },
+                _ = health.tick() => {
+                    if !self.healthy() {
+                        return Ended::Exit(self.broker_lost("the connection was closed".into()).await);
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if let Err(why) = self.report_state(Some((id, number))).await {
+                        tracing::debug!(ticket = %id, error = %why, "state report not sent");
+                    }
+                }
             }
         }
     }
 
     /// The connection is gone mid-ticket: stop the command, exit [`WorkerExit::BrokerLost`].
-    async fn stop_command(
-        &mut self,
-        mut child: tokio::process::Child,
-        pgid: Option<i32>,
-        id: &str,
-        why: String,
-    ) -> u8 {
+    async fn stop_command(&mut self, running: Running, id: &str, why: String) -> Ended {
         tracing::error!(ticket = %id, "broker connection lost ({why}); stopping the command, the broker requeues the ticket");
         self.log.write(&TerminationLine::BrokerLost(why));
-        signal_group(pgid, nix::sys::signal::Signal::SIGTERM);
-        if tokio::time::timeout(STOP_GRACE, child.wait())
-            .await
-            .is_err()
-        {
-            signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
-            let _ = child.wait().await;
-        }
-        WorkerExit::BrokerLost.code()
+        running.stop().await;
+        Ended::Exit(WorkerExit::BrokerLost.code())
     }
 
-    fn broker_lost(&mut self, why: String) -> u8 {
+    /// The broker connection is lost: say so (to the wrapper too, in the sidecar) and
+    /// return [`WorkerExit::BrokerLost`].
+    async fn broker_lost(&mut self, why: String) -> u8 {
         tracing::error!("broker connection lost: {why}");
-        self.log.write(&TerminationLine::BrokerLost(why));
+        self.log.write(&TerminationLine::BrokerLost(why.clone()));
+        self.tell(socket::Reply::BrokerLost { reason: why }).await;
         WorkerExit::BrokerLost.code()
     }
 
@@ -915,7 +1167,7 @@ impl Worker {
         id: &str,
         number: u64,
     ) -> Option<u8> {
-        let queue = self.args.quarantine_queue.clone();
+        let queue = self.consume.quarantine_queue.clone();
         if queue.is_empty() || !self.queue_exists(&queue).await {
             tracing::error!(ticket = %id, quarantine = %queue, "ticket listed for quarantine but the quarantine queue is missing; giving it back");
             let nack = delivery.nack(BasicNackOptions {
@@ -932,17 +1184,17 @@ impl Worker {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         headers.insert(
             HEADER_QUARANTINED_FROM.into(),
-            AMQPValue::LongString(self.args.queue.as_str().into()),
+            AMQPValue::LongString(self.queue.as_str().into()),
         );
         headers.insert(
             HEADER_QUARANTINED_BY.into(),
-            AMQPValue::LongString(self.args.pod_name.as_str().into()),
+            AMQPValue::LongString(self.consume.pod_name.as_str().into()),
         );
         headers.insert(
             HEADER_DELIVERY.into(),
             AMQPValue::LongLongInt(number as i64),
         );
-        for (name, value) in quarantine_evidence(self.args.quarantine_file.as_deref(), id) {
+        for (name, value) in quarantine_evidence(self.consume.quarantine_file.as_deref(), id) {
             headers.insert(
                 name.as_str().into(),
                 AMQPValue::LongString(value.as_str().into()),
@@ -962,12 +1214,18 @@ impl Worker {
             delivery.ack(BasicAckOptions::default()).await
         };
         if let Err(why) = answer(moved).await {
-            return Some(self.broker_lost(format!("cannot quarantine ticket {id}: {why}")));
+            return Some(
+                self.broker_lost(format!("cannot quarantine ticket {id}: {why}"))
+                    .await,
+            );
         }
         self.report(id, number, Outcome::Quarantined, 0, Duration::ZERO)
             .await;
         if let Err(why) = self.commit().await {
-            return Some(self.broker_lost(format!("cannot quarantine ticket {id}: {why}")));
+            return Some(
+                self.broker_lost(format!("cannot quarantine ticket {id}: {why}"))
+                    .await,
+            );
         }
         self.log.write(&TerminationLine::Idle);
         tracing::warn!(ticket = %id, delivery = number, quarantine = %queue, "ticket moved to quarantine");
@@ -1018,8 +1276,8 @@ impl Worker {
         elapsed: Duration,
     ) {
         let report = Report {
-            pod: self.args.pod_name.clone(),
-            revision: self.args.revision.clone(),
+            pod: self.consume.pod_name.clone(),
+            revision: self.consume.revision.clone(),
             outcome: Some(outcome),
             ticket: Some(id.into()),
             delivery: Some(delivery),
@@ -1035,22 +1293,22 @@ impl Worker {
     /// Reports the worker's state (idle, or `ticket` in hand) and commits it, so the
     /// operator has it before anything else happens. No-op without an outcome queue.
     async fn report_state(&self, ticket: Option<(&str, u64)>) -> Result<(), String> {
-        if self.args.outcomes_queue.is_empty() {
+        if self.consume.outcomes_queue.is_empty() {
             return Ok(());
         }
-        let report = Report::state(&self.args.pod_name, &self.args.revision, ticket);
+        let report = Report::state(&self.consume.pod_name, &self.consume.revision, ticket);
         self.publish_report(&report).await?;
         self.commit().await
     }
 
     /// Publishes `report` to the outcome queue inside the current transaction.
     async fn publish_report(&self, report: &Report) -> Result<(), String> {
-        if self.args.outcomes_queue.is_empty() {
+        if self.consume.outcomes_queue.is_empty() {
             return Ok(());
         }
         answer(self.channel.basic_publish(
             "".into(),
-            self.args.outcomes_queue.as_str().into(),
+            self.consume.outcomes_queue.as_str().into(),
             BasicPublishOptions::default(),
             &report.to_vec(),
             BasicProperties::default().with_content_type("application/json".into()),
@@ -1063,28 +1321,6 @@ impl Worker {
         self.cancel().await;
         let close = self.connection.close(200, "worker stopping".into());
         let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
-    }
-}
-
-/// As PID 1 of a container the worker inherits the orphans of the commands it
-/// runs; reap those that have exited. Called only when no command of its own is
-/// running, so it never takes the status of a child it waits for.
-fn reap_orphans() {
-    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-    if std::process::id() != 1 {
-        return;
-    }
-    while let Ok(status) = waitpid(nix::unistd::Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-        if status == WaitStatus::StillAlive {
-            break;
-        }
-    }
-}
-
-/// Sends `sig` to the process group `pgid`; a group already gone is fine.
-fn signal_group(pgid: Option<i32>, sig: nix::sys::signal::Signal) {
-    if let Some(pgid) = pgid.filter(|p| *p > 1) {
-        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), sig);
     }
 }
 
