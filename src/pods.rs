@@ -4,9 +4,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, SeccompProfile, SecretKeySelector,
-    SecurityContext, Volume, VolumeMount,
+    ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile,
+    SecretKeySelector, SecurityContext, Volume, VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
@@ -20,6 +21,17 @@ pub const INSTALL_CONTAINER: &str = "install-worker";
 pub const WRAPPER_DIR: &str = "/testrunner";
 /// Path of the wrapper binary inside worker pods (Wrapped mode).
 pub const WRAPPER_PATH: &str = "/testrunner/testrunner-operator";
+/// Name of the broker sidecar (Wrapped mode): a native sidecar (an init container with
+/// `restartPolicy: Always`) that alone gets the broker credentials.
+pub const BROKER_CONTAINER: &str = "broker";
+/// Where the broker sidecar's socket lives in both containers (Wrapped mode).
+pub const SOCKET_DIR: &str = "/run/testrunner";
+/// The broker sidecar's socket (Wrapped mode).
+pub const SOCKET_PATH: &str = "/run/testrunner/broker.sock";
+/// The user (and group) the broker sidecar runs as: not the test container's, so that
+/// even a pod that shares its process namespace keeps the sidecar's environment from
+/// the tests.
+pub const BROKER_USER: i64 = 65533;
 /// Default grace period of worker pods: time to finish the ticket in hand.
 pub const DEFAULT_GRACE_SECONDS: i64 = 600;
 /// Annotation on worker pods whose worker reports its state (idle, or the ticket in
@@ -97,24 +109,11 @@ pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &P
     labels.extend(selector_labels(&pool.name_any()));
     labels.insert(LABEL_REVISION.into(), revision.into());
 
-    let mut env_vars = vec![
+    // What both containers are told about the pod.
+    let pod_env = vec![
         env("TESTRUNNER_POOL", &pool.name_any()),
-        env("TESTRUNNER_QUEUE", &spec.queue.name),
-        env(
-            "TESTRUNNER_QUARANTINE_QUEUE",
-            &spec.queue.quarantine_queue_name(),
-        ),
         env("TESTRUNNER_IMAGE", &spec.workload.image),
         env("TESTRUNNER_REVISION", revision),
-        env("TESTRUNNER_OUTCOMES_QUEUE", &outcomes_queue(pool)),
-        env(
-            "TESTRUNNER_REPORT_INTERVAL",
-            &format!("{}ms", settings.report_interval.as_millis()),
-        ),
-        env(
-            "TESTRUNNER_QUARANTINE_FILE",
-            &format!("{QUARANTINE_DIR}/{QUARANTINE_KEY}"),
-        ),
         EnvVar {
             name: "TESTRUNNER_POD_NAME".into(),
             value: None,
@@ -126,8 +125,26 @@ pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &P
                 ..Default::default()
             }),
         },
+    ];
+    // What the consumer of the queue needs: the sidecar in Wrapped mode, the image's own
+    // consumer in Native mode. The broker URI comes from the Secret only.
+    let broker_env = vec![
+        env("TESTRUNNER_QUEUE", &spec.queue.name),
+        env(
+            "TESTRUNNER_QUARANTINE_QUEUE",
+            &spec.queue.quarantine_queue_name(),
+        ),
+        env("TESTRUNNER_OUTCOMES_QUEUE", &outcomes_queue(pool)),
+        env(
+            "TESTRUNNER_REPORT_INTERVAL",
+            &format!("{}ms", settings.report_interval.as_millis()),
+        ),
+        env(
+            "TESTRUNNER_QUARANTINE_FILE",
+            &format!("{QUARANTINE_DIR}/{QUARANTINE_KEY}"),
+        ),
         EnvVar {
-            name: "TESTRUNNER_AMQP_URI".into(),
+            name: crate::worker::ENV_AMQP_URI.into(),
             value: None,
             value_from: Some(EnvVarSource {
                 secret_key_ref: Some(SecretKeySelector {
@@ -139,7 +156,7 @@ pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &P
             }),
         },
     ];
-    env_vars.extend(overrides.env.iter().cloned());
+    let wrapped = spec.workload.worker.mode == WorkerMode::Wrapped;
 
     let container_security =
         overrides
@@ -156,7 +173,8 @@ pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &P
 
     let mut volumes = overrides.volumes.clone();
     let mut mounts = overrides.volume_mounts.clone();
-    // The quarantine list: optional, so pods start before the operator writes it.
+    // The quarantine list: optional, so pods start before the operator writes it. It goes
+    // to whoever consumes the queue.
     volumes.push(Volume {
         name: "testrunner-quarantine".into(),
         config_map: Some(ConfigMapVolumeSource {
@@ -166,51 +184,101 @@ pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &P
         }),
         ..Default::default()
     });
-    mounts.push(VolumeMount {
+    let quarantine_mount = VolumeMount {
         name: "testrunner-quarantine".into(),
         mount_path: QUARANTINE_DIR.into(),
         read_only: Some(true),
         ..Default::default()
-    });
-    let mut init_containers = Vec::new();
-    let (command, args) = match spec.workload.worker.mode {
-        WorkerMode::Wrapped => {
-            volumes.push(Volume {
-                name: "testrunner-bin".into(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Default::default()
-            });
-            let mount = VolumeMount {
-                name: "testrunner-bin".into(),
-                mount_path: WRAPPER_DIR.into(),
-                ..Default::default()
-            };
-            mounts.push(VolumeMount {
-                read_only: Some(true),
-                ..mount.clone()
-            });
-            init_containers.push(Container {
-                name: INSTALL_CONTAINER.into(),
-                image: Some(settings.operator_image.clone()),
-                command: Some(vec![
-                    "testrunner-operator".into(),
-                    "install-worker".into(),
-                    WRAPPER_PATH.into(),
-                ]),
-                volume_mounts: Some(vec![mount]),
-                security_context: Some(container_security.clone()),
-                ..Default::default()
-            });
-            let mut args = vec!["worker".to_string(), "--".to_string()];
-            args.extend(spec.workload.command.iter().cloned());
-            (Some(vec![WRAPPER_PATH.to_string()]), Some(args))
-        }
-        WorkerMode::Native => {
-            let command =
-                (!spec.workload.command.is_empty()).then(|| spec.workload.command.clone());
-            (command, None)
-        }
     };
+    let mut env_vars = pod_env.clone();
+    let mut init_containers = Vec::new();
+    let (command, args) = if wrapped {
+        volumes.push(Volume {
+            name: "testrunner-bin".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        });
+        volumes.push(Volume {
+            name: "testrunner-socket".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        });
+        let bin_mount = VolumeMount {
+            name: "testrunner-bin".into(),
+            mount_path: WRAPPER_DIR.into(),
+            ..Default::default()
+        };
+        let socket_mount = VolumeMount {
+            name: "testrunner-socket".into(),
+            mount_path: SOCKET_DIR.into(),
+            ..Default::default()
+        };
+        mounts.push(VolumeMount {
+            read_only: Some(true),
+            ..bin_mount.clone()
+        });
+        mounts.push(socket_mount.clone());
+        init_containers.push(Container {
+            name: INSTALL_CONTAINER.into(),
+            image: Some(settings.operator_image.clone()),
+            command: Some(vec![
+                "testrunner-operator".into(),
+                "install-worker".into(),
+                WRAPPER_PATH.into(),
+            ]),
+            volume_mounts: Some(vec![bin_mount]),
+            security_context: Some(container_security.clone()),
+            ..Default::default()
+        });
+        let socket_env = env(crate::worker::ENV_BROKER_SOCKET, SOCKET_PATH);
+        let mut sidecar_env = pod_env;
+        sidecar_env.extend(broker_env);
+        sidecar_env.push(socket_env.clone());
+        init_containers.push(Container {
+            name: BROKER_CONTAINER.into(),
+            image: Some(settings.operator_image.clone()),
+            command: Some(vec!["testrunner-operator".into(), "broker-sidecar".into()]),
+            // A native sidecar: it starts before the worker and stops after it.
+            restart_policy: Some("Always".into()),
+            env: Some(sidecar_env),
+            volume_mounts: Some(vec![socket_mount, quarantine_mount]),
+            resources: Some(ResourceRequirements {
+                requests: Some(BTreeMap::from([
+                    ("cpu".to_string(), Quantity("10m".into())),
+                    ("memory".to_string(), Quantity("32Mi".into())),
+                ])),
+                ..Default::default()
+            }),
+            termination_message_path: Some("/dev/termination-log".into()),
+            security_context: Some(SecurityContext {
+                allow_privilege_escalation: Some(false),
+                capabilities: Some(Capabilities {
+                    drop: Some(vec!["ALL".into()]),
+                    ..Default::default()
+                }),
+                run_as_non_root: Some(true),
+                run_as_user: Some(BROKER_USER),
+                run_as_group: Some(BROKER_USER),
+                read_only_root_filesystem: Some(true),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        env_vars.push(socket_env);
+        let mut args = vec!["worker".to_string(), "--".to_string()];
+        args.extend(spec.workload.command.iter().cloned());
+        (Some(vec![WRAPPER_PATH.to_string()]), Some(args))
+    } else {
+        env_vars.extend(broker_env);
+        mounts.push(quarantine_mount);
+        let command = (!spec.workload.command.is_empty()).then(|| spec.workload.command.clone());
+        (command, None)
+    };
+    env_vars.extend(overrides.env.iter().cloned());
 
     let worker = Container {
         name: WORKER_CONTAINER.into(),
@@ -247,7 +315,7 @@ pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &P
             labels: Some(labels),
             annotations: {
                 let mut annotations = overrides.annotations.clone();
-                if spec.workload.worker.mode == WorkerMode::Wrapped {
+                if wrapped {
                     annotations.insert(ANNOTATION_REPORTS.into(), REPORTS_STATE.into());
                 }
                 (!annotations.is_empty()).then_some(annotations)
@@ -270,6 +338,9 @@ pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &P
             tolerations: (!overrides.tolerations.is_empty()).then(|| overrides.tolerations.clone()),
             affinity: overrides.affinity.clone(),
             service_account_name: overrides.service_account_name.clone(),
+            // Workers need no API access: the tests get a token only from a service
+            // account the pool names.
+            automount_service_account_token: Some(overrides.service_account_name.is_some()),
             image_pull_secrets: (!overrides.image_pull_secrets.is_empty())
                 .then(|| overrides.image_pull_secrets.clone()),
             priority_class_name: overrides.priority_class_name.clone(),
@@ -391,7 +462,7 @@ mod tests {
         assert!(bin.empty_dir.is_some(), "the wrapper lives in an emptyDir");
 
         let init = spec.init_containers.as_ref().unwrap();
-        assert_eq!(init.len(), 1);
+        assert_eq!(init.len(), 2);
         assert_eq!(init[0].name, INSTALL_CONTAINER);
         assert_eq!(init[0].image.as_deref(), Some(OPERATOR_IMAGE));
         assert_eq!(
@@ -431,19 +502,67 @@ mod tests {
             .unwrap();
         assert_eq!(mount.mount_path, WRAPPER_DIR);
         assert_eq!(mount.read_only, Some(true));
-        assert_connection_settings(worker);
 
-        // Every flag the wrapper requires is given through the pod's environment.
-        let cmd = worker_args();
-        for arg in cmd.get_arguments().filter(|a| a.is_required_set()) {
-            if let Some(var) = arg.get_env() {
-                let var = var.to_str().unwrap();
-                assert!(
-                    env_value(worker, var).is_some(),
-                    "{var} missing from the pod env"
-                );
+        // The broker sidecar alone consumes the queue and gets the credentials.
+        let sidecar = &init[1];
+        assert_eq!(sidecar.name, BROKER_CONTAINER);
+        assert_eq!(sidecar.image.as_deref(), Some(OPERATOR_IMAGE));
+        assert_eq!(
+            sidecar.restart_policy.as_deref(),
+            Some("Always"),
+            "a native sidecar: started before the worker, stopped after it"
+        );
+        assert_eq!(
+            sidecar.command.as_deref().unwrap(),
+            ["testrunner-operator", "broker-sidecar"]
+        );
+        assert_connection_settings(sidecar);
+        let sc = sidecar.security_context.as_ref().unwrap();
+        assert_eq!(sc.run_as_user, Some(BROKER_USER));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        let paths = |c: &Container| -> Vec<String> {
+            c.volume_mounts
+                .iter()
+                .flatten()
+                .map(|m| m.mount_path.clone())
+                .collect()
+        };
+        assert_eq!(paths(sidecar), [SOCKET_DIR, QUARANTINE_DIR]);
+        assert_eq!(paths(worker), [WRAPPER_DIR, SOCKET_DIR]);
+        assert!(SOCKET_PATH.starts_with(&format!("{SOCKET_DIR}/")));
+        for c in [sidecar, worker] {
+            assert_eq!(
+                env_value(c, crate::worker::ENV_BROKER_SOCKET).and_then(|e| e.value.as_deref()),
+                Some(SOCKET_PATH)
+            );
+        }
+        // The test container holds nothing of the broker: no URI, no Secret.
+        for name in [crate::worker::ENV_AMQP_URI, "TESTRUNNER_QUEUE"] {
+            assert!(env_value(worker, name).is_none(), "{name} in the worker");
+        }
+        assert!(
+            worker.env_from.is_none(),
+            "nothing imported into the worker"
+        );
+
+        // Every flag the wrapper and the sidecar require is given through their
+        // environment.
+        use clap::Args;
+        let sidecar_cmd =
+            crate::worker::SidecarArgs::augment_args(clap::Command::new("broker-sidecar"));
+        for (cmd, container) in [(worker_args(), worker), (sidecar_cmd, sidecar)] {
+            for arg in cmd.get_arguments().filter(|a| a.is_required_set()) {
+                if let Some(var) = arg.get_env() {
+                    let var = var.to_str().unwrap();
+                    assert!(
+                        env_value(container, var).is_some(),
+                        "{var} missing from the env of {}",
+                        container.name
+                    );
+                }
             }
         }
+        let cmd = worker_args();
         // And the wrapper's CLI reads the user's command, dashes included, after `--`.
         let mut argv = vec![
             "worker".to_string(),
@@ -458,6 +577,12 @@ mod tests {
             .map(|s| s.to_string_lossy().into_owned())
             .collect();
         assert_eq!(command, p.spec.workload.command);
+
+        assert_eq!(
+            spec.automount_service_account_token,
+            Some(false),
+            "no API token for the tests unless the pool names a service account"
+        );
 
         let meta = &pod.metadata;
         assert_eq!(meta.labels.as_ref().unwrap()[LABEL_REVISION], "rev1");

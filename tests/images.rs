@@ -203,10 +203,14 @@ async fn wrapper_runs_in(root: PathBuf) {
     pod["metadata"]["ownerReferences"] = json!([]);
     pod["spec"]["hostAliases"] =
         json!([{"ip": "127.0.0.1", "hostnames": ["rabbitmq.testrunner-sim"]}]);
-    let env = pod["spec"]["containers"][0]["env"].as_array_mut().unwrap();
-    for e in env.iter_mut() {
-        if e["name"] == "TESTRUNNER_OUTCOMES_QUEUE" {
-            e["value"] = json!(outcomes);
+    // The broker sidecar reports: it gets this test's outcome queue.
+    for list in ["initContainers", "containers"] {
+        for c in pod["spec"][list].as_array_mut().unwrap() {
+            for e in c["env"].as_array_mut().into_iter().flatten() {
+                if e["name"] == "TESTRUNNER_OUTCOMES_QUEUE" {
+                    e["value"] = json!(outcomes);
+                }
+            }
         }
     }
     let list = |ids: &[&str]| {

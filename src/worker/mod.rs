@@ -163,7 +163,7 @@ pub struct WorkerArgs {
 mod command;
 mod socket;
 
-pub use socket::{Reply, Request, SidecarArgs, serve as serve_sidecar};
+pub use socket::{ENV_BROKER_SOCKET, Reply, Request, SidecarArgs, serve as serve_sidecar};
 
 // ---------------------------------------------------------------------------
 // Pure parts

@@ -59,12 +59,18 @@ pub fn broker_uri() -> String {
 /// Publishes ticket `id` (body and message id: the id, persistent) to `queue` on `ch`, a
 /// channel in confirm mode, and checks that the broker confirmed it.
 pub async fn publish_confirmed(ch: &lapin::Channel, queue: &str, id: &str) {
+    publish_body_confirmed(ch, queue, id, id.as_bytes()).await;
+}
+
+/// Publishes ticket `id` with `body` (persistent) to `queue` on `ch`, a channel in
+/// confirm mode, and checks that the broker confirmed it.
+pub async fn publish_body_confirmed(ch: &lapin::Channel, queue: &str, id: &str, body: &[u8]) {
     let confirm = ch
         .basic_publish(
             "".into(),
             queue.into(),
             lapin::options::BasicPublishOptions::default(),
-            id.as_bytes(),
+            body,
             lapin::BasicProperties::default()
                 .with_message_id(id.into())
                 .with_delivery_mode(2),
