@@ -289,8 +289,10 @@ impl Default for PoisonSpec {
 #[serde(rename_all = "camelCase")]
 pub struct WorkerSpec {
     /// Wrapped (default): an init container copies the operator's worker wrapper into
-    /// the pod and the worker container runs `worker -- <command>`. Native: the image
-    /// consumes the queue itself and follows the ticket contract.
+    /// the pod, a broker sidecar alone holds the broker credentials, and the worker
+    /// container runs `worker -- <command>`, taking tickets from the sidecar. Native: the
+    /// image consumes the queue itself (with the credentials in its environment) and
+    /// follows the ticket contract.
     #[serde(default)]
     pub mode: WorkerMode,
 }
