@@ -131,7 +131,25 @@ impl Link {
 
 /// Connects to the sidecar at `path`.
 pub async fn connect(path: &Path) -> std::io::Result<Link> {
-    Ok(Link::new(UnixStream::connect(path).await?))
+    let (addressable, _dir) = addressable(path)?;
+    Ok(Link::new(UnixStream::connect(addressable).await?))
+}
+
+/// `path` in a form short enough for a socket address (at most 107 bytes on Linux): the
+/// path itself when it fits, else its file name under `/proc/self/fd/N` of its
+/// directory, which must stay open (the returned file) until the bind or connect is done.
+fn addressable(path: &Path) -> std::io::Result<(PathBuf, Option<std::fs::File>)> {
+    const MAX: usize = 100;
+    if path.as_os_str().len() <= MAX {
+        return Ok((path.to_path_buf(), None));
+    }
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok((path.to_path_buf(), None));
+    };
+    let dir = std::fs::File::open(dir)?;
+    use std::os::fd::AsRawFd;
+    let short = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name);
+    Ok((short, Some(dir)))
 }
 
 // ---------------------------------------------------------------------------
@@ -173,7 +191,7 @@ async fn serve_code(args: SidecarArgs) -> u8 {
         log.write(&TerminationLine::ConfigError(why.clone()));
     }
     let _ = std::fs::remove_file(&args.listen);
-    let listener = match UnixListener::bind(&args.listen) {
+    let listener = match addressable(&args.listen).and_then(|(at, _dir)| UnixListener::bind(at)) {
         Ok(l) => l,
         Err(e) => {
             let why = format!("cannot listen on {}: {e}", args.listen.display());
@@ -620,6 +638,26 @@ mod tests {
             r#"{"reply":"ticket","id":"t-1","delivery":2,"env":[["TICKET_ID","t-1"]]}"#
         );
         assert_eq!(serde_json::from_str::<Reply>(&text).unwrap(), ticket);
+    }
+
+    #[tokio::test]
+    async fn sockets_deep_in_the_filesystem_are_still_served() {
+        let mut dir = std::env::temp_dir().join(format!("trw-deep-{}", std::process::id()));
+        let top = dir.clone();
+        while dir.as_os_str().len() < 150 {
+            dir.push("a-rather-long-directory-name");
+        }
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("broker.sock");
+        let (at, _dir) = addressable(&path).unwrap();
+        assert!(at.as_os_str().len() < 108, "{}", at.display());
+        let listener = UnixListener::bind(&at).unwrap();
+        assert!(path.exists(), "the socket is at its real path");
+        let (client, server) = tokio::join!(connect(&path), listener.accept());
+        let (mut client, mut server) = (client.unwrap(), Link::new(server.unwrap().0));
+        client.send(&Request::Next).await.unwrap();
+        assert_eq!(server.recv::<Request>().await.unwrap(), Some(Request::Next));
+        std::fs::remove_dir_all(top).unwrap();
     }
 
     #[tokio::test]
