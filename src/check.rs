@@ -19,17 +19,19 @@ States (exit code):
   OK (0)        none of the rules below applies.
   WARNING (1)   condition Degraded=True with reason PoisonTicket, QueueStalled, OutOfMemory,
                 QueueNotFound or any reason not listed under CRITICAL; or phase Paused; or
-                ready tickets >= --warn-queue; or status.observedGeneration is behind
+                ready tickets >= --warn-queue; or quarantined tickets >= --warn-quarantined
+                (default 1; the line names them); or status.observedGeneration is behind
                 metadata.generation (the operator has not caught up with the spec).
   CRITICAL (2)  condition Degraded=True with reason BrokenEnvironment, BrokerUnreachable,
                 RolloutFailed, SecretNotFound, SecretKeyMissing, InvalidBrokerUri or
-                InvalidSpec; or ready tickets >= --crit-queue.
+                InvalidSpec; or ready tickets >= --crit-queue; or quarantined tickets >=
+                --crit-quarantined.
   UNKNOWN (3)   the Kubernetes API or the pool cannot be read (the reason is printed,
                 never a credential).
 
 Output: one line, then performance data:
   TESTRUNNER OK - unit: Running, 7/8 workers ready, 12 tickets ready | 'ready'=12;W;C;0 \
-'workers'=8;;;0 'ready_workers'=7;;;0 'quarantined'=1;;;0
+'workers'=8;;;0 'ready_workers'=7;;;0 'quarantined'=0;W;C;0
   ready: tickets ready in the queue (U before the first probe); workers: worker pods that
   exist; ready_workers: worker pods that are ready; quarantined: status.quarantine.count.
 
@@ -62,6 +64,13 @@ pub struct CheckArgs {
     /// CRITICAL when this many tickets or more are ready in the queue.
     #[arg(long, value_name = "N")]
     pub crit_queue: Option<u64>,
+    /// WARNING when this many tickets or more sit in quarantine: each is a CI job that
+    /// will not report until someone looks at it. 0 turns it off.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub warn_quarantined: u64,
+    /// CRITICAL when this many tickets or more sit in quarantine.
+    #[arg(long, value_name = "N")]
+    pub crit_quarantined: Option<u64>,
     /// Kubeconfig to use instead of KUBECONFIG / ~/.kube/config / in-cluster.
     #[arg(long, value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
@@ -100,13 +109,17 @@ impl State {
     }
 }
 
-/// Queue thresholds on ready tickets.
+/// Thresholds on ready tickets and on quarantined tickets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Thresholds {
-    /// WARNING at or above.
+    /// WARNING at or above this many ready tickets.
     pub warn_queue: Option<u64>,
-    /// CRITICAL at or above.
+    /// CRITICAL at or above this many ready tickets.
     pub crit_queue: Option<u64>,
+    /// WARNING at or above this many quarantined tickets.
+    pub warn_quarantined: Option<u64>,
+    /// CRITICAL at or above this many quarantined tickets.
+    pub crit_quarantined: Option<u64>,
 }
 
 /// Decides the state of a pool (the object as JSON) and renders the output line.
@@ -157,6 +170,34 @@ pub fn evaluate(pool: &Value, thresholds: Thresholds) -> (State, String) {
         } else if let Some(warn) = thresholds.warn_queue.filter(|w| ready >= *w) {
             problems.push((State::Warning, format!("{ready} tickets ready >= {warn}")));
         }
+    }
+    let held = quarantined.max(0) as u64;
+    let quarantine_state = if thresholds.crit_quarantined.is_some_and(|c| held >= c) {
+        Some((State::Critical, thresholds.crit_quarantined))
+    } else if thresholds.warn_quarantined.is_some_and(|w| held >= w) {
+        Some((State::Warning, thresholds.warn_quarantined))
+    } else {
+        None
+    };
+    if let Some((state, Some(limit))) = quarantine_state {
+        let ids: Vec<String> = status
+            .pointer("/quarantine/tickets")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.get("id").and_then(Value::as_str))
+            .map(|id| clean(id, 80))
+            .collect();
+        let mut named = ids.iter().take(3).cloned().collect::<Vec<_>>().join(", ");
+        if ids.len() > 3 {
+            named.push_str(&format!(" and {} more", ids.len() - 3));
+        }
+        let noun = if held == 1 { "ticket" } else { "tickets" };
+        let mut text = format!("{held} {noun} in quarantine >= {limit}");
+        if !named.is_empty() {
+            text.push_str(&format!(": {named}"));
+        }
+        problems.push((state, text));
     }
     if phase == Some("Paused") {
         problems.push((State::Warning, "paused (spec.paused)".into()));
@@ -220,10 +261,12 @@ pub fn evaluate(pool: &Value, thresholds: Thresholds) -> (State, String) {
     }
     let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
     line.push_str(&format!(
-        " | 'ready'={};{};{};0 'workers'={workers};;;0 'ready_workers'={ready_workers};;;0 'quarantined'={quarantined};;;0",
+        " | 'ready'={};{};{};0 'workers'={workers};;;0 'ready_workers'={ready_workers};;;0 'quarantined'={quarantined};{};{};0",
         queue_ready.map_or("U".to_string(), |r| r.to_string()),
         opt(thresholds.warn_queue),
         opt(thresholds.crit_queue),
+        opt(thresholds.warn_quarantined),
+        opt(thresholds.crit_quarantined),
     ));
     (state, line)
 }
@@ -254,6 +297,8 @@ pub async fn check(args: &CheckArgs) -> (State, String) {
     let thresholds = Thresholds {
         warn_queue: args.warn_queue,
         crit_queue: args.crit_queue,
+        warn_quarantined: Some(args.warn_quarantined).filter(|n| *n > 0),
+        crit_quarantined: args.crit_quarantined.filter(|n| *n > 0),
     };
     let target = format!("{}/{}", clean(&args.namespace, 63), clean(&args.pool, 253));
     let read = async {
@@ -374,10 +419,14 @@ mod tests {
     const NONE: Thresholds = Thresholds {
         warn_queue: None,
         crit_queue: None,
+        warn_quarantined: None,
+        crit_quarantined: None,
     };
     const Q: Thresholds = Thresholds {
         warn_queue: Some(10),
         crit_queue: Some(20),
+        warn_quarantined: None,
+        crit_quarantined: None,
     };
 
     #[test]
@@ -427,6 +476,8 @@ mod tests {
                 Thresholds {
                     warn_queue: Some(13),
                     crit_queue: Some(50),
+                    warn_quarantined: None,
+                    crit_quarantined: None,
                 },
                 State::Ok,
                 "12 tickets ready |",
@@ -437,6 +488,8 @@ mod tests {
                 Thresholds {
                     warn_queue: Some(12),
                     crit_queue: Some(50),
+                    warn_quarantined: None,
+                    crit_quarantined: None,
                 },
                 State::Warning,
                 "12 tickets ready >= 12",
@@ -447,6 +500,8 @@ mod tests {
                 Thresholds {
                     warn_queue: Some(5),
                     crit_queue: Some(12),
+                    warn_quarantined: None,
+                    crit_quarantined: None,
                 },
                 State::Critical,
                 "12 tickets ready >= 12",
@@ -457,9 +512,50 @@ mod tests {
                 Thresholds {
                     warn_queue: None,
                     crit_queue: Some(1),
+                    warn_quarantined: None,
+                    crit_quarantined: None,
                 },
                 State::Critical,
                 ">= 1",
+            ),
+            (
+                "one ticket in quarantine, warned by default",
+                pool(with(
+                    healthy(),
+                    "/quarantine",
+                    json!({"count": 1, "tickets": [{"id": "t-9", "crashes": 3}]}),
+                )),
+                Thresholds {
+                    warn_quarantined: Some(1),
+                    ..NONE
+                },
+                State::Warning,
+                "1 ticket in quarantine >= 1: t-9 |",
+            ),
+            (
+                "quarantine critical, named up to three",
+                pool(with(
+                    healthy(),
+                    "/quarantine",
+                    json!({"count": 5, "tickets": [{"id": "a"}, {"id": "b"}, {"id": "c|d"}, {"id": "e"}, {"id": "f"}]}),
+                )),
+                Thresholds {
+                    warn_quarantined: Some(1),
+                    crit_quarantined: Some(5),
+                    ..NONE
+                },
+                State::Critical,
+                "5 tickets in quarantine >= 5: a, b, c/d and 2 more | 'ready'=12;;;0 'workers'=8;;;0 'ready_workers'=7;;;0 'quarantined'=5;1;5;0",
+            ),
+            (
+                "quarantine below its threshold",
+                pool(healthy()),
+                Thresholds {
+                    warn_quarantined: Some(2),
+                    ..NONE
+                },
+                State::Ok,
+                "'quarantined'=1;2;;0",
             ),
             (
                 "paused",

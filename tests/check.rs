@@ -83,7 +83,7 @@ fn status(phase: &str, ready: i64, degraded: Option<(&str, &str)>) -> Value {
         ],
         "queue": {"ready": ready, "consumers": 7},
         "workers": {"desired": 8, "current": 8, "ready": 7},
-        "quarantine": {"count": 1},
+        "quarantine": {"count": 0},
     })
 }
 
@@ -130,7 +130,7 @@ async fn ok_warning_and_critical_from_the_pool_status() {
         .and_then(Value::as_i64)
         .unwrap_or(0);
     let perf = format!(
-        "| 'ready'=12;20;50;0 'workers'=8;;;0 'ready_workers'=7;;;0 'quarantined'={quarantined};;;0"
+        "| 'ready'=12;20;50;0 'workers'=8;;;0 'ready_workers'=7;;;0 'quarantined'={quarantined};1;;0"
     );
 
     let ok = check(
@@ -169,16 +169,15 @@ async fn ok_warning_and_critical_from_the_pool_status() {
         warn.stdout
     );
 
-    create_pool(
-        &api,
-        "poison",
-        status(
-            "Degraded",
-            3,
-            Some(("PoisonTicket", "ticket t-9 crashed 3 workers")),
-        ),
-    )
-    .await;
+    let mut poisoned = status(
+        "Degraded",
+        3,
+        Some(("PoisonTicket", "ticket t-9 crashed 3 workers")),
+    );
+    poisoned["quarantine"] = json!({"count": 1, "tickets": [{"id": "t-9", "crashes": 3,
+        "pods": ["p-1"], "images": ["example.org/runner:1"], "lastExit": "exit code 3",
+        "at": "2026-01-01T00:00:00Z"}]});
+    create_pool(&api, "poison", poisoned).await;
     let poison = check(Some(&config), None, &["-n", "default", "--pool", "poison"]).await;
     assert_eq!(poison.code, 1, "{}", poison.stdout);
     assert!(
@@ -188,6 +187,47 @@ async fn ok_warning_and_critical_from_the_pool_status() {
         "{}",
         poison.stdout
     );
+    // A ticket in quarantine warns by default, names the ticket, and can be made critical.
+    assert!(
+        poison
+            .stdout
+            .contains("; 1 ticket in quarantine >= 1: t-9 |"),
+        "{}",
+        poison.stdout
+    );
+    let critical = check(
+        Some(&config),
+        None,
+        &[
+            "-n",
+            "default",
+            "--pool",
+            "poison",
+            "--crit-quarantined",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(critical.code, 2, "{}", critical.stdout);
+    assert!(
+        critical.stdout.ends_with("'quarantined'=1;1;1;0\n"),
+        "{}",
+        critical.stdout
+    );
+    let off = check(
+        Some(&config),
+        None,
+        &[
+            "-n",
+            "default",
+            "--pool",
+            "poison",
+            "--warn-quarantined",
+            "0",
+        ],
+    )
+    .await;
+    assert!(!off.stdout.contains("in quarantine"), "{}", off.stdout);
 
     create_pool(
         &api,
@@ -337,10 +377,10 @@ async fn status_fields_the_crd_does_not_have_yet_are_read_and_a_refusal_is_unkno
     let addr = fake_api().await;
     let config = kubeconfig("fake", &format!("http://{addr}"));
     let run = check(Some(&config), None, &["-n", "ci", "--pool", "unit"]).await;
-    assert_eq!(run.code, 0, "{}", run.stdout);
+    assert_eq!(run.code, 1, "{}", run.stdout);
     assert_eq!(
         run.stdout.trim_end(),
-        "TESTRUNNER OK - unit: Running, 3/3 workers ready, 4 tickets ready | 'ready'=4;;;0 'workers'=3;;;0 'ready_workers'=3;;;0 'quarantined'=2;;;0"
+        "TESTRUNNER WARNING - unit: Running, 3/3 workers ready, 4 tickets ready; 2 tickets in quarantine >= 1: t-1, t-2 | 'ready'=4;;;0 'workers'=3;;;0 'ready_workers'=3;;;0 'quarantined'=2;1;;0"
     );
     let run = check(Some(&config), None, &["-n", "ci", "--pool", "other"]).await;
     assert_eq!(run.code, 3, "{}", run.stdout);
