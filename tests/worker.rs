@@ -322,6 +322,10 @@ impl Worker {
             !stderr.contains("guest:guest") && !stderr.contains(URI),
             "credentials in the worker's log:\n{stderr}"
         );
+        assert!(
+            !stderr.contains('\x1b'),
+            "colour escapes in a log that is no terminal:\n{stderr}"
+        );
         if let Some((_, log)) = &self.sidecar {
             let log = std::fs::read_to_string(log).unwrap_or_default();
             assert!(
