@@ -19,7 +19,7 @@ mod simulate;
 #[command(name = "testrunner-operator", version, about)]
 struct Cli {
     /// Log format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Pretty, env = "TESTRUNNER_LOG_FORMAT", global = true)]
+    #[arg(long, value_enum, default_value_t = LogFormat::Pretty, env = telemetry::ENV_LOG_FORMAT, global = true)]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -194,7 +194,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run(args) => runtime().block_on(run(args)),
+        Command::Run(args) => runtime().block_on(run(args, cli.log_format)),
         Command::Worker(args) => runtime().block_on(worker::run(args)),
         Command::BrokerSidecar(args) => runtime().block_on(worker::serve_sidecar(args)),
         #[cfg(feature = "simulate")]
@@ -263,7 +263,7 @@ fn install_worker(path: &std::path::Path) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
 }
 
-async fn run(args: RunArgs) -> ExitCode {
+async fn run(args: RunArgs, log_format: LogFormat) -> ExitCode {
     let client = match kube::Client::try_default().await {
         Ok(c) => c,
         Err(e) => {
@@ -291,6 +291,7 @@ async fn run(args: RunArgs) -> ExitCode {
         pods: PodSettings {
             operator_image: args.operator_image,
             report_interval: args.worker_report_interval,
+            log_format,
         },
         namespaces: args
             .watch_namespaces

@@ -50,6 +50,8 @@ pub struct PodSettings {
     pub operator_image: String,
     /// How often wrapped workers repeat their state ([`REPORT_INTERVAL`] by default).
     pub report_interval: std::time::Duration,
+    /// The log format of the wrapper and the broker sidecar: the operator's own.
+    pub log_format: crate::telemetry::LogFormat,
 }
 
 /// The queue workers report completed tickets to: one per pool, declared by the
@@ -157,6 +159,11 @@ pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &P
         },
     ];
     let wrapped = spec.workload.worker.mode == WorkerMode::Wrapped;
+    // The wrapper and the sidecar log as the operator does (JSON where the chart asks).
+    let log_env = match settings.log_format {
+        crate::telemetry::LogFormat::Json => vec![env(crate::telemetry::ENV_LOG_FORMAT, "json")],
+        crate::telemetry::LogFormat::Pretty => Vec::new(),
+    };
 
     let container_security =
         overrides
@@ -234,6 +241,7 @@ pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &P
         let mut sidecar_env = pod_env;
         sidecar_env.extend(broker_env);
         sidecar_env.push(socket_env.clone());
+        sidecar_env.extend(log_env.clone());
         init_containers.push(Container {
             name: BROKER_CONTAINER.into(),
             image: Some(settings.operator_image.clone()),
@@ -269,6 +277,7 @@ pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &P
             ..Default::default()
         });
         env_vars.push(socket_env);
+        env_vars.extend(log_env);
         let mut args = vec!["worker".to_string(), "--".to_string()];
         args.extend(spec.workload.command.iter().cloned());
         (Some(vec![WRAPPER_PATH.to_string()]), Some(args))
@@ -419,6 +428,7 @@ mod tests {
         PodSettings {
             operator_image: OPERATOR_IMAGE.into(),
             report_interval: REPORT_INTERVAL,
+            log_format: crate::telemetry::LogFormat::Pretty,
         }
     }
 
@@ -592,6 +602,28 @@ mod tests {
             (owner.kind.as_str(), owner.controller),
             ("TestRunnerPool", Some(true))
         );
+    }
+
+    #[test]
+    fn wrapper_and_sidecar_log_as_the_operator_does() {
+        let json = PodSettings {
+            log_format: crate::telemetry::LogFormat::Json,
+            ..settings()
+        };
+        for (settings, expected) in [(settings(), None), (json, Some("json"))] {
+            let pod = build_pod(&pool(), "unit-b2c4d", "rev1", &settings);
+            let spec = pod.spec.unwrap();
+            let sidecar = &spec.init_containers.as_ref().unwrap()[1];
+            for c in [sidecar, &spec.containers[0]] {
+                let format = env_value(c, crate::telemetry::ENV_LOG_FORMAT);
+                assert_eq!(
+                    format.and_then(|e| e.value.as_deref()),
+                    expected,
+                    "{}",
+                    c.name
+                );
+            }
+        }
     }
 
     #[test]

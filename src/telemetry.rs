@@ -2,6 +2,9 @@
 
 use tracing_subscriber::EnvFilter;
 
+/// The environment variable (and global flag) of the log format.
+pub const ENV_LOG_FORMAT: &str = "TESTRUNNER_LOG_FORMAT";
+
 /// Log output format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {

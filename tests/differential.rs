@@ -333,6 +333,7 @@ fn operator_pod(vars: &Vars) -> Value {
     let settings = PodSettings {
         operator_image: "registry.example/testrunner-operator:1".into(),
         report_interval: pods::REPORT_INTERVAL,
+        log_format: testrunner_operator::telemetry::LogFormat::Pretty,
     };
     let pod = pods::build_pod(&pool, "diff-pool-worker", "rev1", &settings);
     let mut pod = serde_json::to_value(pod).expect("a pod serializes");

@@ -192,6 +192,7 @@ async fn wrapper_runs_in(root: PathBuf) {
     let settings = testrunner_operator::pods::PodSettings {
         operator_image: "testrunner-operator:test".into(),
         report_interval: Duration::from_secs(2),
+        log_format: testrunner_operator::telemetry::LogFormat::Json,
     };
     let mut pod = serde_json::to_value(testrunner_operator::pods::build_pod(
         &pool,

@@ -45,6 +45,7 @@ fn context(client: Client) -> Arc<Context> {
         pods: PodSettings {
             operator_image: "registry.example/testrunner-operator:0.1.0".into(),
             report_interval: testrunner_operator::pods::REPORT_INTERVAL,
+            log_format: testrunner_operator::telemetry::LogFormat::Pretty,
         },
         namespaces: vec![],
         controller_name: "testrunner-operator".into(),

@@ -131,6 +131,7 @@ impl Settings {
             pods: PodSettings {
                 operator_image: concat!("testrunner-operator:", env!("CARGO_PKG_VERSION")).into(),
                 report_interval: Duration::from_secs(2),
+                log_format: crate::telemetry::LogFormat::Pretty,
             },
             namespaces,
             controller_name: "testrunner-operator".into(),
