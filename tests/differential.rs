@@ -325,6 +325,75 @@ fn running_status() -> Value {
     }})
 }
 
+/// A pod no scheduler takes, labelled `diff=sidecar`: a sidecar (an init container with
+/// `restartPolicy` `sidecar`, a startup and a readiness probe), an init container with a
+/// startup probe unless the sidecar is one, and a container with `restartPolicy` `main`.
+fn sidecar_pod(name: &str, sidecar: Value, main: Value) -> Value {
+    let probe = json!({"exec": {"command": ["true"]}});
+    let mut init = json!({"name": "setup", "image": "registry.example/tools:1"});
+    if sidecar != "Always" {
+        init["startupProbe"] = probe.clone();
+    }
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"diff": "sidecar"}},
+        "spec": {
+            "schedulerName": NO_SCHEDULER,
+            "initContainers": [
+                {"name": "proxy", "image": "registry.example/proxy:1", "restartPolicy": sidecar,
+                    "startupProbe": probe, "readinessProbe": probe},
+                init,
+            ],
+            "containers": [{"name": "main", "image": "registry.example/app:1", "restartPolicy": main}],
+        },
+    })
+}
+
+/// The status of [`sidecar_pod`] running: the setup container done, the sidecar
+/// restarted twice, started, and `ready` or not; the main container ready.
+fn sidecar_status(ready: bool) -> Value {
+    let t = "2026-01-01T00:00:00Z";
+    let status =
+        |name: &str, image: &str, state: Value, restarts: i64, ready: bool, started: bool| {
+            json!({"name": name, "image": image, "imageID": format!("simulated://{image}"),
+            "containerID": format!("simulated://{name}"), "restartCount": restarts,
+            "state": state, "lastState": {}, "ready": ready, "started": started})
+        };
+    let running = json!({"running": {"startedAt": t}});
+    let mut proxy = status(
+        "proxy",
+        "registry.example/proxy:1",
+        running.clone(),
+        2,
+        ready,
+        true,
+    );
+    proxy["lastState"] = json!({"terminated": {"exitCode": 1, "reason": "Error",
+        "startedAt": t, "finishedAt": t, "containerID": "simulated://proxy"}});
+    let done = json!({"terminated": {"exitCode": 0, "reason": "Completed",
+        "startedAt": t, "finishedAt": t, "containerID": "simulated://setup"}});
+    let conditions: Vec<Value> = [
+        ("PodReadyToStartContainers", true),
+        ("PodScheduled", true),
+        ("Initialized", true),
+        ("ContainersReady", ready),
+        ("Ready", ready),
+    ]
+    .iter()
+    .map(|(c, s)| json!({"type": c, "status": if *s { "True" } else { "False" }, "lastTransitionTime": t}))
+    .collect();
+    json!({"status": {
+        "phase": "Running",
+        "startTime": t,
+        "conditions": conditions,
+        "initContainerStatuses": [
+            proxy,
+            status("setup", "registry.example/tools:1", done, 0, true, false),
+        ],
+        "containerStatuses": [status("main", "registry.example/app:1", running, 1, true, true)],
+    }})
+}
+
 /// The operator's worker pod for the pool saved as `pool`, as `controller::create_pod`
 /// applies it; with a scheduler nobody runs, so that it stays unbound.
 fn operator_pod(vars: &Vars) -> Value {
@@ -524,6 +593,43 @@ fn cases() -> Vec<Case> {
             ),
         )
         .watch(3),
+        // Native sidecars: what the server takes and refuses, and how kubectl counts them.
+        Case::post(
+            "pod: invalid container restart policies and probes of an init container",
+            format!("{ns}/pods"),
+            sidecar_pod("diff-pod-invalid", json!("Sometimes"), json!("Sometimes")),
+        )
+        .compare(&["/message", "/details/causes"]),
+        Case::post(
+            "pod: create with a sidecar",
+            format!("{ns}/pods"),
+            sidecar_pod("diff-pod-sidecar", json!("Always"), json!("OnFailure")),
+        )
+        .compare(&[
+            "/spec/initContainers/*/restartPolicy",
+            "/spec/containers/*/restartPolicy",
+        ]),
+        Case::patch(
+            "pod: status merge patch (sidecar started, not ready)",
+            format!("{ns}/pods/diff-pod-sidecar/status"),
+            MERGE,
+            sidecar_status(false),
+        )
+        .compare(&["/status/initContainerStatuses/*/started"]),
+        Case::get("pods: kubectl get, a sidecar not ready (Table)", format!("{ns}/pods?labelSelector=diff%3Dsidecar&limit=500"))
+            .table()
+            .compare(&["/rows/*/cells/0", "/rows/*/cells/1", "/rows/*/cells/2", "/rows/*/cells/3"]),
+        Case::patch(
+            "pod: status merge patch (sidecar ready)",
+            format!("{ns}/pods/diff-pod-sidecar/status"),
+            MERGE,
+            sidecar_status(true),
+        ),
+        Case::get("pods: kubectl get, a sidecar ready (Table)", format!("{ns}/pods?labelSelector=diff%3Dsidecar&limit=500"))
+            .table()
+            .compare(&["/rows/*/cells/0", "/rows/*/cells/1", "/rows/*/cells/2", "/rows/*/cells/3"]),
+        Case::delete("pod: delete the sidecar pod", format!("{ns}/pods/diff-pod-sidecar"))
+            .body(json!({"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0})),
         // What kubectl creates, in protobuf.
         Case::protobuf(
             "secret: kubectl create secret generic (protobuf)",

@@ -1564,3 +1564,287 @@ async fn the_node_runs_pods_on_a_real_control_plane() {
     .unwrap_or_else(|e| panic!("the control plane did not start: {e}"));
     the_node_runs_a_pod_with_volumes_env_and_graceful_deletion(sim).await;
 }
+
+/// The READY and RESTARTS cells `kubectl get pod NAME` shows: the server's Table.
+async fn ready_and_restarts(client: &Client, name: &str) -> Option<(String, String)> {
+    let req = http::Request::get(format!("/api/v1/namespaces/default/pods/{name}"))
+        .header("accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+        .body(Vec::new())
+        .unwrap();
+    let table: Value = client.request(req).await.ok()?;
+    let cells = &table["rows"][0]["cells"];
+    Some((cells[1].as_str()?.into(), cells[3].as_str()?.into()))
+}
+
+/// Native sidecars (init containers with `restartPolicy: Always`), the same on the
+/// embedded server and on a real control plane (then the real API server judges the
+/// pods and the statuses): a container starts only once the sidecar before it has
+/// started (its startup probe passed); sidecars are restarted whatever happens to them
+/// (a crash, a failed liveness probe) and count their restarts; a sidecar's readiness is
+/// the pod's; kubectl's READY counts sidecars; deleting the pod stops the container
+/// first, then the sidecars, the last declared first, each once the ones before it in
+/// that order have exited; a `restartPolicy: Never` pod whose container succeeds stops
+/// its sidecar and succeeds. A restart policy a container may not have is refused.
+async fn the_node_runs_native_sidecars(sim: sim::Simulation) {
+    let client = sim.client();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    // What the containers tell the test: a directory of this machine, as a hostPath.
+    let witness = sim.root.join("sidecar-witness");
+    std::fs::create_dir_all(&witness).unwrap();
+    let volumes = json!([{"name": "shared", "emptyDir": {}},
+        {"name": "witness", "hostPath": {"path": witness.display().to_string()}}]);
+    let mounts = json!([{"name": "shared", "mountPath": "/shared"},
+        {"name": "witness", "mountPath": "/witness"}]);
+    let exec = |script: &str, period: i64, failures: i64| {
+        json!({"exec": {"command": ["sh", "-c", script]}, "periodSeconds": period,
+            "failureThreshold": failures})
+    };
+    // Each run of a sidecar counts itself in the emptyDir; a SIGTERM tells the witness
+    // what the sidecar then sees of the others.
+    let count = |name: &str| {
+        format!(
+            "n=$(( $(cat /shared/{name}-runs 2>/dev/null || echo 0) + 1 )); echo $n > /shared/{name}-runs; "
+        )
+    };
+    let proxy = count("proxy")
+        + "trap '{ test -e /shared/main-done && echo main-done || echo main-running; \
+           test -e /shared/logger-done-$(cat /shared/logger-runs) && echo logger-done || echo logger-running; \
+           } > /witness/proxy-term-$n; touch /shared/proxy-term-$n; exit 0' TERM; \
+           sleep 0.2; touch /shared/proxy-up-$n; \
+           while true; do if [ $n = 1 ] && [ -e /shared/main-up ]; then exit 1; fi; sleep 0.05; done";
+    let logger = count("logger")
+        + "trap '{ test -e /shared/main-done && echo main-done || echo main-running; \
+           test -e /shared/proxy-term-$(cat /shared/proxy-runs) && echo proxy-stopped || echo proxy-running; \
+           } > /witness/logger-term-$n; sleep 0.1; touch /shared/logger-done-$n; exit 0' TERM; \
+           while true; do sleep 0.05; done";
+    let main = "test -e /shared/proxy-up-1 || { echo proxy-missing >> /witness/main-runs; exit 1; }; \
+        echo proxy-up >> /witness/main-runs; \
+        trap 'sleep 0.2; touch /shared/main-done; exit 0' TERM; \
+        touch /shared/main-up; while true; do sleep 0.05; done";
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "sidecars"},
+        "spec": {
+            "terminationGracePeriodSeconds": 300,
+            "volumes": volumes,
+            "initContainers": [
+                {"name": "proxy", "image": "proxy:1", "restartPolicy": "Always",
+                    "volumeMounts": mounts, "command": ["sh", "-c", proxy],
+                    "startupProbe": exec("test -e /shared/proxy-up-$(cat /shared/proxy-runs)", 1, 300),
+                    "readinessProbe": exec("test ! -e /witness/proxy-unready", 1, 1)},
+                {"name": "logger", "image": "logger:1", "restartPolicy": "Always",
+                    "volumeMounts": mounts, "command": ["sh", "-c", logger],
+                    // Fails once for each kill-logger file (which it takes away).
+                    "livenessProbe": exec("! rm /witness/kill-logger 2>/dev/null", 1, 1)},
+            ],
+            "containers": [{"name": "main", "image": "app:1", "volumeMounts": mounts,
+                "command": ["sh", "-c", main]}],
+        }
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let status = |name: &'static str| {
+        let pods = pods.clone();
+        async move { pods.get(name).await.ok().map(|p| pod_status(&p)) }
+    };
+    let pod_ready = |s: &Value| {
+        s["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    };
+    let running = |c: &Value| c["state"]["running"].is_object() && c["started"] == true;
+    // The proxy's first run crashes once the main container is up: it is restarted.
+    let s = eventually_some(
+        "the pod Ready with the proxy restarted once",
+        Duration::from_secs(60),
+        || async {
+            let s = status("sidecars").await?;
+            let proxy = &s["initContainerStatuses"][0];
+            (pod_ready(&s)
+                && proxy["restartCount"] == 1
+                && running(proxy)
+                && proxy["ready"] == true)
+                .then_some(s)
+        },
+    )
+    .await;
+    let proxy = &s["initContainerStatuses"][0];
+    assert_eq!(proxy["lastState"]["terminated"]["exitCode"], 1, "{s}");
+    assert!(running(&s["initContainerStatuses"][1]), "{s}");
+    let main_status = &s["containerStatuses"][0];
+    assert_eq!(main_status["restartCount"], 0, "{s}");
+    assert_eq!(s["phase"], "Running");
+    assert_eq!(
+        std::fs::read_to_string(witness.join("main-runs")).unwrap(),
+        "proxy-up\n",
+        "the main container started once, after the proxy had started"
+    );
+    let (ready, restarts) = eventually_some("the pod's Table row", Duration::from_secs(30), || {
+        ready_and_restarts(&client, "sidecars")
+    })
+    .await;
+    assert_eq!(ready, "3/3", "READY counts the sidecars");
+    assert!(
+        restarts.starts_with("1 ("),
+        "RESTARTS counts the proxy's: {restarts}"
+    );
+
+    // The proxy's readiness is the pod's.
+    std::fs::write(witness.join("proxy-unready"), b"").unwrap();
+    eventually_some(
+        "the pod not Ready while the proxy is not",
+        Duration::from_secs(30),
+        || async {
+            let s = status("sidecars").await?;
+            let proxy = &s["initContainerStatuses"][0];
+            (!pod_ready(&s)
+                && proxy["ready"] == false
+                && s["containerStatuses"][0]["ready"] == true)
+                .then_some(())
+        },
+    )
+    .await;
+    let (ready, _) = ready_and_restarts(&client, "sidecars").await.unwrap();
+    assert_eq!(ready, "2/3");
+    std::fs::remove_file(witness.join("proxy-unready")).unwrap();
+    eventually_some("the pod Ready again", Duration::from_secs(30), || async {
+        pod_ready(&status("sidecars").await?).then_some(())
+    })
+    .await;
+
+    // A failing liveness probe restarts the logger (SIGTERM, then a new run).
+    std::fs::write(witness.join("kill-logger"), b"").unwrap();
+    eventually_some(
+        "the logger restarted by its liveness probe",
+        Duration::from_secs(30),
+        || async {
+            let s = status("sidecars").await?;
+            let logger = &s["initContainerStatuses"][1];
+            (logger["restartCount"] == 1 && running(logger)).then_some(())
+        },
+    )
+    .await;
+    assert!(witness.join("logger-term-1").exists());
+
+    // Deletion: the main container first, then the logger, then the proxy.
+    pods.delete("sidecars", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually_some(
+        "the node to delete the stopped pod",
+        Duration::from_secs(60),
+        || async { pods.get_opt("sidecars").await.ok()?.is_none().then_some(()) },
+    )
+    .await;
+    let read = |f: &str| std::fs::read_to_string(witness.join(f)).unwrap_or_default();
+    assert_eq!(
+        read("logger-term-2"),
+        "main-done\nproxy-running\n",
+        "the logger stops after the main container and before the proxy"
+    );
+    assert_eq!(
+        read("proxy-term-2"),
+        "main-done\nlogger-done\n",
+        "the proxy stops last"
+    );
+    assert_eq!(read("main-runs"), "proxy-up\n");
+
+    // A pod that runs to completion stops its sidecar and succeeds. The sidecar is a
+    // container of its own: its user, PID 1 of its own PID namespace.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&witness, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let helper = "trap 'echo stopped > /witness/helper-term; exit 0' TERM; \
+        echo \"$(id -u) $$\" > /witness/helper-id; touch /shared/up; \
+        while true; do sleep 0.05; done";
+    let finisher: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "finisher"},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 300,
+            "volumes": volumes,
+            "initContainers": [{"name": "helper", "image": "helper:1", "restartPolicy": "Always",
+                "securityContext": {"runAsUser": 1234},
+                "volumeMounts": mounts, "command": ["sh", "-c", helper],
+                "startupProbe": exec("test -e /shared/up", 1, 300)}],
+            "containers": [{"name": "main", "image": "app:1", "command": ["sh", "-c", "exit 0"]}],
+        }
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &finisher)
+        .await
+        .unwrap();
+    let s = eventually_some(
+        "the finisher to succeed",
+        Duration::from_secs(60),
+        || async {
+            let s = status("finisher").await?;
+            (s["phase"] == "Succeeded").then_some(s)
+        },
+    )
+    .await;
+    let helper = &s["initContainerStatuses"][0];
+    assert_eq!(helper["state"]["terminated"]["exitCode"], 0, "{s}");
+    assert_eq!(helper["restartCount"], 0, "{s}");
+    let main_status = &s["containerStatuses"][0]["state"]["terminated"];
+    assert_eq!(
+        (
+            main_status["exitCode"].as_i64(),
+            main_status["reason"].as_str()
+        ),
+        (Some(0), Some("Completed")),
+        "{s}"
+    );
+    assert!(!pod_ready(&s));
+    assert_eq!(read("helper-term"), "stopped\n");
+    if sim::isolate::available() {
+        assert_eq!(
+            read("helper-id"),
+            "1234 1\n",
+            "the sidecar's user, and PID 1"
+        );
+    }
+    pods.delete("finisher", &DeleteParams::default())
+        .await
+        .unwrap();
+
+    // A restart policy an init container may not have.
+    let mut invalid = serde_json::to_value(&finisher).unwrap();
+    invalid["metadata"]["name"] = json!("invalid-sidecar");
+    invalid["spec"]["initContainers"][0]["restartPolicy"] = json!("Sometimes");
+    let invalid: Pod = serde_json::from_value(invalid).unwrap();
+    let (code, _, message) = api_code(
+        pods.create(&PostParams::default(), &invalid)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 422);
+    assert!(
+        message.contains(
+            "spec.initContainers[0].restartPolicy: Unsupported value: \"Sometimes\": supported values: \"Always\", \"Never\", \"OnFailure\""
+        ),
+        "{message}"
+    );
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(&witness);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_runs_native_sidecars_on_the_embedded_server() {
+    let sim = common::simulation("amqp://guest:guest@127.0.0.1:5672/%2f", 100.0).await;
+    the_node_runs_native_sidecars(sim).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real control plane: bash tests/control-plane/build.sh, then cargo test -- --include-ignored (bash tests/run.sh does both)"]
+async fn the_node_runs_native_sidecars_on_a_real_control_plane() {
+    let sim = sim::Simulation::start_on_control_plane(
+        &control_plane_bin(),
+        common::options("amqp://guest:guest@127.0.0.1:5672/%2f", 100.0),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the control plane did not start: {e}"));
+    the_node_runs_native_sidecars(sim).await;
+}

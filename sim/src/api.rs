@@ -52,6 +52,31 @@ impl ApiError {
         .with_details(kind, name)
     }
 
+    /// 422 Invalid, naming each invalid field as the API server does.
+    pub fn invalid(kind: &Kind, name: &str, causes: &[validate::Cause]) -> Self {
+        let text: Vec<String> = causes
+            .iter()
+            .map(|c| format!("{}: {}", c.field, c.message))
+            .collect();
+        let message = if text.len() == 1 {
+            text[0].clone()
+        } else {
+            format!("[{}]", text.join(", "))
+        };
+        let mut err = Self::new(
+            422,
+            "Invalid",
+            format!("{} \"{name}\" is invalid: {message}", kind.kind),
+        );
+        err.details = Some(json!({
+            "name": name,
+            "group": kind.group,
+            "kind": kind.kind,
+            "causes": causes.iter().map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field})).collect::<Vec<_>>(),
+        }));
+        err
+    }
+
     /// 400.
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(400, "BadRequest", message)
@@ -549,27 +574,7 @@ impl Cluster {
         }
         let causes = validate::validate(schema, obj, old);
         if !causes.is_empty() {
-            let text: Vec<String> = causes
-                .iter()
-                .map(|c| format!("{}: {}", c.field, c.message))
-                .collect();
-            let message = if text.len() == 1 {
-                text[0].clone()
-            } else {
-                format!("[{}]", text.join(", "))
-            };
-            let mut err = ApiError::new(
-                422,
-                "Invalid",
-                format!("{} \"{name}\" is invalid: {message}", kind.kind),
-            );
-            err.details = Some(json!({
-                "name": name,
-                "group": kind.group,
-                "kind": kind.kind,
-                "causes": causes.iter().map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field})).collect::<Vec<_>>(),
-            }));
-            return Err(err);
+            return Err(ApiError::invalid(kind, &name, &causes));
         }
         Ok(unknown
             .into_iter()
@@ -712,6 +717,10 @@ impl Cluster {
                         "Pod \"{name}\" is invalid: spec.containers: Required value: every container needs a name"
                     ),
                 ));
+            }
+            let causes = validate::pod_spec(&obj["spec"]);
+            if !causes.is_empty() {
+                return Err(ApiError::invalid(kind, &name, &causes));
             }
         }
         label_namespace(kind, &mut obj);

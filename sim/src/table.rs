@@ -90,79 +90,144 @@ fn column(name: &str, type_: &str, format: &str, description: &str, priority: i6
     json!({"name": name, "type": type_, "format": format, "description": description, "priority": priority})
 }
 
+/// Whether init container `c` (its spec) is a sidecar: `restartPolicy: Always`.
+fn restartable(c: Option<&Value>) -> bool {
+    c.is_some_and(|c| c["restartPolicy"] == "Always")
+}
+
+/// The reason a terminated state shows: its `reason`, else its signal or exit code.
+fn terminated_reason(t: &Value, prefix: &str) -> String {
+    match t["reason"].as_str().filter(|r| !r.is_empty()) {
+        Some(r) => format!("{prefix}{r}"),
+        None => match t["signal"].as_i64().filter(|s| *s != 0) {
+            Some(sig) => format!("{prefix}Signal:{sig}"),
+            None => format!("{prefix}ExitCode:{}", t["exitCode"].as_i64().unwrap_or(0)),
+        },
+    }
+}
+
+/// The READY, STATUS and RESTARTS cells as the API server's printer makes them: READY
+/// counts the containers and the sidecars (init containers with `restartPolicy:
+/// Always`), ready ones out of all; STATUS is the first unfinished init container's
+/// state while the pod initializes, else the last container's reason that stands out;
+/// RESTARTS adds up the containers' and sidecars' restarts (every init container's while
+/// the pod initializes), with the latest restart's age.
 fn pod_cells(pod: &Value) -> Vec<Value> {
     let status = &pod["status"];
-    let statuses = status["containerStatuses"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let total = pod
-        .pointer("/spec/containers")
-        .and_then(Value::as_array)
-        .map(Vec::len)
-        .unwrap_or(0);
-    let ready = statuses.iter().filter(|c| c["ready"] == true).count();
+    let list = |v: &Value| v.as_array().cloned().unwrap_or_default();
+    let statuses = list(&status["containerStatuses"]);
+    let init_specs = list(&pod["spec"]["initContainers"]);
+    let init_spec = |name: &Value| init_specs.iter().find(|c| c["name"] == *name);
+    let mut total = list(&pod["spec"]["containers"]).len();
+    total += init_specs.iter().filter(|c| restartable(Some(c))).count();
+    let mut ready = 0;
     let mut reason = status["reason"]
         .as_str()
+        .filter(|r| !r.is_empty())
         .or(status["phase"].as_str())
-        .unwrap_or("Pending")
+        .unwrap_or_default()
         .to_string();
-    let inits = status["initContainerStatuses"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let init_total = pod
-        .pointer("/spec/initContainers")
-        .and_then(Value::as_array)
-        .map(Vec::len)
-        .unwrap_or(0);
+    let conditions = list(&status["conditions"]);
+    let condition = |type_: &str, status: &str| {
+        conditions
+            .iter()
+            .any(|c| c["type"] == type_ && c["status"] == status)
+    };
+    if conditions
+        .iter()
+        .any(|c| c["type"] == "PodScheduled" && c["reason"] == "SchedulingGated")
+    {
+        reason = "SchedulingGated".into();
+    }
+    let finished_at = |c: &Value| {
+        c.pointer("/lastState/terminated/finishedAt")
+            .and_then(Value::as_str)
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+    };
+    let (mut restarts, mut last_restart) = (0, None::<jiff::Timestamp>);
+    let (mut sidecar_restarts, mut last_sidecar_restart) = (0, None::<jiff::Timestamp>);
     let mut initializing = false;
-    for (i, c) in inits.iter().enumerate() {
-        let term = &c["state"]["terminated"];
-        if term.is_object() && term["exitCode"] == 0 {
+    for (i, c) in list(&status["initContainerStatuses"]).iter().enumerate() {
+        let count = c["restartCount"].as_i64().unwrap_or(0);
+        let sidecar = restartable(init_spec(&c["name"]));
+        restarts += count;
+        last_restart = last_restart.max(finished_at(c));
+        if sidecar {
+            sidecar_restarts += count;
+            last_sidecar_restart = last_sidecar_restart.max(finished_at(c));
+        }
+        let state = &c["state"];
+        let terminated = state["terminated"]
+            .is_object()
+            .then_some(&state["terminated"]);
+        if terminated.is_some_and(|t| t["exitCode"] == 0) {
+            continue;
+        }
+        if sidecar && c["started"] == true {
+            if c["ready"] == true {
+                ready += 1;
+            }
             continue;
         }
         initializing = true;
-        reason = if term.is_object() {
-            match term["reason"].as_str() {
-                Some(r) => format!("Init:{r}"),
-                None => format!("Init:ExitCode:{}", term["exitCode"]),
-            }
-        } else if let Some(w) = c["state"]["waiting"]["reason"]
+        reason = if let Some(t) = terminated {
+            terminated_reason(t, "Init:")
+        } else if let Some(w) = state["waiting"]["reason"]
             .as_str()
-            .filter(|r| *r != "PodInitializing")
+            .filter(|r| !r.is_empty() && *r != "PodInitializing")
         {
             format!("Init:{w}")
         } else {
-            format!("Init:{i}/{init_total}")
+            format!("Init:{i}/{}", init_specs.len())
         };
         break;
     }
-    let mut restarts = 0;
-    let mut last_restart: Option<i64> = None;
-    for c in statuses.iter().rev() {
-        restarts += c["restartCount"].as_i64().unwrap_or(0);
-        if let Some(a) = c
-            .pointer("/lastState/terminated/finishedAt")
-            .and_then(Value::as_str)
-            .and_then(age_secs)
-        {
-            last_restart = Some(last_restart.map_or(a, |l: i64| l.min(a)));
+    if !initializing || condition("Initialized", "True") {
+        restarts = sidecar_restarts;
+        last_restart = last_sidecar_restart;
+        let (mut running, mut error_reason) = (false, None);
+        for c in statuses.iter().rev() {
+            restarts += c["restartCount"].as_i64().unwrap_or(0);
+            last_restart = last_restart.max(finished_at(c));
+            let state = &c["state"];
+            if let Some(w) = state["waiting"]["reason"]
+                .as_str()
+                .filter(|r| !r.is_empty())
+            {
+                reason = w.into();
+            } else if state["terminated"].is_object() {
+                reason = terminated_reason(&state["terminated"], "");
+                if state["terminated"]["exitCode"] != 0 {
+                    error_reason = Some(reason.clone());
+                }
+            } else if c["ready"] == true && state["running"].is_object() {
+                running = true;
+                ready += 1;
+            }
         }
-        if initializing {
-            continue;
-        }
-        if let Some(w) = c["state"]["waiting"]["reason"].as_str() {
-            reason = w.into();
-        } else if let Some(t) = c["state"]["terminated"]["reason"].as_str() {
-            reason = t.into();
+        if reason == "Completed" {
+            if running && condition("Ready", "True") {
+                reason = "Running".into();
+            } else if let Some(e) = error_reason {
+                reason = e;
+            } else if running {
+                reason = "NotReady".into();
+            }
         }
     }
+    let phase = status["phase"].as_str().unwrap_or_default();
     if pod.pointer("/metadata/deletionTimestamp").is_some() {
-        reason = "Terminating".into();
+        if status["reason"] == "NodeLost" {
+            reason = "Unknown".into();
+        } else if !matches!(phase, "Succeeded" | "Failed") {
+            reason = "Terminating".into();
+        }
     }
     let restarts = match last_restart {
-        Some(a) if restarts > 0 => format!("{restarts} ({} ago)", human_duration(a)),
+        Some(t) if restarts > 0 => {
+            let ago = jiff::Timestamp::now().duration_since(t).as_secs();
+            format!("{restarts} ({} ago)", human_duration(ago))
+        }
         _ => restarts.to_string(),
     };
     let or_none = |v: Option<&str>| json!(v.filter(|s| !s.is_empty()).unwrap_or("<none>"));
@@ -395,6 +460,73 @@ mod tests {
                 json!("<none>")
             ]
         );
+    }
+
+    #[test]
+    fn sidecars_count_in_ready_and_restarts() {
+        let running = json!({"running": {"startedAt": "2026-01-01T00:00:00Z"}});
+        let restarted =
+            json!({"terminated": {"exitCode": 1, "finishedAt": "2026-01-01T00:00:00Z"}});
+        let spec = json!({"initContainers": [
+                {"name": "setup"}, {"name": "proxy", "restartPolicy": "Always"}, {"name": "late"}],
+            "containers": [{"name": "main"}]});
+        let init = |proxy_ready: bool, late: Value| {
+            json!([
+                {"name": "setup", "restartCount": 1, "ready": true,
+                    "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}},
+                {"name": "proxy", "restartCount": 3, "started": true, "ready": proxy_ready,
+                    "state": running, "lastState": restarted},
+                late,
+            ])
+        };
+        let done = json!({"name": "late", "ready": true,
+            "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}});
+        let initialized = json!([{"type": "Initialized", "status": "True"},
+            {"type": "Ready", "status": "True"}]);
+        let pod = |init: Value, main: Value, conditions: Value| {
+            json!({"metadata": {"name": "p"}, "spec": spec,
+                "status": {"phase": "Running", "conditions": conditions,
+                    "initContainerStatuses": init, "containerStatuses": main}})
+        };
+        let main = json!([{"name": "main", "restartCount": 2, "ready": true, "state": running}]);
+        // Running: the sidecar is one of the containers; its restarts count, the
+        // finished init container's do not.
+        let cells = pod_cells(&pod(
+            init(true, done.clone()),
+            main.clone(),
+            initialized.clone(),
+        ));
+        assert_eq!(cells[0], "2/2");
+        assert_eq!(cells[1], "Running");
+        assert!(
+            cells[2].as_str().unwrap().starts_with("5 ("),
+            "{}",
+            cells[2]
+        );
+        // A sidecar that is not ready.
+        let cells = pod_cells(&pod(init(false, done), main, initialized));
+        assert_eq!(cells[0], "1/2");
+        // Initializing: the sidecar started, the init container after it runs.
+        let late = json!({"name": "late", "ready": false, "started": true, "state": running});
+        let waiting = json!([{"name": "main", "restartCount": 0, "ready": false,
+            "state": {"waiting": {"reason": "PodInitializing"}}}]);
+        let cells = pod_cells(&pod(init(true, late), waiting.clone(), json!([])));
+        assert_eq!(cells[0], "1/2");
+        assert_eq!(cells[1], "Init:2/3");
+        assert!(
+            cells[2].as_str().unwrap().starts_with("4 ("),
+            "{}",
+            cells[2]
+        );
+        // A sidecar that runs but has not started (its startup probe has not passed).
+        let mut statuses = init(
+            true,
+            json!({"name": "late", "state": {"waiting": {"reason": "PodInitializing"}}}),
+        );
+        statuses[1]["started"] = json!(false);
+        let cells = pod_cells(&pod(statuses, waiting, json!([])));
+        assert_eq!(cells[0], "0/2");
+        assert_eq!(cells[1], "Init:1/3");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Validation of custom resources against their CRD's `openAPIV3Schema`, as the API
 //! server does it: unknown fields are pruned (or refused under strict field
 //! validation), `default:` values are filled in, then the object is checked against the
-//! schema and its `x-kubernetes-validations` rules.
+//! schema and its `x-kubernetes-validations` rules. Pods get the few checks of the real
+//! API server's pod validation that the simulation relies on ([`pod_spec`]).
 
 use serde_json::{Map, Value};
 
@@ -185,6 +186,67 @@ pub fn validate(schema: &Value, obj: &Value, old: Option<&Value>) -> Vec<Cause> 
     causes
 }
 
+/// The container restart policies the API server takes (the `ContainerRestartRules`
+/// feature, on by default since Kubernetes 1.35: any of them on any container).
+const CONTAINER_RESTART_POLICIES: [&str; 3] = ["Always", "Never", "OnFailure"];
+
+/// What the real API server refuses in a pod's containers, as it words it: a container
+/// `restartPolicy` that is not one of [`CONTAINER_RESTART_POLICIES`], and on an init
+/// container that is not a sidecar (`restartPolicy: Always`) a `lifecycle` or a probe.
+/// Regular containers come first, then init containers, in the server's order.
+pub fn pod_spec(spec: &Value) -> Vec<Cause> {
+    let mut causes = Vec::new();
+    let containers = |field: &str| spec[field].as_array().cloned().unwrap_or_default();
+    for (i, c) in containers("containers").iter().enumerate() {
+        restart_policy(c, &format!("spec.containers[{i}]"), &mut causes);
+    }
+    for (i, c) in containers("initContainers").iter().enumerate() {
+        let path = format!("spec.initContainers[{i}]");
+        if restart_policy(c, &path, &mut causes).as_deref() == Some("Always") {
+            continue;
+        }
+        for field in [
+            "lifecycle",
+            "livenessProbe",
+            "readinessProbe",
+            "startupProbe",
+        ] {
+            if c.get(field).is_some_and(|v| !v.is_null()) {
+                causes.push(Cause {
+                    field: format!("{path}.{field}"),
+                    message:
+                        "Forbidden: may not be set for init containers without restartPolicy=Always"
+                            .into(),
+                    reason: "FieldValueForbidden".into(),
+                });
+            }
+        }
+    }
+    causes
+}
+
+/// Container `c`'s `restartPolicy`, if it has one; one the server does not take is a
+/// cause (at `path`).
+fn restart_policy(c: &Value, path: &str, causes: &mut Vec<Cause>) -> Option<String> {
+    let policy = c.get("restartPolicy").filter(|p| !p.is_null())?;
+    let text = policy.as_str().unwrap_or_default();
+    if !CONTAINER_RESTART_POLICIES.contains(&text) {
+        let allowed: Vec<String> = CONTAINER_RESTART_POLICIES
+            .iter()
+            .map(|p| format!("{p:?}"))
+            .collect();
+        causes.push(Cause {
+            field: format!("{path}.restartPolicy"),
+            message: format!(
+                "Unsupported value: {policy}: supported values: {}",
+                allowed.join(", ")
+            ),
+            reason: "FieldValueNotSupported".into(),
+        });
+    }
+    Some(text.to_string())
+}
+
 /// Removes keywords a JSON Schema validator does not know (`x-kubernetes-*`, `nullable`)
 /// so they cannot be misread.
 fn strip_extensions(schema: &mut Value) {
@@ -269,6 +331,54 @@ mod tests {
     fn pool(scaling: Value) -> Value {
         json!({"apiVersion": "testrunner.dev/v1alpha1", "kind": "TestRunnerPool", "metadata": {"name": "p"},
             "spec": {"image": "i", "command": ["true"], "queue": {"name": "q", "connectionSecretRef": {"name": "s"}}, "scaling": scaling}})
+    }
+
+    #[test]
+    fn pods_take_sidecars_and_the_container_restart_policies_the_server_takes() {
+        let probe = json!({"exec": {"command": ["true"]}});
+        let spec = json!({
+            "containers": [{"name": "main", "restartPolicy": "Never"},
+                {"name": "other", "restartPolicy": "Sometimes"}],
+            "initContainers": [
+                {"name": "sidecar", "restartPolicy": "Always", "startupProbe": probe, "readinessProbe": probe},
+                {"name": "once", "restartPolicy": "OnFailure"},
+                {"name": "bad", "restartPolicy": "Sometimes", "readinessProbe": probe},
+                {"name": "plain", "livenessProbe": probe},
+            ],
+        });
+        let causes: Vec<(String, String, String)> = pod_spec(&spec)
+            .into_iter()
+            .map(|c| (c.field, c.reason, c.message))
+            .collect();
+        let unsupported = "Unsupported value: \"Sometimes\": supported values: \"Always\", \"Never\", \"OnFailure\"";
+        let forbidden =
+            "Forbidden: may not be set for init containers without restartPolicy=Always";
+        let cause = |f: &str, r: &str, m: &str| (f.to_string(), r.to_string(), m.to_string());
+        assert_eq!(
+            causes,
+            vec![
+                cause(
+                    "spec.containers[1].restartPolicy",
+                    "FieldValueNotSupported",
+                    unsupported
+                ),
+                cause(
+                    "spec.initContainers[2].restartPolicy",
+                    "FieldValueNotSupported",
+                    unsupported
+                ),
+                cause(
+                    "spec.initContainers[2].readinessProbe",
+                    "FieldValueForbidden",
+                    forbidden
+                ),
+                cause(
+                    "spec.initContainers[3].livenessProbe",
+                    "FieldValueForbidden",
+                    forbidden
+                ),
+            ]
+        );
     }
 
     #[test]

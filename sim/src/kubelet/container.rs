@@ -1,6 +1,7 @@
 //! One container on the simulated node: its process (PID 1 of a PID namespace of its
 //! own, in the image's root filesystem when the node has one), its restarts with
-//! CrashLoopBackOff, and its stop on deletion (SIGTERM, the grace period, SIGKILL).
+//! CrashLoopBackOff as its restart policy says, and its stop (SIGTERM, then SIGKILL at the
+//! deadline its pod sets).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -13,7 +14,6 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::Stop;
 use super::pod::{ConfigError, PodRun};
 use crate::api::now;
 
@@ -29,11 +29,51 @@ pub fn next_backoff(current: Duration) -> Duration {
     (current * 2).min(BACKOFF_MAX)
 }
 
+/// When a container is to stop: `None` while it may run; `Some(deadline)`: SIGTERM now,
+/// SIGKILL at the deadline (which may come nearer, never further).
+pub(super) type Halt = Option<Instant>;
+
+/// What a container is to its pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Role {
+    /// An init container: runs to completion before the next one starts.
+    Init,
+    /// A sidecar (an init container with `restartPolicy: Always`): starts in its place
+    /// among the init containers and runs, restarted whenever it exits, as long as the
+    /// pod does.
+    Sidecar,
+    /// One of the pod's `containers`.
+    Main,
+}
+
+impl Role {
+    /// The role of init container `c`.
+    pub fn of_init(c: &Value) -> Self {
+        if c["restartPolicy"] == "Always" {
+            Role::Sidecar
+        } else {
+            Role::Init
+        }
+    }
+
+    /// Whether its status is among the pod's `initContainerStatuses`.
+    pub fn is_init(self) -> bool {
+        self != Role::Main
+    }
+
+    /// Whether its probes run (init containers that are not sidecars have none).
+    fn probed(self) -> bool {
+        self != Role::Init
+    }
+}
+
 /// One container's status, as the kubelet tracks it.
 #[derive(Clone, Debug)]
 pub(super) struct ContainerStatus {
     name: String,
     image: String,
+    /// Whether it is a sidecar (its readiness counts towards the pod's).
+    pub sidecar: bool,
     pub restart_count: i64,
     pub state: Value,
     pub last_state: Value,
@@ -42,10 +82,11 @@ pub(super) struct ContainerStatus {
 }
 
 impl ContainerStatus {
-    pub fn new(c: &Value, waiting: &str) -> Self {
+    pub fn new(c: &Value, role: Role, waiting: &str) -> Self {
         Self {
             name: c["name"].as_str().unwrap_or_default().into(),
             image: c["image"].as_str().unwrap_or_default().into(),
+            sidecar: role == Role::Sidecar,
             restart_count: 0,
             state: json!({"waiting": {"reason": waiting}}),
             last_state: json!({}),
@@ -230,14 +271,16 @@ fn identity(run: &PodRun, c: &Value) -> crate::isolate::Identity {
 }
 
 /// Runs one container once: its exit and termination message, or why it could not start.
-/// `env` is the container's environment, already resolved.
+/// `env` is the container's environment, already resolved. `started` is told once the
+/// container has started (it runs, and its startup probe passed).
 async fn run_once(
     run: &Arc<PodRun>,
     c: &Value,
     env: Vec<(String, String)>,
-    init: bool,
+    role: Role,
     index: usize,
-    stop: &mut watch::Receiver<Stop>,
+    halt: &mut watch::Receiver<Halt>,
+    started: Option<&Arc<watch::Sender<bool>>>,
 ) -> Result<(Exit, String), String> {
     let name = c["name"].as_str().unwrap_or("container");
     let argv = argv(run, c)?;
@@ -263,55 +306,51 @@ async fn run_once(
         .spawn()
         .map_err(|e| format!("failed to start {:?}: {e}", argv[0]))?;
     let pid = child.id().map(|p| p as i32);
-    let started = now();
-    let has_readiness = c.get("readinessProbe").is_some_and(Value::is_object);
-    run.with_container(init, index, |s| {
-        s.state = json!({"running": {"startedAt": started}});
-        s.ready = !init && !has_readiness;
-        s.started = true;
+    let started_at = now();
+    let probed = role.probed();
+    let has = |probe: &str| probed && c.get(probe).is_some_and(Value::is_object);
+    let (has_startup, has_readiness) = (has("startupProbe"), has("readinessProbe"));
+    run.with_container(role.is_init(), index, |s| {
+        s.state = json!({"running": {"startedAt": started_at}});
+        s.started = !has_startup;
+        s.ready = probed && !has_startup && !has_readiness;
     });
+    if !has_startup && let Some(tx) = started {
+        tx.send_replace(true);
+    }
     tracing::info!(pod = %run.name, container = name, pid, "container started");
-    let unhealthy = Arc::new(tokio::sync::Notify::new());
-    let probes = (!init).then(|| {
+    let mut probes = probed.then(|| {
         tokio::spawn(super::probe::run_probes(
             run.clone(),
             c.clone(),
+            role.is_init(),
             index,
             env,
-            unhealthy.clone(),
+            started.cloned(),
         ))
     });
-    let grace = run
-        .pod
-        .pointer("/spec/terminationGracePeriodSeconds")
-        .and_then(Value::as_i64)
-        .unwrap_or(30);
     let status = tokio::select! {
         status = child.wait() => status,
-        grace = async {
+        deadline = async {
             tokio::select! {
-                g = stop_requested(stop) => g,
-                _ = unhealthy.notified() => {
-                    tracing::info!(pod = %run.name, container = name, "liveness probe failed: the container will be restarted");
-                    grace
+                d = halt_requested(halt) => d,
+                Some(Ok(grace)) = async {
+                    match probes.as_mut() {
+                        Some(p) => Some(p.await),
+                        None => None,
+                    }
+                } => {
+                    tracing::info!(pod = %run.name, container = name, "a liveness or startup probe failed: the container will be restarted");
+                    Instant::now() + run.config.scaled(Duration::from_secs(grace))
                 }
             }
         } => {
-            if let Some(pid) = pid {
-                signal_group(pid, Signal::SIGTERM);
-                let wait = if grace < 0 { Duration::from_secs(2) } else { run.config.scaled(Duration::from_secs(grace as u64)) };
-                match tokio::time::timeout(wait, child.wait()).await {
-                    Ok(s) => {
-                        signal_group(pid, Signal::SIGKILL);
-                        s
-                    }
-                    Err(_) => {
-                        signal_group(pid, Signal::SIGKILL);
-                        child.wait().await
-                    }
+            match pid {
+                Some(pid) => {
+                    signal_group(pid, Signal::SIGTERM);
+                    wait_or_kill(&mut child, pid, deadline, halt).await
                 }
-            } else {
-                child.wait().await
+                None => child.wait().await,
             }
         }
     };
@@ -429,11 +468,48 @@ fn rootfs(
     })
 }
 
-/// Waits for a stop request and returns its grace period (-1: shutting down).
-async fn stop_requested(stop: &mut watch::Receiver<Stop>) -> i64 {
-    match stop.wait_for(Option::is_some).await {
-        Ok(g) => g.unwrap_or(0),
-        Err(_) => -1,
+/// Waits until the container is to stop and returns when it is to be killed.
+async fn halt_requested(halt: &mut watch::Receiver<Halt>) -> Instant {
+    match halt.wait_for(Option::is_some).await {
+        Ok(d) => d.unwrap_or_else(Instant::now),
+        Err(_) => Instant::now(),
+    }
+}
+
+/// Waits for `child` (sent SIGTERM) until `deadline`, or a nearer one that `halt` brings;
+/// then SIGKILLs its group.
+async fn wait_or_kill(
+    child: &mut tokio::process::Child,
+    pid: i32,
+    mut deadline: Instant,
+    halt: &mut watch::Receiver<Halt>,
+) -> std::io::Result<std::process::ExitStatus> {
+    loop {
+        tokio::select! {
+            status = child.wait() => return status,
+            _ = tokio::time::sleep_until(deadline) => {
+                signal_group(pid, Signal::SIGKILL);
+                return child.wait().await;
+            }
+            Ok(()) = halt.changed() => {
+                if let Some(d) = *halt.borrow_and_update() {
+                    deadline = deadline.min(d);
+                }
+            }
+        }
+    }
+}
+
+/// Whether a container that exited with `code` starts again: as its own `restartPolicy`
+/// says when it has one (Kubernetes 1.35 and later), else as the pod's.
+fn should_restart(c: &Value, pod_policy: &str, code: i32) -> bool {
+    let own = c["restartPolicy"]
+        .as_str()
+        .filter(|p| matches!(*p, "Always" | "Never" | "OnFailure"));
+    match own.unwrap_or(pod_policy) {
+        "Never" => false,
+        "OnFailure" => code != 0,
+        _ => true,
     }
 }
 
@@ -469,7 +545,7 @@ async fn inputs(
     c: &Value,
     init: bool,
     index: usize,
-    stop: &mut watch::Receiver<Stop>,
+    halt: &mut watch::Receiver<Halt>,
 ) -> Option<Vec<(String, String)>> {
     // Without namespaces (not root), volume paths in env values are rewritten to the
     // pod's directories; otherwise the container's mounts put the volumes there.
@@ -494,32 +570,37 @@ async fn inputs(
         }
         tokio::select! {
             _ = tokio::time::sleep(run.config.scaled(BACKOFF_START)) => {}
-            _ = stop.wait_for(Option::is_some) => return None,
+            _ = halt.wait_for(Option::is_some) => return None,
         }
     }
 }
 
-/// Runs one container with restarts until the pod stops (or, for init containers and
-/// restart policies other than Always, until it is done). Returns whether it succeeded.
+/// Runs one container with restarts until it is halted, or until it is done: an init
+/// container once it succeeded (or failed for good), a container once its restart policy
+/// (or the pod's) does not restart it; a sidecar runs until halted, restarted whenever it
+/// exits. Returns whether it succeeded. `started` is told when the container has started
+/// (see [`run_once`]).
 pub(super) async fn container_loop(
     run: Arc<PodRun>,
     c: Value,
-    init: bool,
+    role: Role,
     index: usize,
-    mut stop: watch::Receiver<Stop>,
+    mut halt: watch::Receiver<Halt>,
+    started: Option<Arc<watch::Sender<bool>>>,
 ) -> bool {
     let mut backoff = BACKOFF_START;
     let name = c["name"].as_str().unwrap_or("container").to_string();
+    let init = role.is_init();
     loop {
-        if stop.borrow().is_some() {
+        if halt.borrow().is_some() {
             return false;
         }
-        let Some(env) = inputs(&run, &c, init, index, &mut stop).await else {
+        let Some(env) = inputs(&run, &c, init, index, &mut halt).await else {
             return false;
         };
         let began = Instant::now();
-        let outcome = run_once(&run, &c, env, init, index, &mut stop).await;
-        let stopping = stop.borrow().is_some();
+        let outcome = run_once(&run, &c, env, role, index, &mut halt, started.as_ref()).await;
+        let stopping = halt.borrow().is_some();
         let (exit, message, reason) = match outcome {
             Ok((exit, message)) => {
                 let reason = if exit.code == 0 {
@@ -556,16 +637,18 @@ pub(super) async fn container_loop(
         });
         let succeeded = exit.code == 0;
         let restart = !stopping
-            && match run.restart_policy.as_str() {
-                "Never" => false,
-                "OnFailure" => !succeeded,
-                _ => !(init && succeeded),
+            && match role {
+                Role::Sidecar => true,
+                Role::Init => !succeeded && should_restart(&c, &run.restart_policy, exit.code),
+                Role::Main => should_restart(&c, &run.restart_policy, exit.code),
             };
         tracing::info!(pod = %run.name, container = %name, exit_code = exit.code, reason, restart, "container exited");
         if !restart {
             run.with_container(init, index, |s| {
                 s.state = json!({"terminated": terminated});
-                s.ready = false;
+                // A finished init container is ready, as a kubelet reports it.
+                s.ready = role == Role::Init && succeeded;
+                s.started = false;
             });
             return succeeded;
         }
@@ -577,11 +660,12 @@ pub(super) async fn container_loop(
             s.state = json!({"waiting": {"reason": "CrashLoopBackOff",
                 "message": format!("back-off {}s restarting failed container={name} pod={}", shown.as_secs(), run.name)}});
             s.ready = false;
+            s.started = false;
             s.restart_count += 1;
         });
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = stop.wait_for(Option::is_some) => return false,
+            _ = halt.wait_for(Option::is_some) => return false,
         }
     }
 }
@@ -589,6 +673,19 @@ pub(super) async fn container_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_container_restart_policy_overrides_the_pod_s() {
+        let plain = json!({"name": "c"});
+        let never = json!({"name": "c", "restartPolicy": "Never"});
+        let on_failure = json!({"name": "c", "restartPolicy": "OnFailure"});
+        assert!(should_restart(&plain, "Always", 0));
+        assert!(!should_restart(&plain, "OnFailure", 0));
+        assert!(should_restart(&plain, "OnFailure", 1));
+        assert!(!should_restart(&never, "Always", 1));
+        assert!(should_restart(&on_failure, "Never", 1));
+        assert!(!should_restart(&on_failure, "Never", 0));
+    }
 
     #[test]
     fn backoff_doubles_to_five_minutes() {

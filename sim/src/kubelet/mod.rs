@@ -6,20 +6,27 @@
 //! and serves `kubectl logs` on its own HTTPS port, as a kubelet does ([`server`]);
 //! when no scheduler runs it binds pending pods to itself. It watches the pods bound
 //! to it (`spec.nodeName`): a new pod goes Pending, its init containers run to
-//! completion in order, then its containers run; exits become `lastState.terminated`
-//! and restarts follow CrashLoopBackOff (10 s doubling to 5 min, reset after 10 min of
-//! running), every duration divided by the time scale; it writes `pods/status`
-//! ([`pod`]). Each container runs as PID 1 of a PID namespace of its own (see
-//! [`super::isolate`]), so stopping it stops every process it started, in a mount
-//! namespace of its own with the pod's volumes at their `mountPath`, as its
+//! completion in order, then its containers run. An init container with
+//! `restartPolicy: Always` is a sidecar (KEP-753): it starts in its place among the init
+//! containers, the next one waits until it has started (it runs, and its startup probe
+//! passed), and it keeps running for the pod's life, restarted whenever it exits, its
+//! readiness part of the pod's. Exits become `lastState.terminated` and restarts follow
+//! CrashLoopBackOff (10 s doubling to 5 min, reset after 10 min of running), every
+//! duration divided by the time scale, as the container's own `restartPolicy` says, else
+//! the pod's; once a pod's containers are all done, its sidecars are stopped and the pod
+//! ends Succeeded or Failed from its containers. The node writes `pods/status`
+//! ([`pod`]). Each container, a sidecar too, runs as PID 1 of a PID namespace of its own
+//! (see [`super::isolate`]), so stopping it stops every process it started, in a mount
+//! namespace of its own with its own volume mounts at their `mountPath`, as its
 //! `runAsUser`/`runAsGroup`, with the API server's `KUBERNETES_SERVICE_HOST` and
 //! `_PORT`; a pod that declares container ports gets a network namespace of its own
-//! ([`container`]); readiness and liveness probes run as a kubelet runs them
-//! ([`probe`]). `testrunner-operator` as a command, and the operator image's
-//! entrypoint, run [`Config::exe`]. Deleting a pod sends
-//! SIGTERM to each container, waits the grace period, then sends SIGKILL, writes the
-//! final status and deletes the pod for good (grace period 0, the pod's uid as
-//! precondition).
+//! ([`container`]); startup, readiness and liveness probes of containers and sidecars run
+//! as a kubelet runs them ([`probe`]). `testrunner-operator` as a command, and the
+//! operator image's entrypoint, run [`Config::exe`]. Deleting a pod sends SIGTERM to
+//! each container, then, once they have all exited, to each sidecar, the last declared
+//! first, each after the ones declared after it have exited, all within the one grace
+//! period (SIGKILL to whatever still runs when it is over); then it writes the final
+//! status and deletes the pod for good (grace period 0, the pod's uid as precondition).
 
 pub mod container;
 pub mod node;

@@ -13,7 +13,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use super::container::{ContainerStatus, container_loop};
+use super::container::{ContainerStatus, Halt, Role, container_loop};
 use super::{Config, Key, Stop, pod_dir, pod_key};
 use crate::api::now;
 
@@ -402,7 +402,11 @@ impl PodRun {
 impl PodModel {
     /// The `status` the node reports, condition transition times kept.
     fn status(&mut self) -> Value {
-        let ready = self.initialized && !self.main.is_empty() && self.main.iter().all(|c| c.ready);
+        // Sidecars' readiness counts as the containers' does.
+        let ready = self.initialized
+            && !self.main.is_empty()
+            && self.main.iter().all(|c| c.ready)
+            && self.init.iter().filter(|c| c.sidecar).all(|c| c.ready);
         let t = now();
         let mut conditions = Vec::new();
         for (type_, status) in [
@@ -698,11 +702,11 @@ impl PodRun {
             model: Mutex::new(PodModel {
                 init: init_specs
                     .iter()
-                    .map(|c| ContainerStatus::new(c, "PodInitializing"))
+                    .map(|c| ContainerStatus::new(c, Role::of_init(c), "PodInitializing"))
                     .collect(),
                 main: main_specs
                     .iter()
-                    .map(|c| ContainerStatus::new(c, waiting))
+                    .map(|c| ContainerStatus::new(c, Role::Main, waiting))
                     .collect(),
                 phase: "Pending",
                 initialized: init_specs.is_empty(),
@@ -716,8 +720,16 @@ impl PodRun {
     }
 }
 
-/// Runs a pod: init containers in order, then its containers, until it is deleted
-/// (then deletes it for good) or the node shuts down.
+/// A sidecar's container loop and what stops it.
+struct Sidecar {
+    halt: watch::Sender<Halt>,
+    task: tokio::task::JoinHandle<bool>,
+}
+
+/// Runs a pod: init containers in order, each sidecar among them started (and left
+/// running) before the next one, then its containers; once they are all done (or the
+/// pod stops), the sidecars stop, the last declared first. Then the pod stays until it
+/// is deleted (then deletes it for good) or the node shuts down.
 pub(super) async fn run_pod(
     client: kube::Client,
     config: Arc<Config>,
@@ -725,7 +737,7 @@ pub(super) async fn run_pod(
     mut stop: watch::Receiver<Stop>,
 ) {
     let key = pod_key(&pod);
-    let run = PodRun::new(client.clone(), config, pod.clone());
+    let run = PodRun::new(client.clone(), config.clone(), pod.clone());
     run.publish();
     // Volumes from API objects are refreshed every second while the pod runs.
     if !run.projections.is_empty() {
@@ -745,16 +757,79 @@ pub(super) async fn run_pod(
             }
         });
     }
+    // The pod's stop becomes one deadline for all its containers: its grace period from
+    // when the stop came (two seconds when the node shuts down). A later, shorter grace
+    // period brings the deadline nearer.
+    let (halt_tx, halt) = watch::channel::<Halt>(None);
+    let forward = {
+        let mut stop = stop.clone();
+        let config = config.clone();
+        tokio::spawn(async move {
+            while let Ok(grace) = stop.wait_for(Option::is_some).await.map(|g| g.unwrap_or(0)) {
+                let budget = if grace < 0 {
+                    Duration::from_secs(2)
+                } else {
+                    config.scaled(Duration::from_secs(grace as u64))
+                };
+                let deadline = tokio::time::Instant::now() + budget;
+                halt_tx.send_if_modified(|h| match h {
+                    Some(d) if *d <= deadline => false,
+                    _ => {
+                        *h = Some(deadline);
+                        true
+                    }
+                });
+                if stop.changed().await.is_err() {
+                    break;
+                }
+            }
+            // Keeps the deadline for the sidecars until the pod run ends.
+            std::future::pending::<()>().await
+        })
+    };
     let spec = &pod["spec"];
     let list = |field: &str| spec[field].as_array().cloned().unwrap_or_default();
-    let mut ok = true;
+    let mut sidecars: Vec<Sidecar> = Vec::new();
+    let mut initialized = true;
     for (i, c) in list("initContainers").into_iter().enumerate() {
-        if !container_loop(run.clone(), c, true, i, stop.clone()).await {
-            ok = false;
+        if halt.borrow().is_some() {
+            initialized = false;
+            break;
+        }
+        let role = Role::of_init(&c);
+        if role == Role::Init {
+            if !container_loop(run.clone(), c, role, i, halt.clone(), None).await {
+                initialized = false;
+                break;
+            }
+            continue;
+        }
+        let (sidecar_halt, halted) = watch::channel::<Halt>(None);
+        let (started_tx, mut started) = watch::channel(false);
+        let task = tokio::spawn(container_loop(
+            run.clone(),
+            c,
+            role,
+            i,
+            halted,
+            Some(Arc::new(started_tx)),
+        ));
+        sidecars.push(Sidecar {
+            halt: sidecar_halt,
+            task,
+        });
+        let mut halt = halt.clone();
+        let up = tokio::select! {
+            up = started.wait_for(|s| *s) => up.is_ok(),
+            _ = halt.wait_for(Option::is_some) => false,
+        };
+        if !up {
+            initialized = false;
             break;
         }
     }
-    if ok && stop.borrow().is_none() {
+    let mut outcome = None;
+    if initialized && halt.borrow().is_none() {
         {
             let mut m = run.model.lock().unwrap_or_else(|p| p.into_inner());
             m.initialized = true;
@@ -764,23 +839,45 @@ pub(super) async fn run_pod(
         let loops = list("containers")
             .into_iter()
             .enumerate()
-            .map(|(i, c)| container_loop(run.clone(), c, false, i, stop.clone()));
+            .map(|(i, c)| container_loop(run.clone(), c, Role::Main, i, halt.clone(), None));
         let results = futures::future::join_all(loops).await;
-        if stop.borrow().is_none() {
-            let mut m = run.model.lock().unwrap_or_else(|p| p.into_inner());
-            m.phase = if results.iter().all(|r| *r) {
-                "Succeeded"
-            } else {
-                "Failed"
-            };
-        }
-        run.publish();
-    } else if !ok && stop.borrow().is_none() {
-        run.model.lock().unwrap_or_else(|p| p.into_inner()).phase = "Failed";
-        run.publish();
+        outcome = Some(results.iter().all(|r| *r));
     }
+    // The containers are done, or the pod stops: the sidecars stop, each once the ones
+    // declared after it have exited, within the pod's deadline (or, when the containers
+    // finished by themselves, within its grace period from now).
+    let mut deadline = halt.borrow().unwrap_or_else(|| {
+        let grace = spec["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+        tokio::time::Instant::now() + config.scaled(Duration::from_secs(grace))
+    });
+    let mut pod_halt = halt.clone();
+    for mut sidecar in sidecars.into_iter().rev() {
+        let _ = sidecar.halt.send(Some(deadline));
+        loop {
+            tokio::select! {
+                _ = &mut sidecar.task => break,
+                // A shorter grace period for the pod meanwhile.
+                Ok(()) = pod_halt.changed() => {
+                    if let Some(d) = *pod_halt.borrow_and_update() && d < deadline {
+                        deadline = d;
+                        let _ = sidecar.halt.send(Some(deadline));
+                    }
+                }
+            }
+        }
+    }
+    if halt.borrow().is_none() {
+        let phase = match outcome {
+            Some(true) => "Succeeded",
+            // An init container failed for good, or a container did.
+            _ => "Failed",
+        };
+        run.model.lock().unwrap_or_else(|p| p.into_inner()).phase = phase;
+    }
+    run.publish();
     // Stay until deleted; then the final status, and the pod goes for good.
     let _ = stop.wait_for(Option::is_some).await;
+    forward.abort();
     let shutting_down = *stop.borrow() == Some(-1);
     run.flush().await;
     if !shutting_down {

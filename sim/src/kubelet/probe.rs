@@ -1,12 +1,14 @@
-//! Readiness and liveness probes of a running container, as a kubelet runs them:
-//! `httpGet` (HTTP; a status from 200 to 399 passes), `tcpSocket` (the connection
-//! opens) and `exec` (the command, run in the container's environment, mounts and
-//! user, exits 0), each after `initialDelaySeconds`, every `periodSeconds` (both
-//! divided by the time scale), with `timeoutSeconds`, `successThreshold` and
-//! `failureThreshold`. The readiness probe drives the container's `ready` (false until
-//! it passes); a liveness probe that fails `failureThreshold` times in a row has the
-//! container stopped and restarted. Connections are made in the pod's network
-//! namespace when it has one.
+//! Startup, readiness and liveness probes of a running container (a main container or
+//! a sidecar), as a kubelet runs them: `httpGet` (HTTP; a status from 200 to 399
+//! passes), `tcpSocket` (the connection opens) and `exec` (the command, run in the
+//! container's environment, mounts and user, exits 0), each after
+//! `initialDelaySeconds`, every `periodSeconds` (both divided by the time scale), with
+//! `timeoutSeconds`, `successThreshold` and `failureThreshold`. Until the startup probe
+//! passes the container has not `started` and the other probes wait; a startup probe
+//! that fails `failureThreshold` times has the container stopped and restarted. The
+//! readiness probe drives the container's `ready` (false until it passes); a liveness
+//! probe that fails `failureThreshold` times in a row has the container stopped and
+//! restarted. Connections are made in the pod's network namespace when it has one.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -14,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::sync::Notify;
+use tokio::sync::watch;
 
 use super::pod::PodRun;
 
@@ -44,18 +46,56 @@ impl Settings {
     }
 }
 
-/// Runs the container's readiness and liveness probes until aborted (when the
-/// container exits). `unhealthy` is notified when the liveness probe gives up.
+/// Runs the container's probes until aborted (when the container exits): first the
+/// startup probe, if any, which marks the container started (and tells `started`); then
+/// readiness and liveness. Returns only when the startup or liveness probe gives up: the
+/// grace period (seconds) to stop the container with, the probe's
+/// `terminationGracePeriodSeconds` or else the pod's. `init`: the container's status is
+/// among the init containers' (a sidecar).
 pub(super) async fn run_probes(
     run: Arc<PodRun>,
     c: Value,
+    init: bool,
     index: usize,
     env: Vec<(String, String)>,
-    unhealthy: Arc<Notify>,
-) {
+    started: Option<Arc<watch::Sender<bool>>>,
+) -> u64 {
+    let probe_of = |field: &str| c.get(field).filter(|p| p.is_object()).cloned();
+    let grace = |probe: &Value| {
+        probe["terminationGracePeriodSeconds"]
+            .as_u64()
+            .or_else(|| {
+                run.pod
+                    .pointer("/spec/terminationGracePeriodSeconds")
+                    .and_then(Value::as_u64)
+            })
+            .unwrap_or(30)
+    };
+    let readiness_probe = probe_of("readinessProbe");
+    if let Some(probe) = probe_of("startupProbe") {
+        let settings = Settings::of(&run, &probe);
+        tokio::time::sleep(settings.initial_delay).await;
+        let mut failures = 0;
+        while let Err(why) = check(&run, &c, &probe, &env, settings.timeout).await {
+            failures += 1;
+            tracing::info!(pod = %run.name, error = %why, failures, "startup probe failed");
+            if failures >= settings.failure_threshold {
+                return grace(&probe);
+            }
+            tokio::time::sleep(settings.period).await;
+        }
+        let ready = readiness_probe.is_none();
+        run.with_container(init, index, |s| {
+            s.started = true;
+            s.ready = ready;
+        });
+        if let Some(tx) = &started {
+            tx.send_replace(true);
+        }
+    }
     let readiness = async {
-        let Some(probe) = c.get("readinessProbe").filter(|p| p.is_object()) else {
-            return;
+        let Some(probe) = &readiness_probe else {
+            return std::future::pending::<u64>().await;
         };
         let settings = Settings::of(&run, probe);
         tokio::time::sleep(settings.initial_delay).await;
@@ -67,7 +107,7 @@ pub(super) async fn run_probes(
                     failures = 0;
                     if !ready && successes >= settings.success_threshold {
                         ready = true;
-                        run.with_container(false, index, |s| s.ready = true);
+                        run.with_container(init, index, |s| s.ready = true);
                     }
                 }
                 Err(why) => {
@@ -76,7 +116,7 @@ pub(super) async fn run_probes(
                     tracing::debug!(pod = %run.name, error = %why, "readiness probe failed");
                     if ready && failures >= settings.failure_threshold {
                         ready = false;
-                        run.with_container(false, index, |s| s.ready = false);
+                        run.with_container(init, index, |s| s.ready = false);
                     }
                 }
             }
@@ -84,28 +124,30 @@ pub(super) async fn run_probes(
         }
     };
     let liveness = async {
-        let Some(probe) = c.get("livenessProbe").filter(|p| p.is_object()) else {
-            return std::future::pending().await;
+        let Some(probe) = probe_of("livenessProbe") else {
+            return std::future::pending::<u64>().await;
         };
-        let settings = Settings::of(&run, probe);
+        let settings = Settings::of(&run, &probe);
         tokio::time::sleep(settings.initial_delay).await;
         let mut failures = 0;
         loop {
-            match check(&run, &c, probe, &env, settings.timeout).await {
+            match check(&run, &c, &probe, &env, settings.timeout).await {
                 Ok(()) => failures = 0,
                 Err(why) => {
                     failures += 1;
                     tracing::info!(pod = %run.name, error = %why, failures, "liveness probe failed");
                     if failures >= settings.failure_threshold {
-                        unhealthy.notify_one();
-                        return;
+                        return grace(&probe);
                     }
                 }
             }
             tokio::time::sleep(settings.period).await;
         }
     };
-    tokio::join!(readiness, liveness);
+    tokio::select! {
+        never = readiness => never,
+        grace = liveness => grace,
+    }
 }
 
 /// One run of `probe` against container `c`.
