@@ -392,9 +392,9 @@ async fn run_once(
 const IMAGE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// What a container gets mounted in its own mount namespace: its volumes at their
-/// `mountPath` (with `subPath`, read-only as the mount says); in an image root `root`,
-/// also its termination log at its `terminationMessagePath` and the kubelet's
-/// `/etc/hosts` (localhost, the pod's name, `hostAliases`) and `/etc/resolv.conf`.
+/// `mountPath` (with `subPath`, read-only as the mount says) and the kubelet's `/etc/hosts`
+/// (localhost, the pod's name, `hostAliases`); in an image root `root`, also its
+/// termination log at its `terminationMessagePath` and `/etc/resolv.conf`.
 fn rootfs(
     run: &PodRun,
     c: &Value,
@@ -421,17 +421,8 @@ fn rootfs(
         }
     }
     let working_dir = c["workingDir"].as_str().map(String::from);
-    if root.is_none() {
-        return Ok(crate::isolate::RootFs {
-            root,
-            binds,
-            working_dir,
-        });
-    }
-    let term_path = c["terminationMessagePath"]
-        .as_str()
-        .unwrap_or("/dev/termination-log");
-    binds.push((term_log.to_path_buf(), term_path.to_string(), false));
+    // The kubelet's /etc/hosts, in every container: localhost, the pod's name and its
+    // hostAliases.
     let mut hosts = format!(
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.0.1\t{}\n",
         run.name
@@ -456,6 +447,17 @@ fn rootfs(
     let hosts_file = run.dir.join("hosts");
     std::fs::write(&hosts_file, hosts).map_err(|e| format!("failed to write /etc/hosts: {e}"))?;
     binds.push((hosts_file, "/etc/hosts".into(), false));
+    if root.is_none() {
+        return Ok(crate::isolate::RootFs {
+            root,
+            binds,
+            working_dir,
+        });
+    }
+    let term_path = c["terminationMessagePath"]
+        .as_str()
+        .unwrap_or("/dev/termination-log");
+    binds.push((term_log.to_path_buf(), term_path.to_string(), false));
     binds.push((
         PathBuf::from("/etc/resolv.conf"),
         "/etc/resolv.conf".into(),
