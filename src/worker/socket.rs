@@ -260,10 +260,15 @@ async fn serve_code(args: SidecarArgs) -> u8 {
     0
 }
 
-/// Answers a connection made while a session is open.
+/// Answers a connection made while a session is open: after its hello (so that the
+/// other end reads the answer rather than a closed socket), `busy`, then closes it.
 async fn refuse(mut link: Link) {
     tracing::warn!("a second connection to the broker socket was refused: one wrapper at a time");
-    let _ = tokio::time::timeout(HELLO_TIMEOUT, link.send(&Reply::Busy)).await;
+    let _ = tokio::time::timeout(HELLO_TIMEOUT, async {
+        let _ = link.recv::<Request>().await;
+        link.send(&Reply::Busy).await
+    })
+    .await;
 }
 
 /// One wrapper's session: hello, connect to the broker, then serve it until it goes.
