@@ -14,6 +14,7 @@ use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use testrunner_operator::controller::{self, Settings};
 use testrunner_operator::crd::TestRunnerPool;
+use testrunner_operator::pods;
 use testrunner_sim::{self as sim, ApiServer, ServerConfig};
 
 mod common;
@@ -673,7 +674,7 @@ async fn the_operator_runs_against_the_simulation_and_gc_removes_its_workers() {
     pools.create(&PostParams::default(), &body).await.unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let pod = eventually_some(
-        "a worker pod whose init container completed",
+        "a worker pod whose wrapper was installed and whose broker sidecar runs",
         Duration::from_secs(60),
         || {
             let pods = pods.clone();
@@ -683,17 +684,21 @@ async fn the_operator_runs_against_the_simulation_and_gc_removes_its_workers() {
                     .await
                     .ok()?;
                 list.items.into_iter().find(|p| {
-                    p.status
+                    let inits = p
+                        .status
                         .as_ref()
-                        .and_then(|s| s.init_container_statuses.as_ref())
-                        .is_some_and(|i| {
-                            i.iter().all(|c| {
-                                c.state
-                                    .as_ref()
-                                    .and_then(|s| s.terminated.as_ref())
-                                    .is_some_and(|t| t.exit_code == 0)
-                            })
-                        })
+                        .and_then(|s| s.init_container_statuses.clone())
+                        .unwrap_or_default();
+                    let state = |name: &str| {
+                        inits
+                            .iter()
+                            .find(|c| c.name == name)
+                            .and_then(|c| c.state.clone())
+                    };
+                    state(pods::INSTALL_CONTAINER)
+                        .and_then(|s| s.terminated)
+                        .is_some_and(|t| t.exit_code == 0)
+                        && state(pods::BROKER_CONTAINER).is_some_and(|s| s.running.is_some())
                 })
             }
         },
