@@ -390,6 +390,34 @@ async fn install_and_operate(how: How) {
         || async { !workers(&pods, "surge").await.is_empty() },
     )
     .await;
+    // As the restricted namespace admitted it: the broker credentials only in the
+    // sidecar, which runs as its own user.
+    let admitted = pods
+        .list(&ListParams::default().labels("testrunner.dev/pool=surge"))
+        .await
+        .unwrap()
+        .items
+        .remove(0);
+    let spec = admitted.spec.unwrap();
+    let sidecar = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.name == "broker")
+        .expect("a broker sidecar");
+    assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
+    let holds_uri = |c: &k8s_openapi::api::core::v1::Container| {
+        c.env
+            .iter()
+            .flatten()
+            .any(|e| e.name == "TESTRUNNER_AMQP_URI")
+    };
+    assert!(holds_uri(sidecar));
+    assert!(
+        !holds_uri(&spec.containers[0]),
+        "the worker holds no broker URI"
+    );
+    assert_eq!(spec.automount_service_account_token, Some(false));
 
     // A surge of tickets; the leader is deleted while it runs.
     let ids: Vec<String> = (0..TICKETS).map(|i| format!("{queue}-{i}")).collect();
