@@ -181,16 +181,23 @@ async fn reconcile_creates_owned_pods_publishes_events_and_writes_status() {
             worker["args"],
             json!(["worker", "--", "/run-tests", "--fast"])
         );
-        let env = worker["env"].as_array().unwrap();
-        let get = |n: &str| {
-            env.iter()
+        let get_in = |c: &Value, n: &str| {
+            c["env"]
+                .as_array()
+                .unwrap()
+                .iter()
                 .find(|e| e["name"] == n)
                 .cloned()
                 .unwrap_or(Value::Null)
         };
-        assert_eq!(get("TESTRUNNER_POOL")["value"], "unit");
-        assert_eq!(get("TESTRUNNER_QUEUE")["value"], "tickets.unit");
-        let uri_env = get("TESTRUNNER_AMQP_URI");
+        assert_eq!(get_in(worker, "TESTRUNNER_POOL")["value"], "unit");
+        // The queue and the credentials go to the broker sidecar only.
+        let sidecar = &spec["initContainers"][1];
+        assert_eq!(sidecar["name"], "broker");
+        assert_eq!(sidecar["restartPolicy"], "Always");
+        assert_eq!(get_in(worker, "TESTRUNNER_AMQP_URI"), Value::Null);
+        assert_eq!(get_in(sidecar, "TESTRUNNER_QUEUE")["value"], "tickets.unit");
+        let uri_env = get_in(sidecar, "TESTRUNNER_AMQP_URI");
         assert!(uri_env.get("value").is_none(), "the URI is never a literal");
         assert_eq!(
             uri_env["valueFrom"]["secretKeyRef"],
