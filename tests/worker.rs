@@ -183,23 +183,8 @@ impl Fixture {
             Mode::Direct => (Vec::new(), env.to_vec()),
             Mode::Sidecar => env.iter().partition(|(k, _)| SIDECAR_ENV.contains(k)),
         };
-        let mut command = Command::new(BIN);
-        command
-            .arg("worker")
-            .env(
-                "TESTRUNNER_TERMINATION_LOG",
-                self.dir.join("termination-log"),
-            )
-            .env("T_DIR", &self.dir)
-            .env_remove("TESTRUNNER_TEST_FAILURE_CODES")
-            .env_remove("TESTRUNNER_IDLE_EXIT")
-            .env_remove("TESTRUNNER_AMQP_URI")
-            .env_remove("TESTRUNNER_QUEUE")
-            .envs(wrapper_env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .kill_on_drop(true);
+        let mut command = self.wrapper_command(&stderr);
+        command.envs(wrapper_env.iter().copied());
         let sidecar = match self.mode {
             Mode::Direct => {
                 command
@@ -219,6 +204,28 @@ impl Fixture {
             stderr,
             sidecar,
         }
+    }
+
+    /// `worker` with this test's termination log and `T_DIR`, none of the broker's
+    /// variables, its log in `stderr`.
+    fn wrapper_command(&self, stderr: &Path) -> Command {
+        let mut command = Command::new(BIN);
+        command
+            .arg("worker")
+            .env(
+                "TESTRUNNER_TERMINATION_LOG",
+                self.dir.join("termination-log"),
+            )
+            .env("T_DIR", &self.dir)
+            .env_remove("TESTRUNNER_TEST_FAILURE_CODES")
+            .env_remove("TESTRUNNER_IDLE_EXIT")
+            .env_remove("TESTRUNNER_AMQP_URI")
+            .env_remove("TESTRUNNER_QUEUE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(stderr).unwrap())
+            .kill_on_drop(true);
+        command
     }
 
     /// Starts a broker sidecar for `queue` on `uri`: the process, its socket, its log.
@@ -249,25 +256,12 @@ impl Fixture {
     fn wrapper(&self, socket: &Path, extra: &[&str], script: &str) -> Worker {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let stderr = self.dir.join(format!("stderr-{n}"));
-        let child = Command::new(BIN)
-            .arg("worker")
+        let child = self
+            .wrapper_command(&stderr)
             .arg("--broker-socket")
             .arg(socket)
             .args(extra)
             .args(["--", "/bin/sh", "-c", script])
-            .env(
-                "TESTRUNNER_TERMINATION_LOG",
-                self.dir.join("termination-log"),
-            )
-            .env("T_DIR", &self.dir)
-            .env_remove("TESTRUNNER_TEST_FAILURE_CODES")
-            .env_remove("TESTRUNNER_IDLE_EXIT")
-            .env_remove("TESTRUNNER_AMQP_URI")
-            .env_remove("TESTRUNNER_QUEUE")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .kill_on_drop(true)
             .spawn()
             .unwrap();
         Worker {
