@@ -589,7 +589,7 @@ enum Runner {
         codes: FailureCodes,
     },
     /// In the test container, by the wrapper at the other end of the socket (the broker
-    /// sidecar). `asked`: the wrapper waits for a ticket.
+    /// sidecar).
     Remote(socket::Link),
 }
 

@@ -481,18 +481,15 @@ impl Client<'_> {
                 None => std::future::pending().await,
             }
         };
-        let stop = tokio::select! {
+        tokio::select! {
             reply = self.link.recv::<Reply>() => return self.answer(reply),
             sig = self.signals.recv() => {
                 tracing::info!(signal = %sig, "stopping: no ticket in hand");
-                true
             }
             _ = idle_deadline => {
                 tracing::info!("no ticket for the --idle-exit period: stopping");
-                true
             }
-        };
-        debug_assert!(stop);
+        }
         self.stopping = true;
         if let Err(e) = self.link.send(&Request::Stop).await {
             return Err(self.lost(format!("the broker sidecar went away: {e}")));
