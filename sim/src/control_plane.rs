@@ -291,10 +291,22 @@ impl ControlPlane {
 
     /// A client as `admin` (group `system:masters`: every request is allowed).
     pub async fn admin_client(&self) -> Result<kube::Client, String> {
+        let config = self.admin_config().await?;
+        kube::Client::try_from(config)
+            .map_err(|e| format!("failed to build a client as admin: {e}"))
+    }
+
+    /// The admin's configuration, from its kubeconfig.
+    async fn admin_config(&self) -> Result<kube::Config, String> {
         let path = &self.admin_kubeconfig;
         let kubeconfig = kube::config::Kubeconfig::read_from(path)
             .map_err(|e| format!("failed to read {}: {e}", path.display()))?;
-        client_from(kubeconfig, "admin").await
+        config_from(kubeconfig, "admin").await
+    }
+
+    /// The admin's client for readiness probes: see [`quiet_client`].
+    async fn admin_probe_client(&self) -> Result<kube::Client, String> {
+        quiet_client(self.admin_config().await?, "the API server")
     }
 
     /// The optional components that were not found in the binaries' directory, e.g.
@@ -420,7 +432,7 @@ impl ControlPlane {
         )?;
         let admin = self.admin_client().await?;
         let ready = Probe {
-            client: admin.clone(),
+            client: self.admin_probe_client().await?,
             path: "/readyz".into(),
             ok: |body| body.trim() == "ok",
         };
@@ -757,7 +769,22 @@ fn probe_client(url: &str, pki: Option<&Pki>) -> Result<kube::Client, String> {
     if let Some(pki) = pki {
         config.root_cert = Some(vec![pki.ca_der.clone()]);
     }
-    kube::Client::try_from(config).map_err(|e| format!("failed to build a client for {url}: {e}"))
+    quiet_client(config, url)
+}
+
+/// A client without kube's tracing layer, which logs every 5xx answer as an error: a
+/// component that is still starting answers its health endpoint with 500, and waiting
+/// for it is no error. The probe reports what it saw when the wait fails.
+fn quiet_client(config: kube::Config, what: &str) -> Result<kube::Client, String> {
+    use kube::client::ConfigExt;
+    use tower::Layer;
+    let https = config
+        .rustls_https_connector()
+        .map_err(|e| format!("failed to set up TLS for {what}: {e}"))?;
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build::<_, kube::client::Body>(https);
+    let service = config.base_uri_layer().layer(http);
+    Ok(kube::client::ClientBuilder::new(service, config.default_namespace.clone()).build())
 }
 
 /// A client from a parsed kubeconfig.
@@ -765,13 +792,18 @@ async fn client_from(
     kubeconfig: kube::config::Kubeconfig,
     user: &str,
 ) -> Result<kube::Client, String> {
-    let config = kube::Config::from_custom_kubeconfig(
-        kubeconfig,
-        &kube::config::KubeConfigOptions::default(),
-    )
-    .await
-    .map_err(|e| format!("failed to load the kubeconfig of {user}: {e}"))?;
+    let config = config_from(kubeconfig, user).await?;
     kube::Client::try_from(config).map_err(|e| format!("failed to build a client as {user}: {e}"))
+}
+
+/// The configuration of a parsed kubeconfig.
+async fn config_from(
+    kubeconfig: kube::config::Kubeconfig,
+    user: &str,
+) -> Result<kube::Config, String> {
+    kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+        .await
+        .map_err(|e| format!("failed to load the kubeconfig of {user}: {e}"))
 }
 
 /// A kubeconfig with the CA, the certificate and the key inline, namespace `default`.
