@@ -263,15 +263,36 @@ fn install_worker(path: &std::path::Path) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
 }
 
+/// The Kubernetes client of `run` (in-cluster, or the kubeconfig), counting every
+/// request in `testrunner_kube_api_requests_total`.
+async fn counted_client(metrics: Arc<Metrics>) -> Result<kube::Client, kube::Error> {
+    let config = kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)?;
+    let counter =
+        tower::util::MapRequestLayer::new(move |request: ::http::Request<kube::client::Body>| {
+            metrics
+                .api_requests
+                .get_or_create(&testrunner_operator::metrics::ApiRequestLabels::of(
+                    &request,
+                ))
+                .inc();
+            request
+        });
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&counter)
+        .build())
+}
+
 async fn run(args: RunArgs, log_format: LogFormat) -> ExitCode {
-    let client = match kube::Client::try_default().await {
+    let metrics = Arc::new(Metrics::default());
+    let client = match counted_client(metrics.clone()).await {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "failed to configure the Kubernetes client");
             return ExitCode::FAILURE;
         }
     };
-    let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     let health = Health {
         metrics: metrics.clone(),

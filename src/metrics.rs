@@ -54,6 +54,36 @@ pub struct ReceiverLabels {
     pub receiver: String,
 }
 
+/// Labels of the API request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiRequestLabels {
+    /// `GET`, `WATCH` (a GET with `watch=true`), `POST`, `PUT`, `PATCH` or `DELETE`.
+    pub method: String,
+}
+
+impl ApiRequestLabels {
+    /// The label of a request to the API server.
+    pub fn of<B>(request: &http::Request<B>) -> Self {
+        let watch = request.method() == http::Method::GET
+            && request
+                .uri()
+                .query()
+                .is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
+        Self {
+            method: if watch {
+                "WATCH".into()
+            } else {
+                request.method().as_str().into()
+            },
+        }
+    }
+
+    /// True for requests that change something (POST, PUT, PATCH, DELETE).
+    pub fn writes(&self) -> bool {
+        matches!(self.method.as_str(), "POST" | "PUT" | "PATCH" | "DELETE")
+    }
+}
+
 /// Declares the operator's metrics once each: the field, its type and value, and the
 /// name and help it is registered with.
 macro_rules! metrics {
@@ -140,6 +170,9 @@ metrics! {
     /// Alerts currently active per pool.
     alerts_active: Family<PoolLabels, Gauge> = Family::default()
         => "alerts_active", "Alerts currently active for the pool";
+    /// Requests to the Kubernetes API server, by method.
+    api_requests: Family<ApiRequestLabels, Counter> = Family::default()
+        => "kube_api_requests", "Requests the operator sent to the Kubernetes API server, by method (WATCH: a watch request)";
 }
 
 /// The values of `testrunner_rollout_phase`'s reason label.
@@ -212,5 +245,38 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ApiRequestLabels;
+
+    fn label(method: &str, uri: &str) -> ApiRequestLabels {
+        ApiRequestLabels::of(
+            &http::Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(())
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn api_requests_are_counted_by_method_and_watches_apart() {
+        let list = label("GET", "/api/v1/pods?labelSelector=a%3Db");
+        assert_eq!(list.method, "GET");
+        assert!(!list.writes());
+        let watch = label(
+            "GET",
+            "/apis/testrunner.dev/v1alpha1/testrunnerpools?allowWatchBookmarks=true&watch=true",
+        );
+        assert_eq!(watch.method, "WATCH");
+        assert!(!watch.writes());
+        for write in ["POST", "PUT", "PATCH", "DELETE"] {
+            let l = label(write, "/api/v1/namespaces/ci/pods");
+            assert_eq!(l.method, write);
+            assert!(l.writes(), "{write} writes");
+        }
     }
 }
