@@ -1853,3 +1853,66 @@ async fn the_node_runs_native_sidecars_on_a_real_control_plane() {
     .unwrap_or_else(|e| panic!("the control plane did not start: {e}"));
     the_node_runs_native_sidecars(sim).await;
 }
+
+/// The hollow node (for footprint benchmarks): a pod is Running and Ready at once,
+/// its sidecar up and its init container completed, though its commands would fail;
+/// nothing runs, so nothing is logged; a deleted pod goes at once.
+#[tokio::test]
+async fn a_hollow_node_marks_pods_ready_without_running_them() {
+    let marker = std::env::temp_dir().join(format!("hollow-ran-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let touch = format!("touch {}; exit 1", marker.display());
+    let options = sim::Options {
+        hollow: true,
+        ..sim::Options::new(env!("CARGO_BIN_EXE_testrunner-operator").into())
+    };
+    let sim = sim::Simulation::start("127.0.0.1:0".parse().unwrap(), options)
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(sim.client(), "default");
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "hollow"},
+        "spec": {"terminationGracePeriodSeconds": 600,
+            "initContainers": [
+                {"name": "setup", "image": "x", "command": ["sh", "-c", touch]},
+                {"name": "side", "image": "x", "restartPolicy": "Always", "command": ["sh", "-c", touch]}],
+            "containers": [{"name": "main", "image": "x", "command": ["sh", "-c", touch]}]}}))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let ready = eventually_some(
+        "the hollow pod to be Ready",
+        Duration::from_secs(20),
+        || async {
+            let p = pods.get("hollow").await.ok()?;
+            let status = p.status?;
+            let ready = status
+                .conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            ready.then_some(status)
+        },
+    )
+    .await;
+    assert_eq!(ready.phase.as_deref(), Some("Running"));
+    let init = ready.init_container_statuses.unwrap();
+    assert!(init[0].state.as_ref().unwrap().terminated.is_some());
+    assert!(init[1].ready && init[1].state.as_ref().unwrap().running.is_some());
+    assert!(ready.container_statuses.unwrap()[0].ready);
+    assert!(!marker.exists(), "no container ran");
+    pods.delete("hollow", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually_some(
+        "the deleted hollow pod to go at once",
+        Duration::from_secs(10),
+        || async {
+            pods.get_opt("hollow")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    sim.shutdown().await;
+}

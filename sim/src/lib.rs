@@ -226,6 +226,9 @@ pub struct Options {
     /// Loopback services of this machine that pods with a network namespace of their
     /// own reach (see [`kubelet::Config::forward`]), such as the broker.
     pub forward: Vec<SocketAddr>,
+    /// A hollow node: pods are Running and Ready without any process (see
+    /// [`kubelet::Config::hollow`]).
+    pub hollow: bool,
 }
 
 impl Options {
@@ -239,6 +242,7 @@ impl Options {
             images: BTreeMap::new(),
             operator_images: vec![OPERATOR_IMAGE.into()],
             forward: Vec::new(),
+            hollow: false,
         }
     }
 
@@ -267,6 +271,7 @@ impl Options {
             operator_images: self.operator_images,
             api_server,
             forward: self.forward,
+            hollow: self.hollow,
         }
     }
 }

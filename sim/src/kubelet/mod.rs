@@ -72,6 +72,9 @@ pub struct Config {
     /// Loopback addresses of this machine that pods with a network namespace of their
     /// own reach at the same address (the API server is always among them).
     pub forward: Vec<std::net::SocketAddr>,
+    /// A hollow node (as kubemark's): pods are marked Running and Ready without starting
+    /// any process, for measuring the operator at a scale no machine runs for real.
+    pub hollow: bool,
 }
 
 /// The binary containers run as `testrunner-operator`, where any user may reach it: a
@@ -277,12 +280,20 @@ impl Pods {
             return;
         }
         let (stop_tx, stop_rx) = watch::channel(None);
-        let task = tokio::spawn(pod::run_pod(
-            self.client.clone(),
-            self.config.clone(),
-            pod.clone(),
-            stop_rx,
-        ));
+        let task = if self.config.hollow {
+            tokio::spawn(pod::run_hollow_pod(
+                self.client.clone(),
+                pod.clone(),
+                stop_rx,
+            ))
+        } else {
+            tokio::spawn(pod::run_pod(
+                self.client.clone(),
+                self.config.clone(),
+                pod.clone(),
+                stop_rx,
+            ))
+        };
         self.running.insert(
             key,
             PodTask {

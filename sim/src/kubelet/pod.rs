@@ -886,3 +886,70 @@ pub(super) async fn run_pod(
     let _ = std::fs::remove_dir_all(&run.dir);
     tracing::info!(pod = %key.1, namespace = %key.0, "pod stopped");
 }
+
+/// Runs a pod on a hollow node (see [`Config::hollow`]): it is Running and Ready at
+/// once, its init containers completed and its sidecars up, and no process starts. On
+/// its stop it goes for good at once, whatever its grace period.
+pub(super) async fn run_hollow_pod(
+    client: kube::Client,
+    pod: Value,
+    mut stop: watch::Receiver<Stop>,
+) {
+    let key = pod_key(&pod);
+    let t = now();
+    let running = |c: &Value, role: Role| {
+        let mut s = ContainerStatus::new(c, role, "ContainerCreating");
+        s.state = json!({"running": {"startedAt": t}});
+        s.ready = true;
+        s.started = true;
+        s
+    };
+    let list = |field: &str| pod["spec"][field].as_array().cloned().unwrap_or_default();
+    let init = list("initContainers")
+        .iter()
+        .map(|c| match Role::of_init(c) {
+            Role::Init => {
+                let mut s = ContainerStatus::new(c, Role::Init, "PodInitializing");
+                s.state = json!({"terminated": {"exitCode": 0, "reason": "Completed",
+                    "startedAt": t, "finishedAt": t}});
+                s
+            }
+            role => running(c, role),
+        })
+        .collect();
+    let main = list("containers")
+        .iter()
+        .map(|c| running(c, Role::Main))
+        .collect();
+    let mut model = PodModel {
+        init,
+        main,
+        phase: "Running",
+        initialized: true,
+        start_time: t.clone(),
+        transitions: BTreeMap::new(),
+    };
+    let api: Api<Pod> = Api::namespaced(client.clone(), &key.0);
+    let patch = Patch::Merge(json!({"status": model.status()}));
+    let params = PatchParams::default();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        tokio::select! {
+            written = api.patch_status(&key.1, &params, &patch) => match written {
+                Ok(_) => break,
+                Err(kube::Error::Api(e)) if e.code == 404 => return,
+                Err(e) => {
+                    tracing::warn!(pod = %key.1, error = %e, "writing the hollow pod's status failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            },
+            _ = async { stop.wait_for(Option::is_some).await.is_ok() } => break,
+        }
+    }
+    let _ = stop.wait_for(Option::is_some).await;
+    let shutting_down = *stop.borrow() == Some(-1);
+    if !shutting_down {
+        delete_for_good(client, key).await;
+    }
+}
