@@ -499,3 +499,87 @@ async fn after_an_outage_only_what_the_broker_dead_lettered_goes_back() {
     assert_eq!(kept, ["t-1", "t-2"], "the rest stays, in quarantine");
     delete_queues(&ch2, &[&from, &to]).await;
 }
+
+/// A broker of the test's own (common::broker_node) restarts with its durable queue and
+/// persistent message, and the operator's probe sees it unreachable while it is down and
+/// finds the depth again after it came back, on the same address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_node_of_its_own_restarts_with_its_messages_and_probes_recover() {
+    let mut node =
+        tokio::task::spawn_blocking(|| common::broker_node::BrokerNode::start("restart"))
+            .await
+            .unwrap();
+    let uri = node.uri();
+    let conn = Connection::connect(&uri, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "kept".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    ch.basic_publish(
+        "".into(),
+        "kept".into(),
+        BasicPublishOptions::default(),
+        b"ticket",
+        BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let brokers = Brokers::new(BrokerSettings::default());
+    let key = BrokerUri::parse(&uri).unwrap();
+    assert_eq!(
+        brokers.probe(&key, "kept").await,
+        Probe::Depth {
+            ready: 1,
+            consumers: 0
+        }
+    );
+
+    let mut node = tokio::task::spawn_blocking(move || {
+        node.stop();
+        node
+    })
+    .await
+    .unwrap();
+    eventually(
+        "the probe to see the broker down",
+        Duration::from_secs(30),
+        || async { matches!(brokers.probe(&key, "kept").await, Probe::Unreachable { .. }) },
+    )
+    .await;
+    let node = tokio::task::spawn_blocking(move || {
+        node.restart();
+        node
+    })
+    .await
+    .unwrap();
+    assert_eq!(node.uri(), uri, "the same address after the restart");
+    eventually(
+        "the probe to find the persistent ticket again",
+        Duration::from_secs(60),
+        || async {
+            brokers.probe(&key, "kept").await
+                == Probe::Depth {
+                    ready: 1,
+                    consumers: 0,
+                }
+        },
+    )
+    .await;
+    tokio::task::spawn_blocking(move || drop(node))
+        .await
+        .unwrap();
+}

@@ -6,6 +6,8 @@
 // Each test binary uses only some of these.
 #![allow(dead_code)]
 
+pub mod broker_node;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
