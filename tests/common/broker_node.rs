@@ -22,6 +22,8 @@ pub struct BrokerNode {
     port: u16,
     dist: u16,
     dir: PathBuf,
+    /// The node's limit of open files (its file descriptors), when set.
+    open_files: Option<u32>,
     child: Option<Child>,
 }
 
@@ -45,6 +47,12 @@ impl BrokerNode {
     /// Starts a node named after `tag` and waits until it accepts AMQP connections.
     /// Panics, saying how to install RabbitMQ, when the server is missing.
     pub fn start(tag: &str) -> BrokerNode {
+        Self::start_with_open_files(tag, None)
+    }
+
+    /// [`BrokerNode::start`] with a limit of open files for the node (Debian's default
+    /// for a service is 1,024); `None` keeps this process's.
+    pub fn start_with_open_files(tag: &str, open_files: Option<u32>) -> BrokerNode {
         assert!(
             std::path::Path::new(SERVER).exists(),
             "{SERVER} is missing: install RabbitMQ with `bash .ci/ensure-rabbitmq`"
@@ -66,6 +74,7 @@ impl BrokerNode {
             port,
             dist,
             dir,
+            open_files,
             child: None,
         };
         node.boot();
@@ -75,7 +84,14 @@ impl BrokerNode {
     /// Starts the node (again, with the same data and ports).
     fn boot(&mut self) {
         let log = std::fs::File::create(self.dir.join("server.out")).expect("its log file");
-        let child = Command::new(SERVER)
+        // `ulimit -n` in a shell that then becomes the server.
+        let limit = self
+            .open_files
+            .map(|n| format!("ulimit -n {n} && "))
+            .unwrap_or_default();
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{limit}exec {SERVER}"))
             .current_dir(&self.dir)
             .envs(self.env())
             .env("RABBITMQ_NODE_PORT", self.port.to_string())
