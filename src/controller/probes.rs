@@ -356,6 +356,9 @@ async fn probe_loop(
                         let Some(report) = Report::parse(&delivery.data) else {
                             continue;
                         };
+                        if let Some(ms) = report.waited_ms {
+                            inner.metrics.ticket_wait.get_or_create(&labels).observe(ms as f64 / 1000.0);
+                        }
                         let mut changed = false;
                         if let Some(ticket) = report.completed() {
                             completions.lock().expect("lock").record(&report.revision, ticket, Timestamp::now());
