@@ -252,6 +252,18 @@ async fn probe_loop(
         namespace: pool.namespace.clone().unwrap_or_default(),
         pool: pool.name.clone(),
     };
+    // Each failure counter exists from the first probe on at 0, so that the first failure
+    // shows in `increase()` (`forget_pool` removes them with the pool).
+    for reason in Probe::FAILURE_REASONS {
+        inner
+            .metrics
+            .probe_failures
+            .get_or_create(&PoolReasonLabels {
+                namespace: labels.namespace.clone(),
+                pool: labels.pool.clone(),
+                reason: (*reason).into(),
+            });
+    }
     let mut last: Option<Probe> = None;
     let mut outcomes: Option<lapin::Consumer> = None;
     let mut last_wake: Option<Instant> = None;
