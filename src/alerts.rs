@@ -150,12 +150,12 @@ impl Alerter {
         for kind in Kind::ALL {
             let receiver = kind.as_str().to_string();
             for status in ["firing", "resolved"] {
-                metrics.alerts_sent.get_or_create(&AlertSentLabels {
+                let _ = metrics.alerts_sent.get_or_create(&AlertSentLabels {
                     receiver: receiver.clone(),
                     status: status.into(),
                 });
             }
-            metrics
+            let _ = metrics
                 .alert_send_failures
                 .get_or_create(&ReceiverLabels { receiver });
         }

@@ -147,12 +147,9 @@ metrics! {
 
 /// Buckets of `testrunner_ticket_wait_seconds`: a quarter second to an hour.
 fn ticket_wait_histogram() -> Histogram {
-    Histogram::new(
-        [
-            0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
-        ]
-        .into_iter(),
-    )
+    Histogram::new([
+        0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+    ])
 }
 
 /// The values of `testrunner_rollout_phase`'s reason label.

@@ -335,7 +335,7 @@ pub async fn run(
     // Every error counter exists from the start at 0, so that the first failure shows in
     // `increase()` and dashboards find the series.
     for category in Error::CATEGORIES {
-        metrics
+        let _ = metrics
             .reconcile_errors
             .get_or_create(&crate::metrics::ErrorLabels {
                 category: category.into(),

@@ -255,7 +255,7 @@ async fn probe_loop(
     // Each failure counter exists from the first probe on at 0, so that the first failure
     // shows in `increase()` (`forget_pool` removes them with the pool).
     for reason in Probe::FAILURE_REASONS {
-        inner
+        let _ = inner
             .metrics
             .probe_failures
             .get_or_create(&PoolReasonLabels {
