@@ -9,6 +9,7 @@
                                       fill the alert expressions into the promtool unit tests
 """
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -133,8 +134,13 @@ def monitoring_absent(ds):
     expect(not by_kind(ds, "PrometheusRule"), "no PrometheusRule expected")
 
 
+def dashboard_configmaps(ds):
+    return [d for d in by_kind(ds, "ConfigMap") if d["metadata"].get("labels", {}).get("grafana_dashboard")]
+
+
 def case_default(ds):
     common(ds)
+    expect(not dashboard_configmaps(ds), "no Grafana dashboard ConfigMap by default")
     expect(one(ds, "Deployment")["spec"]["replicas"] == 2, "two replicas by default")
     e = env(ds)
     expect(e["TESTRUNNER_LEADER_ELECTION"] == "true", "leader election on by default")
@@ -198,6 +204,16 @@ def case_monitoring(ds):
            "TestRunnerRolloutFailed: for 0m and severity warning by default")
     one(ds, "NetworkPolicy")
     one(ds, "PodDisruptionBudget")
+    dashboards = dashboard_configmaps(ds)
+    expect(len(dashboards) == 1, f"one Grafana dashboard ConfigMap, got {len(dashboards)}")
+    cm = dashboards[0]
+    expect(cm["metadata"]["labels"]["grafana_dashboard"] == "1", "label grafana_dashboard: \"1\"")
+    expect(cm["metadata"].get("annotations", {}).get("grafana_folder") == "CI", "dashboard annotations")
+    expect(cm["metadata"]["namespace"] == RELEASE_NAMESPACE, "dashboard in the release namespace by default")
+    shipped = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+    expect(list(cm["data"]) == ["testrunner-operator.json"], f"dashboard keys: {list(cm['data'])}")
+    expect(json.loads(cm["data"]["testrunner-operator.json"]) == shipped,
+           "the ConfigMap's dashboard differs from docs/grafana-dashboard.json")
 
 
 def case_monitoring_without_api(ds):

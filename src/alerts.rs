@@ -145,6 +145,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Alerter {
     /// Starts the delivery task on the current tokio runtime.
     pub fn start(config: AlerterConfig, metrics: Arc<Metrics>) -> Alerter {
+        // Every delivery counter exists from the start at 0, so that the first delivery
+        // or failure shows in `increase()` and dashboards find the series.
+        for kind in Kind::ALL {
+            let receiver = kind.as_str().to_string();
+            for status in ["firing", "resolved"] {
+                let _ = metrics.alerts_sent.get_or_create(&AlertSentLabels {
+                    receiver: receiver.clone(),
+                    status: status.into(),
+                });
+            }
+            let _ = metrics
+                .alert_send_failures
+                .get_or_create(&ReceiverLabels { receiver });
+        }
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending::default()),
             wake: Notify::new(),
@@ -407,6 +421,8 @@ enum Kind {
 }
 
 impl Kind {
+    const ALL: [Kind; 2] = [Kind::Alertmanager, Kind::Webhook];
+
     fn as_str(self) -> &'static str {
         match self {
             Kind::Alertmanager => "alertmanager",

@@ -167,12 +167,22 @@ metrics! {
     /// Failed alert deliveries (requests), by receiver kind.
     alert_send_failures: Family<ReceiverLabels, Counter> = Family::default()
         => "alert_send_failures", "Failed alert deliveries, by receiver kind";
+    /// How long tickets waited in the queue for a worker, per pool.
+    ticket_wait: Family<PoolLabels, Histogram, fn() -> Histogram> = Family::new_with_constructor(ticket_wait_histogram)
+        => "ticket_wait_seconds", "How long a ticket waited in the queue, from its publish timestamp to a worker taking it (first deliveries of stamped tickets only)";
     /// Alerts currently active per pool.
     alerts_active: Family<PoolLabels, Gauge> = Family::default()
         => "alerts_active", "Alerts currently active for the pool";
     /// Requests to the Kubernetes API server, by method.
     api_requests: Family<ApiRequestLabels, Counter> = Family::default()
         => "kube_api_requests", "Requests the operator sent to the Kubernetes API server, by method (WATCH: a watch request)";
+}
+
+/// Buckets of `testrunner_ticket_wait_seconds`: a quarter second to an hour.
+fn ticket_wait_histogram() -> Histogram {
+    Histogram::new([
+        0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+    ])
 }
 
 /// The values of `testrunner_rollout_phase`'s reason label.
@@ -210,6 +220,7 @@ impl Metrics {
         ] {
             family.remove(labels);
         }
+        self.ticket_wait.remove(labels);
         for phase in ROLLOUT_PHASES {
             self.rollout_phase.remove(&PoolReasonLabels {
                 namespace: labels.namespace.clone(),

@@ -6,9 +6,12 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, ConnectionProperties};
 
 use crate::broker::BrokerUri;
+use crate::contract::HEADER_TIMESTAMP_MS;
 
 /// Publishes `count` persistent tickets with `message_id` set to `queue` through the
-/// default exchange, each confirmed by the broker. With `declare_quorum` the queue is
+/// default exchange, each confirmed by the broker. Each is stamped with its publish time
+/// (the AMQP `timestamp` property, and the header `timestamp_in_ms` for millisecond
+/// precision), from which workers measure how long it waited in the queue. With `declare_quorum` the queue is
 /// declared first as a durable quorum queue.
 pub async fn publish(
     uri: &str,
@@ -52,6 +55,12 @@ pub async fn publish(
     for i in 0..count {
         let id = format!("ticket-{stamp}-{run}-{i}");
         let body = format!("{{\"ticket\":\"{id}\",\"n\":{i}}}");
+        let now = jiff::Timestamp::now();
+        let mut headers = FieldTable::default();
+        headers.insert(
+            HEADER_TIMESTAMP_MS.into(),
+            AMQPValue::LongLongInt(now.as_millisecond()),
+        );
         let confirm = channel
             .basic_publish(
                 "".into(),
@@ -64,7 +73,9 @@ pub async fn publish(
                 BasicProperties::default()
                     .with_message_id(id.clone().into())
                     .with_delivery_mode(2)
-                    .with_content_type("application/json".into()),
+                    .with_content_type("application/json".into())
+                    .with_timestamp(u64::try_from(now.as_second()).unwrap_or(0))
+                    .with_headers(headers),
             )
             .await
             .map_err(|e| format!("failed to publish ticket {id}: {e}"))?

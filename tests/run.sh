@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite as CI does: installs what the tests drive (RabbitMQ from
-# Debian's packages, kubectl and helm into .tools/, minimal root filesystems from Debian's
+# Debian's packages, kubectl, helm, Prometheus and Alertmanager into .tools/, minimal root filesystems from Debian's
 # packages into .tools/rootfs/), builds the real Kubernetes control plane from Go modules
 # (tests/control-plane/build.sh; a no-op once built), starts the broker if it is down,
 # then `cargo test --workspace` (the operator and the simulator, testrunner-sim) with the

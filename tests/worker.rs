@@ -957,7 +957,12 @@ async fn a_listed_ticket_is_moved_to_quarantine_intact_and_not_run(mode: Mode) {
         .with_content_type("text/plain".into())
         .with_headers(headers);
     f.publish(&q, b"poison body", props).await;
-    f.ticket(&q, "t-good", "good body").await;
+    // Stamped as published 30 s ago: its busy report says it waited that long.
+    let stamped = jiff::Timestamp::now().as_second() - 30;
+    let props = BasicProperties::default()
+        .with_message_id("t-good".into())
+        .with_timestamp(stamped as u64);
+    f.publish(&q, b"good body", props).await;
 
     let list_s = list.display().to_string();
     let mut w = f.worker_env(
@@ -1024,6 +1029,7 @@ async fn a_listed_ticket_is_moved_to_quarantine_intact_and_not_run(mode: Mode) {
     // quarantined ticket never ran, so the worker never reported it busy.
     let mut outcomes_seen = Vec::new();
     let mut states_seen = Vec::new();
+    let mut waits = Vec::new();
     while let Some(m) =
         f.ch.basic_get(outcomes.as_str().into(), BasicGetOptions::default())
             .await
@@ -1031,6 +1037,13 @@ async fn a_listed_ticket_is_moved_to_quarantine_intact_and_not_run(mode: Mode) {
     {
         let v: serde_json::Value = serde_json::from_slice(&m.data).unwrap();
         let ticket = v["ticket"].as_str().unwrap_or_default().to_string();
+        if let Some(ms) = v["waitedMs"].as_u64() {
+            waits.push((
+                v["state"].as_str().unwrap_or_default().to_string(),
+                ticket.clone(),
+                ms,
+            ));
+        }
         match (v["outcome"].as_str(), v["state"].as_str()) {
             (Some(outcome), None) => outcomes_seen.push((ticket, outcome.to_string())),
             (None, Some(state)) => states_seen.push((state.to_string(), ticket)),
@@ -1039,6 +1052,15 @@ async fn a_listed_ticket_is_moved_to_quarantine_intact_and_not_run(mode: Mode) {
         assert_eq!(v["pod"], "unit-abcde");
         m.ack(BasicAckOptions::default()).await.unwrap();
     }
+    // The wait is in the busy report of the taking only (heartbeats do not repeat it),
+    // measured from the stamp: 30 s, plus the second the stamp drops, plus the run.
+    assert_eq!(waits.len(), 1, "{waits:?}");
+    let (state, ticket, ms) = &waits[0];
+    assert_eq!((state.as_str(), ticket.as_str()), ("busy", "t-good"));
+    assert!(
+        (30_000..30_000 + 1_000 + DEADLINE.as_millis() as u64).contains(ms),
+        "waited {ms} ms"
+    );
     assert_eq!(
         states_seen.first(),
         Some(&("idle".to_string(), String::new()))

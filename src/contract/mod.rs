@@ -35,7 +35,7 @@ pub use termination::{
 };
 pub use ticket::{
     HEADER_DELIVERY, HEADER_PREFIX, HEADER_QUARANTINED_BY, HEADER_QUARANTINED_FROM,
-    HEADER_REPLAYED_AT, ticket_id,
+    HEADER_REPLAYED_AT, HEADER_TIMESTAMP_MS, ticket_id,
 };
 
 /// Name of the worker container in worker pods: the container whose terminations the
@@ -82,10 +82,14 @@ mod tests {
                 proptest::option::of(any::<u64>()),
                 proptest::option::of(any::<i32>()),
                 proptest::option::of(any::<u64>()),
+                proptest::option::of(any::<u64>()),
             ),
         )
             .prop_map(
-                |((pod, revision, state, outcome), (ticket, delivery, exit_code, duration_ms))| {
+                |(
+                    (pod, revision, state, outcome),
+                    (ticket, delivery, exit_code, duration_ms, waited_ms),
+                )| {
                     Report {
                         pod,
                         revision,
@@ -95,6 +99,7 @@ mod tests {
                         delivery,
                         exit_code,
                         duration_ms,
+                        waited_ms,
                     }
                 },
             )

@@ -8,6 +8,9 @@
 //! - an **outcome report** (`outcome` is `passed`, `failed` or `quarantined`): sent in
 //!   the same transaction as the ack of a ticket. The worker is idle after it.
 //!
+//! The busy report sent when a worker takes a ticket on its first delivery also says how
+//! long the ticket waited in the queue (`waitedMs`), when its publisher stamped it.
+//!
 //! Workers built before state reports existed send outcome reports only; they parse
 //! here as they always did.
 
@@ -64,6 +67,12 @@ pub struct Report {
     /// Outcome reports: how long the command ran, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
+    /// The busy report sent when the worker took the ticket on its first delivery: how
+    /// long the ticket waited in the queue, in milliseconds, from its publish time to
+    /// the worker taking it. Absent when the publisher set no timestamp, on a
+    /// redelivery, and on every later report of the same ticket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waited_ms: Option<u64>,
 }
 
 impl Report {
@@ -81,6 +90,11 @@ impl Report {
             delivery: ticket.map(|(_, d)| d),
             ..Default::default()
         }
+    }
+
+    /// The same report, saying the ticket waited `waited_ms` in the queue.
+    pub fn with_wait(self, waited_ms: Option<u64>) -> Self {
+        Self { waited_ms, ..self }
     }
 
     /// The JSON body.
@@ -148,6 +162,20 @@ mod tests {
         assert_eq!(idle.holds(), Some(None));
         let text = String::from_utf8(busy.to_vec()).unwrap();
         assert!(text.contains(r#""state":"busy""#), "{text}");
+        assert!(!text.contains("waitedMs"), "{text}");
+    }
+
+    #[test]
+    fn a_busy_report_can_say_how_long_the_ticket_waited() {
+        let busy = Report::state("unit-a", "r1", Some(("t-9", 1))).with_wait(Some(1500));
+        let text = String::from_utf8(busy.to_vec()).unwrap();
+        assert!(text.contains(r#""waitedMs":1500"#), "{text}");
+        assert_eq!(
+            Report::parse(text.as_bytes()).unwrap().waited_ms,
+            Some(1500)
+        );
+        let old = br#"{"pod":"unit-a","revision":"r1","state":"busy","ticket":"t-9","delivery":1}"#;
+        assert_eq!(Report::parse(old).unwrap().waited_ms, None);
     }
 
     proptest! {

@@ -14,6 +14,11 @@ pub const HEADER_QUARANTINED_BY: &str = "x-testrunner-quarantined-by";
 /// Header of a quarantined ticket: its delivery number when it was moved.
 pub const HEADER_DELIVERY: &str = "x-testrunner-delivery";
 
+/// Header with a ticket's publish time in Unix milliseconds, the name RabbitMQ's message
+/// timestamp plugin gives it. Workers measure a ticket's wait in the queue from it, else
+/// from the AMQP `timestamp` property (Unix seconds). Not one of ours: no prefix.
+pub const HEADER_TIMESTAMP_MS: &str = "timestamp_in_ms";
+
 /// The ticket id: the AMQP `message_id` when it is set, else `sha256:` and the
 /// first 16 hex digits of the SHA-256 of the body.
 ///

@@ -93,6 +93,20 @@ pub enum Error {
 }
 
 impl Error {
+    /// Every value [`Error::category`] gives (the operator exports each error counter
+    /// at 0 from the start); a new variant's category goes here too.
+    pub const CATEGORIES: [&'static str; 9] = [
+        "ReadSecretFailed",
+        "ListPodsFailed",
+        "CreatePodFailed",
+        "DeletePodFailed",
+        "WriteStatusFailed",
+        "InvalidObject",
+        "WriteQuarantineListFailed",
+        "ReadPoolFailed",
+        "BrokerOperationFailed",
+    ];
+
     /// Static category: metric label and event reason.
     pub fn category(&self) -> &'static str {
         match self {
@@ -318,6 +332,15 @@ pub async fn run(
     } else {
         settings.namespaces.iter().cloned().map(Some).collect()
     };
+    // Every error counter exists from the start at 0, so that the first failure shows in
+    // `increase()` and dashboards find the series.
+    for category in Error::CATEGORIES {
+        let _ = metrics
+            .reconcile_errors
+            .get_or_create(&crate::metrics::ErrorLabels {
+                category: category.into(),
+            });
+    }
     let brokers = Brokers::default();
     let mut runs = Vec::new();
     // Probe and sweep tasks are spawned on their own: they end with the controller,

@@ -252,6 +252,18 @@ async fn probe_loop(
         namespace: pool.namespace.clone().unwrap_or_default(),
         pool: pool.name.clone(),
     };
+    // Each failure counter exists from the first probe on at 0, so that the first failure
+    // shows in `increase()` (`forget_pool` removes them with the pool).
+    for reason in Probe::FAILURE_REASONS {
+        let _ = inner
+            .metrics
+            .probe_failures
+            .get_or_create(&PoolReasonLabels {
+                namespace: labels.namespace.clone(),
+                pool: labels.pool.clone(),
+                reason: (*reason).into(),
+            });
+    }
     let mut last: Option<Probe> = None;
     let mut outcomes: Option<lapin::Consumer> = None;
     let mut last_wake: Option<Instant> = None;
@@ -356,6 +368,9 @@ async fn probe_loop(
                         let Some(report) = Report::parse(&delivery.data) else {
                             continue;
                         };
+                        if let Some(ms) = report.waited_ms {
+                            inner.metrics.ticket_wait.get_or_create(&labels).observe(ms as f64 / 1000.0);
+                        }
                         let mut changed = false;
                         if let Some(ticket) = report.completed() {
                             completions.lock().expect("lock").record(&report.revision, ticket, Timestamp::now());

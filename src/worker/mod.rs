@@ -32,8 +32,9 @@ use tokio::time::Instant;
 use self::command::Running;
 use crate::broker::BrokerUri;
 use crate::contract::{
-    HEADER_DELIVERY, HEADER_QUARANTINED_BY, HEADER_QUARANTINED_FROM, HEADER_REPLAYED_AT, Outcome,
-    QuarantineEntry, Report, TerminationLine, WorkerExit, parse_quarantine_list, ticket_id,
+    HEADER_DELIVERY, HEADER_QUARANTINED_BY, HEADER_QUARANTINED_FROM, HEADER_REPLAYED_AT,
+    HEADER_TIMESTAMP_MS, Outcome, QuarantineEntry, Report, TerminationLine, WorkerExit,
+    parse_quarantine_list, ticket_id,
 };
 
 /// The environment variable holding the broker URI. It is removed from the
@@ -212,6 +213,35 @@ impl Exit {
             Exit::Signal(s) => u8::try_from(128 + s.clamp(0, 127)).unwrap_or(255),
         }
     }
+}
+
+/// How long a ticket waited in the queue before this worker took it, at `now_ms` (Unix
+/// milliseconds): from its publish time, the header [`HEADER_TIMESTAMP_MS`] (Unix
+/// milliseconds) or else the AMQP `timestamp` property (Unix seconds, so up to a second
+/// too long). `None` on a redelivery (its wait would include the runs that crashed), for a
+/// ticket replayed from quarantine (its stamp is from before its quarantine), and when the
+/// publisher stamped nothing. A stamp from the future (clocks apart) counts as no wait.
+pub fn queue_wait(properties: &BasicProperties, delivery: u64, now_ms: i64) -> Option<u64> {
+    let headers = properties.headers().as_ref();
+    if delivery != 1 || replayed_at(headers).is_some() {
+        return None;
+    }
+    let header_ms = headers
+        .and_then(|h| h.inner().get(HEADER_TIMESTAMP_MS))
+        .and_then(|v| match v {
+            AMQPValue::LongLongInt(n) => Some(*n),
+            AMQPValue::LongInt(n) => Some((*n).into()),
+            AMQPValue::LongUInt(n) => Some((*n).into()),
+            AMQPValue::Timestamp(n) => i64::try_from(*n).ok(),
+            _ => None,
+        });
+    let published_ms = match header_ms {
+        Some(ms) => ms,
+        None => i64::try_from((*properties.timestamp())?)
+            .ok()?
+            .checked_mul(1000)?,
+    };
+    Some(u64::try_from(now_ms.saturating_sub(published_ms)).unwrap_or(0))
 }
 
 /// The replay time a ticket carries, if it was replayed.
@@ -917,8 +947,14 @@ impl Worker {
             return self.divert(delivery, &id, number).await;
         }
         // The operator learns that this worker is busy before its command starts, so it
-        // never removes it to shrink the pool while the ticket runs.
-        if let Err(why) = self.report_state(Some((&id, number))).await {
+        // never removes it to shrink the pool while the ticket runs; and how long the
+        // ticket waited for a worker.
+        let waited = queue_wait(
+            &delivery.properties,
+            number,
+            jiff::Timestamp::now().as_millisecond(),
+        );
+        if let Err(why) = self.report_taken(&id, number, waited).await {
             return Some(
                 self.broker_lost(format!("cannot report ticket {id} as taken: {why}"))
                     .await,
@@ -1301,6 +1337,27 @@ impl Worker {
         self.commit().await
     }
 
+    /// Reports that the worker took ticket `id` (delivery `number`), which waited
+    /// `waited_ms` in the queue, and commits it. No-op without an outcome queue.
+    async fn report_taken(
+        &self,
+        id: &str,
+        number: u64,
+        waited_ms: Option<u64>,
+    ) -> Result<(), String> {
+        if self.consume.outcomes_queue.is_empty() {
+            return Ok(());
+        }
+        let report = Report::state(
+            &self.consume.pod_name,
+            &self.consume.revision,
+            Some((id, number)),
+        )
+        .with_wait(waited_ms);
+        self.publish_report(&report).await?;
+        self.commit().await
+    }
+
     /// Publishes `report` to the outcome queue inside the current transaction.
     async fn publish_report(&self, report: &Report) -> Result<(), String> {
         if self.consume.outcomes_queue.is_empty() {
@@ -1376,6 +1433,27 @@ mod tests {
             t.insert(ShortString::from(k), v);
         }
         t
+    }
+
+    #[test]
+    fn the_wait_runs_from_the_publish_stamp_on_first_deliveries_only() {
+        let now = 1_800_000_000_000;
+        let seconds = BasicProperties::default().with_timestamp(1_800_000_000 - 7);
+        assert_eq!(queue_wait(&seconds, 1, now), Some(7_000));
+        assert_eq!(queue_wait(&seconds, 2, now), None, "a redelivery");
+        let millis = seconds.clone().with_headers(table(vec![(
+            HEADER_TIMESTAMP_MS,
+            AMQPValue::LongLongInt(now - 1_234),
+        )]));
+        assert_eq!(queue_wait(&millis, 1, now), Some(1_234), "the header wins");
+        let future = BasicProperties::default().with_timestamp(1_800_000_000 + 60);
+        assert_eq!(queue_wait(&future, 1, now), Some(0));
+        assert_eq!(queue_wait(&BasicProperties::default(), 1, now), None);
+        let replayed = seconds.with_headers(table(vec![(
+            HEADER_REPLAYED_AT,
+            AMQPValue::LongLongInt(1_800_000_000),
+        )]));
+        assert_eq!(queue_wait(&replayed, 1, now), None, "a replayed ticket");
     }
 
     #[test]
