@@ -452,12 +452,42 @@ impl Cluster {
 
     /// Lists objects (`ns` None: all namespaces) with the current resourceVersion.
     pub fn list(&self, kind: &Kind, ns: Option<&str>) -> (Vec<Value>, u64) {
+        self.list_where(kind, ns, |_| true)
+    }
+
+    /// Lists the objects that `keep` (given each in its served form) selects. Only the
+    /// objects of the kind (and namespace) are visited, and only the selected ones are
+    /// copied: a label-selected list in one namespace costs what it returns, not what
+    /// the cluster holds.
+    pub fn list_where(
+        &self,
+        kind: &Kind,
+        ns: Option<&str>,
+        keep: impl Fn(&Value) -> bool,
+    ) -> (Vec<Value>, u64) {
         let st = self.lock();
+        // Keys sort by (storage, namespace, name): one namespace, or one storage, is
+        // one range. "\0" sorts right after the prefix and before any longer name.
+        let (from, to): (Key, Key) = match ns {
+            Some(ns) => (
+                (kind.storage.clone(), ns.to_string(), String::new()),
+                (kind.storage.clone(), format!("{ns}\0"), String::new()),
+            ),
+            None => (
+                (kind.storage.clone(), String::new(), String::new()),
+                (format!("{}\0", kind.storage), String::new(), String::new()),
+            ),
+        };
         let items = st
             .objects
-            .iter()
-            .filter(|((s, n, _), _)| *s == kind.storage && ns.is_none_or(|ns| ns == n))
-            .map(|(_, v)| kind.to_view(v.clone()))
+            .range(from..to)
+            .filter_map(|(_, v)| {
+                if kind.view_is_stored() {
+                    keep(v).then(|| kind.to_view(v.clone()))
+                } else {
+                    Some(kind.to_view(v.clone())).filter(|o| keep(o))
+                }
+            })
             .collect();
         (items, st.rv)
     }

@@ -417,11 +417,9 @@ async fn resource(
             if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
                 return watch(server, kind, t.namespace, labels, fields, query, table);
             }
-            let (items, rv) = cluster.list(&kind, t.namespace.as_deref());
-            let items: Vec<Value> = items
-                .into_iter()
-                .filter(|o| selected(o, &labels, &fields))
-                .collect();
+            let (items, rv) = cluster.list_where(&kind, t.namespace.as_deref(), |o| {
+                selected(o, &labels, &fields)
+            });
             if table {
                 return json_response(200, &table::table(&kind, &items, &rv.to_string(), include));
             }

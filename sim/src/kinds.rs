@@ -97,6 +97,11 @@ impl Kind {
         }
     }
 
+    /// Whether the served form is the stored one but for `apiVersion` and `kind`.
+    pub fn view_is_stored(&self) -> bool {
+        self.view != View::NewEvent
+    }
+
     /// Converts a stored object to this view.
     pub fn to_view(&self, mut stored: Value) -> Value {
         if self.view == View::NewEvent {
