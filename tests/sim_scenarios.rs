@@ -31,6 +31,20 @@ struct Target {
     /// Allowance on top of the poll interval for pods to appear.
     margin: Duration,
     sim: Option<sim::Simulation>,
+    /// The prefix of the operator's outcome queues: scenarios run side by side in the
+    /// same namespace on one broker, each with an operator of its own.
+    outcomes: String,
+}
+
+/// An outcome queue prefix no other scenario uses.
+fn outcomes_prefix() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    format!(
+        "testrunner.outcomes.sim-{}-{}-{}",
+        std::process::id(),
+        jiff::Timestamp::now().as_millisecond(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
 }
 
 /// Which API server a scenario's simulated cluster uses.
@@ -70,6 +84,7 @@ impl Target {
                 image: "example.org/runner:1".into(),
                 margin: Duration::from_secs(15),
                 sim: Some(sim),
+                outcomes: outcomes_prefix(),
             };
         };
         eprintln!("TESTRUNNER_E2E_KUBECONFIG is set: running on that cluster ({on:?} ignored)");
@@ -124,7 +139,18 @@ impl Target {
             image,
             margin: Duration::from_secs(120),
             sim: None,
+            outcomes: outcomes_prefix(),
         }
+    }
+
+    /// The settings of this scenario's operator (each one started on it).
+    fn settings(&self) -> Settings {
+        Settings::in_process(vec![self.namespace.clone()]).with_outcome_queue_prefix(&self.outcomes)
+    }
+
+    /// The outcome queue of the scenario's namespace.
+    fn outcome_queue(&self) -> String {
+        format!("{}.{}", self.outcomes, self.namespace)
     }
 
     async fn finish(self) {
@@ -219,7 +245,7 @@ async fn a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the
     let target = Target::new(on).await;
     let client = target.client.clone();
     let ns = target.namespace.clone();
-    let mut operator = controller::spawn(client.clone(), Settings::in_process(vec![ns.clone()]));
+    let mut operator = controller::spawn(client.clone(), target.settings());
 
     let ids = publish_to_test_queue(&conn, &queue, 6).await;
     assert_eq!(ids.len(), 6);
@@ -275,7 +301,7 @@ async fn a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the
     pods.delete(&victim, &DeleteParams::default().grace_period(0))
         .await
         .unwrap();
-    operator = controller::spawn(client.clone(), Settings::in_process(vec![ns.clone()]));
+    operator = controller::spawn(client.clone(), target.settings());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let live: Vec<String> = pods
@@ -664,7 +690,7 @@ impl Scenario {
             );
         }
         let (client, ns) = (target.client.clone(), target.namespace.clone());
-        let operator = controller::spawn(client.clone(), Settings::in_process(vec![ns.clone()]));
+        let operator = controller::spawn(client.clone(), target.settings());
         let queue = queue_name(name);
         let ledger = Ledger::new(name);
         let ids = publish_to_test_queue(&conn, &queue, tickets).await;
@@ -682,8 +708,8 @@ impl Scenario {
 }
 
 /// Stops the operator and the cluster and removes the scenario's queues, the outcome
-/// queues of its pools included (the operator deletes those when a pool is deleted;
-/// these pools go with the cluster instead).
+/// queue of its namespace included (the operator deletes it when the namespace's last
+/// pool is deleted; these pools go with the cluster instead).
 async fn finish(
     conn: lapin::Connection,
     target: Target,
@@ -691,24 +717,7 @@ async fn finish(
     queue: &str,
 ) {
     operator.abort();
-    let pools: Api<TestRunnerPool> = Api::namespaced(target.client.clone(), &target.namespace);
-    let names: Vec<String> = pools
-        .list(&ListParams::default())
-        .await
-        .map(|l| {
-            l.items
-                .into_iter()
-                .filter_map(|p| p.metadata.name)
-                .collect()
-        })
-        .unwrap_or_default();
-    for name in names {
-        delete_queue(
-            &conn,
-            &format!("testrunner.outcomes.{}.{name}", target.namespace),
-        )
-        .await;
-    }
+    delete_queue(&conn, &target.outcome_queue()).await;
     target.finish().await;
     delete_queue(&conn, queue).await;
     delete_queue(&conn, &format!("{queue}.quarantine")).await;
@@ -848,8 +857,8 @@ async fn a_long_ticket_runs_once_while_the_empty_queue_would_scale_the_pool_to_z
     )
     .await;
 
-    // The pool's outcome queue goes with the pool.
-    let outcomes = format!("testrunner.outcomes.{ns}.long");
+    // The namespace's outcome queue goes with its last pool.
+    let outcomes = target.outcome_queue();
     assert!(queue_exists(&conn, &outcomes).await);
     pools
         .delete("long", &DeleteParams::default())
@@ -937,7 +946,7 @@ async fn long_and_short_tickets(on: On, name: &str, restart: bool) {
         .await;
         operator.abort();
         let _ = operator.await;
-        operator = controller::spawn(client.clone(), Settings::in_process(vec![ns.clone()]));
+        operator = controller::spawn(client.clone(), target.settings());
     }
     let all: Vec<String> = short.iter().chain(&long).cloned().collect();
     eventually(
@@ -1004,7 +1013,7 @@ async fn an_operator_restart_mid_run_loses_nothing_and_runs_nothing_twice(on: On
         || async { ledger.count("end").len() > done_before },
     )
     .await;
-    operator = controller::spawn(client.clone(), Settings::in_process(vec![ns.clone()]));
+    operator = controller::spawn(client.clone(), target.settings());
 
     eventually(
         "every ticket to complete",
@@ -1887,7 +1896,7 @@ async fn an_operator_restart_mid_rollout_resumes_the_canary_and_promotes_it(on: 
         || async { s.ledger.count("end").len() >= done + 5 },
     )
     .await;
-    s.operator = controller::spawn(s.client.clone(), Settings::in_process(vec![s.ns.clone()]));
+    s.operator = controller::spawn(s.client.clone(), s.target.settings());
 
     // The new operator goes on with the same rollout, counting on from status.
     let promoted = rollout_when(&pools, "resume", ":2 to be promoted", |r| {
@@ -1921,11 +1930,7 @@ async fn an_operator_restart_mid_rollout_resumes_the_canary_and_promotes_it(on: 
     );
     // As after a real restart, only the running operator reads the workers' reports.
     assert_eq!(
-        consumers(
-            &s.conn,
-            &testrunner_operator::pods::outcomes_queue(&pools.get("resume").await.unwrap())
-        )
-        .await,
+        consumers(&s.conn, &s.target.outcome_queue()).await,
         1,
         "one reader of the outcome reports"
     );
@@ -2207,7 +2212,7 @@ spec:
         .collect();
     assert!(left.is_empty(), "simulate removed its files: {left:?}");
     delete_queue(&conn, &queue).await;
-    delete_queue(&conn, "testrunner.outcomes.default.walk").await;
+    delete_queue(&conn, "testrunner.outcomes.default").await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 

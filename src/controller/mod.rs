@@ -132,11 +132,20 @@ impl Settings {
                 operator_image: concat!("testrunner-operator:", env!("CARGO_PKG_VERSION")).into(),
                 report_interval: Duration::from_secs(2),
                 log_format: crate::telemetry::LogFormat::Pretty,
+                outcome_queue_prefix: crate::pods::DEFAULT_OUTCOME_QUEUE_PREFIX.into(),
             },
             namespaces,
             controller_name: "testrunner-operator".into(),
             instance: Some("in-process".into()),
         }
+    }
+
+    /// The same settings with outcome queues `<prefix>.<namespace>`: operators that share
+    /// a broker and namespace names (clusters, or tests run side by side) each need
+    /// their own prefix.
+    pub fn with_outcome_queue_prefix(mut self, prefix: &str) -> Self {
+        self.pods.outcome_queue_prefix = prefix.into();
+        self
     }
 }
 
