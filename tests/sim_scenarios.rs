@@ -1942,6 +1942,253 @@ async fn an_operator_restart_mid_rollout_resumes_the_canary_and_promotes_it(on: 
     finish(s.conn, s.target, s.operator, &s.queue).await;
 }
 
+/// Pools of one namespace on one broker: three pools, one long ticket each on a queue
+/// of its own, ending at different times. Their workers report on the one outcome queue
+/// of the namespace, and each report reaches its pool: each pool counts its worker busy
+/// and keeps it past the scale-down delay and the grace period, and removes it once it
+/// reports idle. The broker holds one outcome queue with one consumer for all three,
+/// and no queue of a pool's own; the queue goes with the last pool.
+async fn pools_of_a_namespace_share_one_outcome_queue_and_each_keeps_its_busy_worker(on: On) {
+    let Scenario {
+        conn,
+        target,
+        client,
+        ns,
+        operator,
+        queue,
+        ledger,
+        ..
+    } = Scenario::start(on, "shared", 0).await;
+    let (pools, pods) = apis_in(&client, &ns);
+    let mut names = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..3u32 {
+        // Each pool is named after its queue: both are the scenario's own.
+        let name = format!("{queue}-{i}");
+        ids.extend(publish_to_test_queue(&conn, &name, 1).await);
+        let mut pool = wrapped_pool(
+            &name,
+            &target.image,
+            &name,
+            ledger.command(12.0 + 5.0 * f64::from(i)),
+            json!({"minWorkers": 0, "maxWorkers": 2, "pollInterval": "500ms", "scaleDownDelay": "2s"}),
+        );
+        pool.spec.workload.template =
+            Some(serde_json::from_value(json!({"terminationGracePeriodSeconds": 4})).unwrap());
+        pools.create(&PostParams::default(), &pool).await.unwrap();
+        names.push(name);
+    }
+
+    eventually("every ticket to start", Duration::from_secs(40), || async {
+        ledger.count("start").len() == 3
+    })
+    .await;
+    // Busy counts only what a worker's own report says: each report reached its pool.
+    for name in &names {
+        eventually(
+            &format!("pool {name} to show its worker busy"),
+            Duration::from_secs(10),
+            || async { workers(&pools, name).await == (1, 1, 1) },
+        )
+        .await;
+    }
+    // What the pools cost the broker: one outcome queue, read by one consumer.
+    let outcomes = target.outcome_queue();
+    assert_eq!(
+        consumers(&conn, &outcomes).await,
+        1,
+        "one reader for three pools"
+    );
+    for name in &names {
+        let own = format!("testrunner.outcomes.{ns}.{name}");
+        assert!(
+            !queue_exists(&conn, &own).await,
+            "no queue of a pool's own: {own}"
+        );
+    }
+    // Past the scale-down delay plus the grace period, every busy worker stays.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    while tokio::time::Instant::now() < deadline {
+        for name in &names {
+            assert_eq!(
+                live_pods(&pods, name).await,
+                1,
+                "the busy worker of {name} stays"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Each pool removes its worker once that worker reported idle, and only then.
+    for name in &names {
+        eventually(
+            &format!("the worker of {name} to go once done"),
+            Duration::from_secs(60),
+            || async { all_pods(&pods, name).await == 0 },
+        )
+        .await;
+    }
+    ledger.assert_each_once(&ids);
+
+    // The namespace's queue stays while a pool uses it, and goes with the last one.
+    for name in &names[..2] {
+        pools.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    eventually(
+        "the deleted pools to be swept",
+        Duration::from_secs(20),
+        || async {
+            pools
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .len()
+                == 1
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        consumers(&conn, &outcomes).await,
+        1,
+        "the last pool still reads it"
+    );
+    pools
+        .delete(&names[2], &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "the outcome queue to be deleted with the last pool",
+        Duration::from_secs(20),
+        || async { !queue_exists(&conn, &outcomes).await },
+    )
+    .await;
+
+    for name in &names {
+        delete_queue(&conn, name).await;
+        delete_queue(&conn, &format!("{name}.quarantine")).await;
+    }
+    finish(conn, target, operator, &queue).await;
+}
+
+/// An operator upgrade: a worker pod started by an older operator reports on its pool's
+/// own queue (`testrunner.outcomes.<namespace>.<pool>`) and does not name its pool. The
+/// new operator reads that queue while such a pod is there, so it knows the worker is
+/// busy with a long ticket and keeps it, removes it once it reports idle, and then
+/// deletes the queue nobody reports to any more.
+async fn a_worker_of_an_older_operator_is_still_heard_on_its_pool_s_own_queue(on: On) {
+    let conn = broker().await;
+    let target = Target::new(on).await;
+    assert!(
+        target.sim.is_some(),
+        "the ticket ledger is a local file: the simulated cluster only"
+    );
+    let client = target.client.clone();
+    let ns = target.namespace.clone();
+    let (pools, pods) = apis_in(&client, &ns);
+    let queue = queue_name("legacy");
+    let ledger = Ledger::new("legacy");
+    let ids = publish_to_test_queue(&conn, &queue, 1).await;
+    let name = queue.clone();
+    let mut pool = wrapped_pool(
+        &name,
+        &target.image,
+        &queue,
+        ledger.command(15.0),
+        json!({"minWorkers": 0, "maxWorkers": 2, "pollInterval": "500ms", "scaleDownDelay": "2s"}),
+    );
+    pool.spec.workload.template =
+        Some(serde_json::from_value(json!({"terminationGracePeriodSeconds": 4})).unwrap());
+    let pool = pools.create(&PostParams::default(), &pool).await.unwrap();
+
+    // What the older operator left: the queue it declared, and a pod reporting there
+    // without naming its pool.
+    let own = format!("testrunner.outcomes.{ns}.{name}");
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        own.as_str().into(),
+        Default::default(),
+        testrunner_operator::broker::outcome_queue_arguments(),
+    )
+    .await
+    .unwrap();
+    let settings = target.settings().pods;
+    let revision = testrunner_operator::core::revision(&pool.spec);
+    let mut old = serde_json::to_value(testrunner_operator::pods::build_pod(
+        &pool,
+        &format!("{name}-bcdfg"),
+        &revision,
+        &settings,
+    ))
+    .unwrap();
+    for list in ["initContainers", "containers"] {
+        for c in old["spec"][list].as_array_mut().unwrap() {
+            if let Some(env) = c["env"].as_array_mut() {
+                env.retain(|e| {
+                    e["name"] != "TESTRUNNER_POOL" && e["name"] != "TESTRUNNER_POOL_UID"
+                });
+                for e in env {
+                    if e["name"] == "TESTRUNNER_OUTCOMES_QUEUE" {
+                        e["value"] = json!(own);
+                    }
+                }
+            }
+        }
+    }
+    pods.create(
+        &PostParams::default(),
+        &serde_json::from_value(old).unwrap(),
+    )
+    .await
+    .unwrap();
+    eventually(
+        "the old worker to take the ticket",
+        Duration::from_secs(30),
+        || async { ledger.count("start").len() == 1 },
+    )
+    .await;
+
+    // The new operator.
+    let operator = controller::spawn(client.clone(), target.settings());
+    eventually(
+        "the status to show the old worker busy",
+        Duration::from_secs(15),
+        || async { workers(&pools, &name).await == (1, 1, 1) },
+    )
+    .await;
+    assert_eq!(
+        consumers(&conn, &own).await,
+        1,
+        "the pool's own queue is read"
+    );
+    assert_eq!(consumers(&conn, &target.outcome_queue()).await, 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+    while tokio::time::Instant::now() < deadline {
+        assert_eq!(
+            live_pods(&pods, &name).await,
+            1,
+            "the busy old worker stays"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eventually(
+        "the old worker to go once it reported idle",
+        Duration::from_secs(40),
+        || async { all_pods(&pods, &name).await == 0 },
+    )
+    .await;
+    ledger.assert_each_once(&ids);
+    eventually(
+        "the pool's own queue to be deleted once no pod reports there",
+        Duration::from_secs(20),
+        || async { !queue_exists(&conn, &own).await },
+    )
+    .await;
+
+    delete_queue(&conn, &own).await;
+    finish(conn, target, operator, &queue).await;
+}
+
 /// Each scenario runs twice: on the embedded API server (`embedded::NAME`), and on a
 /// real control plane (`control_plane::NAME`: etcd, kube-apiserver, the controller
 /// manager and the scheduler from TESTRUNNER_CONTROL_PLANE, by default
@@ -1983,6 +2230,8 @@ on_both!(
     a_good_upgrade_under_load_is_promoted_and_replaces_every_pod_without_interrupting_a_ticket,
     a_newer_image_supersedes_a_rollout_in_progress_and_is_promoted_in_its_place,
     an_operator_restart_mid_rollout_resumes_the_canary_and_promotes_it,
+    pools_of_a_namespace_share_one_outcome_queue_and_each_keeps_its_busy_worker,
+    a_worker_of_an_older_operator_is_still_heard_on_its_pool_s_own_queue,
 );
 
 /// Processes whose command line mentions `needle` (the control plane's components name
