@@ -688,6 +688,82 @@ mod tests {
     }
 
     #[test]
+    fn workers_report_to_their_namespace_s_queue_and_name_their_pool() {
+        let prefixed = PodSettings {
+            outcome_queue_prefix: "testrunner.outcomes.east".into(),
+            ..settings()
+        };
+        for (settings, queue) in [
+            (settings(), "testrunner.outcomes.ci"),
+            (prefixed, "testrunner.outcomes.east.ci"),
+        ] {
+            for p in [pool(), native_pool("command: [/run-tests]")] {
+                let pod = build_pod(&p, "unit-b2c4d", "rev1", &settings);
+                assert_eq!(outcome_queue_of(&pod).as_deref(), Some(queue));
+                let spec = pod.spec.as_ref().unwrap();
+                // Whoever reports (the sidecar, or a Native worker) names the pool.
+                let reporter = spec
+                    .init_containers
+                    .iter()
+                    .flatten()
+                    .find(|c| c.name == BROKER_CONTAINER)
+                    .unwrap_or(&spec.containers[0]);
+                let value = |name| env_value(reporter, name).and_then(|e| e.value.as_deref());
+                assert_eq!(value(ENV_OUTCOMES_QUEUE), Some(queue));
+                assert_eq!(value("TESTRUNNER_POOL"), Some("unit"));
+                assert_eq!(
+                    value("TESTRUNNER_POOL_UID"),
+                    Some("0b4d0c6e-0000-4000-8000-000000000001")
+                );
+            }
+        }
+        assert_eq!(
+            legacy_outcomes_queue(&pool()),
+            "testrunner.outcomes.ci.unit"
+        );
+    }
+
+    #[test]
+    fn the_outcome_queue_of_a_pod_is_the_one_its_reporter_names() {
+        let mut pod = build_pod(&pool(), "unit-b2c4d", "rev1", &settings());
+        // A variable of the test container is not what the sidecar reports to.
+        let spec = pod.spec.as_mut().unwrap();
+        spec.containers[0]
+            .env
+            .get_or_insert_default()
+            .push(env(ENV_OUTCOMES_QUEUE, "elsewhere"));
+        assert_eq!(
+            outcome_queue_of(&pod).as_deref(),
+            Some("testrunner.outcomes.ci")
+        );
+        // An older operator's pod: its pool's own queue.
+        let spec = pod.spec.as_mut().unwrap();
+        let sidecar = &mut spec.init_containers.as_mut().unwrap()[1];
+        sidecar
+            .env
+            .get_or_insert_default()
+            .retain(|e| e.name != ENV_OUTCOMES_QUEUE);
+        sidecar
+            .env
+            .get_or_insert_default()
+            .push(env(ENV_OUTCOMES_QUEUE, "testrunner.outcomes.ci.unit"));
+        assert_eq!(
+            outcome_queue_of(&pod).as_deref(),
+            Some("testrunner.outcomes.ci.unit")
+        );
+        assert_eq!(outcome_queue_of(&Pod::default()), None);
+    }
+
+    #[test]
+    fn outcome_queue_prefixes_are_checked() {
+        assert!(check_outcome_queue_prefix("testrunner.outcomes.east").is_ok());
+        assert!(check_outcome_queue_prefix("").is_err());
+        assert!(check_outcome_queue_prefix("amq.outcomes").is_err());
+        assert!(check_outcome_queue_prefix(&"x".repeat(192)).is_err());
+        assert!(check_outcome_queue_prefix(&"x".repeat(191)).is_ok());
+    }
+
+    #[test]
     fn wrapped_is_the_default_mode() {
         let pod = build_pod(&pool(), "unit-b2c4d", "rev1", &settings());
         let spec = pod.spec.unwrap();
