@@ -2,8 +2,8 @@
 //! core for a plan, applies it, and sweeps what deleted pools leave behind.
 //!
 //! `observe` (Secret, probe cache, pods) → `core::plan` → `apply` (quarantine,
-//! pods, events, status, alerts, metrics); `probes` (one queue probe and outcome
-//! reader per pool), `cleanup` (series and alerts of deleted pools), `events`
+//! pods, events, status, alerts, metrics); `probes` (one queue probe per pool, one
+//! outcome reader per namespace and broker), `cleanup` (series and alerts of deleted pools), `events`
 //! (the event recorder).
 
 mod apply;
@@ -163,7 +163,7 @@ pub struct Context {
     pub client: Client,
     /// Broker connections.
     pub brokers: Brokers,
-    /// Probe tasks, one per pool.
+    /// Probe tasks, one per pool, and outcome readers, one per namespace and broker.
     pub probes: Probes,
     /// Metrics.
     pub metrics: Arc<Metrics>,
