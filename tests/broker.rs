@@ -629,6 +629,44 @@ async fn the_pools_of_a_namespace_share_one_outcome_queue_and_consumer() {
     )
     .await;
 
+    // Pods of an older operator: p1's report on a queue of its own, without naming
+    // their pool; p2's on a queue the operator did not make (read, never deleted).
+    let own = queue_name("own");
+    let other = queue_name("other");
+    probes.read_legacy(&refs[1], [own.clone()].into(), [own.clone()].into());
+    probes.read_legacy(&refs[2], [other.clone()].into(), [own.clone()].into());
+    eventually("both queues consumed", Duration::from_secs(10), || async {
+        consumers(own.clone()).await == Some(1) && consumers(other.clone()).await == Some(1)
+    })
+    .await;
+    for (queue, pod) in [(&own, "p1-ccccc"), (&other, "p2-ccccc")] {
+        ch.basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            &Report::state(pod, "r1", Some(("t-own", 1))).to_vec(),
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    for (i, pod) in [(1, "p1-ccccc"), (2, "p2-ccccc")] {
+        let expected = std::collections::HashMap::from([(
+            pod.to_string(),
+            Activity::Busy {
+                ticket: "t-own".into(),
+            },
+        )]);
+        eventually(
+            &format!("pool p{i} to hear its older worker"),
+            Duration::from_secs(10),
+            || async { probes.activity(&refs[i]) == expected },
+        )
+        .await;
+    }
+
     // The queue stays while a pool of the namespace is left, and goes with the last.
     for pool in &pools[1..] {
         writer.apply_watcher_event(&watcher::Event::Delete(pool.clone()));
@@ -637,7 +675,18 @@ async fn the_pools_of_a_namespace_share_one_outcome_queue_and_consumer() {
         probes.len() == 1
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    eventually(
+        "p1's own queue to go with p1",
+        Duration::from_secs(10),
+        || async { consumers(own.clone()).await.is_none() },
+    )
+    .await;
+    eventually(
+        "p2's other queue to be read no more, and kept",
+        Duration::from_secs(10),
+        || async { consumers(other.clone()).await == Some(0) },
+    )
+    .await;
     assert_eq!(
         consumers(outcomes.clone()).await,
         Some(1),
@@ -659,5 +708,8 @@ async fn the_pools_of_a_namespace_share_one_outcome_queue_and_consumer() {
         .await;
     let _ = ch
         .queue_delete(outcomes.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = ch
+        .queue_delete(other.as_str().into(), QueueDeleteOptions::default())
         .await;
 }

@@ -131,9 +131,10 @@ struct Member {
     uid: Option<String>,
     interval: Duration,
     reports: Reports,
-    /// Queues of the pool's own its older pods report to.
+    /// Other queues the pool's pods report to (pods of an older operator).
     legacy: BTreeSet<String>,
-    /// Of those, the ones that may be deleted once no pod of the pool names them.
+    /// Of those read, the ones to delete once no pod of the pool names them (the pool's
+    /// own queue).
     disposable: BTreeSet<String>,
 }
 
@@ -297,9 +298,10 @@ impl Probes {
         reader.wake.notify_one();
     }
 
-    /// Tells the outcome reader which queues of `pool`'s own its pods report to
-    /// (pods of an older operator): it reads them as long as they are named, and deletes
-    /// those in `disposable` once they are not any more.
+    /// Tells the outcome reader which other queues `pool`'s pods report to (pods of an
+    /// older operator, on a queue of their pool's own): it reads them as long as they are
+    /// named, and deletes those of them in `disposable` once they are not any more, or
+    /// with the pool.
     pub fn read_legacy(
         &self,
         pool: &ObjectRef<Guarded>,
@@ -317,18 +319,24 @@ impl Probes {
             return;
         };
         let queues: BTreeSet<String> = queues.into_iter().filter(|q| *q != key.queue).collect();
+        // Only a queue the reader has read is deleted: one that no pod of the pool named
+        // since this operator started expires by itself.
+        member
+            .disposable
+            .extend(disposable.into_iter().filter(|q| queues.contains(q)));
         if member.legacy == queues {
-            member.disposable.extend(disposable);
             return;
         }
         let gone: Vec<String> = member
             .legacy
             .difference(&queues)
-            .filter(|q| member.disposable.contains(*q) || disposable.contains(*q))
+            .filter(|q| member.disposable.contains(*q))
             .cloned()
             .collect();
+        for queue in &gone {
+            member.disposable.remove(queue);
+        }
         member.legacy = queues;
-        member.disposable.extend(disposable);
         reader.retired.extend(gone);
         reader.wake.notify_one();
     }
