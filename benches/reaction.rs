@@ -169,7 +169,12 @@ async fn main() {
         ),
     };
     let client = cluster.client();
-    let operator = controller::spawn(client.clone(), Settings::in_process(vec!["default".into()]));
+    // Its own outcome queue: tests may run operators on the same broker and namespace.
+    let operator = controller::spawn(
+        client.clone(),
+        Settings::in_process(vec!["default".into()])
+            .with_outcome_queue_prefix(&format!("{queue}.outcomes")),
+    );
     let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), "default");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
 
@@ -331,7 +336,7 @@ async fn main() {
     for q in [
         queue.clone(),
         format!("{queue}.quarantine"),
-        "testrunner.outcomes.default.reaction".to_string(),
+        format!("{queue}.outcomes.default"),
     ] {
         let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
     }

@@ -133,6 +133,17 @@ impl fmt::Display for BrokerUri {
     }
 }
 
+/// The arguments outcome queues are declared with: short-lived reports, at most 10,000
+/// messages of at most 10 minutes, the queue removed after an hour unused.
+pub fn outcome_queue_arguments() -> FieldTable {
+    use lapin::types::AMQPValue;
+    let mut args = FieldTable::default();
+    args.insert("x-expires".into(), AMQPValue::LongInt(3_600_000));
+    args.insert("x-max-length".into(), AMQPValue::LongInt(10_000));
+    args.insert("x-message-ttl".into(), AMQPValue::LongInt(600_000));
+    args
+}
+
 /// Which tickets a replay moves.
 #[derive(Clone, Copy, Debug)]
 pub enum ReplayFilter<'a> {
@@ -481,24 +492,22 @@ impl Brokers {
         }
     }
 
-    /// Declares `queue` as an outcome queue (short-lived reports: not durable, at most
-    /// 10,000 messages of at most 10 minutes, removed after an hour unused) and
-    /// consumes it without acks.
+    /// Declares `queue` as an outcome queue (see [`outcome_queue_arguments`]; not
+    /// durable) and consumes it without acks.
     pub async fn consume_outcomes(
         &self,
         uri: &BrokerUri,
         queue: &str,
     ) -> Result<lapin::Consumer, BrokerError> {
         use lapin::options::BasicConsumeOptions;
-        use lapin::types::AMQPValue;
         let channel = self.private_channel(uri).await?;
         let setup = async {
-            let mut args = FieldTable::default();
-            args.insert("x-expires".into(), AMQPValue::LongInt(3_600_000));
-            args.insert("x-max-length".into(), AMQPValue::LongInt(10_000));
-            args.insert("x-message-ttl".into(), AMQPValue::LongInt(600_000));
             channel
-                .queue_declare(queue.into(), QueueDeclareOptions::default(), args)
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions::default(),
+                    outcome_queue_arguments(),
+                )
                 .await?;
             channel
                 .basic_consume(
@@ -516,7 +525,7 @@ impl Brokers {
             .await
     }
 
-    /// Deletes `queue` (a pool's outcome queue once the pool is gone). A queue that
+    /// Deletes `queue` (an outcome queue nobody reports to any more). A queue that
     /// is already gone is fine.
     pub async fn delete_queue(&self, uri: &BrokerUri, queue: &str) -> Result<(), BrokerError> {
         use lapin::options::QueueDeleteOptions;

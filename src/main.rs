@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use testrunner_operator::controller::{self, Settings};
 use testrunner_operator::http::{self, Health};
 use testrunner_operator::metrics::Metrics;
-use testrunner_operator::pods::PodSettings;
+use testrunner_operator::pods::{self, PodSettings};
 use testrunner_operator::telemetry::{self, LogFormat};
 use testrunner_operator::{crd, leader, worker};
 
@@ -145,6 +145,11 @@ struct RunArgs {
     /// from it, so this bounds how long scale-down waits then.
     #[arg(long, env = "TESTRUNNER_WORKER_REPORT_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     worker_report_interval: std::time::Duration,
+    /// Workers report to one outcome queue per namespace, `<prefix>.<namespace>`.
+    /// Operators of clusters that share a broker and have namespaces of the same name
+    /// each need their own prefix (for example `testrunner.outcomes.ci-east`).
+    #[arg(long, env = "TESTRUNNER_OUTCOME_QUEUE_PREFIX", default_value = pods::DEFAULT_OUTCOME_QUEUE_PREFIX, value_parser = pods::check_outcome_queue_prefix)]
+    outcome_queue_prefix: String,
     /// Namespaces to watch, comma separated; all namespaces when empty.
     #[arg(
         long,
@@ -313,6 +318,7 @@ async fn run(args: RunArgs, log_format: LogFormat) -> ExitCode {
             operator_image: args.operator_image,
             report_interval: args.worker_report_interval,
             log_format,
+            outcome_queue_prefix: args.outcome_queue_prefix,
         },
         namespaces: args
             .watch_namespaces

@@ -52,16 +52,72 @@ pub struct PodSettings {
     pub report_interval: std::time::Duration,
     /// The log format of the wrapper and the broker sidecar: the operator's own.
     pub log_format: crate::telemetry::LogFormat,
+    /// The outcome queues are `<prefix>.<namespace>` ([`DEFAULT_OUTCOME_QUEUE_PREFIX`] by
+    /// default): operators of two clusters that share a broker and namespace names
+    /// need different prefixes, or each reads reports of the other's workers.
+    pub outcome_queue_prefix: String,
 }
 
-/// The queue workers report completed tickets to: one per pool, declared by the
-/// operator (`testrunner.outcomes.<namespace>.<pool>`).
-pub fn outcomes_queue(pool: &TestRunnerPool) -> String {
+/// The default prefix of the outcome queues.
+pub const DEFAULT_OUTCOME_QUEUE_PREFIX: &str = "testrunner.outcomes";
+
+/// Checks an outcome queue prefix: `<prefix>.<namespace>` must be a queue name a client
+/// may declare (at most 255 bytes with a namespace of up to 63, not `amq.`).
+pub fn check_outcome_queue_prefix(prefix: &str) -> Result<String, String> {
+    if prefix.is_empty() {
+        return Err("the outcome queue prefix is empty".into());
+    }
+    if prefix.len() > 255 - 64 {
+        return Err(format!(
+            "the outcome queue prefix has {} bytes: at most {} leave room for `.<namespace>`",
+            prefix.len(),
+            255 - 64
+        ));
+    }
+    if prefix.starts_with("amq.") {
+        return Err("queue names starting with `amq.` are reserved by the broker".into());
+    }
+    Ok(prefix.to_string())
+}
+
+/// The environment variable that names the outcome queue in worker pods (in the broker
+/// sidecar in Wrapped mode, in the worker container in Native mode).
+pub const ENV_OUTCOMES_QUEUE: &str = "TESTRUNNER_OUTCOMES_QUEUE";
+
+/// The queue workers report their state and completed tickets to: one per namespace
+/// (and broker), shared by its pools, declared by the operator (`<prefix>.<namespace>`).
+pub fn outcomes_queue(pool: &TestRunnerPool, prefix: &str) -> String {
+    format!("{prefix}.{}", pool.namespace().unwrap_or_default())
+}
+
+/// The queue of a pool's own that operators before the shared outcome queue declared
+/// (`testrunner.outcomes.<namespace>.<pool>`): workers they started still report there.
+pub fn legacy_outcomes_queue(pool: &TestRunnerPool) -> String {
     format!(
-        "testrunner.outcomes.{}.{}",
+        "{DEFAULT_OUTCOME_QUEUE_PREFIX}.{}.{}",
         pool.namespace().unwrap_or_default(),
         pool.name_any()
     )
+}
+
+/// The outcome queue `pod`'s worker reports to, as its spec names it: in the broker
+/// sidecar (Wrapped mode), else in the worker container (Native mode).
+pub fn outcome_queue_of(pod: &Pod) -> Option<String> {
+    let spec = pod.spec.as_ref()?;
+    let reporter = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.name == BROKER_CONTAINER)
+        .or_else(|| spec.containers.iter().find(|c| c.name == WORKER_CONTAINER))?;
+    reporter
+        .env
+        .iter()
+        .flatten()
+        .rev()
+        .find(|e| e.name == ENV_OUTCOMES_QUEUE)
+        .and_then(|e| e.value.clone())
+        .filter(|q| !q.is_empty())
 }
 
 /// The ConfigMap that lists the pool's quarantined tickets for its workers.
@@ -114,6 +170,7 @@ pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &P
     // What both containers are told about the pod.
     let pod_env = vec![
         env("TESTRUNNER_POOL", &pool.name_any()),
+        env("TESTRUNNER_POOL_UID", &pool.uid().unwrap_or_default()),
         env("TESTRUNNER_IMAGE", &spec.workload.image),
         env("TESTRUNNER_REVISION", revision),
         EnvVar {
@@ -136,7 +193,10 @@ pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &P
             "TESTRUNNER_QUARANTINE_QUEUE",
             &spec.queue.quarantine_queue_name(),
         ),
-        env("TESTRUNNER_OUTCOMES_QUEUE", &outcomes_queue(pool)),
+        env(
+            ENV_OUTCOMES_QUEUE,
+            &outcomes_queue(pool, &settings.outcome_queue_prefix),
+        ),
         env(
             "TESTRUNNER_REPORT_INTERVAL",
             &format!("{}ms", settings.report_interval.as_millis()),
@@ -429,6 +489,7 @@ mod tests {
             operator_image: OPERATOR_IMAGE.into(),
             report_interval: REPORT_INTERVAL,
             log_format: crate::telemetry::LogFormat::Pretty,
+            outcome_queue_prefix: DEFAULT_OUTCOME_QUEUE_PREFIX.into(),
         }
     }
 
@@ -624,6 +685,82 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn workers_report_to_their_namespace_s_queue_and_name_their_pool() {
+        let prefixed = PodSettings {
+            outcome_queue_prefix: "testrunner.outcomes.east".into(),
+            ..settings()
+        };
+        for (settings, queue) in [
+            (settings(), "testrunner.outcomes.ci"),
+            (prefixed, "testrunner.outcomes.east.ci"),
+        ] {
+            for p in [pool(), native_pool("command: [/run-tests]")] {
+                let pod = build_pod(&p, "unit-b2c4d", "rev1", &settings);
+                assert_eq!(outcome_queue_of(&pod).as_deref(), Some(queue));
+                let spec = pod.spec.as_ref().unwrap();
+                // Whoever reports (the sidecar, or a Native worker) names the pool.
+                let reporter = spec
+                    .init_containers
+                    .iter()
+                    .flatten()
+                    .find(|c| c.name == BROKER_CONTAINER)
+                    .unwrap_or(&spec.containers[0]);
+                let value = |name| env_value(reporter, name).and_then(|e| e.value.as_deref());
+                assert_eq!(value(ENV_OUTCOMES_QUEUE), Some(queue));
+                assert_eq!(value("TESTRUNNER_POOL"), Some("unit"));
+                assert_eq!(
+                    value("TESTRUNNER_POOL_UID"),
+                    Some("0b4d0c6e-0000-4000-8000-000000000001")
+                );
+            }
+        }
+        assert_eq!(
+            legacy_outcomes_queue(&pool()),
+            "testrunner.outcomes.ci.unit"
+        );
+    }
+
+    #[test]
+    fn the_outcome_queue_of_a_pod_is_the_one_its_reporter_names() {
+        let mut pod = build_pod(&pool(), "unit-b2c4d", "rev1", &settings());
+        // A variable of the test container is not what the sidecar reports to.
+        let spec = pod.spec.as_mut().unwrap();
+        spec.containers[0]
+            .env
+            .get_or_insert_default()
+            .push(env(ENV_OUTCOMES_QUEUE, "elsewhere"));
+        assert_eq!(
+            outcome_queue_of(&pod).as_deref(),
+            Some("testrunner.outcomes.ci")
+        );
+        // An older operator's pod: its pool's own queue.
+        let spec = pod.spec.as_mut().unwrap();
+        let sidecar = &mut spec.init_containers.as_mut().unwrap()[1];
+        sidecar
+            .env
+            .get_or_insert_default()
+            .retain(|e| e.name != ENV_OUTCOMES_QUEUE);
+        sidecar
+            .env
+            .get_or_insert_default()
+            .push(env(ENV_OUTCOMES_QUEUE, "testrunner.outcomes.ci.unit"));
+        assert_eq!(
+            outcome_queue_of(&pod).as_deref(),
+            Some("testrunner.outcomes.ci.unit")
+        );
+        assert_eq!(outcome_queue_of(&Pod::default()), None);
+    }
+
+    #[test]
+    fn outcome_queue_prefixes_are_checked() {
+        assert!(check_outcome_queue_prefix("testrunner.outcomes.east").is_ok());
+        assert!(check_outcome_queue_prefix("").is_err());
+        assert!(check_outcome_queue_prefix("amq.outcomes").is_err());
+        assert!(check_outcome_queue_prefix(&"x".repeat(192)).is_err());
+        assert!(check_outcome_queue_prefix(&"x".repeat(191)).is_ok());
     }
 
     #[test]

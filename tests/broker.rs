@@ -10,6 +10,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use testrunner_operator::broker::{BrokerSettings, BrokerUri, Brokers, Probe};
+use testrunner_operator::crd::TestRunnerPool;
 use tokio::net::{TcpListener, TcpStream};
 
 mod common;
@@ -582,4 +583,217 @@ async fn a_broker_node_of_its_own_restarts_with_its_messages_and_probes_recover(
     tokio::task::spawn_blocking(move || drop(node))
         .await
         .unwrap();
+}
+
+fn pool_in_store(name: &str, uid: &str) -> kube::core::DeserializeGuard<TestRunnerPool> {
+    kube::core::DeserializeGuard(Ok(serde_json::from_value(serde_json::json!({
+        "apiVersion": "testrunner.dev/v1alpha1", "kind": "TestRunnerPool",
+        "metadata": {"name": name, "namespace": "ci", "uid": uid},
+        "spec": {"image": "registry.example/test-runner:1", "command": ["/run-tests"],
+            "queue": {"name": "tickets", "connectionSecretRef": {"name": "rabbitmq"}}},
+    }))
+    .unwrap()))
+}
+
+/// The pools of a namespace on one broker share one outcome reader: five pools cost one
+/// connection, one outcome queue and one consumer. Each report reaches the pool it names;
+/// a report of a pool that is gone, or of an older pool of the same name, is dropped. When
+/// the consumer is set up again (here: its queue was deleted under it), every pool forgets
+/// what its workers last said. The queue goes with the last pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pools_of_a_namespace_share_one_outcome_queue_and_consumer() {
+    use kube::runtime::reflector::{ObjectRef, store::Writer};
+    use kube::runtime::watcher;
+    use testrunner_operator::contract::Report;
+    use testrunner_operator::controller::{ProbeKey, Probes};
+    use testrunner_operator::core::Activity;
+
+    const POOLS: usize = 5;
+    let conn = connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let work = queue_name("shared-work");
+    declare(&ch, &work).await;
+    let outcomes = queue_name("shared-outcomes");
+
+    let mut writer = Writer::<kube::core::DeserializeGuard<TestRunnerPool>>::default();
+    let (tx, _rx) = futures::channel::mpsc::unbounded();
+    let brokers = Brokers::default();
+    let probes = Probes::new(
+        brokers.clone(),
+        std::sync::Arc::new(testrunner_operator::metrics::Metrics::default()),
+        writer.as_reader(),
+        tx,
+    );
+    let pools: Vec<_> = (0..POOLS)
+        .map(|i| pool_in_store(&format!("p{i}"), &format!("uid-{i}")))
+        .collect();
+    let refs: Vec<_> = pools.iter().map(ObjectRef::from_obj).collect();
+    for (pool, r) in pools.iter().zip(&refs) {
+        writer.apply_watcher_event(&watcher::Event::Apply(pool.clone()));
+        let key = ProbeKey {
+            uri: BrokerUri::parse(BROKER).unwrap(),
+            queue: work.clone(),
+            interval: Duration::from_millis(200),
+            outcomes: outcomes.clone(),
+        };
+        probes.ensure(r, key, Some(format!("uid-{}", &r.name[1..])));
+    }
+    let consumers = |queue: String| {
+        let conn = &conn;
+        async move {
+            let ch = conn.create_channel().await.unwrap();
+            let counts = common::passive_declare(&ch, &queue).await.ok();
+            counts.map(|q| q.consumer_count())
+        }
+    };
+    eventually(
+        "one consumer on the namespace's outcome queue",
+        Duration::from_secs(10),
+        || async { consumers(outcomes.clone()).await == Some(1) },
+    )
+    .await;
+    assert_eq!(probes.outcome_readers(), 1, "one reader for {POOLS} pools");
+    assert_eq!(brokers.connections(), 1, "one connection for {POOLS} pools");
+
+    // Reports: two to drop, then one for each pool.
+    let publish = |report: Report| {
+        let ch = &ch;
+        let outcomes = &outcomes;
+        async move {
+            ch.basic_publish(
+                "".into(),
+                outcomes.as_str().into(),
+                BasicPublishOptions::default(),
+                &report.to_vec(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+    };
+    publish(Report::state("gone-bcdfg", "r1", Some(("t-gone", 1))).of_pool("gone", "uid-9")).await;
+    publish(Report::state("p0-zzzzz", "r1", Some(("t-old", 1))).of_pool("p0", "uid-old")).await;
+    for i in 0..POOLS {
+        let pod = format!("p{i}-bcdfg");
+        let ticket = format!("t-{i}");
+        publish(
+            Report::state(&pod, "r1", Some((&ticket, 1)))
+                .of_pool(&format!("p{i}"), &format!("uid-{i}")),
+        )
+        .await;
+    }
+    for (i, r) in refs.iter().enumerate() {
+        let expected = std::collections::HashMap::from([(
+            format!("p{i}-bcdfg"),
+            Activity::Busy {
+                ticket: format!("t-{i}"),
+            },
+        )]);
+        eventually(
+            &format!("pool p{i} to hear its own worker, and only it"),
+            Duration::from_secs(10),
+            || async { probes.activity(r) == expected },
+        )
+        .await;
+    }
+
+    // The consumer set up again: every pool forgets what it heard.
+    ch.queue_delete(outcomes.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    eventually(
+        "the queue declared and consumed again, every pool knowing nothing",
+        Duration::from_secs(10),
+        || async {
+            consumers(outcomes.clone()).await == Some(1)
+                && refs.iter().all(|r| probes.activity(r).is_empty())
+        },
+    )
+    .await;
+
+    // Pods of an older operator: p1's report on a queue of its own, without naming
+    // their pool; p2's on a queue the operator did not make (read, never deleted).
+    let own = queue_name("own");
+    let other = queue_name("other");
+    probes.read_legacy(&refs[1], [own.clone()].into(), [own.clone()].into());
+    probes.read_legacy(&refs[2], [other.clone()].into(), [own.clone()].into());
+    eventually("both queues consumed", Duration::from_secs(10), || async {
+        consumers(own.clone()).await == Some(1) && consumers(other.clone()).await == Some(1)
+    })
+    .await;
+    for (queue, pod) in [(&own, "p1-ccccc"), (&other, "p2-ccccc")] {
+        ch.basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            &Report::state(pod, "r1", Some(("t-own", 1))).to_vec(),
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    for (i, pod) in [(1, "p1-ccccc"), (2, "p2-ccccc")] {
+        let expected = std::collections::HashMap::from([(
+            pod.to_string(),
+            Activity::Busy {
+                ticket: "t-own".into(),
+            },
+        )]);
+        eventually(
+            &format!("pool p{i} to hear its older worker"),
+            Duration::from_secs(10),
+            || async { probes.activity(&refs[i]) == expected },
+        )
+        .await;
+    }
+
+    // The queue stays while a pool of the namespace is left, and goes with the last.
+    for pool in &pools[1..] {
+        writer.apply_watcher_event(&watcher::Event::Delete(pool.clone()));
+    }
+    eventually("four pools to go", Duration::from_secs(10), || async {
+        probes.len() == 1
+    })
+    .await;
+    eventually(
+        "p1's own queue to go with p1",
+        Duration::from_secs(10),
+        || async { consumers(own.clone()).await.is_none() },
+    )
+    .await;
+    eventually(
+        "p2's other queue to be read no more, and kept",
+        Duration::from_secs(10),
+        || async { consumers(other.clone()).await == Some(0) },
+    )
+    .await;
+    assert_eq!(
+        consumers(outcomes.clone()).await,
+        Some(1),
+        "the last pool reads it"
+    );
+    writer.apply_watcher_event(&watcher::Event::Delete(pools[0].clone()));
+    eventually(
+        "the outcome queue and the connection to go with the last pool",
+        Duration::from_secs(10),
+        || async {
+            consumers(outcomes.clone()).await.is_none()
+                && probes.outcome_readers() == 0
+                && brokers.connections() == 0
+        },
+    )
+    .await;
+    let _ = ch
+        .queue_delete(work.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = ch
+        .queue_delete(outcomes.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = ch
+        .queue_delete(other.as_str().into(), QueueDeleteOptions::default())
+        .await;
 }

@@ -403,6 +403,7 @@ fn operator_pod(vars: &Vars) -> Value {
         operator_image: "registry.example/testrunner-operator:1".into(),
         report_interval: pods::REPORT_INTERVAL,
         log_format: testrunner_operator::telemetry::LogFormat::Pretty,
+        outcome_queue_prefix: pods::DEFAULT_OUTCOME_QUEUE_PREFIX.into(),
     };
     let pod = pods::build_pod(&pool, "diff-pool-worker", "rev1", &settings);
     let mut pod = serde_json::to_value(pod).expect("a pod serializes");

@@ -193,6 +193,7 @@ async fn wrapper_runs_in(root: PathBuf) {
         operator_image: "testrunner-operator:test".into(),
         report_interval: Duration::from_secs(2),
         log_format: testrunner_operator::telemetry::LogFormat::Json,
+        outcome_queue_prefix: testrunner_operator::pods::DEFAULT_OUTCOME_QUEUE_PREFIX.into(),
     };
     let mut pod = serde_json::to_value(testrunner_operator::pods::build_pod(
         &pool,
@@ -364,12 +365,16 @@ async fn a_pool_runs_each_ticket_once_in(root: PathBuf) {
     std::fs::create_dir_all(&ledger).unwrap();
     let sim = simulation(BROKER, root).await;
     let client = sim.client();
-    let operator = controller::spawn(client.clone(), Settings::in_process(vec!["default".into()]));
+    // Its own outcome queue: other tests run operators on the same broker and namespace.
+    let outcomes_prefix = format!("{queue}.outcomes");
+    let operator = controller::spawn(
+        client.clone(),
+        Settings::in_process(vec!["default".into()]).with_outcome_queue_prefix(&outcomes_prefix),
+    );
     let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), "default");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let pool: TestRunnerPool = serde_json::from_value(json!({
         "apiVersion": "testrunner.dev/v1alpha1", "kind": "TestRunnerPool",
-        // Its own name: the outcome queue is named after the pool.
         "metadata": {"name": format!("pool-{}", root_name)},
         "spec": {"image": IMAGE,
             "command": ["sh", "-c", format!("{NOT_ON_HOST} echo \"$TICKET_ID start\" >> /ledger/log; cat >/dev/null; sleep 0.2; echo \"$TICKET_ID end\" >> /ledger/log")],
@@ -423,10 +428,7 @@ async fn a_pool_runs_each_ticket_once_in(root: PathBuf) {
     operator.abort();
     sim.shutdown().await;
     let _ = std::fs::remove_dir_all(&ledger);
-    let outcomes = format!(
-        "testrunner.outcomes.default.{}",
-        pool.metadata.name.as_deref().unwrap_or_default()
-    );
+    let outcomes = format!("{outcomes_prefix}.default");
     remove_queues(
         conn,
         &ch,

@@ -140,7 +140,9 @@ async fn hostile_tickets_never_find_the_broker_password(on: On) {
     let queue = format!("hostile-{tag}");
     let quarantine = format!("{queue}.quarantine");
     let pool_name = format!("hostile-{}", &tag[..tag.find('-').unwrap()]);
-    let outcomes = format!("testrunner.outcomes.default.{pool_name}");
+    // Its own outcome queue: other tests run operators on the same broker and namespace.
+    let outcomes_prefix = format!("{queue}.outcomes");
+    let outcomes = format!("{outcomes_prefix}.default");
     let conn = lapin::Connection::connect(
         &common::broker_uri(),
         lapin::ConnectionProperties::default(),
@@ -177,7 +179,10 @@ async fn hostile_tickets_never_find_the_broker_password(on: On) {
         }
     };
     let client = sim.client();
-    let operator = controller::spawn(client.clone(), Settings::in_process(vec!["default".into()]));
+    let operator = controller::spawn(
+        client.clone(),
+        Settings::in_process(vec!["default".into()]).with_outcome_queue_prefix(&outcomes_prefix),
+    );
     let pools: Api<TestRunnerPool> = Api::namespaced(client.clone(), "default");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let pool: TestRunnerPool = serde_json::from_value(json!({

@@ -31,6 +31,20 @@ struct Target {
     /// Allowance on top of the poll interval for pods to appear.
     margin: Duration,
     sim: Option<sim::Simulation>,
+    /// The prefix of the operator's outcome queues: scenarios run side by side in the
+    /// same namespace on one broker, each with an operator of its own.
+    outcomes: String,
+}
+
+/// An outcome queue prefix no other scenario uses.
+fn outcomes_prefix() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    format!(
+        "testrunner.outcomes.sim-{}-{}-{}",
+        std::process::id(),
+        jiff::Timestamp::now().as_millisecond(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
 }
 
 /// Which API server a scenario's simulated cluster uses.
@@ -70,6 +84,7 @@ impl Target {
                 image: "example.org/runner:1".into(),
                 margin: Duration::from_secs(15),
                 sim: Some(sim),
+                outcomes: outcomes_prefix(),
             };
         };
         eprintln!("TESTRUNNER_E2E_KUBECONFIG is set: running on that cluster ({on:?} ignored)");
@@ -124,7 +139,18 @@ impl Target {
             image,
             margin: Duration::from_secs(120),
             sim: None,
+            outcomes: outcomes_prefix(),
         }
+    }
+
+    /// The settings of this scenario's operator (each one started on it).
+    fn settings(&self) -> Settings {
+        Settings::in_process(vec![self.namespace.clone()]).with_outcome_queue_prefix(&self.outcomes)
+    }
+
+    /// The outcome queue of the scenario's namespace.
+    fn outcome_queue(&self) -> String {
+        format!("{}.{}", self.outcomes, self.namespace)
     }
 
     async fn finish(self) {
@@ -219,7 +245,7 @@ async fn a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the
     let target = Target::new(on).await;
     let client = target.client.clone();
     let ns = target.namespace.clone();
-    let mut operator = controller::spawn(client.clone(), Settings::in_process(vec![ns.clone()]));
+    let mut operator = controller::spawn(client.clone(), target.settings());
 
     let ids = publish_to_test_queue(&conn, &queue, 6).await;
     assert_eq!(ids.len(), 6);
@@ -275,7 +301,7 @@ async fn a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the
     pods.delete(&victim, &DeleteParams::default().grace_period(0))
         .await
         .unwrap();
-    operator = controller::spawn(client.clone(), Settings::in_process(vec![ns.clone()]));
+    operator = controller::spawn(client.clone(), target.settings());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let live: Vec<String> = pods
@@ -664,7 +690,7 @@ impl Scenario {
             );
         }
         let (client, ns) = (target.client.clone(), target.namespace.clone());
-        let operator = controller::spawn(client.clone(), Settings::in_process(vec![ns.clone()]));
+        let operator = controller::spawn(client.clone(), target.settings());
         let queue = queue_name(name);
         let ledger = Ledger::new(name);
         let ids = publish_to_test_queue(&conn, &queue, tickets).await;
@@ -682,8 +708,8 @@ impl Scenario {
 }
 
 /// Stops the operator and the cluster and removes the scenario's queues, the outcome
-/// queues of its pools included (the operator deletes those when a pool is deleted;
-/// these pools go with the cluster instead).
+/// queue of its namespace included (the operator deletes it when the namespace's last
+/// pool is deleted; these pools go with the cluster instead).
 async fn finish(
     conn: lapin::Connection,
     target: Target,
@@ -691,24 +717,7 @@ async fn finish(
     queue: &str,
 ) {
     operator.abort();
-    let pools: Api<TestRunnerPool> = Api::namespaced(target.client.clone(), &target.namespace);
-    let names: Vec<String> = pools
-        .list(&ListParams::default())
-        .await
-        .map(|l| {
-            l.items
-                .into_iter()
-                .filter_map(|p| p.metadata.name)
-                .collect()
-        })
-        .unwrap_or_default();
-    for name in names {
-        delete_queue(
-            &conn,
-            &format!("testrunner.outcomes.{}.{name}", target.namespace),
-        )
-        .await;
-    }
+    delete_queue(&conn, &target.outcome_queue()).await;
     target.finish().await;
     delete_queue(&conn, queue).await;
     delete_queue(&conn, &format!("{queue}.quarantine")).await;
@@ -848,8 +857,8 @@ async fn a_long_ticket_runs_once_while_the_empty_queue_would_scale_the_pool_to_z
     )
     .await;
 
-    // The pool's outcome queue goes with the pool.
-    let outcomes = format!("testrunner.outcomes.{ns}.long");
+    // The namespace's outcome queue goes with its last pool.
+    let outcomes = target.outcome_queue();
     assert!(queue_exists(&conn, &outcomes).await);
     pools
         .delete("long", &DeleteParams::default())
@@ -937,7 +946,7 @@ async fn long_and_short_tickets(on: On, name: &str, restart: bool) {
         .await;
         operator.abort();
         let _ = operator.await;
-        operator = controller::spawn(client.clone(), Settings::in_process(vec![ns.clone()]));
+        operator = controller::spawn(client.clone(), target.settings());
     }
     let all: Vec<String> = short.iter().chain(&long).cloned().collect();
     eventually(
@@ -1004,7 +1013,7 @@ async fn an_operator_restart_mid_run_loses_nothing_and_runs_nothing_twice(on: On
         || async { ledger.count("end").len() > done_before },
     )
     .await;
-    operator = controller::spawn(client.clone(), Settings::in_process(vec![ns.clone()]));
+    operator = controller::spawn(client.clone(), target.settings());
 
     eventually(
         "every ticket to complete",
@@ -1887,7 +1896,7 @@ async fn an_operator_restart_mid_rollout_resumes_the_canary_and_promotes_it(on: 
         || async { s.ledger.count("end").len() >= done + 5 },
     )
     .await;
-    s.operator = controller::spawn(s.client.clone(), Settings::in_process(vec![s.ns.clone()]));
+    s.operator = controller::spawn(s.client.clone(), s.target.settings());
 
     // The new operator goes on with the same rollout, counting on from status.
     let promoted = rollout_when(&pools, "resume", ":2 to be promoted", |r| {
@@ -1921,11 +1930,7 @@ async fn an_operator_restart_mid_rollout_resumes_the_canary_and_promotes_it(on: 
     );
     // As after a real restart, only the running operator reads the workers' reports.
     assert_eq!(
-        consumers(
-            &s.conn,
-            &testrunner_operator::pods::outcomes_queue(&pools.get("resume").await.unwrap())
-        )
-        .await,
+        consumers(&s.conn, &s.target.outcome_queue()).await,
         1,
         "one reader of the outcome reports"
     );
@@ -1935,6 +1940,252 @@ async fn an_operator_restart_mid_rollout_resumes_the_canary_and_promotes_it(on: 
     s.ledger.assert_each_once(&ids);
 
     finish(s.conn, s.target, s.operator, &s.queue).await;
+}
+
+/// Pools of one namespace on one broker: three pools, one long ticket each on a queue
+/// of its own, ending at different times. Their workers report on the one outcome queue
+/// of the namespace, and each report reaches its pool: each pool counts its worker busy
+/// and keeps it past the scale-down delay and the grace period, and removes it once it
+/// reports idle. The broker holds one outcome queue with one consumer for all three,
+/// and no queue of a pool's own; the queue goes with the last pool.
+async fn pools_of_a_namespace_share_one_outcome_queue_and_each_keeps_its_busy_worker(on: On) {
+    let Scenario {
+        conn,
+        target,
+        client,
+        ns,
+        operator,
+        queue,
+        ledger,
+        ..
+    } = Scenario::start(on, "shared", 0).await;
+    let (pools, pods) = apis_in(&client, &ns);
+    let mut names = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..3u32 {
+        // Each pool is named after its queue: both are the scenario's own.
+        let name = format!("{queue}-{i}");
+        ids.extend(publish_to_test_queue(&conn, &name, 1).await);
+        let mut pool = wrapped_pool(
+            &name,
+            &target.image,
+            &name,
+            ledger.command(20.0 + 5.0 * f64::from(i)),
+            json!({"minWorkers": 0, "maxWorkers": 2, "pollInterval": "500ms", "scaleDownDelay": "2s"}),
+        );
+        pool.spec.workload.template =
+            Some(serde_json::from_value(json!({"terminationGracePeriodSeconds": 4})).unwrap());
+        pools.create(&PostParams::default(), &pool).await.unwrap();
+        names.push(name);
+    }
+
+    eventually("every ticket to start", Duration::from_secs(40), || async {
+        ledger.count("start").len() == 3
+    })
+    .await;
+    // Busy counts only what a worker's own report says: each report reached its pool.
+    for name in &names {
+        eventually(
+            &format!("pool {name} to show its worker busy"),
+            Duration::from_secs(10),
+            || async { workers(&pools, name).await == (1, 1, 1) },
+        )
+        .await;
+    }
+    // What the pools cost the broker: one outcome queue, read by one consumer.
+    let outcomes = target.outcome_queue();
+    assert_eq!(
+        consumers(&conn, &outcomes).await,
+        1,
+        "one reader for three pools"
+    );
+    for name in &names {
+        let own = format!("testrunner.outcomes.{ns}.{name}");
+        assert!(
+            !queue_exists(&conn, &own).await,
+            "no queue of a pool's own: {own}"
+        );
+    }
+    // Past the scale-down delay plus the grace period, every busy worker stays until
+    // its ticket is done.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    while tokio::time::Instant::now() < deadline {
+        for (name, id) in names.iter().zip(&ids) {
+            let live = live_pods(&pods, name).await;
+            if !ledger.count("end").contains_key(id) {
+                assert_eq!(live, 1, "the busy worker of {name} stays");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Each pool removes its worker once that worker reported idle, and only then.
+    for name in &names {
+        eventually(
+            &format!("the worker of {name} to go once done"),
+            Duration::from_secs(60),
+            || async { all_pods(&pods, name).await == 0 },
+        )
+        .await;
+    }
+    ledger.assert_each_once(&ids);
+
+    // The namespace's queue stays while a pool uses it, and goes with the last one.
+    for name in &names[..2] {
+        pools.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    eventually(
+        "the deleted pools to be swept",
+        Duration::from_secs(20),
+        || async {
+            pools
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .len()
+                == 1
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        consumers(&conn, &outcomes).await,
+        1,
+        "the last pool still reads it"
+    );
+    pools
+        .delete(&names[2], &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "the outcome queue to be deleted with the last pool",
+        Duration::from_secs(20),
+        || async { !queue_exists(&conn, &outcomes).await },
+    )
+    .await;
+
+    for name in &names {
+        delete_queue(&conn, name).await;
+        delete_queue(&conn, &format!("{name}.quarantine")).await;
+    }
+    finish(conn, target, operator, &queue).await;
+}
+
+/// An operator upgrade: a worker pod started by an older operator reports on its pool's
+/// own queue (`testrunner.outcomes.<namespace>.<pool>`) and does not name its pool. The
+/// new operator reads that queue while such a pod is there, so it knows the worker is
+/// busy with a long ticket and keeps it, removes it once it reports idle, and then
+/// deletes the queue nobody reports to any more.
+async fn a_worker_of_an_older_operator_is_still_heard_on_its_pool_s_own_queue(on: On) {
+    let conn = broker().await;
+    let target = Target::new(on).await;
+    assert!(
+        target.sim.is_some(),
+        "the ticket ledger is a local file: the simulated cluster only"
+    );
+    let client = target.client.clone();
+    let ns = target.namespace.clone();
+    let (pools, pods) = apis_in(&client, &ns);
+    let queue = queue_name("legacy");
+    let ledger = Ledger::new("legacy");
+    let ids = publish_to_test_queue(&conn, &queue, 1).await;
+    let name = queue.clone();
+    let mut pool = wrapped_pool(
+        &name,
+        &target.image,
+        &queue,
+        ledger.command(20.0),
+        json!({"minWorkers": 0, "maxWorkers": 2, "pollInterval": "500ms", "scaleDownDelay": "2s"}),
+    );
+    pool.spec.workload.template =
+        Some(serde_json::from_value(json!({"terminationGracePeriodSeconds": 4})).unwrap());
+    let pool = pools.create(&PostParams::default(), &pool).await.unwrap();
+
+    // What the older operator left: the queue it declared, and a pod reporting there
+    // without naming its pool.
+    let own = format!("testrunner.outcomes.{ns}.{name}");
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        own.as_str().into(),
+        Default::default(),
+        testrunner_operator::broker::outcome_queue_arguments(),
+    )
+    .await
+    .unwrap();
+    let settings = target.settings().pods;
+    let revision = testrunner_operator::core::revision(&pool.spec);
+    let mut old = serde_json::to_value(testrunner_operator::pods::build_pod(
+        &pool,
+        &format!("{name}-bcdfg"),
+        &revision,
+        &settings,
+    ))
+    .unwrap();
+    for list in ["initContainers", "containers"] {
+        for c in old["spec"][list].as_array_mut().unwrap() {
+            if let Some(env) = c["env"].as_array_mut() {
+                env.retain(|e| {
+                    e["name"] != "TESTRUNNER_POOL" && e["name"] != "TESTRUNNER_POOL_UID"
+                });
+                for e in env {
+                    if e["name"] == "TESTRUNNER_OUTCOMES_QUEUE" {
+                        e["value"] = json!(own);
+                    }
+                }
+            }
+        }
+    }
+    pods.create(
+        &PostParams::default(),
+        &serde_json::from_value(old).unwrap(),
+    )
+    .await
+    .unwrap();
+    eventually(
+        "the old worker to take the ticket",
+        Duration::from_secs(30),
+        || async { ledger.count("start").len() == 1 },
+    )
+    .await;
+
+    // The new operator.
+    let operator = controller::spawn(client.clone(), target.settings());
+    eventually(
+        "the status to show the old worker busy",
+        Duration::from_secs(15),
+        || async { workers(&pools, &name).await == (1, 1, 1) },
+    )
+    .await;
+    assert_eq!(
+        consumers(&conn, &own).await,
+        1,
+        "the pool's own queue is read"
+    );
+    assert_eq!(consumers(&conn, &target.outcome_queue()).await, 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+    while tokio::time::Instant::now() < deadline {
+        let live = live_pods(&pods, &name).await;
+        if ledger.count("end").is_empty() {
+            assert_eq!(live, 1, "the busy old worker stays");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eventually(
+        "the old worker to go once it reported idle",
+        Duration::from_secs(40),
+        || async { all_pods(&pods, &name).await == 0 },
+    )
+    .await;
+    ledger.assert_each_once(&ids);
+    eventually(
+        "the pool's own queue to be deleted once no pod reports there",
+        Duration::from_secs(20),
+        || async { !queue_exists(&conn, &own).await },
+    )
+    .await;
+
+    delete_queue(&conn, &own).await;
+    finish(conn, target, operator, &queue).await;
 }
 
 /// Each scenario runs twice: on the embedded API server (`embedded::NAME`), and on a
@@ -1978,6 +2229,8 @@ on_both!(
     a_good_upgrade_under_load_is_promoted_and_replaces_every_pod_without_interrupting_a_ticket,
     a_newer_image_supersedes_a_rollout_in_progress_and_is_promoted_in_its_place,
     an_operator_restart_mid_rollout_resumes_the_canary_and_promotes_it,
+    pools_of_a_namespace_share_one_outcome_queue_and_each_keeps_its_busy_worker,
+    a_worker_of_an_older_operator_is_still_heard_on_its_pool_s_own_queue,
 );
 
 /// Processes whose command line mentions `needle` (the control plane's components name
@@ -2207,7 +2460,7 @@ spec:
         .collect();
     assert!(left.is_empty(), "simulate removed its files: {left:?}");
     delete_queue(&conn, &queue).await;
-    delete_queue(&conn, "testrunner.outcomes.default.walk").await;
+    delete_queue(&conn, "testrunner.outcomes.default").await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -46,6 +46,7 @@ fn context(client: Client) -> Arc<Context> {
             operator_image: "registry.example/testrunner-operator:0.1.0".into(),
             report_interval: testrunner_operator::pods::REPORT_INTERVAL,
             log_format: testrunner_operator::telemetry::LogFormat::Pretty,
+            outcome_queue_prefix: testrunner_operator::pods::DEFAULT_OUTCOME_QUEUE_PREFIX.into(),
         },
         namespaces: vec![],
         controller_name: "testrunner-operator".into(),

@@ -8,7 +8,7 @@
 //!   charge to the ticket in hand;
 //! - the termination log, [`TerminationLine`]: one line the wrapper overwrites before each
 //!   step and the operator reads back after a crash;
-//! - the reports on the pool's outcome queue, [`Report`];
+//! - the reports on the namespace's outcome queue, [`Report`];
 //! - the quarantine list the operator mounts into worker pods, [`QuarantineEntry`];
 //! - ticket ids ([`ticket_id`]) and the message headers the operator and its workers set
 //!   ([`HEADER_PREFIX`] and the names after it);
@@ -84,23 +84,25 @@ mod tests {
                 proptest::option::of(any::<u64>()),
                 proptest::option::of(any::<u64>()),
             ),
+            ("\\PC{0,20}", "[0-9a-f-]{0,36}"),
         )
             .prop_map(
                 |(
                     (pod, revision, state, outcome),
                     (ticket, delivery, exit_code, duration_ms, waited_ms),
-                )| {
-                    Report {
-                        pod,
-                        revision,
-                        state,
-                        outcome,
-                        ticket,
-                        delivery,
-                        exit_code,
-                        duration_ms,
-                        waited_ms,
-                    }
+                    (pool, pool_uid),
+                )| Report {
+                    pool,
+                    pool_uid,
+                    pod,
+                    revision,
+                    state,
+                    outcome,
+                    ticket,
+                    delivery,
+                    exit_code,
+                    duration_ms,
+                    waited_ms,
                 },
             )
     }

@@ -13,6 +13,11 @@
 //!
 //! Workers built before state reports existed send outcome reports only; they parse
 //! here as they always did.
+//!
+//! The outcome queue is shared by the pools of a namespace (`<prefix>.<namespace>`), so a
+//! report names its pool (`pool`, and `poolUid` to tell a pool from an older one of the
+//! same name). Workers built when each pool had a queue of its own (`<prefix>.<namespace>.<pool>`)
+//! leave both out; they parse here with both empty.
 
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +48,12 @@ pub enum Outcome {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Report {
+    /// The worker's pool; empty from workers that report on a queue of their pool's own.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pool: String,
+    /// The uid of the worker's pool, when the worker knows it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pool_uid: String,
     /// The worker's pod.
     #[serde(default)]
     pub pod: String,
@@ -97,6 +108,15 @@ impl Report {
         Self { waited_ms, ..self }
     }
 
+    /// The same report, naming the worker's pool (`name`, and its `uid` when known).
+    pub fn of_pool(self, name: &str, uid: &str) -> Self {
+        Self {
+            pool: name.into(),
+            pool_uid: uid.into(),
+            ..self
+        }
+    }
+
     /// The JSON body.
     pub fn to_vec(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a report serializes")
@@ -149,6 +169,25 @@ mod tests {
             "a quarantined ticket did not run"
         );
         assert_eq!(Report::parse(b"not json"), None);
+        assert_eq!(
+            (r.pool.as_str(), r.pool_uid.as_str()),
+            ("", ""),
+            "no pool named"
+        );
+    }
+
+    #[test]
+    fn reports_name_their_pool_and_older_readers_ignore_it() {
+        let r = Report::state("unit-a", "r1", None).of_pool("unit", "5f1c");
+        let text = String::from_utf8(r.to_vec()).unwrap();
+        assert!(
+            text.contains(r#""pool":"unit""#) && text.contains(r#""poolUid":"5f1c""#),
+            "{text}"
+        );
+        assert_eq!(Report::parse(text.as_bytes()), Some(r));
+        // A report without a pool says nothing of it on the wire, as before.
+        let bare = String::from_utf8(Report::state("unit-a", "r1", None).to_vec()).unwrap();
+        assert!(!bare.contains("pool"), "{bare}");
     }
 
     #[test]

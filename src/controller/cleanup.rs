@@ -1,7 +1,8 @@
 //! Cleanup: what a deleted pool leaves in this process goes once the pool is gone: its
 //! metric series, and its alerts (resolved at the receivers). The pool's probe task
-//! removes the broker's side itself (the outcome queue, an unused connection) when it
-//! sees the pool gone; a pool that never had a probe task (its Secret held no valid
+//! removes the broker's side itself when it sees the pool gone (it leaves its namespace's
+//! outcome reader, which deletes the outcome queue with the namespace's last pool, and an
+//! unused connection is closed); a pool that never had a probe task (its Secret held no valid
 //! broker URI) is swept all the same.
 
 use std::collections::HashSet;

@@ -2,8 +2,8 @@
 //! core for a plan, applies it, and sweeps what deleted pools leave behind.
 //!
 //! `observe` (Secret, probe cache, pods) → `core::plan` → `apply` (quarantine,
-//! pods, events, status, alerts, metrics); `probes` (one queue probe and outcome
-//! reader per pool), `cleanup` (series and alerts of deleted pools), `events`
+//! pods, events, status, alerts, metrics); `probes` (one queue probe per pool, one
+//! outcome reader per namespace and broker), `cleanup` (series and alerts of deleted pools), `events`
 //! (the event recorder).
 
 mod apply;
@@ -146,11 +146,20 @@ impl Settings {
                 operator_image: concat!("testrunner-operator:", env!("CARGO_PKG_VERSION")).into(),
                 report_interval: Duration::from_secs(2),
                 log_format: crate::telemetry::LogFormat::Pretty,
+                outcome_queue_prefix: crate::pods::DEFAULT_OUTCOME_QUEUE_PREFIX.into(),
             },
             namespaces,
             controller_name: "testrunner-operator".into(),
             instance: Some("in-process".into()),
         }
+    }
+
+    /// The same settings with outcome queues `<prefix>.<namespace>`: operators that share
+    /// a broker and namespace names (clusters, or tests run side by side) each need
+    /// their own prefix.
+    pub fn with_outcome_queue_prefix(mut self, prefix: &str) -> Self {
+        self.pods.outcome_queue_prefix = prefix.into();
+        self
     }
 }
 
@@ -168,7 +177,7 @@ pub struct Context {
     pub client: Client,
     /// Broker connections.
     pub brokers: Brokers,
-    /// Probe tasks, one per pool.
+    /// Probe tasks, one per pool, and outcome readers, one per namespace and broker.
     pub probes: Probes,
     /// Metrics.
     pub metrics: Arc<Metrics>,

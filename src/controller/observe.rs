@@ -2,6 +2,8 @@
 //! latest answer and the workers' reports, the pool's pods), as the core's
 //! [`Observed`].
 
+use std::collections::BTreeSet;
+
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
@@ -32,6 +34,7 @@ pub(super) async fn observe(
     ctx: &Context,
 ) -> Result<Seen, Error> {
     let uri = broker_uri(pool, ctx).await?;
+    let outcomes = pods::outcomes_queue(pool, &ctx.settings.pods.outcome_queue_prefix);
     let broker = match &uri {
         Ok(uri) => ctx.probes.ensure(
             key,
@@ -39,8 +42,9 @@ pub(super) async fn observe(
                 uri: uri.clone(),
                 queue: pool.spec.queue.name.clone(),
                 interval: core::settings(&pool.spec).unwrap_or_default().poll_interval,
-                outcomes: pods::outcomes_queue(pool),
+                outcomes: outcomes.clone(),
             },
+            pool.uid(),
         ),
         Err(_) => {
             ctx.probes.stop(key);
@@ -63,6 +67,19 @@ pub(super) async fn observe(
                 .any(|o| Some(&o.uid) == uid.as_ref())
         })
         .collect();
+    // Pods of an older operator report on a queue of their pool's own (or under another
+    // prefix): read it as long as they are there, so that no report is lost across an
+    // upgrade; the pool's own queue goes once they are gone.
+    let named: BTreeSet<String> = owned
+        .iter()
+        .filter_map(|p| pods::outcome_queue_of(p))
+        .filter(|q| *q != outcomes)
+        .collect();
+    ctx.probes.read_legacy(
+        key,
+        named,
+        BTreeSet::from([pods::legacy_outcomes_queue(pool)]),
+    );
     let activity = ctx.probes.activity(key);
     let observed = Observed {
         pods: owned

@@ -93,7 +93,8 @@ pub struct ConsumeArgs {
     pub queue: Option<String>,
     /// Queue that receives the worker's reports: its state (idle, or the ticket in
     /// hand, so that the operator never removes a busy worker) and one outcome per
-    /// completed ticket (to tell a poison ticket from a broken image). None when empty.
+    /// completed ticket (to tell a poison ticket from a broken image). Shared by the
+    /// pools of a namespace: each report names `--pool`. None when empty.
     #[arg(long, env = "TESTRUNNER_OUTCOMES_QUEUE", default_value = "")]
     pub outcomes_queue: String,
     /// Queue that quarantined tickets are moved to.
@@ -108,6 +109,14 @@ pub struct ConsumeArgs {
     /// outcome queue, besides reporting every change at once.
     #[arg(long, env = "TESTRUNNER_REPORT_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub report_interval: Duration,
+    /// Name of this worker's pool, for the outcome reports: the operator routes each
+    /// report of the shared outcome queue to the pool it names.
+    #[arg(long, env = "TESTRUNNER_POOL", default_value = "")]
+    pub pool: String,
+    /// Uid of this worker's pool, for the outcome reports: a report of a deleted pool
+    /// does not count for a new pool of the same name.
+    #[arg(long, env = "TESTRUNNER_POOL_UID", default_value = "")]
+    pub pool_uid: String,
     /// Name of this worker's pod, for the outcome reports.
     #[arg(long, env = "TESTRUNNER_POD_NAME", default_value = "")]
     pub pod_name: String,
@@ -1312,6 +1321,8 @@ impl Worker {
         elapsed: Duration,
     ) {
         let report = Report {
+            pool: self.consume.pool.clone(),
+            pool_uid: self.consume.pool_uid.clone(),
             pod: self.consume.pod_name.clone(),
             revision: self.consume.revision.clone(),
             outcome: Some(outcome),
@@ -1332,7 +1343,8 @@ impl Worker {
         if self.consume.outcomes_queue.is_empty() {
             return Ok(());
         }
-        let report = Report::state(&self.consume.pod_name, &self.consume.revision, ticket);
+        let report = Report::state(&self.consume.pod_name, &self.consume.revision, ticket)
+            .of_pool(&self.consume.pool, &self.consume.pool_uid);
         self.publish_report(&report).await?;
         self.commit().await
     }
