@@ -534,7 +534,7 @@ async fn main() {
     // 10% of the queues change at once: how long until each pool's status shows it.
     let changed: Vec<&(String, String)> = pool_names
         .iter()
-        .step_by(10.max(1))
+        .step_by(10)
         .take((args.pools / 10).max(1))
         .collect();
     let waiting: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
