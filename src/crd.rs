@@ -29,6 +29,10 @@ pub const FIELD_MANAGER: &str = "testrunner-operator";
 pub const LABEL_POOL: &str = "testrunner.dev/pool";
 /// Label: the revision (hash of image, command and template) a worker pod runs.
 pub const LABEL_REVISION: &str = "testrunner.dev/revision";
+/// Label on the ControllerRevision of the pool's stable revision (value `true`).
+pub const LABEL_STABLE: &str = "testrunner.dev/stable";
+/// Annotation on the ControllerRevision of a rolled-back revision: the rollout reason.
+pub const ANNOTATION_ROLLED_BACK: &str = "testrunner.dev/rolled-back";
 /// Label: `app.kubernetes.io/name` value of worker pods.
 pub const APP_NAME: &str = "testrunner-worker";
 /// Label: `app.kubernetes.io/managed-by` value of worker pods.
@@ -224,24 +228,15 @@ pub struct Workload {
     pub template: Option<PodTemplateOverrides>,
 }
 
-/// The schema of a [`Workload`] kept in the status: the spec's, with the pod template
-/// left unchecked (the spec's copy was checked; the CRD stays small).
-fn workload_snapshot(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    let mut schema = generator.root_schema_for::<Workload>();
-    schema.remove("$schema");
-    schema.remove("title");
-    if let Some(properties) = schema.get_mut("properties").and_then(|p| p.as_object_mut()) {
-        properties.insert(
-            "template".into(),
-            serde_json::json!({
-                "description": "Pod template overrides of the stable revision (as in spec.template).",
-                "type": "object",
-                "nullable": true,
-                "x-kubernetes-preserve-unknown-fields": true
-            }),
-        );
-    }
-    schema
+/// The schema of the stable workload snapshot older statuses kept: any object (it is
+/// only read back, and the spec's copy was checked when it was written).
+fn workload_snapshot(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "Only in statuses written before revisions were kept in ControllerRevisions: what stable pods were built from. Read once to store it in a ControllerRevision, then dropped.",
+        "type": "object",
+        "nullable": true,
+        "x-kubernetes-preserve-unknown-fields": true
+    })
 }
 
 impl TestRunnerPoolSpec {
@@ -498,6 +493,9 @@ named_enum! {
     pub enum RolloutReason {
         /// The pool's first revision serves directly.
         FirstRevision,
+        /// The status was lost: the stable revision was read back from its
+        /// ControllerRevision.
+        Restored,
         /// The canaries run and are being judged.
         CanaryRunning,
         /// No canary runs yet: the pool has no work.
@@ -608,9 +606,12 @@ pub struct RolloutStatus {
     /// restarted operator goes on counting.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub canary_tickets: Vec<String>,
-    /// What stable pods are built from.
+    /// Only in statuses written before revisions were kept in ControllerRevisions: what
+    /// stable pods were built from. Read once to store it in a ControllerRevision, then
+    /// dropped; never written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "workload_snapshot")]
-    pub stable: Workload,
+    pub stable: Option<Workload>,
     /// Ended rollouts, newest last (at most 10).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<RevisionRecord>,

@@ -5,8 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use k8s_openapi::api::apps::v1::ControllerRevision;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use lapin::options::QueueDeleteOptions;
 use serde_json::json;
 use testrunner_operator::controller::{self, Settings};
@@ -1769,7 +1770,158 @@ async fn a_good_upgrade_under_load_is_promoted_and_replaces_every_pod_without_in
     let ids = drain(&s, &pods, "upgrade", load, &new).await;
     s.ledger.assert_each_once(&ids);
 
+    // Each revision is a ControllerRevision owned by the pool; the promoted one is
+    // marked stable.
+    let stored = controller_revisions(&s.client, &s.ns, "upgrade").await;
+    assert_eq!(
+        stored,
+        [
+            (
+                first.stable_revision.clone(),
+                false,
+                "example.org/runner:1".into()
+            ),
+            (new.clone(), true, "example.org/runner:2".into()),
+        ]
+    );
+    let mut s = s;
+    a_lost_status_is_rebuilt_and_an_older_status_migrates_without_a_restart(
+        &mut s, "upgrade", &new,
+    )
+    .await;
+
     finish(s.conn, s.target, s.operator, &s.queue).await;
+}
+
+/// The pool's ControllerRevisions as (revision, marked stable, image), oldest first.
+async fn controller_revisions(
+    client: &kube::Client,
+    ns: &str,
+    pool: &str,
+) -> Vec<(String, bool, String)> {
+    let api: Api<ControllerRevision> = Api::namespaced(client.clone(), ns);
+    let mut list = api
+        .list(&ListParams::default().labels(&format!("testrunner.dev/pool={pool}")))
+        .await
+        .unwrap()
+        .items;
+    list.sort_by_key(|r| r.revision);
+    list.into_iter()
+        .map(|r| {
+            let labels = r.metadata.labels.unwrap_or_default();
+            let revision = labels["testrunner.dev/revision"].clone();
+            assert_eq!(
+                r.metadata.name.as_deref(),
+                Some(format!("{pool}-{revision}").as_str())
+            );
+            let owner = &r.metadata.owner_references.expect("an owner")[0];
+            assert_eq!(
+                (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+                ("TestRunnerPool", pool, Some(true))
+            );
+            let image = r.data.expect("data").0["image"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            (
+                revision,
+                labels
+                    .get("testrunner.dev/stable")
+                    .is_some_and(|v| v == "true"),
+                image,
+            )
+        })
+        .collect()
+}
+
+/// Pool `name`, serving `stable` on one pod: its status is wiped (a backup restored
+/// without it, another client's write) and rebuilt from the ControllerRevisions; then
+/// it is put back as an older operator left it (the stable workload in the status, no
+/// ControllerRevision) and a new operator migrates it. No pod is replaced on the way.
+async fn a_lost_status_is_rebuilt_and_an_older_status_migrates_without_a_restart(
+    s: &mut Scenario,
+    name: &str,
+    stable: &str,
+) {
+    let (pools, pods) = apis(s);
+    let serving = pods_of(&pods, name, stable).await;
+    pools
+        .patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"status": null})),
+        )
+        .await
+        .unwrap();
+    let restored = rollout_when(&pools, name, "the status to be rebuilt", |r| {
+        r.reason.as_deref() == Some("Restored")
+    })
+    .await;
+    assert_eq!(restored.stable_revision, stable);
+    assert_eq!(restored.phase, RolloutPhase::Promoted);
+
+    // As an older operator left the pool: its status keeps the stable workload, and no
+    // ControllerRevision exists.
+    s.operator.abort();
+    let _ = (&mut s.operator).await;
+    let revisions: Api<ControllerRevision> = Api::namespaced(s.client.clone(), &s.ns);
+    for r in revisions
+        .list(&ListParams::default().labels(&format!("testrunner.dev/pool={name}")))
+        .await
+        .unwrap()
+        .items
+    {
+        let gone = r.metadata.name.unwrap();
+        revisions
+            .delete(&gone, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    let pool = pools.get(name).await.unwrap();
+    let mut old = pool.status.clone().unwrap();
+    old.rollout.as_mut().unwrap().stable = Some(pool.spec.workload.clone());
+    pools
+        .patch_status(
+            name,
+            &PatchParams::apply("testrunner-operator").force(),
+            &Patch::Apply(&json!({
+                "apiVersion": "testrunner.dev/v1alpha1",
+                "kind": "TestRunnerPool",
+                "status": old,
+            })),
+        )
+        .await
+        .unwrap();
+    assert!(
+        status_of(&pools, name)
+            .await
+            .rollout
+            .unwrap()
+            .stable
+            .is_some()
+    );
+    s.operator = controller::spawn(s.client.clone(), s.target.settings());
+    eventually(
+        "the stable revision to be stored again",
+        ROLLOUT_TIMEOUT,
+        || async {
+            controller_revisions(&s.client, &s.ns, name).await
+                == [(stable.to_string(), true, "example.org/runner:2".to_string())]
+        },
+    )
+    .await;
+    rollout_when(
+        &pools,
+        name,
+        "the older status's snapshot to be dropped",
+        |r| r.stable.is_none(),
+    )
+    .await;
+    assert_eq!(
+        pods_of(&pods, name, stable).await,
+        serving,
+        "no pod was replaced"
+    );
 }
 
 async fn a_newer_image_supersedes_a_rollout_in_progress_and_is_promoted_in_its_place(on: On) {

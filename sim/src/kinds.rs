@@ -186,6 +186,19 @@ pub fn builtins() -> Vec<Kind> {
         false,
     );
     lease.storage = "leases.coordination.k8s.io".into();
+    let mut revision = Kind::builtin(
+        "apps",
+        "v1",
+        "ControllerRevision",
+        "controllerrevisions",
+        true,
+        &[],
+        false,
+    );
+    revision.storage = "controllerrevisions.apps".into();
+    revision.columns = vec![serde_json::json!({
+        "name": "Revision", "type": "integer", "jsonPath": ".revision"
+    })];
     vec![
         Kind::builtin("", "v1", "Namespace", "namespaces", false, &["ns"], true),
         Kind::builtin("", "v1", "Node", "nodes", false, &["no"], true),
@@ -195,6 +208,7 @@ pub fn builtins() -> Vec<Kind> {
         Kind::builtin("", "v1", "Event", "events", true, &["ev"], false),
         new_event,
         lease,
+        revision,
         crd,
     ]
 }

@@ -26,6 +26,7 @@ pub(super) async fn apply(
     ctx: &Context,
 ) -> Result<(), Error> {
     quarantine(pool, plan, seen.uri.as_ref(), ctx).await?;
+    super::revisions::apply(pool, &plan.revisions, ctx).await?;
     pods_and_events(pool, plan, &seen.pods, ctx).await?;
     write_status(pool, plan, ctx).await?;
     let (ns, name) = (pool.namespace().unwrap_or_default(), pool.name_any());
@@ -196,7 +197,8 @@ async fn pods_and_events(
     ctx: &Context,
 ) -> Result<(), Error> {
     for batch in &plan.create {
-        // Stable pods are built from the stable revision's snapshot, canaries from the spec.
+        // Stable pods are built from the stable revision's ControllerRevision, canaries
+        // from the spec.
         let mut at_revision = pool.clone();
         at_revision.spec = pool.spec.with_workload(&batch.workload);
         for _ in 0..batch.count {

@@ -11,6 +11,7 @@ mod cleanup;
 mod events;
 mod observe;
 mod probes;
+mod revisions;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -79,6 +80,17 @@ pub enum Error {
     /// Reading the pool failed.
     #[error("failed to read the pool: {0}")]
     ReadPool(#[source] kube::Error),
+    /// Listing the pool's ControllerRevisions failed.
+    #[error("failed to list the pool's ControllerRevisions: {0}")]
+    ListRevisions(#[source] kube::Error),
+    /// Creating, relabelling or deleting a ControllerRevision failed.
+    #[error("failed to write ControllerRevision {name:?}: {source}")]
+    WriteRevision {
+        /// Its name.
+        name: String,
+        /// Cause.
+        source: kube::Error,
+    },
     /// Writing the workers' quarantine list failed.
     #[error("failed to write the quarantine list: {0}")]
     WriteQuarantineList(#[source] kube::Error),
@@ -95,7 +107,7 @@ pub enum Error {
 impl Error {
     /// Every value [`Error::category`] gives (the operator exports each error counter
     /// at 0 from the start); a new variant's category goes here too.
-    pub const CATEGORIES: [&'static str; 9] = [
+    pub const CATEGORIES: [&'static str; 11] = [
         "ReadSecretFailed",
         "ListPodsFailed",
         "CreatePodFailed",
@@ -105,6 +117,8 @@ impl Error {
         "WriteQuarantineListFailed",
         "ReadPoolFailed",
         "BrokerOperationFailed",
+        "ListRevisionsFailed",
+        "WriteRevisionFailed",
     ];
 
     /// Static category: metric label and event reason.
@@ -119,6 +133,8 @@ impl Error {
             Error::WriteQuarantineList(_) => "WriteQuarantineListFailed",
             Error::ReadPool(_) => "ReadPoolFailed",
             Error::Broker { .. } => "BrokerOperationFailed",
+            Error::ListRevisions(_) => "ListRevisionsFailed",
+            Error::WriteRevision { .. } => "WriteRevisionFailed",
         }
     }
 }

@@ -102,6 +102,7 @@ pub(super) async fn observe(
         completions: ctx.probes.completions(key),
         broker,
         config_problem: uri.as_ref().err().cloned(),
+        revisions: super::revisions::read(pool, ctx).await?,
     };
     Ok(Seen {
         observed,

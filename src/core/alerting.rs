@@ -371,7 +371,7 @@ mod tests {
     #[test]
     fn a_failed_rollout_alerts_until_the_spec_moves_on() {
         use crate::crd::{
-            RevisionRecord, RolloutPhase, RolloutReason, RolloutResult, RolloutStatus, Workload,
+            RevisionRecord, RolloutPhase, RolloutReason, RolloutResult, RolloutStatus,
         };
         let mut rollout = RolloutStatus {
             phase: RolloutPhase::RolledBack,
@@ -386,7 +386,7 @@ mod tests {
             canary_tickets_ok: 0,
             canary_crashes: 2,
             canary_tickets: vec![],
-            stable: Workload::default(),
+            stable: None,
             history: vec![RevisionRecord {
                 revision: "b".into(),
                 image: "runner:2".into(),

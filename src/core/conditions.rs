@@ -315,7 +315,7 @@ mod tests {
             canary_tickets_ok: 0,
             canary_crashes: 0,
             canary_tickets: Vec::new(),
-            stable: Default::default(),
+            stable: None,
             history: Vec::new(),
             promote_token: None,
             abort_token: None,

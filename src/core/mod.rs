@@ -11,6 +11,7 @@
 //!   observe      spec read once (settings, spec problems), previous   observe.rs
 //!      |         status, crashes merged into the history
 //!   rollout      stable revision, canary, promotion or rollback       rollout.rs
+//!      |         and the ControllerRevisions that hold the revisions   revisions.rs
 //!      |
 //!   diagnosis    verdict on the stable revision's crashes             diagnosis.rs
 //!      |
@@ -37,6 +38,7 @@ mod events;
 mod observe;
 mod pipeline;
 pub mod quarantine;
+pub mod revisions;
 pub mod rollout;
 mod scaling;
 mod status;
@@ -66,6 +68,8 @@ pub struct Observed {
     pub crashes: Vec<crash::CrashRecord>,
     /// Ticket completions the workers reported.
     pub completions: diagnosis::Completions,
+    /// The pool's revisions, as its ControllerRevisions hold them.
+    pub revisions: Vec<revisions::StoredRevision>,
 }
 
 /// One worker pod, as far as decisions need it.
@@ -259,6 +263,9 @@ pub struct Plan {
     /// The environment recovered from a broken-environment episode: tickets a broker
     /// backstop dead-lettered into the quarantine queue meanwhile go back.
     pub replay_dead_lettered: bool,
+    /// The ControllerRevisions to create, remark and delete (before the pods are created
+    /// from them).
+    pub revisions: revisions::RevisionPlan,
     /// Crashes seen for the first time in this reconcile.
     pub new_crashes: Vec<crate::crd::CrashStatus>,
     /// When to reconcile again at the latest.

@@ -11,9 +11,10 @@ use super::quarantine::{QuarantineDecision, QuarantineInput};
 use super::rollout::{RolloutDecision, RolloutInput};
 use super::scaling::{Decision, ScalingInput};
 use super::{
-    CONFIG_RETRY, Observed, Plan, PodBatch, RESYNC, events, quarantine, rollout, scaling, status,
+    CONFIG_RETRY, Observed, Plan, PodBatch, RESYNC, events, quarantine, revisions, rollout,
+    scaling, status,
 };
-use crate::crd::{DiagnosisStatus, RolloutPhase, TestRunnerPool, Verdict};
+use crate::crd::{DiagnosisStatus, RolloutPhase, TestRunnerPool, Verdict, Workload};
 
 /// Computes the plan for one pool: observe, rollout, diagnosis, quarantine, scaling,
 /// status (with its conditions), events.
@@ -26,6 +27,9 @@ pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan 
     let scaling = scaling_step(&seen, &rollout, &diagnosis, &stuck);
 
     let create = pod_batches(&seen, &rollout, &scaling);
+    let revisions = revisions::plan(&seen.observed.revisions, &rollout.status, |r| {
+        workload_of(&seen, r)
+    });
     let requeue_after = requeue_after(&seen, &rollout, &scaling);
     let replay_dead_lettered = replay_dead_lettered(&seen, &rollout, &diagnosis);
     let quarantine_list = quarantine.status.tickets.clone();
@@ -57,6 +61,7 @@ pub fn plan(pool: &TestRunnerPool, observed: &Observed, now: Timestamp) -> Plan 
         events,
         quarantine_list,
         replay: quarantine.replay,
+        revisions,
         replay_dead_lettered,
         new_crashes: seen.fresh_crashes,
         requeue_after,
@@ -69,6 +74,7 @@ fn rollout_step(seen: &Observation<'_>) -> RolloutDecision {
         spec: seen.spec(),
         settings: &seen.settings.rollout,
         previous: seen.previous.rollout.as_ref(),
+        stored: &seen.observed.revisions,
         annotations: seen.annotations,
         pods: &seen.observed.pods,
         crashes: &seen.crashes,
@@ -172,18 +178,36 @@ fn scaling_step(
     })
 }
 
-/// The pods to create: stable ones from the stable revision's snapshot, canaries from
-/// the spec.
+/// What `revision`'s pods are built from (see [`revisions::workload_of`]).
+fn workload_of<'a>(seen: &'a Observation<'_>, revision: &str) -> Option<&'a Workload> {
+    let legacy = seen
+        .previous
+        .rollout
+        .as_ref()
+        .and_then(|r| r.stable.as_ref().map(|w| (r.stable_revision.as_str(), w)));
+    revisions::workload_of(
+        revision,
+        &seen.observed.revisions,
+        &seen.spec().workload,
+        legacy,
+    )
+}
+
+/// The pods to create: stable ones from the stable revision's ControllerRevision,
+/// canaries from the spec.
 fn pod_batches(
     seen: &Observation<'_>,
     rollout: &RolloutDecision,
     scaling: &Decision,
 ) -> Vec<PodBatch> {
     let mut create = Vec::new();
-    if scaling.create > 0 {
+    let stable = &rollout.status.stable_revision;
+    if scaling.create > 0
+        && let Some(workload) = workload_of(seen, stable)
+    {
         create.push(PodBatch {
-            revision: rollout.status.stable_revision.clone(),
-            workload: rollout.status.stable.clone(),
+            revision: stable.clone(),
+            workload: workload.clone(),
             count: scaling.create,
             canary: false,
         });
@@ -303,14 +327,31 @@ mod tests {
     }
 
     #[test]
-    fn stable_pods_come_from_the_snapshot_and_canaries_from_the_spec() {
+    fn stable_pods_come_from_their_controller_revision_and_canaries_from_the_spec() {
         let p = pool();
-        let observed = depth(1, 0, vec![]);
+        let stable = crate::crd::Workload {
+            image: "runner:stable".into(),
+            ..p.spec.workload.clone()
+        };
+        let mut observed = depth(1, 0, vec![]);
+        observed.revisions = vec![revisions::StoredRevision {
+            revision: super::super::revision_of(&stable),
+            number: 1,
+            workload: stable.clone(),
+            stable: true,
+            rolled_back: None,
+        }];
         let seen = observe(&p, &observed, t(0));
         let mut rollout = rollout_step(&seen);
+        // The stored stable revision serves; the spec's is rolled out next to it.
+        assert_eq!(
+            rollout.status.stable_revision,
+            observed.revisions[0].revision
+        );
+        assert_eq!(rollout.status.phase, RolloutPhase::Progressing);
         rollout.canary = Some(("canary".into(), 1));
-        rollout.status.stable.image = "runner:stable".into();
         let mut scaling = scaling_step(&seen, &rollout, &DiagnosisStatus::default(), &[]);
+        scaling.create = 1;
         scaling.create_canary = 1;
         let batches = pod_batches(&seen, &rollout, &scaling);
         assert_eq!(batches.len(), 2);

@@ -11,6 +11,7 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::diagnosis::Completions;
+use super::revisions::StoredRevision;
 use super::{EventAction, EventReason, PlannedEvent, PodState, PodView};
 use crate::contract::WorkerExit;
 use crate::crd::{
@@ -62,8 +63,10 @@ pub struct RolloutInput<'a> {
     pub spec: &'a TestRunnerPoolSpec,
     /// Its rollout durations.
     pub settings: &'a RolloutSettings,
-    /// The previous `status.rollout`; none for a new pool.
+    /// The previous `status.rollout`; none for a new pool (or a lost status).
     pub previous: Option<&'a RolloutStatus>,
+    /// The pool's stored revisions (its ControllerRevisions).
+    pub stored: &'a [StoredRevision],
     /// The pool's annotations.
     pub annotations: &'a BTreeMap<String, String>,
     /// The pool's pods.
@@ -167,7 +170,6 @@ impl Outcome<'_> {
     fn promote(&mut self, why: RolloutReason, how: String) {
         self.end(RolloutResult::Promoted, why);
         let st = &mut self.st;
-        st.stable = self.spec.workload.clone();
         st.stable_revision = self.target_revision.clone();
         st.stable_image = self.spec.workload.image.clone();
         st.phase = RolloutPhase::Promoted;
@@ -266,8 +268,16 @@ impl Outcome<'_> {
 /// revision in the spec starts (or supersedes, or reverts) a rollout; a rollout in
 /// progress is steered by the annotations, the spec and its canary's evidence.
 pub fn decide(input: &RolloutInput<'_>) -> RolloutDecision {
-    let Some(previous) = input.previous else {
-        return first_revision(input);
+    let restored;
+    let previous = match input.previous.filter(|p| stable_known(input, p)) {
+        Some(previous) => previous,
+        None => match restore(input) {
+            Some(status) => {
+                restored = status;
+                &restored
+            }
+            None => return first_revision(input),
+        },
     };
     let promote_ask = input.annotations.get(ANNOTATION_PROMOTE);
     let abort_ask = input.annotations.get(ANNOTATION_ABORT);
@@ -276,7 +286,11 @@ pub fn decide(input: &RolloutInput<'_>) -> RolloutDecision {
         abort: abort_ask.is_some_and(|v| Some(v) != previous.abort_token.as_ref()),
     };
     let mut out = Outcome {
-        st: previous.clone(),
+        st: RolloutStatus {
+            // A snapshot kept by an older operator is in a ControllerRevision by now.
+            stable: None,
+            ..previous.clone()
+        },
         events: Vec::new(),
         rolled_back: false,
         wake_after: None,
@@ -318,6 +332,67 @@ pub fn decide(input: &RolloutInput<'_>) -> RolloutDecision {
     }
 }
 
+/// True when what the stable revision of `previous` is built from is known: it is
+/// stored, it is the spec's, or an older status kept its snapshot.
+fn stable_known(input: &RolloutInput<'_>, previous: &RolloutStatus) -> bool {
+    let rev = &previous.stable_revision;
+    input.stored.iter().any(|r| &r.revision == rev)
+        || super::revision(input.spec) == *rev
+        || previous.stable.is_some()
+}
+
+/// A pool whose status was lost (wiped, restored from a backup without it, written by
+/// another client) but whose ControllerRevisions say which revision is stable: that
+/// revision serves on. The spec's revision, when another, is rolled out as usual, unless
+/// its ControllerRevision says it was rolled back.
+fn restore(input: &RolloutInput<'_>) -> Option<RolloutStatus> {
+    let stable = input
+        .stored
+        .iter()
+        .filter(|r| r.stable)
+        .max_by_key(|r| r.number)?;
+    let target_revision = super::revision(input.spec);
+    let failed = input
+        .stored
+        .iter()
+        .find(|r| r.revision == target_revision && !r.stable)
+        .and_then(|r| r.rolled_back.as_deref());
+    let image = stable.workload.image.clone();
+    let mut status = RolloutStatus {
+        phase: RolloutPhase::Promoted,
+        reason: Some(RolloutReason::Restored),
+        message: format!(
+            "Revision {} (image {image}) is stable, as its ControllerRevision says: the pool's status was lost and is rebuilt.",
+            stable.revision
+        ),
+        stable_revision: stable.revision.clone(),
+        stable_image: image.clone(),
+        target_revision: stable.revision.clone(),
+        target_image: image,
+        started_at: None,
+        canary_since: None,
+        canary_tickets_ok: 0,
+        canary_crashes: 0,
+        canary_tickets: Vec::new(),
+        stable: None,
+        history: Vec::new(),
+        // Annotations already there were acted on before the status was lost.
+        promote_token: input.annotations.get(ANNOTATION_PROMOTE).cloned(),
+        abort_token: input.annotations.get(ANNOTATION_ABORT).cloned(),
+    };
+    if let Some(why) = failed {
+        status.phase = RolloutPhase::RolledBack;
+        status.reason = RolloutReason::ALL.iter().copied().find(|r| *r == why);
+        status.target_revision = target_revision.clone();
+        status.target_image = input.spec.workload.image.clone();
+        status.message = format!(
+            "Revision {target_revision} (image {}) was rolled back ({why}), as its ControllerRevision says; stable revision {} (image {}) serves. Change spec.image to roll out a fix.",
+            status.target_image, status.stable_revision, status.stable_image
+        );
+    }
+    Some(status)
+}
+
 /// A new pool: its first revision has nothing to be compared with.
 fn first_revision(input: &RolloutInput<'_>) -> RolloutDecision {
     let target = input.spec.workload.clone();
@@ -346,7 +421,7 @@ fn first_revision(input: &RolloutInput<'_>) -> RolloutDecision {
             reason: why.to_string(),
             at: Time(input.now),
         }],
-        stable: target,
+        stable: None,
         promote_token: input.annotations.get(ANNOTATION_PROMOTE).cloned(),
         abort_token: input.annotations.get(ANNOTATION_ABORT).cloned(),
     };

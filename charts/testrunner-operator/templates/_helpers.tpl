@@ -115,6 +115,11 @@ No wildcards: every group, resource and verb is named.
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "create", "patch"]
+# Each revision of a pool's workload (<pool>-<revision>, owned by the pool): listed by
+# label, created, marked stable or rolled back, and pruned beyond ten.
+- apiGroups: ["apps"]
+  resources: ["controllerrevisions"]
+  verbs: ["list", "create", "patch", "delete"]
 # The broker URI of each pool (spec.queue.connectionSecretRef): read by name, never listed.
 - apiGroups: [""]
   resources: ["secrets"]

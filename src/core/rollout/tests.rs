@@ -8,6 +8,7 @@ use proptest::prelude::*;
 use crate::core::crash::{CrashRecord, InHand};
 use crate::core::diagnosis::Completions;
 use crate::core::fixtures::{pool, t};
+use crate::core::revisions::StoredRevision;
 use crate::core::{BrokerView, Observed, Plan, PodState, PodView, plan, revision};
 use crate::crd::{
     ANNOTATION_ABORT, ANNOTATION_PROMOTE, RolloutPhase, RolloutReason, TestRunnerPool, Verdict,
@@ -23,6 +24,7 @@ struct World {
     now: i64,
     made: usize,
     last: Option<Plan>,
+    revisions: Vec<StoredRevision>,
 }
 
 impl World {
@@ -38,6 +40,7 @@ impl World {
             now: 0,
             made: 0,
             last: None,
+            revisions: Vec::new(),
         };
         w.step();
         w.settle();
@@ -87,6 +90,7 @@ impl World {
             },
             crashes: self.crashes.clone(),
             completions: self.completions.clone(),
+            revisions: self.revisions.clone(),
             ..Default::default()
         }
     }
@@ -107,6 +111,23 @@ impl World {
             }
         }
         self.pods.retain(|pod| !p.delete.contains(&pod.name));
+        // The ControllerRevisions, as the shell keeps them.
+        let r = &p.revisions;
+        self.revisions.retain(|s| !r.delete.contains(&s.revision));
+        for (revision, marks) in &r.remark {
+            let stored = self.revisions.iter_mut().find(|s| &s.revision == revision);
+            let stored = stored.expect("a remarked revision is stored");
+            stored.stable = marks.stable;
+            stored.rolled_back = marks.rolled_back.clone();
+        }
+        self.revisions
+            .extend(r.create.iter().map(|n| StoredRevision {
+                revision: n.revision.clone(),
+                number: n.number,
+                workload: n.workload.clone(),
+                stable: n.marks.stable,
+                rolled_back: n.marks.rolled_back.clone(),
+            }));
         self.pool.status = Some(p.status.clone());
         self.last = Some(p);
         self.last.as_ref().unwrap()
@@ -283,7 +304,7 @@ fn canaries_that_complete_their_tickets_are_promoted_and_replace_the_old_pods() 
     assert_eq!(r.phase, RolloutPhase::Promoted, "{}", r.message);
     assert_eq!(r.reason, Some(RolloutReason::CanaryPassed));
     assert_eq!(r.stable_revision, new);
-    assert_eq!(r.stable.image, "registry.example/test-runner:2");
+    assert_eq!(r.stable_image, "registry.example/test-runner:2");
     assert!(w.events().contains(&"RolloutPromoted"));
     // Then the old pods are replaced, never more than one extra pod at a time, and
     // never fewer ready pods than the queue needs.
@@ -589,7 +610,7 @@ fn a_broker_outage_neither_fails_nor_promotes_a_canary() {
         assert_eq!(r.reason, Some(RolloutReason::BrokerUnreachable));
     }
     // Workers of both revisions fail to reach it as they restart: exit 69.
-    let stable = w.first_of(&revision(&w.pool.spec.with_workload(&w.rollout().stable)));
+    let stable = w.first_of(&w.rollout().stable_revision);
     let canary = w.first_of(&new);
     w.crash_with(&stable, None, 69);
     w.crash_with(&canary, None, 69);
@@ -749,6 +770,160 @@ fn zero_canaries_promote_at_once_and_a_broken_stable_revision_still_gets_a_canar
 }
 
 /// A random thing happening to a pool during rollouts.
+/// Takes the pool's status away, as a restore without status or another client's
+/// write would.
+fn wipe(w: &mut World) {
+    w.pool.status = None;
+}
+
+#[test]
+fn a_wiped_status_keeps_the_stable_revision_its_controller_revision_names() {
+    let mut w = World::serving(3);
+    let first = revision(&w.pool.spec);
+    assert_eq!(w.revisions.len(), 1);
+    assert!(w.revisions[0].stable && w.revisions[0].revision == first);
+    let second = w.start_rollout("registry.example/test-runner:2");
+    for t in ["t-1", "t-2", "t-3"] {
+        w.complete(&second, t);
+    }
+    w.tick(1);
+    w.step();
+    assert_eq!(w.rollout().stable_revision, second);
+    for _ in 0..10 {
+        w.settle();
+        w.tick(1);
+        w.step();
+    }
+    assert_eq!(w.pods_of(&second), 3);
+    // A spec whose revision is not the stable one's: after the wipe the stable revision
+    // still serves, and the spec's goes through a canary, not straight to every pod.
+    wipe(&mut w);
+    let third = w.set_image("registry.example/test-runner:3");
+    w.tick(1);
+    let p = w.step().clone();
+    let r = w.rollout();
+    assert_eq!(r.stable_revision, second, "{}", r.message);
+    assert_eq!(r.phase, RolloutPhase::Progressing);
+    assert!(p.delete.is_empty(), "no pod is replaced: {:?}", p.delete);
+    assert!(p.create.iter().all(|b| b.canary && b.revision == third));
+    // A stable pod lost now comes back from the stable ControllerRevision.
+    let gone = w.first_of(&second);
+    w.pods.retain(|p| p.name != gone);
+    w.tick(1);
+    let p = w.step().clone();
+    let made: Vec<(&str, &str)> = p
+        .create
+        .iter()
+        .map(|b| (b.revision.as_str(), b.workload.image.as_str()))
+        .collect();
+    assert_eq!(made, [(second.as_str(), "registry.example/test-runner:2")]);
+    assert_ne!(first, second);
+}
+
+#[test]
+fn a_wiped_status_with_the_spec_on_the_stable_revision_changes_nothing() {
+    let mut w = World::serving(3);
+    let first = revision(&w.pool.spec);
+    wipe(&mut w);
+    w.tick(1);
+    let p = w.step().clone();
+    let r = w.rollout();
+    assert_eq!(
+        (r.phase, r.reason),
+        (RolloutPhase::Promoted, Some(RolloutReason::Restored))
+    );
+    assert_eq!(r.stable_revision, first);
+    assert!(p.create.is_empty() && p.delete.is_empty(), "{p:?}");
+    assert!(p.revisions.is_empty(), "{:?}", p.revisions);
+}
+
+#[test]
+fn a_wiped_status_does_not_retry_a_rolled_back_revision() {
+    let mut w = World::serving(3);
+    let old = revision(&w.pool.spec);
+    let new = w.start_rollout("registry.example/test-runner:2");
+    let canary = w.first_of(&new);
+    w.crash(&canary, None);
+    w.tick(1);
+    w.step();
+    assert_eq!(w.rollout().phase, RolloutPhase::RolledBack);
+    let marked = w.revisions.iter().find(|s| s.revision == new).unwrap();
+    assert_eq!(
+        marked.rolled_back.as_deref(),
+        Some("CanaryCrashedBeforeConsuming")
+    );
+    wipe(&mut w);
+    w.tick(1);
+    let p = w.step().clone();
+    let r = w.rollout();
+    assert_eq!(r.phase, RolloutPhase::RolledBack, "{}", r.message);
+    assert_eq!(r.reason, Some(RolloutReason::CanaryCrashedBeforeConsuming));
+    assert_eq!(
+        (r.stable_revision.as_str(), r.target_revision.as_str()),
+        (old.as_str(), new.as_str())
+    );
+    assert!(p.create.iter().all(|b| !b.canary), "no canary again: {p:?}");
+}
+
+#[test]
+fn a_status_from_before_controller_revisions_migrates_without_a_rollout_or_a_restart() {
+    let mut w = World::serving(3);
+    let first = revision(&w.pool.spec);
+    let old_spec = w.pool.spec.workload.clone();
+    // As an older operator left it: the stable snapshot in the status, no
+    // ControllerRevision, and since then the spec moved on to a rollout.
+    w.revisions.clear();
+    let mut st = w.pool.status.clone().unwrap();
+    st.rollout.as_mut().unwrap().stable = Some(old_spec.clone());
+    w.pool.status = Some(st);
+    let before: Vec<String> = w.pods.iter().map(|p| p.name.clone()).collect();
+    w.tick(1);
+    let p = w.step().clone();
+    assert!(p.create.is_empty() && p.delete.is_empty(), "{p:?}");
+    let made: Vec<(&str, bool)> = p
+        .revisions
+        .create
+        .iter()
+        .map(|n| (n.revision.as_str(), n.marks.stable))
+        .collect();
+    assert_eq!(made, [(first.as_str(), true)]);
+    assert_eq!(p.revisions.create[0].workload, old_spec);
+    assert_eq!(w.rollout().stable, None, "the snapshot is dropped");
+    assert_eq!(w.rollout().reason, Some(RolloutReason::FirstRevision));
+    let after: Vec<String> = w.pods.iter().map(|p| p.name.clone()).collect();
+    assert_eq!(before, after);
+}
+
+#[test]
+fn a_migrating_pool_in_the_middle_of_a_rollout_keeps_its_stable_pods() {
+    let mut w = World::serving(2);
+    let old = revision(&w.pool.spec);
+    let old_spec = w.pool.spec.workload.clone();
+    let new = w.start_rollout("registry.example/test-runner:2");
+    w.revisions.clear();
+    let mut st = w.pool.status.clone().unwrap();
+    st.rollout.as_mut().unwrap().stable = Some(old_spec.clone());
+    w.pool.status = Some(st);
+    let gone = w.first_of(&old);
+    w.pods.retain(|p| p.name != gone);
+    w.tick(1);
+    let p = w.step().clone();
+    let stable: Vec<&crate::crd::Workload> = p
+        .create
+        .iter()
+        .filter(|b| b.revision == old)
+        .map(|b| &b.workload)
+        .collect();
+    assert_eq!(stable, [&old_spec]);
+    let stored: Vec<(&str, bool)> = w
+        .revisions
+        .iter()
+        .map(|s| (s.revision.as_str(), s.stable))
+        .collect();
+    assert_eq!(stored, [(old.as_str(), true), (new.as_str(), false)]);
+    assert_eq!(w.rollout().phase, RolloutPhase::Progressing);
+}
+
 #[derive(Clone, Debug)]
 enum Happening {
     Tickets(u64),
@@ -845,6 +1020,10 @@ proptest! {
                 prop_assert_eq!(&crate::core::revision_of(&b.workload), &b.revision);
             }
             prop_assert!(r.history.len() <= super::HISTORY);
+            // Exactly the stable revision is stored marked stable; history is bounded.
+            prop_assert!(w.revisions.len() <= crate::core::revisions::KEPT);
+            let marked: Vec<&str> = w.revisions.iter().filter(|s| s.stable).map(|s| s.revision.as_str()).collect();
+            prop_assert_eq!(marked, vec![r.stable_revision.as_str()]);
         }
         // Left alone with work to do, every rollout ends (promoted or rolled back) and
         // the pool converges on its stable revision.
