@@ -59,7 +59,11 @@ pub const MANAGED_BY: &str = "testrunner-operator";
     printcolumn = r#"{"name":"Queue","type":"integer","jsonPath":".status.queue.ready","description":"Tickets ready in the queue"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase","description":"Pool phase"}"#,
     printcolumn = r#"{"name":"Rollout","type":"string","jsonPath":".status.rollout.phase","description":"Phase of the latest rollout: Progressing, Paused, Promoted or RolledBack"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Canary OK","type":"integer","priority":1,"jsonPath":".status.rollout.canaryTicketsOk","description":"Tickets the canary of the latest rollout completed"}"#,
+    printcolumn = r#"{"name":"Canary Crashes","type":"integer","priority":1,"jsonPath":".status.rollout.canaryCrashes","description":"Crashes of the canary of the latest rollout"}"#,
+    printcolumn = r#"{"name":"Quarantined","type":"integer","priority":1,"jsonPath":".status.quarantine.count","description":"Tickets in quarantine"}"#,
+    printcolumn = r#"{"name":"Diagnosis","type":"string","priority":1,"jsonPath":".status.diagnosis.verdict","description":"Crash diagnosis: Healthy, PoisonTicket, BrokenEnvironment, OutOfMemory or QueueStalled"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TestRunnerPoolSpec {

@@ -86,6 +86,10 @@ struct SimulateArgs {
     /// image (repeatable; `testrunner-operator` always is).
     #[arg(long = "operator-image", value_name = "REPOSITORY")]
     operator_images: Vec<String>,
+    /// The in-process operator's outcome queues are `<prefix>.<namespace>` (as `run
+    /// --outcome-queue-prefix`): give simulations that share a broker their own.
+    #[arg(long, env = "TESTRUNNER_OUTCOME_QUEUE_PREFIX", default_value = pods::DEFAULT_OUTCOME_QUEUE_PREFIX, value_parser = pods::check_outcome_queue_prefix)]
+    outcome_queue_prefix: String,
 }
 
 #[cfg(feature = "simulate")]
@@ -227,6 +231,7 @@ fn simulate(args: SimulateArgs) -> ExitCode {
         control_plane: args.control_plane,
         no_operator: args.no_operator,
         operator_images: args.operator_images,
+        outcome_queue_prefix: args.outcome_queue_prefix,
     };
     match runtime().block_on(simulate::simulate(opts)) {
         Ok(()) => ExitCode::SUCCESS,

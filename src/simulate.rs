@@ -32,6 +32,8 @@ pub(crate) struct SimulateOptions {
     pub no_operator: bool,
     /// Repositories of the operator image, beyond the chart's `testrunner-operator`.
     pub operator_images: Vec<String>,
+    /// The in-process operator's outcome queue prefix.
+    pub outcome_queue_prefix: String,
 }
 
 /// What the simulated cluster starts with: the `TestRunnerPool` CRD, Secret
@@ -102,8 +104,11 @@ pub(crate) async fn simulate(opts: SimulateOptions) -> Result<(), String> {
     };
     sim.write_kubeconfig(&opts.kubeconfig)?;
     let client = client_from_kubeconfig(&opts.kubeconfig).await?;
-    let operator =
-        (!opts.no_operator).then(|| controller::spawn(client, Settings::in_process(Vec::new())));
+    let operator = (!opts.no_operator).then(|| {
+        let settings =
+            Settings::in_process(Vec::new()).with_outcome_queue_prefix(&opts.outcome_queue_prefix);
+        controller::spawn(client, settings)
+    });
     let kubeconfig = std::fs::canonicalize(&opts.kubeconfig).unwrap_or(opts.kubeconfig.clone());
     let kc = kubeconfig.display();
     let bin = exe.display();
@@ -150,31 +155,58 @@ pub(crate) async fn simulate(opts: SimulateOptions) -> Result<(), String> {
     Ok(())
 }
 
-/// The walk-through of `simulate`: tickets, a pool, scaling, a rollout.
+/// The walk-through of `simulate`: tickets, a pool, scaling, a failed and a good
+/// rollout. Every command line of it returns, so that it runs as a script (a test does).
 fn print_walkthrough(url: &str, what: &str, kc: &str, bin: &str, scale: f64) {
-    let pool = demo_pool(
-        "  # no image is pulled (see simulate --image); this command crashes on any image tagged :broken
-  command: [\"sh\", \"-c\", \"case $TESTRUNNER_IMAGE in *:broken) exit 3;; esac; cat >/dev/null; sleep 1\"]",
-    );
     println!(
         "Simulated cluster at {url} ({what}).
 Kubeconfig: {kc}   Broker Secret: default/rabbitmq (key uri)   Time scale: {scale}
 
-In a second terminal:
+{}
+Ctrl-C stops everything (the API server, the operator and every worker process).",
+        walkthrough(kc, bin)
+    );
+}
+
+/// The steps of the walk-through, as shell lines.
+pub(crate) fn walkthrough(kc: &str, bin: &str) -> String {
+    let pool = demo_pool(
+        "  # no image is pulled (see simulate --image); this command crashes on any image tagged :broken
+  command: [\"sh\", \"-c\", \"case $TESTRUNNER_IMAGE in *:broken) exit 3;; esac; cat >/dev/null; sleep 1\"]",
+    );
+    let wait = |phase: &str| {
+        format!(
+            "  kubectl wait trp demo --for=jsonpath='{{.status.rollout.phase}}'={phase} --timeout=3m"
+        )
+    };
+    format!(
+        "In a second terminal (and, to watch it all, `kubectl get trp,pods -w` in a third):
   export KUBECONFIG={kc}
+  # 1. Ten tickets and a pool: it starts workers, runs them, and scales back to zero.
   {bin} publish --queue tickets.demo --count 10 --declare-quorum
   kubectl apply -f - <<'YAML'
 {pool}YAML
-  kubectl get trp -w
-  ({bin} publish --queue tickets.demo --count 30 sends more: watch the pool scale up and back down)
+  # 2. A surge: the pool scales up to maxWorkers, then back down when the queue is empty.
+  {bin} publish --queue tickets.demo --count 30
   kubectl get pods
   kubectl describe trp demo
-  (a rollout: publish 30 more, then set image example.org/test-runner:broken, watch its canary
-   roll back, then example.org/test-runner:2, watch it promoted:
-   kubectl patch trp demo --type merge -p '{{\"spec\":{{\"image\":\"example.org/test-runner:broken\"}}}}')
-
-Ctrl-C stops everything (the API server, the operator and every worker process)."
-    );
+  # 3. A broken upgrade under load: its canary crashes on two tickets and is rolled back;
+  #    the stable workers run every ticket.
+  {bin} publish --queue tickets.demo --count 100
+  kubectl patch trp demo --type merge -p '{{\"spec\":{{\"image\":\"example.org/test-runner:broken\"}}}}'
+{rolled_back}
+  kubectl get trp demo -o wide
+  kubectl describe trp demo
+  # 4. A good upgrade: its canary completes three tickets and is promoted, then its pods
+  #    replace the older ones.
+  {bin} publish --queue tickets.demo --count 30
+  kubectl patch trp demo --type merge -p '{{\"spec\":{{\"image\":\"example.org/test-runner:2\"}}}}'
+{promoted}
+  kubectl get controllerrevisions -l testrunner.dev/pool=demo -L testrunner.dev/stable
+",
+        rolled_back = wait("RolledBack"),
+        promoted = wait("Promoted"),
+    )
 }
 
 /// Pool `demo` of the walk-throughs, on queue `tickets.demo`, with `command` (its YAML

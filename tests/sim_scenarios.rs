@@ -18,8 +18,8 @@ use testrunner_sim as sim;
 
 mod common;
 use common::{
-    broker_uri, control_plane_bin, declare_expiring, eventually, passive_declare, process_alive,
-    queue_counts,
+    broker_uri, control_plane_bin, declare_expiring, eventually, kubectl, passive_declare,
+    process_alive, queue_counts,
 };
 
 /// Where a scenario runs: the simulated cluster by default, or the real cluster of
@@ -452,6 +452,147 @@ async fn the_simulate_command_serves_kubectl_clients_and_ctrl_c_leaves_no_proces
         !process_alive(&escaped),
         "the process that left the container's process group is gone too"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The walk-through `simulate` prints runs as printed, at the default time scale, on a
+/// queue of its own: ten tickets, a surge, a broken upgrade whose canary is rolled back
+/// while the stable workers run every ticket, and a good upgrade that is promoted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_walk_through_simulate_prints_runs_as_printed() {
+    use tokio::io::AsyncBufReadExt;
+    let conn = broker().await;
+    let dir = std::env::temp_dir().join(format!("sim-walk-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let kubeconfig = dir.join("kubeconfig");
+    let prefix = outcomes_prefix();
+    let queue = queue_name("walk");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_testrunner-operator"))
+        .args(["simulate", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["--outcome-queue-prefix", &prefix])
+        .env("TESTRUNNER_AMQP_URI", broker_uri())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = Vec::new();
+    let read = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.starts_with("Ctrl-C stops everything") {
+                return;
+            }
+            printed.push(line);
+        }
+        panic!("simulate ended before its walk-through");
+    };
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("simulate prints its walk-through");
+    let from = printed
+        .iter()
+        .position(|l| l.starts_with("In a second terminal"))
+        .expect("the walk-through's steps")
+        + 1;
+    let script = printed[from..].join("\n").replace("tickets.demo", &queue);
+    assert!(script.contains(&format!("export KUBECONFIG={}", kubeconfig.display())));
+
+    let kubectl = kubectl();
+    let path = format!(
+        "{}:{}",
+        kubectl.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let run = tokio::process::Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .env("PATH", path)
+        .env("TESTRUNNER_AMQP_URI", broker_uri())
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(600), run)
+        .await
+        .expect("the walk-through ends within ten minutes")
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "the walk-through failed:\n{said}");
+    assert!(said.contains("condition met"), "{said}");
+
+    // What the steps said happened did.
+    let client = {
+        let kc = kube::config::Kubeconfig::read_from(&kubeconfig).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap();
+        kube::Client::try_from(config).unwrap()
+    };
+    let (pools, pods) = apis_in(&client, "default");
+    let r = status_of(&pools, "demo").await.rollout.unwrap();
+    let ends: Vec<(&str, &str, &str)> = r
+        .history
+        .iter()
+        .map(|h| (h.image.as_str(), h.result.as_str(), h.reason.as_str()))
+        .collect();
+    assert_eq!(
+        ends,
+        [
+            ("example.org/test-runner:1", "Promoted", "FirstRevision"),
+            (
+                "example.org/test-runner:broken",
+                "RolledBack",
+                "CanaryCrashedOnTickets"
+            ),
+            ("example.org/test-runner:2", "Promoted", "CanaryPassed"),
+        ]
+    );
+    assert!(
+        said.contains("CanaryCrashedOnTickets"),
+        "describe shows the rollback: {said}"
+    );
+    // The pool scales back to zero, and every ticket ran: none quarantined, none left
+    // (a worker gone with a ticket in hand would have put it back).
+    eventually(
+        "the pool to scale to zero",
+        Duration::from_secs(180),
+        || async { all_pods(&pods, "demo").await == 0 },
+    )
+    .await;
+    let ch = conn.create_channel().await.unwrap();
+    assert_eq!(queue_counts(&ch, &queue).await, (0, 0));
+    // The quarantine queue is made with the first ticket it takes.
+    let quarantine = format!("{queue}.quarantine");
+    let ch = conn.create_channel().await.unwrap();
+    if let Ok(q) = passive_declare(&ch, &quarantine).await {
+        assert_eq!(q.message_count(), 0, "nothing was quarantined");
+    }
+    let status = status_of(&pools, "demo").await;
+    assert!(status.quarantine.is_none(), "{:?}", status.quarantine);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("simulate stops")
+        .unwrap();
+    assert!(stopped.success(), "{stopped:?}");
+    delete_queue(&conn, &queue).await;
+    delete_queue(&conn, &format!("{queue}.quarantine")).await;
+    delete_queue(&conn, &format!("{prefix}.default")).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -216,7 +216,15 @@ pub(super) fn ready(i: &Inputs<'_>, degraded: &Condition) -> Condition {
             "spec.paused is true: workers are neither created nor deleted".to_string(),
         )
     } else if degraded.status == S::True {
-        (S::False, degraded.reason.as_str(), degraded.message.clone())
+        // The Degraded condition says why, in full: said once.
+        (
+            S::False,
+            degraded.reason.as_str(),
+            format!(
+                "The pool is degraded ({}): see the Degraded condition",
+                degraded.reason
+            ),
+        )
     } else if d.ready >= d.desired && d.current == d.desired {
         (
             S::True,
@@ -264,9 +272,31 @@ pub(super) fn rollout_complete(i: &Inputs<'_>) -> Condition {
                 r.stable_revision
             ),
         ),
-        RolloutPhase::Progressing => (S::False, R::CanaryRunning.as_str(), r.message.clone()),
-        RolloutPhase::Paused => (S::False, R::Paused.as_str(), r.message.clone()),
-        RolloutPhase::RolledBack => (S::False, R::RolledBack.as_str(), r.message.clone()),
+        // status.rollout.message says the rest, once.
+        RolloutPhase::Progressing => (
+            S::False,
+            R::CanaryRunning.as_str(),
+            format!(
+                "Revision {} (image {}) is rolling out: see status.rollout",
+                r.target_revision, r.target_image
+            ),
+        ),
+        RolloutPhase::Paused => (
+            S::False,
+            R::Paused.as_str(),
+            format!(
+                "The rollout of revision {} is paused: see status.rollout",
+                r.target_revision
+            ),
+        ),
+        RolloutPhase::RolledBack => (
+            S::False,
+            R::RolledBack.as_str(),
+            format!(
+                "Revision {} (image {}) was rolled back; stable revision {} serves: see status.rollout",
+                r.target_revision, r.target_image, r.stable_revision
+            ),
+        ),
     };
     i.condition(ConditionType::RolloutComplete, status, reason, message)
 }
@@ -439,9 +469,13 @@ mod tests {
         w.diagnosis.message = "killed".into();
         let bad = degraded(&w.inputs());
         let c = ready(&w.inputs(), &bad);
+        assert_eq!(bad.message, "killed");
         assert_eq!(
             (said(&c), c.message.as_str()),
-            (("False", "OutOfMemory"), "killed")
+            (
+                ("False", "OutOfMemory"),
+                "The pool is degraded (OutOfMemory): see the Degraded condition"
+            )
         );
         assert_eq!(phase(&w.inputs(), &bad), Phase::Degraded);
 
@@ -479,7 +513,8 @@ mod tests {
             w.rollout.phase = phase;
             let c = rollout_complete(&w.inputs());
             assert_eq!(said(&c), ("False", reason));
-            assert_eq!(c.message, "what the rollout says");
+            // The rollout's own message is not repeated.
+            assert!(c.message.ends_with("see status.rollout"), "{}", c.message);
         }
     }
 

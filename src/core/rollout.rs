@@ -582,11 +582,37 @@ fn judge(input: &RolloutInput<'_>, out: &mut Outcome<'_>) {
         weigh(input, out, &evidence, ran, needed);
     } else {
         out.st.reason = Some(RolloutReason::WaitingForWork);
-        out.st.message = format!(
-            "Revision {target} (image {}) waits for work: its canary starts with the pool's next worker.",
-            out.st.target_image
-        );
+        out.st.message = match last_crash(&evidence) {
+            None => format!(
+                "Revision {target} (image {}) waits for work: its canary starts with the pool's next worker.",
+                out.st.target_image
+            ),
+            Some(last) => format!(
+                "Revision {target} (image {}) waits for work with {} canary crash(es) on record ({last}): no ticket is left to judge it by. Its canary starts with the pool's next worker; {}",
+                out.st.target_image,
+                evidence.crashes.len(),
+                what_fails_it(&evidence)
+            ),
+        };
     }
+}
+
+/// The canary's last crash, for messages: `last: pod P on ticket T, exit 3`.
+fn last_crash(evidence: &Evidence<'_>) -> Option<String> {
+    let c = evidence.crashes.last()?;
+    let on = match &c.ticket {
+        Some(t) => format!("on ticket {t}"),
+        None => "before taking a ticket".into(),
+    };
+    Some(format!("last: pod {} {on}, {}", c.pod, exit_text(c)))
+}
+
+/// What would fail a canary with crashes on record.
+fn what_fails_it(evidence: &Evidence<'_>) -> String {
+    format!(
+        "crashes on two tickets no stable worker crashed on roll it back ({} so far).",
+        evidence.canary_only.len()
+    )
 }
 
 /// Why the canary failed, if it did: a crash before its consume loop, crashes on two
@@ -701,12 +727,13 @@ fn weigh(
         );
     } else {
         out.st.reason = Some(RolloutReason::CanaryRunning);
+        let crashes = match last_crash(evidence) {
+            None => "no crash".to_string(),
+            Some(last) => format!("{} crash(es) ({last})", evidence.crashes.len()),
+        };
         out.st.message = format!(
-            "Canary of revision {} (image {}): {done} of {needed} tickets completed, {} crash(es); the stable revision {} serves the rest.",
-            out.st.target_revision,
-            out.st.target_image,
-            evidence.crashes.len(),
-            out.st.stable_revision
+            "Canary of revision {} (image {}): {done} of {needed} tickets completed, {crashes}; the stable revision {} serves the rest.",
+            out.st.target_revision, out.st.target_image, out.st.stable_revision
         );
         out.wake_after = [
             remaining(settings.progress_deadline, ran),

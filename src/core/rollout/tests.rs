@@ -719,6 +719,49 @@ fn a_pool_at_zero_waits_for_work_before_its_canary_runs() {
 }
 
 #[test]
+fn a_canary_waiting_for_work_after_a_crash_says_so() {
+    let mut w = World::serving(2);
+    w.pool.spec.scaling.scale_down_delay = "0s".into();
+    let new = w.start_rollout("registry.example/test-runner:broken");
+    let canary = w.first_of(&new);
+    w.crash_with(&canary, Some("t-9"), 3);
+    w.tick(1);
+    w.step();
+    let r = w.rollout();
+    assert_eq!(r.reason, Some(RolloutReason::CanaryRunning));
+    assert!(
+        r.message.contains("1 crash(es) (last: pod") && r.message.contains("on ticket t-9, exit 3"),
+        "{}",
+        r.message
+    );
+    // The stable workers drain the queue before the canary takes a second ticket.
+    w.ready = 0;
+    for _ in 0..3 {
+        w.settle();
+        w.tick(1);
+        w.step();
+    }
+    assert!(w.pods.is_empty(), "{:?}", w.pods);
+    let r = w.rollout();
+    assert_eq!(
+        (r.phase, r.reason),
+        (
+            RolloutPhase::Progressing,
+            Some(RolloutReason::WaitingForWork)
+        )
+    );
+    assert_eq!(r.canary_crashes, 1);
+    for words in [
+        "1 canary crash(es) on record",
+        "on ticket t-9, exit 3",
+        "no ticket is left",
+        "(1 so far)",
+    ] {
+        assert!(r.message.contains(words), "{words:?} in {}", r.message);
+    }
+}
+
+#[test]
 fn a_restarted_operator_goes_on_counting_the_canary_tickets_from_status() {
     let mut w = World::serving(2);
     let new = w.start_rollout("registry.example/test-runner:2");
