@@ -1986,11 +1986,19 @@ async fn a_lost_status_is_rebuilt_and_an_older_status_migrates_without_a_restart
 ) {
     let (pools, pods) = apis(s);
     let serving = pods_of(&pods, name, stable).await;
+    // Every field of the status set to null: what is left is an empty status.
+    let current = serde_json::to_value(status_of(&pools, name).await).unwrap();
+    let wiped: serde_json::Map<String, serde_json::Value> = current
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| (k.clone(), serde_json::Value::Null))
+        .collect();
     pools
         .patch_status(
             name,
             &PatchParams::default(),
-            &Patch::Merge(&json!({"status": null})),
+            &Patch::Merge(&json!({ "status": wiped })),
         )
         .await
         .unwrap();

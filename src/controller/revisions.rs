@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::ControllerRevision;
-use k8s_openapi::apimachinery::pkg::runtime::RawExtension;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -70,6 +69,72 @@ fn stored(r: &ControllerRevision) -> Option<StoredRevision> {
     })
 }
 
+/// Creates a ControllerRevision holding `workload`. Its `data` is written in the form
+/// the API server re-encodes it to (compact, with `<`, `>`, `&`, U+2028 and U+2029
+/// escaped as Go's encoder does): the API server compares a ControllerRevision's `data`
+/// bytes before and after a patch, and refuses a label patch as changing an immutable
+/// field when its re-encoding differs from the stored bytes. The typed client would
+/// write those characters as they are, so the body is written here.
+async fn create(
+    ns: &str,
+    metadata: &ObjectMeta,
+    workload: &Workload,
+    number: i64,
+    ctx: &Context,
+) -> Result<ControllerRevision, kube::Error> {
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Body<'a> {
+        api_version: &'a str,
+        kind: &'a str,
+        metadata: &'a ObjectMeta,
+        data: &'a serde_json::value::RawValue,
+        revision: i64,
+    }
+    let data = go_canonical(workload).map_err(kube::Error::SerdeError)?;
+    let body = serde_json::to_vec(&Body {
+        api_version: &ControllerRevision::api_version(&()),
+        kind: &ControllerRevision::kind(&()),
+        metadata,
+        data: &data,
+        revision: number,
+    })
+    .map_err(kube::Error::SerdeError)?;
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    let request = kube::core::Request::new(ControllerRevision::url_path(&(), Some(ns)))
+        .create(&params, body)
+        .map_err(kube::Error::BuildRequest)?;
+    ctx.client.request(request).await
+}
+
+/// `workload` as compact JSON, escaped as Go's encoder escapes it.
+fn go_canonical(
+    workload: &Workload,
+) -> Result<Box<serde_json::value::RawValue>, serde_json::Error> {
+    let compact = serde_json::to_string(workload)?;
+    serde_json::value::RawValue::from_string(escape_like_go(&compact))
+}
+
+/// Escapes what Go's JSON encoder escapes and serde_json does not. Each of these
+/// characters can only stand inside a JSON string, where its escape means the same.
+fn escape_like_go(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        match c {
+            '<' => out.push_str("\\u003c"),
+            '>' => out.push_str("\\u003e"),
+            '&' => out.push_str("\\u0026"),
+            '\u{2028}' => out.push_str("\\u2028"),
+            '\u{2029}' => out.push_str("\\u2029"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 fn labels(pool: &str, revision: &str, marks: &Marks) -> BTreeMap<String, String> {
     let mut labels = pods::selector_labels(pool);
     labels.insert(LABEL_REVISION.into(), revision.into());
@@ -91,30 +156,22 @@ pub(super) async fn apply(
     }
     let api = api(pool, ctx);
     let pool_name = pool.name_any();
+    let ns = pool.namespace().unwrap_or_default();
     for new in &plan.create {
         let name = name(&pool_name, &new.revision);
-        let object =
-            ControllerRevision {
-                metadata: ObjectMeta {
-                    name: Some(name.clone()),
-                    namespace: pool.namespace(),
-                    labels: Some(labels(&pool_name, &new.revision, &new.marks)),
-                    annotations: new.marks.rolled_back.as_ref().map(|why| {
-                        BTreeMap::from([(ANNOTATION_ROLLED_BACK.to_string(), why.clone())])
-                    }),
-                    owner_references: pool.controller_owner_ref(&()).map(|o| vec![o]),
-                    ..Default::default()
-                },
-                data: Some(RawExtension(
-                    serde_json::to_value(&new.workload).expect("a workload serializes"),
-                )),
-                revision: new.number,
-            };
-        let params = PostParams {
-            field_manager: Some(FIELD_MANAGER.into()),
+        let metadata = ObjectMeta {
+            name: Some(name.clone()),
+            namespace: pool.namespace(),
+            labels: Some(labels(&pool_name, &new.revision, &new.marks)),
+            annotations: new
+                .marks
+                .rolled_back
+                .as_ref()
+                .map(|why| BTreeMap::from([(ANNOTATION_ROLLED_BACK.to_string(), why.clone())])),
+            owner_references: pool.controller_owner_ref(&()).map(|o| vec![o]),
             ..Default::default()
         };
-        api.create(&params, &object)
+        create(&ns, &metadata, &new.workload, new.number, ctx)
             .await
             .map_err(|source| Error::WriteRevision {
                 name: name.clone(),
@@ -147,4 +204,30 @@ pub(super) async fn apply(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_is_written_as_go_re_encodes_it_and_still_reads_back() {
+        let workload = Workload {
+            image: "runner:1".into(),
+            command: vec!["sh".into(), "-c".into(), "a < b && c > d \u{2028}é".into()],
+            ..Default::default()
+        };
+        let raw = go_canonical(&workload).unwrap();
+        let text = raw.get();
+        for escaped in ["\\u003c", "\\u003e", "\\u0026\\u0026", "\\u2028"] {
+            assert!(text.contains(escaped), "{escaped} in {text}");
+        }
+        assert!(!text.contains(['<', '>', '&', '\u{2028}']), "{text}");
+        assert!(
+            text.contains("é"),
+            "other characters stay as they are: {text}"
+        );
+        let back: Workload = serde_json::from_str(text).unwrap();
+        assert_eq!(back, workload);
+    }
 }
