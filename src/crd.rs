@@ -381,6 +381,12 @@ pub struct ScalingSpec {
     /// How long the pool must have more workers than it needs before it scales down,
     /// as a duration (`30s`, `2m`). Default `2m`.
     pub scale_down_delay: SpecDuration,
+
+    /// Idle workers kept started ahead of the tickets, sized from the recent arrival
+    /// rate, so that a ticket finds a worker instead of waiting for a pod to start.
+    /// Off when absent. Each warm worker costs its pod's time while it waits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warm_workers: Option<WarmWorkersSpec>,
 }
 
 /// The defaults of every field (the one place they are set).
@@ -392,6 +398,34 @@ impl Default for ScalingSpec {
             tickets_per_worker: 1,
             poll_interval: "2s".into(),
             scale_down_delay: "2m".into(),
+            warm_workers: None,
+        }
+    }
+}
+
+/// Warm workers: the operator keeps as many idle workers as tickets arrive, at the
+/// 99th percentile, within `cover` (Poisson arrivals at the rate of the tickets
+/// completed over `window`), at most `max`, within `maxWorkers`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct WarmWorkersSpec {
+    /// How long the warm workers must cover the arrivals for: the time a new worker
+    /// takes to be ready (pod start-up, image pull) plus `pollInterval`. Default `30s`.
+    pub cover: SpecDuration,
+    /// The arrival rate is the rate of tickets completed over this window. Default `15m`.
+    pub window: SpecDuration,
+    /// At most this many warm workers. Default 5.
+    #[schemars(range(min = 0, max = 1000))]
+    pub max: i32,
+}
+
+/// The defaults of every field (the one place they are set).
+impl Default for WarmWorkersSpec {
+    fn default() -> Self {
+        Self {
+            cover: "30s".into(),
+            window: "15m".into(),
+            max: 5,
         }
     }
 }
@@ -627,6 +661,31 @@ pub struct RolloutStatus {
     pub abort_token: Option<String>,
 }
 
+impl RolloutStatus {
+    /// Revision `revision` (image `image`) serving alone, promoted for `reason`: no
+    /// rollout in progress, no canary evidence, no history.
+    pub fn serving(revision: &str, image: &str, reason: RolloutReason, message: String) -> Self {
+        RolloutStatus {
+            phase: RolloutPhase::Promoted,
+            reason: Some(reason),
+            message,
+            stable_revision: revision.into(),
+            stable_image: image.into(),
+            target_revision: revision.into(),
+            target_image: image.into(),
+            started_at: None,
+            canary_since: None,
+            canary_tickets_ok: 0,
+            canary_crashes: 0,
+            canary_tickets: Vec::new(),
+            stable: None,
+            history: Vec::new(),
+            promote_token: None,
+            abort_token: None,
+        }
+    }
+}
+
 /// How a rollout ended.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -859,10 +918,18 @@ pub struct WorkersStatus {
     /// removed to shrink the pool.
     #[serde(default)]
     pub busy: i32,
+    /// Idle workers kept warm ahead of the tickets (`scaling.warmWorkers`), counted in
+    /// `desired`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub warm: i32,
     /// Since when the pool has had more workers than it needs; scale-down happens
     /// `scaling.scaleDownDelay` after this time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub surplus_since: Option<Time>,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 /// The CRD as YAML, exactly as `crds/testrunnerpools.testrunner.dev.yaml` holds it.

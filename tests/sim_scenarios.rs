@@ -355,33 +355,41 @@ async fn a_queue_surge_scales_up_an_operator_restart_takes_over_and_deleting_the
         .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_simulate_command_serves_kubectl_clients_and_ctrl_c_leaves_no_process_behind() {
-    let dir = std::env::temp_dir().join(format!("sim-command-{}", std::process::id()));
+/// A fresh directory for a `simulate` run, and where its kubeconfig goes.
+fn fresh_dir(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    (dir, kubeconfig)
+}
+
+/// Starts `testrunner-operator simulate` on a free port with `args`, writing
+/// `kubeconfig`, on this test's broker; its standard output is piped.
+fn spawn_simulate(kubeconfig: &std::path::Path, args: &[&str]) -> tokio::process::Child {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let kubeconfig = dir.join("kubeconfig");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_testrunner-operator"))
-        .args([
-            "simulate",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--time-scale",
-            "100",
-        ])
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_testrunner-operator"))
+        .args(["simulate", "--listen", &format!("127.0.0.1:{port}")])
         .arg("--kubeconfig")
-        .arg(&kubeconfig)
+        .arg(kubeconfig)
+        .args(args)
+        .env("TESTRUNNER_AMQP_URI", broker_uri())
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulate_command_serves_kubectl_clients_and_ctrl_c_leaves_no_process_behind() {
+    let (dir, kubeconfig) = fresh_dir("sim-command");
+    let mut child = spawn_simulate(&kubeconfig, &["--time-scale", "100"]);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let client = loop {
         if let Ok(kc) = kube::config::Kubeconfig::read_from(&kubeconfig)
@@ -435,7 +443,7 @@ async fn the_simulate_command_serves_kubectl_clients_and_ctrl_c_leaves_no_proces
         out.contains("Simulated cluster at http://127.0.0.1:"),
         "{out}"
     );
-    assert!(out.contains("kubectl get trp -w"), "{out}");
+    assert!(out.contains("kubectl get trp,pods -w"), "{out}");
     assert!(
         !out.contains("guest:guest"),
         "the broker URI is never printed: {out}"
@@ -462,29 +470,10 @@ async fn the_simulate_command_serves_kubectl_clients_and_ctrl_c_leaves_no_proces
 async fn the_walk_through_simulate_prints_runs_as_printed() {
     use tokio::io::AsyncBufReadExt;
     let conn = broker().await;
-    let dir = std::env::temp_dir().join(format!("sim-walk-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let kubeconfig = dir.join("kubeconfig");
+    let (dir, kubeconfig) = fresh_dir("sim-walk");
     let prefix = outcomes_prefix();
     let queue = queue_name("walk");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_testrunner-operator"))
-        .args(["simulate", "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .args(["--outcome-queue-prefix", &prefix])
-        .env("TESTRUNNER_AMQP_URI", broker_uri())
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_simulate(&kubeconfig, &["--outcome-queue-prefix", &prefix]);
     let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let mut printed = Vec::new();
     let read = async {

@@ -98,6 +98,7 @@ fn label(policy: Policy) -> &'static str {
     match policy {
         Policy::Operator => "operator (Wrapped workers: busy workers report)",
         Policy::OperatorNative => "operator, Native workers (no reports)",
+        Policy::OperatorWarm => "operator with warm workers (scaling.warmWorkers)",
         Policy::Keda => "KEDA defaults (RabbitMQ scaler over AMQP, HPA, 30 s grace)",
         Policy::Floor => "floor: instant workers up to maxWorkers",
     }

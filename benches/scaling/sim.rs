@@ -10,6 +10,8 @@
 //!   built from the simulated pods and queue every poll interval, its `Plan` applied;
 //! - [`Policy::OperatorNative`]: the same, for workers that do not report what they do
 //!   (`worker.mode: Native`): the operator cannot tell a busy pod from an idle one;
+//! - [`Policy::OperatorWarm`]: the operator with `scaling.warmWorkers` on, covering the
+//!   pod start-up time plus one poll interval;
 //! - [`Policy::Keda`]: KEDA's RabbitMQ scaler (AMQP) with its defaults, and the
 //!   Kubernetes HPA and ReplicaSet it drives;
 //! - [`Policy::Floor`]: workers that start instantly and go as soon as they are idle,
@@ -21,7 +23,7 @@ use std::collections::{BinaryHeap, VecDeque};
 use jiff::{SignedDuration, Timestamp};
 use testrunner_operator::core::diagnosis::Completions;
 use testrunner_operator::core::{self, Activity, BrokerView, Observed, PodState, PodView};
-use testrunner_operator::crd::TestRunnerPool;
+use testrunner_operator::crd::{TestRunnerPool, WarmWorkersSpec};
 
 /// One ticket of a trace.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -39,6 +41,8 @@ pub enum Policy {
     Operator,
     /// This operator, workers in Native mode (no reports).
     OperatorNative,
+    /// This operator with warm workers.
+    OperatorWarm,
     /// KEDA's defaults.
     Keda,
     /// Instant workers up to maxWorkers.
@@ -47,9 +51,10 @@ pub enum Policy {
 
 impl Policy {
     /// Every policy, in report order.
-    pub const ALL: [Policy; 4] = [
+    pub const ALL: [Policy; 5] = [
         Policy::Operator,
         Policy::OperatorNative,
+        Policy::OperatorWarm,
         Policy::Keda,
         Policy::Floor,
     ];
@@ -59,6 +64,7 @@ impl Policy {
         match self {
             Policy::Operator => "operator",
             Policy::OperatorNative => "operator_native",
+            Policy::OperatorWarm => "operator_warm",
             Policy::Keda => "keda",
             Policy::Floor => "floor",
         }
@@ -196,9 +202,11 @@ pub fn quantile(values: &[f64], p: f64) -> f64 {
 pub fn run(policy: Policy, trace: &[Ticket], params: &Params) -> Outcome {
     match policy {
         Policy::Operator => Cluster::new(trace, params, OPERATOR_GRACE_S, false)
-            .run(&mut OperatorModel::new(params, false)),
+            .run(&mut OperatorModel::new(params, false, false)),
         Policy::OperatorNative => Cluster::new(trace, params, OPERATOR_GRACE_S, false)
-            .run(&mut OperatorModel::new(params, true)),
+            .run(&mut OperatorModel::new(params, true, false)),
+        Policy::OperatorWarm => Cluster::new(trace, params, OPERATOR_GRACE_S, false)
+            .run(&mut OperatorModel::new(params, false, true)),
         Policy::Keda => {
             Cluster::new(trace, params, KUBERNETES_GRACE_S, false).run(&mut KedaModel::new(params))
         }
@@ -619,8 +627,11 @@ pub struct OperatorModel {
 }
 
 impl OperatorModel {
-    fn new(params: &Params, native: bool) -> Self {
-        let pool = pool(params.max_workers, native);
+    fn new(params: &Params, native: bool, warm: bool) -> Self {
+        let mut pool = pool(params.max_workers, native);
+        if warm {
+            pool.spec.scaling.warm_workers = Some(warm_workers(params));
+        }
         let revision = core::revision(&pool.spec);
         OperatorModel {
             pool,
@@ -688,6 +699,17 @@ impl OperatorModel {
             completions: self.completions.clone(),
             ..Default::default()
         }
+    }
+}
+
+/// `scaling.warmWorkers` covering a new pod's start-up plus one poll interval, with
+/// the defaults otherwise.
+pub fn warm_workers(params: &Params) -> WarmWorkersSpec {
+    WarmWorkersSpec {
+        cover: format!("{}s", (params.pod_start + OPERATOR_POLL_S).ceil())
+            .as_str()
+            .into(),
+        ..Default::default()
     }
 }
 

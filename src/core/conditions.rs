@@ -332,24 +332,15 @@ mod tests {
     }
 
     fn rollout(phase: RolloutPhase, reason: Option<RolloutReason>) -> RolloutStatus {
-        RolloutStatus {
-            phase,
-            reason,
-            message: "what the rollout says".into(),
-            stable_revision: "a".into(),
-            stable_image: "runner:1".into(),
-            target_revision: "a".into(),
-            target_image: "runner:1".into(),
-            started_at: None,
-            canary_since: None,
-            canary_tickets_ok: 0,
-            canary_crashes: 0,
-            canary_tickets: Vec::new(),
-            stable: None,
-            history: Vec::new(),
-            promote_token: None,
-            abort_token: None,
-        }
+        let mut r = RolloutStatus::serving(
+            "a",
+            "runner:1",
+            RolloutReason::FirstRevision,
+            "what the rollout says".into(),
+        );
+        r.phase = phase;
+        r.reason = reason;
+        r
     }
 
     /// What the conditions are computed from, changed one field at a time.

@@ -294,10 +294,15 @@ pub(super) fn scaled(decision: &Decision) -> Vec<PlannedEvent> {
             EventReason::ScaledUp,
             EventAction::Scale,
             format!(
-                "Scaling up from {} to {} workers ({} tickets ready)",
+                "Scaling up from {} to {} workers ({} tickets ready{})",
                 decision.current,
                 decision.current + decision.create as i32,
-                decision.queue_ready
+                decision.queue_ready,
+                if decision.warm > 0 {
+                    format!(", {} kept warm", decision.warm)
+                } else {
+                    String::new()
+                }
             ),
         ));
     }

@@ -86,6 +86,7 @@ pub fn decision(desired: i32, current: i32, ready: i32) -> Decision {
         current,
         ready,
         busy: 0,
+        warm: 0,
         queue_ready: 0,
         create: 0,
         create_canary: 0,

@@ -52,7 +52,7 @@ use crate::crd::{PoisonSpec, ScalingSpec, SpecDuration, TestRunnerPoolSpec, Test
 pub use conditions::{ConditionReason, ConditionStatus, ConditionType};
 pub use events::{EventAction, EventReason, MAX_CRASH_EVENTS, PlannedEvent};
 pub use pipeline::plan;
-pub use scaling::{ScalingInput, desired_workers};
+pub use scaling::{ScalingInput, WarmSettings, desired_workers, warm_workers};
 
 /// What the shell saw of the world for one pool.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -290,6 +290,8 @@ pub struct Settings {
     pub stall_timeout: Duration,
     /// The rollout's durations.
     pub rollout: rollout::RolloutSettings,
+    /// `scaling.warmWorkers`, when the pool asks for warm workers.
+    pub warm: Option<scaling::WarmSettings>,
 }
 
 /// The smallest poll interval the operator accepts.
@@ -319,6 +321,14 @@ pub fn settings(spec: &TestRunnerPoolSpec) -> Result<Settings, ConfigProblem> {
         )?,
         stall_timeout: duration("spec.poison.stallTimeout", &spec.poison.stall_timeout)?,
         rollout: rollout::RolloutSettings::from_spec(&spec.rollout)?,
+        warm: match &spec.scaling.warm_workers {
+            None => None,
+            Some(w) => Some(scaling::WarmSettings {
+                cover: duration("spec.scaling.warmWorkers.cover", &w.cover)?,
+                window: duration("spec.scaling.warmWorkers.window", &w.window)?,
+                max: w.max.max(0) as u32,
+            }),
+        },
     })
 }
 
@@ -340,6 +350,7 @@ impl Default for Settings {
             scale_down_delay: valid(&scaling.scale_down_delay),
             stall_timeout: valid(&poison.stall_timeout),
             rollout: rollout::RolloutSettings::default(),
+            warm: None,
         }
     }
 }

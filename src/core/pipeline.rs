@@ -174,6 +174,12 @@ fn scaling_step(
         // A rolled-back canary goes at once, busy or not: it drains within its grace period.
         discard: (r.phase == RolloutPhase::RolledBack && r.target_revision != r.stable_revision)
             .then_some(r.target_revision.as_str()),
+        warm: seen.settings.warm.as_ref().map_or(0, |w| {
+            // Tickets that arrived but are not completed yet: in hand, or waiting.
+            let busy = seen.observed.pods.iter().filter(|p| p.busy()).count() as u64;
+            let arrived = busy + seen.queue_ready.unwrap_or(0);
+            scaling::warm_workers(w, &seen.observed.completions, arrived, seen.now)
+        }),
         now: seen.now,
     })
 }

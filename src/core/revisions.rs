@@ -184,24 +184,17 @@ mod tests {
 
     fn status(stable: &str, target: &str, phase: RolloutPhase) -> RolloutStatus {
         let rev = |image: &str| super::super::revision_of(&workload(image));
-        RolloutStatus {
-            phase,
-            reason: None,
-            message: String::new(),
-            stable_revision: rev(stable),
-            stable_image: stable.into(),
-            target_revision: rev(target),
-            target_image: target.into(),
-            started_at: None,
-            canary_since: None,
-            canary_tickets_ok: 0,
-            canary_crashes: 0,
-            canary_tickets: Vec::new(),
-            stable: None,
-            history: Vec::new(),
-            promote_token: None,
-            abort_token: None,
-        }
+        let mut st = RolloutStatus::serving(
+            &rev(stable),
+            stable,
+            RolloutReason::FirstRevision,
+            String::new(),
+        );
+        st.phase = phase;
+        st.reason = None;
+        st.target_revision = rev(target);
+        st.target_image = target.into();
+        st
     }
 
     #[test]

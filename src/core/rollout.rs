@@ -357,29 +357,19 @@ fn restore(input: &RolloutInput<'_>) -> Option<RolloutStatus> {
         .iter()
         .find(|r| r.revision == target_revision && !r.stable)
         .and_then(|r| r.rolled_back.as_deref());
-    let image = stable.workload.image.clone();
-    let mut status = RolloutStatus {
-        phase: RolloutPhase::Promoted,
-        reason: Some(RolloutReason::Restored),
-        message: format!(
+    let image = &stable.workload.image;
+    let mut status = RolloutStatus::serving(
+        &stable.revision,
+        image,
+        RolloutReason::Restored,
+        format!(
             "Revision {} (image {image}) is stable, as its ControllerRevision says: the pool's status was lost and is rebuilt.",
             stable.revision
         ),
-        stable_revision: stable.revision.clone(),
-        stable_image: image.clone(),
-        target_revision: stable.revision.clone(),
-        target_image: image,
-        started_at: None,
-        canary_since: None,
-        canary_tickets_ok: 0,
-        canary_crashes: 0,
-        canary_tickets: Vec::new(),
-        stable: None,
-        history: Vec::new(),
-        // Annotations already there were acted on before the status was lost.
-        promote_token: input.annotations.get(ANNOTATION_PROMOTE).cloned(),
-        abort_token: input.annotations.get(ANNOTATION_ABORT).cloned(),
-    };
+    );
+    // Annotations already there were acted on before the status was lost.
+    status.promote_token = input.annotations.get(ANNOTATION_PROMOTE).cloned();
+    status.abort_token = input.annotations.get(ANNOTATION_ABORT).cloned();
     if let Some(why) = failed {
         status.phase = RolloutPhase::RolledBack;
         status.reason = RolloutReason::ALL.iter().copied().find(|r| *r == why);
@@ -395,36 +385,26 @@ fn restore(input: &RolloutInput<'_>) -> Option<RolloutStatus> {
 
 /// A new pool: its first revision has nothing to be compared with.
 fn first_revision(input: &RolloutInput<'_>) -> RolloutDecision {
-    let target = input.spec.workload.clone();
+    let image = &input.spec.workload.image;
     let revision = super::revision(input.spec);
     let why = RolloutReason::FirstRevision;
-    let status = RolloutStatus {
-        phase: RolloutPhase::Promoted,
-        reason: Some(why),
-        message: format!(
-            "Revision {revision} (image {}) is the pool's first: it serves directly, and crash diagnosis protects it.",
-            target.image
+    let mut status = RolloutStatus::serving(
+        &revision,
+        image,
+        why,
+        format!(
+            "Revision {revision} (image {image}) is the pool's first: it serves directly, and crash diagnosis protects it."
         ),
-        stable_revision: revision.clone(),
-        stable_image: target.image.clone(),
-        target_revision: revision.clone(),
-        target_image: target.image.clone(),
-        started_at: None,
-        canary_since: None,
-        canary_tickets_ok: 0,
-        canary_crashes: 0,
-        canary_tickets: Vec::new(),
-        history: vec![RevisionRecord {
-            revision,
-            image: target.image.clone(),
-            result: RolloutResult::Promoted,
-            reason: why.to_string(),
-            at: Time(input.now),
-        }],
-        stable: None,
-        promote_token: input.annotations.get(ANNOTATION_PROMOTE).cloned(),
-        abort_token: input.annotations.get(ANNOTATION_ABORT).cloned(),
-    };
+    );
+    status.history.push(RevisionRecord {
+        revision,
+        image: image.clone(),
+        result: RolloutResult::Promoted,
+        reason: why.to_string(),
+        at: Time(input.now),
+    });
+    status.promote_token = input.annotations.get(ANNOTATION_PROMOTE).cloned();
+    status.abort_token = input.annotations.get(ANNOTATION_ABORT).cloned();
     RolloutDecision {
         status,
         canary: None,

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
+use super::diagnosis::{Completions, TICKETS_KEPT};
 use super::{BrokerView, PodState, PodView};
 use crate::crd::TestRunnerPoolSpec;
 
@@ -36,6 +37,8 @@ pub struct ScalingInput<'a> {
     /// A revision whose pods go even while busy (a canary that was rolled back):
     /// they drain the ticket in hand within their grace period.
     pub discard: Option<&'a str>,
+    /// Idle workers to keep warm on top of what the queue needs ([`warm_workers`]).
+    pub warm: u32,
     /// The time of this decision.
     pub now: Timestamp,
 }
@@ -51,6 +54,8 @@ pub struct Decision {
     pub ready: i32,
     /// Worker pods running a ticket, as their workers reported.
     pub busy: i32,
+    /// Idle workers kept warm, counted in `desired`.
+    pub warm: i32,
     /// Tickets ready in the queue at the last probe (0 when unknown).
     pub queue_ready: u64,
     /// Pods of the serving revision to create.
@@ -77,10 +82,82 @@ pub struct Decision {
 /// once none is ready). Busy workers are always among the desired ones: a pool never
 /// wants fewer workers than are running tickets.
 pub fn desired_workers(spec: &TestRunnerPoolSpec, ready: u64, consumers: u64, busy: u64) -> i32 {
+    clamp(spec, needed_workers(spec, ready, consumers, busy))
+}
+
+/// The workers the tickets need, before the bounds.
+fn needed_workers(spec: &TestRunnerPoolSpec, ready: u64, consumers: u64, busy: u64) -> i32 {
     let in_flight = if ready > 0 { consumers.max(busy) } else { busy };
     let per_worker = spec.scaling.tickets_per_worker.max(1) as u64;
     let wanted = (ready + in_flight).div_ceil(per_worker).max(busy);
-    clamp(spec, wanted.min(i32::MAX as u64) as i32)
+    wanted.min(i32::MAX as u64) as i32
+}
+
+/// `scaling.warmWorkers`, parsed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WarmSettings {
+    /// How long warm workers cover the arrivals for.
+    pub cover: Duration,
+    /// The window the arrival rate is read over.
+    pub window: Duration,
+    /// At most this many warm workers.
+    pub max: u32,
+}
+
+/// Warm workers to keep: the 99th percentile of the tickets that arrive within
+/// `cover`, as Poisson arrivals at the recent arrival rate, at most `max`. The rate is
+/// the tickets completed over `window` (every revision) plus the `arrived` ones not
+/// completed yet (in hand or waiting), over `window`; or, when traffic rises, the same
+/// count over the last quarter of the window. Nothing arrived within the window: none.
+///
+/// Completions are remembered [`TICKETS_KEPT`] per revision; when a revision's list is
+/// full and starts inside the window, its rate is read over the span it covers.
+pub fn warm_workers(
+    warm: &WarmSettings,
+    completions: &Completions,
+    arrived: u64,
+    now: Timestamp,
+) -> u32 {
+    let window = warm.window.as_secs_f64();
+    if window <= 0.0 || warm.max == 0 {
+        return 0;
+    }
+    let rate_over = |window: f64| -> f64 {
+        let since = |at: Timestamp| now.duration_since(at).as_secs_f64();
+        let completed: f64 = completions
+            .tickets_by_revision
+            .values()
+            .map(|list| {
+                let inside = list.iter().filter(|(_, at)| since(*at) <= window).count();
+                let oldest = list.first().map_or(window, |(_, at)| since(*at));
+                let span = if list.len() >= TICKETS_KEPT && oldest < window {
+                    oldest.max(1.0)
+                } else {
+                    window
+                };
+                inside as f64 / span
+            })
+            .sum();
+        completed + arrived as f64 / window
+    };
+    let rate = rate_over(window).max(rate_over(window / 4.0));
+    poisson_quantile(rate * warm.cover.as_secs_f64(), 0.99, warm.max)
+}
+
+/// The smallest k with P(N <= k) >= p for N ~ Poisson(mean), at most `max`.
+fn poisson_quantile(mean: f64, p: f64, max: u32) -> u32 {
+    if mean <= 0.0 || !mean.is_finite() {
+        return 0;
+    }
+    let mut k = 0;
+    let mut term = (-mean).exp();
+    let mut cdf = term;
+    while cdf < p && k < max {
+        k += 1;
+        term *= mean / f64::from(k);
+        cdf += term;
+    }
+    k
 }
 
 fn clamp(spec: &TestRunnerPoolSpec, n: i32) -> i32 {
@@ -168,7 +245,12 @@ pub fn decide(input: &ScalingInput<'_>) -> Decision {
         BrokerView::Depth {
             ready, consumers, ..
         } => (
-            desired_workers(spec, *ready, *consumers, live.busy as u64),
+            // Warm workers wait idle on top of what the tickets need.
+            clamp(
+                spec,
+                needed_workers(spec, *ready, *consumers, live.busy as u64)
+                    .saturating_add(input.warm as i32),
+            ),
             *ready,
         ),
         // Without numbers, hold what runs: never scale to zero on an error.
@@ -180,6 +262,7 @@ pub fn decide(input: &ScalingInput<'_>) -> Decision {
         current: live.count,
         ready: live.ready,
         busy: live.busy,
+        warm: input.warm as i32,
         queue_ready,
         create: 0,
         create_canary: 0,
@@ -357,4 +440,110 @@ fn canaries(
         );
     }
     canary_wanted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::fixtures::{depth, pod, pool, t};
+    use crate::core::{Activity, plan, revision};
+
+    fn warm(cover: u64, window: u64, max: u32) -> WarmSettings {
+        WarmSettings {
+            cover: Duration::from_secs(cover),
+            window: Duration::from_secs(window),
+            max,
+        }
+    }
+
+    /// `n` completions on one revision, one every `every` seconds, the last at `t(end)`.
+    fn completed(n: usize, every: i64, end: i64) -> Completions {
+        let mut c = Completions::default();
+        for i in 0..n as i64 {
+            let at = end - (n as i64 - 1 - i) * every;
+            c.record("r1", Some(&format!("t{i}")), t(at));
+        }
+        c
+    }
+
+    #[test]
+    fn the_poisson_quantile_is_the_smallest_count_covering_the_percentile() {
+        assert_eq!(poisson_quantile(0.0, 0.99, 10), 0);
+        // P(N <= 3) = 0.981 and P(N <= 4) = 0.996 for a mean of 1.
+        assert_eq!(poisson_quantile(1.0, 0.99, 10), 4);
+        // P(N <= 1) = 0.9953 for a mean of 0.1.
+        assert_eq!(poisson_quantile(0.1, 0.99, 10), 1);
+        assert_eq!(poisson_quantile(50.0, 0.99, 7), 7, "at most max");
+        assert_eq!(poisson_quantile(f64::NAN, 0.99, 7), 0);
+    }
+
+    #[test]
+    fn warm_workers_follow_the_rate_of_recent_completions() {
+        let now = 10_000;
+        // One ticket every 30 s over the 15-minute window: a mean of 1 per 30 s.
+        let steady = completed(30, 30, now);
+        assert_eq!(warm_workers(&warm(30, 900, 5), &steady, 0, t(now)), 4);
+        assert_eq!(warm_workers(&warm(30, 900, 2), &steady, 0, t(now)), 2);
+        assert_eq!(warm_workers(&warm(30, 900, 0), &steady, 0, t(now)), 0);
+        // Nothing arrived within the window: no warm worker.
+        assert_eq!(
+            warm_workers(&warm(30, 900, 5), &steady, 0, t(now + 2_000)),
+            0
+        );
+        // The first ticket of the day, in hand: one worker is kept warm behind it.
+        assert_eq!(
+            warm_workers(&warm(30, 900, 5), &steady, 1, t(now + 2_000)),
+            1
+        );
+        // Long after, half the tickets are in the window: a lower rate, fewer workers.
+        let later = warm_workers(&warm(30, 900, 5), &steady, 0, t(now + 600));
+        assert!(later < 4 && later > 0, "{later}");
+        // Rising traffic: 20 tickets within the last 200 s weigh as a rate over the
+        // last quarter of the window, not diluted over all of it.
+        let rising = completed(20, 10, now);
+        assert_eq!(warm_workers(&warm(30, 900, 9), &rising, 0, t(now)), 7);
+        // A full memory of 100 tickets within the last 100 s: the rate is read over
+        // those 100 s (1 a second), not over the whole window.
+        let busy = completed(100, 1, now);
+        assert_eq!(warm_workers(&warm(10, 900, 50), &busy, 0, t(now)), 18);
+    }
+
+    #[test]
+    fn a_pool_with_warm_workers_keeps_them_idle_and_lets_them_go_when_tickets_stop() {
+        let mut p = pool();
+        p.spec.scaling.warm_workers = Some(Default::default());
+        let rev = revision(&p.spec);
+        let idle = |name: &str| {
+            let mut w = pod(name, &rev, PodState::Ready, 0);
+            w.activity = Activity::Idle;
+            w
+        };
+        // One ticket every 30 s completed lately, none waiting: warm workers wait.
+        let mut seen = depth(0, 1, vec![idle("w1")]);
+        seen.completions = completed(30, 30, 900);
+        let first = plan(&p, &seen, t(900));
+        let w = first.status.workers.clone().unwrap();
+        assert_eq!((w.desired, w.warm), (4, 4));
+        assert_eq!(first.created(), 3);
+        assert!(
+            first.events.iter().any(|e| e.note.contains("kept warm")),
+            "{:?}",
+            first.events
+        );
+        // Without warmWorkers the same pool scales to zero.
+        let mut cold = p.clone();
+        cold.spec.scaling.warm_workers = None;
+        let w = plan(&cold, &seen, t(900)).status.workers.unwrap();
+        assert_eq!((w.desired, w.warm), (0, 0));
+        // Never above maxWorkers.
+        let mut small = p.clone();
+        small.spec.scaling.max_workers = 2;
+        assert_eq!(
+            plan(&small, &seen, t(900)).status.workers.unwrap().desired,
+            2
+        );
+        // An hour without a completion: no worker is kept warm.
+        let w = plan(&p, &seen, t(4_500)).status.workers.unwrap();
+        assert_eq!((w.desired, w.warm), (0, 0));
+    }
 }

@@ -75,6 +75,7 @@ fn workers(d: &Decision) -> WorkersStatus {
         current: d.current,
         ready: d.ready,
         busy: d.busy,
+        warm: d.warm,
         surplus_since: d.surplus_since.map(Time),
     }
 }
