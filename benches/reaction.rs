@@ -29,6 +29,10 @@ use testrunner_operator::controller::{self, Settings};
 use testrunner_operator::crd::TestRunnerPool;
 use testrunner_sim as sim;
 
+#[path = "common/mod.rs"]
+mod common;
+use common::{quantile, until};
+
 struct Args {
     surges: usize,
     tickets: usize,
@@ -83,25 +87,8 @@ fn args() -> Args {
     out
 }
 
-/// The `q`-quantile (nearest rank) of `values`, in seconds.
-fn quantile(values: &[Duration], q: f64) -> f64 {
-    let mut sorted: Vec<f64> = values.iter().map(Duration::as_secs_f64).collect();
-    sorted.sort_by(f64::total_cmp);
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
-/// Waits until `check` holds, polling every 20 ms; panics after `limit` naming `what`.
-async fn until(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// How often a wait looks again ([`common::until`]).
+const POLL: Duration = Duration::from_millis(20);
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -237,6 +224,7 @@ async fn main() {
         until(
             "the pool to be idle",
             Duration::from_secs(120),
+            POLL,
             async || {
                 pods.list(&Default::default())
                     .await
@@ -275,6 +263,7 @@ async fn main() {
         until(
             "the first pod create",
             Duration::from_secs(60),
+            POLL,
             async || created.lock().unwrap().len() > before,
         )
         .await;
@@ -282,6 +271,7 @@ async fn main() {
         until(
             "the first ticket to start",
             Duration::from_secs(60),
+            POLL,
             async || first_start_after(wall).is_some(),
         )
         .await;
@@ -290,6 +280,7 @@ async fn main() {
         until(
             "the surge to complete",
             Duration::from_secs(120),
+            POLL,
             async || started_count() >= done,
         )
         .await;

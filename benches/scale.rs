@@ -39,6 +39,10 @@ use serde_json::json;
 use testrunner_operator::crd::TestRunnerPool;
 use testrunner_sim as sim;
 
+#[path = "common/mod.rs"]
+mod common;
+use common::{quantile, until};
+
 struct Args {
     pools: usize,
     pods_per_pool: usize,
@@ -93,25 +97,8 @@ fn args() -> Args {
     out
 }
 
-/// The `q`-quantile (nearest rank) of `values`, in seconds.
-fn quantile(values: &[Duration], q: f64) -> f64 {
-    let mut sorted: Vec<f64> = values.iter().map(Duration::as_secs_f64).collect();
-    sorted.sort_by(f64::total_cmp);
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
-/// Waits until `check` holds, polling every 200 ms; panics after `limit` naming `what`.
-async fn until(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+/// How often a wait looks again ([`common::until`]).
+const POLL: Duration = Duration::from_millis(200);
 
 /// CPU seconds (user + system) and resident memory (MiB) of process `pid`.
 fn usage_of(pid: u32) -> (f64, f64) {
@@ -483,6 +470,7 @@ async fn main() {
     until(
         &format!("{total_pods} ready workers"),
         Duration::from_secs(1800),
+        POLL,
         || async { ready_workers().await >= total_pods },
     )
     .await;
@@ -586,6 +574,7 @@ async fn main() {
     until(
         "every changed queue to show in its pool's status",
         Duration::from_secs(120),
+        POLL,
         || async { waiting.lock().unwrap().is_empty() },
     )
     .await;
@@ -606,6 +595,7 @@ async fn main() {
     until(
         "the restarted operator to reconcile every pool",
         Duration::from_secs(600),
+        POLL,
         || async {
             metrics_text(&operator.metrics_addr)
                 .await
