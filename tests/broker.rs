@@ -14,7 +14,7 @@ use testrunner_operator::crd::TestRunnerPool;
 use tokio::net::{TcpListener, TcpStream};
 
 mod common;
-use common::{eventually, queue_counts};
+use common::{eventually, publish_confirmed, queue_counts};
 
 const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -38,31 +38,12 @@ async fn depth_is_published_minus_consumed() {
     let conn = connect().await;
     let ch = conn.create_channel().await.unwrap();
     let queue = queue_name("depth");
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    declare(&ch, &queue).await;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
     for i in 0..10 {
-        ch.basic_publish(
-            "".into(),
-            queue.as_str().into(),
-            BasicPublishOptions::default(),
-            format!("ticket {i}").as_bytes(),
-            BasicProperties::default(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+        publish_confirmed(&ch, &queue, &format!("ticket-{i}")).await;
     }
     let brokers = Brokers::default();
     let uri = BrokerUri::parse(BROKER).unwrap();
@@ -515,30 +496,11 @@ async fn a_broker_node_of_its_own_restarts_with_its_messages_and_probes_recover(
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        "kept".into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    declare(&ch, "kept").await;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    ch.basic_publish(
-        "".into(),
-        "kept".into(),
-        BasicPublishOptions::default(),
-        b"ticket",
-        BasicProperties::default().with_delivery_mode(2),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    publish_confirmed(&ch, "kept", "ticket").await;
     let brokers = Brokers::new(BrokerSettings::default());
     let key = BrokerUri::parse(&uri).unwrap();
     assert_eq!(
