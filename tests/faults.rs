@@ -41,9 +41,29 @@ const MIN_WORKERS: usize = 1;
 /// its own and measures its recovery, which a second scenario's load would distort.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Which API server a scenario's simulated cluster uses.
+#[derive(Clone, Copy, Debug)]
+enum On {
+    /// The embedded, in-process API server.
+    Embedded,
+    /// A real control plane (see [`on_both`]).
+    ControlPlane,
+}
+
+impl On {
+    /// The module of the scenario's test, as in its name.
+    fn module(self) -> &'static str {
+        match self {
+            On::Embedded => "embedded",
+            On::ControlPlane => "control_plane",
+        }
+    }
+}
+
 /// A pool on a broker node of its own, with the operator running, and a ledger.
 struct Fault {
     name: &'static str,
+    on: On,
     node: Option<BrokerNode>,
     uri: String,
     sim: testrunner_sim::Simulation,
@@ -58,12 +78,37 @@ struct Fault {
 impl Fault {
     /// Starts the scenario's broker node, the simulated cluster whose Secret points at
     /// it, the operator, and declares the pool's queue and quarantine queue.
-    async fn start(name: &'static str) -> Fault {
+    async fn start(name: &'static str, on: On) -> Fault {
         let node = tokio::task::spawn_blocking(move || BrokerNode::start(name))
             .await
             .expect("the broker node starts");
         let uri = node.uri();
-        let sim = common::simulation(&uri, 50.0).await;
+        let sim = match on {
+            On::Embedded => common::simulation(&uri, 50.0).await,
+            On::ControlPlane => {
+                let bin = common::whole_control_plane_bin();
+                testrunner_sim::Simulation::start_on_control_plane(
+                    &bin,
+                    common::options(&uri, 50.0),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("the real control plane did not start: {e}"))
+            }
+        };
+        if let On::ControlPlane = on {
+            // Pods need the namespace's service account, which the controller manager makes.
+            let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+                Api::namespaced(sim.client(), "default");
+            eventually(
+                "the default service account",
+                Duration::from_secs(60),
+                || {
+                    let accounts = accounts.clone();
+                    async move { accounts.get_opt("default").await.ok().flatten().is_some() }
+                },
+            )
+            .await;
+        }
         let client = sim.client();
         let operator =
             controller::spawn(client.clone(), Settings::in_process(vec!["default".into()]));
@@ -75,6 +120,7 @@ impl Fault {
         let _ = conn.close(200, "done".into()).await;
         Fault {
             name,
+            on,
             node: Some(node),
             uri,
             pools: Api::namespaced(client.clone(), "default"),
@@ -85,6 +131,12 @@ impl Fault {
             queue,
             ledger: Ledger::new(name),
         }
+    }
+
+    /// The full name of scenario `test` as run here: `embedded::test` or
+    /// `control_plane::test`.
+    fn test(&self, test: &str) -> String {
+        format!("{}::{test}", self.on.module())
     }
 
     /// Creates the pool: one to four workers running `command`.
@@ -376,7 +428,8 @@ struct Tally {
 /// One row of the results table in docs/reliability.md.
 #[derive(Debug, serde::Serialize)]
 struct Row<'a> {
-    test: &'a str,
+    /// The test's name, with its module (`embedded::` or `control_plane::`).
+    test: String,
     fault: &'a str,
     injected: String,
     operator_did: String,
@@ -398,7 +451,8 @@ impl Row<'_> {
             .join("reliability");
         std::fs::create_dir_all(&dir).unwrap();
         let line = serde_json::to_string(self).unwrap();
-        std::fs::write(dir.join(format!("{}.json", self.test)), format!("{line}\n")).unwrap();
+        let file = format!("{}.json", self.test.replace("::", "."));
+        std::fs::write(dir.join(file), format!("{line}\n")).unwrap();
         println!("reliability row: {line}");
     }
 }
@@ -421,9 +475,9 @@ async fn in_flight(ledger: &Ledger, n: usize, done: usize) {
 /// A broker outage in the middle of a surge: the node stops while workers run tickets,
 /// the operator must say so, then it starts again after `down` (at least until the
 /// operator said so).
-async fn broker_outage(test: &str, name: &'static str, fault: &str, down: Duration) {
+async fn broker_outage(on: On, test: &str, name: &'static str, fault: &str, down: Duration) {
     let _one = ONE_AT_A_TIME.lock().await;
-    let mut f = Fault::start(name).await;
+    let mut f = Fault::start(name, on).await;
     f.pool(f.ledger.command(1.0)).await;
     let ids = f.publish(40).await;
     in_flight(&f.ledger, 3, 2).await;
@@ -463,7 +517,7 @@ async fn broker_outage(test: &str, name: &'static str, fault: &str, down: Durati
         );
     }
     Row {
-        test,
+        test: f.test(test),
         fault,
         injected: format!(
             "broker node stopped {:.1} s with {busy_at_fault} tickets in commands, 40 published, 4 workers",
@@ -483,9 +537,9 @@ async fn broker_outage(test: &str, name: &'static str, fault: &str, down: Durati
     f.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_broker_restarts_mid_surge_and_every_ticket_completes() {
+async fn the_broker_restarts_mid_surge_and_every_ticket_completes(on: On) {
     broker_outage(
+        on,
         "the_broker_restarts_mid_surge_and_every_ticket_completes",
         "broker-restart",
         "the broker restarts mid-surge",
@@ -494,9 +548,9 @@ async fn the_broker_restarts_mid_surge_and_every_ticket_completes() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_broker_is_unreachable_for_a_minute_and_every_ticket_completes() {
+async fn the_broker_is_unreachable_for_a_minute_and_every_ticket_completes(on: On) {
     broker_outage(
+        on,
         "the_broker_is_unreachable_for_a_minute_and_every_ticket_completes",
         "broker-unreachable",
         "the broker is unreachable for a minute",
@@ -535,11 +589,12 @@ fn command_and_wrapper(id: &str) -> Option<(u32, u32)> {
     None
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_sigkilled_mid_ticket_gets_its_ticket_redelivered_and_completed_not_quarantined() {
+async fn a_worker_sigkilled_mid_ticket_gets_its_ticket_redelivered_and_completed_not_quarantined(
+    on: On,
+) {
     let _one = ONE_AT_A_TIME.lock().await;
     let name = "worker-sigkill";
-    let f = Fault::start(name).await;
+    let f = Fault::start(name, on).await;
     f.pool(f.ledger.command(2.0)).await;
     let ids = f.publish(12).await;
     in_flight(&f.ledger, 2, 0).await;
@@ -614,7 +669,7 @@ async fn a_worker_sigkilled_mid_ticket_gets_its_ticket_redelivered_and_completed
         "no WorkerCrashed event in {reasons:?}"
     );
     Row {
-        test: "a_worker_sigkilled_mid_ticket_gets_its_ticket_redelivered_and_completed_not_quarantined",
+        test: f.test("a_worker_sigkilled_mid_ticket_gets_its_ticket_redelivered_and_completed_not_quarantined"),
         fault: "a worker is SIGKILLed mid-ticket",
         injected: "SIGKILL to one worker container's wrapper (PID 1 of the container) 2 s tickets, 12 published, 4 workers".into(),
         operator_did: format!(
@@ -673,10 +728,9 @@ async fn publish_raw(ch: &lapin::Channel, queue: &str, body: &[u8], props: lapin
     assert!(confirm.is_ack(), "the broker took the ticket");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_tickets_each_run_once_and_never_crash_the_wrapper() {
+async fn hostile_tickets_each_run_once_and_never_crash_the_wrapper(on: On) {
     let _one = ONE_AT_A_TIME.lock().await;
-    let f = Fault::start("hostile").await;
+    let f = Fault::start("hostile", on).await;
     let conn = connect(&f.uri).await;
     let ch = conn.create_channel().await.unwrap();
     ch.confirm_select(ConfirmSelectOptions::default())
@@ -795,7 +849,7 @@ async fn hostile_tickets_each_run_once_and_never_crash_the_wrapper() {
     );
     let reasons = f.event_reasons().await;
     Row {
-        test: "hostile_tickets_each_run_once_and_never_crash_the_wrapper",
+        test: f.test("hostile_tickets_each_run_once_and_never_crash_the_wrapper"),
         fault: "hostile tickets",
         injected: "an 8 MiB body, no message_id (twice, one empty body), two tickets with one id, an id with space/%/newline/non-ASCII, headers of every type over 64 KiB, among 6 plain tickets".into(),
         operator_did: format!("nothing to do: no crash; events: {}", reasons.join(", ")),
@@ -843,10 +897,9 @@ fn backstop(f: &Fault) {
 /// delivery breaks its connection and the ticket goes back to the head of the queue.
 /// With the broker-side backstop the broker dead-letters it to the quarantine queue
 /// after three deliveries, intact, and every other ticket completes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_ticket_with_a_non_utf8_message_id_is_dead_lettered_by_the_broker_backstop() {
+async fn a_ticket_with_a_non_utf8_message_id_is_dead_lettered_by_the_broker_backstop(on: On) {
     let _one = ONE_AT_A_TIME.lock().await;
-    let f = Fault::start("non-utf8").await;
+    let f = Fault::start("non-utf8", on).await;
     backstop(&f);
     publish_non_utf8_id(&f);
     let ids = f.publish(6).await;
@@ -871,7 +924,7 @@ async fn a_ticket_with_a_non_utf8_message_id_is_dead_lettered_by_the_broker_back
     );
     let reasons = f.event_reasons().await;
     Row {
-        test: "a_ticket_with_a_non_utf8_message_id_is_dead_lettered_by_the_broker_backstop",
+        test: f.test("a_ticket_with_a_non_utf8_message_id_is_dead_lettered_by_the_broker_backstop"),
         fault: "a ticket whose message_id is not UTF-8",
         injected: "message_id `bad-` FF FE (published by the node itself) ahead of 6 plain tickets; backstop policy delivery-limit 3 to the quarantine queue".into(),
         operator_did: format!(
@@ -887,3 +940,38 @@ async fn a_ticket_with_a_non_utf8_message_id_is_dead_lettered_by_the_broker_back
     .record();
     f.finish().await;
 }
+
+/// Each scenario runs twice: on the embedded API server (`embedded::NAME`), and on a
+/// real control plane (`control_plane::NAME`: etcd, kube-apiserver, the controller
+/// manager and the scheduler from TESTRUNNER_CONTROL_PLANE, by default
+/// `target/control-plane/bin`). The second half is ignored by plain `cargo test`, by
+/// name and with the reason; `bash tests/run.sh` builds the binaries and runs both.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::On::Embedded).await
+                }
+            )*
+        }
+        mod control_plane {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[ignore = "needs the real control plane: bash tests/control-plane/build.sh, then cargo test -- --include-ignored (bash tests/run.sh does both)"]
+                async fn $name() {
+                    super::$name(super::On::ControlPlane).await
+                }
+            )*
+        }
+    };
+}
+
+on_both!(
+    the_broker_restarts_mid_surge_and_every_ticket_completes,
+    the_broker_is_unreachable_for_a_minute_and_every_ticket_completes,
+    a_worker_sigkilled_mid_ticket_gets_its_ticket_redelivered_and_completed_not_quarantined,
+    hostile_tickets_each_run_once_and_never_crash_the_wrapper,
+    a_ticket_with_a_non_utf8_message_id_is_dead_lettered_by_the_broker_backstop,
+);
