@@ -8,7 +8,7 @@
 //! Each pool's broker is a RabbitMQ node of the scenario's own
 //! (`common::broker_node`), so that stopping or restarting it never touches the
 //! machine's broker. Each scenario writes its row of the results table
-//! (`docs/reliability.md`) as JSON to `<target>/reliability/<test name>.json` and
+//! (`docs/reliability.md`) as JSON to `<target>/reliability/<module>.<test>.json` and
 //! prints it. The scenarios run one at a time: each measures its own recovery.
 
 use std::collections::BTreeMap;
@@ -780,7 +780,8 @@ async fn hostile_tickets_each_run_once_and_never_crash_the_wrapper(on: On) {
         Some(odd_id),
         b"odd id",
     ));
-    // Headers of every AMQP type, one of 40 KiB and 40 more of 1 KiB: over the 64 KiB
+    // Headers of eight AMQP types (integer, boolean, float, void, timestamp, bytes,
+    // table, array), one of 40 KiB and 40 more of 1 KiB: over the 64 KiB
     // of TICKET_HEADERS.
     let mut headers = FieldTable::default();
     headers.insert("x-int".into(), AMQPValue::LongLongInt(-42));
@@ -851,7 +852,7 @@ async fn hostile_tickets_each_run_once_and_never_crash_the_wrapper(on: On) {
     Row {
         test: f.test("hostile_tickets_each_run_once_and_never_crash_the_wrapper"),
         fault: "hostile tickets",
-        injected: "an 8 MiB body, no message_id (twice, one empty body), two tickets with one id, an id with space/%/newline/non-ASCII, headers of every type over 64 KiB, among 6 plain tickets".into(),
+        injected: "an 8 MiB body, no message_id (twice, one empty body), two tickets with one id, an id with space/%/newline/non-ASCII, headers of 8 AMQP types, 49 headers over 64 KiB, among 6 plain tickets".into(),
         operator_did: format!("nothing to do: no crash; events: {}", reasons.join(", ")),
         tickets: &tally,
         recovery_ms: 0,
