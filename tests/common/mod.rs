@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod broker_node;
+pub mod ledger;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -1,0 +1,978 @@
+//! The fault matrix: each scenario injects one fault into a running pool on the
+//! simulated cluster, with the real operator, and counts the tickets it published,
+//! completed, redelivered and quarantined through a ticket ledger. Every scenario
+//! asserts: no ticket lost, none acknowledged before its command was done (it would be
+//! gone from the queue with no `end` in the ledger: lost), none quarantined that was
+//! not guilty, and the pool back to its normal size within a stated bound.
+//!
+//! Each pool's broker is a RabbitMQ node of the scenario's own
+//! (`common::broker_node`), so that stopping or restarting it never touches the
+//! machine's broker. Each scenario writes its row of the results table
+//! (`docs/reliability.md`) as JSON to `<target>/reliability/<module>.<test>.json` and
+//! prints it. The scenarios run one at a time: each measures its own recovery.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, PostParams};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldArray, FieldTable};
+use serde_json::json;
+use testrunner_operator::controller::{self, Settings};
+use testrunner_operator::crd::{TestRunnerPool, TestRunnerPoolStatus};
+
+mod common;
+use common::broker_node::BrokerNode;
+use common::ledger::Ledger;
+use common::{declare_expiring, eventually, queue_counts};
+
+/// Longest wait, once the broker answers again, for the operator to see it and for
+/// the workers to consume again.
+const RECOVERY_BOUND: Duration = Duration::from_secs(90);
+/// Longest wait, once the fault is over, for every ticket to complete and the pool to
+/// be back at `minWorkers`.
+const DRAIN_BOUND: Duration = Duration::from_secs(240);
+/// The pools' bounds: one to four workers.
+const MIN_WORKERS: usize = 1;
+
+/// One fault at a time: each scenario runs a broker node, a cluster and an operator of
+/// its own and measures its recovery, which a second scenario's load would distort.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Which API server a scenario's simulated cluster uses.
+#[derive(Clone, Copy, Debug)]
+enum On {
+    /// The embedded, in-process API server.
+    Embedded,
+    /// A real control plane (see [`on_both`]).
+    ControlPlane,
+}
+
+impl On {
+    /// The module of the scenario's test, as in its name.
+    fn module(self) -> &'static str {
+        match self {
+            On::Embedded => "embedded",
+            On::ControlPlane => "control_plane",
+        }
+    }
+}
+
+/// A pool on a broker node of its own, with the operator running, and a ledger.
+struct Fault {
+    name: &'static str,
+    on: On,
+    node: Option<BrokerNode>,
+    uri: String,
+    sim: testrunner_sim::Simulation,
+    client: kube::Client,
+    pools: Api<TestRunnerPool>,
+    pods: Api<Pod>,
+    operator: tokio::task::JoinHandle<()>,
+    queue: String,
+    ledger: Ledger,
+}
+
+impl Fault {
+    /// Starts the scenario's broker node, the simulated cluster whose Secret points at
+    /// it, the operator, and declares the pool's queue and quarantine queue.
+    async fn start(name: &'static str, on: On) -> Fault {
+        let node = tokio::task::spawn_blocking(move || BrokerNode::start(name))
+            .await
+            .expect("the broker node starts");
+        let uri = node.uri();
+        let sim = match on {
+            On::Embedded => common::simulation(&uri, 50.0).await,
+            On::ControlPlane => {
+                let bin = common::whole_control_plane_bin();
+                testrunner_sim::Simulation::start_on_control_plane(
+                    &bin,
+                    common::options(&uri, 50.0),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("the real control plane did not start: {e}"))
+            }
+        };
+        if let On::ControlPlane = on {
+            // Pods need the namespace's service account, which the controller manager makes.
+            let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+                Api::namespaced(sim.client(), "default");
+            eventually(
+                "the default service account",
+                Duration::from_secs(60),
+                || {
+                    let accounts = accounts.clone();
+                    async move { accounts.get_opt("default").await.ok().flatten().is_some() }
+                },
+            )
+            .await;
+        }
+        let client = sim.client();
+        let operator =
+            controller::spawn(client.clone(), Settings::in_process(vec!["default".into()]));
+        let queue = format!("fault-{name}");
+        let conn = connect(&uri).await;
+        let ch = conn.create_channel().await.unwrap();
+        declare_expiring(&ch, &queue, true).await;
+        declare_expiring(&ch, &format!("{queue}.quarantine"), true).await;
+        let _ = conn.close(200, "done".into()).await;
+        Fault {
+            name,
+            on,
+            node: Some(node),
+            uri,
+            pools: Api::namespaced(client.clone(), "default"),
+            pods: Api::namespaced(client.clone(), "default"),
+            sim,
+            client,
+            operator,
+            queue,
+            ledger: Ledger::new(name),
+        }
+    }
+
+    /// The full name of scenario `test` as run here: `embedded::test` or
+    /// `control_plane::test`.
+    fn test(&self, test: &str) -> String {
+        format!("{}::{test}", self.on.module())
+    }
+
+    /// Creates the pool: one to four workers running `command`.
+    async fn pool(&self, command: serde_json::Value) {
+        let pool: TestRunnerPool = serde_json::from_value(json!({
+            "apiVersion": "testrunner.dev/v1alpha1", "kind": "TestRunnerPool",
+            "metadata": {"name": self.name},
+            "spec": {"image": "example.org/runner:1", "command": command,
+                "queue": {"name": self.queue, "connectionSecretRef": {"name": "rabbitmq", "key": "uri"}},
+                "scaling": {"minWorkers": MIN_WORKERS, "maxWorkers": 4, "pollInterval": "500ms",
+                    "scaleDownDelay": "1s"}},
+        }))
+        .unwrap();
+        self.pools
+            .create(&PostParams::default(), &pool)
+            .await
+            .unwrap();
+    }
+
+    /// Publishes `n` tickets (persistent, confirmed); returns their ids.
+    async fn publish(&self, n: u32) -> Vec<String> {
+        testrunner_operator::publish::publish(&self.uri, &self.queue, n, false)
+            .await
+            .unwrap()
+    }
+
+    async fn status(&self) -> TestRunnerPoolStatus {
+        self.pools
+            .get_status(self.name)
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default()
+    }
+
+    /// (status, reason) of condition `type_`, if the status has it.
+    async fn condition(&self, type_: &str) -> Option<(String, String)> {
+        self.status()
+            .await
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == type_)
+            .map(|c| (c.status, c.reason))
+    }
+
+    /// The pool's pods, deleted ones included (they still hold a ticket until they end).
+    async fn pods_now(&self) -> usize {
+        self.pods
+            .list(&ListParams::default().labels(&format!("testrunner.dev/pool={}", self.name)))
+            .await
+            .unwrap()
+            .items
+            .len()
+    }
+
+    /// Ready tickets and consumers of the pool's queue; `None` while the broker is down.
+    async fn queue_counts(&self) -> Option<(u32, u32)> {
+        let conn = tokio::time::timeout(
+            Duration::from_secs(5),
+            lapin::Connection::connect(&self.uri, lapin::ConnectionProperties::default()),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        let ch = conn.create_channel().await.ok()?;
+        let counts = queue_counts(&ch, &self.queue).await;
+        let _ = conn.close(200, "done".into()).await;
+        Some(counts)
+    }
+
+    /// Tickets in the quarantine queue.
+    async fn quarantined(&self) -> u32 {
+        let conn = connect(&self.uri).await;
+        let ch = conn.create_channel().await.unwrap();
+        let n = queue_counts(&ch, &format!("{}.quarantine", self.queue))
+            .await
+            .0;
+        let _ = conn.close(200, "done".into()).await;
+        n
+    }
+
+    /// The reasons of the events of the namespace, each once, in order of first sight.
+    async fn event_reasons(&self) -> Vec<String> {
+        let events: Api<k8s_openapi::api::core::v1::Event> =
+            Api::namespaced(self.client.clone(), "default");
+        let mut list = events.list(&ListParams::default()).await.unwrap().items;
+        list.sort_by_key(|e| e.metadata.creation_timestamp.clone());
+        let mut reasons: Vec<String> = Vec::new();
+        for r in list.into_iter().filter_map(|e| e.reason) {
+            if !reasons.contains(&r) {
+                reasons.push(r);
+            }
+        }
+        reasons
+    }
+
+    /// Stops the broker node (it keeps its data).
+    async fn stop_broker(&mut self) {
+        let mut node = self.node.take().unwrap();
+        self.node = Some(
+            tokio::task::spawn_blocking(move || {
+                node.stop();
+                node
+            })
+            .await
+            .unwrap(),
+        );
+    }
+
+    /// Starts the stopped broker node again, on the same port, and waits until it
+    /// accepts connections.
+    async fn start_broker(&mut self) {
+        let mut node = self.node.take().unwrap();
+        self.node = Some(
+            tokio::task::spawn_blocking(move || {
+                node.restart();
+                node
+            })
+            .await
+            .unwrap(),
+        );
+    }
+
+    /// Waits, up to `within`, until the operator says the broker cannot be reached:
+    /// BrokerReachable False and Degraded for BrokerUnreachable.
+    async fn operator_sees_broker_down(&self, within: Duration) {
+        eventually(
+            "BrokerReachable=False and Degraded=BrokerUnreachable",
+            within,
+            || async {
+                let reachable = self.condition("BrokerReachable").await;
+                let degraded = self.condition("Degraded").await;
+                reachable.is_some_and(|(s, _)| s == "False")
+                    && degraded.is_some_and(|(s, r)| s == "True" && r == "BrokerUnreachable")
+            },
+        )
+        .await;
+    }
+
+    /// Waits, up to `within`, until the operator reaches the broker again and the
+    /// workers consume the queue again.
+    async fn recovered(&self, within: Duration) {
+        eventually(
+            "BrokerReachable=True, Degraded=False and a worker consuming again",
+            within,
+            || async {
+                self.condition("BrokerReachable")
+                    .await
+                    .is_some_and(|(s, _)| s == "True")
+                    && self
+                        .condition("Degraded")
+                        .await
+                        .is_some_and(|(s, _)| s == "False")
+                    && self.queue_counts().await.is_some_and(|(_, c)| c >= 1)
+            },
+        )
+        .await;
+    }
+
+    /// Waits, up to `within`, until every ticket of `ids` has ended once at least, and
+    /// the pool is back at `minWorkers`.
+    async fn drained(&self, ids: &[String], within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let ends = self.ledger.count("end");
+            let done = ids.iter().all(|id| ends.contains_key(id));
+            if done && self.pods_now().await == MIN_WORKERS {
+                return;
+            }
+            let missing: Vec<&String> = ids.iter().filter(|id| !ends.contains_key(*id)).collect();
+            assert!(
+                Instant::now() < deadline,
+                "after {within:?}: {} of {} tickets not completed ({missing:?}), {} pods (min {MIN_WORKERS})",
+                missing.len(),
+                ids.len(),
+                self.pods_now().await,
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The counts of the ledger against `ids`: asserts no ticket lost, none run that
+    /// was not published, nothing left in the queue, and none in the quarantine queue.
+    async fn tally(&self, ids: &[String]) -> Tally {
+        self.tally_with_quarantine(ids, 0).await
+    }
+
+    /// [`Fault::tally`], with `expected_quarantined` tickets (not among `ids`) in the
+    /// quarantine queue.
+    async fn tally_with_quarantine(&self, ids: &[String], expected_quarantined: usize) -> Tally {
+        let starts = self.ledger.count("start");
+        let ends = self.ledger.count("end");
+        let published: BTreeMap<&str, usize> = ids.iter().fold(BTreeMap::new(), |mut m, id| {
+            *m.entry(id.as_str()).or_default() += 1;
+            m
+        });
+        let lost: Vec<&str> = published
+            .keys()
+            .filter(|id| !ends.contains_key(**id))
+            .copied()
+            .collect();
+        assert!(lost.is_empty(), "tickets lost: {lost:?}");
+        let strangers: Vec<&String> = starts
+            .keys()
+            .filter(|id| !published.contains_key(id.as_str()))
+            .collect();
+        assert!(
+            strangers.is_empty(),
+            "tickets run that were not published: {strangers:?}"
+        );
+        for (id, n) in &published {
+            assert!(
+                ends[*id] >= *n,
+                "ticket {id} published {n} times completed {} times",
+                ends[*id]
+            );
+        }
+        let redelivered: usize = published
+            .iter()
+            .map(|(id, n)| starts.get(*id).copied().unwrap_or(0).saturating_sub(*n))
+            .sum();
+        let ran_twice: usize = published
+            .iter()
+            .map(|(id, n)| ends[*id].saturating_sub(*n))
+            .sum();
+        let (ready, _) = self
+            .queue_counts()
+            .await
+            .expect("the broker answers at the end");
+        assert_eq!(ready, 0, "nothing left in the queue");
+        let quarantined = self.quarantined().await as usize;
+        assert_eq!(
+            quarantined, expected_quarantined,
+            "tickets in the quarantine queue"
+        );
+        let in_status = self.status().await.quarantine.map_or(0, |q| q.count) as usize;
+        Tally {
+            published: ids.len() + expected_quarantined,
+            completed: published
+                .iter()
+                .map(|(id, n)| ends.get(*id).copied().unwrap_or(0).min(*n))
+                .sum(),
+            redelivered,
+            ran_twice,
+            quarantined: quarantined.max(in_status),
+            lost: 0,
+        }
+    }
+
+    async fn finish(self) {
+        self.operator.abort();
+        self.sim.shutdown().await;
+        if let Some(node) = self.node {
+            tokio::task::spawn_blocking(move || drop(node))
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// A connection to a scenario's broker node.
+async fn connect(uri: &str) -> lapin::Connection {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        lapin::Connection::connect(uri, lapin::ConnectionProperties::default()),
+    )
+    .await
+    .expect("the broker node answers within 10 s")
+    .expect("the broker node accepts the connection")
+}
+
+/// Tickets in and out of one scenario, from its ledger and queues.
+#[derive(Debug, serde::Serialize)]
+struct Tally {
+    /// Tickets published.
+    published: usize,
+    /// Published tickets whose command ran to its end at least once.
+    completed: usize,
+    /// Starts beyond the first, each one a delivery that did not complete.
+    redelivered: usize,
+    /// Completions beyond the first (at-least-once: an ack lost with the broker).
+    ran_twice: usize,
+    /// Tickets in the quarantine queue (or in `status.quarantine`) at the end.
+    quarantined: usize,
+    /// Published tickets that never completed.
+    lost: usize,
+}
+
+/// One row of the results table in docs/reliability.md.
+#[derive(Debug, serde::Serialize)]
+struct Row<'a> {
+    /// The test's name, with its module (`embedded::` or `control_plane::`).
+    test: String,
+    fault: &'a str,
+    injected: String,
+    operator_did: String,
+    tickets: &'a Tally,
+    /// From the end of the fault to the operator and the workers back on the broker
+    /// (or, for a worker kill, to the killed ticket completed).
+    recovery_ms: u128,
+    /// From the end of the fault to every ticket completed and the pool at minWorkers.
+    drain_ms: u128,
+    bound_s: u64,
+}
+
+impl Row<'_> {
+    /// Writes the row to `<target>/reliability/<test>.json` and prints it.
+    fn record(&self) {
+        let dir = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
+            .join("reliability");
+        std::fs::create_dir_all(&dir).unwrap();
+        let line = serde_json::to_string(self).unwrap();
+        let file = format!("{}.json", self.test.replace("::", "."));
+        std::fs::write(dir.join(file), format!("{line}\n")).unwrap();
+        println!("reliability row: {line}");
+    }
+}
+
+/// Waits until at least `n` tickets are in a command (started, not ended), and `done`
+/// ended: the surge is under way.
+async fn in_flight(ledger: &Ledger, n: usize, done: usize) {
+    eventually(
+        &format!("{n} tickets in flight and {done} done"),
+        Duration::from_secs(90),
+        || async {
+            let (starts, ends) = (ledger.count("start"), ledger.count("end"));
+            let running = starts.keys().filter(|id| !ends.contains_key(*id)).count();
+            running >= n && ends.len() >= done
+        },
+    )
+    .await;
+}
+
+/// A broker outage in the middle of a surge: the node stops while workers run tickets,
+/// the operator must say so, then it starts again after `down` (at least until the
+/// operator said so).
+async fn broker_outage(on: On, test: &str, name: &'static str, fault: &str, down: Duration) {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut f = Fault::start(name, on).await;
+    f.pool(f.ledger.command(1.0)).await;
+    let ids = f.publish(40).await;
+    in_flight(&f.ledger, 3, 2).await;
+    let busy_at_fault = {
+        let (s, e) = (f.ledger.count("start"), f.ledger.count("end"));
+        s.keys().filter(|id| !e.contains_key(*id)).count()
+    };
+
+    let stopped = Instant::now();
+    f.stop_broker().await;
+    f.operator_sees_broker_down(Duration::from_secs(60)).await;
+    let seen_down = stopped.elapsed();
+    if let Some(rest) = down.checked_sub(stopped.elapsed()) {
+        // The fault itself: the broker stays down this long.
+        tokio::time::sleep(rest).await;
+    }
+    // Still down, and still said so, at the end of the outage.
+    f.operator_sees_broker_down(Duration::from_secs(1)).await;
+    f.start_broker().await;
+    let back = Instant::now();
+    let outage = stopped.elapsed();
+
+    f.recovered(RECOVERY_BOUND).await;
+    let recovery = back.elapsed();
+    f.drained(&ids, DRAIN_BOUND).await;
+    let drain = back.elapsed();
+    let tally = f.tally(&ids).await;
+    assert_eq!(
+        tally.quarantined, 0,
+        "no ticket is guilty of a broker outage"
+    );
+    let reasons = f.event_reasons().await;
+    for r in ["BrokerUnreachable", "BrokerRecovered"] {
+        assert!(
+            reasons.iter().any(|x| x == r),
+            "no {r} event in {reasons:?}"
+        );
+    }
+    Row {
+        test: f.test(test),
+        fault,
+        injected: format!(
+            "broker node stopped {:.1} s with {busy_at_fault} tickets in commands, 40 published, 4 workers",
+            outage.as_secs_f64()
+        ),
+        operator_did: format!(
+            "BrokerReachable=False, Degraded=BrokerUnreachable after {:.1} s; events: {}",
+            seen_down.as_secs_f64(),
+            reasons.join(", ")
+        ),
+        tickets: &tally,
+        recovery_ms: recovery.as_millis(),
+        drain_ms: drain.as_millis(),
+        bound_s: (RECOVERY_BOUND + DRAIN_BOUND).as_secs(),
+    }
+    .record();
+    f.finish().await;
+}
+
+async fn the_broker_restarts_mid_surge_and_every_ticket_completes(on: On) {
+    broker_outage(
+        on,
+        "the_broker_restarts_mid_surge_and_every_ticket_completes",
+        "broker-restart",
+        "the broker restarts mid-surge",
+        Duration::ZERO,
+    )
+    .await;
+}
+
+async fn the_broker_is_unreachable_for_a_minute_and_every_ticket_completes(on: On) {
+    broker_outage(
+        on,
+        "the_broker_is_unreachable_for_a_minute_and_every_ticket_completes",
+        "broker-unreachable",
+        "the broker is unreachable for a minute",
+        Duration::from_secs(60),
+    )
+    .await;
+}
+
+/// The host pid of the wrapped command running ticket `id` (the process whose
+/// environment holds `TICKET_ID=<id>`), and its parent, the worker container's wrapper.
+fn command_and_wrapper(id: &str) -> Option<(u32, u32)> {
+    let needle = format!("TICKET_ID={id}");
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if !environ.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
+            continue;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let ppid: u32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))?
+            .trim()
+            .parse()
+            .ok()?;
+        let cmdline = std::fs::read(format!("/proc/{ppid}/cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if args.contains(&b"worker".as_slice()) {
+            return Some((pid, ppid));
+        }
+    }
+    None
+}
+
+async fn a_worker_sigkilled_mid_ticket_gets_its_ticket_redelivered_and_completed_not_quarantined(
+    on: On,
+) {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let name = "worker-sigkill";
+    let f = Fault::start(name, on).await;
+    f.pool(f.ledger.command(2.0)).await;
+    let ids = f.publish(12).await;
+    in_flight(&f.ledger, 2, 0).await;
+    let (victim, command, wrapper) = common::eventually_some(
+        "a ticket's command and its wrapper in /proc",
+        Duration::from_secs(30),
+        || async {
+            let (s, e) = (f.ledger.count("start"), f.ledger.count("end"));
+            s.keys()
+                .filter(|id| !e.contains_key(*id))
+                .find_map(|id| command_and_wrapper(id).map(|(c, w)| (id.clone(), c, w)))
+        },
+    )
+    .await;
+    // SIGKILL the worker container's first process: the kernel takes its command with
+    // it (the container is a PID namespace), as when a node kills a container.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(wrapper as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("the wrapper can be killed");
+    let killed = Instant::now();
+    eventually(
+        "the killed ticket's command to die",
+        Duration::from_secs(10),
+        || async { !common::process_alive(&command.to_string()) },
+    )
+    .await;
+
+    // The crash is recorded against the ticket in hand; the ticket comes back and
+    // completes on some worker.
+    eventually(
+        "the crash to be recorded against the killed ticket",
+        Duration::from_secs(60),
+        || async {
+            f.status()
+                .await
+                .crashes
+                .iter()
+                .any(|c| c.ticket.as_deref() == Some(victim.as_str()))
+        },
+    )
+    .await;
+    eventually(
+        "the killed ticket to complete",
+        Duration::from_secs(120),
+        || async { f.ledger.count("end").contains_key(&victim) },
+    )
+    .await;
+    let recovery = killed.elapsed();
+    f.drained(&ids, DRAIN_BOUND).await;
+    let drain = killed.elapsed();
+    let tally = f.tally(&ids).await;
+    assert_eq!(tally.quarantined, 0, "one crash is not poison");
+    assert_eq!(
+        f.ledger.count("start").get(&victim).copied(),
+        Some(2),
+        "the killed ticket ran again once"
+    );
+    assert_eq!(f.ledger.count("end").get(&victim).copied(), Some(1));
+    let status = f.status().await;
+    let verdict = status.diagnosis.as_ref().map(|d| d.verdict);
+    assert_eq!(
+        verdict.as_deref(),
+        Some("Healthy"),
+        "{:?}",
+        status.diagnosis
+    );
+    let reasons = f.event_reasons().await;
+    assert!(
+        reasons.iter().any(|r| r == "WorkerCrashed"),
+        "no WorkerCrashed event in {reasons:?}"
+    );
+    Row {
+        test: f.test("a_worker_sigkilled_mid_ticket_gets_its_ticket_redelivered_and_completed_not_quarantined"),
+        fault: "a worker is SIGKILLed mid-ticket",
+        injected: "SIGKILL to one worker container's wrapper (PID 1 of the container) 2 s tickets, 12 published, 4 workers".into(),
+        operator_did: format!(
+            "crash recorded against the ticket in hand (delivery 1), diagnosis {}; events: {}",
+            verdict.unwrap_or_default(),
+            reasons.join(", ")
+        ),
+        tickets: &tally,
+        recovery_ms: recovery.as_millis(),
+        drain_ms: drain.as_millis(),
+        bound_s: DRAIN_BOUND.as_secs(),
+    }
+    .record();
+    f.finish().await;
+}
+
+/// The hostile scenario's test command: records the start, the bytes it read on
+/// standard input, what it saw of the headers, and the end.
+fn hostile_command(ledger: &Ledger) -> serde_json::Value {
+    json!([
+        "sh",
+        "-c",
+        format!(
+            "echo \"$TICKET_ID start\" >> {p}; n=$(wc -c); echo \"$TICKET_ID bytes $n\" >> {p}; \
+             echo \"$TICKET_ID headers ${{TICKET_HEADERS_TRUNCATED:-0}} ${{TICKET_HEADER_X_INT:-none}} ${{#TICKET_HEADER_X_BIG}}\" >> {p}; \
+             echo \"$TICKET_ID end\" >> {p}",
+            p = ledger.path.display()
+        )
+    ])
+}
+
+/// The values recorded on `<id> <what> ...` lines of the ledger.
+fn recorded(ledger: &Ledger, id: &str, what: &str) -> Vec<String> {
+    let prefix = format!("{id} {what} ");
+    ledger
+        .lines()
+        .iter()
+        .filter_map(|l| l.strip_prefix(&prefix).map(str::to_string))
+        .collect()
+}
+
+/// Publishes one ticket on `ch` (confirm mode) with `props`, and checks the broker took it.
+async fn publish_raw(ch: &lapin::Channel, queue: &str, body: &[u8], props: lapin::BasicProperties) {
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body,
+            props.with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack(), "the broker took the ticket");
+}
+
+async fn hostile_tickets_each_run_once_and_never_crash_the_wrapper(on: On) {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let f = Fault::start("hostile", on).await;
+    let conn = connect(&f.uri).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let plain = lapin::BasicProperties::default;
+    let mut ids: Vec<String> = Vec::new();
+
+    // A huge body: 8 MiB.
+    let huge = vec![b'x'; 8 << 20];
+    publish_raw(
+        &ch,
+        &f.queue,
+        &huge,
+        plain().with_message_id("hostile-huge".into()),
+    )
+    .await;
+    ids.push("hostile-huge".into());
+    // No message_id: the id is the body's hash.
+    let anonymous = b"a ticket without a message id";
+    publish_raw(&ch, &f.queue, anonymous, plain()).await;
+    ids.push(testrunner_operator::contract::ticket_id(None, anonymous));
+    // An empty body, no message_id either.
+    publish_raw(&ch, &f.queue, b"", plain()).await;
+    ids.push(testrunner_operator::contract::ticket_id(None, b""));
+    // Two tickets with one id.
+    for body in [&b"twin one"[..], b"twin two"] {
+        publish_raw(
+            &ch,
+            &f.queue,
+            body,
+            plain().with_message_id("hostile-twin".into()),
+        )
+        .await;
+        ids.push("hostile-twin".into());
+    }
+    // An id with spaces, a percent sign, a newline and non-ASCII letters.
+    let odd_id = "odd id/100%\n\u{e9}t\u{e9}";
+    publish_raw(
+        &ch,
+        &f.queue,
+        b"odd id",
+        plain().with_message_id(odd_id.into()),
+    )
+    .await;
+    ids.push(testrunner_operator::contract::ticket_id(
+        Some(odd_id),
+        b"odd id",
+    ));
+    // Headers of eight AMQP types (integer, boolean, float, void, timestamp, bytes,
+    // table, array), one of 40 KiB and 40 more of 1 KiB: over the 64 KiB
+    // of TICKET_HEADERS.
+    let mut headers = FieldTable::default();
+    headers.insert("x-int".into(), AMQPValue::LongLongInt(-42));
+    headers.insert("x-bool".into(), AMQPValue::Boolean(true));
+    headers.insert("x-float".into(), AMQPValue::Double(1.5));
+    headers.insert("x-void".into(), AMQPValue::Void);
+    headers.insert("x-time".into(), AMQPValue::Timestamp(1_700_000_000));
+    headers.insert(
+        "x-bytes".into(),
+        AMQPValue::ByteArray(vec![0u8, 255, 10].into()),
+    );
+    let mut inner = FieldTable::default();
+    inner.insert("deep".into(), AMQPValue::LongString("\u{0}\n\"".into()));
+    headers.insert("x-table".into(), AMQPValue::FieldTable(inner));
+    headers.insert(
+        "x-array".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![
+            AMQPValue::ShortInt(1),
+            AMQPValue::LongString("two".into()),
+        ])),
+    );
+    headers.insert(
+        "x-big".into(),
+        AMQPValue::LongString("b".repeat(40 << 10).into()),
+    );
+    for i in 0..40 {
+        headers.insert(
+            format!("x-pad-{i:02}").into(),
+            AMQPValue::LongString("p".repeat(1 << 10).into()),
+        );
+    }
+    publish_raw(
+        &ch,
+        &f.queue,
+        b"odd headers",
+        plain()
+            .with_message_id("hostile-headers".into())
+            .with_headers(headers),
+    )
+    .await;
+    ids.push("hostile-headers".into());
+    let _ = conn.close(200, "done".into()).await;
+    // Plain tickets around them.
+    ids.extend(f.publish(6).await);
+
+    f.pool(hostile_command(&f.ledger)).await;
+    let started = Instant::now();
+    f.drained(&ids, DRAIN_BOUND).await;
+    let drain = started.elapsed();
+    let tally = f.tally(&ids).await;
+    assert_eq!(tally.quarantined, 0, "none of them is poison");
+    assert_eq!(tally.redelivered, 0, "none of them crashed a worker");
+    assert_eq!(tally.ran_twice, 0, "each ran once");
+    assert!(f.status().await.crashes.is_empty(), "no worker crashed");
+    // The command got each body whole, and the headers as the contract says.
+    assert_eq!(
+        recorded(&f.ledger, "hostile-huge", "bytes"),
+        [(8 << 20).to_string()]
+    );
+    assert_eq!(recorded(&f.ledger, &ids[2], "bytes"), ["0"]);
+    assert_eq!(recorded(&f.ledger, "hostile-twin", "bytes"), ["8", "8"]);
+    assert_eq!(
+        recorded(&f.ledger, "hostile-headers", "headers"),
+        [format!("1 -42 {}", 32 << 10)],
+        "TICKET_HEADERS cut, numbers in decimal, a long value cut at 32 KiB"
+    );
+    let reasons = f.event_reasons().await;
+    Row {
+        test: f.test("hostile_tickets_each_run_once_and_never_crash_the_wrapper"),
+        fault: "hostile tickets",
+        injected: "an 8 MiB body, no message_id (twice, one empty body), two tickets with one id, an id with space/%/newline/non-ASCII, headers of 8 AMQP types, 49 headers over 64 KiB, among 6 plain tickets".into(),
+        operator_did: format!("nothing to do: no crash; events: {}", reasons.join(", ")),
+        tickets: &tally,
+        recovery_ms: 0,
+        drain_ms: drain.as_millis(),
+        bound_s: DRAIN_BOUND.as_secs(),
+    }
+    .record();
+    f.finish().await;
+}
+
+/// Publishes, through the node's own Erlang shell, a ticket whose `message_id` is not
+/// UTF-8 (`bad-` and the bytes FF FE): AMQP's short strings are bytes, but no client
+/// built on lapin can publish one.
+fn publish_non_utf8_id(f: &Fault) {
+    let out = f.node.as_ref().unwrap().ctl(&[
+        "eval",
+        &format!(
+            "rabbit_basic:publish(rabbit_misc:r(<<\"/\">>, exchange, <<>>), <<\"{}\">>, \
+             [{{message_id, <<\"bad-\", 255, 254>>}}, {{delivery_mode, 2}}], <<\"non-utf8 id\">>).",
+            f.queue
+        ),
+    ]);
+    assert!(out.contains("ok"), "the node published it: {out}");
+}
+
+/// The broker-side backstop of docs/diagnosis.md on the pool's queue: after 3
+/// redeliveries the broker dead-letters a ticket to the quarantine queue.
+fn backstop(f: &Fault) {
+    f.node.as_ref().unwrap().ctl(&[
+        "set_policy",
+        "--apply-to",
+        "queues",
+        "backstop",
+        &format!("^{}$", f.queue),
+        &format!(
+            "{{\"delivery-limit\": 3, \"dead-letter-exchange\": \"\", \"dead-letter-routing-key\": \"{}.quarantine\"}}",
+            f.queue
+        ),
+    ]);
+}
+
+/// A `message_id` that is not UTF-8 cannot be read by the worker's AMQP client: the
+/// delivery breaks its connection and the ticket goes back to the head of the queue.
+/// With the broker-side backstop the broker dead-letters it to the quarantine queue
+/// after three deliveries, intact, and every other ticket completes.
+async fn a_ticket_with_a_non_utf8_message_id_is_dead_lettered_by_the_broker_backstop(on: On) {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let f = Fault::start("non-utf8", on).await;
+    backstop(&f);
+    publish_non_utf8_id(&f);
+    let ids = f.publish(6).await;
+    f.pool(hostile_command(&f.ledger)).await;
+    let started = Instant::now();
+    f.drained(&ids, DRAIN_BOUND).await;
+    let drain = started.elapsed();
+    let tally = f.tally_with_quarantine(&ids, 1).await;
+    assert_eq!(tally.ran_twice, 0, "each readable ticket ran once");
+    assert!(
+        f.ledger.lines().iter().all(|l| !l.starts_with("bad-")),
+        "the unreadable ticket never reached the command"
+    );
+    let status = f.status().await;
+    assert!(
+        status
+            .crashes
+            .iter()
+            .all(|c| c.ticket.is_none() && c.exit_code == 75),
+        "only lost broker connections: {:?}",
+        status.crashes
+    );
+    let reasons = f.event_reasons().await;
+    Row {
+        test: f.test("a_ticket_with_a_non_utf8_message_id_is_dead_lettered_by_the_broker_backstop"),
+        fault: "a ticket whose message_id is not UTF-8",
+        injected: "message_id `bad-` FF FE (published by the node itself) ahead of 6 plain tickets; backstop policy delivery-limit 3 to the quarantine queue".into(),
+        operator_did: format!(
+            "nothing: {} lost-connection exits (75) of the workers, not counted; the broker dead-lettered the ticket; events: {}",
+            status.crashes.len(),
+            reasons.join(", ")
+        ),
+        tickets: &tally,
+        recovery_ms: 0,
+        drain_ms: drain.as_millis(),
+        bound_s: DRAIN_BOUND.as_secs(),
+    }
+    .record();
+    f.finish().await;
+}
+
+/// Each scenario runs twice: on the embedded API server (`embedded::NAME`), and on a
+/// real control plane (`control_plane::NAME`: etcd, kube-apiserver, the controller
+/// manager and the scheduler from TESTRUNNER_CONTROL_PLANE, by default
+/// `target/control-plane/bin`). The second half is ignored by plain `cargo test`, by
+/// name and with the reason; `bash tests/run.sh` builds the binaries and runs both.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::On::Embedded).await
+                }
+            )*
+        }
+        mod control_plane {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[ignore = "needs the real control plane: bash tests/control-plane/build.sh, then cargo test -- --include-ignored (bash tests/run.sh does both)"]
+                async fn $name() {
+                    super::$name(super::On::ControlPlane).await
+                }
+            )*
+        }
+    };
+}
+
+on_both!(
+    the_broker_restarts_mid_surge_and_every_ticket_completes,
+    the_broker_is_unreachable_for_a_minute_and_every_ticket_completes,
+    a_worker_sigkilled_mid_ticket_gets_its_ticket_redelivered_and_completed_not_quarantined,
+    hostile_tickets_each_run_once_and_never_crash_the_wrapper,
+    a_ticket_with_a_non_utf8_message_id_is_dead_lettered_by_the_broker_backstop,
+);
