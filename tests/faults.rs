@@ -516,6 +516,12 @@ async fn broker_outage(on: On, test: &str, name: &'static str, fault: &str, down
             "no {r} event in {reasons:?}"
         );
     }
+    // Workers that could not reach the broker while the operator could not either are
+    // not a broken environment.
+    assert!(
+        !reasons.iter().any(|x| x == "BrokenEnvironment"),
+        "an outage is not a broken environment: {reasons:?}"
+    );
     Row {
         test: f.test(test),
         fault,

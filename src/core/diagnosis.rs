@@ -169,6 +169,10 @@ pub struct DiagnosisInput<'a> {
     pub previous: Option<&'a DiagnosisStatus>,
     /// True when the pool is paused (a paused pool is not stalled).
     pub paused: bool,
+    /// When the operator last reached the broker (its last probe that got an answer).
+    pub broker_reached_at: Option<Timestamp>,
+    /// When the broker became reachable again after the operator last lost it.
+    pub broker_back_at: Option<Timestamp>,
     /// Now.
     pub now: Timestamp,
 }
@@ -217,6 +221,8 @@ fn counted<'a>(input: &DiagnosisInput<'a>, window: SignedDuration) -> Vec<&'a Cr
         .iter()
         .filter(|c| input.now.duration_since(c.at.0) <= window)
         .filter(|c| c.exit_code != 0 && c.exit_code != i32::from(WorkerExit::BrokerLost))
+        // A broker outage the operator saw too is not the environment's fault.
+        .filter(|c| c.exit_code != i32::from(WorkerExit::BrokerUnavailable) || unexcused(input, c))
         .filter(|c| c.ticket.as_ref().is_none_or(|t| !forgiven(c, t)))
         .collect();
     let on_serving: BTreeSet<&str> = recent
@@ -231,6 +237,14 @@ fn counted<'a>(input: &DiagnosisInput<'a>, window: SignedDuration) -> Vec<&'a Cr
                 || c.ticket.as_deref().is_some_and(|t| on_serving.contains(t))
         })
         .collect()
+}
+
+/// A worker that could not reach the broker (exit 69) is the environment's fault only
+/// when the operator reached the broker after it, and not just after an outage it saw
+/// too: until then the broker is down for everyone.
+fn unexcused(input: &DiagnosisInput<'_>, c: &CrashStatus) -> bool {
+    input.broker_reached_at.is_some_and(|r| c.at.0 < r)
+        && input.broker_back_at.is_none_or(|b| c.at.0 > b)
 }
 
 fn tally<'a>(crashes: &[&'a CrashStatus]) -> BTreeMap<&'a str, TicketCrashes<'a>> {

@@ -10,6 +10,7 @@ use super::observe::{Observation, observe};
 use super::quarantine::{QuarantineDecision, QuarantineInput};
 use super::rollout::{RolloutDecision, RolloutInput};
 use super::scaling::{Decision, ScalingInput};
+use super::{BrokerView, ConditionType};
 use super::{
     CONFIG_RETRY, Observed, Plan, PodBatch, RESYNC, events, quarantine, revisions, rollout,
     scaling, status,
@@ -107,8 +108,28 @@ fn diagnosis_step(seen: &Observation<'_>, rollout: &RolloutDecision) -> Diagnosi
         previous_ready: seen.previous.queue.as_ref().map(|q| q.ready),
         previous: seen.previous.diagnosis.as_ref(),
         paused: spec.paused,
+        broker_reached_at: match seen.observed.broker {
+            BrokerView::Depth { at, .. } | BrokerView::QueueNotFound { at } => Some(at),
+            _ => None,
+        },
+        broker_back_at: broker_back_at(seen),
         now: seen.now,
     })
+}
+
+/// When the broker became reachable again: as the previous `BrokerReachable`
+/// condition says when it was True; now when it was not (or there was none: the
+/// operator had not reached the broker before).
+fn broker_back_at(seen: &Observation<'_>) -> Option<Timestamp> {
+    let previous = seen
+        .previous
+        .conditions
+        .iter()
+        .find(|c| c.type_ == ConditionType::BrokerReachable.as_str());
+    match previous {
+        Some(c) if c.status == "True" => c.last_transition_time.as_ref().map(|t| t.0),
+        _ => Some(seen.now),
+    }
 }
 
 /// The quarantine: a poison ticket joins it, replayed tickets leave it.

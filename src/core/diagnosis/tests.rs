@@ -51,6 +51,8 @@ struct Case<'a> {
     ready: Option<u64>,
     previous_ready: Option<i64>,
     previous: Option<DiagnosisStatus>,
+    reached_at: Option<i64>,
+    back_at: Option<i64>,
     now: i64,
 }
 
@@ -63,6 +65,8 @@ impl Case<'_> {
             ready: Some(1),
             previous_ready: Some(1),
             previous: None,
+            reached_at: Some(100),
+            back_at: None,
             now: 100,
         }
     }
@@ -79,6 +83,8 @@ impl Case<'_> {
             previous_ready: self.previous_ready,
             previous: self.previous.as_ref(),
             paused: false,
+            broker_reached_at: self.reached_at.map(t),
+            broker_back_at: self.back_at.map(t),
             now: t(self.now),
         })
     }
@@ -120,6 +126,35 @@ fn crashes_on_different_tickets_with_nothing_completed_are_a_broken_environment(
     assert!(d.message.contains("2 different tickets"), "{}", d.message);
     assert!(d.message.contains("none is quarantined"), "{}", d.message);
     assert_eq!(d.ticket, None);
+}
+
+#[test]
+fn workers_that_cannot_reach_a_broker_the_operator_cannot_reach_either_are_excused() {
+    let unavailable = || {
+        vec![
+            crash("1", "a", None, 69, "Error", 50),
+            crash("2", "a", None, 69, "Error", 60),
+        ]
+    };
+    // The operator reached the broker after the workers failed to: their environment.
+    let mut case = Case::new(unavailable());
+    assert_eq!(case.run().verdict, Verdict::BrokenEnvironment);
+    // The operator has not reached it since (down for everyone, or not probed yet).
+    case.reached_at = Some(40);
+    assert_eq!(case.run().verdict, Verdict::Healthy);
+    case.reached_at = None;
+    assert_eq!(case.run().verdict, Verdict::Healthy);
+    // It came back at t=70, after the crashes: an outage, not the image.
+    case.reached_at = Some(100);
+    case.back_at = Some(70);
+    assert_eq!(case.run().verdict, Verdict::Healthy);
+    // Workers failing after the broker came back are the environment's again.
+    case.back_at = Some(55);
+    assert_eq!(case.run().verdict, Verdict::BrokenEnvironment);
+    // Other exits during an outage still count.
+    let mut other = Case::new(vec![crash("1", "a", None, 1, "Error", 50)]);
+    other.reached_at = Some(40);
+    assert_eq!(other.run().verdict, Verdict::BrokenEnvironment);
 }
 
 #[test]
