@@ -126,6 +126,27 @@ impl LabelSelector {
     }
 }
 
+/// The selector in the form [`LabelSelector::parse`] reads: requirements joined by `,`,
+/// each as Kubernetes prints it (`a=b`, `a!=b`, `a in (b,c)`, `a notin (b)`, `a`, `!a`).
+impl std::fmt::Display for LabelSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, req) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            match req {
+                LabelReq::Eq(k, v) => write!(f, "{k}={v}")?,
+                LabelReq::NotEq(k, v) => write!(f, "{k}!={v}")?,
+                LabelReq::In(k, vs) => write!(f, "{k} in ({})", vs.join(","))?,
+                LabelReq::NotIn(k, vs) => write!(f, "{k} notin ({})", vs.join(","))?,
+                LabelReq::Exists(k) => f.write_str(k)?,
+                LabelReq::NotExists(k) => write!(f, "!{k}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A parsed field selector: `path=value` / `path!=value` terms on dotted paths of the
 /// object as the client sees it (`metadata.name`, `involvedObject.uid`, `status.phase`).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -175,6 +196,22 @@ impl FieldSelector {
     }
 }
 
+/// The selector in the form [`FieldSelector::parse`] reads: terms joined by `,`, each
+/// `path==value` or `path!=value` (`==` rather than `=`, so that a value that begins with
+/// `=` reads back as it is).
+impl std::fmt::Display for FieldSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (path, eq, value)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            let op = if *eq { "==" } else { "!=" };
+            write!(f, "{path}{op}{value}")?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +219,25 @@ mod tests {
 
     fn labels(v: Value) -> serde_json::Map<String, Value> {
         v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn selectors_print_as_they_parse() {
+        for s in [
+            "app=w,tier!=a",
+            "tier in (a,b)",
+            "tier notin (),!missing,app",
+        ] {
+            let parsed = LabelSelector::parse(s).unwrap();
+            assert_eq!(parsed.to_string(), s);
+        }
+        assert_eq!(
+            LabelSelector::parse(" app == w ").unwrap().to_string(),
+            "app=w"
+        );
+        let fields = FieldSelector::parse("a===b, c != d,e=").unwrap();
+        assert_eq!(fields.to_string(), "a===b,c!=d,e==");
+        assert_eq!(FieldSelector::parse(&fields.to_string()).unwrap(), fields);
     }
 
     #[test]

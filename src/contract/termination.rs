@@ -8,8 +8,9 @@
 /// Longest reason text the wrapper writes on one line, in characters.
 pub const MAX_REASON_CHARS: usize = 512;
 /// Longest ticket id the operator accepts on a `ticket=` line, in bytes; a longer one
-/// makes the line unrecognisable.
-pub const MAX_TICKET_ID_BYTES: usize = 256;
+/// makes the line unrecognisable. The longest id [`ticket_id`](super::ticket_id) makes:
+/// a message id of 255 bytes (an AMQP short string), each percent-encoded.
+pub const MAX_TICKET_ID_BYTES: usize = 3 * 255;
 /// Longest quotation of a line the operator keeps, in characters (see
 /// [`TerminationLine::parse_quoted`]).
 pub const MAX_QUOTED_CHARS: usize = 300;
@@ -116,14 +117,16 @@ impl TerminationLine {
         Self::parse_quoted(message).map(|(line, _)| line)
     }
 
-    /// Like [`TerminationLine::parse`], with the line as it was written (trimmed, cut to
-    /// [`MAX_QUOTED_CHARS`] characters), for the operator to quote.
+    /// Like [`TerminationLine::parse`], with the line as it was written (cut to
+    /// [`MAX_QUOTED_CHARS`] characters, then trimmed), for the operator to quote.
     pub fn parse_quoted(message: &[u8]) -> Option<(Self, String)> {
         let text = String::from_utf8_lossy(message);
         text.lines().rev().find_map(|line| {
             let line = line.trim();
-            Self::parse_line(line)
-                .map(|parsed| (parsed, line.chars().take(MAX_QUOTED_CHARS).collect()))
+            Self::parse_line(line).map(|parsed| {
+                let cut: String = line.chars().take(MAX_QUOTED_CHARS).collect();
+                (parsed, cut.trim_end().to_string())
+            })
         })
     }
 }
@@ -157,7 +160,10 @@ mod tests {
                 delivery: 1
             })
         );
-        let long_id = format!("idle\nticket={} delivery=2\n", "i".repeat(257));
+        let long_id = format!(
+            "idle\nticket={} delivery=2\n",
+            "i".repeat(MAX_TICKET_ID_BYTES + 1)
+        );
         assert_eq!(
             TerminationLine::parse(long_id.as_bytes()),
             Some(TerminationLine::Idle),
@@ -171,5 +177,22 @@ mod tests {
         assert_eq!(quoted.chars().count(), MAX_QUOTED_CHARS);
         assert!(quoted.starts_with("config-error:yyy"));
         assert_eq!(TerminationLine::parse(b"\xff\xfe panic\n\n"), None);
+    }
+
+    #[test]
+    fn every_ticket_id_fits_on_a_line() {
+        // The longest message id, every byte percent-encoded (found by fuzzing).
+        let id = super::super::ticket_id(Some(&"é".repeat(127)), b"");
+        assert_eq!(id.len(), 3 * 254);
+        let line = TerminationLine::Ticket { id, delivery: 1 };
+        assert_eq!(TerminationLine::parse(line.render().as_bytes()), Some(line));
+    }
+
+    #[test]
+    fn a_quotation_cut_short_is_trimmed() {
+        // A space at the cut (found by fuzzing).
+        let message = format!("ticket=t-1 {}x", " ".repeat(MAX_QUOTED_CHARS));
+        let (_, quoted) = TerminationLine::parse_quoted(message.as_bytes()).unwrap();
+        assert_eq!(quoted, "ticket=t-1");
     }
 }
