@@ -82,8 +82,31 @@ fn crd_names_and_columns() {
     assert_eq!(
         cols,
         [
-            "Image", "Desired", "Ready", "Queue", "Phase", "Rollout", "Age"
+            "Image",
+            "Desired",
+            "Ready",
+            "Queue",
+            "Phase",
+            "Rollout",
+            "Age",
+            "Canary OK",
+            "Canary Crashes",
+            "Quarantined",
+            "Diagnosis"
         ]
+    );
+    // The last four only with `kubectl get -o wide`.
+    let wide: Vec<_> = v
+        .additional_printer_columns
+        .as_ref()
+        .unwrap()
+        .iter()
+        .filter(|c| c.priority == Some(1))
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(
+        wide,
+        ["Canary OK", "Canary Crashes", "Quarantined", "Diagnosis"]
     );
 }
 
