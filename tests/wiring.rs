@@ -97,6 +97,43 @@ async fn serve_pool(handle: &mut Handle) {
     respond(send, 200, serde_json::to_value(pool()).unwrap());
 }
 
+/// Answers the reconcile's list of the pool's ControllerRevisions (none yet), then its
+/// create of the first one, which it checks: `<pool>-<revision>`, owned by the pool,
+/// marked stable, holding the workload.
+async fn serve_first_revision(handle: &mut Handle) {
+    let (m, uri, _, send) = next(handle).await;
+    assert_eq!(m, Method::GET);
+    assert!(
+        uri.starts_with("/apis/apps/v1/namespaces/ci/controllerrevisions?&labelSelector="),
+        "{uri}"
+    );
+    respond(
+        send,
+        200,
+        json!({"apiVersion": "apps/v1", "kind": "ControllerRevisionList", "metadata": {"resourceVersion": "1"}, "items": []}),
+    );
+    let (m, uri, body, send) = next(handle).await;
+    assert_eq!(m, Method::POST);
+    assert!(
+        uri.starts_with("/apis/apps/v1/namespaces/ci/controllerrevisions?")
+            && uri.contains("fieldManager=testrunner-operator"),
+        "{uri}"
+    );
+    let revision = body["metadata"]["labels"]["testrunner.dev/revision"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(body["metadata"]["name"], format!("unit-{revision}"));
+    assert_eq!(body["metadata"]["labels"]["testrunner.dev/stable"], "true");
+    assert_eq!(
+        body["metadata"]["ownerReferences"][0]["kind"],
+        "TestRunnerPool"
+    );
+    assert_eq!(body["revision"], 1);
+    assert_eq!(body["data"]["image"], "registry.example/test-runner:7");
+    respond(send, 201, body);
+}
+
 fn secret(value: &str) -> Value {
     use base64::Engine;
     json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "rabbitmq", "namespace": "ci"},
@@ -134,6 +171,7 @@ async fn reconcile_creates_owned_pods_publishes_events_and_writes_status() {
     );
     assert!(uri.contains("testrunner.dev%2Fpool%3Dunit"), "{uri}");
     respond(send, 200, empty_pod_list());
+    serve_first_revision(&mut handle).await;
 
     // No probe yet: the pool holds minWorkers, so two pods are applied.
     let mut pods = Vec::new();
@@ -283,6 +321,7 @@ async fn a_missing_secret_becomes_a_condition_and_a_warning() {
     let (_, uri, _, send) = next(&mut handle).await;
     assert!(uri.contains("/pods?"));
     respond(send, 200, empty_pod_list());
+    serve_first_revision(&mut handle).await;
 
     // Nothing is created; a Warning event says what is wrong.
     let (m, _, body, send) = next(&mut handle).await;
