@@ -242,8 +242,13 @@ fn counted<'a>(input: &DiagnosisInput<'a>, window: SignedDuration) -> Vec<&'a Cr
 /// A worker that could not reach the broker (exit 69) is the environment's fault only
 /// when the operator reached the broker after it, and not just after an outage it saw
 /// too: until then the broker is down for everyone.
+///
+/// Kubernetes records a container's end in whole seconds: the crash may have come up to
+/// a second after its recorded time, so the operator must have reached the broker more
+/// than a second after it.
 fn unexcused(input: &DiagnosisInput<'_>, c: &CrashStatus) -> bool {
-    input.broker_reached_at.is_some_and(|r| c.at.0 < r)
+    let after = c.at.0 + SignedDuration::from_secs(1);
+    input.broker_reached_at.is_some_and(|r| after < r)
         && input.broker_back_at.is_none_or(|b| c.at.0 > b)
 }
 
