@@ -294,6 +294,7 @@ mod tests {
         assert_eq!(kinds[0].short_names, vec!["trp"]);
         assert!(kinds[0].status);
         assert!(kinds[0].schema.is_some());
-        assert_eq!(kinds[0].columns.len(), 7);
+        // Seven columns, and four more with `kubectl get -o wide`.
+        assert_eq!(kinds[0].columns.len(), 11);
     }
 }
