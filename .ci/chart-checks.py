@@ -105,7 +105,8 @@ def operator_rules(role):
     expect(rules.get(("events.k8s.io", "events")) == {"create", "patch"}, "event verbs")
     expect(rules.get(("", "secrets")) == {"get"}, "secrets must be get only")
     expect(rules.get(("", "configmaps")) == {"get", "create", "patch"}, "configmap verbs (quarantine lists)")
-    expect(len(rules) == 7, f"unexpected rules: {sorted(rules)}")
+    expect(rules.get(("apps", "controllerrevisions")) == {"list", "create", "patch", "delete"}, "controllerrevision verbs (revisions)")
+    expect(len(rules) == 8, f"unexpected rules: {sorted(rules)}")
 
 
 def leader_role(ds, present=True):
