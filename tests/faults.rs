@@ -235,24 +235,21 @@ impl Fault {
 
     /// Stops the broker node (it keeps its data).
     async fn stop_broker(&mut self) {
-        let mut node = self.node.take().unwrap();
-        self.node = Some(
-            tokio::task::spawn_blocking(move || {
-                node.stop();
-                node
-            })
-            .await
-            .unwrap(),
-        );
+        self.on_node(common::broker_node::BrokerNode::stop).await;
     }
 
     /// Starts the stopped broker node again, on the same port, and waits until it
     /// accepts connections.
     async fn start_broker(&mut self) {
+        self.on_node(common::broker_node::BrokerNode::restart).await;
+    }
+
+    /// Runs a blocking operation on the broker node, off the async runtime.
+    async fn on_node(&mut self, op: fn(&mut common::broker_node::BrokerNode)) {
         let mut node = self.node.take().unwrap();
         self.node = Some(
             tokio::task::spawn_blocking(move || {
-                node.restart();
+                op(&mut node);
                 node
             })
             .await
