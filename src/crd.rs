@@ -77,25 +77,30 @@ pub struct TestRunnerPoolSpec {
 
     /// How many workers to run for the queue depth.
     #[serde(default)]
+    #[schemars(transform = not_defaulted)]
     pub scaling: ScalingSpec,
 
     /// How a new revision (image, command, worker or template) is rolled out: a
     /// canary judged by ticket outcomes, promotion, automatic rollback.
     #[serde(default)]
+    #[schemars(transform = not_defaulted)]
     pub rollout: RolloutSpec,
 
     /// How crashes are diagnosed: poison tickets, broken environments, stalled queues.
     #[serde(default)]
+    #[schemars(transform = not_defaulted)]
     pub poison: PoisonSpec,
 
     /// Where alerts go besides Kubernetes events (always published).
     #[serde(default)]
+    #[schemars(transform = not_defaulted)]
     pub alerts: AlertsSpec,
 
     /// When true the operator stops creating and deleting worker pods and a rollout
     /// in progress stops where it is; it keeps probing the queue and reporting status.
     /// Default false.
     #[serde(default)]
+    #[schemars(transform = not_defaulted)]
     pub paused: bool,
 }
 
@@ -224,6 +229,7 @@ pub struct Workload {
     /// wrapper in front of `command`; Native runs an image that speaks AMQP itself and
     /// follows the ticket contract.
     #[serde(default)]
+    #[schemars(transform = not_defaulted)]
     pub worker: WorkerSpec,
 
     /// Overrides merged into every worker pod: resources, env, volumes, scheduling,
@@ -234,6 +240,14 @@ pub struct Workload {
 
 /// The schema of the stable workload snapshot older statuses kept: any object (it is
 /// only read back, and the spec's copy was checked when it was written).
+/// Drops the schema's `default` of a spec section: the API server stores a section the
+/// user left out as absent (and `kubectl describe` shows only what was written), while
+/// the operator applies the same defaults when it reads the spec. Fields inside a
+/// section the user wrote are still defaulted by the API server.
+fn not_defaulted(schema: &mut schemars::Schema) {
+    schema.remove("default");
+}
+
 fn workload_snapshot(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
         "description": "Only in statuses written before revisions were kept in ControllerRevisions: what stable pods were built from. Read once to store it in a ControllerRevision, then dropped.",
@@ -718,8 +732,8 @@ pub struct DiagnosisStatus {
     /// Healthy, PoisonTicket, BrokenEnvironment, OutOfMemory or QueueStalled.
     #[schemars(with = "String")]
     pub verdict: Verdict,
-    /// What was seen and what happens now.
-    #[serde(default)]
+    /// What was seen and what happens now; absent while healthy.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
     /// The ticket a PoisonTicket verdict names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -874,8 +888,8 @@ pub struct Condition {
     pub status: String,
     /// PascalCase reason of the last transition.
     pub reason: String,
-    /// Human readable detail.
-    #[serde(default)]
+    /// Human readable detail; absent when there is nothing to add to the reason.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
     /// When the status last changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -302,6 +302,21 @@ async fn merge_and_json_patches_and_the_status_subresource() {
     assert_eq!(code, 200, "{patched}");
     assert_eq!(patched["spec"]["image"], "example.org/runner:2");
     assert_eq!(patched["metadata"]["generation"], 3);
+    // Fields of a written section are defaulted; sections left out stay out (a typed
+    // client writes every section, so this pool is written as plain JSON).
+    let (code, bare) = raw(
+        &s.client(),
+        "POST",
+        "/apis/testrunner.dev/v1alpha1/namespaces/default/testrunnerpools",
+        "application/json",
+        &pool_json("bare", json!({"maxWorkers": 4})).to_string(),
+    )
+    .await;
+    assert_eq!(code, 201, "{bare}");
+    assert_eq!(bare["spec"]["scaling"]["pollInterval"], "2s");
+    for section in ["rollout", "poison", "alerts", "worker", "paused"] {
+        assert!(bare["spec"].get(section).is_none(), "{section}: {bare}");
+    }
 
     let st = pools
         .patch_status(
