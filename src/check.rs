@@ -322,7 +322,7 @@ pub async fn check(args: &CheckArgs) -> (State, String) {
     }
 }
 
-async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, String> {
+pub(crate) async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, String> {
     let config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path).map_err(|_| {
@@ -351,7 +351,7 @@ async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, St
 
 /// A kube error in words that cannot carry a credential: the API server's own status,
 /// or the kind of network failure.
-fn describe(e: &kube::Error) -> String {
+pub(crate) fn describe(e: &kube::Error) -> String {
     match e {
         kube::Error::Api(s) => format!(
             "the API server answered {} {}: {}",

@@ -40,6 +40,7 @@ pub mod contract;
 pub mod controller;
 pub mod core;
 pub mod crd;
+pub mod describe;
 pub mod http;
 pub mod leader;
 pub mod metrics;

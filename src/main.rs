@@ -51,6 +51,10 @@ enum Command {
     /// Nagios-compatible check of one pool: one line, perfdata, exit 0/1/2/3.
     #[command(after_help = testrunner_operator::check::RULES)]
     Check(testrunner_operator::check::CheckArgs),
+    /// One screen on a pool for on-call: what it does, its conditions, the verdict, the
+    /// rollout and canary, the quarantine, the last crashes and events. Installed as
+    /// `kubectl-testrunner`, it is `kubectl testrunner describe POOL`.
+    Describe(testrunner_operator::describe::DescribeArgs),
 }
 
 #[cfg(feature = "simulate")]
@@ -210,6 +214,7 @@ fn main() -> ExitCode {
         Command::Simulate(args) => simulate(args),
         Command::Publish(args) => publish(args),
         Command::Check(args) => runtime().block_on(testrunner_operator::check::run(args)),
+        Command::Describe(args) => runtime().block_on(testrunner_operator::describe::run(args)),
     }
 }
 

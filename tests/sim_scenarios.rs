@@ -2379,6 +2379,241 @@ async fn a_worker_of_an_older_operator_is_still_heard_on_its_pool_s_own_queue(on
     finish(conn, target, operator, &queue).await;
 }
 
+/// After a quarantine and a rollout, `kubectl testrunner describe` (the binary installed
+/// as a kubectl plugin) fits one screen and says each thing once; `kubectl describe`
+/// shows the spec as written, without the sections the pool left out.
+async fn an_on_call_describe_after_a_quarantine_and_a_rollout_fits_one_screen(on: On) {
+    let Scenario {
+        conn,
+        target,
+        client,
+        ns,
+        operator,
+        queue,
+        ledger,
+        ids,
+    } = Scenario::start(on, "oncall", 10).await;
+    let quarantine = format!("{queue}.quarantine");
+    let poison = ids[4].clone();
+    let good: Vec<String> = ids.iter().filter(|id| **id != poison).cloned().collect();
+    let (dir, kubeconfig) = fresh_dir(&format!("oncall-{on:?}"));
+    target
+        .sim
+        .as_ref()
+        .expect("the scenario runs on the simulated cluster")
+        .write_kubeconfig(&kubeconfig)
+        .unwrap();
+    // kubectl finds plugins on PATH by name: the operator's binary as kubectl-testrunner.
+    let plugins = dir.join("bin");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::os::unix::fs::symlink(
+        env!("CARGO_BIN_EXE_testrunner-operator"),
+        plugins.join("kubectl-testrunner"),
+    )
+    .unwrap();
+    let kubectl = kubectl();
+    let path = format!(
+        "{}:{}:{}",
+        plugins.display(),
+        kubectl.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let run = async |args: &[&str], stdin: Option<&str>| -> String {
+        use tokio::io::AsyncWriteExt;
+        let mut child = tokio::process::Command::new(&kubectl)
+            .args(args)
+            .args(["-n", &ns])
+            .env("KUBECONFIG", &kubeconfig)
+            .env("PATH", &path)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input
+            .write_all(stdin.unwrap_or_default().as_bytes())
+            .await
+            .unwrap();
+        drop(input);
+        let out = child.wait_with_output().await.unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        said
+    };
+
+    // The pool as a user writes it: no rollout, alerts or worker section.
+    let pool = format!(
+        r#"apiVersion: testrunner.dev/v1alpha1
+kind: TestRunnerPool
+metadata:
+  name: oncall
+spec:
+  image: example.org/runner:1
+  command: ["sh", "-c", "[ \"$TICKET_ID\" = \"$POISON\" ] && exit 3; echo \"$TICKET_ID start\" >> {ledger}; cat >/dev/null; echo \"$TICKET_ID end\" >> {ledger}"]
+  template:
+    env: [{{name: POISON, value: "{poison}"}}]
+  queue:
+    name: {queue}
+    connectionSecretRef: {{name: rabbitmq}}
+  scaling: {{maxWorkers: 3, pollInterval: 300ms, scaleDownDelay: 2s}}
+  poison: {{replayOnImageChange: false}}
+"#,
+        ledger = ledger.path.display()
+    );
+    run(&["apply", "-f", "-"], Some(&pool)).await;
+    let (pools, pods) = apis_in(&client, &ns);
+    eventually(
+        "the good tickets to complete",
+        Duration::from_secs(90),
+        || async { ledger.count("end").len() == good.len() },
+    )
+    .await;
+    ledger.assert_each_once(&good);
+    eventually(
+        "the poison ticket to land in quarantine",
+        Duration::from_secs(60),
+        || async { depth(&conn, &quarantine).await == 1 },
+    )
+    .await;
+    // A rollout, promoted by hand while the queue is empty.
+    run(
+        &[
+            "patch",
+            "trp",
+            "oncall",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"metadata":{"annotations":{"testrunner.dev/promote":"now"}},"spec":{"image":"example.org/runner:2"}}"#,
+        ],
+        None,
+    )
+    .await;
+    rollout_when(&pools, "oncall", ":2 to be promoted", |r| {
+        r.stable_image == "example.org/runner:2" && r.phase == RolloutPhase::Promoted
+    })
+    .await;
+    eventually(
+        "the pool to scale to zero",
+        Duration::from_secs(60),
+        || async { all_pods(&pods, "oncall").await == 0 },
+    )
+    .await;
+    let status = status_of(&pools, "oncall").await;
+    assert_eq!(status.quarantine.as_ref().map(|q| q.count), Some(1));
+
+    let screen = run(&["testrunner", "describe", "oncall"], None).await;
+    let lines: Vec<&str> = screen.lines().collect();
+    eprintln!("kubectl testrunner describe oncall:\n{screen}");
+    assert!(
+        lines.len() <= testrunner_operator::describe::MAX_LINES,
+        "{} lines",
+        lines.len()
+    );
+    let has = |needle: &str| lines.iter().any(|l| l.contains(needle));
+    assert!(has(&format!("Pool:        {ns}/oncall")), "{screen}");
+    assert!(has("Image:       example.org/runner:2"), "{screen}");
+    assert!(
+        has(&format!("Quarantine:  1 ticket(s) in {quarantine}")),
+        "{screen}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&poison) && l.contains("crashes") && l.contains("exit code 3")),
+        "the quarantined ticket with its evidence: {screen}"
+    );
+    assert!(
+        has("Rollout:     Promoted (PromotedByAnnotation)"),
+        "{screen}"
+    );
+    let history = lines
+        .iter()
+        .position(|l| l.starts_with("  History:"))
+        .expect("history");
+    assert!(
+        lines[history + 1].contains("example.org/runner:1"),
+        "{screen}"
+    );
+    assert!(
+        lines[history + 2].contains("example.org/runner:2"),
+        "{screen}"
+    );
+    let crashes = lines
+        .iter()
+        .filter(|l| l.contains("exit 3") && l.contains(&format!("ticket {poison}")))
+        .count();
+    assert!(crashes >= 3, "the crashes, each with its ticket: {screen}");
+    for reason in [
+        "PoisonTicketQuarantined",
+        "RolloutPromoted",
+        "WorkerCrashed",
+    ] {
+        assert!(
+            lines
+                .iter()
+                .skip_while(|l| !l.starts_with("Events:"))
+                .any(|l| l.contains(reason)),
+            "event {reason}: {screen}"
+        );
+    }
+    // Each message of the status is said at most once.
+    let mut messages: Vec<&str> = status
+        .conditions
+        .iter()
+        .map(|c| c.message.as_str())
+        .collect();
+    messages.extend(status.diagnosis.as_ref().map(|d| d.message.as_str()));
+    messages.extend(status.rollout.as_ref().map(|r| r.message.as_str()));
+    for m in messages.into_iter().filter(|m| !m.is_empty()) {
+        assert!(
+            screen.matches(m).count() <= 1,
+            "said twice: {m:?}\n{screen}"
+        );
+    }
+
+    // kubectl's own describe shows the spec as written: sections left out stay out.
+    let described = run(&["describe", "trp", "oncall"], None).await;
+    let spec: Vec<&str> = described
+        .lines()
+        .skip_while(|l| *l != "Spec:")
+        .take_while(|l| *l != "Status:")
+        .collect();
+    assert!(
+        spec.iter().any(|l| l.contains("Max Workers:")),
+        "{described}"
+    );
+    for left_out in [
+        "Promote After Tickets",
+        "Canary Workers",
+        "Alerts:",
+        "Mode:",
+    ] {
+        assert!(
+            !spec.iter().any(|l| l.contains(left_out)),
+            "{left_out} was not written: {described}"
+        );
+    }
+    // Inside a written section the server fills in the defaults.
+    assert!(
+        spec.iter().any(|l| l.contains("Crashes To Quarantine:")),
+        "{described}"
+    );
+    eprintln!(
+        "kubectl describe trp oncall: {} lines\n{described}",
+        described.lines().count()
+    );
+
+    delete_queue(&conn, &quarantine).await;
+    finish(conn, target, operator, &queue).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Each scenario runs twice: on the embedded API server (`embedded::NAME`), and on a
 /// real control plane (`control_plane::NAME`: etcd, kube-apiserver, the controller
 /// manager and the scheduler from TESTRUNNER_CONTROL_PLANE, by default
@@ -2422,6 +2657,7 @@ on_both!(
     an_operator_restart_mid_rollout_resumes_the_canary_and_promotes_it,
     pools_of_a_namespace_share_one_outcome_queue_and_each_keeps_its_busy_worker,
     a_worker_of_an_older_operator_is_still_heard_on_its_pool_s_own_queue,
+    an_on_call_describe_after_a_quarantine_and_a_rollout_fits_one_screen,
 );
 
 /// Processes whose command line mentions `needle` (the control plane's components name
