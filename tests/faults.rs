@@ -945,6 +945,296 @@ async fn a_ticket_with_a_non_utf8_message_id_is_dead_lettered_by_the_broker_back
     f.finish().await;
 }
 
+/// The Lease the replicas of the failover scenarios elect their leader on.
+const LEASE: &str = "testrunner-failover";
+/// The Lease's duration (the operator's default), and the longest a standby may take to
+/// lead once the leader is gone without releasing it: the duration, the standby's next
+/// look at the Lease, and the API round trips.
+const LEASE_DURATION: Duration = Duration::from_secs(15);
+const TAKEOVER_BOUND: Duration = Duration::from_secs(22);
+
+/// An operator replica as a process of its own, with leader election on, so that it can
+/// be killed or frozen like a pod's container.
+struct Replica {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Replica {
+    fn start(f: &Fault, kubeconfig: &std::path::Path, identity: &'static str) -> Replica {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = std::env::temp_dir().join(format!(
+            "trp-{}-{identity}-{}.log",
+            f.name,
+            std::process::id()
+        ));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_testrunner-operator"))
+            .args(["--log-format", "json", "run", "--leader-election", "true"])
+            .args(["--lease-namespace", "default", "--lease-name", LEASE])
+            .args(["--lease-duration", &LEASE_DURATION.as_secs().to_string()])
+            .args(["--instance", identity, "--watch-namespaces", "default"])
+            .args(["--worker-report-interval", "2s"])
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("the operator replica starts");
+        Replica { child, log }
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal).unwrap();
+    }
+
+    /// Whether the process has ended (and reaps it).
+    fn ended(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Its log, for a failure message.
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// The holder of the replicas' Lease.
+async fn lease_holder(client: &kube::Client) -> Option<String> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "default");
+    leases
+        .get_opt(LEASE)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
+        .filter(|h| !h.is_empty())
+}
+
+/// Samples, every 100 ms until stopped, the most worker pods the pool had at once that
+/// were not being deleted: two leaders acting at once would create more than
+/// `maxWorkers`.
+fn watch_live_pods(
+    pods: Api<Pod>,
+    pool: &str,
+) -> (
+    tokio::task::JoinHandle<usize>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let selector = format!("testrunner.dev/pool={pool}");
+    let stopping = stop.clone();
+    let sampler = tokio::spawn(async move {
+        let mut most = 0;
+        while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(list) = pods.list(&ListParams::default().labels(&selector)).await {
+                let live = list
+                    .items
+                    .iter()
+                    .filter(|p| p.metadata.deletion_timestamp.is_none())
+                    .count();
+                most = most.max(live);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        most
+    });
+    (sampler, stop)
+}
+
+/// Two replicas, a surge, and the leader stops leading mid-surge: killed (SIGKILL: it
+/// cannot release its Lease), or frozen (SIGSTOP) past its Lease and woken once the
+/// standby leads. The standby must lead within the Lease bound; a woken leader must see
+/// that it lost the Lease and end before it acts; no action is doubled (never more
+/// live pods than `maxWorkers`, no ticket started twice: no busy worker was removed).
+async fn failover(on: On, test: &str, name: &'static str, freeze: bool) {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let f = Fault::start(name, on).await;
+    // The replicas below are the operator here.
+    f.operator.abort();
+    let dir = std::env::temp_dir().join(format!("trp-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    f.sim.write_kubeconfig(&kubeconfig).unwrap();
+
+    let mut leader = Replica::start(&f, &kubeconfig, "replica-a");
+    eventually("replica-a to lead", Duration::from_secs(60), || async {
+        lease_holder(&f.client).await.as_deref() == Some("replica-a")
+    })
+    .await;
+    let mut standby = Replica::start(&f, &kubeconfig, "replica-b");
+    let (sampler, stop) = watch_live_pods(f.pods.clone(), name);
+    f.pool(f.ledger.command(1.0)).await;
+    let ids = f.publish(80).await;
+    in_flight(&f.ledger, 3, 2).await;
+    let busy_at_fault = {
+        let (s, e) = (f.ledger.count("start"), f.ledger.count("end"));
+        s.keys().filter(|id| !e.contains_key(*id)).count()
+    };
+
+    let fault_at = Instant::now();
+    if freeze {
+        leader.signal(nix::sys::signal::Signal::SIGSTOP);
+    } else {
+        leader.signal(nix::sys::signal::Signal::SIGKILL);
+    }
+    let deadline = Instant::now() + TAKEOVER_BOUND;
+    while lease_holder(&f.client).await.as_deref() != Some("replica-b") {
+        assert!(
+            Instant::now() < deadline,
+            "replica-b did not lead within {TAKEOVER_BOUND:?}; its log:\n{}",
+            standby.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let takeover = fault_at.elapsed();
+    assert!(!standby.ended(), "replica-b leads and runs");
+    let woken_ended = if freeze {
+        // The frozen leader wakes after the standby has led for a while, and must see
+        // that the Lease is gone and end without acting.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let woken = Instant::now();
+        let woke_at = jiff::Timestamp::now();
+        leader.signal(nix::sys::signal::Signal::SIGCONT);
+        let deadline = woken + Duration::from_secs(30);
+        while !leader.ended() {
+            assert!(
+                Instant::now() < deadline,
+                "the woken replica-a did not end within 30 s; its log:\n{}",
+                leader.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // What it logged once awake: that it lost the Lease, and nothing the modules that
+        // write (pods, revisions, quarantine) did.
+        let said = std::fs::read_to_string(&leader.log).unwrap_or_default();
+        let awake: Vec<serde_json::Value> = said
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| {
+                l["timestamp"]
+                    .as_str()
+                    .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                    .is_some_and(|t| t >= woke_at)
+            })
+            .collect();
+        assert!(
+            awake
+                .iter()
+                .any(|l| l.to_string().contains("another replica holds it now")),
+            "the woken replica-a says it lost the Lease: {}",
+            leader.log_tail()
+        );
+        let acted: Vec<&serde_json::Value> = awake
+            .iter()
+            .filter(|l| {
+                l["target"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("testrunner_operator::controller::"))
+            })
+            .collect();
+        assert!(acted.is_empty(), "the woken replica-a acted: {acted:?}");
+        Some(woken.elapsed())
+    } else {
+        None
+    };
+    assert_eq!(
+        lease_holder(&f.client).await.as_deref(),
+        Some("replica-b"),
+        "the standby keeps leading"
+    );
+
+    f.drained(&ids, DRAIN_BOUND).await;
+    let drain = fault_at.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let most_pods = sampler.await.unwrap();
+    let tally = f.tally(&ids).await;
+    assert!(
+        most_pods <= 4,
+        "at most maxWorkers (4) live pods at once, saw {most_pods}"
+    );
+    assert_eq!(
+        (tally.redelivered, tally.ran_twice, tally.quarantined),
+        (0, 0, 0),
+        "no busy worker removed, no ticket run twice, none quarantined: {tally:?}"
+    );
+    let reasons = f.event_reasons().await;
+    let fault = if freeze {
+        "the leader freezes past its Lease, then wakes"
+    } else {
+        "the leader is killed mid-surge"
+    };
+    let injected = format!(
+        "{} replica-a (leading, Lease {} s) with {busy_at_fault} tickets in commands, 80 published, 4 workers; replica-b standing by",
+        if freeze { "SIGSTOP to" } else { "SIGKILL to" },
+        LEASE_DURATION.as_secs()
+    );
+    let mut did = format!(
+        "replica-b led {:.1} s after the fault; at most {most_pods} live pods",
+        takeover.as_secs_f64()
+    );
+    if let Some(ended) = woken_ended {
+        did.push_str(&format!(
+            "; replica-a, woken, ended {:.1} s later without acting",
+            ended.as_secs_f64()
+        ));
+    }
+    did.push_str(&format!("; events: {}", reasons.join(", ")));
+    Row {
+        test: f.test(test),
+        fault,
+        injected,
+        operator_did: did,
+        tickets: &tally,
+        recovery_ms: takeover.as_millis(),
+        drain_ms: drain.as_millis(),
+        bound_s: (TAKEOVER_BOUND + DRAIN_BOUND).as_secs(),
+    }
+    .record();
+    drop(standby);
+    drop(leader);
+    let _ = std::fs::remove_dir_all(&dir);
+    f.finish().await;
+}
+
+async fn a_leader_killed_mid_surge_is_replaced_within_the_lease_and_no_action_is_doubled(on: On) {
+    failover(
+        on,
+        "a_leader_killed_mid_surge_is_replaced_within_the_lease_and_no_action_is_doubled",
+        "leader-kill",
+        false,
+    )
+    .await;
+}
+
+async fn a_leader_frozen_past_its_lease_ends_on_waking_and_no_action_is_doubled(on: On) {
+    failover(
+        on,
+        "a_leader_frozen_past_its_lease_ends_on_waking_and_no_action_is_doubled",
+        "leader-freeze",
+        true,
+    )
+    .await;
+}
+
 /// Each scenario runs twice: on the embedded API server (`embedded::NAME`), and on a
 /// real control plane (`control_plane::NAME`: etcd, kube-apiserver, the controller
 /// manager and the scheduler from TESTRUNNER_CONTROL_PLANE, by default
@@ -978,4 +1268,6 @@ on_both!(
     a_worker_sigkilled_mid_ticket_gets_its_ticket_redelivered_and_completed_not_quarantined,
     hostile_tickets_each_run_once_and_never_crash_the_wrapper,
     a_ticket_with_a_non_utf8_message_id_is_dead_lettered_by_the_broker_backstop,
+    a_leader_killed_mid_surge_is_replaced_within_the_lease_and_no_action_is_doubled,
+    a_leader_frozen_past_its_lease_ends_on_waking_and_no_action_is_doubled,
 );
