@@ -151,8 +151,9 @@ pub enum ReplayFilter<'a> {
     All,
     /// These ticket ids.
     Only(&'a [String]),
-    /// Tickets the broker dead-lettered (they carry `x-death`), except these ids: what a
-    /// delivery-limit backstop moved during a broken-environment episode.
+    /// Tickets the broker dead-lettered (they carry `x-death`) or workers set aside at
+    /// the delivery limit, except these ids: what a delivery limit moved during a
+    /// broken-environment episode.
     DeadLettered {
         /// Ids to leave where they are (the operator's own quarantine list).
         except: &'a [String],
@@ -165,8 +166,10 @@ impl ReplayFilter<'_> {
             ReplayFilter::All => true,
             ReplayFilter::Only(ids) => ids.iter().any(|i| i == id),
             ReplayFilter::DeadLettered { except } => {
-                headers.is_some_and(|h| h.inner().contains_key("x-death"))
-                    && !except.iter().any(|i| i == id)
+                headers.is_some_and(|h| {
+                    h.inner().contains_key("x-death")
+                        || h.inner().contains_key(crate::contract::HEADER_SET_ASIDE)
+                }) && !except.iter().any(|i| i == id)
             }
         }
     }

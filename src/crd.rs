@@ -66,6 +66,12 @@ pub const MANAGED_BY: &str = "testrunner-operator";
     printcolumn = r#"{"name":"Diagnosis","type":"string","priority":1,"jsonPath":".status.diagnosis.verdict","description":"Crash diagnosis: Healthy, PoisonTicket, BrokenEnvironment, OutOfMemory or QueueStalled"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "(has(self.queue.deliveryLimit) ? self.queue.deliveryLimit : 20) == 0 || (has(self.queue.deliveryLimit) ? self.queue.deliveryLimit : 20) > (has(self.poison) && has(self.poison.crashesToQuarantine) ? self.poison.crashesToQuarantine : 3)",
+    "message": "queue.deliveryLimit (default 20) must be above poison.crashesToQuarantine (default 3), or 0: a poison ticket is quarantined before the broker's limit",
+    "fieldPath": ".queue.deliveryLimit",
+    "reason": "FieldValueInvalid"
+}]))]
 pub struct TestRunnerPoolSpec {
     /// What worker pods run: image, command, worker mode and pod template. Changing any
     /// of it makes a new revision, rolled out behind a canary (see `rollout`).
@@ -337,9 +343,29 @@ pub struct QueueSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 255))]
     pub quarantine_queue: Option<String>,
+
+    /// The work queue's delivery limit, as its `x-delivery-limit` argument or policy sets
+    /// it (RabbitMQ 4 gives quorum queues 20 by default): the broker drops a ticket, or
+    /// dead-letters it, once it has been delivered this many times and once more. Workers
+    /// set a ticket aside into the quarantine queue at its `deliveryLimit`th delivery,
+    /// before the broker can, and the operator returns it to the work queue once the pool
+    /// works again: while an environment stays broken, no innocent ticket is dropped.
+    /// Keep it above `poison.crashesToQuarantine`. 0 turns it off. Default 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100000))]
+    pub delivery_limit: Option<u32>,
 }
 
+/// The delivery limit workers assume when `queue.deliveryLimit` is not set: RabbitMQ 4's
+/// default for quorum queues.
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
+
 impl QueueSpec {
+    /// The delivery limit workers set tickets aside at (0: never).
+    pub fn delivery_limit(&self) -> u32 {
+        self.delivery_limit.unwrap_or(DEFAULT_DELIVERY_LIMIT)
+    }
+
     /// The quarantine queue name, defaulted from the work queue.
     pub fn quarantine_queue_name(&self) -> String {
         self.quarantine_queue
@@ -744,6 +770,10 @@ pub struct DiagnosisStatus {
     /// Last time the queue made progress (a ticket taken or finished).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_progress_time: Option<Time>,
+    /// When the pool last came out of a broken environment (its first completion after
+    /// it): the crashes before then were the environment's and count against no ticket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broken_until: Option<Time>,
 }
 
 named_enum! {

@@ -205,6 +205,10 @@ pub fn build_pod(pool: &TestRunnerPool, name: &str, revision: &str, settings: &P
             "TESTRUNNER_QUARANTINE_FILE",
             &format!("{QUARANTINE_DIR}/{QUARANTINE_KEY}"),
         ),
+        env(
+            "TESTRUNNER_DELIVERY_LIMIT",
+            &spec.queue.delivery_limit().to_string(),
+        ),
         EnvVar {
             name: crate::worker::ENV_AMQP_URI.into(),
             value: None,

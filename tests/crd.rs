@@ -252,3 +252,28 @@ fn min_above_max_is_refused_by_the_cel_rule() {
     pool["spec"]["scaling"]["minWorkers"] = json!(2);
     assert_eq!(validate(&pool), Vec::<String>::new());
 }
+
+#[test]
+fn a_delivery_limit_at_or_below_the_quarantine_threshold_is_refused_by_the_cel_rule() {
+    let refused = |pool: &Value| {
+        validate(pool)
+            .iter()
+            .any(|e| e.contains("queue.deliveryLimit (default 20) must be above"))
+    };
+    let mut pool = minimal();
+    assert!(!refused(&pool), "the defaults (20 and 3) hold");
+    pool["spec"]["queue"]["deliveryLimit"] = json!(3);
+    assert!(refused(&pool), "3 is not above the default threshold 3");
+    pool["spec"]["queue"]["deliveryLimit"] = json!(4);
+    assert_eq!(validate(&pool), Vec::<String>::new());
+    pool["spec"]["poison"] = json!({"crashesToQuarantine": 10});
+    assert!(refused(&pool), "4 is not above 10");
+    pool["spec"]["queue"]["deliveryLimit"] = json!(0);
+    assert_eq!(validate(&pool), Vec::<String>::new(), "0 turns it off");
+    pool["spec"]["queue"]
+        .as_object_mut()
+        .unwrap()
+        .remove("deliveryLimit");
+    pool["spec"]["poison"] = json!({"crashesToQuarantine": 20});
+    assert!(refused(&pool), "the default limit 20 is not above 20");
+}

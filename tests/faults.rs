@@ -79,17 +79,22 @@ impl Fault {
     /// Starts the scenario's broker node, the simulated cluster whose Secret points at
     /// it, the operator, and declares the pool's queue and quarantine queue.
     async fn start(name: &'static str, on: On) -> Fault {
+        Fault::start_scaled(name, on, 50.0).await
+    }
+
+    /// [`Fault::start`], with the kubelet's durations divided by `time_scale`.
+    async fn start_scaled(name: &'static str, on: On, time_scale: f64) -> Fault {
         let node = tokio::task::spawn_blocking(move || BrokerNode::start(name))
             .await
             .expect("the broker node starts");
         let uri = node.uri();
         let sim = match on {
-            On::Embedded => common::simulation(&uri, 50.0).await,
+            On::Embedded => common::simulation(&uri, time_scale).await,
             On::ControlPlane => {
                 let bin = common::whole_control_plane_bin();
                 testrunner_sim::Simulation::start_on_control_plane(
                     &bin,
-                    common::options(&uri, 50.0),
+                    common::options(&uri, time_scale),
                 )
                 .await
                 .unwrap_or_else(|e| panic!("the real control plane did not start: {e}"))
@@ -945,6 +950,157 @@ async fn a_ticket_with_a_non_utf8_message_id_is_dead_lettered_by_the_broker_back
     f.finish().await;
 }
 
+/// The kubelet's durations in the delivery-limit scenarios are divided by this: its
+/// restart backoff runs from 10 s / 200 to 5 min / 200 (1.5 s), so a crash loop reaches
+/// 20 deliveries of one ticket in well under a minute instead of about 80 minutes.
+const CRASH_LOOP_SCALE: f64 = 200.0;
+
+/// The broker's delivery limit as RabbitMQ 4 sets it on quorum queues by default:
+/// `x-delivery-limit: 20`, set here by a policy (with or without a dead-letter exchange
+/// routed to the quarantine queue). The environment is broken (the test command fails on
+/// every ticket until a file exists): one worker is kept, crash-looping, and the ticket at
+/// the head of the queue is delivered again at each crash. Workers set it aside at its
+/// 20th delivery, before the broker would drop it (no dead-letter exchange) or
+/// dead-letter it; once the environment is fixed, the operator returns it and it runs.
+async fn broken_environment_at_the_delivery_limit(
+    on: On,
+    test: &str,
+    name: &'static str,
+    dlx: bool,
+) {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let f = Fault::start_scaled(name, on, CRASH_LOOP_SCALE).await;
+    let mut policy = serde_json::json!({"delivery-limit": 20});
+    if dlx {
+        policy["dead-letter-exchange"] = json!("");
+        policy["dead-letter-routing-key"] = json!(format!("{}.quarantine", f.queue));
+    }
+    f.node.as_ref().unwrap().ctl(&[
+        "set_policy",
+        "--apply-to",
+        "queues",
+        "limit",
+        &format!("^{}$", f.queue),
+        &policy.to_string(),
+    ]);
+    let fixed = f.ledger.path.with_extension("fixed");
+    let _ = std::fs::remove_file(&fixed);
+    let ledger = f.ledger.path.display().to_string();
+    let command = json!([
+        "sh",
+        "-c",
+        format!(
+            "echo \"$TICKET_ID start\" >> {ledger}; echo \"$TICKET_ID delivery $TICKET_DELIVERY\" >> {ledger}; cat >/dev/null; [ -e {fixed} ] || {{ echo \"$TICKET_ID crash\" >> {ledger}; exit 3; }}; sleep 0.2; echo \"$TICKET_ID end\" >> {ledger}",
+            fixed = fixed.display()
+        )
+    ]);
+    f.pool(command).await;
+    let ids = f.publish(6).await;
+
+    // The environment stays broken until a ticket has been set aside.
+    let broken_at = Instant::now();
+    eventually("BrokenEnvironment", Duration::from_secs(60), || async {
+        f.status()
+            .await
+            .diagnosis
+            .is_some_and(|d| d.verdict.as_str() == "BrokenEnvironment")
+    })
+    .await;
+    eventually(
+        "a ticket set aside at its 20th delivery",
+        Duration::from_secs(240),
+        || async { f.quarantined().await >= 1 },
+    )
+    .await;
+    let held = broken_at.elapsed();
+    let crashes_held = f.ledger.count("crash").values().sum::<usize>();
+    let set_aside = f.quarantined().await;
+
+    // Fixed: the held tickets run, and the operator returns the one set aside.
+    std::fs::write(&fixed, b"").unwrap();
+    let fixed_at = Instant::now();
+    f.drained(&ids, DRAIN_BOUND).await;
+    let drain = fixed_at.elapsed();
+    let deliveries: Vec<u64> = f
+        .ledger
+        .lines()
+        .iter()
+        .filter_map(|l| {
+            l.rsplit_once(" delivery ")
+                .and_then(|(_, n)| n.parse().ok())
+        })
+        .collect();
+    let most = deliveries.iter().copied().max().unwrap_or(0);
+    let tally = f.tally(&ids).await;
+    let _ = std::fs::remove_file(&fixed);
+    assert!(
+        most <= 20,
+        "no ticket went past its 20th delivery, where the broker takes it: {most}"
+    );
+    assert_eq!(
+        tally.quarantined, 0,
+        "no ticket is guilty of a broken environment"
+    );
+    let reasons = f.event_reasons().await;
+    for r in ["BrokenEnvironment", "TicketsReplayed"] {
+        assert!(
+            reasons.iter().any(|x| x == r),
+            "no {r} event in {reasons:?}"
+        );
+    }
+    Row {
+        test: if dlx {
+            format!("dead_letter_exchange::{test}")
+        } else {
+            f.test(test)
+        },
+        fault: if dlx {
+            "a broken environment held past the delivery limit (x-delivery-limit 20, dead-lettered to the quarantine queue)"
+        } else {
+            "a broken environment held past the delivery limit (x-delivery-limit 20, no dead-letter exchange: the broker drops)"
+        },
+        injected: format!(
+            "the test command fails on every ticket (exit 3) for {:.0} s: {crashes_held} crashes, one worker kept crash-looping (restart backoff / {CRASH_LOOP_SCALE}), 6 tickets",
+            held.as_secs_f64()
+        ),
+        operator_did: format!(
+            "BrokenEnvironment, one worker kept; {set_aside} ticket(s) set aside by the workers at their 20th delivery (most deliveries of any ticket: {most}); after the fix the set-aside ones returned; events: {}",
+            reasons.join(", ")
+        ),
+        tickets: &tally,
+        recovery_ms: 0,
+        drain_ms: drain.as_millis(),
+        bound_s: DRAIN_BOUND.as_secs(),
+    }
+    .record();
+    f.finish().await;
+}
+
+async fn a_broken_environment_held_past_the_delivery_limit_drops_no_ticket(on: On) {
+    broken_environment_at_the_delivery_limit(
+        on,
+        "a_broken_environment_held_past_the_delivery_limit_drops_no_ticket",
+        "limit-drop",
+        false,
+    )
+    .await;
+}
+
+mod dead_letter_exchange {
+    /// With a dead-letter exchange, on the embedded API server only: the set-aside path
+    /// is the same as without one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broken_environment_held_past_the_delivery_limit_dead_letters_no_ticket() {
+        super::broken_environment_at_the_delivery_limit(
+            super::On::Embedded,
+            "a_broken_environment_held_past_the_delivery_limit_dead_letters_no_ticket",
+            "limit-dlx",
+            true,
+        )
+        .await;
+    }
+}
+
 /// The Lease the replicas of the failover scenarios elect their leader on.
 const LEASE: &str = "testrunner-failover";
 /// The Lease's duration (the operator's default), and the longest a standby may take to
@@ -1270,4 +1426,5 @@ on_both!(
     a_ticket_with_a_non_utf8_message_id_is_dead_lettered_by_the_broker_backstop,
     a_leader_killed_mid_surge_is_replaced_within_the_lease_and_no_action_is_doubled,
     a_leader_frozen_past_its_lease_ends_on_waking_and_no_action_is_doubled,
+    a_broken_environment_held_past_the_delivery_limit_drops_no_ticket,
 );

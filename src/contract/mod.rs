@@ -35,7 +35,7 @@ pub use termination::{
 };
 pub use ticket::{
     HEADER_DELIVERY, HEADER_PREFIX, HEADER_QUARANTINED_BY, HEADER_QUARANTINED_FROM,
-    HEADER_REPLAYED_AT, HEADER_TIMESTAMP_MS, ticket_id,
+    HEADER_REPLAYED_AT, HEADER_SET_ASIDE, HEADER_TIMESTAMP_MS, ticket_id,
 };
 
 /// Name of the worker container in worker pods: the container whose terminations the
@@ -73,7 +73,8 @@ mod tests {
         let outcome = proptest::option::of(prop_oneof![
             Just(Outcome::Passed),
             Just(Outcome::Failed),
-            Just(Outcome::Quarantined)
+            Just(Outcome::Quarantined),
+            Just(Outcome::SetAside)
         ]);
         (
             ("\\PC{0,20}", "\\PC{0,12}", state, outcome),

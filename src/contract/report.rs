@@ -42,6 +42,9 @@ pub enum Outcome {
     /// The ticket was on the quarantine list and moved to the quarantine queue; it did
     /// not run.
     Quarantined,
+    /// The ticket reached the queue's delivery limit and was set aside into the
+    /// quarantine queue, to come back when the pool works again; it did not run.
+    SetAside,
 }
 
 /// One report.
@@ -139,9 +142,11 @@ impl Report {
     }
 
     /// For an outcome report: the ticket whose tests ran to the end (none for a ticket
-    /// moved to quarantine, which did not run). `None` for state reports.
+    /// moved to quarantine, which did not run, though the worker worked). `None` for
+    /// state reports, and for a ticket set aside at the delivery limit: that is no sign
+    /// that the pool works.
     pub fn completed(&self) -> Option<Option<&str>> {
-        let outcome = self.outcome?;
+        let outcome = self.outcome.filter(|o| *o != Outcome::SetAside)?;
         Some(
             self.ticket
                 .as_deref()
@@ -168,6 +173,13 @@ mod tests {
             Some(None),
             "a quarantined ticket did not run"
         );
+        let a = Report::parse(br#"{"ticket":"t-3","outcome":"setAside","pod":"p"}"#).unwrap();
+        assert_eq!(
+            a.completed(),
+            None,
+            "a ticket set aside did not run, and says nothing of the environment"
+        );
+        assert_eq!(a.holds(), Some(None), "idle after setting it aside");
         assert_eq!(Report::parse(b"not json"), None);
         assert_eq!(
             (r.pool.as_str(), r.pool_uid.as_str()),

@@ -13,6 +13,10 @@ pub const HEADER_QUARANTINED_FROM: &str = "x-testrunner-quarantined-from";
 pub const HEADER_QUARANTINED_BY: &str = "x-testrunner-quarantined-by";
 /// Header of a quarantined ticket: its delivery number when it was moved.
 pub const HEADER_DELIVERY: &str = "x-testrunner-delivery";
+/// Header of a ticket a worker set aside into the quarantine queue because it reached
+/// the queue's delivery limit (the value says so): not blamed, it goes back to the work
+/// queue when the pool works again, as a ticket the broker dead-lettered would.
+pub const HEADER_SET_ASIDE: &str = "x-testrunner-set-aside";
 
 /// Header with a ticket's publish time in Unix milliseconds, the name RabbitMQ's message
 /// timestamp plugin gives it. Workers measure a ticket's wait in the queue from it, else

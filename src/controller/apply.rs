@@ -102,6 +102,25 @@ async fn quarantine(
             }
         }
     }
+    // While the environment is broken, workers set aside the tickets that reach the
+    // queue's delivery limit into the quarantine queue: it must exist by then.
+    let broken = plan
+        .status
+        .diagnosis
+        .as_ref()
+        .is_some_and(|d| d.verdict == crate::crd::Verdict::BrokenEnvironment);
+    if let Some(uri) = uri
+        && broken
+    {
+        let quarantine_queue = pool.spec.queue.quarantine_queue_name();
+        ctx.brokers
+            .ensure_queue(uri, &quarantine_queue)
+            .await
+            .map_err(|source| Error::Broker {
+                operation: format!("declare queue {quarantine_queue:?}"),
+                source,
+            })?;
+    }
     if plan.quarantine_list.is_empty() && !had_list && plan.replay.is_empty() {
         return Ok(());
     }

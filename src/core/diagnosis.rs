@@ -208,7 +208,11 @@ struct Evidence<'a> {
 /// The crashes that count: within the [`WINDOW`], real crashes (not a clean exit nor a
 /// lost broker connection), not on a ticket that is quarantined or was replayed since,
 /// and on the serving revision or on a ticket that crashed it too.
-fn counted<'a>(input: &DiagnosisInput<'a>, window: SignedDuration) -> Vec<&'a CrashStatus> {
+fn counted<'a>(
+    input: &DiagnosisInput<'a>,
+    window: SignedDuration,
+    broken_until: Option<Timestamp>,
+) -> Vec<&'a CrashStatus> {
     let forgiven = |c: &CrashStatus, t: &String| {
         input.quarantined.contains(t)
             || input
@@ -220,6 +224,8 @@ fn counted<'a>(input: &DiagnosisInput<'a>, window: SignedDuration) -> Vec<&'a Cr
         .crashes
         .iter()
         .filter(|c| input.now.duration_since(c.at.0) <= window)
+        // Crashes of a broken environment, once it works again, blame no ticket.
+        .filter(|c| broken_until.is_none_or(|b| c.at.0 > b))
         .filter(|c| c.exit_code != 0 && c.exit_code != i32::from(WorkerExit::BrokerLost))
         // A broker outage the operator saw too is not the environment's fault.
         .filter(|c| c.exit_code != i32::from(WorkerExit::BrokerUnavailable) || unexcused(input, c))
@@ -287,9 +293,10 @@ impl Finding {
 /// Diagnoses a pool. The result goes to `status.diagnosis`.
 pub fn diagnose(input: &DiagnosisInput<'_>) -> DiagnosisStatus {
     let window = SignedDuration::try_from(WINDOW).unwrap_or(SignedDuration::MAX);
-    let crashes = counted(input, window);
-    let tickets = tally(&crashes);
     let recovered_at = input.completions.last(input.revision);
+    let broken_until = broken_until(input.previous, recovered_at);
+    let crashes = counted(input, window, broken_until);
+    let tickets = tally(&crashes);
     let env = crashes
         .iter()
         .copied()
@@ -324,6 +331,27 @@ pub fn diagnose(input: &DiagnosisInput<'_>) -> DiagnosisStatus {
         ticket,
         since,
         last_progress_time: progress.map(Time),
+        broken_until: broken_until.map(Time),
+    }
+}
+
+/// When the pool last came out of a broken environment: the first completion on the
+/// serving revision after a `BrokenEnvironment` verdict began, else what the previous
+/// diagnosis said. Every ticket crashed while the environment was broken, so the
+/// completions after it do not make the ticket that crashed most a poison ticket.
+fn broken_until(
+    previous: Option<&DiagnosisStatus>,
+    recovered_at: Option<Timestamp>,
+) -> Option<Timestamp> {
+    let earlier = previous.and_then(|p| p.broken_until.as_ref()).map(|t| t.0);
+    match (previous, recovered_at) {
+        (Some(p), Some(r))
+            if p.verdict == Verdict::BrokenEnvironment
+                && p.since.as_ref().is_none_or(|s| r > s.0) =>
+        {
+            Some(r)
+        }
+        _ => earlier,
     }
 }
 

@@ -33,8 +33,8 @@ use self::command::Running;
 use crate::broker::BrokerUri;
 use crate::contract::{
     HEADER_DELIVERY, HEADER_QUARANTINED_BY, HEADER_QUARANTINED_FROM, HEADER_REPLAYED_AT,
-    HEADER_TIMESTAMP_MS, Outcome, QuarantineEntry, Report, TerminationLine, WorkerExit,
-    parse_quarantine_list, ticket_id,
+    HEADER_SET_ASIDE, HEADER_TIMESTAMP_MS, Outcome, QuarantineEntry, Report, TerminationLine,
+    WorkerExit, parse_quarantine_list, ticket_id,
 };
 
 /// The environment variable holding the broker URI. It is removed from the
@@ -105,6 +105,12 @@ pub struct ConsumeArgs {
     /// instead of being run. Read before every ticket; none when empty or missing.
     #[arg(long, env = "TESTRUNNER_QUARANTINE_FILE")]
     pub quarantine_file: Option<PathBuf>,
+    /// The work queue's delivery limit (its `x-delivery-limit`): a ticket the broker
+    /// counts at this delivery (its `deliveryLimit`th) is set aside into the quarantine
+    /// queue instead of being run, before the broker drops or dead-letters it, and the
+    /// operator returns it once the pool works again. 0 turns it off.
+    #[arg(long, env = "TESTRUNNER_DELIVERY_LIMIT", default_value_t = 0)]
+    pub delivery_limit: u64,
     /// How often the worker repeats its state (idle, or the ticket in hand) on the
     /// outcome queue, besides reporting every change at once.
     #[arg(long, env = "TESTRUNNER_REPORT_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -178,6 +184,26 @@ pub use socket::{ENV_BROKER_SOCKET, Reply, Request, SidecarArgs, serve as serve_
 // ---------------------------------------------------------------------------
 // Pure parts
 // ---------------------------------------------------------------------------
+
+/// Why a worker moves a ticket to the quarantine queue instead of running it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Move {
+    /// The operator listed it: a poison ticket.
+    Listed,
+    /// The broker counted it at the queue's delivery limit.
+    SetAside,
+}
+
+/// True when a ticket at delivery `number` has reached `limit` (0: no limit) and the
+/// broker counts its deliveries (`x-delivery-count`, quorum queues). A quorum queue
+/// with `x-delivery-limit: L` delivers a ticket L + 1 times and drops or dead-letters it
+/// when the last delivery comes back: at the Lth it is set aside, with one delivery to
+/// spare should setting it aside fail.
+pub fn at_delivery_limit(headers: Option<&FieldTable>, number: u64, limit: u64) -> bool {
+    limit > 0
+        && number >= limit
+        && headers.is_some_and(|h| h.inner().contains_key("x-delivery-count"))
+}
 
 /// The 1-based delivery number of a ticket: `x-delivery-count + 1` when the
 /// header is there (quorum queues), else 2 when the `redelivered` flag is set
@@ -953,7 +979,15 @@ impl Worker {
             &id,
             replayed_at(headers.as_ref()),
         ) {
-            return self.divert(delivery, &id, number).await;
+            return self.divert(delivery, &id, number, Move::Listed).await;
+        }
+        if at_delivery_limit(headers.as_ref(), number, self.consume.delivery_limit) {
+            let queue = self.consume.quarantine_queue.clone();
+            if !queue.is_empty() && self.queue_exists(&queue).await {
+                return self.divert(delivery, &id, number, Move::SetAside).await;
+            }
+            // Giving it back would bring it closer to being dropped: run it.
+            tracing::warn!(ticket = %id, delivery = number, quarantine = %queue, "ticket at the delivery limit, but there is no quarantine queue to set it aside into: running it");
         }
         // The operator learns that this worker is busy before its command starts, so it
         // never removes it to shrink the pool while the ticket runs; and how long the
@@ -1202,15 +1236,16 @@ impl Worker {
         answer(self.channel.tx_commit()).await
     }
 
-    /// Moves a listed ticket to the quarantine queue: publish a copy (body,
-    /// properties and headers kept, plus where it came from), ack the original, and
-    /// commit both at once. A worker that dies before the commit leaves the ticket
-    /// where it was; after it, only the quarantined copy exists.
+    /// Moves a listed ticket, or one at the delivery limit, to the quarantine queue:
+    /// publish a copy (body, properties and headers kept, plus where it came from), ack
+    /// the original, and commit both at once. A worker that dies before the commit
+    /// leaves the ticket where it was; after it, only the moved copy exists.
     async fn divert(
         &mut self,
         delivery: lapin::message::Delivery,
         id: &str,
         number: u64,
+        why: Move,
     ) -> Option<u8> {
         let queue = self.consume.quarantine_queue.clone();
         if queue.is_empty() || !self.queue_exists(&queue).await {
@@ -1239,11 +1274,27 @@ impl Worker {
             HEADER_DELIVERY.into(),
             AMQPValue::LongLongInt(number as i64),
         );
-        for (name, value) in quarantine_evidence(self.consume.quarantine_file.as_deref(), id) {
-            headers.insert(
-                name.as_str().into(),
-                AMQPValue::LongString(value.as_str().into()),
-            );
+        match why {
+            Move::Listed => {
+                for (name, value) in
+                    quarantine_evidence(self.consume.quarantine_file.as_deref(), id)
+                {
+                    headers.insert(
+                        name.as_str().into(),
+                        AMQPValue::LongString(value.as_str().into()),
+                    );
+                }
+            }
+            Move::SetAside => {
+                headers.insert(
+                    HEADER_SET_ASIDE.into(),
+                    AMQPValue::LongString(
+                        format!("delivery limit {}", self.consume.delivery_limit)
+                            .as_str()
+                            .into(),
+                    ),
+                );
+            }
         }
         let properties = delivery.properties.clone().with_headers(headers);
         let moved = async {
@@ -1264,8 +1315,11 @@ impl Worker {
                     .await,
             );
         }
-        self.report(id, number, Outcome::Quarantined, 0, Duration::ZERO)
-            .await;
+        let outcome = match why {
+            Move::Listed => Outcome::Quarantined,
+            Move::SetAside => Outcome::SetAside,
+        };
+        self.report(id, number, outcome, 0, Duration::ZERO).await;
         if let Err(why) = self.commit().await {
             return Some(
                 self.broker_lost(format!("cannot quarantine ticket {id}: {why}"))
@@ -1273,7 +1327,14 @@ impl Worker {
             );
         }
         self.log.write(&TerminationLine::Idle);
-        tracing::warn!(ticket = %id, delivery = number, quarantine = %queue, "ticket moved to quarantine");
+        match why {
+            Move::Listed => {
+                tracing::warn!(ticket = %id, delivery = number, quarantine = %queue, "ticket moved to quarantine")
+            }
+            Move::SetAside => {
+                tracing::warn!(ticket = %id, delivery = number, limit = self.consume.delivery_limit, quarantine = %queue, "ticket at the delivery limit set aside; the operator returns it once the pool works again")
+            }
+        }
         None
     }
 
@@ -1478,6 +1539,35 @@ mod tests {
         assert_eq!(delivery_number(Some(&h), false), 1);
         let h = table(vec![("x-delivery-count", AMQPValue::ShortUInt(1))]);
         assert_eq!(delivery_number(Some(&h), false), 2);
+    }
+
+    #[test]
+    fn a_ticket_is_set_aside_at_the_delivery_limit_only_where_the_broker_counts() {
+        let counted = |n: i64| table(vec![("x-delivery-count", AMQPValue::LongLongInt(n))]);
+        // x-delivery-limit 20: deliveries 1 to 21, the 21st's return drops it. At the
+        // 20th (x-delivery-count 19) it is set aside.
+        let h = counted(18);
+        assert!(!at_delivery_limit(
+            Some(&h),
+            delivery_number(Some(&h), true),
+            20
+        ));
+        let h = counted(19);
+        assert!(at_delivery_limit(
+            Some(&h),
+            delivery_number(Some(&h), true),
+            20
+        ));
+        let h = counted(20);
+        assert!(at_delivery_limit(
+            Some(&h),
+            delivery_number(Some(&h), true),
+            20
+        ));
+        assert!(!at_delivery_limit(Some(&h), 21, 0), "0 turns it off");
+        // A classic queue counts nothing: its redelivered flag says 2 at most.
+        assert!(!at_delivery_limit(None, 2, 2));
+        assert!(!at_delivery_limit(Some(&table(vec![])), 30, 20));
     }
 
     #[test]

@@ -235,6 +235,45 @@ fn an_environment_that_completes_tickets_again_has_recovered() {
 }
 
 #[test]
+fn a_ticket_that_crashed_while_the_environment_was_broken_is_not_poison_once_it_works() {
+    // One worker crash-looping on the ticket at the head of the queue: held.
+    let mut case = Case::new(vec![
+        crash("1", "a", Some("t-1"), 3, "Error", 10),
+        crash("2", "a", Some("t-1"), 3, "Error", 20),
+        crash("3", "a", Some("t-1"), 3, "Error", 30),
+        crash("4", "a", Some("t-1"), 3, "Error", 40),
+    ]);
+    case.now = 50;
+    let held = case.run();
+    assert_eq!(held.verdict, Verdict::BrokenEnvironment);
+    assert_eq!(held.broken_until, None);
+    // Fixed: another ticket completes. t-1 crashed four workers, but while nothing
+    // worked: it is not blamed, now nor later.
+    case.previous = Some(held);
+    case.completions = completions(&[("a", 60)]);
+    case.now = 61;
+    let fixed = case.run();
+    assert_eq!(fixed.verdict, Verdict::Healthy, "{}", fixed.message);
+    assert_eq!(fixed.broken_until, Some(Time(t(60))));
+    case.previous = Some(fixed);
+    case.completions = completions(&[("a", 70)]);
+    case.now = 71;
+    let later = case.run();
+    assert_eq!(later.verdict, Verdict::Healthy, "{}", later.message);
+    assert_eq!(later.broken_until, Some(Time(t(60))), "remembered");
+    // Crashes after it count again: three more and t-1 is poison.
+    case.previous = Some(later);
+    for (id, at) in [("5", 72), ("6", 74), ("7", 76)] {
+        case.crashes
+            .push(crash(id, "a", Some("t-1"), 3, "Error", at));
+    }
+    case.now = 80;
+    let d = case.run();
+    assert_eq!(d.verdict, Verdict::PoisonTicket);
+    assert!(d.message.contains("crashed 3 workers"), "{}", d.message);
+}
+
+#[test]
 fn a_queue_with_no_progress_for_the_timeout_is_stalled() {
     let mut case = Case::new(vec![]);
     case.ready = Some(4);
