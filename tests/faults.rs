@@ -1118,7 +1118,6 @@ async fn api_fault(on: On, case: ApiCase) {
     )
     .await;
     let front = f.front.as_ref().expect("the scenario has a front");
-    let baseline_from = Instant::now();
     let fault_start = front.set(case.inject.clone());
     let ids = f.publish(API_SURGE).await;
     let slow = matches!(case.inject, ApiFault::Slow { .. });
@@ -1165,7 +1164,6 @@ async fn api_fault(on: On, case: ApiCase) {
         f.drained(&ids, DRAIN_BOUND).await;
         (recovery, end, end.elapsed())
     };
-    let _ = baseline_from;
     let during = front.seen_between(fault_start, fault_end);
     let window = fault_end.duration_since(fault_start);
     let tally = f.tally(&ids).await;

@@ -350,7 +350,7 @@ fn cuttable(answer: Response, shared: Arc<Shared>, started: Instant, path: Strin
             }
             shared.expired.lock().unwrap().insert(path);
             let cuts = shared.broken.load(Ordering::Relaxed) + shared.ended.load(Ordering::Relaxed);
-            if cuts % 2 == 0 {
+            if cuts.is_multiple_of(2) {
                 shared.broken.fetch_add(1, Ordering::Relaxed);
                 how.store(2, Ordering::Relaxed);
             } else {
