@@ -10,6 +10,11 @@
 //! machine's broker. Each scenario writes its row of the results table
 //! (`docs/reliability.md`) as JSON to `<target>/reliability/<module>.<test>.json` and
 //! prints it. The scenarios run one at a time: each measures its own recovery.
+//!
+//! The API server scenarios put a fault-injecting front (`common::api_proxy`) between
+//! the operator's client and the API server (500, 429 with `Retry-After`, 409 on
+//! writes, dropped watches, slow answers); besides the tickets they count the requests
+//! the operator sends during the fault against a bound derived from its retry policies.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
