@@ -10,6 +10,11 @@
 //! machine's broker. Each scenario writes its row of the results table
 //! (`docs/reliability.md`) as JSON to `<target>/reliability/<module>.<test>.json` and
 //! prints it. The scenarios run one at a time: each measures its own recovery.
+//!
+//! The API server scenarios put a fault-injecting front (`common::api_proxy`) between
+//! the operator's client and the API server (500, 429 with `Retry-After`, 409 on
+//! writes, dropped watches, slow answers); besides the tickets they count the requests
+//! the operator sends during the fault against a bound derived from its retry policies.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -24,6 +29,7 @@ use testrunner_operator::controller::{self, Settings};
 use testrunner_operator::crd::{TestRunnerPool, TestRunnerPoolStatus};
 
 mod common;
+use common::api_proxy::{ApiFault, ApiProxy, Seen};
 use common::broker_node::BrokerNode;
 use common::ledger::Ledger;
 use common::{declare_expiring, eventually, queue_counts};
@@ -73,17 +79,31 @@ struct Fault {
     operator: tokio::task::JoinHandle<()>,
     queue: String,
     ledger: Ledger,
+    /// The fault-injecting front the operator's client goes through, when the scenario
+    /// has one.
+    front: Option<ApiProxy>,
 }
 
 impl Fault {
     /// Starts the scenario's broker node, the simulated cluster whose Secret points at
     /// it, the operator, and declares the pool's queue and quarantine queue.
     async fn start(name: &'static str, on: On) -> Fault {
-        Fault::start_scaled(name, on, 50.0).await
+        Fault::start_with(name, on, false, 50.0).await
+    }
+
+    /// [`Fault::start`], with the operator's client going through a fault-injecting
+    /// front of the API server ([`ApiProxy`]); the test's own client goes straight to
+    /// the API server.
+    async fn start_behind_front(name: &'static str, on: On) -> Fault {
+        Fault::start_with(name, on, true, 50.0).await
     }
 
     /// [`Fault::start`], with the kubelet's durations divided by `time_scale`.
     async fn start_scaled(name: &'static str, on: On, time_scale: f64) -> Fault {
+        Fault::start_with(name, on, false, time_scale).await
+    }
+
+    async fn start_with(name: &'static str, on: On, behind_front: bool, time_scale: f64) -> Fault {
         let node = tokio::task::spawn_blocking(move || BrokerNode::start(name))
             .await
             .expect("the broker node starts");
@@ -115,8 +135,16 @@ impl Fault {
             .await;
         }
         let client = sim.client();
-        let operator =
-            controller::spawn(client.clone(), Settings::in_process(vec!["default".into()]));
+        let front = if behind_front {
+            Some(ApiProxy::start(client.clone()).await)
+        } else {
+            None
+        };
+        let operator_client = front.as_ref().map_or(client.clone(), ApiProxy::client);
+        let operator = controller::spawn(
+            operator_client,
+            Settings::in_process(vec!["default".into()]),
+        );
         let queue = format!("fault-{name}");
         let conn = connect(&uri).await;
         let ch = conn.create_channel().await.unwrap();
@@ -135,6 +163,7 @@ impl Fault {
             operator,
             queue,
             ledger: Ledger::new(name),
+            front,
         }
     }
 
@@ -950,6 +979,416 @@ async fn a_ticket_with_a_non_utf8_message_id_is_dead_lettered_by_the_broker_back
     f.finish().await;
 }
 
+/// Tickets of the API server scenarios' surge (one second each, published as the fault
+/// begins): with one worker the surge would take 40 s, so the operator has to scale up.
+const API_SURGE: u32 = 40;
+/// How long an API server fault lasts (the slow API server's lasts the whole scenario).
+const API_FAULT: Duration = Duration::from_secs(20);
+/// `Retry-After` of the 429 scenario, in seconds.
+const RETRY_AFTER: u64 = 3;
+/// Event reasons that an API server fault must not bring: it says nothing of the
+/// workers, the broker, the tickets or a rollout.
+const WRONG_AFTER_API_FAULT: [&str; 8] = [
+    "WorkerCrashed",
+    "OutOfMemory",
+    "BrokenEnvironment",
+    "BrokerUnreachable",
+    "PoisonTicketQuarantined",
+    "RolloutStarted",
+    "RolloutFailed",
+    "TicketsReplayed",
+];
+
+/// The operator's watchers in a namespace: pools, and the pods it manages.
+const WATCHERS: usize = 2;
+/// The requests of a reconcile before its first write: GET the pool, GET its Secret,
+/// LIST its pods, LIST its ControllerRevisions.
+const READS_PER_RECONCILE: usize = 4;
+/// The first retry delay of a failed reconcile (the controller's `failure_backoff`: 1 s
+/// doubling up to 5 minutes).
+const RECONCILE_RETRY: Duration = Duration::from_secs(1);
+/// The first retry delay of a failed watcher (kube-runtime's default watcher backoff:
+/// 0.8 s doubling up to 30 s, jitter adding up to the delay itself).
+const WATCHER_RETRY: Duration = Duration::from_millis(800);
+/// The pools' poll interval.
+const POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Attempts of something retried with a delay from `first` doubling, in `window`: the
+/// attempts at 0, first, 3 first, 7 first, ...: ⌊log2(window / first + 1)⌋ + 1.
+fn doubling_attempts(window: Duration, first: Duration) -> usize {
+    (window.as_secs_f64() / first.as_secs_f64() + 1.0)
+        .log2()
+        .floor() as usize
+        + 1
+}
+
+/// Requests in `window` of a chain that sends one request at a time, each at least
+/// `gap` after the one before: ⌊window / gap⌋ + 1.
+fn spaced(window: Duration, gap: Duration) -> usize {
+    (window.as_secs_f64() / gap.as_secs_f64()).floor() as usize + 1
+}
+
+/// The most requests the operator may send during an API server fault of `window`: of
+/// its reconciles, and of its watchers (docs/reliability.md, "Requests during an API
+/// server fault", gives the reasoning).
+#[derive(Debug)]
+struct Bound {
+    reconciles: usize,
+    watchers: usize,
+}
+
+/// A request of the operator's watchers: a watch, or the list a watcher begins with
+/// (the pools of the namespace, or every pod the operator manages; a reconcile lists
+/// the pods of its pool).
+fn from_watcher(s: &Seen) -> bool {
+    let selector = url::form_urlencoded::parse(s.query.as_bytes())
+        .find(|(k, _)| k == "labelSelector")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    s.watch
+        || (s.method == "GET"
+            && (s.path.ends_with("/testrunnerpools")
+                || (s.path.ends_with("/pods")
+                    && !selector.contains(testrunner_operator::crd::LABEL_POOL))))
+}
+
+/// One API server scenario.
+struct ApiCase {
+    /// The test's name, without its module.
+    test: &'static str,
+    /// The pool's (and the scenario's broker node's) name.
+    name: &'static str,
+    /// The row's fault column.
+    fault: &'static str,
+    /// What the front does during the fault.
+    inject: ApiFault,
+    /// The operator's requests still get through during the fault, so it must scale up
+    /// during it; otherwise it cannot (the test checks that it did not).
+    scales_during_fault: bool,
+    /// The most requests the operator may send during a fault of a given length.
+    bound: fn(Duration) -> Bound,
+}
+
+/// The requests of `seen`, counted by kind (method and path without names), most
+/// frequent first.
+fn by_kind(seen: &[Seen]) -> String {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for s in seen {
+        let status = if s.injected {
+            format!(" {} injected", s.status)
+        } else {
+            String::new()
+        };
+        *counts.entry(format!("{}{status}", s.kind())).or_default() += 1;
+    }
+    let mut counts: Vec<(String, usize)> = counts.into_iter().collect();
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    counts
+        .iter()
+        .map(|(k, n)| format!("{n} {k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Each request sent again after a 429 with `Retry-After: <secs>` (the same method,
+/// path and query) that came sooner than that: (key, seconds after the 429).
+fn retried_too_soon(seen: &[Seen], secs: u64) -> Vec<(String, f64)> {
+    let mut early = Vec::new();
+    for (i, s) in seen.iter().enumerate() {
+        if !(s.injected && s.status == 429) {
+            continue;
+        }
+        let key = s.key();
+        if let Some(next) = seen[i + 1..].iter().find(|n| n.key() == key) {
+            let after = next.at.duration_since(s.at);
+            // The front's clock reads both arrivals; 50 ms for scheduling.
+            if after + Duration::from_millis(50) < Duration::from_secs(secs) {
+                early.push((key, after.as_secs_f64()));
+            }
+        }
+    }
+    early
+}
+
+/// An API server fault in the middle of a surge: the pool runs one worker, the fault
+/// begins and 40 tickets are published; after [`API_FAULT`] the fault ends (the slow
+/// server's stays). Asserts the ledger's counts, the operator's requests during the
+/// fault under the case's bound, the pool scaled up (during the fault when the
+/// operator's requests still get through, else after it), and back to `minWorkers`.
+async fn api_fault(on: On, case: ApiCase) {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let f = Fault::start_behind_front(case.name, on).await;
+    f.pool(f.ledger.command(1.0)).await;
+    eventually(
+        "the pool's one worker consuming",
+        Duration::from_secs(60),
+        || async {
+            f.pods_now().await == MIN_WORKERS && f.queue_counts().await.is_some_and(|(_, c)| c >= 1)
+        },
+    )
+    .await;
+    let front = f.front.as_ref().expect("the scenario has a front");
+    let fault_start = front.set(case.inject.clone());
+    let ids = f.publish(API_SURGE).await;
+    let slow = matches!(case.inject, ApiFault::Slow { .. });
+
+    let scaled_up = || async { f.pods_now().await > MIN_WORKERS };
+    let (recovery, fault_end, drain) = if case.scales_during_fault {
+        eventually(
+            "the operator to scale up during the fault",
+            RECOVERY_BOUND,
+            scaled_up,
+        )
+        .await;
+        let reaction = fault_start.elapsed();
+        if slow {
+            f.drained(&ids, DRAIN_BOUND).await;
+            let end = front.set(ApiFault::None);
+            (reaction, end, end.duration_since(fault_start))
+        } else {
+            if let Some(rest) = API_FAULT.checked_sub(fault_start.elapsed()) {
+                tokio::time::sleep(rest).await;
+            }
+            let end = front.set(ApiFault::None);
+            f.drained(&ids, DRAIN_BOUND).await;
+            (reaction, end, end.elapsed())
+        }
+    } else {
+        // The fault itself: it lasts this long.
+        if let Some(rest) = API_FAULT.checked_sub(fault_start.elapsed()) {
+            tokio::time::sleep(rest).await;
+        }
+        assert_eq!(
+            f.pods_now().await,
+            MIN_WORKERS,
+            "no pod could be created during the fault"
+        );
+        let end = front.set(ApiFault::None);
+        eventually(
+            "the operator to scale up after the fault",
+            RECOVERY_BOUND,
+            scaled_up,
+        )
+        .await;
+        let recovery = end.elapsed();
+        f.drained(&ids, DRAIN_BOUND).await;
+        (recovery, end, end.elapsed())
+    };
+    let during = front.seen_between(fault_start, fault_end);
+    let window = fault_end.duration_since(fault_start);
+    let tally = f.tally(&ids).await;
+    assert_eq!(tally.quarantined, 0, "no ticket is guilty of an API fault");
+    assert_eq!(tally.redelivered, 0, "no worker lost a ticket");
+    let bound = (case.bound)(window);
+    let (watchers, reconciles): (Vec<Seen>, Vec<Seen>) =
+        during.iter().cloned().partition(from_watcher);
+    assert!(
+        reconciles.len() <= bound.reconciles && watchers.len() <= bound.watchers,
+        "{} requests of the reconciles and {} of the watchers during the {:.1} s fault, over the bound {bound:?}: {}",
+        reconciles.len(),
+        watchers.len(),
+        window.as_secs_f64(),
+        by_kind(&during)
+    );
+    if let ApiFault::TooManyRequests { retry_after } = case.inject {
+        let early = retried_too_soon(&during, retry_after);
+        assert!(
+            early.is_empty(),
+            "requests sent again sooner than Retry-After: {retry_after} s: {early:?}"
+        );
+    }
+    let reasons = f.event_reasons().await;
+    let wrong: Vec<&String> = reasons
+        .iter()
+        .filter(|r| WRONG_AFTER_API_FAULT.contains(&r.as_str()))
+        .collect();
+    assert!(wrong.is_empty(), "wrong events {wrong:?} in {reasons:?}");
+    let injected = during.iter().filter(|s| s.injected).count();
+    let mut watches = String::new();
+    if let ApiFault::DropWatches { .. } = case.inject {
+        let (broken, ended) = front.watches_cut();
+        let relists = |resource: &str| {
+            during
+                .iter()
+                .filter(|s| from_watcher(s) && !s.watch && s.path.ends_with(resource))
+                .count()
+        };
+        let gone = during.iter().filter(|s| s.status == 410).count();
+        assert!(
+            broken >= 1 && ended >= 1,
+            "watches cut: {broken} broken, {ended} ended"
+        );
+        assert!(gone >= 1, "no watch resumed from a resourceVersion");
+        for resource in ["/testrunnerpools", "/pods"] {
+            assert!(
+                relists(resource) >= 1,
+                "the operator did not list {resource} again: {}",
+                by_kind(&during)
+            );
+        }
+        watches = format!(
+            "; {broken} watches broken and {ended} ended by the front, {gone} resumes answered 410 Gone, pools listed again {} times and pods {} times",
+            relists("/testrunnerpools"),
+            relists("/pods")
+        );
+    }
+    Row {
+        test: f.test(case.test),
+        fault: case.fault,
+        injected: format!(
+            "{:?} for {:.1} s from the start of a surge of {API_SURGE} tickets of 1 s (1 to 4 workers)",
+            case.inject,
+            window.as_secs_f64(),
+        ),
+        operator_did: format!(
+            "{} requests during the fault: {} of the reconciles (bound {}), {} of the watchers (bound {}); {injected} answered by the fault: {}{watches}; {}; events: {}",
+            during.len(),
+            reconciles.len(),
+            bound.reconciles,
+            watchers.len(),
+            bound.watchers,
+            by_kind(&during),
+            if case.scales_during_fault {
+                format!("scaled up {:.1} s into the fault", recovery.as_secs_f64())
+            } else {
+                format!("scaled up {:.1} s after the fault", recovery.as_secs_f64())
+            },
+            reasons.join(", ")
+        ),
+        tickets: &tally,
+        recovery_ms: recovery.as_millis(),
+        drain_ms: drain.as_millis(),
+        bound_s: (RECOVERY_BOUND + DRAIN_BOUND).as_secs(),
+    }
+    .record();
+    f.finish().await;
+}
+
+async fn the_api_server_answers_500_for_20_s_and_the_operator_backs_off_and_converges(on: On) {
+    api_fault(
+        on,
+        ApiCase {
+            test: "the_api_server_answers_500_for_20_s_and_the_operator_backs_off_and_converges",
+            name: "api-500",
+            fault: "the API server answers 500 to every request",
+            inject: ApiFault::ServerError { every: 1 },
+            scales_during_fault: false,
+            // Each retry of the reconcile fails at its first request and posts a
+            // Warning event (which fails too); the one under way as the fault begins
+            // sends at most its reads, a write and its event. A watcher that has to
+            // start again fails at its list, retried with its backoff.
+            bound: |w| Bound {
+                reconciles: doubling_attempts(w, RECONCILE_RETRY) * 2 + READS_PER_RECONCILE + 2,
+                watchers: WATCHERS * doubling_attempts(w, WATCHER_RETRY),
+            },
+        },
+    )
+    .await;
+}
+
+async fn the_api_server_answers_429_with_retry_after_and_the_operator_honours_it(on: On) {
+    api_fault(
+        on,
+        ApiCase {
+            test: "the_api_server_answers_429_with_retry_after_and_the_operator_honours_it",
+            name: "api-429",
+            fault: "the API server answers 429 with Retry-After to every request",
+            inject: ApiFault::TooManyRequests {
+                retry_after: RETRY_AFTER,
+            },
+            scales_during_fault: false,
+            // kube's client retries a 429 itself, after Retry-After: the reconcile under
+            // way is one request at a time, each Retry-After apart (50 ms for the
+            // clocks), and it does not fail within the window (15 retries); a watcher
+            // only sends if it has to start again.
+            bound: |w| {
+                let chain = spaced(
+                    w,
+                    Duration::from_secs(RETRY_AFTER) - Duration::from_millis(50),
+                );
+                Bound {
+                    reconciles: chain,
+                    watchers: WATCHERS * chain,
+                }
+            },
+        },
+    )
+    .await;
+}
+
+async fn the_api_server_answers_409_to_writes_and_the_operator_converges(on: On) {
+    api_fault(
+        on,
+        ApiCase {
+            test: "the_api_server_answers_409_to_writes_and_the_operator_converges",
+            name: "api-409",
+            fault: "the API server answers 409 Conflict to every write",
+            inject: ApiFault::ConflictOnWrites,
+            scales_during_fault: false,
+            // Each retry of the reconcile reads, fails at its first write and posts a
+            // Warning event; the one under way as the fault begins too. Watches are
+            // reads: a watcher only sends if it has to start again.
+            bound: |w| Bound {
+                reconciles: (doubling_attempts(w, RECONCILE_RETRY) + 1) * (READS_PER_RECONCILE + 2),
+                watchers: WATCHERS * doubling_attempts(w, WATCHER_RETRY),
+            },
+        },
+    )
+    .await;
+}
+
+async fn the_api_server_drops_watches_and_the_operator_relists_and_converges(on: On) {
+    api_fault(
+        on,
+        ApiCase {
+            test: "the_api_server_drops_watches_and_the_operator_relists_and_converges",
+            name: "api-watch",
+            fault: "the API server drops watches and expires their resourceVersion",
+            inject: ApiFault::DropWatches {
+                after: Duration::from_secs(2),
+            },
+            scales_during_fault: true,
+            // A watch lasts at least `after` (2 s) before it is cut; then at most a
+            // resume (410), a list and a new watch. The reconciles succeed: one per
+            // wake at most, the wakes being the probe's (one per poll interval at
+            // most), one per watcher's list, and the pod watch's (at most 6 changes of
+            // each of the 3 pods created and deleted); each reconcile reads, writes
+            // the status and at most one more (an event, a pod).
+            bound: |w| {
+                let cycles = spaced(w, Duration::from_secs(2));
+                let wakes = spaced(w, POLL_INTERVAL) + WATCHERS * cycles + 6 * 2 * 3;
+                Bound {
+                    reconciles: wakes * (READS_PER_RECONCILE + 2),
+                    watchers: WATCHERS * 3 * cycles,
+                }
+            },
+        },
+    )
+    .await;
+}
+
+async fn a_slow_api_server_still_sees_every_ticket_completed(on: On) {
+    api_fault(
+        on,
+        ApiCase {
+            test: "a_slow_api_server_still_sees_every_ticket_completed",
+            name: "api-slow",
+            fault: "the API server answers every request 2 s late",
+            inject: ApiFault::Slow {
+                delay: Duration::from_secs(2),
+            },
+            scales_during_fault: true,
+            // Each request takes 2 s and a reconcile sends one at a time (as does each
+            // watcher), and no reconcile fails (no Warning event sent on the side).
+            bound: |w| Bound {
+                reconciles: spaced(w, Duration::from_secs(2)),
+                watchers: WATCHERS * spaced(w, Duration::from_secs(2)),
+            },
+        },
+    )
+    .await;
+}
+
 /// The kubelet's durations in the delivery-limit scenarios are divided by this: its
 /// restart backoff runs from 10 s / 200 to 5 min / 200 (1.5 s), so a crash loop reaches
 /// 20 deliveries of one ticket in well under a minute instead of about 80 minutes.
@@ -1424,6 +1863,11 @@ on_both!(
     a_worker_sigkilled_mid_ticket_gets_its_ticket_redelivered_and_completed_not_quarantined,
     hostile_tickets_each_run_once_and_never_crash_the_wrapper,
     a_ticket_with_a_non_utf8_message_id_is_dead_lettered_by_the_broker_backstop,
+    the_api_server_answers_500_for_20_s_and_the_operator_backs_off_and_converges,
+    the_api_server_answers_429_with_retry_after_and_the_operator_honours_it,
+    the_api_server_answers_409_to_writes_and_the_operator_converges,
+    the_api_server_drops_watches_and_the_operator_relists_and_converges,
+    a_slow_api_server_still_sees_every_ticket_completed,
     a_leader_killed_mid_surge_is_replaced_within_the_lease_and_no_action_is_doubled,
     a_leader_frozen_past_its_lease_ends_on_waking_and_no_action_is_doubled,
     a_broken_environment_held_past_the_delivery_limit_drops_no_ticket,

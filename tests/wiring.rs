@@ -390,6 +390,69 @@ async fn api_errors_fail_the_reconcile_with_a_category() {
 }
 
 #[tokio::test]
+async fn a_failing_pool_is_reconciled_again_at_its_retry_or_when_its_spec_changes() {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(Client::new(service, "default"));
+    let guarded = Arc::new(DeserializeGuard(Ok(pool())));
+    let pool_uri = "/apis/testrunner.dev/v1alpha1/namespaces/ci/testrunnerpools/unit";
+    let internal_error = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "reason": "InternalError", "code": 500, "message": "etcd is down"});
+
+    // The reconcile fails at its first request; its retry is due in a second.
+    let reconcile = tokio::spawn(controller::reconcile(guarded.clone(), ctx.clone()));
+    let (m, uri, _, send) = next(&mut handle).await;
+    assert_eq!((m, uri.as_str()), (Method::GET, pool_uri));
+    respond(send, 500, internal_error.clone());
+    let error = reconcile.await.unwrap().expect_err("the reconcile fails");
+    let action = controller::error_policy(guarded.clone(), &error, ctx.clone());
+    assert_eq!(action, Action::requeue(Duration::from_secs(1)));
+    let (m, uri, body, send) = next(&mut handle).await;
+    assert_eq!(
+        (m, uri.as_str(), body["reason"].as_str()),
+        (
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/ci/events?",
+            Some("ReadPoolFailed")
+        )
+    );
+    respond(send, 201, body);
+
+    // A wake before then (the queue probe, a pod) waits for the retry, sending nothing.
+    let held = tokio::time::timeout(
+        Duration::from_millis(500),
+        controller::reconcile(guarded.clone(), ctx.clone()),
+    )
+    .await
+    .expect("a held reconcile sends no request")
+    .expect("a held reconcile is no failure");
+    assert_ne!(held, Action::await_change());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), handle.next_request())
+            .await
+            .is_err(),
+        "no request before the retry"
+    );
+
+    // A changed spec is reconciled at once.
+    let mut changed = pool();
+    changed.metadata.generation = Some(4);
+    let reconcile = tokio::spawn(controller::reconcile(
+        Arc::new(DeserializeGuard(Ok(changed))),
+        ctx.clone(),
+    ));
+    let (m, uri, _, _send) = next(&mut handle).await;
+    assert_eq!((m, uri.as_str()), (Method::GET, pool_uri));
+    reconcile.abort();
+
+    // And the unchanged pool once its retry is due.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let reconcile = tokio::spawn(controller::reconcile(guarded, ctx));
+    let (m, uri, _, _send) = next(&mut handle).await;
+    assert_eq!((m, uri.as_str()), (Method::GET, pool_uri));
+    reconcile.abort();
+}
+
+#[tokio::test]
 async fn a_malformed_pool_is_reported_once_and_waits_for_a_change() {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use kube::core::error_boundary::InvalidObject;

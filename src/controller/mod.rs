@@ -9,11 +9,11 @@
 mod apply;
 mod cleanup;
 mod events;
+mod failures;
 mod observe;
 mod probes;
 mod revisions;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,6 +38,7 @@ use crate::metrics::Metrics;
 use crate::pods::PodSettings;
 
 pub use cleanup::Cleanup;
+use failures::Failures;
 pub use probes::{ProbeKey, Probes};
 
 /// Reconcile failures. Messages read "failed to ..."; [`Error::category`] gives the
@@ -205,8 +206,8 @@ pub struct Context {
     pub cleanup: Cleanup,
     /// Settings.
     pub settings: Settings,
-    /// Retry delays of the pools whose last reconcile failed.
-    failures: Mutex<HashMap<ObjectRef<Guarded>, Backoff>>,
+    /// The pools whose last reconcile failed, and when each is retried.
+    failures: Mutex<Failures<ObjectRef<Guarded>>>,
 }
 
 type Guarded = DeserializeGuard<TestRunnerPool>;
@@ -228,7 +229,7 @@ impl Context {
             probes,
             metrics,
             settings,
-            failures: Mutex::default(),
+            failures: Mutex::new(Failures::new(failure_backoff)),
         }
     }
 }
@@ -244,6 +245,17 @@ pub async fn reconcile(guarded: Arc<Guarded>, ctx: Arc<Context>) -> Result<Actio
             return Err(Error::InvalidObject(invalid.error.clone()));
         }
     };
+    let key = ObjectRef::from_obj(&*guarded);
+    // A wake (the queue probe, a pod) of a pool whose last reconcile failed waits for
+    // its retry: the failure backoff holds during an API server outage.
+    let hold =
+        ctx.failures
+            .lock()
+            .expect("lock")
+            .hold(&key, cached.meta().generation, Instant::now());
+    if let Some(wait) = hold {
+        return Ok(Action::requeue(wait));
+    }
     let ns = cached.namespace().unwrap_or_default();
     let name = cached.name_any();
     // The status is the operator's memory (crash history, quarantine, replay tokens):
@@ -259,14 +271,13 @@ pub async fn reconcile(guarded: Arc<Guarded>, ctx: Arc<Context>) -> Result<Actio
         .record("namespace", ns.as_str())
         .record("pool", name.as_str());
 
-    let key = ObjectRef::from_obj(&*guarded);
     let seen = observe::observe(pool, &key, &ctx).await?;
     let plan = core::plan(pool, &seen.observed, Timestamp::now());
     apply::apply(pool, &plan, &seen, &ctx).await?;
     // After the metrics and alerts: what a pool deleted meanwhile left is swept later.
     ctx.cleanup.track(&key);
 
-    ctx.failures.lock().expect("lock").remove(&key);
+    ctx.failures.lock().expect("lock").succeeded(&key);
     ctx.metrics.reconciled(started.elapsed());
     Ok(Action::requeue(plan.requeue_after))
 }
@@ -296,15 +307,13 @@ pub fn error_policy(guarded: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> 
     let (reason, action) = match &guarded.0 {
         // A malformed object cannot be fixed by retrying: say so once, wait for a change.
         Err(_) => ("InvalidSpec", Action::await_change()),
-        Ok(_) => {
+        Ok(pool) => {
             let key = ObjectRef::from_obj(&*guarded);
-            let delay = ctx
-                .failures
-                .lock()
-                .expect("lock")
-                .entry(key)
-                .or_insert_with(failure_backoff)
-                .failed();
+            let delay = ctx.failures.lock().expect("lock").failed(
+                key,
+                pool.meta().generation,
+                Instant::now(),
+            );
             (error.category(), Action::requeue(delay))
         }
     };

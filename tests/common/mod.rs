@@ -6,6 +6,7 @@
 // Each test binary uses only some of these.
 #![allow(dead_code)]
 
+pub mod api_proxy;
 pub mod broker_node;
 pub mod ledger;
 
