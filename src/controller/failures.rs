@@ -6,7 +6,9 @@
 //! pods, so during an API server outage a busy pool would be reconciled, and fail,
 //! about once a second whatever the backoff. Here a reconcile of a failing pool waits
 //! until its retry is due, unless the pool's spec changed since the failure (its
-//! generation), which may be what fixes it.
+//! generation), which may be what fixes it, and never longer than [`WAKE_HOLD`] after
+//! the failure: once the API server is back, a pool that something woke is reconciled
+//! within that, not only at a retry that may be minutes away.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -14,10 +16,15 @@ use std::time::{Duration, Instant};
 
 use crate::backoff::Backoff;
 
+/// The longest a wake of a failing pool waits after its last failure: at most one
+/// reconcile every this long per woken pool during a long outage.
+pub const WAKE_HOLD: Duration = Duration::from_secs(30);
+
 /// One failing pool.
 #[derive(Debug)]
 struct Failing {
     backoff: Backoff,
+    failed_at: Instant,
     retry_at: Instant,
     generation: Option<i64>,
 }
@@ -44,18 +51,20 @@ impl<K: Hash + Eq> Failures<K> {
         let new_backoff = self.new_backoff;
         let failing = self.pools.entry(key).or_insert_with(|| Failing {
             backoff: new_backoff(),
+            failed_at: now,
             retry_at: now,
             generation,
         });
         let delay = failing.backoff.failed();
+        failing.failed_at = now;
         failing.retry_at = now + delay;
         failing.generation = generation;
         delay
     }
 
     /// How much longer a reconcile of `key`, at `generation`, waits at `now`: until the
-    /// retry of its last failure is due, unless its generation changed since; `None`
-    /// when it may run.
+    /// retry of its last failure is due, or [`WAKE_HOLD`] after that failure if sooner,
+    /// unless its generation changed since; `None` when it may run.
     pub fn hold(&self, key: &K, generation: Option<i64>, now: Instant) -> Option<Duration> {
         let failing = self.pools.get(key)?;
         if failing.generation != generation {
@@ -63,6 +72,7 @@ impl<K: Hash + Eq> Failures<K> {
         }
         failing
             .retry_at
+            .min(failing.failed_at + WAKE_HOLD)
             .checked_duration_since(now)
             .filter(|d| !d.is_zero())
     }
@@ -101,6 +111,25 @@ mod tests {
         assert_eq!(failures.failed("a", Some(1), t0 + s(3)), s(4));
         assert_eq!(failures.hold(&"a", Some(1), t0 + s(3)), Some(s(4)));
         assert_eq!(failures.hold(&"a", Some(1), t0 + s(7)), None);
+    }
+
+    #[test]
+    fn after_a_long_outage_a_wake_waits_at_most_the_wake_hold() {
+        let t0 = Instant::now();
+        let mut failures =
+            Failures::new(|| Backoff::new(Duration::from_secs(60), Duration::from_secs(300)));
+        assert_eq!(failures.failed("a", Some(1), t0), Duration::from_secs(60));
+        assert_eq!(failures.hold(&"a", Some(1), t0), Some(WAKE_HOLD));
+        assert_eq!(failures.hold(&"a", Some(1), t0 + WAKE_HOLD), None);
+        // Failing again, it waits the hold again, not the doubled retry.
+        assert_eq!(
+            failures.failed("a", Some(1), t0 + WAKE_HOLD),
+            Duration::from_secs(120)
+        );
+        assert_eq!(
+            failures.hold(&"a", Some(1), t0 + WAKE_HOLD + Duration::from_secs(10)),
+            Some(Duration::from_secs(20))
+        );
     }
 
     #[test]
