@@ -356,19 +356,55 @@ pub(super) async fn run_client(
     };
     // The sidecar may still be starting.
     let deadline = Instant::now() + BROKER_TIMEOUT;
-    let mut link = loop {
-        match connect(socket).await {
-            Ok(link) => break link,
-            Err(e) if Instant::now() >= deadline => {
-                return unavailable(
-                    &mut log,
-                    format!(
-                        "no broker sidecar answers at {} within {BROKER_TIMEOUT:?}: {e}",
-                        socket.display()
-                    ),
-                );
+    let link = loop {
+        let mut link = loop {
+            match connect(socket).await {
+                Ok(link) => break link,
+                Err(e) if Instant::now() >= deadline => {
+                    return unavailable(
+                        &mut log,
+                        format!(
+                            "no broker sidecar answers at {} within {BROKER_TIMEOUT:?}: {e}",
+                            socket.display()
+                        ),
+                    );
+                }
+                Err(_) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        sig = signals.recv() => {
+                            tracing::info!(signal = %sig, "stopping before the first ticket");
+                            return 0;
+                        }
+                    }
+                }
             }
-            Err(_) => {
+        };
+        let hello = async {
+            link.send(&Request::Hello {
+                version: PROTOCOL_VERSION,
+            })
+            .await?;
+            link.recv::<Reply>().await
+        };
+        let answer = tokio::select! {
+            a = tokio::time::timeout(BROKER_TIMEOUT + HELLO_TIMEOUT, hello) => a,
+            sig = signals.recv() => {
+                tracing::info!(signal = %sig, "stopping before the first ticket");
+                return 0;
+            }
+        };
+        match answer {
+            Ok(Ok(Some(Reply::Ready))) => break link,
+            Ok(Ok(Some(Reply::Unavailable { reason }))) => return unavailable(&mut log, reason),
+            Ok(Ok(Some(Reply::Misconfigured { reason }))) => {
+                tracing::error!("the broker sidecar is misconfigured: {reason}");
+                log.write(&TerminationLine::ConfigError(reason));
+                return WorkerExit::Config.code();
+            }
+            // The session of a wrapper that has just ended (a crash, then an immediate
+            // container restart) may still be giving its ticket back: ask again.
+            Ok(Ok(Some(Reply::Busy))) if Instant::now() < deadline => {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                     sig = signals.recv() => {
@@ -376,47 +412,25 @@ pub(super) async fn run_client(
                         return 0;
                     }
                 }
+                continue;
+            }
+            Ok(Ok(Some(Reply::Busy))) => {
+                return unavailable(&mut log, "the broker sidecar serves another wrapper".into());
+            }
+            Ok(Ok(other)) => {
+                return unavailable(
+                    &mut log,
+                    format!("unexpected answer from the broker sidecar: {other:?}"),
+                );
+            }
+            Ok(Err(e)) => {
+                return unavailable(&mut log, format!("the broker sidecar failed: {e}"));
+            }
+            Err(_) => {
+                return unavailable(&mut log, "no answer from the broker sidecar in time".into());
             }
         }
     };
-    let hello = async {
-        link.send(&Request::Hello {
-            version: PROTOCOL_VERSION,
-        })
-        .await?;
-        link.recv::<Reply>().await
-    };
-    let answer = tokio::select! {
-        a = tokio::time::timeout(BROKER_TIMEOUT + HELLO_TIMEOUT, hello) => a,
-        sig = signals.recv() => {
-            tracing::info!(signal = %sig, "stopping before the first ticket");
-            return 0;
-        }
-    };
-    match answer {
-        Ok(Ok(Some(Reply::Ready))) => {}
-        Ok(Ok(Some(Reply::Unavailable { reason }))) => return unavailable(&mut log, reason),
-        Ok(Ok(Some(Reply::Misconfigured { reason }))) => {
-            tracing::error!("the broker sidecar is misconfigured: {reason}");
-            log.write(&TerminationLine::ConfigError(reason));
-            return WorkerExit::Config.code();
-        }
-        Ok(Ok(Some(Reply::Busy))) => {
-            return unavailable(&mut log, "the broker sidecar serves another wrapper".into());
-        }
-        Ok(Ok(other)) => {
-            return unavailable(
-                &mut log,
-                format!("unexpected answer from the broker sidecar: {other:?}"),
-            );
-        }
-        Ok(Err(e)) => {
-            return unavailable(&mut log, format!("the broker sidecar failed: {e}"));
-        }
-        Err(_) => {
-            return unavailable(&mut log, "no answer from the broker sidecar in time".into());
-        }
-    }
     tracing::info!(socket = %socket.display(), "consuming through the broker sidecar, one ticket at a time");
     log.write(&TerminationLine::Idle);
 
