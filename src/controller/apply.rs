@@ -102,15 +102,16 @@ async fn quarantine(
             }
         }
     }
-    // While the environment is broken, workers set aside the tickets that reach the
-    // queue's delivery limit into the quarantine queue: it must exist by then.
+    // Workers move listed tickets into the quarantine queue, and while the environment
+    // is broken they set aside the tickets that reach the queue's delivery limit into it:
+    // it must exist by then.
     let broken = plan
         .status
         .diagnosis
         .as_ref()
         .is_some_and(|d| d.verdict == crate::crd::Verdict::BrokenEnvironment);
     if let Some(uri) = uri
-        && broken
+        && (broken || !plan.quarantine_list.is_empty())
     {
         let quarantine_queue = pool.spec.queue.quarantine_queue_name();
         ctx.brokers
@@ -154,15 +155,6 @@ async fn quarantine(
         return Ok(());
     };
     let quarantine_queue = pool.spec.queue.quarantine_queue_name();
-    if !plan.quarantine_list.is_empty() {
-        ctx.brokers
-            .ensure_queue(uri, &quarantine_queue)
-            .await
-            .map_err(|source| Error::Broker {
-                operation: format!("declare queue {quarantine_queue:?}"),
-                source,
-            })?;
-    }
     if !plan.replay.is_empty() {
         let moved = ctx
             .brokers
